@@ -1,0 +1,456 @@
+//! The CA's keys: a root and rotating signing slots.
+//!
+//! A slot pairs an intermediate (X.509) with a JWT signing key; both share one
+//! lifetime. Slots move prepared → active → old, on SPIRE's schedule: the next
+//! slot is prepared at half of the active one's life and activated when 1/6 of
+//! it remains. A prepared slot's JWT key enters the bundle at once, long before
+//! it signs anything. Intermediates chain to the root, which is what the bundle
+//! carries; when the root itself nears its end a new root is minted and
+//! published in the bundle before the slot it signs becomes active.
+//!
+//! State lives in `<data>/keys/`: `state.json` (certificates, statuses, key
+//! file names) and one 0600 PKCS#8 file per private key, all written
+//! atomically. Keys are written before the state that names them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rcgen::{Issuer, KeyPair};
+use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use tokio::sync::Mutex;
+
+use ward_spec::bundle::{der_to_pem, pem_to_ders, JwtAuthority, JwtPublicKey};
+use ward_spec::{TrustBundle, TrustDomain};
+
+use crate::datastore::Datastore;
+use crate::files::{create_private_dir, write_atomic};
+use crate::x509;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("key directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("upstream authority: {0}")]
+    Upstream(String),
+    #[error("bundle store: {0}")]
+    Store(#[from] crate::datastore::StoreError),
+    #[error("crypto: {0}")]
+    Crypto(String),
+}
+
+type Result<T> = std::result::Result<T, AuthorityError>;
+
+/// Lifetimes of what the authority mints.
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    pub trust_domain: TrustDomain,
+    pub key_dir: PathBuf,
+    pub ca_ttl: Duration,
+    pub root_ttl: Duration,
+    /// An existing root to sign intermediates with: (certificate PEM, key PEM) paths.
+    pub upstream: Option<(PathBuf, PathBuf)>,
+    pub refresh_hint_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotStatus {
+    Prepared,
+    Active,
+    Old,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RootRec {
+    cert_pem: String,
+    /// Key file: a name inside the key directory, or an absolute upstream path.
+    key_file: String,
+    upstream: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SlotRec {
+    id: u64,
+    status: SlotStatus,
+    cert_pem: String,
+    key_file: String,
+    /// Index into `roots` of the root that signed this intermediate.
+    root: usize,
+    jwt_kid: String,
+    jwt_key_file: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    roots: Vec<RootRec>,
+    slots: Vec<SlotRec>,
+}
+
+/// What the active slot signs with.
+pub struct Signer {
+    pub issuer: Issuer<'static, KeyPair>,
+    /// Certificates after the leaf in every chain this signer issues (DER).
+    pub chain_tail: Vec<Vec<u8>>,
+    pub not_after: OffsetDateTime,
+    pub serial: String,
+    pub jwt_kid: String,
+    pub jwt_key: jsonwebtoken::EncodingKey,
+}
+
+pub struct Authority {
+    cfg: AuthorityConfig,
+    store: Arc<dyn Datastore>,
+    state: Mutex<State>,
+    signer: ArcSwap<Signer>,
+    bundle: ArcSwap<TrustBundle>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
+    move |source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn ts(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+fn at(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+impl Authority {
+    /// Loads the keys from the key directory, creating a root and a first
+    /// active slot on first start, and publishes the bundle.
+    pub async fn open(cfg: AuthorityConfig, store: Arc<dyn Datastore>) -> Result<Arc<Self>> {
+        create_private_dir(&cfg.key_dir).map_err(io_err(&cfg.key_dir))?;
+        let state_path = cfg.key_dir.join("state.json");
+        let mut state = match std::fs::read(&state_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| AuthorityError::Corrupt {
+                path: state_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_err(&state_path)(e)),
+        };
+        let now = OffsetDateTime::now_utc();
+        let fresh = state.roots.is_empty();
+        if let Some((cert, key)) = &cfg.upstream {
+            adopt_upstream(&mut state, cert, key)?;
+        } else if fresh {
+            mint_root(&cfg, &mut state, now)?;
+        }
+        if !state.slots.iter().any(|s| s.status == SlotStatus::Active) {
+            let id = mint_slot(&cfg, &mut state, now, SlotStatus::Active)?;
+            tracing::info!(slot = id, "created the first signing slot");
+        }
+        save_state(&cfg, &state)?;
+        let signer = load_signer(&cfg, &state)?;
+        let authority = Arc::new(Authority {
+            bundle: ArcSwap::from_pointee(TrustBundle::new(cfg.trust_domain.clone())),
+            signer: ArcSwap::from_pointee(signer),
+            cfg,
+            store,
+            state: Mutex::new(state),
+        });
+        authority.publish_bundle().await?;
+        Ok(authority)
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    /// The signer of the active slot.
+    pub fn signer(&self) -> Arc<Signer> {
+        self.signer.load_full()
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// Advances the slot schedule to `now`. Returns true if anything changed.
+    pub async fn tick(&self, now: OffsetDateTime) -> Result<bool> {
+        let mut state = self.state.lock().await;
+        let mut changed = false;
+        let active = state
+            .slots
+            .iter()
+            .find(|s| s.status == SlotStatus::Active)
+            .cloned()
+            .ok_or_else(|| AuthorityError::Crypto("no active slot".into()))?;
+        let life = active.not_after - active.not_before;
+        let has_prepared = state.slots.iter().any(|s| s.status == SlotStatus::Prepared);
+        if !has_prepared && ts(now) >= active.not_before + life / 2 {
+            let id = mint_slot(&self.cfg, &mut state, now, SlotStatus::Prepared)?;
+            tracing::info!(target: "audit", event = "slot_prepared", slot = id, "prepared the next signing slot");
+            changed = true;
+        }
+        if ts(now) >= active.not_after - life / 6 && self.activate_prepared(&mut state)? {
+            changed = true;
+        }
+        let before = state.slots.len();
+        state
+            .slots
+            .retain(|s| s.status != SlotStatus::Old || s.not_after > ts(now));
+        changed |= state.slots.len() != before;
+        if changed {
+            save_state(&self.cfg, &state)?;
+            drop(state);
+            self.publish_bundle().await?;
+            self.reload_signer().await?;
+        }
+        Ok(changed)
+    }
+
+    /// Prepares a new slot (publishing its keys) and activates it now.
+    pub async fn rotate_now(&self) -> Result<Arc<Signer>> {
+        {
+            let mut state = self.state.lock().await;
+            if !state.slots.iter().any(|s| s.status == SlotStatus::Prepared) {
+                mint_slot(&self.cfg, &mut state, OffsetDateTime::now_utc(), SlotStatus::Prepared)?;
+                save_state(&self.cfg, &state)?;
+            }
+        }
+        // The bundle carries the new keys before they sign anything.
+        self.publish_bundle().await?;
+        {
+            let mut state = self.state.lock().await;
+            self.activate_prepared(&mut state)?;
+            save_state(&self.cfg, &state)?;
+        }
+        self.reload_signer().await?;
+        let s = self.signer();
+        tracing::info!(target: "audit", event = "slot_activated", serial = %s.serial, forced = true, "rotated the signing slot");
+        Ok(s)
+    }
+
+    fn activate_prepared(&self, state: &mut State) -> Result<bool> {
+        if !state.slots.iter().any(|s| s.status == SlotStatus::Prepared) {
+            return Ok(false);
+        }
+        for s in &mut state.slots {
+            s.status = match s.status {
+                SlotStatus::Active => SlotStatus::Old,
+                SlotStatus::Prepared => SlotStatus::Active,
+                SlotStatus::Old => SlotStatus::Old,
+            };
+        }
+        tracing::info!(target: "audit", event = "slot_activated", forced = false, "activated the prepared signing slot");
+        Ok(true)
+    }
+
+    async fn reload_signer(&self) -> Result<()> {
+        let state = self.state.lock().await;
+        self.signer.store(Arc::new(load_signer(&self.cfg, &state)?));
+        Ok(())
+    }
+
+    /// Writes the bundle derived from the key state to the store, bumping the
+    /// sequence only when the authorities changed.
+    async fn publish_bundle(&self) -> Result<()> {
+        let state = self.state.lock().await.clone();
+        let mut bundle = TrustBundle::new(self.cfg.trust_domain.clone());
+        bundle.refresh_hint = Some(self.cfg.refresh_hint_secs);
+        for r in &state.roots {
+            bundle.x509_authorities.extend(pem_der(&r.cert_pem)?);
+        }
+        let now = OffsetDateTime::now_utc();
+        for s in state.slots.iter().filter(|s| s.not_after > ts(now)) {
+            let pkcs8 = read_key_file(&self.cfg, &s.jwt_key_file)?;
+            let pair = EcdsaKeyPair::from_pkcs8(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                &pkcs8,
+                &ring::rand::SystemRandom::new(),
+            )
+            .map_err(|e| AuthorityError::Crypto(format!("JWT key {}: {e}", s.jwt_kid)))?;
+            bundle.jwt_authorities.push(JwtAuthority {
+                kid: s.jwt_kid.clone(),
+                key: JwtPublicKey::from_p256_point(pair.public_key().as_ref())
+                    .ok_or_else(|| AuthorityError::Crypto("JWT key is not P-256".into()))?,
+            });
+        }
+        let td = self.cfg.trust_domain.as_str();
+        let stored = self.store.get_bundle(td).await?;
+        let stored_bundle = stored.as_ref().and_then(|(jwks, _)| {
+            TrustBundle::from_jwks(self.cfg.trust_domain.clone(), jwks).ok()
+        });
+        let prev_seq = stored.as_ref().map(|(_, s)| *s).unwrap_or(0);
+        let same = stored_bundle.as_ref().is_some_and(|b| {
+            b.x509_authorities == bundle.x509_authorities
+                && b.jwt_authorities == bundle.jwt_authorities
+        });
+        bundle.sequence = if same { prev_seq } else { prev_seq + 1 };
+        if !same {
+            self.store
+                .set_bundle(td, &bundle.to_jwks(), bundle.sequence)
+                .await?;
+            tracing::info!(target: "audit", event = "bundle_changed", sequence = bundle.sequence,
+                x509_authorities = bundle.x509_authorities.len(), jwt_authorities = bundle.jwt_authorities.len(),
+                "published a new trust bundle");
+        }
+        self.bundle.store(Arc::new(bundle));
+        Ok(())
+    }
+}
+
+fn pem_der(pem: &str) -> Result<Vec<Vec<u8>>> {
+    pem_to_ders("CERTIFICATE", pem).map_err(AuthorityError::Upstream)
+}
+
+fn key_path(cfg: &AuthorityConfig, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        cfg.key_dir.join(p)
+    }
+}
+
+fn read_key_file(cfg: &AuthorityConfig, file: &str) -> Result<Vec<u8>> {
+    let path = key_path(cfg, file);
+    let pem = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    pem_to_ders("PRIVATE KEY", &pem)
+        .ok()
+        .and_then(|mut v| v.pop())
+        .ok_or_else(|| AuthorityError::Corrupt {
+            path,
+            reason: "no PKCS#8 PRIVATE KEY block".into(),
+        })
+}
+
+fn write_key(cfg: &AuthorityConfig, name: &str, pkcs8_der: &[u8]) -> Result<()> {
+    let path = cfg.key_dir.join(name);
+    write_atomic(&path, der_to_pem("PRIVATE KEY", pkcs8_der).as_bytes(), true)
+        .map_err(io_err(&path))
+}
+
+fn save_state(cfg: &AuthorityConfig, state: &State) -> Result<()> {
+    let path = cfg.key_dir.join("state.json");
+    let json = serde_json::to_vec_pretty(state).expect("state serializes");
+    write_atomic(&path, &json, false).map_err(io_err(&path))
+}
+
+fn adopt_upstream(state: &mut State, cert: &Path, key: &Path) -> Result<()> {
+    let pem = std::fs::read_to_string(cert)
+        .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
+    let ders = pem_der(&pem)?;
+    let first = ders
+        .first()
+        .ok_or_else(|| AuthorityError::Upstream(format!("{}: no CERTIFICATE block", cert.display())))?;
+    ward_spec::svid::check_signing_cert(first)
+        .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
+    let key = std::fs::canonicalize(key)
+        .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", key.display())))?;
+    let rec = RootRec {
+        cert_pem: der_to_pem("CERTIFICATE", first),
+        key_file: key.to_string_lossy().into_owned(),
+        upstream: true,
+    };
+    if !state.roots.iter().any(|r| r.cert_pem == rec.cert_pem) {
+        state.roots.push(rec);
+    }
+    Ok(())
+}
+
+fn mint_root(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime) -> Result<usize> {
+    let key = KeyPair::generate()?;
+    let cert = x509::new_root(&cfg.trust_domain, &key, now, cfg.root_ttl)?;
+    let n = state.roots.len();
+    let key_file = format!("root-{n}.key");
+    write_key(cfg, &key_file, key.serialized_der())?;
+    state.roots.push(RootRec {
+        cert_pem: der_to_pem("CERTIFICATE", &cert),
+        key_file,
+        upstream: false,
+    });
+    tracing::info!(target: "audit", event = "root_created", index = n, "created a root CA");
+    Ok(n)
+}
+
+/// The root new intermediates are signed with; mints a successor when the
+/// newest self-managed root has less than two slot lifetimes left.
+fn signing_root(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime) -> Result<usize> {
+    let newest = state.roots.len() - 1;
+    let (_, not_after) = ward_spec::svid::validity(&pem_der(&state.roots[newest].cert_pem)?[0])
+        .map_err(|e| AuthorityError::Upstream(e.to_string()))?;
+    if !state.roots[newest].upstream && at(not_after) - now < cfg.ca_ttl * 2 {
+        return mint_root(cfg, state, now);
+    }
+    Ok(newest)
+}
+
+fn root_issuer(cfg: &AuthorityConfig, state: &State, index: usize) -> Result<(Issuer<'static, KeyPair>, OffsetDateTime)> {
+    let r = &state.roots[index];
+    let der = pem_der(&r.cert_pem)?.remove(0);
+    let pkcs8 = read_key_file(cfg, &r.key_file)?;
+    let key = KeyPair::try_from(pkcs8.as_slice())?;
+    let (_, not_after) =
+        ward_spec::svid::validity(&der).map_err(|e| AuthorityError::Upstream(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)?;
+    Ok((issuer, at(not_after)))
+}
+
+fn mint_slot(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime, status: SlotStatus) -> Result<u64> {
+    let root = signing_root(cfg, state, now)?;
+    let (issuer, root_not_after) = root_issuer(cfg, state, root)?;
+    let id = state.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+    let key = KeyPair::generate()?;
+    // Never outlive the root.
+    let not_after = (now + cfg.ca_ttl).min(root_not_after);
+    let cert = x509::new_intermediate(&cfg.trust_domain, &key, &issuer, now, not_after)?;
+    ward_spec::svid::check_signing_cert(&cert).map_err(|e| AuthorityError::Crypto(e.to_string()))?;
+    let jwt = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &ring::rand::SystemRandom::new())
+        .map_err(|e| AuthorityError::Crypto(e.to_string()))?;
+    let key_file = format!("slot-{id}.key");
+    let jwt_key_file = format!("slot-{id}-jwt.key");
+    write_key(cfg, &key_file, key.serialized_der())?;
+    write_key(cfg, &jwt_key_file, jwt.as_ref())?;
+    state.slots.push(SlotRec {
+        id,
+        status,
+        cert_pem: der_to_pem("CERTIFICATE", &cert),
+        key_file,
+        root,
+        jwt_kid: x509::hex_id(16),
+        jwt_key_file,
+        not_before: ts(now - x509::BACKDATE),
+        not_after: ts(not_after),
+    });
+    Ok(id)
+}
+
+fn load_signer(cfg: &AuthorityConfig, state: &State) -> Result<Signer> {
+    let slot = state
+        .slots
+        .iter()
+        .find(|s| s.status == SlotStatus::Active)
+        .ok_or_else(|| AuthorityError::Crypto("no active slot".into()))?;
+    let der = pem_der(&slot.cert_pem)?.remove(0);
+    let key = KeyPair::try_from(read_key_file(cfg, &slot.key_file)?.as_slice())?;
+    let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)?;
+    let jwt_pkcs8 = read_key_file(cfg, &slot.jwt_key_file)?;
+    Ok(Signer {
+        issuer,
+        serial: ward_spec::svid::serial(&der).map_err(|e| AuthorityError::Crypto(e.to_string()))?,
+        chain_tail: vec![der],
+        not_after: at(slot.not_after),
+        jwt_kid: slot.jwt_kid.clone(),
+        jwt_key: jsonwebtoken::EncodingKey::from_ec_der(&jwt_pkcs8),
+    })
+}

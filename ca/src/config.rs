@@ -1,0 +1,219 @@
+//! `ward ca serve` configuration: a TOML file, every key also a flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use ward_spec::TrustDomain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Every setting of the CA, with the defaults of DESIGN.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    pub trust_domain: TrustDomain,
+    pub data_dir: PathBuf,
+    /// Node API (mutual TLS gRPC).
+    pub bind_address: SocketAddr,
+    /// Admin API Unix socket; default `<data_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub health_address: SocketAddr,
+    /// `sqlite://PATH`; default `sqlite://<data_dir>/datastore.sqlite3`.
+    pub datastore: Option<String>,
+    #[serde(deserialize_with = "de_duration")]
+    pub ca_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub root_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub x509_svid_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub jwt_svid_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub node_svid_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub join_token_ttl: Duration,
+    /// How often the slot schedule is checked.
+    #[serde(deserialize_with = "de_duration")]
+    pub rotation_check_interval: Duration,
+    pub upstream_cert: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            trust_domain: TrustDomain::new("example.org").expect("valid"),
+            data_dir: PathBuf::from(".ward/ca"),
+            bind_address: "127.0.0.1:8081".parse().expect("valid"),
+            admin_socket: None,
+            health_address: "127.0.0.1:8082".parse().expect("valid"),
+            datastore: None,
+            ca_ttl: Duration::from_secs(24 * 3600),
+            root_ttl: Duration::from_secs(365 * 24 * 3600),
+            x509_svid_ttl: Duration::from_secs(3600),
+            jwt_svid_ttl: Duration::from_secs(300),
+            node_svid_ttl: Duration::from_secs(3600),
+            join_token_ttl: Duration::from_secs(600),
+            rotation_check_interval: Duration::from_secs(10),
+            upstream_cert: None,
+            upstream_key: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl CaConfig {
+    /// Reads a TOML file; unknown keys and bad values are errors naming the key.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// The SQLite file, from `datastore`.
+    pub fn sqlite_path(&self) -> Result<PathBuf, ConfigError> {
+        match &self.datastore {
+            None => Ok(self.data_dir.join("datastore.sqlite3")),
+            Some(url) => url
+                .strip_prefix("sqlite://")
+                .map(PathBuf::from)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "datastore",
+                    message: format!("{url:?} is not supported; use sqlite://PATH"),
+                }),
+        }
+    }
+
+    /// Checks relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("ca_ttl", self.ca_ttl),
+            ("root_ttl", self.root_ttl),
+            ("x509_svid_ttl", self.x509_svid_ttl),
+            ("jwt_svid_ttl", self.jwt_svid_ttl),
+            ("node_svid_ttl", self.node_svid_ttl),
+            ("join_token_ttl", self.join_token_ttl),
+            ("rotation_check_interval", self.rotation_check_interval),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be greater than zero".into(),
+                });
+            }
+        }
+        if self.ca_ttl > self.root_ttl {
+            return Err(ConfigError::Invalid {
+                key: "ca_ttl",
+                message: "must not exceed root_ttl".into(),
+            });
+        }
+        if self.upstream_cert.is_some() != self.upstream_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "upstream_cert",
+                message: "upstream_cert and upstream_key go together".into(),
+            });
+        }
+        self.sqlite_path()?;
+        for (key, ttl) in [
+            ("x509_svid_ttl", self.x509_svid_ttl),
+            ("node_svid_ttl", self.node_svid_ttl),
+        ] {
+            if ttl > self.ca_ttl / 6 {
+                tracing::warn!(
+                    key,
+                    "SVID TTL exceeds 1/6 of ca_ttl: SVIDs near a rotation will be cut short to the signing CA's expiry"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `90s`, `10m`, `1h`, `2d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 30s, 10m, 1h, 2d)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n * mult))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn bad_config_file_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ca.toml");
+        std::fs::write(&p, "trust_domain = \"example.org\"\nca_ttll = \"1h\"\n").unwrap();
+        let e = CaConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("ca_ttll"), "{e}");
+        std::fs::write(&p, "ca_ttl = \"forever\"\n").unwrap();
+        let e = CaConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("forever"), "{e}");
+        std::fs::write(&p, "trust_domain = \"Bad:Domain\"\n").unwrap();
+        let e = CaConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("trust domain"), "{e}");
+    }
+}

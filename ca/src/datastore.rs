@@ -1,0 +1,132 @@
+//! The CA's datastore: one trait, backed today by SQLite (embedded, WAL).
+//!
+//! Everything the CA acknowledges is committed here first. The SQL is kept
+//! portable (numbered `$N` parameters, `RETURNING`, no SQLite-only functions) so
+//! the PostgreSQL backend can share it.
+//!
+//! Registration entries carry a global revision. Each write appends one row per
+//! affected parent to `entry_changes`, so an agent can ask "what changed under
+//! me since revision R" with one indexed range scan, and learns about entries
+//! moved away from it or deleted without any tombstone in `entries`.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use ward_spec::{Selector, SpiffeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A registration entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub parent_id: SpiffeId,
+    pub selectors: Vec<Selector>,
+    /// Seconds; 0 means the CA default.
+    pub x509_ttl: i64,
+    pub jwt_ttl: i64,
+    pub dns_names: Vec<String>,
+    pub hint: String,
+    pub admin: bool,
+    pub revision: u64,
+    pub created_at: i64,
+}
+
+/// A node agent the CA has attested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub spiffe_id: SpiffeId,
+    pub attestation_type: String,
+    /// Serial number (hex) of the newest node SVID issued to it.
+    pub serial: String,
+    pub expires_at: i64,
+    pub evicted: bool,
+    pub attested_at: i64,
+}
+
+/// A join token as stored: only its hash.
+#[derive(Debug, Clone)]
+pub struct JoinTokenRecord {
+    pub token_hash: String,
+    pub agent_id: SpiffeId,
+    pub expires_at: i64,
+    pub created_at: i64,
+}
+
+/// What became of an attempt to use a join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUse {
+    /// The token was valid and is now spent.
+    Accepted(SpiffeId),
+    Unknown,
+    AlreadyUsed,
+    Expired,
+}
+
+/// One page of changes for an agent.
+#[derive(Debug, Clone, Default)]
+pub struct SyncPage {
+    pub entries: Vec<Entry>,
+    pub deleted: Vec<String>,
+    pub revision: u64,
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    pub parent_id: Option<SpiffeId>,
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+#[async_trait]
+pub trait Datastore: Send + Sync + 'static {
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()>;
+    /// Spends a token atomically: of two concurrent callers, one wins.
+    async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse>;
+
+    async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()>;
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Marks an agent evicted; false if no such agent.
+    async fn evict_agent(&self, id: &SpiffeId) -> Result<bool>;
+
+    /// Stores a new entry (its `id`, `revision` and `created_at` are assigned here).
+    async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry>;
+    /// Replaces every field but `id` and `created_at`.
+    async fn update_entry(&self, entry: Entry) -> Result<Entry>;
+    async fn delete_entry(&self, id: &str) -> Result<Entry>;
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>>;
+    /// The entries among `ids` that exist; one query.
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>>;
+    /// Entries ordered by id, after `after_id`, at most `limit`.
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Entry>>;
+    /// Entries parented to `parent` changed after `since`, at most `limit`.
+    async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage>;
+
+    /// The stored bundle document and its sequence.
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>>;
+    async fn set_bundle(&self, trust_domain: &str, jwks: &[u8], sequence: u64) -> Result<()>;
+
+    /// A cheap query that proves the database answers (for `/readyz`).
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,20 @@
+//! The contract every part of Ward shares.
+//!
+//! Values cross crate boundaries as the types defined here, parsed once at the
+//! edge: [`SpiffeId`] and [`TrustDomain`] ([`id`]), [`Selector`] ([`selector`]).
+//! Certificates are checked against the X509-SVID profile by [`svid`], trust
+//! bundles travel as SPIFFE JWKS documents ([`bundle`]), and every mutual-TLS
+//! endpoint verifies its peer with the SPIFFE verifiers in [`tls`]. The gRPC
+//! node and admin APIs are generated from `proto/` into [`proto`].
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod id;
+pub mod proto;
+pub mod selector;
+pub mod svid;
+pub mod tls;
+
+pub use bundle::TrustBundle;
+pub use id::{IdError, SpiffeId, TrustDomain};
+pub use selector::Selector;

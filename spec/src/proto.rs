@@ -1,0 +1,21 @@
+//! Generated code for `proto/ward/**` (node and admin APIs, shared types).
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod types {
+    pub mod v1 {
+        tonic::include_proto!("ward.types.v1");
+    }
+}
+
+pub mod node {
+    pub mod v1 {
+        tonic::include_proto!("ward.node.v1");
+    }
+}
+
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("ward.admin.v1");
+    }
+}

@@ -1,0 +1,428 @@
+//! Mutual TLS with SPIFFE identities, on rustls (ring provider, TLS 1.3 only).
+//!
+//! Peers are verified the SPIFFE way: the leaf must fit the X509-SVID profile,
+//! its chain must reach a root in the bundle of its trust domain, and then its
+//! SPIFFE ID must be one the caller accepts. There is no host-name check: the
+//! SPIFFE ID replaces it. Roots and our own SVID live behind `ArcSwap`s, so a
+//! rotation changes every new handshake and no established connection.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::TrustAnchor;
+use webpki::{EndEntityCert, KeyUsage};
+
+use crate::bundle::TrustBundle;
+use crate::id::{SpiffeId, TrustDomain};
+use crate::svid;
+
+/// The crypto provider every Ward TLS endpoint uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The roots of one trust domain, replaceable while connections use them.
+#[derive(Clone)]
+pub struct RootStore {
+    inner: Arc<ArcSwap<Roots>>,
+}
+
+struct Roots {
+    trust_domain: TrustDomain,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bundle root {index} is not a usable trust anchor: {reason}")]
+pub struct BadRoot {
+    pub index: usize,
+    pub reason: String,
+}
+
+impl Roots {
+    fn from_bundle(bundle: &TrustBundle) -> Result<Self, BadRoot> {
+        let anchors = bundle
+            .x509_authorities
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                let cert = CertificateDer::from(der.as_slice());
+                webpki::anchor_from_trusted_cert(&cert)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BadRoot {
+                        index,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Roots {
+            trust_domain: bundle.trust_domain.clone(),
+            anchors,
+        })
+    }
+}
+
+impl RootStore {
+    pub fn new(bundle: &TrustBundle) -> Result<Self, BadRoot> {
+        Ok(RootStore {
+            inner: Arc::new(ArcSwap::from_pointee(Roots::from_bundle(bundle)?)),
+        })
+    }
+
+    /// Replaces the roots; handshakes that start afterwards use the new set.
+    pub fn update(&self, bundle: &TrustBundle) -> Result<(), BadRoot> {
+        self.inner.store(Arc::new(Roots::from_bundle(bundle)?));
+        Ok(())
+    }
+
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.inner.load().trust_domain.clone()
+    }
+
+    /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let leaf = svid::check_leaf(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        let roots = self.inner.load();
+        if !leaf.spiffe_id.is_member_of(&roots.trust_domain) {
+            return Err(other(format!(
+                "peer {} is not in trust domain {}",
+                leaf.spiffe_id, roots.trust_domain
+            )));
+        }
+        let ee = EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let algs = provider().signature_verification_algorithms.all;
+        ee.verify_for_usage(algs, &roots.anchors, intermediates, now, usage, None, None)
+            .map_err(pki_error)?;
+        Ok(leaf.spiffe_id)
+    }
+}
+
+fn other(msg: String) -> rustls::Error {
+    #[derive(Debug)]
+    struct Msg(String);
+    impl fmt::Display for Msg {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Msg {}
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Msg(
+        msg,
+    )))))
+}
+
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    rustls::Error::InvalidCertificate(match e {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+/// Which SPIFFE IDs a verifier accepts once the chain is good.
+#[derive(Debug, Clone)]
+pub enum PeerPolicy {
+    /// Any ID in the root store's trust domain.
+    AnyInTrustDomain,
+    /// Exactly one of these IDs.
+    OneOf(Vec<SpiffeId>),
+}
+
+impl PeerPolicy {
+    fn check(&self, id: &SpiffeId) -> Result<(), rustls::Error> {
+        match self {
+            PeerPolicy::AnyInTrustDomain => Ok(()),
+            PeerPolicy::OneOf(ids) if ids.contains(id) => Ok(()),
+            PeerPolicy::OneOf(ids) => Err(other(format!(
+                "peer presented {id}, expected one of [{}]",
+                ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+}
+
+/// Verifies a server's SVID (we are the TLS client).
+pub struct SpiffeServerVerifier {
+    roots: RootStore,
+    policy: PeerPolicy,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(roots: RootStore, policy: PeerPolicy) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            roots,
+            policy,
+            provider: provider(),
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self
+            .roots
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth())
+            .and_then(|id| self.policy.check(&id));
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "refused server certificate");
+        }
+        result.map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a client's SVID (we are the TLS server).
+pub struct SpiffeClientVerifier {
+    roots: RootStore,
+    mandatory: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory: false` lets clients without a certificate finish the
+    /// handshake; the application then refuses every call but the ones that
+    /// need no identity (node attestation).
+    pub fn new(roots: RootStore, mandatory: bool) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier {
+            roots,
+            mandatory,
+            provider: provider(),
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("mandatory", &self.mandatory)
+            .finish()
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self
+            .roots
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth())
+        {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(e) => {
+                tracing::warn!(error = %e, "refused client certificate");
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Our own SVID (chain + key), swappable; serves as both client and server
+/// certificate resolver.
+#[derive(Clone)]
+pub struct SvidResolver {
+    current: Arc<ArcSwap<Option<Arc<CertifiedKey>>>>,
+}
+
+impl fmt::Debug for SvidResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SvidResolver")
+    }
+}
+
+impl Default for SvidResolver {
+    fn default() -> Self {
+        SvidResolver {
+            current: Arc::new(ArcSwap::from_pointee(None)),
+        }
+    }
+}
+
+impl SvidResolver {
+    /// Installs a new SVID: `chain` is DER, leaf first; `pkcs8` the leaf's key.
+    pub fn set(&self, chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<(), rustls::Error> {
+        let key = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                pkcs8.to_vec(),
+            )))?;
+        let certs = chain
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect();
+        self.current
+            .store(Arc::new(Some(Arc::new(CertifiedKey::new(certs, key)))));
+        Ok(())
+    }
+
+    pub fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+/// A TLS 1.3 server config with ALPN `h2`.
+pub fn server_config(
+    resolver: SvidResolver,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> rustls::ServerConfig {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
+
+/// A TLS 1.3 client config with ALPN `h2`; `resolver` None sends no certificate.
+pub fn client_config(
+    resolver: Option<SvidResolver>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> rustls::ClientConfig {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match resolver {
+        Some(r) => builder.with_client_cert_resolver(Arc::new(r)),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
+
+/// The SPIFFE ID of a verified peer, from the certificates rustls kept.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    let leaf = certs?.first()?;
+    svid::check_leaf(leaf).ok().map(|l| l.spiffe_id)
+}
