@@ -1,1 +1,33 @@
-fn main(){}
+//! `ward`: one binary for every part of the mesh.
+//!
+//! Each subcommand wires one crate to the command line: `ward ca serve` runs
+//! the control plane (`ward-ca`); `ward token`, `ward entry`, `ward agent`,
+//! `ward bundle` and `ward ca rotate` are clients of its admin API over the
+//! local Unix socket.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -223,7 +223,12 @@ impl Authority {
         {
             let mut state = self.state.lock().await;
             if !state.slots.iter().any(|s| s.status == SlotStatus::Prepared) {
-                mint_slot(&self.cfg, &mut state, OffsetDateTime::now_utc(), SlotStatus::Prepared)?;
+                mint_slot(
+                    &self.cfg,
+                    &mut state,
+                    OffsetDateTime::now_utc(),
+                    SlotStatus::Prepared,
+                )?;
                 save_state(&self.cfg, &state)?;
             }
         }
@@ -287,9 +292,9 @@ impl Authority {
         }
         let td = self.cfg.trust_domain.as_str();
         let stored = self.store.get_bundle(td).await?;
-        let stored_bundle = stored.as_ref().and_then(|(jwks, _)| {
-            TrustBundle::from_jwks(self.cfg.trust_domain.clone(), jwks).ok()
-        });
+        let stored_bundle = stored
+            .as_ref()
+            .and_then(|(jwks, _)| TrustBundle::from_jwks(self.cfg.trust_domain.clone(), jwks).ok());
         let prev_seq = stored.as_ref().map(|(_, s)| *s).unwrap_or(0);
         let same = stored_bundle.as_ref().is_some_and(|b| {
             b.x509_authorities == bundle.x509_authorities
@@ -350,9 +355,9 @@ fn adopt_upstream(state: &mut State, cert: &Path, key: &Path) -> Result<()> {
     let pem = std::fs::read_to_string(cert)
         .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
     let ders = pem_der(&pem)?;
-    let first = ders
-        .first()
-        .ok_or_else(|| AuthorityError::Upstream(format!("{}: no CERTIFICATE block", cert.display())))?;
+    let first = ders.first().ok_or_else(|| {
+        AuthorityError::Upstream(format!("{}: no CERTIFICATE block", cert.display()))
+    })?;
     ward_spec::svid::check_signing_cert(first)
         .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
     let key = std::fs::canonicalize(key)
@@ -395,7 +400,11 @@ fn signing_root(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime) -
     Ok(newest)
 }
 
-fn root_issuer(cfg: &AuthorityConfig, state: &State, index: usize) -> Result<(Issuer<'static, KeyPair>, OffsetDateTime)> {
+fn root_issuer(
+    cfg: &AuthorityConfig,
+    state: &State,
+    index: usize,
+) -> Result<(Issuer<'static, KeyPair>, OffsetDateTime)> {
     let r = &state.roots[index];
     let der = pem_der(&r.cert_pem)?.remove(0);
     let pkcs8 = read_key_file(cfg, &r.key_file)?;
@@ -406,7 +415,12 @@ fn root_issuer(cfg: &AuthorityConfig, state: &State, index: usize) -> Result<(Is
     Ok((issuer, at(not_after)))
 }
 
-fn mint_slot(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime, status: SlotStatus) -> Result<u64> {
+fn mint_slot(
+    cfg: &AuthorityConfig,
+    state: &mut State,
+    now: OffsetDateTime,
+    status: SlotStatus,
+) -> Result<u64> {
     let root = signing_root(cfg, state, now)?;
     let (issuer, root_not_after) = root_issuer(cfg, state, root)?;
     let id = state.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
@@ -414,9 +428,13 @@ fn mint_slot(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime, stat
     // Never outlive the root.
     let not_after = (now + cfg.ca_ttl).min(root_not_after);
     let cert = x509::new_intermediate(&cfg.trust_domain, &key, &issuer, now, not_after)?;
-    ward_spec::svid::check_signing_cert(&cert).map_err(|e| AuthorityError::Crypto(e.to_string()))?;
-    let jwt = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &ring::rand::SystemRandom::new())
+    ward_spec::svid::check_signing_cert(&cert)
         .map_err(|e| AuthorityError::Crypto(e.to_string()))?;
+    let jwt = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &ring::rand::SystemRandom::new(),
+    )
+    .map_err(|e| AuthorityError::Crypto(e.to_string()))?;
     let key_file = format!("slot-{id}.key");
     let jwt_key_file = format!("slot-{id}-jwt.key");
     write_key(cfg, &key_file, key.serialized_der())?;

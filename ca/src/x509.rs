@@ -73,7 +73,9 @@ pub fn check_csr(der: &[u8], trust_domain: &TrustDomain) -> Result<CheckedCsr, C
     let (rest, csr) =
         X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Malformed("trailing bytes after the request".into()));
+        return Err(CsrError::Malformed(
+            "trailing bytes after the request".into(),
+        ));
     }
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     let spki = &csr.certification_request_info.subject_pki;
@@ -261,7 +263,10 @@ mod tests {
     fn csr_with_one_spiffe_id_is_accepted() {
         let c = check_csr(&csr(vec![uri("spiffe://example.org/web")], false), &td()).unwrap();
         assert_eq!(c.requested.unwrap().to_string(), "spiffe://example.org/web");
-        assert!(check_csr(&csr(vec![], false), &td()).unwrap().requested.is_none());
+        assert!(check_csr(&csr(vec![], false), &td())
+            .unwrap()
+            .requested
+            .is_none());
     }
 
     #[test]
@@ -273,7 +278,10 @@ mod tests {
     #[test]
     fn csr_with_two_uri_sans_is_refused() {
         let e = check_csr(
-            &csr(vec![uri("spiffe://example.org/a"), uri("spiffe://example.org/b")], false),
+            &csr(
+                vec![uri("spiffe://example.org/a"), uri("spiffe://example.org/b")],
+                false,
+            ),
             &td(),
         )
         .unwrap_err();
@@ -310,9 +318,20 @@ mod tests {
         let issuer = Issuer::from_ca_cert_der(&root.as_slice().into(), root_key).unwrap();
         let c = check_csr(&csr(vec![uri("spiffe://example.org/web")], false), &td()).unwrap();
         let id = c.requested.clone().unwrap();
-        let leaf = new_leaf(&id, &["web.local".into()], &c.key, &issuer, now, now + Duration::hours(1)).unwrap();
+        let leaf = new_leaf(
+            &id,
+            &["web.local".into()],
+            &c.key,
+            &issuer,
+            now,
+            now + Duration::hours(1),
+        )
+        .unwrap();
         let info = ward_spec::svid::check_leaf(&leaf).unwrap();
         assert_eq!(info.spiffe_id, id);
-        assert_eq!(ward_spec::svid::check_signing_cert(&root).unwrap(), Some(td()));
+        assert_eq!(
+            ward_spec::svid::check_signing_cert(&root).unwrap(),
+            Some(td())
+        );
     }
 }

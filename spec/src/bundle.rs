@@ -173,7 +173,10 @@ impl TrustBundle {
 
     /// The X.509 authorities as PEM.
     pub fn x509_pem(&self) -> String {
-        self.x509_authorities.iter().map(|d| der_to_pem("CERTIFICATE", d)).collect()
+        self.x509_authorities
+            .iter()
+            .map(|d| der_to_pem("CERTIFICATE", d))
+            .collect()
     }
 
     pub fn jwt_authority(&self, kid: &str) -> Option<&JwtAuthority> {

@@ -241,14 +241,22 @@ mod tests {
     #[test]
     fn rejects_wrong_or_missing_scheme() {
         assert_eq!(SpiffeId::parse(""), Err(IdError::Empty));
-        for s in ["http://example.org/a", "SPIFFE://example.org/a", "example.org/a", "spiffe:/example.org/a"] {
+        for s in [
+            "http://example.org/a",
+            "SPIFFE://example.org/a",
+            "example.org/a",
+            "spiffe:/example.org/a",
+        ] {
             assert_eq!(SpiffeId::parse(s), Err(IdError::WrongScheme), "{s}");
         }
     }
 
     #[test]
     fn rejects_missing_trust_domain() {
-        assert_eq!(SpiffeId::parse("spiffe:///a"), Err(IdError::MissingTrustDomain));
+        assert_eq!(
+            SpiffeId::parse("spiffe:///a"),
+            Err(IdError::MissingTrustDomain)
+        );
         assert_eq!(TrustDomain::new(""), Err(IdError::MissingTrustDomain));
     }
 
@@ -271,7 +279,10 @@ mod tests {
     #[test]
     fn trust_domain_allows_dots_dashes_underscores_and_digits() {
         assert!(TrustDomain::new("a-b_c.9").is_ok());
-        assert_eq!(TrustDomain::new("spiffe://td.one").unwrap().as_str(), "td.one");
+        assert_eq!(
+            TrustDomain::new("spiffe://td.one").unwrap().as_str(),
+            "td.one"
+        );
     }
 
     #[test]
@@ -293,14 +304,22 @@ mod tests {
 
     #[test]
     fn rejects_empty_segments_and_trailing_slash() {
-        for s in ["spiffe://example.org/", "spiffe://example.org//a", "spiffe://example.org/a/"] {
+        for s in [
+            "spiffe://example.org/",
+            "spiffe://example.org//a",
+            "spiffe://example.org/a/",
+        ] {
             assert_eq!(SpiffeId::parse(s), Err(IdError::EmptySegment), "{s}");
         }
     }
 
     #[test]
     fn rejects_dot_segments() {
-        for s in ["spiffe://example.org/.", "spiffe://example.org/a/../b", "spiffe://example.org/a/./b"] {
+        for s in [
+            "spiffe://example.org/.",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a/./b",
+        ] {
             assert_eq!(SpiffeId::parse(s), Err(IdError::DotSegment), "{s}");
         }
         // Dots inside a segment are ordinary characters.
@@ -339,10 +358,16 @@ mod tests {
     #[test]
     fn from_parts_applies_the_same_rules() {
         let td = TrustDomain::new("example.org").unwrap();
-        assert_eq!(td.id("/a/b").unwrap().to_string(), "spiffe://example.org/a/b");
+        assert_eq!(
+            td.id("/a/b").unwrap().to_string(),
+            "spiffe://example.org/a/b"
+        );
         assert_eq!(td.id("a"), Err(IdError::PathWithoutSlash));
         assert_eq!(td.id("/a/"), Err(IdError::EmptySegment));
-        assert!(matches!(td.id(&format!("/{}", "a".repeat(2100))), Err(IdError::TooLong(_))));
+        assert!(matches!(
+            td.id(&format!("/{}", "a".repeat(2100))),
+            Err(IdError::TooLong(_))
+        ));
     }
 
     fn segment() -> impl Strategy<Value = String> {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod grpc;
 pub mod id;
 pub mod proto;
 pub mod selector;

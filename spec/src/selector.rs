@@ -122,6 +122,9 @@ mod tests {
             Selector::parse("unix:path:relative"),
             Err(SelectorError::BadValue { .. })
         ));
-        assert!(matches!(Selector::parse("nocolon"), Err(SelectorError::Shape(_))));
+        assert!(matches!(
+            Selector::parse("nocolon"),
+            Err(SelectorError::Shape(_))
+        ));
     }
 }

@@ -178,10 +178,11 @@ fn hex_serial(raw: &[u8]) -> String {
         [0, rest @ ..] if !rest.is_empty() => rest,
         r => r,
     };
-    raw.iter().fold(String::with_capacity(raw.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    raw.iter()
+        .fold(String::with_capacity(raw.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -270,7 +271,10 @@ mod tests {
 
     #[test]
     fn garbage_is_a_parse_error() {
-        assert!(matches!(check_leaf(b"not a cert"), Err(ProfileError::Parse(_))));
+        assert!(matches!(
+            check_leaf(b"not a cert"),
+            Err(ProfileError::Parse(_))
+        ));
     }
 
     #[test]

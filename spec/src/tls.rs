@@ -15,8 +15,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls_pki_types::TrustAnchor;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
 use crate::bundle::TrustBundle;
@@ -157,7 +157,10 @@ impl PeerPolicy {
             PeerPolicy::OneOf(ids) if ids.contains(id) => Ok(()),
             PeerPolicy::OneOf(ids) => Err(other(format!(
                 "peer presented {id}, expected one of [{}]",
-                ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }

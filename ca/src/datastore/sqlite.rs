@@ -170,8 +170,13 @@ fn row_to_agent(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord> {
 }
 
 fn selectors_json(e: &Entry) -> String {
-    serde_json::to_string(&e.selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .expect("strings serialize")
+    serde_json::to_string(
+        &e.selectors
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .expect("strings serialize")
 }
 
 async fn next_revision(tx: &mut sqlx::SqliteConnection) -> Result<u64> {
@@ -232,10 +237,12 @@ impl Datastore for SqliteStore {
         let outcome = match spent {
             Some(id) => TokenUse::Accepted(SpiffeId::parse(&id).map_err(corrupt)?),
             None => {
-                let row = sqlx::query("SELECT used_at, expires_at FROM join_tokens WHERE token_hash = $1")
-                    .bind(token_hash)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let row = sqlx::query(
+                    "SELECT used_at, expires_at FROM join_tokens WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
                 match row {
                     None => TokenUse::Unknown,
                     Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
@@ -327,14 +334,16 @@ impl Datastore for SqliteStore {
 
     async fn update_entry(&self, mut e: Entry) -> Result<Entry> {
         let mut tx = self.pool.begin().await?;
-        let old = sqlx::query(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"))
-            .bind(&e.id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(row_to_entry)
-            .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("entry {}", e.id)))?;
+        let old = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
+        ))
+        .bind(&e.id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(row_to_entry)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(format!("entry {}", e.id)))?;
         let rev = next_revision(&mut tx).await?;
         e.revision = rev;
         e.created_at = old.created_at;
@@ -381,13 +390,15 @@ impl Datastore for SqliteStore {
     }
 
     async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
-        sqlx::query(&format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(row_to_entry)
-            .transpose()
+        sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(row_to_entry)
+        .transpose()
     }
 
     async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>> {
@@ -455,7 +466,11 @@ impl Datastore for SqliteStore {
             .map(|r| r.try_get("entry_id"))
             .collect::<Result<_, _>>()?;
         let revision = if more {
-            changed.last().map(|r| r.try_get::<i64, _>("rev")).transpose()?.unwrap_or(current) as u64
+            changed
+                .last()
+                .map(|r| r.try_get::<i64, _>("rev"))
+                .transpose()?
+                .unwrap_or(current) as u64
         } else {
             current as u64
         };
@@ -551,11 +566,20 @@ mod tests {
         let s = SqliteStore::in_memory().await.unwrap();
         let a = id("spiffe://td/ward/agent/x/a");
         let b = id("spiffe://td/ward/agent/x/b");
-        s.create_entry(entry("e1", "spiffe://td/ward/agent/x/a"), 1).await.unwrap();
-        s.create_entry(entry("e2", "spiffe://td/ward/agent/x/a"), 1).await.unwrap();
-        s.create_entry(entry("e3", "spiffe://td/ward/agent/x/b"), 1).await.unwrap();
+        s.create_entry(entry("e1", "spiffe://td/ward/agent/x/a"), 1)
+            .await
+            .unwrap();
+        s.create_entry(entry("e2", "spiffe://td/ward/agent/x/a"), 1)
+            .await
+            .unwrap();
+        s.create_entry(entry("e3", "spiffe://td/ward/agent/x/b"), 1)
+            .await
+            .unwrap();
         let p = s.sync_entries(&a, 0, 100).await.unwrap();
-        assert_eq!(p.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert_eq!(
+            p.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["e1", "e2"]
+        );
         assert_eq!(p.revision, 3);
         assert!(!p.more);
         // Nothing new since.
@@ -572,7 +596,10 @@ mod tests {
         deleted.sort();
         assert_eq!(deleted, ["e1", "e2"]);
         let pb = s.sync_entries(&b, 3, 100).await.unwrap();
-        assert_eq!(pb.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e2"]);
+        assert_eq!(
+            pb.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["e2"]
+        );
     }
 
     #[tokio::test]
@@ -612,9 +639,18 @@ mod tests {
             .await
             .unwrap();
         }
-        assert_eq!(s.use_join_token("h1", 50).await.unwrap(), TokenUse::Accepted(agent));
-        assert_eq!(s.use_join_token("h1", 51).await.unwrap(), TokenUse::AlreadyUsed);
+        assert_eq!(
+            s.use_join_token("h1", 50).await.unwrap(),
+            TokenUse::Accepted(agent)
+        );
+        assert_eq!(
+            s.use_join_token("h1", 51).await.unwrap(),
+            TokenUse::AlreadyUsed
+        );
         assert_eq!(s.use_join_token("h2", 50).await.unwrap(), TokenUse::Expired);
-        assert_eq!(s.use_join_token("nope", 50).await.unwrap(), TokenUse::Unknown);
+        assert_eq!(
+            s.use_join_token("nope", 50).await.unwrap(),
+            TokenUse::Unknown
+        );
     }
 }

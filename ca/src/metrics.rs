@@ -1,0 +1,92 @@
+//! Prometheus metrics of the CA.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    issued: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    attestations: Family<Labels, Counter>,
+    admin_changes: Family<Labels, Counter>,
+    pub bundle_sequence: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub signing_ca_expiry: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ward_ca");
+        let issued = Family::<Labels, Counter>::default();
+        let refused = Family::<Labels, Counter>::default();
+        let attestations = Family::<Labels, Counter>::default();
+        let admin_changes = Family::<Labels, Counter>::default();
+        let bundle_sequence = Gauge::default();
+        let signing_ca_expiry = Gauge::default();
+        registry.register("svids_issued", "SVIDs issued, by kind", issued.clone());
+        registry.register("refusals", "Requests refused, by method", refused.clone());
+        registry.register(
+            "attestations",
+            "Node attestations, by outcome",
+            attestations.clone(),
+        );
+        registry.register(
+            "admin_changes",
+            "Admin changes, by operation",
+            admin_changes.clone(),
+        );
+        registry.register(
+            "bundle_sequence",
+            "Sequence number of the published trust bundle",
+            bundle_sequence.clone(),
+        );
+        registry.register(
+            "signing_ca_expiry_timestamp_seconds",
+            "Unix time at which the active intermediate expires",
+            signing_ca_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            issued,
+            refused,
+            attestations,
+            admin_changes,
+            bundle_sequence,
+            signing_ca_expiry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn issued(&self, kind: &str) {
+        self.issued
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .inc();
+    }
+    pub fn refused(&self, method: &str) {
+        self.refused
+            .get_or_create(&vec![("method", method.to_owned())])
+            .inc();
+    }
+    pub fn attestation(&self, outcome: &str) {
+        self.attestations
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+    }
+    pub fn admin_change(&self, op: &str) {
+        self.admin_changes
+            .get_or_create(&vec![("operation", op.to_owned())])
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,179 @@
+//! The node API (gRPC over mutual TLS): what agents ask of the CA.
+//!
+//! The caller's identity is the SPIFFE ID of the client certificate the TLS
+//! layer verified ([`PeerIdentity`]); only `Attest` may be called without one.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use ward_spec::proto::node::v1 as pb;
+use ward_spec::proto::node::v1::node_server::Node;
+use ward_spec::proto::types::v1 as types;
+use ward_spec::SpiffeId;
+
+use crate::datastore::Entry;
+use crate::service::Ca;
+
+/// The verified SPIFFE ID of the peer of a TLS connection, if it sent a certificate.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<SpiffeId>);
+
+pub struct NodeApi {
+    pub ca: Arc<Ca>,
+}
+
+fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .and_then(|p| p.0.clone())
+        .ok_or_else(|| Status::unauthenticated("this call needs a node SVID as client certificate"))
+}
+
+pub fn entry_to_pb(e: &Entry) -> types::Entry {
+    types::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e
+            .selectors
+            .iter()
+            .map(|s| types::Selector {
+                r#type: s.kind.clone(),
+                value: s.value.clone(),
+            })
+            .collect(),
+        x509_ttl: e.x509_ttl,
+        jwt_ttl: e.jwt_ttl,
+        dns_names: e.dns_names.clone(),
+        hint: e.hint.clone(),
+        admin: e.admin,
+        revision: e.revision,
+        created_at: e.created_at,
+    }
+}
+
+impl NodeApi {
+    pub fn bundle_pb(&self) -> types::Bundle {
+        let b = self.ca.authority.bundle();
+        types::Bundle {
+            trust_domain: b.trust_domain.to_string(),
+            jwks: b.to_jwks(),
+            sequence: b.sequence,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    async fn attest(
+        &self,
+        req: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let r = req.into_inner();
+        let svid = self.ca.attest(&r.join_token, &r.csr).await?;
+        Ok(Response::new(pb::AttestResponse {
+            spiffe_id: svid.spiffe_id.to_string(),
+            svid_chain: svid.chain,
+            bundle: Some(self.bundle_pb()),
+        }))
+    }
+
+    async fn renew_node_svid(
+        &self,
+        req: Request<pb::RenewNodeSvidRequest>,
+    ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
+        let id = caller(&req)?;
+        let svid = self.ca.renew(&id, &req.into_inner().csr).await?;
+        Ok(Response::new(pb::RenewNodeSvidResponse {
+            svid_chain: svid.chain,
+        }))
+    }
+
+    async fn sync_entries(
+        &self,
+        req: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        let id = caller(&req)?;
+        let page = self.ca.sync(&id, req.into_inner().since_revision).await?;
+        Ok(Response::new(pb::SyncEntriesResponse {
+            entries: page.entries.iter().map(entry_to_pb).collect(),
+            deleted_entry_ids: page.deleted,
+            revision: page.revision,
+            more: page.more,
+        }))
+    }
+
+    async fn sign_x509_svid(
+        &self,
+        req: Request<pb::SignX509SvidRequest>,
+    ) -> Result<Response<pb::SignX509SvidResponse>, Status> {
+        let id = caller(&req)?;
+        let r = req.into_inner();
+        let mut results = self.ca.sign_batch(&id, vec![(r.entry_id, r.csr)]).await?;
+        let svid = results.pop().expect("one result per request")?;
+        Ok(Response::new(pb::SignX509SvidResponse {
+            svid_chain: svid.chain,
+            expires_at: svid.expires_at,
+        }))
+    }
+
+    async fn batch_sign_x509_svid(
+        &self,
+        req: Request<pb::BatchSignX509SvidRequest>,
+    ) -> Result<Response<pb::BatchSignX509SvidResponse>, Status> {
+        const MAX_BATCH: usize = 1000;
+        let id = caller(&req)?;
+        let requests = req.into_inner().requests;
+        if requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "batch of {} requests exceeds the limit of {MAX_BATCH}",
+                requests.len()
+            )));
+        }
+        let pairs: Vec<(String, Vec<u8>)> =
+            requests.into_iter().map(|r| (r.entry_id, r.csr)).collect();
+        let ids: Vec<String> = pairs.iter().map(|(id, _)| id.clone()).collect();
+        let results = self.ca.sign_batch(&id, pairs).await?;
+        Ok(Response::new(pb::BatchSignX509SvidResponse {
+            results: results
+                .into_iter()
+                .zip(ids)
+                .map(|(r, entry_id)| match r {
+                    Ok(svid) => pb::SignResult {
+                        entry_id,
+                        code: 0,
+                        message: String::new(),
+                        svid_chain: svid.chain,
+                        expires_at: svid.expires_at,
+                    },
+                    Err(e) => pb::SignResult {
+                        entry_id,
+                        code: e.code as i32,
+                        message: e.message,
+                        svid_chain: Vec::new(),
+                        expires_at: 0,
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let id = caller(&req)?;
+        let r = req.into_inner();
+        let (token, expires_at) = self.ca.mint_jwt(&id, &r.entry_id, &r.audience).await?;
+        Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
+    }
+
+    async fn fetch_bundle(
+        &self,
+        req: Request<pb::FetchBundleRequest>,
+    ) -> Result<Response<types::Bundle>, Status> {
+        let id = caller(&req)?;
+        self.ca.check_agent(&id, "fetch_bundle").await?;
+        Ok(Response::new(self.bundle_pb()))
+    }
+}

@@ -1,0 +1,379 @@
+//! `ward ca serve`: opens the store and keys, then serves the node API (mutual
+//! TLS), the admin API (Unix socket) and the health/metrics endpoint until
+//! shutdown, advancing the key schedule in the background.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use axum::routing::get;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::Connected;
+use ward_spec::proto::admin::v1::admin_server::AdminServer;
+use ward_spec::proto::node::v1::node_server::NodeServer;
+use ward_spec::tls::{RootStore, SpiffeClientVerifier, SvidResolver};
+
+use crate::admin_api::AdminApi;
+use crate::authority::{Authority, AuthorityConfig};
+use crate::config::CaConfig;
+use crate::datastore::{Datastore, SqliteStore};
+use crate::files::create_private_dir;
+use crate::metrics::Metrics;
+use crate::node_api::{NodeApi, PeerIdentity};
+use crate::service::{Ca, Ttls};
+use crate::x509;
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more wait in the accept queue.
+const MAX_HANDSHAKES: usize = 512;
+/// Lifetime of the CA's own serving SVID (always cut to the signing CA's expiry).
+const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
+
+/// Builds the CA from its configuration (store, keys, service).
+pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
+    cfg.validate()?;
+    create_private_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    let db = cfg.sqlite_path()?;
+    let store: Arc<dyn Datastore> = Arc::new(
+        SqliteStore::open(&db)
+            .await
+            .with_context(|| format!("cannot open datastore {}", db.display()))?,
+    );
+    let authority = Authority::open(
+        AuthorityConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            key_dir: cfg.data_dir.join("keys"),
+            ca_ttl: time::Duration::try_from(cfg.ca_ttl)?,
+            root_ttl: time::Duration::try_from(cfg.root_ttl)?,
+            upstream: cfg.upstream_cert.clone().zip(cfg.upstream_key.clone()),
+            refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(5, 300),
+        },
+        store.clone(),
+    )
+    .await
+    .context("cannot load the CA keys")?;
+    Ok(Arc::new(Ca {
+        authority,
+        store,
+        ttls: Ttls {
+            x509_svid: cfg.x509_svid_ttl,
+            jwt_svid: cfg.jwt_svid_ttl,
+            node_svid: cfg.node_svid_ttl,
+            join_token: cfg.join_token_ttl,
+        },
+        metrics: Arc::new(Metrics::default()),
+    }))
+}
+
+/// Runs the CA until `shutdown` resolves.
+pub async fn serve(
+    cfg: CaConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ca = open(&cfg).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    // The CA's own serving identity, and the roots it verifies agents with.
+    let resolver = SvidResolver::default();
+    let roots = RootStore::new(&ca.authority.bundle()).context("bundle roots")?;
+    let mut own = refresh_server_svid(&ca, &resolver, None)?;
+    publish_gauges(&ca);
+
+    let node_listener = TcpListener::bind(cfg.bind_address)
+        .await
+        .with_context(|| format!("cannot listen on {} (node API)", cfg.bind_address))?;
+    let health_listener = TcpListener::bind(cfg.health_address)
+        .await
+        .with_context(|| format!("cannot listen on {} (health)", cfg.health_address))?;
+    let admin_path = cfg.admin_socket();
+    let admin_listener = bind_admin_socket(&admin_path)?;
+
+    let tls = Arc::new(ward_spec::tls::server_config(
+        resolver.clone(),
+        SpiffeClientVerifier::new(roots.clone(), false),
+    ));
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(accept_tls(node_listener, tls, conn_tx, stop_rx.clone()));
+
+    let node = tonic::transport::Server::builder()
+        .add_service(NodeServer::new(NodeApi { ca: ca.clone() }))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), wait(stop_rx.clone()));
+    let admin = tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminApi { ca: ca.clone() }))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            wait(stop_rx.clone()),
+        );
+    let health = axum::serve(health_listener, health_router(ca.clone()))
+        .with_graceful_shutdown(wait(stop_rx.clone()));
+
+    // The key schedule: advance slots, follow bundle changes, renew our SVID.
+    let schedule = {
+        let ca = ca.clone();
+        let mut stop = stop_rx.clone();
+        let interval = cfg.rotation_check_interval;
+        async move {
+            let mut seq = ca.authority.bundle().sequence;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => break,
+                }
+                if let Err(e) = ca.authority.tick(OffsetDateTime::now_utc()).await {
+                    tracing::error!(error = %e, "key schedule failed; retrying");
+                    continue;
+                }
+                let bundle = ca.authority.bundle();
+                if bundle.sequence != seq {
+                    seq = bundle.sequence;
+                    if let Err(e) = roots.update(&bundle) {
+                        tracing::error!(error = %e, "new bundle has an unusable root");
+                    }
+                }
+                match refresh_server_svid(&ca, &resolver, Some(&own)) {
+                    Ok(s) => own = s,
+                    Err(e) => tracing::error!(error = %e, "cannot renew the CA's serving SVID"),
+                }
+                publish_gauges(&ca);
+            }
+        }
+    };
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        node_api = %cfg.bind_address,
+        admin_socket = %admin_path.display(),
+        health = %cfg.health_address,
+        bundle_sequence = ca.authority.bundle().sequence,
+        "CA ready"
+    );
+    let (n, a, h, _) = tokio::join!(node, admin, health, schedule);
+    let _ = std::fs::remove_file(&admin_path);
+    n.context("node API server")?;
+    a.context("admin API server")?;
+    h.context("health server")?;
+    tracing::info!("CA stopped");
+    Ok(())
+}
+
+async fn wait(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        // A live CA would answer; a stale socket file from a crash would not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "admin socket {} is in use: is another CA running with this data directory?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// The serving SVID: (serial of the signer that issued it, expiry, issued at).
+#[derive(Clone)]
+struct OwnSvid {
+    signer_serial: String,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+/// Issues a new serving SVID when there is none, when the signing slot
+/// changed, or at half of its life.
+fn refresh_server_svid(
+    ca: &Ca,
+    resolver: &SvidResolver,
+    current: Option<&OwnSvid>,
+) -> anyhow::Result<OwnSvid> {
+    let signer = ca.authority.signer();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(c) = current {
+        let half = c.issued_at + (c.expires_at - c.issued_at) / 2;
+        if c.signer_serial == signer.serial && now < half {
+            return Ok(c.clone());
+        }
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let spki = x509::check_csr(
+        key.serialize_request_der_for_ca()?.as_slice(),
+        ca.trust_domain(),
+    )?;
+    let svid = ca.issue(&ca.server_id(), &[], &spki.key, SERVER_SVID_TTL)?;
+    resolver.set(&svid.chain, key.serialized_der())?;
+    tracing::info!(serial = %svid.serial, expires_at = svid.expires_at, "CA serving SVID issued");
+    Ok(OwnSvid {
+        signer_serial: signer.serial.clone(),
+        issued_at: now,
+        expires_at: svid.expires_at,
+    })
+}
+
+trait CsrForCa {
+    fn serialize_request_der_for_ca(&self) -> Result<Vec<u8>, rcgen::Error>;
+}
+
+impl CsrForCa for rcgen::KeyPair {
+    fn serialize_request_der_for_ca(&self) -> Result<Vec<u8>, rcgen::Error> {
+        Ok(rcgen::CertificateParams::default()
+            .serialize_request(self)?
+            .der()
+            .to_vec())
+    }
+}
+
+fn publish_gauges(ca: &Ca) {
+    ca.metrics
+        .bundle_sequence
+        .set(ca.authority.bundle().sequence as i64);
+    ca.metrics
+        .signing_ca_expiry
+        .set(ca.authority.signer().not_after.unix_timestamp());
+}
+
+async fn accept_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    out: tokio::sync::mpsc::Sender<io::Result<TlsConn>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let acceptor = acceptor.clone();
+        let out = out.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let id = ward_spec::tls::peer_id(tls.get_ref().1.peer_certificates());
+                    let _ = out
+                        .send(Ok(TlsConn {
+                            inner: tls,
+                            peer: PeerIdentity(id),
+                        }))
+                        .await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// A TLS connection and the verified identity of its peer.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerIdentity;
+    fn connect_info(&self) -> PeerIdentity {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+fn health_router(ca: Arc<Ca>) -> axum::Router {
+    let ready = ca.clone();
+    let metrics = ca.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ca = ready.clone();
+                async move {
+                    let signer_ok = ca.authority.signer().not_after > OffsetDateTime::now_utc();
+                    match ca.store.ping().await {
+                        Ok(()) if signer_ok => (StatusCode::OK, "ready\n".to_string()),
+                        Ok(()) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "signing CA expired\n".to_string(),
+                        ),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let ca = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        ca.metrics.render(),
+                    )
+                }
+            }),
+        )
+}

@@ -1,0 +1,553 @@
+//! What the CA does, independent of transport: attestation, renewal, entry
+//! administration, and signing. The gRPC layers (`node_api`, `admin_api`) only
+//! translate to and from these calls.
+//!
+//! Every decision that grants or refuses an identity writes one audit line
+//! (tracing target `audit`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::digest;
+use time::OffsetDateTime;
+use tonic::Code;
+use ward_spec::{Selector, SpiffeId, TrustDomain};
+
+use crate::authority::Authority;
+use crate::datastore::{
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, StoreError, SyncPage, TokenUse,
+};
+use crate::metrics::Metrics;
+use crate::x509::{self, check_csr, CsrError};
+
+/// A refusal or failure, with the gRPC code the APIs report it as.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CaError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl CaError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        CaError {
+            code,
+            message: message.into(),
+        }
+    }
+    fn invalid(m: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, m)
+    }
+    fn denied(m: impl Into<String>) -> Self {
+        Self::new(Code::PermissionDenied, m)
+    }
+}
+
+impl From<StoreError> for CaError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => CaError::new(Code::NotFound, format!("not found: {m}")),
+            StoreError::Conflict(m) => CaError::new(Code::AlreadyExists, m),
+            other => {
+                tracing::error!(error = %other, "datastore failure");
+                CaError::new(Code::Unavailable, "datastore unavailable")
+            }
+        }
+    }
+}
+
+impl From<CsrError> for CaError {
+    fn from(e: CsrError) -> Self {
+        match e {
+            CsrError::ForeignTrustDomain { .. } => CaError::denied(e.to_string()),
+            _ => CaError::invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<CaError> for tonic::Status {
+    fn from(e: CaError) -> Self {
+        tonic::Status::new(e.code, e.message)
+    }
+}
+
+pub type CaResult<T> = Result<T, CaError>;
+
+/// TTLs the CA applies.
+#[derive(Debug, Clone)]
+pub struct Ttls {
+    pub x509_svid: Duration,
+    pub jwt_svid: Duration,
+    pub node_svid: Duration,
+    pub join_token: Duration,
+}
+
+/// An issued X509-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    pub spiffe_id: SpiffeId,
+    /// DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    pub expires_at: i64,
+    pub serial: String,
+}
+
+pub struct Ca {
+    pub authority: Arc<Authority>,
+    pub store: Arc<dyn Datastore>,
+    pub ttls: Ttls,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
+pub const JOIN_TOKEN_ATTESTOR: &str = "join_token";
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(digest::digest(&digest::SHA256, token.as_bytes()))
+}
+
+/// New-entry input, before the store assigns id and revision.
+#[derive(Debug, Clone)]
+pub struct EntrySpec {
+    pub id: Option<String>,
+    pub spiffe_id: String,
+    pub parent_id: String,
+    pub selectors: Vec<String>,
+    pub x509_ttl: i64,
+    pub jwt_ttl: i64,
+    pub dns_names: Vec<String>,
+    pub hint: String,
+    pub admin: bool,
+}
+
+impl Ca {
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.authority.trust_domain()
+    }
+
+    /// The CA's own SPIFFE ID, presented on the node API.
+    pub fn server_id(&self) -> SpiffeId {
+        self.trust_domain()
+            .id("/ward/ca")
+            .expect("constant path is valid")
+    }
+
+    // ----- join tokens and node attestation -----
+
+    pub async fn create_join_token(
+        &self,
+        ttl: Option<Duration>,
+    ) -> CaResult<(String, SpiffeId, i64)> {
+        let ttl = ttl.unwrap_or(self.ttls.join_token);
+        let token = x509::hex_id(16);
+        let hash = hash_token(&token);
+        // The agent's ID derives from the token's hash, never the token itself.
+        let agent_id = self
+            .trust_domain()
+            .id(&format!(
+                "/ward/agent/{JOIN_TOKEN_ATTESTOR}/{}",
+                &hash[..32]
+            ))
+            .expect("hex path is valid");
+        let created = now().unix_timestamp();
+        let expires_at = created + ttl.as_secs() as i64;
+        self.store
+            .create_join_token(&JoinTokenRecord {
+                token_hash: hash,
+                agent_id: agent_id.clone(),
+                expires_at,
+                created_at: created,
+            })
+            .await?;
+        tracing::info!(target: "audit", event = "join_token_created", agent_id = %agent_id, expires_at, "created a join token");
+        self.metrics.admin_change("create_join_token");
+        Ok((token, agent_id, expires_at))
+    }
+
+    /// Spends a join token and issues the node SVID.
+    pub async fn attest(&self, token: &str, csr: &[u8]) -> CaResult<IssuedSvid> {
+        // Check the CSR first: a malformed request must not burn the token.
+        let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
+            self.refuse("attest", None, &e.to_string());
+        })?;
+        let agent_id = match self
+            .store
+            .use_join_token(&hash_token(token), now().unix_timestamp())
+            .await?
+        {
+            TokenUse::Accepted(id) => id,
+            other => {
+                let why = match other {
+                    TokenUse::AlreadyUsed => "join token was already used",
+                    TokenUse::Expired => "join token has expired",
+                    _ => "join token is not known",
+                };
+                self.metrics.attestation("refused");
+                self.refuse("attest", None, why);
+                return Err(CaError::denied(why));
+            }
+        };
+        let svid = self.issue(&agent_id, &[], &checked.key, self.ttls.node_svid)?;
+        self.store
+            .upsert_agent(&AgentRecord {
+                spiffe_id: agent_id.clone(),
+                attestation_type: JOIN_TOKEN_ATTESTOR.into(),
+                serial: svid.serial.clone(),
+                expires_at: svid.expires_at,
+                evicted: false,
+                attested_at: now().unix_timestamp(),
+            })
+            .await?;
+        self.metrics.attestation("ok");
+        tracing::info!(target: "audit", event = "agent_attested", agent_id = %agent_id, serial = %svid.serial, expires_at = svid.expires_at, "attested a node");
+        Ok(svid)
+    }
+
+    /// Refuses callers that are not attested agents in good standing.
+    pub async fn check_agent(&self, caller: &SpiffeId, method: &str) -> CaResult<AgentRecord> {
+        let why = match self.store.get_agent(caller).await? {
+            Some(a) if !a.evicted => return Ok(a),
+            Some(_) => "agent has been evicted",
+            None => "caller is not an attested agent",
+        };
+        self.refuse(method, Some(caller), why);
+        Err(CaError::denied(format!("{caller}: {why}")))
+    }
+
+    pub async fn renew(&self, caller: &SpiffeId, csr: &[u8]) -> CaResult<IssuedSvid> {
+        let mut agent = self.check_agent(caller, "renew").await?;
+        let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
+            self.refuse("renew", Some(caller), &e.to_string());
+        })?;
+        if let Some(req) = &checked.requested {
+            if req != caller {
+                let why = format!("CSR asks for {req}, caller is {caller}");
+                self.refuse("renew", Some(caller), &why);
+                return Err(CaError::denied(why));
+            }
+        }
+        let svid = self.issue(caller, &[], &checked.key, self.ttls.node_svid)?;
+        agent.serial = svid.serial.clone();
+        agent.expires_at = svid.expires_at;
+        self.store.upsert_agent(&agent).await?;
+        tracing::info!(target: "audit", event = "node_svid_renewed", agent_id = %caller, serial = %svid.serial, expires_at = svid.expires_at, "renewed a node SVID");
+        Ok(svid)
+    }
+
+    // ----- signing -----
+
+    /// Builds and profile-checks a leaf for `id` from the active slot.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        key: &x509::CsrKey,
+        ttl: Duration,
+    ) -> CaResult<IssuedSvid> {
+        let signer = self.authority.signer();
+        let t = now();
+        // Never past the issuer's own expiry.
+        let not_after = (t + ttl).min(signer.not_after);
+        let leaf = x509::new_leaf(id, dns_names, key, &signer.issuer, t, not_after)
+            .map_err(|e| CaError::invalid(format!("cannot issue for {id}: {e}")))?;
+        let info = ward_spec::svid::check_leaf(&leaf).map_err(|e| {
+            tracing::error!(error = %e, spiffe_id = %id, "issued certificate failed the SVID profile check");
+            CaError::new(Code::Internal, "issued certificate failed the SVID profile check")
+        })?;
+        let mut chain = Vec::with_capacity(1 + signer.chain_tail.len());
+        chain.push(leaf);
+        chain.extend(signer.chain_tail.iter().cloned());
+        Ok(IssuedSvid {
+            spiffe_id: info.spiffe_id,
+            chain,
+            expires_at: info.not_after,
+            serial: info.serial,
+        })
+    }
+
+    /// Signs workload CSRs for `caller`: each names an entry that must be
+    /// parented to the caller, and the CSR may ask for nothing but that
+    /// entry's SPIFFE ID. One result per request, in order.
+    pub async fn sign_batch(
+        &self,
+        caller: &SpiffeId,
+        requests: Vec<(String, Vec<u8>)>,
+    ) -> CaResult<Vec<CaResult<IssuedSvid>>> {
+        self.check_agent(caller, "sign").await?;
+        let ids: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+        let entries: std::collections::HashMap<String, Entry> = self
+            .store
+            .get_entries(&ids)
+            .await?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        Ok(requests
+            .iter()
+            .map(|(entry_id, csr)| self.sign_one(caller, entries.get(entry_id), entry_id, csr))
+            .collect())
+    }
+
+    fn sign_one(
+        &self,
+        caller: &SpiffeId,
+        entry: Option<&Entry>,
+        entry_id: &str,
+        csr: &[u8],
+    ) -> CaResult<IssuedSvid> {
+        let entry = match entry {
+            Some(e) if &e.parent_id == caller => e,
+            _ => {
+                let why =
+                    format!("entry {entry_id:?} does not exist or is not parented to {caller}");
+                self.refuse("sign", Some(caller), &why);
+                return Err(CaError::denied(why));
+            }
+        };
+        let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
+            self.refuse("sign", Some(caller), &format!("entry {entry_id}: {e}"));
+        })?;
+        if let Some(req) = &checked.requested {
+            if req != &entry.spiffe_id {
+                let why = format!(
+                    "CSR asks for {req}, entry {entry_id} grants {}",
+                    entry.spiffe_id
+                );
+                self.refuse("sign", Some(caller), &why);
+                return Err(CaError::denied(why));
+            }
+        }
+        let ttl = match entry.x509_ttl {
+            t if t > 0 => Duration::from_secs(t as u64),
+            _ => self.ttls.x509_svid,
+        };
+        let svid = self.issue(&entry.spiffe_id, &entry.dns_names, &checked.key, ttl)?;
+        self.metrics.issued("x509");
+        tracing::info!(target: "audit", event = "x509_svid_issued", agent_id = %caller, entry_id, spiffe_id = %svid.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "issued an X509-SVID");
+        Ok(svid)
+    }
+
+    /// Mints a JWT-SVID (ES256) for an entry parented to `caller`.
+    pub async fn mint_jwt(
+        &self,
+        caller: &SpiffeId,
+        entry_id: &str,
+        audience: &[String],
+    ) -> CaResult<(String, i64)> {
+        self.check_agent(caller, "mint_jwt").await?;
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
+            return Err(CaError::invalid(
+                "a JWT-SVID needs at least one non-empty audience",
+            ));
+        }
+        let entry = match self.store.get_entry(entry_id).await? {
+            Some(e) if &e.parent_id == caller => e,
+            _ => {
+                let why =
+                    format!("entry {entry_id:?} does not exist or is not parented to {caller}");
+                self.refuse("mint_jwt", Some(caller), &why);
+                return Err(CaError::denied(why));
+            }
+        };
+        let signer = self.authority.signer();
+        let t = now();
+        let ttl = match entry.jwt_ttl {
+            s if s > 0 => Duration::from_secs(s as u64),
+            _ => self.ttls.jwt_svid,
+        };
+        let exp = (t + ttl).min(signer.not_after).unix_timestamp();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(signer.jwt_kid.clone());
+        header.typ = Some("JWT".into());
+        let claims = serde_json::json!({
+            "sub": entry.spiffe_id.to_string(),
+            "aud": audience,
+            "exp": exp,
+            "iat": t.unix_timestamp(),
+        });
+        let token = jsonwebtoken::encode(&header, &claims, &signer.jwt_key)
+            .map_err(|e| CaError::new(Code::Internal, format!("JWT signing failed: {e}")))?;
+        self.metrics.issued("jwt");
+        tracing::info!(target: "audit", event = "jwt_svid_issued", agent_id = %caller, entry_id, spiffe_id = %entry.spiffe_id, audience = ?audience, expires_at = exp, "issued a JWT-SVID");
+        Ok((token, exp))
+    }
+
+    pub async fn sync(&self, caller: &SpiffeId, since: u64) -> CaResult<SyncPage> {
+        self.check_agent(caller, "sync").await?;
+        Ok(self.store.sync_entries(caller, since, 1000).await?)
+    }
+
+    // ----- administration -----
+
+    fn validate_entry(&self, spec: EntrySpec) -> CaResult<Entry> {
+        let spiffe_id = SpiffeId::parse(&spec.spiffe_id).map_err(|e| {
+            CaError::invalid(format!("spiffe_id {:?}: {e}", trunc(&spec.spiffe_id)))
+        })?;
+        let parent_id = SpiffeId::parse(&spec.parent_id).map_err(|e| {
+            CaError::invalid(format!("parent_id {:?}: {e}", trunc(&spec.parent_id)))
+        })?;
+        for (name, id) in [("spiffe_id", &spiffe_id), ("parent_id", &parent_id)] {
+            if !id.is_member_of(self.trust_domain()) {
+                return Err(CaError::invalid(format!(
+                    "{name} {id} is outside trust domain {}",
+                    self.trust_domain()
+                )));
+            }
+        }
+        if spiffe_id.path().starts_with("/ward/") {
+            return Err(CaError::invalid(format!(
+                "spiffe_id {spiffe_id}: paths under /ward/ are reserved for Ward itself"
+            )));
+        }
+        if spec.selectors.is_empty() {
+            return Err(CaError::invalid("an entry needs at least one selector"));
+        }
+        let mut selectors = spec
+            .selectors
+            .iter()
+            .map(|s| Selector::parse(s).map_err(|e| CaError::invalid(format!("selector: {e}"))))
+            .collect::<CaResult<Vec<_>>>()?;
+        selectors.sort();
+        selectors.dedup();
+        for (name, v) in [("x509_ttl", spec.x509_ttl), ("jwt_ttl", spec.jwt_ttl)] {
+            if v < 0 {
+                return Err(CaError::invalid(format!("{name} must not be negative")));
+            }
+        }
+        for d in &spec.dns_names {
+            if rcgen::string::Ia5String::try_from(d.as_str()).is_err()
+                || d.is_empty()
+                || d.len() > 253
+            {
+                return Err(CaError::invalid(format!(
+                    "dns_name {d:?} is not a DNS name"
+                )));
+            }
+        }
+        if let Some(id) = &spec.id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(CaError::invalid(
+                    "entry id must be 1-64 characters of [A-Za-z0-9_-]",
+                ));
+            }
+        }
+        Ok(Entry {
+            id: spec.id.unwrap_or_else(new_entry_id),
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_ttl: spec.x509_ttl,
+            jwt_ttl: spec.jwt_ttl,
+            dns_names: spec.dns_names,
+            hint: spec.hint,
+            admin: spec.admin,
+            revision: 0,
+            created_at: 0,
+        })
+    }
+
+    pub async fn create_entry(&self, spec: EntrySpec) -> CaResult<Entry> {
+        let entry = self.validate_entry(spec)?;
+        let e = self
+            .store
+            .create_entry(entry, now().unix_timestamp())
+            .await?;
+        self.metrics.admin_change("create_entry");
+        tracing::info!(target: "audit", event = "entry_created", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "created an entry");
+        Ok(e)
+    }
+
+    pub async fn update_entry(&self, spec: EntrySpec) -> CaResult<Entry> {
+        if spec.id.is_none() {
+            return Err(CaError::invalid("update needs the entry id"));
+        }
+        let entry = self.validate_entry(spec)?;
+        let e = self.store.update_entry(entry).await?;
+        self.metrics.admin_change("update_entry");
+        tracing::info!(target: "audit", event = "entry_updated", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "updated an entry");
+        Ok(e)
+    }
+
+    pub async fn delete_entry(&self, id: &str) -> CaResult<()> {
+        let e = self.store.delete_entry(id).await?;
+        self.metrics.admin_change("delete_entry");
+        tracing::info!(target: "audit", event = "entry_deleted", entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");
+        Ok(())
+    }
+
+    pub async fn get_entry(&self, id: &str) -> CaResult<Entry> {
+        self.store
+            .get_entry(id)
+            .await?
+            .ok_or_else(|| CaError::new(Code::NotFound, format!("entry {id:?} does not exist")))
+    }
+
+    pub async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> CaResult<Vec<Entry>> {
+        Ok(self.store.list_entries(filter, after, limit).await?)
+    }
+
+    pub async fn list_agents(&self) -> CaResult<Vec<AgentRecord>> {
+        Ok(self.store.list_agents().await?)
+    }
+
+    pub async fn evict_agent(&self, id: &str) -> CaResult<()> {
+        let id = SpiffeId::parse(id).map_err(|e| CaError::invalid(format!("agent id: {e}")))?;
+        if !self.store.evict_agent(&id).await? {
+            return Err(CaError::new(Code::NotFound, format!("no agent {id}")));
+        }
+        self.metrics.admin_change("evict_agent");
+        tracing::info!(target: "audit", event = "agent_evicted", agent_id = %id, "evicted an agent");
+        Ok(())
+    }
+
+    /// One audit line for a refusal.
+    fn refuse(&self, method: &str, caller: Option<&SpiffeId>, reason: &str) {
+        self.metrics.refused(method);
+        match caller {
+            Some(c) => {
+                tracing::warn!(target: "audit", event = "refused", method, caller = %c, reason, "refused a request")
+            }
+            None => {
+                tracing::warn!(target: "audit", event = "refused", method, reason, "refused a request")
+            }
+        }
+    }
+}
+
+fn trunc(s: &str) -> String {
+    if s.len() <= 80 {
+        s.to_owned()
+    } else {
+        let mut end = 80;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes)", &s[..end], s.len())
+    }
+}
+
+fn new_entry_id() -> String {
+    let h = x509::hex_id(16);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}

@@ -1,0 +1,49 @@
+//! gRPC channels to Ward's APIs: over mutual TLS (node API) and over a Unix
+//! socket (admin API, Workload API).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A channel to `addr` (`host:port`) over TLS with `config`. The server's
+/// identity is checked by the config's verifier (its SPIFFE ID), not by name.
+pub async fn tls_channel(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let target = addr.to_owned();
+    let connector = tower::service_fn(move |_: Uri| {
+        let target = target.clone();
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from("ward.invalid").expect("static name is valid");
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(connector)
+        .await
+}
+
+/// A channel over the Unix socket at `path`.
+pub async fn unix_channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::transport::Error> {
+    let path = path.into();
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(s))
+        }
+    });
+    Endpoint::from_static("http://[::1]:1")
+        .connect_with_connector(connector)
+        .await
+}

@@ -1,0 +1,84 @@
+//! Command-line parsing and dispatch.
+
+mod admin;
+mod ca;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use output::Output;
+
+#[derive(Parser)]
+#[command(
+    name = "ward",
+    version,
+    about = "Ward: a zero-trust identity and mTLS mesh in one binary"
+)]
+pub struct Cli {
+    /// Output format for client commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The control plane: a certificate authority issuing SPIFFE identities.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// Join tokens for attesting new node agents.
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Registration entries: which workloads get which SPIFFE ID.
+    #[command(subcommand)]
+    Entry(admin::EntryCommand),
+    /// Node agents known to the CA.
+    #[command(subcommand)]
+    Agent(admin::AgentCommand),
+    /// The trust bundle of the CA's trust domain.
+    #[command(subcommand)]
+    Bundle(admin::BundleCommand),
+}
+
+/// Where to reach the CA's admin API.
+#[derive(clap::Args, Clone)]
+pub struct AdminTarget {
+    /// The CA admin socket.
+    #[arg(long, env = "WARD_ADMIN_SOCKET", default_value = ".ward/ca/admin.sock")]
+    pub socket: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BundleFormat {
+    Pem,
+    Jwks,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ca(c) => ca::run(c, cli.output).await,
+        Command::Token(c) => admin::token(c, cli.output).await,
+        Command::Entry(c) => admin::entry(c, cli.output).await,
+        Command::Agent(c) => admin::agent(c, cli.output).await,
+        Command::Bundle(c) => admin::bundle(c, cli.output).await,
+    }
+}
+
+/// Logs for long-running commands: human-readable by default, JSON on request.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,380 @@
+//! Clients of the CA admin API: tokens, entries, agents, bundle.
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::json;
+use tonic::transport::Channel;
+use ward_spec::proto::admin::v1 as pb;
+use ward_spec::proto::admin::v1::admin_client::AdminClient;
+use ward_spec::proto::types::v1 as types;
+use ward_spec::TrustBundle;
+
+use super::output::{self, entry_human, entry_json, print_json};
+use super::{AdminTarget, BundleFormat, Output};
+
+pub async fn client(target: &AdminTarget) -> anyhow::Result<AdminClient<Channel>> {
+    let ch = ward_spec::grpc::unix_channel(&target.socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the CA admin socket {} (is `ward ca serve` running? pass --socket or set WARD_ADMIN_SOCKET)",
+                target.socket.display()
+            )
+        })?;
+    Ok(AdminClient::new(ch))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time join token for a new agent.
+    #[command(
+        after_help = "Example:\n  ward token create --ttl 10m\n  ward agent run --join-token $(ward token create --output json | jq -r .token) ..."
+    )]
+    Create {
+        /// How long the token stays valid (e.g. 10m, 1h). Default: the CA's join_token_ttl.
+        #[arg(long, value_parser = ward_ca::config::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
+    let TokenCommand::Create { ttl, target } = cmd;
+    let mut c = client(&target).await?;
+    let r = c
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl: ttl.map(|d| d.as_secs() as i64).unwrap_or(0),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    match out {
+        Output::Json => print_json(&json!({
+            "token": r.token, "agent_id": r.agent_id, "expires_at": r.expires_at,
+        })),
+        Output::Human => println!(
+            "Token:    {}\nAgent ID: {}\nExpires:  {}",
+            r.token,
+            r.agent_id,
+            output::time(r.expires_at)
+        ),
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EntryFields {
+    /// The SPIFFE ID workloads matching this entry receive.
+    #[arg(long)]
+    spiffe_id: String,
+    /// The agent (node SPIFFE ID) whose workloads may receive it.
+    #[arg(long)]
+    parent_id: String,
+    /// A selector the workload must show, e.g. unix:uid:1000 (repeat for several).
+    #[arg(long = "selector", required = true)]
+    selectors: Vec<String>,
+    /// X509-SVID lifetime in seconds (0: the CA default).
+    #[arg(long, default_value_t = 0)]
+    x509_ttl: i64,
+    /// JWT-SVID lifetime in seconds (0: the CA default).
+    #[arg(long, default_value_t = 0)]
+    jwt_ttl: i64,
+    /// A DNS name for the certificate (repeat for several).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// A hint for workloads that receive several SVIDs.
+    #[arg(long, default_value = "")]
+    hint: String,
+    /// Mark the entry as an admin identity.
+    #[arg(long)]
+    admin: bool,
+}
+
+impl EntryFields {
+    fn into_pb(self, id: String) -> types::Entry {
+        types::Entry {
+            id,
+            spiffe_id: self.spiffe_id,
+            parent_id: self.parent_id,
+            selectors: self
+                .selectors
+                .into_iter()
+                .map(|s| match s.split_once(':') {
+                    Some((t, v)) => types::Selector {
+                        r#type: t.into(),
+                        value: v.into(),
+                    },
+                    None => types::Selector {
+                        r#type: s,
+                        value: String::new(),
+                    },
+                })
+                .collect(),
+            x509_ttl: self.x509_ttl,
+            jwt_ttl: self.jwt_ttl,
+            dns_names: self.dns_names,
+            hint: self.hint,
+            admin: self.admin,
+            revision: 0,
+            created_at: 0,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum EntryCommand {
+    /// Register a workload identity.
+    #[command(
+        after_help = "Example:\n  ward entry create --spiffe-id spiffe://example.org/tenant/acme/ns/prod/sa/web \\\n    --parent-id spiffe://example.org/ward/agent/join_token/4f2a... --selector unix:uid:1000"
+    )]
+    Create {
+        /// Choose the entry ID (default: a random UUID).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List entries, optionally filtered.
+    #[command(
+        after_help = "Example:\n  ward entry list --parent-id spiffe://example.org/ward/agent/join_token/4f2a...\n  ward entry list --output json"
+    )]
+    List {
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Show one entry.
+    #[command(after_help = "Example:\n  ward entry show 0b9c1d2e-...")]
+    Show {
+        id: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Replace an entry's fields (all of them: pass the full entry).
+    #[command(
+        after_help = "Example:\n  ward entry update 0b9c1d2e-... --spiffe-id spiffe://example.org/web \\\n    --parent-id spiffe://example.org/ward/agent/join_token/4f2a... --selector unix:uid:1001"
+    )]
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Delete an entry.
+    #[command(after_help = "Example:\n  ward entry delete 0b9c1d2e-...")]
+    Delete {
+        id: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
+    let show = |e: &types::Entry| match out {
+        Output::Json => print_json(&entry_json(e)),
+        Output::Human => print!("{}", entry_human(e)),
+    };
+    match cmd {
+        EntryCommand::Create { id, fields, target } => {
+            let mut c = client(&target).await?;
+            let e = c
+                .create_entry(pb::CreateEntryRequest {
+                    entry: Some(fields.into_pb(id.unwrap_or_default())),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            show(&e);
+        }
+        EntryCommand::Update { id, fields, target } => {
+            let mut c = client(&target).await?;
+            let e = c
+                .update_entry(pb::UpdateEntryRequest {
+                    entry: Some(fields.into_pb(id)),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            show(&e);
+        }
+        EntryCommand::Show { id, target } => {
+            let mut c = client(&target).await?;
+            let e = c
+                .get_entry(pb::GetEntryRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            show(&e);
+        }
+        EntryCommand::Delete { id, target } => {
+            let mut c = client(&target).await?;
+            c.delete_entry(pb::DeleteEntryRequest { id: id.clone() })
+                .await
+                .map_err(status)?;
+            match out {
+                Output::Json => print_json(&json!({ "deleted": id })),
+                Output::Human => println!("Deleted entry {id}"),
+            }
+        }
+        EntryCommand::List {
+            parent_id,
+            spiffe_id,
+            target,
+        } => {
+            let mut c = client(&target).await?;
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_entries(pb::ListEntriesRequest {
+                        parent_id: parent_id.clone().unwrap_or_default(),
+                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                        page_token,
+                        page_size: 0,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                all.extend(r.entries);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            match out {
+                Output::Json => print_json(&json!(all.iter().map(entry_json).collect::<Vec<_>>())),
+                Output::Human => {
+                    println!(
+                        "Found {} entr{}",
+                        all.len(),
+                        if all.len() == 1 { "y" } else { "ies" }
+                    );
+                    for e in &all {
+                        println!();
+                        print!("{}", entry_human(e));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// List attested agents.
+    #[command(after_help = "Example:\n  ward agent list --output json")]
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Evict an agent: it can no longer renew its node SVID or have SVIDs signed.
+    #[command(
+        after_help = "Example:\n  ward agent evict spiffe://example.org/ward/agent/join_token/4f2a..."
+    )]
+    Evict {
+        spiffe_id: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+pub async fn agent(cmd: AgentCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::List { target } => {
+            let mut c = client(&target).await?;
+            let agents = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .agents;
+            match out {
+                Output::Json => print_json(&json!(agents
+                    .iter()
+                    .map(|a| json!({
+                        "spiffe_id": a.spiffe_id,
+                        "attestation_type": a.attestation_type,
+                        "serial_number": a.serial_number,
+                        "expires_at": a.expires_at,
+                        "evicted": a.evicted,
+                        "attested_at": a.attested_at,
+                    }))
+                    .collect::<Vec<_>>())),
+                Output::Human => {
+                    println!(
+                        "Found {} agent{}",
+                        agents.len(),
+                        if agents.len() == 1 { "" } else { "s" }
+                    );
+                    for a in &agents {
+                        println!(
+                            "\nSPIFFE ID:   {}\nAttestation: {}\nSerial:      {}\nExpires:     {}\nEvicted:     {}",
+                            a.spiffe_id,
+                            a.attestation_type,
+                            a.serial_number,
+                            output::time(a.expires_at),
+                            a.evicted
+                        );
+                    }
+                }
+            }
+        }
+        AgentCommand::Evict { spiffe_id, target } => {
+            let mut c = client(&target).await?;
+            c.evict_agent(pb::EvictAgentRequest {
+                spiffe_id: spiffe_id.clone(),
+            })
+            .await
+            .map_err(status)?;
+            match out {
+                Output::Json => print_json(&json!({ "evicted": spiffe_id })),
+                Output::Human => println!("Evicted {spiffe_id}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Print the trust bundle.
+    #[command(
+        after_help = "Example:\n  ward bundle show > bundle.pem\n  ward bundle show --format jwks"
+    )]
+    Show {
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+pub async fn bundle(cmd: BundleCommand, _out: Output) -> anyhow::Result<()> {
+    let BundleCommand::Show { format, target } = cmd;
+    let mut c = client(&target).await?;
+    let b = c
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    match format {
+        BundleFormat::Jwks => println!("{}", String::from_utf8_lossy(&b.jwks)),
+        BundleFormat::Pem => {
+            let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
+            print!("{}", TrustBundle::from_jwks(td, &b.jwks)?.x509_pem());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Helpers for end-to-end tests: real `ward` processes in temporary
+//! directories on loopback ports, and a node-API client built on ward-spec.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use ward_spec::proto::node::v1::node_client::NodeClient;
+use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier, SvidResolver};
+use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
+
+pub const TD: &str = "example.org";
+
+pub fn ward_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ward")
+}
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `ward ca serve`, killed on drop.
+pub struct CaProcess {
+    pub dir: PathBuf,
+    pub node_addr: String,
+    pub health_addr: String,
+    pub extra: Vec<String>,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl CaProcess {
+    /// Starts a CA in a fresh directory with extra `ward ca serve` flags.
+    pub fn start(extra: &[&str]) -> CaProcess {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = CaProcess {
+            dir: tmp.path().to_owned(),
+            node_addr: format!("127.0.0.1:{}", free_port()),
+            health_addr: format!("127.0.0.1:{}", free_port()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: tmp.path().join("ca.log"),
+            _tmp: Some(tmp),
+        };
+        ca.spawn();
+        ca
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir().join("admin.sock")
+    }
+
+    /// (Re)starts the process on the same directory and ports.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(ward_bin())
+            .args(["ca", "serve", "--trust-domain", TD, "--data-dir"])
+            .arg(self.data_dir())
+            .args([
+                "--bind-address",
+                &self.node_addr,
+                "--health-address",
+                &self.health_addr,
+            ])
+            .args(&self.extra)
+            .env("WARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("CA exited early ({status}); log:\n{}", self.log_text());
+            }
+            if http_get(&self.health_addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CA not ready; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a `ward` client command against this CA's admin socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(ward_bin())
+            .args(args)
+            .env("WARD_ADMIN_SOCKET", self.socket())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a client command with `--output json` and parses stdout; panics on failure.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "ward {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn join_token(&self) -> String {
+        self.cli_json(&["token", "create"])["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn create_entry(&self, spiffe_id: &str, parent: &str) -> String {
+        self.cli_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent,
+            "--selector",
+            "unix:uid:1000",
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        let out = self.cli(&["bundle", "show", "--format", "jwks"]);
+        assert!(out.status.success());
+        TrustBundle::from_jwks(TrustDomain::new(TD).unwrap(), &out.stdout).unwrap()
+    }
+
+    /// Audit lines (target `audit`) in the log containing `needle`.
+    pub fn audit_lines(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("audit") && l.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Some((code, body))
+}
+
+/// A CSR with the given URI SANs.
+pub fn csr(key: &KeyPair, uris: &[&str]) -> Vec<u8> {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    p.serialize_request(key).unwrap().der().to_vec()
+}
+
+/// An agent-side view of the node API.
+pub struct Node {
+    pub client: NodeClient<tonic::transport::Channel>,
+    pub id: SpiffeId,
+    pub key: KeyPair,
+    pub chain: Vec<Vec<u8>>,
+    pub resolver: SvidResolver,
+}
+
+fn tls_config(bundle: &TrustBundle, resolver: Option<SvidResolver>) -> Arc<rustls::ClientConfig> {
+    let roots = RootStore::new(bundle).unwrap();
+    let ca_id = TrustDomain::new(TD).unwrap().id("/ward/ca").unwrap();
+    Arc::new(ward_spec::tls::client_config(
+        resolver,
+        SpiffeServerVerifier::new(roots, PeerPolicy::OneOf(vec![ca_id])),
+    ))
+}
+
+/// A node-API client without a client certificate (only Attest works).
+pub async fn anonymous_client(ca: &CaProcess) -> NodeClient<tonic::transport::Channel> {
+    let ch = ward_spec::grpc::tls_channel(&ca.node_addr, tls_config(&ca.bundle(), None))
+        .await
+        .unwrap();
+    NodeClient::new(ch)
+}
+
+/// Attests with a fresh join token and returns an mTLS client with the node SVID.
+pub async fn attest(ca: &CaProcess) -> Node {
+    attest_with(ca, &ca.join_token()).await.unwrap()
+}
+
+pub async fn attest_with(ca: &CaProcess, token: &str) -> Result<Node, tonic::Status> {
+    use ward_spec::proto::node::v1::AttestRequest;
+    let key = KeyPair::generate().unwrap();
+    let mut anon = anonymous_client(ca).await;
+    let r = anon
+        .attest(AttestRequest {
+            join_token: token.to_owned(),
+            csr: csr(&key, &[]),
+        })
+        .await?
+        .into_inner();
+    let resolver = SvidResolver::default();
+    resolver.set(&r.svid_chain, key.serialized_der()).unwrap();
+    let ch = ward_spec::grpc::tls_channel(
+        &ca.node_addr,
+        tls_config(&ca.bundle(), Some(resolver.clone())),
+    )
+    .await
+    .unwrap();
+    Ok(Node {
+        client: NodeClient::new(ch),
+        id: SpiffeId::parse(&r.spiffe_id).unwrap(),
+        key,
+        chain: r.svid_chain,
+        resolver,
+    })
+}
+
+impl Node {
+    /// Signs one CSR for an entry.
+    pub async fn sign(
+        &mut self,
+        entry_id: &str,
+        csr: Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, tonic::Status> {
+        use ward_spec::proto::node::v1::SignX509SvidRequest;
+        Ok(self
+            .client
+            .sign_x509_svid(SignX509SvidRequest {
+                entry_id: entry_id.to_owned(),
+                csr,
+            })
+            .await?
+            .into_inner()
+            .svid_chain)
+    }
+
+    /// A fresh mTLS connection (new handshake) with the current node SVID.
+    pub async fn reconnect(&mut self, ca: &CaProcess) -> Result<(), String> {
+        let ch = ward_spec::grpc::tls_channel(
+            &ca.node_addr,
+            tls_config(&ca.bundle(), Some(self.resolver.clone())),
+        )
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+        self.client = NodeClient::new(ch);
+        Ok(())
+    }
+}
+
+pub fn write_pem(path: &Path, ders: &[Vec<u8>]) {
+    let pem: String = ders
+        .iter()
+        .map(|d| ward_spec::bundle::der_to_pem("CERTIFICATE", d))
+        .collect();
+    std::fs::write(path, pem).unwrap();
+}
+
+/// Runs `openssl verify` of a leaf against root and intermediate files at `attime`.
+pub fn openssl_verify(dir: &Path, root: &[Vec<u8>], chain: &[Vec<u8>]) -> (bool, String) {
+    let r = dir.join("root.pem");
+    let i = dir.join("intermediate.pem");
+    let l = dir.join("leaf.pem");
+    write_pem(&r, root);
+    write_pem(&i, &chain[1..]);
+    write_pem(&l, &chain[..1]);
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&r)
+        .arg("-untrusted")
+        .arg(&i)
+        .arg(&l)
+        .output()
+        .expect("openssl is installed");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
