@@ -16,7 +16,12 @@ fn key_files(ca: &CaProcess) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(ca.data_dir().join("keys"))
         .unwrap()
         .map(|e| e.unwrap())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -34,8 +39,12 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
     let socket = ca.socket();
     let mut writers = Vec::new();
     for w in 0..4 {
-        let (entries, tokens, stop, socket) =
-            (acked_entries.clone(), acked_tokens.clone(), stop.clone(), socket.clone());
+        let (entries, tokens, stop, socket) = (
+            acked_entries.clone(),
+            acked_tokens.clone(),
+            stop.clone(),
+            socket.clone(),
+        );
         writers.push(std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut i = 0;
@@ -45,10 +54,14 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
                     vec!["token".into(), "create".into()]
                 } else {
                     vec![
-                        "entry".into(), "create".into(),
-                        "--spiffe-id".into(), format!("spiffe://example.org/burst/w{w}/n{i}"),
-                        "--parent-id".into(), "spiffe://example.org/ward/agent/x/y".into(),
-                        "--selector".into(), format!("unix:uid:{i}"),
+                        "entry".into(),
+                        "create".into(),
+                        "--spiffe-id".into(),
+                        format!("spiffe://example.org/burst/w{w}/n{i}"),
+                        "--parent-id".into(),
+                        "spiffe://example.org/ward/agent/x/y".into(),
+                        "--selector".into(),
+                        format!("unix:uid:{i}"),
                     ]
                 };
                 let out = Command::new(ward_bin())
@@ -64,7 +77,10 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
                 if let Some(t) = v.get("token") {
                     tokens.lock().unwrap().push(t.as_str().unwrap().to_owned());
                 } else {
-                    entries.lock().unwrap().push(v["id"].as_str().unwrap().to_owned());
+                    entries
+                        .lock()
+                        .unwrap()
+                        .push(v["id"].as_str().unwrap().to_owned());
                 }
             }
         }));
@@ -85,7 +101,11 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
     }
     let entries = acked_entries.lock().unwrap().clone();
     let tokens = acked_tokens.lock().unwrap().clone();
-    assert!(entries.len() >= 10, "burst too small to mean anything: {} entries", entries.len());
+    assert!(
+        entries.len() >= 10,
+        "burst too small to mean anything: {} entries",
+        entries.len()
+    );
     assert!(signed >= 5, "only {signed} signings");
 
     ca.spawn();
@@ -97,13 +117,22 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
         .map(|e| e["id"].as_str().unwrap().to_owned())
         .collect();
     for id in &entries {
-        assert!(stored.contains(id), "acknowledged entry {id} lost after kill -9");
+        assert!(
+            stored.contains(id),
+            "acknowledged entry {id} lost after kill -9"
+        );
     }
     // Acknowledged tokens survive too: the last one still attests.
     if let Some(t) = tokens.last() {
-        attest_with(&ca, t).await.expect("acknowledged join token lost");
+        attest_with(&ca, t)
+            .await
+            .expect("acknowledged join token lost");
     }
-    assert_eq!(key_files(&ca), keys_before, "CA keys changed across the crash");
+    assert_eq!(
+        key_files(&ca),
+        keys_before,
+        "CA keys changed across the crash"
+    );
     assert_eq!(
         ca.cli(&["bundle", "show", "--format", "jwks"]).stdout,
         bundle_before,
@@ -111,7 +140,9 @@ async fn kill_9_during_a_burst_of_writes_and_signings_loses_nothing_acknowledged
     );
     // The node still works after the restart.
     node.reconnect(&ca).await.unwrap();
-    node.sign(&node_entry, csr(&KeyPair::generate().unwrap(), &[])).await.unwrap();
+    node.sign(&node_entry, csr(&KeyPair::generate().unwrap(), &[]))
+        .await
+        .unwrap();
     let integrity = Command::new("sqlite3")
         .arg(ca.data_dir().join("datastore.sqlite3"))
         .arg("PRAGMA integrity_check;")
@@ -130,10 +161,22 @@ fn serial_of(der: &[u8]) -> String {
 #[tokio::test]
 async fn intermediate_rotates_on_schedule_and_svids_from_both_slots_verify() {
     // A 12 s signing CA: prepared at 6 s, activated at 10 s.
-    let ca = CaProcess::start(&["--ca-ttl", "12s", "--rotation-check-interval", "1s", "--x509-svid-ttl", "1h", "--node-svid-ttl", "1h"]);
+    let ca = CaProcess::start(&[
+        "--ca-ttl",
+        "12s",
+        "--rotation-check-interval",
+        "1s",
+        "--x509-svid-ttl",
+        "1h",
+        "--node-svid-ttl",
+        "1h",
+    ]);
     let mut node = attest(&ca).await;
     let entry = ca.create_entry("spiffe://example.org/rot", &node.id.to_string());
-    let before = node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[])).await.unwrap();
+    let before = node
+        .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+        .await
+        .unwrap();
     let seq_before = ca.bundle().sequence;
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -141,15 +184,25 @@ async fn intermediate_rotates_on_schedule_and_svids_from_both_slots_verify() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         // The CA's serving SVID follows the slot; reconnect to pick it up.
         let _ = node.reconnect(&ca).await;
-        if let Ok(chain) = node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[])).await {
+        if let Ok(chain) = node
+            .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+            .await
+        {
             if serial_of(&chain[1]) != serial_of(&before[1]) {
                 break chain;
             }
         }
-        assert!(Instant::now() < deadline, "no rotation within 30 s; log:\n{}", ca.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no rotation within 30 s; log:\n{}",
+            ca.log_text()
+        );
     };
     let bundle = ca.bundle();
-    assert!(bundle.sequence > seq_before, "a new JWT key must have been published");
+    assert!(
+        bundle.sequence > seq_before,
+        "a new JWT key must have been published"
+    );
     for (name, chain) in [("before", &before), ("after", &after)] {
         let (ok, msg) = openssl_verify(&ca.dir, &bundle.x509_authorities, chain);
         assert!(ok, "{name} rotation: {msg}");
@@ -169,14 +222,24 @@ async fn forced_rotation_publishes_the_bundle_first_and_keeps_old_svids_valid() 
     let ca = CaProcess::start(&[]);
     let mut node = attest(&ca).await;
     let entry = ca.create_entry("spiffe://example.org/forced", &node.id.to_string());
-    let old = node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[])).await.unwrap();
+    let old = node
+        .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+        .await
+        .unwrap();
     let b1 = ca.bundle();
     let r = ca.cli_json(&["ca", "rotate"]);
     let b2 = ca.bundle();
     assert_eq!(r["bundle_sequence"].as_u64().unwrap(), b2.sequence);
     assert!(b2.sequence > b1.sequence);
-    assert_eq!(b2.jwt_authorities.len(), b1.jwt_authorities.len() + 1, "new JWT key published, old one kept");
-    let new = node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[])).await.unwrap();
+    assert_eq!(
+        b2.jwt_authorities.len(),
+        b1.jwt_authorities.len() + 1,
+        "new JWT key published, old one kept"
+    );
+    let new = node
+        .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+        .await
+        .unwrap();
     assert_ne!(serial_of(&old[1]), serial_of(&new[1]));
     assert_eq!(r["active_serial"].as_str().unwrap(), serial_of(&new[1]));
     for chain in [&old, &new] {
@@ -187,5 +250,8 @@ async fn forced_rotation_publishes_the_bundle_first_and_keeps_old_svids_valid() 
     let log = ca.log_text();
     let published = log.rfind("published a new trust bundle").unwrap();
     let activated = log.rfind("rotated the signing slot").unwrap();
-    assert!(published < activated, "bundle must change before the new key signs");
+    assert!(
+        published < activated,
+        "bundle must change before the new key signs"
+    );
 }

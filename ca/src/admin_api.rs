@@ -169,6 +169,7 @@ impl Admin for AdminApi {
             Status::internal(format!("rotation failed: {e}"))
         })?;
         self.ca.metrics.admin_change("rotate");
+        self.ca.bundle_changed();
         Ok(Response::new(pb::RotateResponse {
             active_serial: signer.serial.clone(),
             active_not_after: signer.not_after.unix_timestamp(),

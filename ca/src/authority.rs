@@ -376,6 +376,8 @@ fn adopt_upstream(state: &mut State, cert: &Path, key: &Path) -> Result<()> {
 fn mint_root(cfg: &AuthorityConfig, state: &mut State, now: OffsetDateTime) -> Result<usize> {
     let key = KeyPair::generate()?;
     let cert = x509::new_root(&cfg.trust_domain, &key, now, cfg.root_ttl)?;
+    ward_spec::svid::check_signing_cert(&cert)
+        .map_err(|e| AuthorityError::Crypto(e.to_string()))?;
     let n = state.roots.len();
     let key_file = format!("root-{n}.key");
     write_key(cfg, &key_file, key.serialized_der())?;

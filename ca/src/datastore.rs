@@ -47,6 +47,15 @@ pub struct Entry {
     pub created_at: i64,
 }
 
+/// What signing needs of an entry (a narrow read on the hot path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningEntry {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub dns_names: Vec<String>,
+    pub x509_ttl: i64,
+}
+
 /// A node agent the CA has attested.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
@@ -109,10 +118,18 @@ pub trait Datastore: Send + Sync + 'static {
     async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry>;
     /// Replaces every field but `id` and `created_at`.
     async fn update_entry(&self, entry: Entry) -> Result<Entry>;
+    /// Deletes an entry; returns it with `revision` set to the deletion's revision.
     async fn delete_entry(&self, id: &str) -> Result<Entry>;
+    /// The newest entry revision (of any parent).
+    async fn entry_revision(&self) -> Result<u64>;
     async fn get_entry(&self, id: &str) -> Result<Option<Entry>>;
     /// The entries among `ids` that exist; one query.
     async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>>;
+    /// The entries among `ids` parented to `parent`, narrowed to what signing needs.
+    async fn signing_entries(&self, parent: &SpiffeId, ids: &[String])
+        -> Result<Vec<SigningEntry>>;
+    /// Whether `id` is an attested agent that is not evicted.
+    async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>>;
     /// Entries ordered by id, after `after_id`, at most `limit`.
     async fn list_entries(
         &self,

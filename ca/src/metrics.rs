@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, &'static str)>;
 
 pub struct Metrics {
     registry: Registry,
@@ -62,24 +62,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn issued(&self, kind: &str) {
-        self.issued
-            .get_or_create(&vec![("kind", kind.to_owned())])
-            .inc();
+    pub fn issued(&self, kind: &'static str) {
+        self.issued.get_or_create(&vec![("kind", kind)]).inc();
     }
-    pub fn refused(&self, method: &str) {
-        self.refused
-            .get_or_create(&vec![("method", method.to_owned())])
-            .inc();
+    pub fn refused(&self, method: &'static str) {
+        self.refused.get_or_create(&vec![("method", method)]).inc();
     }
-    pub fn attestation(&self, outcome: &str) {
+    pub fn attestation(&self, outcome: &'static str) {
         self.attestations
-            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }
-    pub fn admin_change(&self, op: &str) {
+    pub fn admin_change(&self, op: &'static str) {
         self.admin_changes
-            .get_or_create(&vec![("operation", op.to_owned())])
+            .get_or_create(&vec![("operation", op)])
             .inc();
     }
 

@@ -168,6 +168,28 @@ impl Node for NodeApi {
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
     }
 
+    type WatchChangesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ChangeNotice, Status>> + Send>,
+    >;
+
+    async fn watch_changes(
+        &self,
+        req: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        use tokio_stream::StreamExt;
+        let id = caller(&req)?;
+        self.ca.check_agent_standing(&id, "watch_changes").await?;
+        let stream = tokio_stream::wrappers::WatchStream::new(self.ca.watch_changes()).map(
+            |(entry_revision, bundle_sequence)| {
+                Ok(pb::ChangeNotice {
+                    entry_revision,
+                    bundle_sequence,
+                })
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn fetch_bundle(
         &self,
         req: Request<pb::FetchBundleRequest>,

@@ -64,17 +64,16 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
     )
     .await
     .context("cannot load the CA keys")?;
-    Ok(Arc::new(Ca {
-        authority,
-        store,
-        ttls: Ttls {
-            x509_svid: cfg.x509_svid_ttl,
-            jwt_svid: cfg.jwt_svid_ttl,
-            node_svid: cfg.node_svid_ttl,
-            join_token: cfg.join_token_ttl,
-        },
-        metrics: Arc::new(Metrics::default()),
-    }))
+    let ttls = Ttls {
+        x509_svid: cfg.x509_svid_ttl,
+        jwt_svid: cfg.jwt_svid_ttl,
+        node_svid: cfg.node_svid_ttl,
+        join_token: cfg.join_token_ttl,
+    };
+    let ca = Ca::new(authority, store, ttls, Arc::new(Metrics::default()))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the datastore: {e}"))?;
+    Ok(Arc::new(ca))
 }
 
 /// Runs the CA until `shutdown` resolves.
@@ -142,6 +141,7 @@ pub async fn serve(
                 let bundle = ca.authority.bundle();
                 if bundle.sequence != seq {
                     seq = bundle.sequence;
+                    ca.bundle_changed();
                     if let Err(e) = roots.update(&bundle) {
                         tracing::error!(error = %e, "new bundle has an unusable root");
                     }

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use ring::digest;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 use tonic::Code;
 use ward_spec::{Selector, SpiffeId, TrustDomain};
 
 use crate::authority::Authority;
 use crate::datastore::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, StoreError, SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, SigningEntry, StoreError,
+    SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 use crate::x509::{self, check_csr, CsrError};
@@ -97,6 +99,8 @@ pub struct Ca {
     pub store: Arc<dyn Datastore>,
     pub ttls: Ttls,
     pub metrics: Arc<Metrics>,
+    /// (newest entry revision, bundle sequence), for agents watching changes.
+    notices: watch::Sender<(u64, u64)>,
 }
 
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
@@ -125,6 +129,46 @@ pub struct EntrySpec {
 }
 
 impl Ca {
+    pub async fn new(
+        authority: Arc<Authority>,
+        store: Arc<dyn Datastore>,
+        ttls: Ttls,
+        metrics: Arc<Metrics>,
+    ) -> CaResult<Self> {
+        let revision = store.entry_revision().await?;
+        let (notices, _) = watch::channel((revision, authority.bundle().sequence));
+        Ok(Ca {
+            authority,
+            store,
+            ttls,
+            metrics,
+            notices,
+        })
+    }
+
+    /// Changes to entries or the bundle: the current value first, then each change.
+    pub fn watch_changes(&self) -> watch::Receiver<(u64, u64)> {
+        self.notices.subscribe()
+    }
+
+    fn entries_changed(&self, revision: u64) {
+        self.notices.send_if_modified(|n| {
+            let newer = revision > n.0;
+            n.0 = n.0.max(revision);
+            newer
+        });
+    }
+
+    /// Tells watchers about the current bundle sequence (after a rotation).
+    pub fn bundle_changed(&self) {
+        let seq = self.authority.bundle().sequence;
+        self.notices.send_if_modified(|n| {
+            let newer = seq != n.1;
+            n.1 = seq;
+            newer
+        });
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         self.authority.trust_domain()
     }
@@ -208,10 +252,29 @@ impl Ca {
     }
 
     /// Refuses callers that are not attested agents in good standing.
-    pub async fn check_agent(&self, caller: &SpiffeId, method: &str) -> CaResult<AgentRecord> {
+    pub async fn check_agent(
+        &self,
+        caller: &SpiffeId,
+        method: &'static str,
+    ) -> CaResult<AgentRecord> {
         let why = match self.store.get_agent(caller).await? {
             Some(a) if !a.evicted => return Ok(a),
             Some(_) => "agent has been evicted",
+            None => "caller is not an attested agent",
+        };
+        self.refuse(method, Some(caller), why);
+        Err(CaError::denied(format!("{caller}: {why}")))
+    }
+
+    /// Like [`Ca::check_agent`], reading only the eviction flag.
+    pub async fn check_agent_standing(
+        &self,
+        caller: &SpiffeId,
+        method: &'static str,
+    ) -> CaResult<()> {
+        let why = match self.store.agent_in_good_standing(caller).await? {
+            Some(true) => return Ok(()),
+            Some(false) => "agent has been evicted",
             None => "caller is not an attested agent",
         };
         self.refuse(method, Some(caller), why);
@@ -277,11 +340,11 @@ impl Ca {
         caller: &SpiffeId,
         requests: Vec<(String, Vec<u8>)>,
     ) -> CaResult<Vec<CaResult<IssuedSvid>>> {
-        self.check_agent(caller, "sign").await?;
+        self.check_agent_standing(caller, "sign").await?;
         let ids: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
-        let entries: std::collections::HashMap<String, Entry> = self
+        let entries: std::collections::HashMap<String, SigningEntry> = self
             .store
-            .get_entries(&ids)
+            .signing_entries(caller, &ids)
             .await?
             .into_iter()
             .map(|e| (e.id.clone(), e))
@@ -295,13 +358,14 @@ impl Ca {
     fn sign_one(
         &self,
         caller: &SpiffeId,
-        entry: Option<&Entry>,
+        entry: Option<&SigningEntry>,
         entry_id: &str,
         csr: &[u8],
     ) -> CaResult<IssuedSvid> {
+        // `signing_entries` returned only entries parented to the caller.
         let entry = match entry {
-            Some(e) if &e.parent_id == caller => e,
-            _ => {
+            Some(e) => e,
+            None => {
                 let why =
                     format!("entry {entry_id:?} does not exist or is not parented to {caller}");
                 self.refuse("sign", Some(caller), &why);
@@ -461,6 +525,7 @@ impl Ca {
             .store
             .create_entry(entry, now().unix_timestamp())
             .await?;
+        self.entries_changed(e.revision);
         self.metrics.admin_change("create_entry");
         tracing::info!(target: "audit", event = "entry_created", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "created an entry");
         Ok(e)
@@ -472,6 +537,7 @@ impl Ca {
         }
         let entry = self.validate_entry(spec)?;
         let e = self.store.update_entry(entry).await?;
+        self.entries_changed(e.revision);
         self.metrics.admin_change("update_entry");
         tracing::info!(target: "audit", event = "entry_updated", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "updated an entry");
         Ok(e)
@@ -479,6 +545,7 @@ impl Ca {
 
     pub async fn delete_entry(&self, id: &str) -> CaResult<()> {
         let e = self.store.delete_entry(id).await?;
+        self.entries_changed(e.revision);
         self.metrics.admin_change("delete_entry");
         tracing::info!(target: "audit", event = "entry_deleted", entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");
         Ok(())
@@ -515,7 +582,7 @@ impl Ca {
     }
 
     /// One audit line for a refusal.
-    fn refuse(&self, method: &str, caller: Option<&SpiffeId>, reason: &str) {
+    fn refuse(&self, method: &'static str, caller: Option<&SpiffeId>, reason: &str) {
         self.metrics.refused(method);
         match caller {
             Some(c) => {

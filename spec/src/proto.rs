@@ -19,3 +19,8 @@ pub mod admin {
         tonic::include_proto!("ward.admin.v1");
     }
 }
+
+/// The SPIFFE Workload API (no proto package: service `SpiffeWorkloadAPI`).
+pub mod workload {
+    tonic::include_proto!("_");
+}

@@ -149,7 +149,7 @@ pub fn check_signing_cert(der: &[u8]) -> Result<Option<TrustDomain>, ProfileErro
             }
             let td = uri
                 .strip_prefix("spiffe://")
-                .ok_or_else(|| ProfileError::BadSpiffeId(IdError::WrongScheme))?;
+                .ok_or(ProfileError::BadSpiffeId(IdError::WrongScheme))?;
             TrustDomain::new(td)
                 .map(Some)
                 .map_err(ProfileError::BadSpiffeId)

@@ -10,8 +10,8 @@ use sqlx::{Row, SqlitePool};
 use ward_spec::{Selector, SpiffeId};
 
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, Result, StoreError, SyncPage,
-    TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, Result, SigningEntry, StoreError,
+    SyncPage, TokenUse,
 };
 
 /// Schema migrations, applied in order at start. Never edit one that shipped:
@@ -386,7 +386,17 @@ impl Datastore for SqliteStore {
         let rev = next_revision(&mut tx).await?;
         record_change(&mut tx, rev, &old.parent_id, id).await?;
         tx.commit().await?;
-        Ok(old)
+        Ok(Entry {
+            revision: rev,
+            ..old
+        })
+    }
+
+    async fn entry_revision(&self) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_revision'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v as u64)
     }
 
     async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
@@ -418,6 +428,47 @@ impl Datastore for SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    async fn signing_entries(
+        &self,
+        parent: &SpiffeId,
+        ids: &[String],
+    ) -> Result<Vec<SigningEntry>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, spiffe_id, dns_names, x509_ttl FROM entries WHERE parent_id = $1 AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(parent.to_string());
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let dns: String = row.try_get("dns_names")?;
+                out.push(SigningEntry {
+                    id: row.try_get("id")?,
+                    spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
+                    dns_names: if dns == "[]" {
+                        Vec::new()
+                    } else {
+                        serde_json::from_str(&dns).map_err(corrupt)?
+                    },
+                    x509_ttl: row.try_get("x509_ttl")?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
+        let evicted: Option<bool> =
+            sqlx::query_scalar("SELECT evicted FROM agents WHERE spiffe_id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(evicted.map(|e| !e))
     }
 
     async fn list_entries(
