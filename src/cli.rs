@@ -1,8 +1,10 @@
 //! Command-line parsing and dispatch.
 
 mod admin;
+mod agent;
 mod ca;
 mod output;
+mod svid;
 
 use std::path::PathBuf;
 
@@ -35,9 +37,12 @@ pub enum Command {
     /// Registration entries: which workloads get which SPIFFE ID.
     #[command(subcommand)]
     Entry(admin::EntryCommand),
-    /// Node agents known to the CA.
+    /// The node agent, and the agents known to the CA.
     #[command(subcommand)]
     Agent(admin::AgentCommand),
+    /// Workload API clients: fetch and validate SVIDs.
+    #[command(subcommand)]
+    Svid(svid::SvidCommand),
     /// The trust bundle of the CA's trust domain.
     #[command(subcommand)]
     Bundle(admin::BundleCommand),
@@ -64,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Entry(c) => admin::entry(c, cli.output).await,
         Command::Agent(c) => admin::agent(c, cli.output).await,
         Command::Bundle(c) => admin::bundle(c, cli.output).await,
+        Command::Svid(c) => svid::run(c, cli.output).await,
     }
 }
 

@@ -3,7 +3,8 @@
 //! Each subcommand wires one crate to the command line: `ward ca serve` runs
 //! the control plane (`ward-ca`); `ward token`, `ward entry`, `ward agent`,
 //! `ward bundle` and `ward ca rotate` are clients of its admin API over the
-//! local Unix socket.
+//! local Unix socket. `ward agent run` runs the node agent (`ward-agent`), and
+//! `ward svid` is a client of the agent's SPIFFE Workload API.
 
 mod cli;
 

@@ -284,7 +284,12 @@ async fn watch_changes_pushes_a_notice_for_a_new_entry_within_a_second() {
     use ward_spec::proto::node::v1::WatchChangesRequest;
     let ca = CaProcess::start(&[]);
     let mut node = attest(&ca).await;
-    let mut stream = node.client.watch_changes(WatchChangesRequest {}).await.unwrap().into_inner();
+    let mut stream = node
+        .client
+        .watch_changes(WatchChangesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let start = std::time::Instant::now();
     ca.create_entry("spiffe://example.org/pushed", &node.id.to_string());
@@ -297,7 +302,9 @@ async fn watch_changes_pushes_a_notice_for_a_new_entry_within_a_second() {
     assert!(start.elapsed() < std::time::Duration::from_secs(1));
     let delta = node
         .client
-        .sync_entries(SyncEntriesRequest { since_revision: first.entry_revision })
+        .sync_entries(SyncEntriesRequest {
+            since_revision: first.entry_revision,
+        })
         .await
         .unwrap()
         .into_inner();

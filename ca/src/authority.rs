@@ -26,8 +26,8 @@ use ward_spec::bundle::{der_to_pem, pem_to_ders, JwtAuthority, JwtPublicKey};
 use ward_spec::{TrustBundle, TrustDomain};
 
 use crate::datastore::Datastore;
-use crate::files::{create_private_dir, write_atomic};
 use crate::x509;
+use ward_spec::files::{create_private_dir, write_atomic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use ward_spec::TrustDomain;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,20 +34,20 @@ pub struct CaConfig {
     pub health_address: SocketAddr,
     /// `sqlite://PATH`; default `sqlite://<data_dir>/datastore.sqlite3`.
     pub datastore: Option<String>,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub ca_ttl: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub root_ttl: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub x509_svid_ttl: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub jwt_svid_ttl: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub node_svid_ttl: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub join_token_ttl: Duration,
     /// How often the slot schedule is checked.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub rotation_check_interval: Duration,
     pub upstream_cert: Option<PathBuf>,
     pub upstream_key: Option<PathBuf>,
@@ -165,42 +165,11 @@ impl CaConfig {
     }
 }
 
-/// Parses `90s`, `10m`, `1h`, `2d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 30s, 10m, 1h, 2d)"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    Ok(Duration::from_secs(n * mult))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
-}
+pub use ward_spec::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("5y").is_err());
-        assert!(parse_duration("abc").is_err());
-    }
 
     #[test]
     fn bad_config_file_names_the_key() {

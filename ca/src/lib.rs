@@ -18,7 +18,6 @@ pub mod admin_api;
 pub mod authority;
 pub mod config;
 pub mod datastore;
-pub mod files;
 pub mod metrics;
 pub mod node_api;
 pub mod server;

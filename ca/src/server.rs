@@ -27,11 +27,11 @@ use crate::admin_api::AdminApi;
 use crate::authority::{Authority, AuthorityConfig};
 use crate::config::CaConfig;
 use crate::datastore::{Datastore, SqliteStore};
-use crate::files::create_private_dir;
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, PeerIdentity};
 use crate::service::{Ca, Ttls};
 use crate::x509;
+use ward_spec::files::create_private_dir;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -9,8 +9,11 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod duration;
+pub mod files;
 pub mod grpc;
 pub mod id;
+pub mod jwt;
 pub mod proto;
 pub mod selector;
 pub mod svid;

@@ -172,6 +172,19 @@ pub fn serial(der: &[u8]) -> Result<String, ProfileError> {
     Ok(hex_serial(parse(der)?.raw_serial()))
 }
 
+/// Splits concatenated DER certificates (the Workload API's chain and bundle form).
+pub fn split_der_chain(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, ProfileError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) =
+            X509Certificate::from_der(bytes).map_err(|e| ProfileError::Parse(e.to_string()))?;
+        let len = bytes.len() - rest.len();
+        out.push(bytes[..len].to_vec());
+        bytes = rest;
+    }
+    Ok(out)
+}
+
 fn hex_serial(raw: &[u8]) -> String {
     use std::fmt::Write;
     let raw = match raw {

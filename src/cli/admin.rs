@@ -273,6 +273,11 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum AgentCommand {
+    /// Run the node agent: attest, keep SVIDs fresh, serve the SPIFFE Workload API.
+    #[command(
+        after_help = "Example:\n  ward agent run --trust-domain example.org --ca-address 127.0.0.1:8081 \\\n    --trust-bundle bundle.pem --join-token $TOKEN --socket-path /run/ward/workload.sock"
+    )]
+    Run(Box<super::agent::RunArgs>),
     /// List attested agents.
     #[command(after_help = "Example:\n  ward agent list --output json")]
     List {
@@ -292,6 +297,7 @@ pub enum AgentCommand {
 
 pub async fn agent(cmd: AgentCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
+        AgentCommand::Run(args) => super::agent::run(*args).await?,
         AgentCommand::List { target } => {
             let mut c = client(&target).await?;
             let agents = c

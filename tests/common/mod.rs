@@ -337,3 +337,174 @@ pub fn openssl_verify(dir: &Path, root: &[Vec<u8>], chain: &[Vec<u8>]) -> (bool,
         ),
     )
 }
+
+/// A running `ward agent run`, killed on drop.
+pub struct AgentProcess {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub health_addr: String,
+    pub ca_addrs: Vec<String>,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Starts an agent attested to `ca` with a fresh join token.
+    pub fn start(ca: &CaProcess) -> AgentProcess {
+        let mut a = AgentProcess::prepare(vec![ca.node_addr.clone()]);
+        std::fs::write(a.dir.join("bundle.pem"), ca.cli(&["bundle", "show"]).stdout).unwrap();
+        let token = ca.join_token();
+        a.spawn(Some(&token));
+        a.wait_ready();
+        a
+    }
+
+    /// A directory other users can reach (workloads run as other uids in tests).
+    pub fn prepare(ca_addrs: Vec<String>) -> AgentProcess {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        AgentProcess {
+            dir: tmp.path().to_owned(),
+            socket: tmp.path().join("public/workload.sock"),
+            health_addr: format!("127.0.0.1:{}", free_port()),
+            ca_addrs,
+            child: None,
+            log: tmp.path().join("agent.log"),
+            _tmp: tmp,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn spawn(&mut self, token: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(ward_bin());
+        cmd.args(["agent", "run", "--trust-domain", TD, "--data-dir"])
+            .arg(self.dir.join("data"))
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .args(["--health-address", &self.health_addr, "--trust-bundle"])
+            .arg(self.dir.join("bundle.pem"))
+            .env("WARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for a in &self.ca_addrs {
+            cmd.args(["--ca-address", a]);
+        }
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early ({status}); log:\n{}", self.log_text());
+            }
+            if http_get(&self.health_addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a `ward svid …` command against this agent as `uid` (None: as the test).
+    pub fn svid_cli(&self, args: &[&str], uid: Option<u32>) -> Output {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(ward_bin());
+        cmd.arg("svid")
+            .args(args)
+            .arg("--socket")
+            .arg(self.endpoint());
+        if let Some(u) = uid {
+            cmd.uid(u).gid(u).current_dir("/");
+        }
+        cmd.output().unwrap()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The uid the tests run as.
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// A Python with py-spiffe (PyPI `spiffe`), in a virtualenv under target/,
+/// created on first use.
+pub fn py_spiffe() -> PathBuf {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv");
+        let py = venv.join("bin/python");
+        let has = |py: &Path| {
+            Command::new(py)
+                .args(["-c", "import spiffe"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !has(&py) {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .unwrap();
+            assert!(
+                ok.success(),
+                "cannot create a virtualenv at {}",
+                venv.display()
+            );
+            let ok = Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "spiffe==0.3.2"])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "cannot install py-spiffe from PyPI");
+        }
+        assert!(has(&py), "py-spiffe is not importable");
+        py
+    })
+    .clone()
+}
+
+/// Runs `tests/py/spiffe_client.py` with py-spiffe.
+pub fn py_client(args: &[&str]) -> Output {
+    Command::new(py_spiffe())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/spiffe_client.py"))
+        .args(args)
+        .output()
+        .unwrap()
+}

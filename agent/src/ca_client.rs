@@ -1,0 +1,147 @@
+//! The agent's connection to the CA: mutual TLS with the node SVID, several
+//! CA addresses with failover, and the back-off DESIGN.md prescribes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use ward_spec::proto::node::v1::node_client::NodeClient;
+use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier, SvidResolver};
+use ward_spec::SpiffeId;
+
+/// Exponential back-off: 500 ms, ×2, ±20 % jitter, capped at 2 minutes.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    pub const CAP: Duration = Duration::from_secs(120);
+
+    /// The next delay, with jitter.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        jitter(base, 0.2)
+    }
+
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// `d` ± `frac` (uniform).
+pub fn jitter(d: Duration, frac: f64) -> Duration {
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let u = u32::from_le_bytes(b) as f64 / u32::MAX as f64; // [0, 1]
+    d.mul_f64(1.0 + frac * (2.0 * u - 1.0))
+}
+
+pub struct CaClient {
+    addresses: Vec<String>,
+    current: usize,
+    roots: RootStore,
+    resolver: SvidResolver,
+    ca_id: SpiffeId,
+    client: Option<NodeClient<Channel>>,
+}
+
+impl CaClient {
+    pub fn new(addresses: Vec<String>, roots: RootStore, resolver: SvidResolver) -> Self {
+        let ca_id = roots
+            .trust_domain()
+            .id("/ward/ca")
+            .expect("constant path is valid");
+        CaClient {
+            addresses,
+            current: 0,
+            roots,
+            resolver,
+            ca_id,
+            client: None,
+        }
+    }
+
+    pub fn roots(&self) -> &RootStore {
+        &self.roots
+    }
+
+    fn config(&self, with_identity: bool) -> Arc<rustls::ClientConfig> {
+        Arc::new(ward_spec::tls::client_config(
+            with_identity.then(|| self.resolver.clone()),
+            SpiffeServerVerifier::new(
+                self.roots.clone(),
+                PeerPolicy::OneOf(vec![self.ca_id.clone()]),
+            ),
+        ))
+    }
+
+    /// A client over mutual TLS, connecting (and failing over) as needed.
+    pub async fn get(&mut self) -> Result<NodeClient<Channel>, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let c = self.connect(true).await?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A client without a client certificate (for attestation).
+    pub async fn anonymous(&mut self) -> Result<NodeClient<Channel>, String> {
+        self.connect(false).await
+    }
+
+    async fn connect(&mut self, with_identity: bool) -> Result<NodeClient<Channel>, String> {
+        let cfg = self.config(with_identity);
+        let mut errors = Vec::new();
+        for i in 0..self.addresses.len() {
+            let idx = (self.current + i) % self.addresses.len();
+            let addr = &self.addresses[idx];
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                ward_spec::grpc::tls_channel(addr, cfg.clone()),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(ch)) => {
+                    if idx != self.current {
+                        tracing::info!(ca = %addr, "failed over to another CA");
+                    }
+                    self.current = idx;
+                    return Ok(NodeClient::new(ch));
+                }
+                Ok(Err(e)) => errors.push(format!("{addr}: {}", source_chain(&e))),
+                Err(_) => errors.push(format!("{addr}: connect timed out")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// Drops the current connection after a failed call; the next `get` tries
+    /// the next address first.
+    pub fn failed(&mut self) {
+        if self.client.take().is_some() {
+            self.current = (self.current + 1) % self.addresses.len();
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,95 @@
+//! `ward agent run` configuration: a TOML file, every key also a flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use ward_spec::TrustDomain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub trust_domain: TrustDomain,
+    /// CA node API addresses (`host:port`), tried in order; the agent fails over.
+    pub ca_addresses: Vec<String>,
+    /// PEM roots to trust the CA with before the first attestation.
+    pub trust_bundle: Option<PathBuf>,
+    /// One-time join token (only needed until the agent has a node SVID).
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    /// Workload API Unix socket.
+    pub socket_path: PathBuf,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub health_address: SocketAddr,
+    /// Entry sync interval (changes are also pushed by the CA).
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub sync_interval: Duration,
+    pub log_format: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            trust_domain: TrustDomain::new("example.org").expect("valid"),
+            ca_addresses: vec!["127.0.0.1:8081".into()],
+            trust_bundle: None,
+            join_token: None,
+            data_dir: PathBuf::from(".ward/agent"),
+            socket_path: PathBuf::from(".ward/agent/workload.sock"),
+            health_address: "127.0.0.1:8083".parse().expect("valid"),
+            sync_interval: Duration::from_secs(5),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ca_addresses.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "ca_addresses",
+                message: "at least one CA address is needed".into(),
+            });
+        }
+        if self.sync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "sync_interval",
+                message: "must be greater than zero".into(),
+            });
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid {
+                key: "log_format",
+                message: format!("{:?}: use text or json", self.log_format),
+            });
+        }
+        Ok(())
+    }
+}
+
+pub use ward_spec::duration::parse_duration;

@@ -1,0 +1,463 @@
+//! The agent's cache manager: one task that keeps the node SVID renewed, the
+//! registration entries in sync, and an SVID for every entry, rotating each at
+//! half of its life (±10 %). It publishes the whole state as an immutable
+//! [`Snapshot`] on a `watch` channel; the Workload API serves from the latest
+//! snapshot and never waits on the CA.
+//!
+//! When the CA cannot be reached the cache keeps serving what it has (expired
+//! SVIDs are never served: readers filter them), retries with back-off, and
+//! logs the outage once when it starts and once when it ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::time::Instant;
+use ward_spec::proto::node::v1 as pb;
+use ward_spec::tls::SvidResolver;
+use ward_spec::{SpiffeId, TrustBundle};
+
+use crate::ca_client::{jitter, Backoff, CaClient};
+use crate::metrics::Metrics;
+use crate::state::{NodeIdentity, StateDir};
+
+/// Signing requests per batch (the CA accepts up to 1000).
+const SIGN_BATCH: usize = 500;
+
+/// A registration entry as the agent keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedEntry {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    /// `type:value`, sorted.
+    pub selectors: Vec<String>,
+    pub hint: String,
+    pub revision: u64,
+}
+
+/// An X509-SVID in the cache.
+pub struct CachedSvid {
+    pub entry_id: String,
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first, concatenated (the Workload API form).
+    pub chain: Vec<u8>,
+    /// PKCS#8 DER. Generated here; never leaves the node except to the workload.
+    pub key: Vec<u8>,
+    pub not_after: i64,
+    rotate_at: i64,
+    revision: u64,
+}
+
+impl CachedSvid {
+    pub fn expired(&self, now: i64) -> bool {
+        self.not_after <= now
+    }
+}
+
+/// Everything the Workload API serves, at one moment.
+pub struct Snapshot {
+    pub entries: HashMap<String, Arc<CachedEntry>>,
+    pub svids: HashMap<String, Arc<CachedSvid>>,
+    pub bundle: Arc<TrustBundle>,
+}
+
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn unix_now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// When to rotate something received at `from` and valid until `na` (Unix
+/// seconds): at half of that life, ±10 %, in Unix milliseconds. Measured from
+/// receipt, not `notBefore`, which the CA backdates for clock skew.
+fn rotation_point_ms(from: i64, na: i64) -> i64 {
+    let life_ms = ((na - from).max(1) * 1000) as u64;
+    let half = jitter(Duration::from_millis(life_ms / 2), 0.1);
+    from * 1000 + half.as_millis() as i64
+}
+
+pub struct Manager {
+    pub ca: Arc<Mutex<CaClient>>,
+    pub state: StateDir,
+    pub node: NodeIdentity,
+    pub resolver: SvidResolver,
+    pub sync_interval: Duration,
+    pub metrics: Arc<Metrics>,
+    entries: HashMap<String, Arc<CachedEntry>>,
+    svids: HashMap<String, Arc<CachedSvid>>,
+    bundle: Arc<TrustBundle>,
+    revision: u64,
+    node_renew_at: i64,
+    ca_up: bool,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    published: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Manager {
+    pub fn new(
+        ca: Arc<Mutex<CaClient>>,
+        state: StateDir,
+        node: NodeIdentity,
+        resolver: SvidResolver,
+        bundle: TrustBundle,
+        sync_interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
+        let (published, rx) = watch::channel(None);
+        let node_renew_at = rotation_point_ms(node.not_before, node.not_after);
+        (
+            Manager {
+                ca,
+                state,
+                node,
+                resolver,
+                sync_interval,
+                metrics,
+                entries: HashMap::new(),
+                svids: HashMap::new(),
+                bundle: Arc::new(bundle),
+                revision: 0,
+                node_renew_at,
+                ca_up: true,
+                backoff: Backoff::default(),
+                retry_at: None,
+                published,
+            },
+            rx,
+        )
+    }
+
+    /// Runs until the process ends. `notices` wakes it when the CA pushes a change.
+    pub async fn run(mut self, mut notices: mpsc::Receiver<()>) {
+        let mut next_sync = Instant::now();
+        loop {
+            let now_ms = unix_now_ms();
+            let backing_off = self.retry_at.is_some_and(|t| Instant::now() < t);
+            if !backing_off {
+                let mut ok = true;
+                if now_ms >= self.node_renew_at {
+                    let r = self.renew_node().await;
+                    ok &= self.outcome("renew", r);
+                }
+                if ok && Instant::now() >= next_sync {
+                    let r = self.sync().await;
+                    ok &= self.outcome("sync", r);
+                    if ok {
+                        next_sync = Instant::now() + self.sync_interval;
+                    }
+                }
+                if ok {
+                    let r = self.sign_due().await;
+                    ok &= self.outcome("sign", r);
+                }
+                if ok {
+                    self.retry_at = None;
+                    self.backoff.reset();
+                } else {
+                    self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+                }
+            }
+            self.drop_expired();
+            self.publish();
+
+            let wake = self.next_wake(next_sync);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                n = notices.recv() => {
+                    if n.is_some() {
+                        next_sync = Instant::now();
+                        // A push is fresh news: try now even if backing off.
+                        self.retry_at = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the CA's reachability; logs only when it changes.
+    fn outcome(&mut self, what: &'static str, r: Result<(), String>) -> bool {
+        match r {
+            Ok(()) => {
+                if !self.ca_up {
+                    tracing::info!("CA reachable again; resuming rotation");
+                    self.ca_up = true;
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.ca_error(what);
+                if self.ca_up {
+                    tracing::warn!(error = %e, "CA unreachable; serving cached SVIDs and retrying with back-off");
+                    self.ca_up = false;
+                } else {
+                    tracing::debug!(error = %e, what, "CA still unreachable");
+                }
+                false
+            }
+        }
+    }
+
+    fn next_wake(&self, next_sync: Instant) -> Instant {
+        let now_ms = unix_now_ms();
+        let at = |ms: i64| Instant::now() + Duration::from_millis((ms - now_ms).max(0) as u64);
+        let mut wake = match self.retry_at {
+            Some(retry) => retry,
+            None => {
+                let due_ms = self
+                    .svids
+                    .values()
+                    .map(|s| s.rotate_at)
+                    .fold(self.node_renew_at, i64::min);
+                next_sync.min(at(due_ms))
+            }
+        };
+        // Never sleep past an SVID's expiry, so it leaves the snapshot on time.
+        if let Some(exp) = self.svids.values().map(|s| s.not_after).min() {
+            wake = wake.min(at(exp * 1000));
+        }
+        wake.max(Instant::now() + Duration::from_millis(10))
+    }
+
+    async fn client(
+        &self,
+    ) -> Result<
+        ward_spec::proto::node::v1::node_client::NodeClient<tonic::transport::Channel>,
+        String,
+    > {
+        self.ca.lock().await.get().await
+    }
+
+    async fn call_failed(&self, e: tonic::Status) -> String {
+        if matches!(
+            e.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        ) {
+            self.ca.lock().await.failed();
+        }
+        format!("{}: {}", e.code(), e.message())
+    }
+
+    async fn renew_node(&mut self) -> Result<(), String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let csr = csr_for(&key, &self.node.spiffe_id)?;
+        let mut c = self.client().await?;
+        let chain = match c.renew_node_svid(pb::RenewNodeSvidRequest { csr }).await {
+            Ok(r) => r.into_inner().svid_chain,
+            Err(e) => return Err(self.call_failed(e).await),
+        };
+        let node = NodeIdentity::from_parts(chain, key.serialized_der().to_vec())?;
+        self.state.save_identity(&node).map_err(|e| e.to_string())?;
+        self.resolver
+            .set(&node.chain, &node.key)
+            .map_err(|e| e.to_string())?;
+        self.node_renew_at = rotation_point_ms(unix_now(), node.not_after);
+        tracing::info!(spiffe_id = %node.spiffe_id, expires_at = node.not_after, "renewed the node SVID");
+        self.node = node;
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<(), String> {
+        let mut c = self.client().await?;
+        loop {
+            let page = match c
+                .sync_entries(pb::SyncEntriesRequest {
+                    since_revision: self.revision,
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(e) => return Err(self.call_failed(e).await),
+            };
+            for e in page.entries {
+                match to_cached(e) {
+                    Ok(e) => {
+                        self.entries.insert(e.id.clone(), Arc::new(e));
+                    }
+                    Err(err) => tracing::warn!(error = %err, "ignoring an entry the CA sent"),
+                }
+            }
+            for id in page.deleted_entry_ids {
+                self.entries.remove(&id);
+                self.svids.remove(&id);
+            }
+            self.revision = page.revision;
+            if !page.more {
+                break;
+            }
+        }
+        let b = match c.fetch_bundle(pb::FetchBundleRequest {}).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return Err(self.call_failed(e).await),
+        };
+        if b.sequence != self.bundle.sequence {
+            let bundle = TrustBundle::from_jwks(self.bundle.trust_domain.clone(), &b.jwks)
+                .map_err(|e| format!("CA sent a bad bundle: {e}"))?;
+            self.ca
+                .lock()
+                .await
+                .roots()
+                .update(&bundle)
+                .map_err(|e| e.to_string())?;
+            self.state.save_bundle(&bundle).map_err(|e| e.to_string())?;
+            tracing::info!(sequence = bundle.sequence, "trust bundle updated");
+            self.bundle = Arc::new(bundle);
+        }
+        Ok(())
+    }
+
+    /// Signs SVIDs for entries that have none, changed, or reached their rotation point.
+    async fn sign_due(&mut self) -> Result<(), String> {
+        let now_ms = unix_now_ms();
+        let due: Vec<Arc<CachedEntry>> = self
+            .entries
+            .values()
+            .filter(|e| match self.svids.get(&e.id) {
+                None => true,
+                Some(s) => s.revision != e.revision || now_ms >= s.rotate_at,
+            })
+            .cloned()
+            .collect();
+        for batch in due.chunks(SIGN_BATCH) {
+            let mut keys = Vec::with_capacity(batch.len());
+            let mut requests = Vec::with_capacity(batch.len());
+            for e in batch {
+                let key = KeyPair::generate().map_err(|e| e.to_string())?;
+                requests.push(pb::SignX509SvidRequest {
+                    entry_id: e.id.clone(),
+                    csr: csr_for(&key, &e.spiffe_id)?,
+                });
+                keys.push(key);
+            }
+            let mut c = self.client().await?;
+            let results = match c
+                .batch_sign_x509_svid(pb::BatchSignX509SvidRequest { requests })
+                .await
+            {
+                Ok(r) => r.into_inner().results,
+                Err(e) => return Err(self.call_failed(e).await),
+            };
+            for ((entry, key), r) in batch.iter().zip(keys).zip(results) {
+                if r.code != 0 {
+                    tracing::warn!(entry_id = %entry.id, code = r.code, message = %r.message, "CA refused to sign");
+                    continue;
+                }
+                let Some(leaf) = r.svid_chain.first() else {
+                    continue;
+                };
+                let (_, na) = ward_spec::svid::validity(leaf).map_err(|e| e.to_string())?;
+                let rotated = self.svids.contains_key(&entry.id);
+                self.svids.insert(
+                    entry.id.clone(),
+                    Arc::new(CachedSvid {
+                        entry_id: entry.id.clone(),
+                        spiffe_id: entry.spiffe_id.clone(),
+                        chain: r.svid_chain.concat(),
+                        key: key.serialized_der().to_vec(),
+                        not_after: na,
+                        rotate_at: rotation_point_ms(unix_now(), na),
+                        revision: entry.revision,
+                    }),
+                );
+                if rotated {
+                    self.metrics.rotations.inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_expired(&mut self) {
+        let now = unix_now();
+        self.svids.retain(|_, s| !s.expired(now));
+        self.svids.retain(|id, _| self.entries.contains_key(id));
+    }
+
+    fn publish(&mut self) {
+        self.metrics.cached_svids.set(self.svids.len() as i64);
+        let snap = Snapshot {
+            entries: self.entries.clone(),
+            svids: self.svids.clone(),
+            bundle: self.bundle.clone(),
+        };
+        self.published.send_if_modified(|cur| {
+            let changed = match cur {
+                None => true,
+                Some(c) => {
+                    !Arc::ptr_eq(&c.bundle, &snap.bundle)
+                        || c.entries.len() != snap.entries.len()
+                        || c.svids.len() != snap.svids.len()
+                        || c.entries
+                            .iter()
+                            .any(|(k, v)| snap.entries.get(k).is_none_or(|n| !Arc::ptr_eq(v, n)))
+                        || c.svids
+                            .iter()
+                            .any(|(k, v)| snap.svids.get(k).is_none_or(|n| !Arc::ptr_eq(v, n)))
+                }
+            };
+            if changed {
+                *cur = Some(Arc::new(snap));
+            }
+            changed
+        });
+    }
+}
+
+fn to_cached(e: ward_spec::proto::types::v1::Entry) -> Result<CachedEntry, String> {
+    let spiffe_id =
+        SpiffeId::parse(&e.spiffe_id).map_err(|err| format!("entry {}: {err}", e.id))?;
+    let mut selectors: Vec<String> = e
+        .selectors
+        .iter()
+        .map(|s| format!("{}:{}", s.r#type, s.value))
+        .collect();
+    selectors.sort();
+    Ok(CachedEntry {
+        id: e.id,
+        spiffe_id,
+        selectors,
+        hint: e.hint,
+        revision: e.revision,
+    })
+}
+
+/// A CSR for `id` with `key` (the CA uses only the key and checks the ID).
+pub fn csr_for(key: &KeyPair, id: &SpiffeId) -> Result<Vec<u8>, String> {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(
+        id.to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| e.to_string())?,
+    )];
+    Ok(p.serialize_request(key)
+        .map_err(|e| e.to_string())?
+        .der()
+        .to_vec())
+}
+
+/// Keeps a change stream open to the CA and forwards a wake-up per notice.
+pub async fn watch_notices(ca: Arc<Mutex<CaClient>>, out: mpsc::Sender<()>) {
+    let mut backoff = Backoff::default();
+    loop {
+        let client = ca.lock().await.get().await;
+        if let Ok(mut c) = client {
+            if let Ok(resp) = c.watch_changes(pb::WatchChangesRequest {}).await {
+                backoff.reset();
+                let mut stream = resp.into_inner();
+                while let Ok(Some(_notice)) = stream.message().await {
+                    if out.try_send(()).is_err() && out.is_closed() {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! The agent's persisted identity: node key, node SVID chain and the last
+//! trust bundle, in the data directory (key 0600, every file written atomically).
+//! After a restart the agent renews with this SVID instead of a new join token.
+
+use std::path::{Path, PathBuf};
+
+use ward_spec::bundle::{der_to_pem, pem_to_ders};
+use ward_spec::files::{create_private_dir, write_atomic};
+use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The node identity as stored.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub spiffe_id: SpiffeId,
+    /// DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER.
+    pub key: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("NodeIdentity")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+impl NodeIdentity {
+    pub fn from_parts(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Result<Self, String> {
+        let leaf = chain.first().ok_or("empty SVID chain")?;
+        let info = ward_spec::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
+        Ok(NodeIdentity {
+            spiffe_id: info.spiffe_id,
+            chain,
+            key,
+            not_before: info.not_before,
+            not_after: info.not_after,
+        })
+    }
+}
+
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl StateDir {
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        create_private_dir(dir).map_err(io(dir))?;
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The stored node identity, if any.
+    pub fn load_identity(&self) -> Result<Option<NodeIdentity>, StateError> {
+        let (kp, cp) = (self.path("node.key"), self.path("node.crt"));
+        if !kp.exists() || !cp.exists() {
+            return Ok(None);
+        }
+        let key_pem = std::fs::read_to_string(&kp).map_err(io(&kp))?;
+        let cert_pem = std::fs::read_to_string(&cp).map_err(io(&cp))?;
+        let corrupt = |path: &Path, reason: String| StateError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        let key = pem_to_ders("PRIVATE KEY", &key_pem)
+            .map_err(|e| corrupt(&kp, e))?
+            .pop()
+            .ok_or_else(|| corrupt(&kp, "no PRIVATE KEY block".into()))?;
+        let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(&cp, e))?;
+        NodeIdentity::from_parts(chain, key)
+            .map(Some)
+            .map_err(|e| corrupt(&cp, e))
+    }
+
+    /// Stores a node identity: the key first, then the chain that names it.
+    pub fn save_identity(&self, id: &NodeIdentity) -> Result<(), StateError> {
+        let kp = self.path("node.key");
+        write_atomic(&kp, der_to_pem("PRIVATE KEY", &id.key).as_bytes(), true).map_err(io(&kp))?;
+        let cp = self.path("node.crt");
+        let pem: String = id
+            .chain
+            .iter()
+            .map(|d| der_to_pem("CERTIFICATE", d))
+            .collect();
+        write_atomic(&cp, pem.as_bytes(), false).map_err(io(&cp))
+    }
+
+    pub fn load_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>, StateError> {
+        let p = self.path("bundle.jwks");
+        match std::fs::read(&p) {
+            Ok(b) => TrustBundle::from_jwks(td.clone(), &b)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: p,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    pub fn save_bundle(&self, bundle: &TrustBundle) -> Result<(), StateError> {
+        let p = self.path("bundle.jwks");
+        write_atomic(&p, &bundle.to_jwks(), false).map_err(io(&p))
+    }
+}

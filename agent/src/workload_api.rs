@@ -1,0 +1,463 @@
+//! The SPIFFE Workload API on the agent's Unix socket.
+//!
+//! Each call is attested from the socket's peer credentials; the caller gets
+//! what the entries its selectors match grant. Streams send the full state at
+//! once, then again whenever the cache publishes a change that concerns the
+//! caller. Every request must carry `workload.spiffe.io: true`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Code, Request, Response, Status};
+use ward_spec::proto::node::v1 as node_pb;
+use ward_spec::proto::workload as pb;
+use ward_spec::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+
+use crate::attestor::{matches, Attestor, PeerCred};
+use crate::ca_client::CaClient;
+use crate::manager::{unix_now, CachedEntry, Snapshot};
+use crate::metrics::Metrics;
+
+/// How long a call waits for the agent's first sync after a start.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(15);
+
+type Snap = Option<Arc<Snapshot>>;
+
+struct CachedJwt {
+    token: String,
+    expires_at: i64,
+    refresh_at: i64,
+}
+
+pub struct WorkloadApi {
+    snapshots: watch::Receiver<Snap>,
+    ca: Arc<Mutex<CaClient>>,
+    attestor: Attestor,
+    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    metrics: Arc<Metrics>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl WorkloadApi {
+    pub fn new(
+        snapshots: watch::Receiver<Snap>,
+        ca: Arc<Mutex<CaClient>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        WorkloadApi {
+            snapshots,
+            ca,
+            attestor: Attestor::default(),
+            jwts: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Checks the security header and attests the caller.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+        let header = req
+            .metadata()
+            .get("workload.spiffe.io")
+            .and_then(|v| v.to_str().ok());
+        if header != Some("true") {
+            return Err(Status::invalid_argument(
+                "security header missing from request: set metadata workload.spiffe.io: true",
+            ));
+        }
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| {
+                Status::permission_denied("cannot determine the caller's credentials")
+            })?;
+        Ok(self.attestor.selectors(PeerCred {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        }))
+    }
+
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
+        let mut rx = self.snapshots.clone();
+        let got = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, rx.wait_for(|s| s.is_some())).await;
+        match got {
+            Ok(Ok(s)) => Ok(s.clone().expect("waited for Some")),
+            _ => Err(Status::unavailable(
+                "the agent has not synced with the CA yet",
+            )),
+        }
+    }
+
+    fn record<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
+        self.metrics.api_call(method, code);
+        if let Err(s) = &r {
+            if s.code() == Code::PermissionDenied {
+                tracing::info!(method, reason = %s.message(), "Workload API call denied");
+            }
+        }
+        r
+    }
+}
+
+/// Entries the caller's selectors match, in entry-ID order.
+fn matching(snap: &Snapshot, selectors: &[String]) -> Vec<Arc<CachedEntry>> {
+    let mut v: Vec<_> = snap
+        .entries
+        .values()
+        .filter(|e| matches(&e.selectors, selectors))
+        .cloned()
+        .collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued: no registration entry matches the caller")
+}
+
+/// The X.509 response for a caller, and a fingerprint to tell changes apart.
+fn x509_response(
+    snap: &Snapshot,
+    selectors: &[String],
+) -> Result<(pb::X509svidResponse, Vec<usize>), Status> {
+    let entries = matching(snap, selectors);
+    if entries.is_empty() {
+        return Err(no_identity());
+    }
+    let now = unix_now();
+    let bundle = snap.bundle.x509_der_concat();
+    let mut fp = vec![Arc::as_ptr(&snap.bundle) as usize];
+    let svids: Vec<pb::X509svid> = entries
+        .iter()
+        .filter_map(|e| {
+            snap.svids
+                .get(&e.id)
+                .filter(|s| !s.expired(now))
+                .map(|s| (e, s))
+        })
+        .map(|(e, s)| {
+            fp.push(Arc::as_ptr(s) as usize);
+            pb::X509svid {
+                spiffe_id: s.spiffe_id.to_string(),
+                x509_svid: s.chain.clone(),
+                x509_svid_key: s.key.clone(),
+                bundle: bundle.clone(),
+                hint: e.hint.clone(),
+            }
+        })
+        .collect();
+    if svids.is_empty() {
+        return Err(Status::unavailable(
+            "the caller's SVIDs are not issued yet; retry",
+        ));
+    }
+    Ok((
+        pb::X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles: HashMap::new(),
+        },
+        fp,
+    ))
+}
+
+/// Runs `build` now and after every snapshot change (and at the next SVID
+/// expiry), sending each result that differs from the last.
+fn follow<T, F>(
+    mut snapshots: watch::Receiver<Snap>,
+    selectors: Vec<String>,
+    build: F,
+) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: Fn(&Snapshot, &[String]) -> Result<(T, Vec<usize>), Status> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut last: Option<Vec<usize>> = None;
+        loop {
+            let snap = snapshots.borrow_and_update().clone();
+            let Some(snap) = snap else { return };
+            match build(&snap, &selectors) {
+                Ok((msg, fp)) => {
+                    if last.as_ref() != Some(&fp) {
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                        last = Some(fp);
+                    }
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            let now = unix_now();
+            let next_expiry = snap
+                .svids
+                .values()
+                .map(|s| s.not_after)
+                .filter(|&t| t > now)
+                .min();
+            let expiry_wait = Duration::from_secs(next_expiry.map_or(3600, |t| (t - now) as u64));
+            tokio::select! {
+                r = snapshots.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(expiry_wait) => {}
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_prost).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_prost(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let r = async {
+            let selectors = self.caller(&req)?;
+            let snap = self.snapshot().await?;
+            // Refuse at once, not inside the stream, when nothing matches.
+            if matching(&snap, &selectors).is_empty() {
+                return Err(no_identity());
+            }
+            Ok(Response::new(follow(
+                self.snapshots.clone(),
+                selectors,
+                x509_response,
+            )))
+        }
+        .await;
+        self.record("FetchX509SVID", r)
+    }
+
+    type FetchX509BundlesStream = BoxStream<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let r = async {
+            let selectors = self.caller(&req)?;
+            let snap = self.snapshot().await?;
+            if matching(&snap, &selectors).is_empty() {
+                return Err(no_identity());
+            }
+            Ok(Response::new(follow(
+                self.snapshots.clone(),
+                selectors,
+                |snap, sel| {
+                    if matching(snap, sel).is_empty() {
+                        return Err(no_identity());
+                    }
+                    let b = &snap.bundle;
+                    Ok((
+                        pb::X509BundlesResponse {
+                            crl: Vec::new(),
+                            bundles: HashMap::from([(
+                                b.trust_domain.id_string(),
+                                b.x509_der_concat(),
+                            )]),
+                        },
+                        vec![Arc::as_ptr(b) as usize],
+                    ))
+                },
+            )))
+        }
+        .await;
+        self.record("FetchX509Bundles", r)
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let r = async {
+            let selectors = self.caller(&req)?;
+            let body = req.get_ref();
+            if body.audience.is_empty() || body.audience.iter().any(|a| a.is_empty()) {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            let snap = self.snapshot().await?;
+            let mut entries = matching(&snap, &selectors);
+            if !body.spiffe_id.is_empty() {
+                entries.retain(|e| e.spiffe_id.to_string() == body.spiffe_id);
+            }
+            if entries.is_empty() {
+                return Err(no_identity());
+            }
+            let mut audience = body.audience.clone();
+            audience.sort();
+            audience.dedup();
+            let mut svids = Vec::new();
+            for e in entries {
+                let token = self.jwt_for(&e, &audience).await?;
+                svids.push(pb::Jwtsvid {
+                    spiffe_id: e.spiffe_id.to_string(),
+                    svid: token,
+                    hint: e.hint.clone(),
+                });
+            }
+            Ok(Response::new(pb::JwtsvidResponse { svids }))
+        }
+        .await;
+        self.record("FetchJWTSVID", r)
+    }
+
+    type FetchJWTBundlesStream = BoxStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let r = async {
+            let selectors = self.caller(&req)?;
+            let snap = self.snapshot().await?;
+            if matching(&snap, &selectors).is_empty() {
+                return Err(no_identity());
+            }
+            Ok(Response::new(follow(
+                self.snapshots.clone(),
+                selectors,
+                |snap, sel| {
+                    if matching(snap, sel).is_empty() {
+                        return Err(no_identity());
+                    }
+                    let b = &snap.bundle;
+                    Ok((
+                        pb::JwtBundlesResponse {
+                            bundles: HashMap::from([(b.trust_domain.id_string(), b.to_jwt_jwks())]),
+                        },
+                        vec![Arc::as_ptr(b) as usize],
+                    ))
+                },
+            )))
+        }
+        .await;
+        self.record("FetchJWTBundles", r)
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let r = async {
+            let selectors = self.caller(&req)?;
+            let body = req.get_ref();
+            if body.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if body.svid.is_empty() {
+                return Err(Status::invalid_argument("svid must be specified"));
+            }
+            let snap = self.snapshot().await?;
+            if matching(&snap, &selectors).is_empty() {
+                return Err(no_identity());
+            }
+            let (id, claims) = ward_spec::jwt::validate(&body.svid, &body.audience, &snap.bundle)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let fields = match json_to_prost(&claims).kind {
+                Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+                _ => None,
+            };
+            Ok(Response::new(pb::ValidateJwtsvidResponse {
+                spiffe_id: id.to_string(),
+                claims: fields,
+            }))
+        }
+        .await;
+        self.record("ValidateJWTSVID", r)
+    }
+}
+
+impl WorkloadApi {
+    /// A cached JWT-SVID until half of its life, else a fresh one from the CA.
+    async fn jwt_for(&self, e: &CachedEntry, audience: &[String]) -> Result<String, Status> {
+        let key = (e.id.clone(), audience.to_vec());
+        let now = unix_now();
+        if let Some(c) = self.jwts.lock().await.get(&key) {
+            if now < c.refresh_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let minted = async {
+            let mut client = self
+                .ca
+                .lock()
+                .await
+                .get()
+                .await
+                .map_err(Status::unavailable)?;
+            client
+                .mint_jwt_svid(node_pb::MintJwtSvidRequest {
+                    entry_id: e.id.clone(),
+                    audience: audience.to_vec(),
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+        .await;
+        let mut cache = self.jwts.lock().await;
+        match minted {
+            Ok(m) => {
+                let token = m.token.clone();
+                cache.retain(|_, c| c.expires_at > now);
+                cache.insert(
+                    key,
+                    CachedJwt {
+                        token: m.token,
+                        expires_at: m.expires_at,
+                        refresh_at: now + (m.expires_at - now) / 2,
+                    },
+                );
+                Ok(token)
+            }
+            Err(status) => match cache.get(&key) {
+                // The CA is away: a still-valid cached token is better than none.
+                Some(c) if c.expires_at > now => Ok(c.token.clone()),
+                _ => {
+                    if status.code() == Code::Unavailable {
+                        self.ca.lock().await.failed();
+                    }
+                    Err(Status::unavailable(format!(
+                        "cannot mint a JWT-SVID: {}",
+                        status.message()
+                    )))
+                }
+            },
+        }
+    }
+}

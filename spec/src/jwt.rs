@@ -1,0 +1,207 @@
+//! JWT-SVID validation (SPIFFE JWT-SVID standard, as DESIGN.md restates it):
+//! the `kid` must name a key of the subject's trust-domain bundle, the
+//! algorithm must be one of RS/ES/PS 256/384/512 (never `none`, never HMAC),
+//! the signature must verify, `aud` must contain the expected audience, and
+//! `exp` must be in the future.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::bundle::{JwtPublicKey, TrustBundle};
+use crate::id::SpiffeId;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JwtError {
+    #[error("token is not a JWT: {0}")]
+    Malformed(String),
+    #[error("algorithm {0:?} is not allowed for JWT-SVIDs")]
+    Algorithm(String),
+    #[error("token has no kid")]
+    NoKid,
+    #[error("no key {0:?} in the trust bundle")]
+    UnknownKey(String),
+    #[error("key {kid:?} does not fit algorithm {alg:?}")]
+    KeyMismatch { kid: String, alg: String },
+    #[error("sub is missing or not a SPIFFE ID: {0}")]
+    Subject(String),
+    #[error("subject {0} is not in the bundle's trust domain")]
+    ForeignSubject(String),
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Validates `token` for `audience` against `bundle`; returns the subject and all claims.
+pub fn validate(
+    token: &str,
+    audience: &str,
+    bundle: &TrustBundle,
+) -> Result<(SpiffeId, Value), JwtError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    let alg = header.alg;
+    let is_ec = matches!(alg, Algorithm::ES256 | Algorithm::ES384);
+    let is_rsa = matches!(
+        alg,
+        Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512
+    );
+    if !is_ec && !is_rsa {
+        return Err(JwtError::Algorithm(format!("{alg:?}")));
+    }
+    let kid = header.kid.ok_or(JwtError::NoKid)?;
+    let authority = bundle
+        .jwt_authority(&kid)
+        .ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
+    let mismatch = || JwtError::KeyMismatch {
+        kid: kid.clone(),
+        alg: format!("{alg:?}"),
+    };
+    let key = match (&authority.key, is_ec) {
+        (JwtPublicKey::Ec { crv, x, y }, true) => {
+            let want = if alg == Algorithm::ES256 {
+                "P-256"
+            } else {
+                "P-384"
+            };
+            if crv != want {
+                return Err(mismatch());
+            }
+            DecodingKey::from_ec_components(x, y).map_err(|_| mismatch())?
+        }
+        (JwtPublicKey::Rsa { n, e }, false) => {
+            DecodingKey::from_rsa_components(n, e).map_err(|_| mismatch())?
+        }
+        _ => return Err(mismatch()),
+    };
+    let mut v = Validation::new(alg);
+    v.set_audience(&[audience]);
+    v.set_required_spec_claims(&["exp", "aud", "sub"]);
+    v.leeway = 0;
+    let data = jsonwebtoken::decode::<Value>(token, &key, &v)
+        .map_err(|e| JwtError::Invalid(e.to_string()))?;
+    let sub = data
+        .claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JwtError::Subject("missing".into()))?;
+    let id = SpiffeId::parse(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
+    if !id.is_member_of(&bundle.trust_domain) {
+        return Err(JwtError::ForeignSubject(id.to_string()));
+    }
+    Ok((id, data.claims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::JwtAuthority;
+    use crate::TrustDomain;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    fn setup() -> (TrustBundle, jsonwebtoken::EncodingKey) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let mut b = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        b.jwt_authorities.push(JwtAuthority {
+            kid: "k1".into(),
+            key: JwtPublicKey::from_p256_point(pair.public_key().as_ref()).unwrap(),
+        });
+        (b, jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()))
+    }
+
+    fn token(
+        key: &jsonwebtoken::EncodingKey,
+        kid: &str,
+        sub: &str,
+        aud: &str,
+        exp_in: i64,
+    ) -> String {
+        let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        let now = time_now();
+        jsonwebtoken::encode(
+            &h,
+            &serde_json::json!({"sub": sub, "aud": [aud], "exp": now + exp_in}),
+            key,
+        )
+        .unwrap()
+    }
+
+    fn time_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    #[test]
+    fn valid_token_yields_subject_and_claims() {
+        let (b, k) = setup();
+        let (id, claims) = validate(
+            &token(&k, "k1", "spiffe://example.org/web", "db", 60),
+            "db",
+            &b,
+        )
+        .unwrap();
+        assert_eq!(id.to_string(), "spiffe://example.org/web");
+        assert_eq!(claims["aud"][0], "db");
+    }
+
+    #[test]
+    fn wrong_audience_expired_unknown_kid_and_foreign_subject_fail() {
+        let (b, k) = setup();
+        assert!(matches!(
+            validate(
+                &token(&k, "k1", "spiffe://example.org/web", "db", 60),
+                "other",
+                &b
+            ),
+            Err(JwtError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate(
+                &token(&k, "k1", "spiffe://example.org/web", "db", -10),
+                "db",
+                &b
+            ),
+            Err(JwtError::Invalid(_))
+        ));
+        assert_eq!(
+            validate(
+                &token(&k, "k9", "spiffe://example.org/web", "db", 60),
+                "db",
+                &b
+            ),
+            Err(JwtError::UnknownKey("k9".into()))
+        );
+        assert!(matches!(
+            validate(
+                &token(&k, "k1", "spiffe://evil.org/web", "db", 60),
+                "db",
+                &b
+            ),
+            Err(JwtError::ForeignSubject(_))
+        ));
+    }
+
+    #[test]
+    fn hmac_and_none_are_refused() {
+        let (b, _) = setup();
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        let t = jsonwebtoken::encode(&h, &serde_json::json!({"sub": "spiffe://example.org/x", "aud": "db", "exp": time_now() + 60}), &jsonwebtoken::EncodingKey::from_secret(b"k")).unwrap();
+        assert!(matches!(
+            validate(&t, "db", &b),
+            Err(JwtError::Algorithm(_))
+        ));
+        let none =
+            "eyJhbGciOiJub25lIiwia2lkIjoiazEifQ.eyJzdWIiOiJzcGlmZmU6Ly9leGFtcGxlLm9yZy94In0.";
+        assert!(validate(none, "db", &b).is_err());
+    }
+}

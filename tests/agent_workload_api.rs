@@ -1,0 +1,408 @@
+//! Node agent and the SPIFFE Workload API, end to end: real `ward ca` and
+//! `ward agent` processes, and clients we did not write (the Rust `spiffe`
+//! crate and py-spiffe).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ward_spec::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use ward_spec::proto::workload::{X509svidRequest, X509svidResponse};
+
+fn agent_id(ca: &CaProcess) -> String {
+    ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn register(ca: &CaProcess, spiffe_id: &str, parent: &str, selector: &str) -> String {
+    ca.cli_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent,
+        "--selector",
+        selector,
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Our own raw client (no header added unless asked).
+async fn raw_client(agent: &AgentProcess) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&agent.socket).await.unwrap())
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// Waits until `f` succeeds (entries reach the agent asynchronously).
+async fn eventually<T, E: std::fmt::Debug, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn verify_with_openssl(dir: &std::path::Path, chain_pem: &str, bundle_pem: &str) -> (bool, String) {
+    let chain = ward_spec::bundle::pem_to_ders("CERTIFICATE", chain_pem).unwrap();
+    let roots = ward_spec::bundle::pem_to_ders("CERTIFICATE", bundle_pem).unwrap();
+    openssl_verify(dir, &roots, &chain)
+}
+
+#[tokio::test]
+async fn independent_clients_get_verifiable_svids_and_validate_each_others_jwts() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    let id = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+    register(&ca, id, &parent, &format!("unix:uid:{}", my_uid()));
+
+    // The Rust `spiffe` crate.
+    let client = eventually("spiffe crate X509-SVID", || async {
+        let c = spiffe::WorkloadApiClient::connect_to(agent.endpoint()).await?;
+        c.fetch_x509_svid().await.map(|s| (c, s))
+    })
+    .await;
+    let (client, svid) = client;
+    assert_eq!(svid.spiffe_id().to_string(), id);
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new(TD).unwrap();
+    let bundle = bundles.get(&td).expect("bundle for our trust domain");
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let roots: Vec<Vec<u8>> = bundle
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let (ok, msg) = openssl_verify(&agent.dir, &roots, &chain);
+    assert!(
+        ok,
+        "spiffe crate SVID does not verify against its bundle: {msg}"
+    );
+    // The key it received is the key of its certificate.
+    let key = rcgen::KeyPair::try_from(svid.private_key().as_ref()).expect("PKCS#8 key");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
+
+    // py-spiffe.
+    let out_dir = agent.dir.join("py");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = py_client(&["x509", &agent.endpoint(), out_dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "py-spiffe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    let (ok, msg) = verify_with_openssl(
+        &out_dir,
+        &std::fs::read_to_string(out_dir.join("chain.pem")).unwrap(),
+        &std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap(),
+    );
+    assert!(
+        ok,
+        "py-spiffe SVID does not verify against its bundle: {msg}"
+    );
+
+    // A JWT fetched by one client validates through the other, both ways.
+    let rust_jwt = client.fetch_jwt_token(["db"], None).await.unwrap();
+    let out = py_client(&["validate", &agent.endpoint(), "db", &rust_jwt]);
+    assert!(
+        out.status.success(),
+        "py-spiffe validate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    let out = py_client(&["jwt", &agent.endpoint(), "db"]);
+    assert!(
+        out.status.success(),
+        "py-spiffe jwt: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py_jwt = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let validated = client.validate_jwt_token("db", &py_jwt).await.unwrap();
+    assert_eq!(validated.spiffe_id().to_string(), id);
+    // The wrong audience does not validate.
+    assert!(client.validate_jwt_token("other", &py_jwt).await.is_err());
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    assert!(jwt_bundles.get(&td).is_some());
+}
+
+#[tokio::test]
+async fn a_caller_gets_only_what_its_uid_is_registered_for() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    register(&ca, "spiffe://example.org/svc-a", &parent, "unix:uid:1001");
+    register(&ca, "spiffe://example.org/svc-b", &parent, "unix:uid:1002");
+
+    let fetch_as = |uid: u32| {
+        let out = agent.svid_cli(&["fetch", "--output", "json"], Some(uid));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let a = loop {
+        let r = fetch_as(1001);
+        if r.0 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(a.0, "uid 1001 should get its SVID: {}", a.2);
+    let ids: serde_json::Value = serde_json::from_str(&a.1).unwrap();
+    assert_eq!(
+        ids.as_array().unwrap().len(),
+        1,
+        "uid 1001 gets exactly its own identity"
+    );
+    assert_eq!(ids[0]["spiffe_id"], "spiffe://example.org/svc-a");
+    let b = fetch_as(1002);
+    assert!(b.0, "{}", b.2);
+    assert!(b.1.contains("svc-b") && !b.1.contains("svc-a"), "{}", b.1);
+    // uid 1003 has no entry at all.
+    let none = fetch_as(1003);
+    assert!(!none.0);
+    assert!(none.2.contains("PermissionDenied"), "{}", none.2);
+    // JWT-SVIDs follow the same rule.
+    let jwt = agent.svid_cli(
+        &[
+            "jwt",
+            "--audience",
+            "x",
+            "--spiffe-id",
+            "spiffe://example.org/svc-b",
+        ],
+        Some(1001),
+    );
+    assert!(!jwt.status.success());
+    assert!(String::from_utf8_lossy(&jwt.stderr).contains("PermissionDenied"));
+
+    // No security header: InvalidArgument, before anything else.
+    let mut raw = raw_client(&agent).await;
+    let e = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // With the header, this test process (no entry for its uid) is denied.
+    let e = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
+
+/// Reads X509-SVID responses from a stream, recording (time seen, not_after, serial).
+async fn next_svid(stream: &mut tonic::Streaming<X509svidResponse>) -> (i64, i64, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("a response within 30 s")
+        .expect("stream error")
+        .expect("stream ended");
+    let chain = ward_spec::svid::split_der_chain(&resp.svids[0].x509_svid).unwrap();
+    let (_, na) = ward_spec::svid::validity(&chain[0]).unwrap();
+    (unix_now(), na, ward_spec::svid::serial(&chain[0]).unwrap())
+}
+
+#[tokio::test]
+async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry() {
+    let ca = CaProcess::start(&["--x509-svid-ttl", "10s"]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    register(
+        &ca,
+        "spiffe://example.org/short",
+        &parent,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let mut stream = eventually("stream", || async {
+        let mut c = raw_client(&agent).await;
+        c.fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .map(|r| r.into_inner())
+    })
+    .await;
+    // Seven SVIDs in a row: six rotations, each checked below.
+    let mut seen = vec![next_svid(&mut stream).await];
+    while seen.len() < 7 {
+        let s = next_svid(&mut stream).await;
+        let prev = seen.last().unwrap();
+        assert_ne!(s.2, prev.2, "a new message carries a new SVID");
+        assert!(
+            s.0 < prev.1,
+            "new SVID at {} arrived after the old one expired at {}",
+            s.0,
+            prev.1
+        );
+        assert!(s.1 > s.0, "served SVID is already expired");
+        // Rotation at half-life (±10 %), not constant re-issuing.
+        assert!(
+            s.0 - prev.0 >= 3,
+            "rotated after only {} s of a 10 s SVID",
+            s.0 - prev.0
+        );
+        seen.push(s);
+    }
+}
+
+#[tokio::test]
+async fn with_the_ca_stopped_cached_svids_keep_flowing_and_rotation_resumes_after() {
+    let mut ca = CaProcess::start(&["--x509-svid-ttl", "16s"]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    register(
+        &ca,
+        "spiffe://example.org/steady",
+        &parent,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let mut stream = eventually("stream", || async {
+        let mut c = raw_client(&agent).await;
+        c.fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .map(|r| r.into_inner())
+    })
+    .await;
+    let first = next_svid(&mut stream).await;
+    ca.kill9();
+    // With the CA gone, new callers still get the cached SVID, never an expired one.
+    let stop_until = Instant::now() + Duration::from_secs(5);
+    let mut served = 0;
+    while Instant::now() < stop_until {
+        let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+        assert!(
+            out.status.success(),
+            "cached SVID not served during the outage: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v[0]["expires_at"].as_i64().unwrap() > unix_now(),
+            "served an expired SVID"
+        );
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(served >= 5);
+    ca.spawn();
+    // Rotation resumes: a newer SVID arrives on the open stream, still before the old one expires.
+    let next = loop {
+        let s = next_svid(&mut stream).await;
+        assert!(s.1 > s.0, "served an expired SVID");
+        if s.2 != first.2 {
+            break s;
+        }
+    };
+    assert!(next.1 > first.1);
+    assert!(
+        next.0 < first.1,
+        "rotation came after the cached SVID expired"
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("CA unreachable").count(),
+        1,
+        "outage logged once:\n{log}"
+    );
+    assert!(log.contains("CA reachable again"), "{log}");
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
+    let ca = CaProcess::start(&[]);
+    let mut agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    register(
+        &ca,
+        "spiffe://example.org/restart",
+        &parent,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    eventually("first fetch", || async {
+        let out = agent.svid_cli(&["fetch"], None);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await;
+    agent.kill9();
+    agent.spawn(None); // no join token this time
+    agent.wait_ready();
+    let agents = ca.cli_json(&["agent", "list"]);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "no second attestation");
+    assert_eq!(agents[0]["spiffe_id"], parent.as_str());
+    assert!(agent
+        .log_text()
+        .contains("resuming with the stored node SVID"));
+    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restart"));
+}
+
+#[tokio::test]
+async fn an_agent_whose_stored_node_svid_expired_asks_for_a_new_token() {
+    let ca = CaProcess::start(&["--node-svid-ttl", "3s"]);
+    let mut agent = AgentProcess::start(&ca);
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    agent.spawn(None);
+    let status = agent.child.as_mut().unwrap().wait().unwrap();
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("expired") && log.contains("join token"),
+        "{log}"
+    );
+    // Without any stored identity and no token, the message says what to do.
+    let out = Command::new(ward_bin())
+        .args(["agent", "run", "--trust-domain", TD, "--data-dir"])
+        .arg(agent.dir.join("empty"))
+        .arg("--trust-bundle")
+        .arg(agent.dir.join("bundle.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--join-token"));
+}
