@@ -93,3 +93,35 @@ impl AgentConfig {
 }
 
 pub use ward_spec::duration::parse_duration;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, "ca_adresses = [\"127.0.0.1:8081\"]\n").unwrap();
+        let e = AgentConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("ca_adresses"), "{e}");
+        std::fs::write(&p, "sync_interval = \"soon\"\n").unwrap();
+        let e = AgentConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("soon"), "{e}");
+        std::fs::write(&p, "ca_addresses = []\n").unwrap();
+        let e = AgentConfig::from_file(&p)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ca_addresses"), "{e}");
+        std::fs::write(
+            &p,
+            "ca_addresses = [\"10.0.0.1:8081\", \"10.0.0.2:8081\"]\nsync_interval = \"2s\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::from_file(&p).unwrap();
+        assert_eq!(c.ca_addresses.len(), 2);
+        assert_eq!(c.sync_interval, Duration::from_secs(2));
+    }
+}

@@ -56,11 +56,33 @@ impl CachedSvid {
     }
 }
 
-/// Everything the Workload API serves, at one moment.
+/// Everything the Workload API serves, at one moment. The maps are shared
+/// with the manager until it changes them (copy on write).
 pub struct Snapshot {
-    pub entries: HashMap<String, Arc<CachedEntry>>,
-    pub svids: HashMap<String, Arc<CachedSvid>>,
+    pub entries: Arc<HashMap<String, Arc<CachedEntry>>>,
+    pub svids: Arc<HashMap<String, Arc<CachedSvid>>>,
+    /// Selector → IDs of the entries that require it: a caller's candidate
+    /// entries are found from its few selectors, not by scanning every entry.
+    pub by_selector: Arc<HashMap<String, Vec<String>>>,
     pub bundle: Arc<TrustBundle>,
+}
+
+impl Snapshot {
+    /// Entries whose selectors are all among the caller's (sorted `selectors`), in ID order.
+    pub fn matching(&self, selectors: &[String]) -> Vec<Arc<CachedEntry>> {
+        let mut ids: Vec<&String> = selectors
+            .iter()
+            .filter_map(|s| self.by_selector.get(s))
+            .flatten()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| self.entries.get(id))
+            .filter(|e| crate::attestor::matches(&e.selectors, selectors))
+            .cloned()
+            .collect()
+    }
 }
 
 pub fn unix_now() -> i64 {
@@ -87,14 +109,19 @@ pub struct Manager {
     pub resolver: SvidResolver,
     pub sync_interval: Duration,
     pub metrics: Arc<Metrics>,
-    entries: HashMap<String, Arc<CachedEntry>>,
-    svids: HashMap<String, Arc<CachedSvid>>,
+    entries: Arc<HashMap<String, Arc<CachedEntry>>>,
+    svids: Arc<HashMap<String, Arc<CachedSvid>>>,
+    by_selector: Arc<HashMap<String, Vec<String>>>,
+    /// Entries changed since the selector index was built.
+    entries_changed: bool,
     bundle: Arc<TrustBundle>,
     revision: u64,
     node_renew_at: i64,
     ca_up: bool,
     backoff: Backoff,
     retry_at: Option<Instant>,
+    /// The cache changed since the last published snapshot.
+    dirty: bool,
     published: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
@@ -118,14 +145,17 @@ impl Manager {
                 resolver,
                 sync_interval,
                 metrics,
-                entries: HashMap::new(),
-                svids: HashMap::new(),
+                entries: Arc::default(),
+                svids: Arc::default(),
+                by_selector: Arc::default(),
+                entries_changed: true,
                 bundle: Arc::new(bundle),
                 revision: 0,
                 node_renew_at,
                 ca_up: true,
                 backoff: Backoff::default(),
                 retry_at: None,
+                dirty: true,
                 published,
             },
             rx,
@@ -279,14 +309,18 @@ impl Manager {
             for e in page.entries {
                 match to_cached(e) {
                     Ok(e) => {
-                        self.entries.insert(e.id.clone(), Arc::new(e));
+                        Arc::make_mut(&mut self.entries).insert(e.id.clone(), Arc::new(e));
+                        self.dirty = true;
+                        self.entries_changed = true;
                     }
                     Err(err) => tracing::warn!(error = %err, "ignoring an entry the CA sent"),
                 }
             }
             for id in page.deleted_entry_ids {
-                self.entries.remove(&id);
-                self.svids.remove(&id);
+                Arc::make_mut(&mut self.entries).remove(&id);
+                Arc::make_mut(&mut self.svids).remove(&id);
+                self.dirty = true;
+                self.entries_changed = true;
             }
             self.revision = page.revision;
             if !page.more {
@@ -309,6 +343,7 @@ impl Manager {
             self.state.save_bundle(&bundle).map_err(|e| e.to_string())?;
             tracing::info!(sequence = bundle.sequence, "trust bundle updated");
             self.bundle = Arc::new(bundle);
+            self.dirty = true;
         }
         Ok(())
     }
@@ -326,16 +361,26 @@ impl Manager {
             .cloned()
             .collect();
         for batch in due.chunks(SIGN_BATCH) {
-            let mut keys = Vec::with_capacity(batch.len());
-            let mut requests = Vec::with_capacity(batch.len());
-            for e in batch {
-                let key = KeyPair::generate().map_err(|e| e.to_string())?;
-                requests.push(pb::SignX509SvidRequest {
-                    entry_id: e.id.clone(),
-                    csr: csr_for(&key, &e.spiffe_id)?,
-                });
-                keys.push(key);
-            }
+            // Key generation is CPU work: keep it off the threads that answer workloads.
+            let wanted: Vec<(String, SpiffeId)> = batch
+                .iter()
+                .map(|e| (e.id.clone(), e.spiffe_id.clone()))
+                .collect();
+            let (keys, requests) = tokio::task::spawn_blocking(move || {
+                let mut keys = Vec::with_capacity(wanted.len());
+                let mut requests = Vec::with_capacity(wanted.len());
+                for (entry_id, id) in wanted {
+                    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+                    requests.push(pb::SignX509SvidRequest {
+                        entry_id,
+                        csr: csr_for(&key, &id)?,
+                    });
+                    keys.push(key);
+                }
+                Ok::<_, String>((keys, requests))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
             let mut c = self.client().await?;
             let results = match c
                 .batch_sign_x509_svid(pb::BatchSignX509SvidRequest { requests })
@@ -354,7 +399,8 @@ impl Manager {
                 };
                 let (_, na) = ward_spec::svid::validity(leaf).map_err(|e| e.to_string())?;
                 let rotated = self.svids.contains_key(&entry.id);
-                self.svids.insert(
+                self.dirty = true;
+                Arc::make_mut(&mut self.svids).insert(
                     entry.id.clone(),
                     Arc::new(CachedSvid {
                         entry_id: entry.id.clone(),
@@ -376,37 +422,37 @@ impl Manager {
 
     fn drop_expired(&mut self) {
         let now = unix_now();
-        self.svids.retain(|_, s| !s.expired(now));
-        self.svids.retain(|id, _| self.entries.contains_key(id));
+        let entries = &self.entries;
+        let stale = |id: &String, s: &Arc<CachedSvid>| s.expired(now) || !entries.contains_key(id);
+        if self.svids.iter().any(|(id, s)| stale(id, s)) {
+            Arc::make_mut(&mut self.svids).retain(|id, s| !stale(id, s));
+            self.dirty = true;
+        }
     }
 
+    /// Publishes a new snapshot if anything changed since the last one.
     fn publish(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        if self.entries_changed {
+            let mut index: HashMap<String, Vec<String>> = HashMap::new();
+            for e in self.entries.values() {
+                for sel in &e.selectors {
+                    index.entry(sel.clone()).or_default().push(e.id.clone());
+                }
+            }
+            self.by_selector = Arc::new(index);
+            self.entries_changed = false;
+        }
         self.metrics.cached_svids.set(self.svids.len() as i64);
-        let snap = Snapshot {
+        self.published.send_replace(Some(Arc::new(Snapshot {
             entries: self.entries.clone(),
             svids: self.svids.clone(),
+            by_selector: self.by_selector.clone(),
             bundle: self.bundle.clone(),
-        };
-        self.published.send_if_modified(|cur| {
-            let changed = match cur {
-                None => true,
-                Some(c) => {
-                    !Arc::ptr_eq(&c.bundle, &snap.bundle)
-                        || c.entries.len() != snap.entries.len()
-                        || c.svids.len() != snap.svids.len()
-                        || c.entries
-                            .iter()
-                            .any(|(k, v)| snap.entries.get(k).is_none_or(|n| !Arc::ptr_eq(v, n)))
-                        || c.svids
-                            .iter()
-                            .any(|(k, v)| snap.svids.get(k).is_none_or(|n| !Arc::ptr_eq(v, n)))
-                }
-            };
-            if changed {
-                *cur = Some(Arc::new(snap));
-            }
-            changed
-        });
+        })));
     }
 }
 

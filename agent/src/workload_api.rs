@@ -19,7 +19,7 @@ use ward_spec::proto::node::v1 as node_pb;
 use ward_spec::proto::workload as pb;
 use ward_spec::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 
-use crate::attestor::{matches, Attestor, PeerCred};
+use crate::attestor::{Attestor, PeerCred};
 use crate::ca_client::CaClient;
 use crate::manager::{unix_now, CachedEntry, Snapshot};
 use crate::metrics::Metrics;
@@ -110,14 +110,7 @@ impl WorkloadApi {
 
 /// Entries the caller's selectors match, in entry-ID order.
 fn matching(snap: &Snapshot, selectors: &[String]) -> Vec<Arc<CachedEntry>> {
-    let mut v: Vec<_> = snap
-        .entries
-        .values()
-        .filter(|e| matches(&e.selectors, selectors))
-        .cloned()
-        .collect();
-    v.sort_by(|a, b| a.id.cmp(&b.id));
-    v
+    snap.matching(selectors)
 }
 
 fn no_identity() -> Status {
