@@ -4,6 +4,7 @@ mod admin;
 mod agent;
 mod ca;
 mod output;
+mod policy;
 mod svid;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ pub enum Command {
     /// The node agent, and the agents known to the CA.
     #[command(subcommand)]
     Agent(admin::AgentCommand),
+    /// Cedar policies: validate, format, test, explain, matrix.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Workload API clients: fetch and validate SVIDs.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
@@ -70,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(c) => admin::agent(c, cli.output).await,
         Command::Bundle(c) => admin::bundle(c, cli.output).await,
         Command::Svid(c) => svid::run(c, cli.output).await,
+        Command::Policy(c) => policy::run(c, cli.output).await,
     }
 }
 

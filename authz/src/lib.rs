@@ -1,8 +1,25 @@
-//! Ward's authorizer.
+//! Ward's authorizer: Cedar decisions for every connection and admin action.
 //!
-//! Not built yet. It will turn a verified peer SPIFFE ID into Cedar entities
-//! (workload, tenant, namespace, service) through the trust domain's ID
-//! template, evaluate the active policy set (swapped atomically, validated
-//! against `policies/ward.cedarschema` before it becomes active) and log each
-//! decision as one JSON line. The proxy calls it per stream, the CA per admin call.
+//! Data flows like this. Policy files (`.cedar`) are parsed, named by their
+//! `@id` annotations and validated in strict mode against
+//! `policies/ward.cedarschema` ([`policy`]); only a valid set becomes active,
+//! swapped in atomically ([`authorizer`]), and a directory can be hot-reloaded
+//! ([`reload`]). A decision builds Cedar entities from the two SPIFFE IDs
+//! through the trust domain's ID [`template`] (tenant, namespace, service),
+//! evaluates the active set, and denies on any evaluation error. Cross-tenant
+//! requests are first put to the annotated exception policies alone, whose
+//! verdict reaches the tenant-isolation guard as `context.cross_tenant_exception`.
+//! Every decision can be written as one JSON line ([`log`]). The `ward policy`
+//! commands use [`testcase`] and [`matrix`].
 #![forbid(unsafe_code)]
+
+pub mod authorizer;
+pub mod log;
+pub mod matrix;
+pub mod policy;
+pub mod reload;
+pub mod template;
+pub mod testcase;
+
+pub use authorizer::{AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode};
+pub use template::IdTemplate;

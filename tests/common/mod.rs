@@ -464,8 +464,9 @@ pub fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
 }
 
-/// A Python with py-spiffe (PyPI `spiffe`), in a virtualenv under target/,
-/// created on first use.
+/// A Python with the independent clients the tests use — py-spiffe (PyPI
+/// `spiffe`) and cedarpy (the official Cedar engine's Python binding) — in a
+/// virtualenv under target/, created on first use.
 pub fn py_spiffe() -> PathBuf {
     static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PY.get_or_init(|| {
@@ -473,7 +474,7 @@ pub fn py_spiffe() -> PathBuf {
         let py = venv.join("bin/python");
         let has = |py: &Path| {
             Command::new(py)
-                .args(["-c", "import spiffe"])
+                .args(["-c", "import spiffe, cedarpy"])
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
@@ -489,12 +490,15 @@ pub fn py_spiffe() -> PathBuf {
                 venv.display()
             );
             let ok = Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "spiffe==0.3.2"])
+                .args(["install", "--quiet", "spiffe==0.3.2", "cedarpy==4.12.2"])
                 .status()
                 .unwrap();
-            assert!(ok.success(), "cannot install py-spiffe from PyPI");
+            assert!(
+                ok.success(),
+                "cannot install py-spiffe and cedarpy from PyPI"
+            );
         }
-        assert!(has(&py), "py-spiffe is not importable");
+        assert!(has(&py), "py-spiffe or cedarpy is not importable");
         py
     })
     .clone()

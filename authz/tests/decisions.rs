@@ -1,0 +1,315 @@
+//! The authorizer's semantics, on the repository's schema and example policies.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ward_authz::policy::{read_dir, read_schema, SourceFile};
+use ward_authz::reload::{load_dir, watch_dir, ReloadStats};
+use ward_authz::testcase::{run, CaseFile};
+use ward_authz::{Authorizer, ConnectContext, IdTemplate, Mode};
+use ward_spec::SpiffeId;
+
+fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+fn schema() -> cedar_policy::Schema {
+    read_schema(&policies_dir().join("ward.cedarschema")).unwrap()
+}
+
+fn authz(mode: Mode) -> Authorizer {
+    Authorizer::new(schema(), IdTemplate::default(), mode, None)
+}
+
+fn file(name: &str, text: &str) -> SourceFile {
+    SourceFile {
+        name: name.into(),
+        text: text.into(),
+    }
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn w(tenant: &str, svc: &str) -> SpiffeId {
+    id(&format!(
+        "spiffe://example.org/tenant/{tenant}/ns/prod/sa/{svc}"
+    ))
+}
+
+fn ctx(port: u16) -> ConnectContext {
+    ConnectContext {
+        destination_port: port,
+        source_address: IpAddr::from([10, 0, 0, 1]),
+    }
+}
+
+#[test]
+fn example_policies_validate_and_every_policy_test_case_passes() {
+    let a = authz(Mode::Enforce);
+    a.load(&read_dir(&policies_dir()).unwrap()).unwrap();
+    let mut total = 0;
+    for f in ["connections.toml", "admin.toml"] {
+        let text = std::fs::read_to_string(policies_dir().join("tests").join(f)).unwrap();
+        let cases: CaseFile = toml::from_str(&text).unwrap();
+        for r in run(&a, &cases.cases, &IdTemplate::default()) {
+            assert!(r.passed, "{f}: {}: {}", r.name, r.detail);
+            total += 1;
+        }
+    }
+    assert!(total >= 15);
+}
+
+#[test]
+fn no_policy_means_deny() {
+    let a = authz(Mode::Enforce);
+    let d = a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(80));
+    assert!(!d.allowed && d.policies.is_empty() && d.errors.is_empty());
+}
+
+#[test]
+fn forbid_wins_over_permit() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file("p.cedar", r#"
+        @id("all") permit (principal, action == Ward::Action::"connect", resource);
+        @id("no-db") forbid (principal, action == Ward::Action::"connect", resource is Ward::Workload) when { resource.service == "db" };
+    "#)])
+    .unwrap();
+    assert!(
+        a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(80))
+            .allowed
+    );
+    let d = a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80));
+    assert!(!d.allowed);
+    assert_eq!(d.policies, ["no-db"]);
+}
+
+#[test]
+fn a_policy_that_errors_denies_and_the_error_is_logged() {
+    let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = ward_authz::log::DecisionLog::new(Box::new(Sink(out.clone())));
+    let a = Authorizer::new(schema(), IdTemplate::default(), Mode::Enforce, Some(log));
+    // The forbid overflows at evaluation. Cedar alone would skip it and allow.
+    a.load(&[file(
+        "p.cedar",
+        r#"
+        @id("all") permit (principal, action == Ward::Action::"connect", resource);
+        @id("overflow") forbid (principal, action == Ward::Action::"connect", resource)
+          when { context.destination_port * 9223372036854775807 > 0 };
+    "#,
+    )])
+    .unwrap();
+    let d = a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(443));
+    assert!(!d.allowed, "an erroring policy must fail closed");
+    assert_eq!(d.errors.len(), 1, "{:?}", d.errors);
+    assert!(d.errors[0].contains("overflow"), "{:?}", d.errors);
+    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(
+        line["principal"],
+        "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+    );
+    assert_eq!(line["action"], "connect");
+    assert_eq!(
+        line["resource"],
+        "spiffe://example.org/tenant/acme/ns/prod/sa/api"
+    );
+    assert_eq!(line["context"]["destination_port"], 443);
+    assert!(line["errors"][0].as_str().unwrap().contains("overflow"));
+    for key in ["time", "decision_id", "policies", "duration_us", "mode"] {
+        assert!(
+            line.get(key).is_some(),
+            "decision log line lacks {key}: {line}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_policy_set_is_refused_with_positions_and_the_previous_set_stays() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file("good.cedar", r#"@id("web-api") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "api" };"#)])
+        .unwrap();
+    let v = a.version();
+    let errs = a
+        .load(&[file("bad.cedar", "\n\n@id(\"typo\") permit (principal, action == Ward::Action::\"connect\", resource) when { resource.servce == \"api\" };")])
+        .unwrap_err();
+    assert_eq!(errs[0].file, "bad.cedar");
+    assert_eq!(errs[0].line, 3, "{}", errs[0]);
+    assert!(errs[0].column > 1, "{}", errs[0]);
+    assert!(errs[0].message.contains("servce"), "{}", errs[0]);
+    let syntax = a
+        .load(&[file("syntax.cedar", "permit (principal, action, resource")])
+        .unwrap_err();
+    assert_eq!(syntax[0].line, 1, "{}", syntax[0]);
+    assert_eq!(a.version(), v, "the rejected sets never became active");
+    assert!(
+        a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(80))
+            .allowed
+    );
+}
+
+#[test]
+fn dry_run_decides_and_logs_but_lets_the_request_through() {
+    let a = authz(Mode::DryRun);
+    let d = a.decide_connect(&w("acme", "web"), &w("globex", "api"), &ctx(80));
+    assert!(!d.allowed);
+    assert!(d.permitted);
+    let e = authz(Mode::Enforce).decide_connect(&w("acme", "web"), &w("globex", "api"), &ctx(80));
+    assert!(!e.permitted);
+}
+
+/// Two sets whose policies both apply to the same request: a decision must
+/// name exactly one set's pair, never a mix.
+#[test]
+fn hot_swaps_under_load_never_show_a_mixed_set() {
+    let set = |tag: &str| {
+        vec![file(&format!("{tag}.cedar"), &format!(
+            "@id(\"{tag}-1\") permit (principal, action == Ward::Action::\"connect\", resource);\n\
+             @id(\"{tag}-2\") permit (principal, action == Ward::Action::\"connect\", resource) when {{ context.destination_port > 0 }};"
+        ))]
+    };
+    let a = Arc::new(authz(Mode::Enforce));
+    a.load(&set("a")).unwrap();
+    let compiled_a = ward_authz::policy::compile(&set("a"), a.schema()).unwrap();
+    let compiled_b = ward_authz::policy::compile(&set("b"), a.schema()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let decisions = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..3 {
+        let (a, stop, decisions) = (a.clone(), stop.clone(), decisions.clone());
+        threads.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let d = a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(80));
+                assert!(d.errors.is_empty(), "{:?}", d.errors);
+                assert!(d.allowed);
+                let ok = d.policies == ["a-1", "a-2"] || d.policies == ["b-1", "b-2"];
+                assert!(ok, "mixed or partial set: {:?}", d.policies);
+                decisions.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for i in 0..400 {
+        a.install(if i % 2 == 0 {
+            compiled_b.clone()
+        } else {
+            compiled_a.clone()
+        });
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a deciding thread saw an inconsistent set");
+    }
+    assert!(decisions.load(Ordering::Relaxed) > 1000);
+    assert_eq!(a.version(), 401);
+}
+
+#[test]
+fn a_watched_directory_reloads_good_sets_and_keeps_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.cedar");
+    std::fs::write(&p, r#"@id("deny-all-but-api") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "api" };"#).unwrap();
+    let a = Arc::new(authz(Mode::Enforce));
+    let stats = Arc::new(ReloadStats::default());
+    assert!(load_dir(&a, dir.path(), &stats));
+    let _watch = watch_dir(
+        a.clone(),
+        dir.path().to_owned(),
+        Duration::from_millis(50),
+        stats.clone(),
+    );
+    assert!(
+        !a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
+            .allowed
+    );
+    std::fs::write(&p, r#"@id("db-too") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "db" };"#).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a
+        .decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
+        .allowed
+    {
+        assert!(Instant::now() < deadline, "new set not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(
+        &p,
+        "permit (principal, action, resource) when { nonsense };",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.rejected.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "bad set not noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
+            .allowed,
+        "last good set stays"
+    );
+}
+
+mod isolation {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SERVICES: &[&str] = &[
+        "web",
+        "api",
+        "db",
+        "billing",
+        "invoices",
+        "oncall-debug",
+        "cache",
+        "auth",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3))]
+        /// Every ordered pair of a generated population (≥ 100 workloads, ≥ 5
+        /// tenants, the demo tenants among them) against the example policies:
+        /// no cross-tenant allow except through an annotated exception.
+        #[test]
+        fn no_cross_tenant_allow_outside_the_annotated_exceptions(
+            extra_tenants in proptest::collection::vec("[a-z]{3,8}", 3..6),
+            picks in proptest::collection::vec((0usize..8, 0usize..8, "[a-z]{1,6}"), 100..120),
+        ) {
+            let a = authz(Mode::Enforce);
+            a.load(&read_dir(&policies_dir()).unwrap()).unwrap();
+            let mut tenants = vec!["acme".to_string(), "globex".to_string()];
+            tenants.extend(extra_tenants);
+            tenants.sort();
+            tenants.dedup();
+            prop_assume!(tenants.len() >= 5);
+            let workloads: Vec<SpiffeId> = picks
+                .iter()
+                .map(|(t, s, ns)| id(&format!("spiffe://example.org/tenant/{}/ns/{ns}/sa/{}", tenants[t % tenants.len()], SERVICES[*s])))
+                .collect();
+            let exceptions = a.exception_ids();
+            let m = ward_authz::matrix::compute(&a, &IdTemplate::default(), &workloads, &[8080, 5432]);
+            for pair in &m.pairs {
+                if pair.cross_tenant {
+                    prop_assert!(pair.policies.iter().any(|p| exceptions.contains(p)),
+                        "cross-tenant allow without exception: {} -> {} by {:?}", pair.principal, pair.resource, pair.policies);
+                }
+            }
+            prop_assert_eq!(m.violations().count(), 0);
+        }
+    }
+}

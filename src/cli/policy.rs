@@ -1,0 +1,312 @@
+//! `ward policy …`: author, check, test and explain Cedar policies.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use serde_json::json;
+use ward_authz::policy::{format, read_dir, read_schema, PolicyError};
+use ward_authz::testcase::{run as run_cases, CaseFile};
+use ward_authz::{Authorizer, IdTemplate, Mode};
+
+use super::output::print_json;
+use super::Output;
+
+#[derive(clap::Args, Clone)]
+pub struct PolicySource {
+    /// Policy directory (`.cedar` files).
+    #[arg(long = "policies", default_value = "policies")]
+    dir: PathBuf,
+    /// Cedar schema. Default: ward.cedarschema in the policy directory.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Workload ID template of the trust domain.
+    #[arg(long, default_value = ward_authz::template::DEFAULT_TEMPLATE)]
+    template: String,
+}
+
+impl PolicySource {
+    fn schema_path(&self) -> PathBuf {
+        self.schema
+            .clone()
+            .unwrap_or_else(|| self.dir.join("ward.cedarschema"))
+    }
+
+    /// An authorizer with this directory's policies loaded, or every error.
+    fn authorizer(&self) -> anyhow::Result<(Authorizer, IdTemplate)> {
+        let template = IdTemplate::parse(&self.template)?;
+        let schema = read_schema(&self.schema_path()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let authz = Authorizer::new(schema, template.clone(), Mode::Enforce, None);
+        let files = read_dir(&self.dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        authz.load(&files).map_err(report)?;
+        Ok((authz, template))
+    }
+}
+
+fn report(errors: Vec<PolicyError>) -> anyhow::Error {
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    anyhow::anyhow!(
+        "{} error{} in the policy set",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    )
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Parse and validate (strict mode) a policy directory against the schema.
+    #[command(after_help = "Example:\n  ward policy validate policies/")]
+    Validate {
+        /// Policy directory (default: policies).
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Format policy files (or, with --check, list those that are not formatted).
+    #[command(after_help = "Example:\n  ward policy fmt --check policies/")]
+    Fmt {
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run policy test cases (TOML) against a policy directory.
+    #[command(
+        after_help = "Example:\n  ward policy test policies/tests/*.toml --policies policies/"
+    )]
+    Test {
+        /// Case files. Default: <policies>/tests/*.toml
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+    /// Decide one request and show the policies that determined it.
+    #[command(
+        after_help = "Example:\n  ward policy explain --principal spiffe://example.org/tenant/acme/ns/prod/sa/web \\\n    --resource spiffe://example.org/tenant/acme/ns/prod/sa/api --context '{\"destination_port\": 8080}'"
+    )]
+    Explain {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        resource: String,
+        #[arg(long, default_value = "connect")]
+        action: String,
+        /// JSON: destination_port, source_address.
+        #[arg(long)]
+        context: Option<String>,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+    /// Who may connect to whom among listed workloads, and a tenant-isolation report.
+    #[command(
+        after_help = "Example:\n  ward policy matrix --workloads policies/demo-workloads.txt --port 8080 --port 5432"
+    )]
+    Matrix {
+        /// A file with one SPIFFE ID per line.
+        #[arg(long)]
+        workloads: PathBuf,
+        /// Destination ports to evaluate (a pair is allowed if any port is). Default 8080
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+}
+
+pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Validate { dir, schema } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("policies"));
+            let schema_path = schema.unwrap_or_else(|| dir.join("ward.cedarschema"));
+            let schema = read_schema(&schema_path).map_err(|e| report(vec![e]))?;
+            let files = read_dir(&dir).map_err(|e| report(vec![e]))?;
+            let compiled = ward_authz::policy::compile(&files, &schema).map_err(report)?;
+            let n = compiled.origins.len();
+            match out {
+                Output::Json => {
+                    print_json(&json!({"valid": true, "policies": n, "files": files.len()}))
+                }
+                Output::Human => println!(
+                    "OK: {n} policies in {} files validate against {}",
+                    files.len(),
+                    schema_path.display()
+                ),
+            }
+        }
+        PolicyCommand::Fmt { dir, check } => {
+            fmt(&dir.unwrap_or_else(|| PathBuf::from("policies")), check)?
+        }
+        PolicyCommand::Test { files, source } => {
+            let (authz, template) = source.authorizer()?;
+            let files = if files.is_empty() {
+                default_cases(&source.dir)?
+            } else {
+                files
+            };
+            let (mut passed, mut failed) = (0, 0);
+            for f in &files {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let cases: CaseFile =
+                    toml::from_str(&text).with_context(|| format!("{}", f.display()))?;
+                for r in run_cases(&authz, &cases.cases, &template) {
+                    if r.passed {
+                        passed += 1;
+                        println!("ok    {}", r.name);
+                    } else {
+                        failed += 1;
+                        println!("FAIL  {}: {}", r.name, r.detail);
+                    }
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            if failed > 0 {
+                bail!(
+                    "{failed} policy test case{} failed",
+                    if failed == 1 { "" } else { "s" }
+                );
+            }
+        }
+        PolicyCommand::Explain {
+            principal,
+            resource,
+            action,
+            context,
+            source,
+        } => {
+            let (authz, template) = source.authorizer()?;
+            let ctx: ward_authz::testcase::CaseContext = match context {
+                Some(c) => serde_json::from_str(&c)
+                    .context("--context must be JSON like {\"destination_port\": 8080}")?,
+                None => Default::default(),
+            };
+            let case = ward_authz::testcase::Case {
+                name: String::new(),
+                principal,
+                resource,
+                action,
+                context: ctx,
+                decision: String::new(),
+                policies: None,
+            };
+            let d = ward_authz::testcase::decide(&authz, &case, &template)
+                .map_err(anyhow::Error::msg)?;
+            match out {
+                Output::Json => print_json(&serde_json::to_value(&d)?),
+                Output::Human => {
+                    println!("Decision:  {}", if d.allowed { "ALLOW" } else { "DENY" });
+                    if d.policies.is_empty() {
+                        println!("Policies:  none matched (default deny)");
+                    }
+                    for p in &d.policies {
+                        println!("Policy:    {p}");
+                    }
+                    for e in &d.errors {
+                        println!("Error:     {e}");
+                    }
+                }
+            }
+        }
+        PolicyCommand::Matrix {
+            workloads,
+            ports,
+            source,
+        } => {
+            let (authz, template) = source.authorizer()?;
+            let text = std::fs::read_to_string(&workloads)
+                .with_context(|| format!("cannot read {}", workloads.display()))?;
+            let list = ward_authz::matrix::parse_workloads(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
+            let ports = if ports.is_empty() { vec![8080] } else { ports };
+            let m = ward_authz::matrix::compute(&authz, &template, &list, &ports);
+            let violations: Vec<_> = m.violations().collect();
+            match out {
+                Output::Json => print_json(&json!({
+                    "allowed": m.pairs.iter().map(|a| json!({
+                        "principal": a.principal.to_string(), "resource": a.resource.to_string(), "port": a.port,
+                        "policies": a.policies, "cross_tenant": a.cross_tenant, "covered_by_exception": a.covered_by_exception,
+                    })).collect::<Vec<_>>(),
+                    "violations": violations.len(),
+                })),
+                Output::Human => {
+                    print!("{}", ward_authz::matrix::render(&m, &template));
+                    println!("\nAllowed connections ({}):", m.pairs.len());
+                    for a in &m.pairs {
+                        println!(
+                            "  {} → {} (port {}): {}",
+                            ward_authz::matrix::label(&template, &a.principal),
+                            ward_authz::matrix::label(&template, &a.resource),
+                            a.port,
+                            a.policies.join(", ")
+                        );
+                    }
+                    let cross: Vec<_> = m.pairs.iter().filter(|a| a.cross_tenant).collect();
+                    println!(
+                        "\nTenant isolation: {} cross-tenant allow{}",
+                        cross.len(),
+                        if cross.len() == 1 { "" } else { "s" }
+                    );
+                    for a in &cross {
+                        println!(
+                            "  {} {} → {}",
+                            if a.covered_by_exception {
+                                "exception "
+                            } else {
+                                "VIOLATION "
+                            },
+                            a.principal,
+                            a.resource
+                        );
+                    }
+                }
+            }
+            if !violations.is_empty() {
+                bail!(
+                    "{} cross-tenant allow{} not covered by an @cross_tenant_exception policy",
+                    violations.len(),
+                    if violations.len() == 1 { "" } else { "s" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn default_cases(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let tests = dir.join("tests");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&tests)
+        .with_context(|| format!("no case files given and cannot read {}", tests.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn fmt(dir: &Path, check: bool) -> anyhow::Result<()> {
+    let files = read_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut unformatted = Vec::new();
+    for f in &files {
+        let pretty = format(&f.text).map_err(|e| anyhow::anyhow!("{}: {e}", f.name))?;
+        if pretty != f.text {
+            if check {
+                unformatted.push(f.name.clone());
+            } else {
+                ward_spec::files::write_atomic(Path::new(&f.name), pretty.as_bytes(), false)?;
+                println!("formatted {}", f.name);
+            }
+        }
+    }
+    if !unformatted.is_empty() {
+        for f in &unformatted {
+            println!("not formatted: {f}");
+        }
+        bail!(
+            "{} file{} need `ward policy fmt`",
+            unformatted.len(),
+            if unformatted.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(())
+}
