@@ -36,6 +36,9 @@ pub enum Mode {
 pub struct ConnectContext {
     pub destination_port: u16,
     pub source_address: IpAddr,
+    /// Decide as of this Unix time instead of now (for policy tests and explain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<i64>,
 }
 
 /// An admin action on the control plane.
@@ -84,10 +87,59 @@ pub struct Decision {
 }
 
 struct Active {
-    policies: PolicySet,
+    /// Policies not bound to one tenant by their principal scope.
+    unscoped: PolicySet,
+    /// For each tenant named in a principal scope (`principal in Ward::Tenant::"t"`):
+    /// the unscoped policies plus that tenant's. A principal of tenant `t`
+    /// cannot match a policy scoped to another tenant, so evaluating this
+    /// slice gives the same decision as the whole set, in less time.
+    by_tenant: HashMap<String, PolicySet>,
     exceptions: PolicySet,
     exception_ids: Vec<String>,
     version: u64,
+}
+
+impl Active {
+    fn slice(&self, tenant: &str, templated: bool) -> &PolicySet {
+        if templated {
+            if let Some(s) = self.by_tenant.get(tenant) {
+                return s;
+            }
+        }
+        &self.unscoped
+    }
+}
+
+/// Splits a policy set by the tenant its principal scope names, if any.
+fn slice_by_tenant(all: &PolicySet) -> (PolicySet, HashMap<String, PolicySet>) {
+    use cedar_policy::PrincipalConstraint as P;
+    let tenant_of = |p: &cedar_policy::Policy| match p.principal_constraint() {
+        P::In(u) | P::IsIn(_, u) if u.type_name().to_string() == "Ward::Tenant" => {
+            Some(u.id().unescaped().to_owned())
+        }
+        _ => None,
+    };
+    let mut unscoped = PolicySet::new();
+    let mut scoped: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
+    for p in all.policies() {
+        match tenant_of(p) {
+            Some(t) => scoped.entry(t).or_default().push(p.clone()),
+            None => {
+                let _ = unscoped.add(p.clone());
+            }
+        }
+    }
+    let by_tenant = scoped
+        .into_iter()
+        .map(|(t, ps)| {
+            let mut set = unscoped.clone();
+            for p in ps {
+                let _ = set.add(p);
+            }
+            (t, set)
+        })
+        .collect();
+    (unscoped, by_tenant)
 }
 
 pub struct Authorizer {
@@ -124,7 +176,8 @@ impl Authorizer {
             trust_domain_attr: true,
             mode,
             active: ArcSwap::from_pointee(Active {
-                policies: PolicySet::new(),
+                unscoped: PolicySet::new(),
+                by_tenant: HashMap::new(),
                 exceptions: PolicySet::new(),
                 exception_ids: Vec::new(),
                 version: 0,
@@ -160,8 +213,10 @@ impl Authorizer {
             .policies()
             .map(|p| p.id().to_string())
             .collect();
+        let (unscoped, by_tenant) = slice_by_tenant(&c.all);
         self.active.store(Arc::new(Active {
-            policies: c.all,
+            unscoped,
+            by_tenant,
             exceptions: c.exceptions,
             exception_ids,
             version,
@@ -267,8 +322,9 @@ impl Authorizer {
                 Err(e) => errors.push(e),
             }
         }
+        let set = active.slice(&p_tenant, p_templated);
         let (allowed, policies) =
-            match self.evaluate(&active.policies, &p_uid, &r_uid, ctx, exception, &entities) {
+            match self.evaluate(set, &p_uid, &r_uid, ctx, exception, &entities) {
                 Ok((allowed, policies, errs)) => {
                     errors.extend(errs);
                     (allowed, policies)
@@ -304,7 +360,10 @@ impl Authorizer {
                 "source_address".to_owned(),
                 RestrictedExpression::new_ip(ctx.source_address.to_string()),
             ),
-            ("now".to_owned(), RestrictedExpression::new_long(now_unix())),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(ctx.at.unwrap_or_else(now_unix)),
+            ),
             (
                 "cross_tenant_exception".to_owned(),
                 RestrictedExpression::new_bool(exception),
@@ -340,6 +399,7 @@ impl Authorizer {
         let active = self.active.load();
         let tenant = uid(&self.tenant_type, resource_tenant);
         let mut ents = vec![Entity::new_no_attrs(tenant.clone(), HashSet::new())];
+        let mut p_tenant = String::new();
         let (p_uid, p_name) = match principal {
             AdminPrincipal::Operator => {
                 let u = uid(&type_name("Ward::Operator"), "local");
@@ -348,6 +408,7 @@ impl Authorizer {
             }
             AdminPrincipal::Admin(id) => {
                 let t = self.template.read(id).map(|p| p.tenant).unwrap_or_default();
+                p_tenant = t.clone();
                 let u = uid(&type_name("Ward::Admin"), &id.to_string());
                 let mut parents = HashSet::new();
                 if !t.is_empty() {
@@ -404,7 +465,8 @@ impl Authorizer {
             .map_err(|e| e.to_string())?;
             let req =
                 Request::new(p_uid, action_uid, r_uid, context, None).map_err(|e| e.to_string())?;
-            let resp = self.cedar.is_authorized(&req, &active.policies, &entities);
+            let set = active.slice(&p_tenant, !p_tenant.is_empty());
+            let resp = self.cedar.is_authorized(&req, set, &entities);
             let d = resp.diagnostics();
             Ok::<_, String>((
                 resp.decision() == CedarDecision::Allow,

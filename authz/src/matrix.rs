@@ -74,6 +74,7 @@ pub fn compute(
                     &ConnectContext {
                         destination_port: port,
                         source_address: IpAddr::from([127, 0, 0, 1]),
+                        at: None,
                     },
                 );
                 if d.allowed {

@@ -8,7 +8,7 @@
 //! principal = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
 //! resource = "spiffe://example.org/tenant/acme/ns/prod/sa/api"
 //! action = "connect"                 # or create_entry, update_entry, delete_entry, create_join_token
-//! context = { destination_port = 8080, source_address = "10.0.0.7" }
+//! context = { destination_port = 8080, source_address = "10.0.0.7" }  # and `now` (Unix seconds)
 //! decision = "allow"                 # or "deny"
 //! policies = ["acme-web-to-api"]     # optional: the determining policy ids, exactly
 //! ```
@@ -55,6 +55,9 @@ pub struct CaseContext {
     pub destination_port: u16,
     #[serde(default = "default_addr")]
     pub source_address: IpAddr,
+    /// Decide as of this Unix time (default: now).
+    #[serde(default)]
+    pub now: Option<i64>,
 }
 
 fn default_port() -> u16 {
@@ -70,6 +73,7 @@ impl Default for CaseContext {
         CaseContext {
             destination_port: default_port(),
             source_address: default_addr(),
+            now: None,
         }
     }
 }
@@ -105,6 +109,7 @@ pub fn decide(
         let ctx = ConnectContext {
             destination_port: c.context.destination_port,
             source_address: c.context.source_address,
+            at: c.context.now,
         };
         return Ok(authz.decide_connect(&p, &r, &ctx));
     }

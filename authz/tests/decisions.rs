@@ -46,6 +46,7 @@ fn ctx(port: u16) -> ConnectContext {
     ConnectContext {
         destination_port: port,
         source_address: IpAddr::from([10, 0, 0, 1]),
+        at: None,
     }
 }
 
