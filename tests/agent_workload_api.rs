@@ -242,7 +242,8 @@ async fn next_svid(stream: &mut tonic::Streaming<X509svidResponse>) -> (i64, i64
 
 #[tokio::test]
 async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry() {
-    let ca = CaProcess::start(&["--x509-svid-ttl", "10s"]);
+    // The node SVID is short too: the agent must renew it while it streams.
+    let ca = CaProcess::start(&["--x509-svid-ttl", "10s", "--node-svid-ttl", "10s"]);
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
     register(
@@ -279,6 +280,16 @@ async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry(
         );
         seen.push(s);
     }
+    let renewals = agent.log_text().matches("renewed the node SVID").count();
+    assert!(
+        renewals >= 3,
+        "node SVID renewed {renewals} times in ~30 s with a 10 s TTL"
+    );
+    assert_eq!(
+        ca.cli_json(&["agent", "list"]).as_array().unwrap().len(),
+        1,
+        "renewal, not re-attestation"
+    );
 }
 
 #[tokio::test]
@@ -364,8 +375,16 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     })
     .await;
     agent.kill9();
-    agent.spawn(None); // no join token this time
+    // No join token this time, and a dead CA address listed first: the agent
+    // fails over to the live one.
+    agent.ca_addrs = vec![format!("127.0.0.1:{}", free_port()), ca.node_addr.clone()];
+    agent.spawn(None);
     agent.wait_ready();
+    assert!(
+        agent.log_text().contains("failed over to another CA"),
+        "{}",
+        agent.log_text()
+    );
     let agents = ca.cli_json(&["agent", "list"]);
     assert_eq!(agents.as_array().unwrap().len(), 1, "no second attestation");
     assert_eq!(agents[0]["spiffe_id"], parent.as_str());
@@ -405,4 +424,39 @@ async fn an_agent_whose_stored_node_svid_expired_asks_for_a_new_token() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--join-token"));
+}
+
+#[tokio::test]
+async fn a_new_entry_reaches_the_agent_in_under_a_second() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    // Let the first sync settle, so only the CA's push can beat the 5 s interval.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = metric_value(&agent.health_addr, "ward_agent_cached_svids");
+    let start = Instant::now();
+    register(&ca, "spiffe://example.org/fresh", &parent, "unix:uid:4242");
+    let created = start.elapsed();
+    loop {
+        if metric_value(&agent.health_addr, "ward_agent_cached_svids") > before {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "entry not synced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reached = start.elapsed() - created;
+    assert!(
+        reached < Duration::from_secs(1),
+        "new entry reached the agent (and was signed) after {reached:?}"
+    );
+}
+
+fn metric_value(addr: &str, name: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        })
+        .unwrap_or(0.0)
 }
