@@ -7,18 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use ward_spec::TrustDomain;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
-}
+pub use ward_spec::config::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,14 +48,7 @@ impl Default for AgentConfig {
 
 impl AgentConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        ward_spec::config::load_toml(path)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

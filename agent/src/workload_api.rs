@@ -263,34 +263,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let r = async {
-            let selectors = self.caller(&req)?;
-            let snap = self.snapshot().await?;
-            if matching(&snap, &selectors).is_empty() {
-                return Err(no_identity());
-            }
-            Ok(Response::new(follow(
-                self.snapshots.clone(),
-                selectors,
-                |snap, sel| {
-                    if matching(snap, sel).is_empty() {
-                        return Err(no_identity());
-                    }
-                    let b = &snap.bundle;
-                    Ok((
-                        pb::X509BundlesResponse {
-                            crl: Vec::new(),
-                            bundles: HashMap::from([(
-                                b.trust_domain.id_string(),
-                                b.x509_der_concat(),
-                            )]),
-                        },
-                        vec![Arc::as_ptr(b) as usize],
-                    ))
-                },
-            )))
-        }
-        .await;
+        let r = self
+            .bundle_stream(&req, |b| pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
+            })
+            .await;
         self.record("FetchX509Bundles", r)
     }
 
@@ -336,30 +314,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let r = async {
-            let selectors = self.caller(&req)?;
-            let snap = self.snapshot().await?;
-            if matching(&snap, &selectors).is_empty() {
-                return Err(no_identity());
-            }
-            Ok(Response::new(follow(
-                self.snapshots.clone(),
-                selectors,
-                |snap, sel| {
-                    if matching(snap, sel).is_empty() {
-                        return Err(no_identity());
-                    }
-                    let b = &snap.bundle;
-                    Ok((
-                        pb::JwtBundlesResponse {
-                            bundles: HashMap::from([(b.trust_domain.id_string(), b.to_jwt_jwks())]),
-                        },
-                        vec![Arc::as_ptr(b) as usize],
-                    ))
-                },
-            )))
-        }
-        .await;
+        let r = self
+            .bundle_stream(&req, |b| pb::JwtBundlesResponse {
+                bundles: HashMap::from([(b.trust_domain.id_string(), b.to_jwt_jwks())]),
+            })
+            .await;
         self.record("FetchJWTBundles", r)
     }
 
@@ -397,6 +356,37 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// A stream of `render(bundle)` for a caller with an identity: now, and on
+    /// every bundle change; it ends with PermissionDenied if the caller loses
+    /// its last entry.
+    async fn bundle_stream<Req, T>(
+        &self,
+        req: &Request<Req>,
+        render: fn(&ward_spec::TrustBundle) -> T,
+    ) -> Result<Response<BoxStream<T>>, Status>
+    where
+        T: Send + 'static,
+    {
+        let selectors = self.caller(req)?;
+        let snap = self.snapshot().await?;
+        if matching(&snap, &selectors).is_empty() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(follow(
+            self.snapshots.clone(),
+            selectors,
+            move |snap, sel| {
+                if matching(snap, sel).is_empty() {
+                    return Err(no_identity());
+                }
+                Ok((
+                    render(&snap.bundle),
+                    vec![Arc::as_ptr(&snap.bundle) as usize],
+                ))
+            },
+        )))
+    }
+
     /// A cached JWT-SVID until half of its life, else a fresh one from the CA.
     async fn jwt_for(&self, e: &CachedEntry, audience: &[String]) -> Result<String, Status> {
         let key = (e.id.clone(), audience.to_vec());

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod config;
 pub mod duration;
 pub mod files;
 pub mod grpc;
