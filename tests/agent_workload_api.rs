@@ -18,22 +18,6 @@ fn agent_id(ca: &CaProcess) -> String {
         .to_owned()
 }
 
-fn register(ca: &CaProcess, spiffe_id: &str, parent: &str, selector: &str) -> String {
-    ca.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        spiffe_id,
-        "--parent-id",
-        parent,
-        "--selector",
-        selector,
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -83,7 +67,7 @@ async fn independent_clients_get_verifiable_svids_and_validate_each_others_jwts(
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
     let id = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
-    register(&ca, id, &parent, &format!("unix:uid:{}", my_uid()));
+    ca.register(id, &parent, &format!("unix:uid:{}", my_uid()));
 
     // The Rust `spiffe` crate.
     let client = eventually("spiffe crate X509-SVID", || async {
@@ -168,8 +152,8 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
-    register(&ca, "spiffe://example.org/svc-a", &parent, "unix:uid:1001");
-    register(&ca, "spiffe://example.org/svc-b", &parent, "unix:uid:1002");
+    ca.register("spiffe://example.org/svc-a", &parent, "unix:uid:1001");
+    ca.register("spiffe://example.org/svc-b", &parent, "unix:uid:1002");
 
     let fetch_as = |uid: u32| {
         let out = agent.svid_cli(&["fetch", "--output", "json"], Some(uid));
@@ -246,8 +230,7 @@ async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry(
     let ca = CaProcess::start(&["--x509-svid-ttl", "10s", "--node-svid-ttl", "10s"]);
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
-    register(
-        &ca,
+    ca.register(
         "spiffe://example.org/short",
         &parent,
         &format!("unix:uid:{}", my_uid()),
@@ -297,8 +280,7 @@ async fn with_the_ca_stopped_cached_svids_keep_flowing_and_rotation_resumes_afte
     let mut ca = CaProcess::start(&["--x509-svid-ttl", "16s"]);
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
-    register(
-        &ca,
+    ca.register(
         "spiffe://example.org/steady",
         &parent,
         &format!("unix:uid:{}", my_uid()),
@@ -359,8 +341,7 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     let ca = CaProcess::start(&[]);
     let mut agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
-    register(
-        &ca,
+    ca.register(
         "spiffe://example.org/restart",
         &parent,
         &format!("unix:uid:{}", my_uid()),
@@ -435,7 +416,7 @@ async fn a_new_entry_reaches_the_agent_in_under_a_second() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = metric_value(&agent.health_addr, "ward_agent_cached_svids");
     let start = Instant::now();
-    register(&ca, "spiffe://example.org/fresh", &parent, "unix:uid:4242");
+    ca.register("spiffe://example.org/fresh", &parent, "unix:uid:4242");
     let created = start.elapsed();
     loop {
         if metric_value(&agent.health_addr, "ward_agent_cached_svids") > before {
@@ -449,14 +430,4 @@ async fn a_new_entry_reaches_the_agent_in_under_a_second() {
         reached < Duration::from_secs(1),
         "new entry reached the agent (and was signed) after {reached:?}"
     );
-}
-
-fn metric_value(addr: &str, name: &str) -> f64 {
-    http_get(addr, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        })
-        .unwrap_or(0.0)
 }

@@ -92,33 +92,20 @@ impl CaProcess {
     }
 
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("CA exited early ({status}); log:\n{}", self.log_text());
-            }
-            if http_get(&self.health_addr, "/readyz").is_some_and(|(code, _)| code == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CA not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(
+            "CA",
+            self.child.as_mut().unwrap(),
+            &self.health_addr,
+            &self.log,
+        );
     }
 
-    /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// Runs a `ward` client command against this CA's admin socket.
@@ -150,7 +137,13 @@ impl CaProcess {
             .to_owned()
     }
 
+    /// Registers an entry for uid 1000; returns its ID.
     pub fn create_entry(&self, spiffe_id: &str, parent: &str) -> String {
+        self.register(spiffe_id, parent, "unix:uid:1000")
+    }
+
+    /// Registers an entry with one selector; returns its ID.
+    pub fn register(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
         self.cli_json(&[
             "entry",
             "create",
@@ -159,7 +152,7 @@ impl CaProcess {
             "--parent-id",
             parent,
             "--selector",
-            "unix:uid:1000",
+            selector,
         ])["id"]
             .as_str()
             .unwrap()
@@ -183,11 +176,54 @@ impl CaProcess {
 
 impl Drop for CaProcess {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// Waits until a child process answers `/readyz` with 200; panics with its
+/// log if it exits first or takes more than 30 s.
+fn wait_ready(what: &str, child: &mut Child, health_addr: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited early ({status}); log:\n{}", read_log(log));
+        }
+        if http_get(health_addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready; log:\n{}",
+            read_log(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGKILL, no chance to clean up.
+fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+fn read_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// A Prometheus sample's value from a `/metrics` endpoint (0 if absent).
+pub fn metric_value(addr: &str, name: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// A minimal HTTP/1.0 GET: (status code, body).
@@ -406,32 +442,20 @@ impl AgentProcess {
     }
 
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited early ({status}); log:\n{}", self.log_text());
-            }
-            if http_get(&self.health_addr, "/readyz").is_some_and(|(code, _)| code == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(
+            "agent",
+            self.child.as_mut().unwrap(),
+            &self.health_addr,
+            &self.log,
+        );
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// Runs a `ward svid …` command against this agent as `uid` (None: as the test).
@@ -451,7 +475,7 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
