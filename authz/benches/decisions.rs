@@ -9,7 +9,7 @@
 //! 2,000 for the 10,000-policy set, where raw Cedar takes milliseconds each).
 //! Each decision is timed on its own; p50 and p99 are reported.
 //!
-//! Run: `cargo bench -p ward-authz --bench decisions`
+//! Run: `cargo bench -p ward-authz --bench decisions` (`WARD_BENCH_POLICIES=1000` for one size)
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -64,8 +64,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn raw_entities(authz: &Authorizer, p: &SpiffeId, r: &SpiffeId) -> Entities {
-    let (_, mut e, _, _) = authz.workload_entities(p);
-    let (_, re, _, _) = authz.workload_entities(r);
+    let mut e = authz.workload_entities(p).entities;
+    let re = authz.workload_entities(r).entities;
     let seen: HashSet<EntityUid> = e.iter().map(|x| x.uid()).collect();
     e.extend(re.into_iter().filter(|x: &Entity| !seen.contains(&x.uid())));
     Entities::from_entities(e, None).unwrap()
@@ -82,7 +82,7 @@ fn main() {
     let requests: Vec<(usize, usize)> = (0..20_000)
         .map(|_| {
             let p = rng.next() % workloads.len();
-            let r = if rng.next() % 10 == 0 {
+            let r = if rng.next().is_multiple_of(10) {
                 rng.next() % workloads.len()
             } else {
                 // same tenant: same i % TENANTS
@@ -99,7 +99,15 @@ fn main() {
     };
     println!("| policies | ward p50 | ward p99 | raw Cedar p50 | raw Cedar p99 | ward/raw p50 | allowed |");
     println!("|---|---|---|---|---|---|---|");
-    for n in [10, 1_000, 10_000] {
+    // `WARD_BENCH_POLICIES=10,1000` runs only those sizes.
+    let sizes: Vec<usize> = std::env::var("WARD_BENCH_POLICIES")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("a policy count"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![10, 1_000, 10_000]);
+    for n in sizes {
         // Raw Cedar scans every policy: keep the largest run short.
         let requests = if n > 1_000 {
             &requests[..2_000]

@@ -19,6 +19,7 @@ use cedar_policy::{
 use serde::Serialize;
 use ward_spec::SpiffeId;
 
+use crate::index::Slices;
 use crate::log::DecisionLog;
 use crate::policy::{compile, CompiledPolicies, PolicyError, SourceFile};
 use crate::template::IdTemplate;
@@ -86,60 +87,65 @@ pub struct Decision {
     pub duration_us: f64,
 }
 
+/// A workload's Cedar entities, built from its SPIFFE ID.
+pub struct WorkloadEntities {
+    pub uid: EntityUid,
+    /// The workload and, if the ID matches the template, its tenant.
+    pub entities: Vec<Entity>,
+    /// The tenant, if the ID matches the template.
+    pub tenant: Option<String>,
+    /// The service ("" if the ID does not match the template).
+    pub service: String,
+}
+
+/// The request context for a connection. Building one evaluates its values
+/// (and parses the `ip` extension's name), which costs more than the rest of
+/// a small decision, so each thread keeps the contexts it built last: the
+/// streams of one peer to one port within the same second share one. The map
+/// is bounded; a miss costs only the build.
+fn connect_context(ctx: &ConnectContext, now: i64, exception: bool) -> Result<Context, String> {
+    type Key = (u16, IpAddr, i64, bool);
+    thread_local! {
+        static CACHE: std::cell::RefCell<HashMap<Key, Context>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    let key = (ctx.destination_port, ctx.source_address, now, exception);
+    if let Some(c) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(c);
+    }
+    let context = Context::from_pairs([
+        (
+            "destination_port".to_owned(),
+            RestrictedExpression::new_long(ctx.destination_port.into()),
+        ),
+        (
+            "source_address".to_owned(),
+            RestrictedExpression::new_ip(ctx.source_address.to_string()),
+        ),
+        ("now".to_owned(), RestrictedExpression::new_long(now)),
+        (
+            "cross_tenant_exception".to_owned(),
+            RestrictedExpression::new_bool(exception),
+        ),
+    ])
+    .map_err(|e| e.to_string())?;
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= 256 {
+            c.clear();
+        }
+        c.insert(key, context.clone());
+    });
+    Ok(context)
+}
+
 struct Active {
-    /// Policies not bound to one tenant by their principal scope.
-    unscoped: PolicySet,
-    /// For each tenant named in a principal scope (`principal in Ward::Tenant::"t"`):
-    /// the unscoped policies plus that tenant's. A principal of tenant `t`
-    /// cannot match a policy scoped to another tenant, so evaluating this
-    /// slice gives the same decision as the whole set, in less time.
-    by_tenant: HashMap<String, PolicySet>,
+    /// The set cut into slices by the principal's tenant and service; each
+    /// request is evaluated against its slice only (see [`crate::index`]).
+    slices: Slices,
     exceptions: PolicySet,
     exception_ids: Vec<String>,
     version: u64,
-}
-
-impl Active {
-    fn slice(&self, tenant: &str, templated: bool) -> &PolicySet {
-        if templated {
-            if let Some(s) = self.by_tenant.get(tenant) {
-                return s;
-            }
-        }
-        &self.unscoped
-    }
-}
-
-/// Splits a policy set by the tenant its principal scope names, if any.
-fn slice_by_tenant(all: &PolicySet) -> (PolicySet, HashMap<String, PolicySet>) {
-    use cedar_policy::PrincipalConstraint as P;
-    let tenant_of = |p: &cedar_policy::Policy| match p.principal_constraint() {
-        P::In(u) | P::IsIn(_, u) if u.type_name().to_string() == "Ward::Tenant" => {
-            Some(u.id().unescaped().to_owned())
-        }
-        _ => None,
-    };
-    let mut unscoped = PolicySet::new();
-    let mut scoped: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
-    for p in all.policies() {
-        match tenant_of(p) {
-            Some(t) => scoped.entry(t).or_default().push(p.clone()),
-            None => {
-                let _ = unscoped.add(p.clone());
-            }
-        }
-    }
-    let by_tenant = scoped
-        .into_iter()
-        .map(|(t, ps)| {
-            let mut set = unscoped.clone();
-            for p in ps {
-                let _ = set.add(p);
-            }
-            (t, set)
-        })
-        .collect();
-    (unscoped, by_tenant)
 }
 
 pub struct Authorizer {
@@ -176,8 +182,7 @@ impl Authorizer {
             trust_domain_attr: true,
             mode,
             active: ArcSwap::from_pointee(Active {
-                unscoped: PolicySet::new(),
-                by_tenant: HashMap::new(),
+                slices: Slices::empty(),
                 exceptions: PolicySet::new(),
                 exception_ids: Vec::new(),
                 version: 0,
@@ -213,10 +218,15 @@ impl Authorizer {
             .policies()
             .map(|p| p.id().to_string())
             .collect();
-        let (unscoped, by_tenant) = slice_by_tenant(&c.all);
+        let slices = Slices::new(&c.all);
+        tracing::debug!(
+            version,
+            policies = c.all.policies().count(),
+            largest_slice = slices.largest(),
+            "policy set installed"
+        );
         self.active.store(Arc::new(Active {
-            unscoped,
-            by_tenant,
+            slices,
             exceptions: c.exceptions,
             exception_ids,
             version,
@@ -235,20 +245,21 @@ impl Authorizer {
     }
 
     /// The entity for a workload ID, and its tenant's.
-    pub fn workload_entities(&self, id: &SpiffeId) -> (EntityUid, Vec<Entity>, String, bool) {
+    pub fn workload_entities(&self, id: &SpiffeId) -> WorkloadEntities {
         let parts = self.template.read(id);
         let templated = parts.is_some();
         let parts = parts.unwrap_or_default();
-        let euid = uid(&self.workload_type, &id.to_string());
+        let id_string = id.to_string();
+        let euid = uid(&self.workload_type, &id_string);
         let mut attrs = HashMap::with_capacity(6);
         attrs.insert(
             "spiffe_id".to_owned(),
-            RestrictedExpression::new_string(id.to_string()),
+            RestrictedExpression::new_string(id_string),
         );
         if self.trust_domain_attr {
             attrs.insert(
                 "trust_domain".to_owned(),
-                RestrictedExpression::new_string(id.trust_domain().to_string()),
+                RestrictedExpression::new_string(id.trust_domain().as_str().to_owned()),
             );
         }
         attrs.insert(
@@ -261,21 +272,26 @@ impl Authorizer {
         );
         attrs.insert(
             "service".to_owned(),
-            RestrictedExpression::new_string(parts.service),
+            RestrictedExpression::new_string(parts.service.clone()),
         );
         attrs.insert(
             "templated".to_owned(),
             RestrictedExpression::new_bool(templated),
         );
+        // The tenant is only a parent: `principal in Ward::Tenant::"t"` reads
+        // the workload's ancestors, so the tenant needs no entity of its own.
         let mut parents = HashSet::new();
-        let mut out = Vec::with_capacity(2);
         if templated {
-            let t = uid(&self.tenant_type, &parts.tenant);
-            parents.insert(t.clone());
-            out.push(Entity::new_no_attrs(t, HashSet::new()));
+            parents.insert(uid(&self.tenant_type, &parts.tenant));
         }
-        out.push(Entity::new(euid.clone(), attrs, parents).expect("attributes are plain values"));
-        (euid, out, parts.tenant, templated)
+        let entities =
+            vec![Entity::new(euid.clone(), attrs, parents).expect("attributes are plain values")];
+        WorkloadEntities {
+            uid: euid,
+            entities,
+            tenant: templated.then_some(parts.tenant),
+            service: parts.service,
+        }
     }
 
     /// May `principal` open a stream to `resource`?
@@ -287,15 +303,16 @@ impl Authorizer {
     ) -> Decision {
         let start = Instant::now();
         let active = self.active.load();
-        let (p_uid, mut ents, p_tenant, p_templated) = self.workload_entities(principal);
-        let (r_uid, r_ents, r_tenant, r_templated) = self.workload_entities(resource);
-        for e in r_ents {
-            if !ents.iter().any(|x| x.uid() == e.uid()) {
-                ents.push(e);
-            }
+        let p = self.workload_entities(principal);
+        let r = self.workload_entities(resource);
+        let mut ents = p.entities;
+        if principal != resource {
+            ents.extend(r.entities);
         }
         let mut errors = Vec::new();
-        let entities = match Entities::from_entities(ents, None) {
+        // `add_entities` repairs the hierarchy only around what it adds; for
+        // two entities that is half the cost of `from_entities`.
+        let entities = match Entities::empty().add_entities(ents, None) {
             Ok(e) => e,
             Err(e) => {
                 return self.finish(
@@ -310,11 +327,11 @@ impl Authorizer {
                 )
             }
         };
-        let cross = !(p_templated && r_templated && p_tenant == r_tenant);
+        let cross = p.tenant.is_none() || p.tenant != r.tenant;
         let mut exception = false;
         if cross {
             // Only annotated exception permits can open a cross-tenant pair.
-            match self.evaluate(&active.exceptions, &p_uid, &r_uid, ctx, false, &entities) {
+            match self.evaluate(&active.exceptions, &p.uid, &r.uid, ctx, false, &entities) {
                 Ok((allowed, _, errs)) => {
                     exception = allowed && errs.is_empty();
                     errors.extend(errs);
@@ -322,9 +339,9 @@ impl Authorizer {
                 Err(e) => errors.push(e),
             }
         }
-        let set = active.slice(&p_tenant, p_templated);
+        let set = active.slices.get(p.tenant.as_deref(), Some(&p.service));
         let (allowed, policies) =
-            match self.evaluate(set, &p_uid, &r_uid, ctx, exception, &entities) {
+            match self.evaluate(set, &p.uid, &r.uid, ctx, exception, &entities) {
                 Ok((allowed, policies, errs)) => {
                     errors.extend(errs);
                     (allowed, policies)
@@ -351,25 +368,7 @@ impl Authorizer {
         exception: bool,
         entities: &Entities,
     ) -> Result<(bool, Vec<String>, Vec<String>), String> {
-        let context = Context::from_pairs([
-            (
-                "destination_port".to_owned(),
-                RestrictedExpression::new_long(ctx.destination_port.into()),
-            ),
-            (
-                "source_address".to_owned(),
-                RestrictedExpression::new_ip(ctx.source_address.to_string()),
-            ),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(ctx.at.unwrap_or_else(now_unix)),
-            ),
-            (
-                "cross_tenant_exception".to_owned(),
-                RestrictedExpression::new_bool(exception),
-            ),
-        ])
-        .map_err(|e| e.to_string())?;
+        let context = connect_context(ctx, ctx.at.unwrap_or_else(now_unix), exception)?;
         let req = Request::new(
             p.clone(),
             self.connect_action.clone(),
@@ -465,7 +464,8 @@ impl Authorizer {
             .map_err(|e| e.to_string())?;
             let req =
                 Request::new(p_uid, action_uid, r_uid, context, None).map_err(|e| e.to_string())?;
-            let set = active.slice(&p_tenant, !p_tenant.is_empty());
+            let tenant = (!p_tenant.is_empty()).then_some(p_tenant.as_str());
+            let set = active.slices.get(tenant, None);
             let resp = self.cedar.is_authorized(&req, set, &entities);
             let d = resp.diagnostics();
             Ok::<_, String>((
@@ -479,17 +479,13 @@ impl Authorizer {
             Err(e) => (false, vec![], vec![e]),
         };
         let allowed = allowed && errors.is_empty();
-        let ctx = serde_json::json!({ "tenant": resource_tenant });
-        self.finish_json(
-            start,
-            allowed,
-            policies,
-            errors,
-            &p_name,
-            action.name(),
-            resource_id,
-            ctx,
-        )
+        self.finish_json(start, allowed, policies, errors, action.name(), || {
+            (
+                p_name,
+                resource_id.to_owned(),
+                serde_json::json!({ "tenant": resource_tenant }),
+            )
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -504,30 +500,25 @@ impl Authorizer {
         resource: &SpiffeId,
         ctx: &ConnectContext,
     ) -> Decision {
-        let ctx = serde_json::to_value(ctx).unwrap_or_default();
-        self.finish_json(
-            start,
-            allowed,
-            policies,
-            errors,
-            &principal.to_string(),
-            action,
-            &resource.to_string(),
-            ctx,
-        )
+        self.finish_json(start, allowed, policies, errors, action, || {
+            (
+                principal.to_string(),
+                resource.to_string(),
+                serde_json::to_value(ctx).unwrap_or_default(),
+            )
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Completes a decision and logs it; `log_fields` (principal, resource,
+    /// context) is only called when there is a decision log.
     fn finish_json(
         &self,
         start: Instant,
         allowed: bool,
         mut policies: Vec<String>,
         errors: Vec<String>,
-        principal: &str,
         action: &str,
-        resource: &str,
-        ctx: serde_json::Value,
+        log_fields: impl FnOnce() -> (String, String, serde_json::Value),
     ) -> Decision {
         policies.sort();
         let d = Decision {
@@ -542,7 +533,8 @@ impl Authorizer {
             tracing::warn!(decision_id = %d.decision_id, errors = ?d.errors, "policy evaluation error: request denied");
         }
         if let Some(log) = &self.log {
-            log.write(&d, self.mode, principal, action, resource, ctx);
+            let (principal, resource, ctx) = log_fields();
+            log.write(&d, self.mode, &principal, action, &resource, ctx);
         }
         d
     }

@@ -6,7 +6,9 @@
 //! swapped in atomically ([`authorizer`]), and a directory can be hot-reloaded
 //! ([`reload`]). A decision builds Cedar entities from the two SPIFFE IDs
 //! through the trust domain's ID [`template`] (tenant, namespace, service),
-//! evaluates the active set, and denies on any evaluation error. Cross-tenant
+//! evaluates the slice of the active set that can apply to the principal's
+//! tenant and service (`index`, built once per set), and denies on any
+//! evaluation error. Cross-tenant
 //! requests are first put to the annotated exception policies alone, whose
 //! verdict reaches the tenant-isolation guard as `context.cross_tenant_exception`.
 //! Every decision can be written as one JSON line ([`log`]). The `ward policy`
@@ -14,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authorizer;
+mod index;
 pub mod log;
 pub mod matrix;
 pub mod policy;
@@ -21,5 +24,7 @@ pub mod reload;
 pub mod template;
 pub mod testcase;
 
-pub use authorizer::{AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode};
+pub use authorizer::{
+    AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode, WorkloadEntities,
+};
 pub use template::IdTemplate;

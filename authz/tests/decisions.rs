@@ -314,3 +314,113 @@ mod isolation {
         }
     }
 }
+
+/// The authorizer evaluates only the policies that can apply to a request
+/// (its principal's tenant and service slice). Over every ordered pair of a
+/// population, and policies of every shape the slicing treats differently
+/// (tenant-scoped or not, a leading service test or not, a service test after
+/// one that errors), it must give what raw Cedar gives on the whole set: the
+/// same decision, the same determining policies, and an error where Cedar
+/// reports one.
+#[test]
+fn slices_decide_exactly_as_the_whole_set() {
+    use cedar_policy::{Context, Entities, EntityUid, Request, RestrictedExpression};
+    use std::str::FromStr;
+    let text = r#"
+        @id("guard") forbid (principal is Ward::Workload, action == Ward::Action::"connect", resource is Ward::Workload)
+          unless { principal.tenant == resource.tenant && principal.templated } unless { context.cross_tenant_exception };
+        @id("acme-web-api") permit (principal in Ward::Tenant::"acme", action == Ward::Action::"connect", resource)
+          when { principal.service == "web" && resource.service == "api" };
+        @id("acme-tenant-then-service") permit (principal in Ward::Tenant::"acme", action == Ward::Action::"connect", resource)
+          when { principal.tenant == resource.tenant && principal.service == "api" && resource.service == "db" };
+        @id("acme-any-to-cache") permit (principal in Ward::Tenant::"acme", action == Ward::Action::"connect", resource)
+          when { resource.service == "cache" };
+        @id("globex-web-api-443") permit (principal in Ward::Tenant::"globex", action == Ward::Action::"connect", resource)
+          when { principal.service == "web" && context.destination_port == 443 };
+        @id("any-tenant-db-to-db") permit (principal, action == Ward::Action::"connect", resource)
+          when { principal.service == "db" && resource.service == "db" };
+        @id("errors-before-service") forbid (principal, action == Ward::Action::"connect", resource)
+          when { context.destination_port * 9223372036854775807 > 0 && principal.service == "cache" };
+        @id("errors-after-service") forbid (principal in Ward::Tenant::"initech", action == Ward::Action::"connect", resource)
+          when { principal.service == "web" && context.destination_port * 9223372036854775807 > 0 };
+        @id("untemplated-ops") permit (principal, action == Ward::Action::"connect", resource)
+          when { principal.spiffe_id == "spiffe://example.org/ops" };
+    "#;
+    let a = authz(Mode::Enforce);
+    a.load(&[file("p.cedar", text)]).unwrap();
+    let all = ward_authz::policy::compile(&[file("p.cedar", text)], &schema())
+        .unwrap()
+        .all;
+    let mut population = vec![id("spiffe://example.org/ops"), id("spiffe://other.org/x")];
+    for t in ["acme", "globex", "initech"] {
+        for s in ["web", "api", "db", "cache"] {
+            population.push(w(t, s));
+        }
+    }
+    let cedar = cedar_policy::Authorizer::new();
+    let connect = EntityUid::from_str(r#"Ward::Action::"connect""#).unwrap();
+    let (mut compared, mut allowed, mut errored) = (0, 0, 0);
+    for port in [443u16, 0] {
+        let c = ctx(port);
+        for p in &population {
+            for r in &population {
+                let d = a.decide_connect(p, r, &c);
+                let (pe, re) = (a.workload_entities(p), a.workload_entities(r));
+                let mut ents = pe.entities;
+                for e in re.entities {
+                    if !ents.iter().any(|x| x.uid() == e.uid()) {
+                        ents.push(e);
+                    }
+                }
+                let entities = Entities::from_entities(ents, None).unwrap();
+                let context = Context::from_pairs([
+                    (
+                        "destination_port".into(),
+                        RestrictedExpression::new_long(port.into()),
+                    ),
+                    (
+                        "source_address".into(),
+                        RestrictedExpression::new_ip("10.0.0.1"),
+                    ),
+                    ("now".into(), RestrictedExpression::new_long(time_now())),
+                    (
+                        "cross_tenant_exception".into(),
+                        RestrictedExpression::new_bool(false),
+                    ),
+                ])
+                .unwrap();
+                let req = Request::new(pe.uid, connect.clone(), re.uid, context, None).unwrap();
+                let resp = cedar.is_authorized(&req, &all, &entities);
+                let mut reasons: Vec<String> =
+                    resp.diagnostics().reason().map(|r| r.to_string()).collect();
+                reasons.sort();
+                let errors = resp.diagnostics().errors().count();
+                let raw_allowed = resp.decision() == cedar_policy::Decision::Allow && errors == 0;
+                assert_eq!(d.allowed, raw_allowed, "{p} -> {r} port {port}: {d:?}");
+                assert_eq!(d.policies, reasons, "{p} -> {r} port {port}");
+                assert_eq!(
+                    d.errors.len(),
+                    errors,
+                    "{p} -> {r} port {port}: {:?}",
+                    d.errors
+                );
+                compared += 1;
+                allowed += d.allowed as usize;
+                errored += (errors > 0) as usize;
+            }
+        }
+    }
+    // The population exercises allows, denies and errors, not only one of them.
+    assert_eq!(compared, 2 * 14 * 14);
+    assert!(
+        allowed >= 5 && errored >= 10,
+        "allowed {allowed}, errored {errored}"
+    );
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
