@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod output;
 mod policy;
+mod proxy;
 mod svid;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub enum Command {
     /// Cedar policies: validate, format, test, explain, matrix.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// The tunneling sidecar: mutual-TLS tunnels authorized by Cedar.
+    #[command(subcommand)]
+    Proxy(proxy::ProxyCommand),
     /// Workload API clients: fetch and validate SVIDs.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
@@ -75,6 +79,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(c) => admin::bundle(c, cli.output).await,
         Command::Svid(c) => svid::run(c, cli.output).await,
         Command::Policy(c) => policy::run(c, cli.output).await,
+        Command::Proxy(c) => proxy::run(c).await,
     }
 }
 

@@ -4,7 +4,9 @@
 //! the control plane (`ward-ca`); `ward token`, `ward entry`, `ward agent`,
 //! `ward bundle` and `ward ca rotate` are clients of its admin API over the
 //! local Unix socket. `ward agent run` runs the node agent (`ward-agent`), and
-//! `ward svid` is a client of the agent's SPIFFE Workload API.
+//! `ward svid` is a client of the agent's SPIFFE Workload API. `ward proxy run`
+//! runs the tunneling sidecar (`ward-proxy`), and `ward policy` the policy
+//! tools (`ward-authz`).
 
 mod cli;
 
@@ -14,6 +16,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,6 +32,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Long-running parts hold a socket per connection: lift the soft limit on
+/// open files to the hard limit (the usual default soft limit is 1,024).
+fn raise_open_file_limit() {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        if soft < hard {
+            let _ = rlimit::Resource::NOFILE.set(hard, hard);
         }
     }
 }

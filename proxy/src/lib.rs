@@ -1,7 +1,269 @@
-//! Ward's tunneling sidecar.
+//! Ward's tunneling sidecar: `ward proxy run`.
 //!
-//! Not built yet. It will take its SVID and bundles from the Workload API,
-//! carry application TCP streams as HTTP/2 CONNECT tunnels over mutual TLS 1.3
-//! (HBONE, inbound port 15008), and ask the authorizer before it connects any
-//! inbound stream to the local application.
+//! Data flows like this. [`identity`] follows the agent's Workload API stream
+//! and keeps this workload's X509-SVID and trust bundle in the resolver and
+//! root store that every TLS config shares (a rotation changes new handshakes
+//! only). Nothing listens until the first SVID arrives. An application's TCP
+//! connection to an [`outbound`] route listener (or to the HTTP CONNECT
+//! listener) becomes an HTTP/2 `CONNECT` stream on a mutual-TLS connection from
+//! the [`pool`], to a peer proxy that must present one of the route's SPIFFE
+//! IDs. At the peer, the [`inbound`] HBONE listener (port 15008) verifies our
+//! certificate, asks `ward-authz` whether our SPIFFE ID may connect to its
+//! workload, and answers `403` or connects the stream to its application. The
+//! bytes of each stream are carried by [`pump`] with HTTP/2 flow control as
+//! back-pressure. [`metrics`] and the health endpoints are served on their own
+//! port; SIGTERM drains: listeners close, connections stop taking streams, and
+//! open streams get until the drain deadline to finish.
+//!
+//! The HTTP/2 layer is `h2` (hyper's HTTP/2 implementation) used directly, so
+//! that an idle tunneled stream holds no buffers and data moves as `Bytes`
+//! without an extra copy or task hop.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod hbone;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod pump;
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use ward_authz::log::DecisionLog;
+use ward_authz::{Authorizer, IdTemplate, Mode};
+use ward_spec::tls::SpiffeClientVerifier;
+
+pub use config::ProxyConfig;
+
+use crate::identity::Identity;
+use crate::metrics::{Direction, Metrics};
+
+/// The schema used when the policy directory has none (the repository's).
+pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/ward.cedarschema");
+
+/// Runs the proxy until `shutdown` resolves, then drains.
+pub async fn run(
+    cfg: ProxyConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let metrics = Arc::new(Metrics::default());
+    let authz = Arc::new(authorizer(&cfg)?);
+    let _watch = cfg.policy.dir.as_ref().map(|dir| {
+        ward_authz::reload::load_dir(&authz, dir, &metrics.reload_stats);
+        ward_authz::reload::watch_dir(
+            authz.clone(),
+            dir.clone(),
+            cfg.policy.reload_interval,
+            metrics.reload_stats.clone(),
+        )
+    });
+    if cfg.inbound.is_some() && cfg.policy.dir.is_none() {
+        tracing::warn!("no policy directory ([policy] dir): every inbound stream is denied");
+    }
+
+    let (drain_tx, drain) = watch::channel(false);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop_flag = stopping.clone();
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_flag.store(true, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+    });
+
+    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
+    let listening = Arc::new(AtomicBool::new(false));
+    let health = TcpListener::bind(cfg.health_address)
+        .await
+        .with_context(|| format!("cannot listen on {} (health)", cfg.health_address))?;
+    let router = health_router(identity.clone(), listening.clone(), metrics.clone());
+    let mut health_stop = drain.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(health, router)
+            .with_graceful_shutdown(async move {
+                let _ = health_stop.wait_for(|d| *d).await;
+            })
+            .await;
+    });
+    tracing::info!(socket = %cfg.workload_api_socket.display(), health = %cfg.health_address, "proxy waiting for its SVID");
+
+    let current = tokio::select! {
+        c = identity.ready() => c,
+        _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+    };
+    let pool = pool::Pool::new(
+        identity.clone(),
+        metrics.clone(),
+        cfg.limits.max_streams_per_connection as usize,
+        cfg.limits.connect_timeout,
+        cfg.limits.handshake_timeout,
+        cfg.limits.idle_timeout,
+    );
+
+    if let Some(inb) = &cfg.inbound {
+        let verifier = SpiffeClientVerifier::new(current.roots.clone(), true);
+        let tls = ward_spec::tls::server_config(identity.resolver.clone(), verifier);
+        let listener = TcpListener::bind(inb.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (inbound)", inb.listen))?;
+        let state = Arc::new(inbound::Inbound {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            forward: inb.forward.clone(),
+            authz: authz.clone(),
+            identity: identity.clone(),
+            metrics: metrics.clone(),
+            max_streams: cfg.limits.max_streams_per_connection,
+            handshake_timeout: cfg.limits.handshake_timeout,
+            idle_timeout: cfg.limits.idle_timeout,
+            connect_timeout: cfg.limits.connect_timeout,
+        });
+        tracing::info!(listen = %inb.listen, forward = %inb.forward, "inbound listening");
+        tokio::spawn(inbound::serve(
+            listener,
+            state,
+            cfg.limits.max_connections,
+            drain.clone(),
+        ));
+    }
+    let routes: Vec<Arc<config::Route>> = cfg.outbound.iter().cloned().map(Arc::new).collect();
+    for r in &routes {
+        if let Some(addr) = r.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (route to {})", r.destination))?;
+            tracing::info!(listen = %addr, destination = %r.destination, target = r.target(), "route listening");
+            tokio::spawn(outbound::serve_route(
+                listener,
+                r.clone(),
+                pool.clone(),
+                metrics.clone(),
+                drain.clone(),
+            ));
+        }
+    }
+    if let Some(c) = &cfg.connect {
+        let listener = TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (HTTP CONNECT)", c.listen))?;
+        tracing::info!(listen = %c.listen, "HTTP CONNECT listening");
+        tokio::spawn(outbound::serve_connect(
+            listener,
+            Arc::new(routes.clone()),
+            pool.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ));
+    }
+    listening.store(true, Ordering::Release);
+    tracing::info!(spiffe_id = %current.spiffe_id, "proxy ready");
+
+    let _ = stop_rx.wait_for(|s| *s).await;
+    drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
+    Ok(())
+}
+
+/// Resolves once `drain` turns true (or its sender is gone).
+pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// Stops accepting, lets open streams finish until `deadline`, then returns.
+async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline: Duration) {
+    let _ = drain.send(true);
+    let open =
+        || metrics.streams_open(Direction::Inbound) + metrics.streams_open(Direction::Outbound);
+    tracing::info!(open_streams = open(), deadline = ?deadline, "draining");
+    let start = Instant::now();
+    while open() > 0 && start.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if open() > 0 {
+        tracing::warn!(
+            open_streams = open(),
+            "drain deadline reached; closing open streams"
+        );
+    } else {
+        tracing::info!("drained");
+    }
+}
+
+fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
+    let p = &cfg.policy;
+    let schema_path = p
+        .schema
+        .clone()
+        .or_else(|| p.dir.as_ref().map(|d| d.join("ward.cedarschema")));
+    let schema = match schema_path {
+        Some(path) if path.exists() || p.schema.is_some() => {
+            ward_authz::policy::read_schema(&path).map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        _ => ward_authz::policy::parse_schema("ward.cedarschema (built in)", DEFAULT_SCHEMA)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let mode = if p.mode == "dry-run" {
+        Mode::DryRun
+    } else {
+        Mode::Enforce
+    };
+    let log: Option<Box<dyn Write + Send>> = match p.decision_log.as_str() {
+        "off" => None,
+        "stdout" => Some(Box::new(std::io::stdout())),
+        path => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the decision log {path}"))?,
+        )),
+    };
+    Ok(Authorizer::new(
+        schema,
+        IdTemplate::default(),
+        mode,
+        log.map(DecisionLog::new),
+    ))
+}
+
+fn health_router(
+    identity: Identity,
+    listening: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = identity.usable().is_some() && listening.load(Ordering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: no usable SVID yet\n",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move { body }
+            }),
+        )
+}

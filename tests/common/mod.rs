@@ -536,3 +536,216 @@ pub fn py_client(args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// A running `ward proxy run`, as its own uid (its workload identity), killed on drop.
+pub struct ProxyProcess {
+    pub health_addr: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    /// The decision log (the proxy's standard output).
+    pub decisions: PathBuf,
+    args: Vec<String>,
+    uid: u32,
+    _tmp: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts a proxy on `agent`'s socket as `uid` with extra flags and waits
+    /// until it is ready (it has an SVID and listens).
+    pub fn start(agent: &AgentProcess, uid: u32, args: &[&str]) -> ProxyProcess {
+        let mut p = ProxyProcess::spawn(agent, uid, args);
+        p.wait_ready();
+        p
+    }
+
+    /// Starts a proxy without waiting for it to be ready.
+    pub fn spawn(agent: &AgentProcess, uid: u32, args: &[&str]) -> ProxyProcess {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut p = ProxyProcess {
+            health_addr: format!("127.0.0.1:{}", free_port()),
+            child: None,
+            log: tmp.path().join("proxy.log"),
+            decisions: tmp.path().join("decisions.log"),
+            args: ["proxy", "run", "--socket", &agent.endpoint()]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(args.iter().map(|s| s.to_string()))
+                .collect(),
+            uid,
+            _tmp: tmp,
+        };
+        p.run();
+        p
+    }
+
+    fn run(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap()
+        };
+        let child = Command::new(ward_bin())
+            .args(&self.args)
+            .args(["--health-address", &self.health_addr])
+            .env("WARD_LOG", "info")
+            .uid(self.uid)
+            .gid(self.uid)
+            .current_dir("/")
+            .stdout(open(&self.decisions))
+            .stderr(open(&self.log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn wait_ready(&mut self) {
+        wait_ready(
+            "proxy",
+            self.child.as_mut().unwrap(),
+            &self.health_addr,
+            &self.log,
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        read_log(&self.log)
+    }
+
+    pub fn decision_lines(&self) -> Vec<serde_json::Value> {
+        read_log(&self.decisions)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.health_addr, name)
+    }
+
+    /// SIGTERM; returns the exit status once the process has stopped.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `tests/py/hash_app.py serve`: the application behind an inbound proxy. It
+/// checks the bytes it gets and sends its own back; each connection it
+/// accepts is a line in its log.
+pub struct AppProcess {
+    pub port: u16,
+    pub connections_log: PathBuf,
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl AppProcess {
+    pub fn start() -> AppProcess {
+        let tmp = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let connections_log = tmp.path().join("connections");
+        std::fs::write(&connections_log, "").unwrap();
+        let child = Command::new("python3")
+            .arg(hash_app())
+            .args(["serve", "--port", &port.to_string(), "--log"])
+            .arg(&connections_log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the test application did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The probe above was a connection too.
+        wait_for_lines(&connections_log, 1);
+        std::fs::write(&connections_log, "").unwrap();
+        AppProcess {
+            port,
+            connections_log,
+            child,
+            _tmp: tmp,
+        }
+    }
+
+    /// Connections the application accepted since it started.
+    pub fn connections(&self) -> usize {
+        read_log(&self.connections_log).lines().count()
+    }
+
+    /// Waits (up to 5 s) until the application has accepted `n` connections; returns the count.
+    pub fn wait_connections(&self, n: usize) -> usize {
+        wait_for_lines(&self.connections_log, n);
+        self.connections()
+    }
+}
+
+fn wait_for_lines(path: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_log(path).lines().count() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn hash_app() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/hash_app.py")
+}
+
+/// Result of `hash_app.py client`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ClientReport {
+    pub ok: u64,
+    pub errors: Vec<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// Runs `hash_app.py client` against `port` (a proxy's route listener).
+pub fn hash_client(port: u16, size: usize, streams: usize, seconds: f64) -> ClientReport {
+    let out = Command::new("python3")
+        .arg(hash_app())
+        .args([
+            "client",
+            "--port",
+            &port.to_string(),
+            "--size",
+            &size.to_string(),
+            "--streams",
+            &streams.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hash client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

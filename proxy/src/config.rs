@@ -1,0 +1,335 @@
+//! `ward proxy run` configuration: a TOML file, every key also a flag.
+//!
+//! ```toml
+//! workload_api_socket = ".ward/agent/workload.sock"
+//! health_address = "127.0.0.1:15020"
+//!
+//! [inbound]                      # tunnels to this workload
+//! listen = "0.0.0.0:15008"
+//! forward = "127.0.0.1:8080"     # the local application
+//!
+//! [[outbound]]                   # tunnels from this workload
+//! listen = "127.0.0.1:9001"      # the application connects here…
+//! destination = "10.0.0.2:15008" # …and is tunneled to this peer proxy,
+//! ids = ["spiffe://example.org/tenant/acme/ns/prod/sa/api"] # which must be one of these
+//! target = "api:8080"            # sent as :authority (default: destination)
+//!
+//! [connect]                      # HTTP CONNECT for applications that can use a proxy
+//! listen = "127.0.0.1:15001"     # CONNECT <target or destination> of an [[outbound]]
+//!
+//! [policy]
+//! dir = "policies"               # .cedar files and ward.cedarschema, hot-reloaded
+//! mode = "enforce"               # or "dry-run"
+//! decision_log = "stdout"        # or "off", or a file path
+//!
+//! [limits]
+//! max_connections = 100000
+//! max_streams_per_connection = 100
+//! handshake_timeout = "10s"
+//! idle_timeout = "5m"
+//! connect_timeout = "5s"
+//! drain_timeout = "30s"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use ward_spec::SpiffeId;
+
+pub use ward_spec::config::ConfigError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// The Workload API socket this proxy takes its identity from.
+    pub workload_api_socket: PathBuf,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub health_address: SocketAddr,
+    pub inbound: Option<Inbound>,
+    pub outbound: Vec<Route>,
+    pub connect: Option<ConnectListener>,
+    pub policy: PolicyConfig,
+    pub limits: Limits,
+    pub log_format: String,
+}
+
+/// Tunnels arriving for this workload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// The HBONE listener.
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    /// The local application every authorized stream is connected to.
+    pub forward: String,
+}
+
+fn default_inbound_listen() -> SocketAddr {
+    "0.0.0.0:15008".parse().expect("valid")
+}
+
+/// One outbound route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// A local listener for this route (optional: a route can be reached
+    /// through the HTTP CONNECT listener only).
+    pub listen: Option<SocketAddr>,
+    /// The peer proxy's HBONE address (`host:port`).
+    pub destination: String,
+    /// The SPIFFE IDs the peer may present; any other is refused before a byte is sent.
+    pub ids: Vec<SpiffeId>,
+    /// The tunnel target sent as `:authority` (default: `destination`).
+    pub target: Option<String>,
+}
+
+impl Route {
+    pub fn target(&self) -> &str {
+        self.target.as_deref().unwrap_or(&self.destination)
+    }
+
+    /// Parses `listen=ADDR,destination=HOST:PORT,id=ID[,id=ID…][,target=HOST:PORT]`.
+    pub fn parse_flag(s: &str) -> Result<Route, String> {
+        let mut r = Route {
+            listen: None,
+            destination: String::new(),
+            ids: Vec::new(),
+            target: None,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected key=value"))?;
+            match k {
+                "listen" => r.listen = Some(v.parse().map_err(|e| format!("listen {v:?}: {e}"))?),
+                "destination" => r.destination = v.to_owned(),
+                "target" => r.target = Some(v.to_owned()),
+                "id" => r
+                    .ids
+                    .push(SpiffeId::parse(v).map_err(|e| format!("id {v:?}: {e}"))?),
+                _ => {
+                    return Err(format!(
+                        "unknown route key {k:?} (use listen, destination, id, target)"
+                    ))
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// The HTTP CONNECT listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectListener {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A directory of `.cedar` files, watched for changes. None: every inbound
+    /// stream is denied (no policy means deny).
+    pub dir: Option<PathBuf>,
+    /// The schema (default: `ward.cedarschema` in `dir`).
+    pub schema: Option<PathBuf>,
+    /// `enforce` or `dry-run`.
+    pub mode: String,
+    /// `stdout`, `off`, or a file to append JSON lines to.
+    pub decision_log: String,
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: None,
+            schema: None,
+            mode: "enforce".into(),
+            decision_log: "stdout".into(),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Inbound TLS connections open at once (further ones are closed on accept).
+    pub max_connections: usize,
+    /// Tunneled streams per TLS connection (both directions).
+    pub max_streams_per_connection: u32,
+    /// TCP accept to a finished TLS and HTTP/2 handshake.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub handshake_timeout: Duration,
+    /// A TLS connection without streams for this long is closed.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub idle_timeout: Duration,
+    /// Connecting to a peer proxy or to the local application.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub connect_timeout: Duration,
+    /// On SIGTERM: how long open streams may finish before they are closed.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_streams_per_connection: 100,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            workload_api_socket: PathBuf::from(".ward/agent/workload.sock"),
+            health_address: "127.0.0.1:15020".parse().expect("valid"),
+            inbound: None,
+            outbound: Vec::new(),
+            connect: None,
+            policy: PolicyConfig::default(),
+            limits: Limits::default(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        ward_spec::config::load_toml(path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if self.inbound.is_none() && self.outbound.is_empty() {
+            return bad(
+                "inbound",
+                "nothing to do: configure [inbound] and/or [[outbound]] routes".into(),
+            );
+        }
+        for (i, r) in self.outbound.iter().enumerate() {
+            if r.destination.is_empty() || !r.destination.contains(':') {
+                return bad(
+                    "outbound.destination",
+                    format!("route {i}: {:?} is not host:port", r.destination),
+                );
+            }
+            if r.ids.is_empty() {
+                return bad(
+                    "outbound.ids",
+                    format!(
+                        "route {i} to {}: list the SPIFFE IDs the destination may present",
+                        r.destination
+                    ),
+                );
+            }
+        }
+        if !matches!(self.policy.mode.as_str(), "enforce" | "dry-run") {
+            return bad(
+                "policy.mode",
+                format!("{:?}: use enforce or dry-run", self.policy.mode),
+            );
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_streams_per_connection == 0 {
+            return bad("limits", "limits must be greater than zero".into());
+        }
+        for (key, d) in [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.connect_timeout", l.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be greater than zero".into());
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(
+                "log_format",
+                format!("{:?}: use text or json", self.log_format),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proxy.toml");
+        std::fs::write(
+            &p,
+            r#"
+            workload_api_socket = "/run/ward/workload.sock"
+            [inbound]
+            forward = "127.0.0.1:8080"
+            [[outbound]]
+            listen = "127.0.0.1:9001"
+            destination = "10.0.0.2:15008"
+            ids = ["spiffe://example.org/tenant/acme/ns/prod/sa/api"]
+            [policy]
+            dir = "policies"
+            mode = "dry-run"
+            [limits]
+            idle_timeout = "30s"
+            "#,
+        )
+        .unwrap();
+        let c = ProxyConfig::from_file(&p).unwrap();
+        c.validate().unwrap();
+        let inbound = c.inbound.unwrap();
+        assert_eq!(inbound.listen.port(), 15008);
+        assert_eq!(c.outbound[0].target(), "10.0.0.2:15008");
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_streams_per_connection, 100);
+
+        std::fs::write(&p, "[inbound]\nforwrd = \"x\"\n").unwrap();
+        let e = ProxyConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("forwrd"), "{e}");
+        std::fs::write(
+            &p,
+            "[[outbound]]\ndestination = \"10.0.0.2:15008\"\nids = []\n",
+        )
+        .unwrap();
+        let e = ProxyConfig::from_file(&p)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outbound.ids"), "{e}");
+    }
+
+    #[test]
+    fn route_flags() {
+        let r = Route::parse_flag(
+            "listen=127.0.0.1:9001,destination=10.0.0.2:15008,id=spiffe://example.org/a,id=spiffe://example.org/b,target=db:5432",
+        )
+        .unwrap();
+        assert_eq!(r.listen, Some("127.0.0.1:9001".parse().unwrap()));
+        assert_eq!(r.ids.len(), 2);
+        assert_eq!(r.target(), "db:5432");
+        assert!(Route::parse_flag("listen=nope")
+            .unwrap_err()
+            .contains("listen"));
+        assert!(Route::parse_flag("port=1")
+            .unwrap_err()
+            .contains("unknown route key"));
+        assert!(Route::parse_flag("id=spiffe://")
+            .unwrap_err()
+            .contains("id"));
+    }
+}

@@ -1,0 +1,64 @@
+//! HBONE: TCP streams tunneled as HTTP/2 `CONNECT` requests over mutual TLS 1.3.
+//!
+//! The settings both ends use, and the names the metrics give to handshake
+//! failures.
+
+use std::io;
+
+/// Stream flow-control window: large enough that one stream fills a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection flow-control window, shared by its streams.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame we accept.
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Largest amount h2 buffers for one stream before the writer must wait.
+pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+pub fn server_builder(max_streams: u32) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(max_streams)
+        .max_send_buffer_size(MAX_SEND_BUFFER);
+    b
+}
+
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        // A proxy never accepts pushed streams.
+        .enable_push(false);
+    b
+}
+
+/// A short name for why a TLS handshake failed (a metric label).
+pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    if e.kind() == io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            io::ErrorKind::InvalidData => "not_tls",
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => "closed",
+            _ => "io",
+        };
+    };
+    match tls {
+        E::InvalidCertificate(C::Expired) | E::InvalidCertificate(C::ExpiredContext { .. }) => {
+            "expired"
+        }
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
+        E::InvalidCertificate(C::Other(_)) => "not_an_svid_or_unexpected_id",
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::NoCertificatesPresented => "no_certificate",
+        E::InvalidMessage(_) => "not_tls",
+        E::AlertReceived(_) => "alert_received",
+        E::PeerIncompatible(_) | E::NoApplicationProtocol => "incompatible",
+        _ => "tls",
+    }
+}

@@ -1,0 +1,195 @@
+//! This proxy's identity, from the Workload API stream.
+//!
+//! One task holds a `FetchX509SVID` stream open to the agent. Each response
+//! replaces the SVID in the [`SvidResolver`] and the roots in the
+//! [`RootStore`] that every TLS config of the proxy shares, so new handshakes
+//! use them and established connections are untouched. Each change bumps a
+//! generation number that the connection pool uses to stop putting new streams
+//! on connections made with an older SVID. If the agent goes away, the last
+//! SVID keeps being used (until it expires) and the stream is reopened with
+//! backoff; the outage is logged once.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
+use ward_spec::proto::workload as pb;
+use ward_spec::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use ward_spec::tls::{RootStore, SvidResolver};
+use ward_spec::{SpiffeId, TrustBundle};
+
+use crate::metrics::Metrics;
+
+/// What the proxy currently is.
+#[derive(Clone)]
+pub struct Current {
+    pub spiffe_id: SpiffeId,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Bumped by every new SVID.
+    pub generation: u64,
+    pub roots: RootStore,
+}
+
+/// The SVID and roots the TLS configs use, and the watch that announces changes.
+#[derive(Clone)]
+pub struct Identity {
+    pub resolver: SvidResolver,
+    pub current: watch::Receiver<Option<Current>>,
+}
+
+impl Identity {
+    /// Starts following the Workload API at `socket`.
+    pub fn follow(socket: PathBuf, metrics: Arc<Metrics>) -> Identity {
+        let resolver = SvidResolver::default();
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(watch_svids(socket, resolver.clone(), tx, metrics));
+        Identity {
+            resolver,
+            current: rx,
+        }
+    }
+
+    /// Waits for the first SVID.
+    pub async fn ready(&mut self) -> Current {
+        loop {
+            if let Some(c) = self.current.borrow_and_update().clone() {
+                return c;
+            }
+            if self.current.changed().await.is_err() {
+                // The watcher never stops while the process runs.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The current identity, if an SVID arrived and has not expired.
+    pub fn usable(&self) -> Option<Current> {
+        let c = self.current.borrow().clone()?;
+        (c.not_after > unix_now()).then_some(c)
+    }
+}
+
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn watch_svids(
+    socket: PathBuf,
+    resolver: SvidResolver,
+    tx: watch::Sender<Option<Current>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut delay = Duration::from_millis(200);
+    let mut outage_logged = false;
+    let mut generation = 0u64;
+    loop {
+        let before = generation;
+        let result = stream_once(&socket, &resolver, &tx, &metrics, &mut generation).await;
+        if generation > before {
+            // The stream delivered before it failed: start the backoff afresh.
+            delay = Duration::from_millis(200);
+            if outage_logged {
+                tracing::info!("Workload API available again");
+                outage_logged = false;
+            }
+        }
+        if let Err(e) = result {
+            if !outage_logged {
+                tracing::warn!(socket = %socket.display(), error = %e, "Workload API unavailable; keeping the current SVID and retrying");
+                outage_logged = true;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn stream_once(
+    socket: &std::path::Path,
+    resolver: &SvidResolver,
+    tx: &watch::Sender<Option<Current>>,
+    metrics: &Metrics,
+    generation: &mut u64,
+) -> Result<(), String> {
+    let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut req = tonic::Request::new(pb::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", MetadataValue::from_static("true"));
+    let mut stream = client
+        .fetch_x509svid(req)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the agent closed the stream".into()),
+            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+        };
+        // Not inside the `match`: the borrow would live through `tx.send`.
+        let previous = tx.borrow().clone();
+        match install(&resp, resolver, previous.as_ref()) {
+            Ok((spiffe_id, not_after, roots)) => {
+                *generation += 1;
+                metrics.svid_not_after.store(not_after, Ordering::Relaxed);
+                tracing::info!(%spiffe_id, expires_at = not_after, generation = *generation, "SVID installed");
+                let _ = tx.send(Some(Current {
+                    spiffe_id,
+                    not_after,
+                    generation: *generation,
+                    roots,
+                }));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID")
+            }
+        }
+    }
+}
+
+/// Installs the first SVID of a response; returns its ID, expiry and roots.
+fn install(
+    resp: &pb::X509svidResponse,
+    resolver: &SvidResolver,
+    previous: Option<&Current>,
+) -> Result<(SpiffeId, i64, RootStore), String> {
+    let svid = resp
+        .svids
+        .first()
+        .ok_or("the response holds no SVID (is this process registered?)")?;
+    let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
+    let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
+        .map_err(|e| e.to_string())?;
+    let mut bundle = TrustBundle::new(leaf.spiffe_id.trust_domain().clone());
+    bundle.x509_authorities =
+        ward_spec::svid::split_der_chain(&svid.bundle).map_err(|e| e.to_string())?;
+    if bundle.x509_authorities.is_empty() {
+        return Err("the response holds no bundle".into());
+    }
+    let roots = match previous {
+        Some(p) if p.roots.trust_domain() != bundle.trust_domain => return Err(format!(
+            "the SVID moved from trust domain {} to {}; restart the proxy to change trust domains",
+            p.roots.trust_domain(),
+            bundle.trust_domain
+        )),
+        Some(p) => {
+            p.roots.update(&bundle).map_err(|e| e.to_string())?;
+            p.roots.clone()
+        }
+        None => RootStore::new(&bundle).map_err(|e| e.to_string())?,
+    };
+    resolver
+        .set(&chain, &svid.x509_svid_key)
+        .map_err(|e| format!("SVID key: {e}"))?;
+    Ok((leaf.spiffe_id, leaf.not_after, roots))
+}

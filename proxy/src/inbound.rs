@@ -1,0 +1,256 @@
+//! Inbound: the HBONE listener (default port 15008).
+//!
+//! Each TCP connection gets its own task: a mutual TLS 1.3 handshake (the
+//! peer's chain must reach our trust domain's roots), then an HTTP/2
+//! handshake, both within the handshake timeout. Every `CONNECT` stream on it
+//! is put to the authorizer (principal: the peer's SPIFFE ID from its verified
+//! certificate; resource: this workload; context: the port asked for and the
+//! peer's address). A denied stream gets `403` and the application never sees
+//! it; an allowed one gets a fresh TCP connection to the application and `200`.
+//! A connection without streams for the idle timeout is closed; on drain,
+//! connections stop taking streams (GOAWAY) and close when theirs are done.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use ward_authz::{Authorizer, ConnectContext};
+use ward_spec::SpiffeId;
+
+use crate::hbone;
+use crate::identity::Identity;
+use crate::metrics::{Direction, Metrics};
+use crate::pump::pump;
+
+pub struct Inbound {
+    pub acceptor: TlsAcceptor,
+    pub forward: String,
+    pub authz: Arc<Authorizer>,
+    pub identity: Identity,
+    pub metrics: Arc<Metrics>,
+    pub max_streams: u32,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Accepts connections until `drain` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    inbound: Arc<Inbound>,
+    max_connections: usize,
+    mut drain: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut over_limit_logged = false;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::drained(&mut drain) => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            inbound
+                .metrics
+                .handshake_failure(Direction::Inbound, "over_connection_limit");
+            if !over_limit_logged {
+                tracing::warn!(
+                    max_connections,
+                    "inbound connection limit reached; closing new connections until some end"
+                );
+                over_limit_logged = true;
+            }
+            continue;
+        };
+        over_limit_logged = false;
+        let inbound = inbound.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            connection(tcp, peer, inbound, drain).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    inbound: Arc<Inbound>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let metrics = &inbound.metrics;
+    let handshake = async {
+        let tls = inbound.acceptor.accept(tcp).await?;
+        let peer_id = ward_spec::tls::peer_id(tls.get_ref().1.peer_certificates());
+        let conn = hbone::server_builder(inbound.max_streams)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(crate::pump::h2_io)?;
+        Ok::<_, std::io::Error>((peer_id, conn))
+    };
+    let (peer_id, mut conn) = match tokio::time::timeout(inbound.handshake_timeout, handshake).await
+    {
+        Ok(Ok((Some(id), conn))) => (id, conn),
+        Ok(Ok((None, _))) => {
+            metrics.handshake_failure(Direction::Inbound, "no_certificate");
+            return;
+        }
+        Ok(Err(e)) => {
+            let reason = hbone::handshake_failure_reason(&e);
+            metrics.handshake_failure(Direction::Inbound, reason);
+            tracing::debug!(%peer, reason, error = %e, "inbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.handshake_failure(Direction::Inbound, "timeout");
+            tracing::debug!(%peer, "inbound handshake timed out");
+            return;
+        }
+    };
+    metrics.connection_opened(Direction::Inbound);
+    tracing::debug!(%peer, peer_id = %peer_id, "inbound connection");
+    let peer_id = Arc::new(peer_id);
+    let (active_tx, mut active_rx) = watch::channel(0usize);
+    let active_tx = Arc::new(active_tx);
+    let mut shutting_down = false;
+    loop {
+        let idle = *active_rx.borrow_and_update() == 0;
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    active_tx.send_modify(|n| *n += 1);
+                    let guard = ActiveGuard(active_tx.clone());
+                    let inbound = inbound.clone();
+                    let peer_id = peer_id.clone();
+                    tokio::spawn(async move {
+                        stream(req, respond, &peer_id, peer, &inbound).await;
+                        drop(guard);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "inbound connection error");
+                    break;
+                }
+                None => break,
+            },
+            _ = active_rx.changed() => {}
+            _ = tokio::time::sleep(inbound.idle_timeout), if idle && !shutting_down => {
+                tracing::debug!(%peer, "closing idle inbound connection");
+                conn.graceful_shutdown();
+                shutting_down = true;
+            }
+            _ = crate::drained(&mut drain), if !shutting_down => {
+                conn.graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
+    metrics.connection_closed(Direction::Inbound);
+}
+
+struct ActiveGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a status-only response is valid");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn stream(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer_id: &SpiffeId,
+    peer: SocketAddr,
+    inbound: &Inbound,
+) {
+    let metrics = &inbound.metrics;
+    if req.method() != Method::CONNECT {
+        respond_status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let Some(port) = req.uri().authority().and_then(|a| a.port_u16()) else {
+        respond_status(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    };
+    let Some(me) = inbound.identity.usable() else {
+        respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    };
+    let decision = inbound.authz.decide_connect(
+        peer_id,
+        &me.spiffe_id,
+        &ConnectContext {
+            destination_port: port,
+            source_address: peer.ip(),
+            at: None,
+        },
+    );
+    if !decision.permitted {
+        metrics.decision("deny");
+        tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
+        respond_status(&mut respond, StatusCode::FORBIDDEN);
+        return;
+    }
+    metrics.decision(if decision.allowed {
+        "allow"
+    } else {
+        "deny_dry_run"
+    });
+    let app = match tokio::time::timeout(
+        inbound.connect_timeout,
+        TcpStream::connect(&inbound.forward),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(forward = %inbound.forward, error = %e, "cannot reach the application");
+            respond_status(&mut respond, StatusCode::BAD_GATEWAY);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(forward = %inbound.forward, "connecting to the application timed out");
+            respond_status(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("valid");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    metrics.stream_opened(Direction::Inbound);
+    let (carried, result) = pump(app, send, req.into_body(), Bytes::new()).await;
+    metrics.stream_closed(Direction::Inbound);
+    metrics.bytes(Direction::Inbound, carried.to_app, carried.from_app);
+    if let Err(e) = result {
+        tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
+    }
+}

@@ -1,0 +1,171 @@
+//! Outbound: local listeners that tunnel the application's connections to
+//! peer proxies.
+//!
+//! A route listener (`127.0.0.1:PORT`) tunnels every connection to its one
+//! destination. The HTTP CONNECT listener reads `CONNECT host:port` and
+//! tunnels to the route whose target (or destination) that is. Either way the
+//! tunnel is a stream on a pooled mutual-TLS connection whose peer must present
+//! one of the route's SPIFFE IDs; a peer that does not is refused during the
+//! handshake, before any application byte is sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::Route;
+use crate::metrics::{Direction, Metrics};
+use crate::pool::{OpenError, Pool, Tunnel};
+use crate::pump::pump;
+
+/// Serves one route's listener until `drain` turns true.
+pub async fn serve_route(
+    listener: TcpListener,
+    route: Arc<Route>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    mut drain: watch::Receiver<bool>,
+) {
+    loop {
+        let app = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::drained(&mut drain) => return,
+        };
+        let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _ = app.set_nodelay(true);
+            match open(&pool, &route).await {
+                Ok(t) => carry(app, t, Bytes::new(), &metrics).await,
+                Err(e) => {
+                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
+                    // Closing the application's connection is all it learns.
+                }
+            }
+        });
+    }
+}
+
+/// Opens a tunnel for `route`, once more on a new connection if the pooled
+/// one turned out to be closing.
+async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
+    match pool
+        .open(&route.destination, &route.ids, route.target())
+        .await
+    {
+        Err(OpenError::Http2(..)) => {
+            pool.open(&route.destination, &route.ids, route.target())
+                .await
+        }
+        r => r,
+    }
+}
+
+async fn carry(app: TcpStream, t: Tunnel, first: Bytes, metrics: &Metrics) {
+    metrics.stream_opened(Direction::Outbound);
+    let Tunnel { send, recv, lease } = t;
+    let (carried, result) = pump(app, send, recv, first).await;
+    drop(lease);
+    metrics.stream_closed(Direction::Outbound);
+    metrics.bytes(Direction::Outbound, carried.to_app, carried.from_app);
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "outbound stream ended with an error");
+    }
+}
+
+/// The HTTP CONNECT listener: `CONNECT host:port HTTP/1.1` picks the route.
+pub async fn serve_connect(
+    listener: TcpListener,
+    routes: Arc<Vec<Arc<Route>>>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    mut drain: watch::Receiver<bool>,
+) {
+    loop {
+        let app = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP CONNECT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::drained(&mut drain) => return,
+        };
+        let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _ = app.set_nodelay(true);
+            http_connect(app, &routes, &pool, &metrics).await;
+        });
+    }
+}
+
+const MAX_HEAD: usize = 8 * 1024;
+
+async fn http_connect(mut app: TcpStream, routes: &[Arc<Route>], pool: &Pool, metrics: &Metrics) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = find_head_end(&buf) {
+            break i;
+        }
+        if buf.len() >= MAX_HEAD {
+            let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), app.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    };
+    let head = buf.split_to(head_end);
+    let first = buf.freeze();
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "CONNECT" {
+        let _ = reply(&mut app, "405 Method Not Allowed").await;
+        return;
+    }
+    let Some(route) = routes
+        .iter()
+        .find(|r| r.target() == target || r.destination == target)
+    else {
+        tracing::info!(target, "HTTP CONNECT to a target no route names");
+        let _ = reply(&mut app, "403 Forbidden").await;
+        return;
+    };
+    match open(pool, route).await {
+        Ok(t) => {
+            if reply(&mut app, "200 Connection established").await.is_ok() {
+                carry(app, t, first, metrics).await;
+            }
+        }
+        Err(OpenError::Refused(status)) => {
+            let _ = reply(&mut app, &status.to_string()).await;
+        }
+        Err(e) => {
+            tracing::warn!(target, error = %e, "outbound tunnel not opened");
+            let _ = reply(&mut app, "502 Bad Gateway").await;
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+async fn reply(app: &mut TcpStream, status: &str) -> std::io::Result<()> {
+    app.write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
+        .await
+}

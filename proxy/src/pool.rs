@@ -1,0 +1,329 @@
+//! Outbound connection pool.
+//!
+//! Connections are keyed by (our SPIFFE ID, the peer's address, the IDs the
+//! peer may present) and carry up to `max_streams` tunneled streams each; a
+//! new connection is made only when every usable one is full, and one caller
+//! at a time makes it, so a burst of streams shares one connection. A
+//! connection made with an older SVID of ours takes no new streams; it closes
+//! when its last stream ends. Idle connections close after the idle timeout.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier};
+use ward_spec::SpiffeId;
+
+use crate::hbone;
+use crate::identity::Identity;
+use crate::metrics::{Direction, Metrics};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    me: SpiffeId,
+    destination: String,
+    ids: Vec<SpiffeId>,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    generation: u64,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    /// Milliseconds since the pool's start when the last stream ended.
+    idle_since: AtomicI64,
+}
+
+#[derive(Default)]
+struct Slot {
+    conns: Vec<Arc<Conn>>,
+    /// Held while a connection for this key is being made.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+pub struct Pool {
+    identity: Identity,
+    metrics: Arc<Metrics>,
+    max_streams: usize,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    slots: Mutex<HashMap<Key, Slot>>,
+    start: Instant,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no SVID yet (or it expired): cannot authenticate")]
+    NoIdentity,
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, io::Error),
+    #[error("TLS handshake with {destination} failed ({reason}): {error}")]
+    Handshake {
+        destination: String,
+        reason: &'static str,
+        error: io::Error,
+    },
+    #[error("HTTP/2 with {0} failed: {1}")]
+    Http2(String, h2::Error),
+    #[error("the peer refused the stream: {0}")]
+    Refused(StatusCode),
+}
+
+/// An open tunnel and the pool slot it holds.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub lease: Lease,
+}
+
+/// Counts a stream against its connection until dropped.
+pub struct Lease {
+    conn: Arc<Conn>,
+    start: Instant,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn
+            .idle_since
+            .store(self.start.elapsed().as_millis() as i64, Ordering::Relaxed);
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Pool {
+    pub fn new(
+        identity: Identity,
+        metrics: Arc<Metrics>,
+        max_streams: usize,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            identity,
+            metrics,
+            max_streams,
+            connect_timeout,
+            handshake_timeout,
+            idle_timeout,
+            slots: Mutex::new(HashMap::new()),
+            start: Instant::now(),
+        });
+        let weak = Arc::downgrade(&pool);
+        let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match weak.upgrade() {
+                    Some(p) => p.reap(),
+                    None => return,
+                }
+            }
+        });
+        pool
+    }
+
+    /// Opens a tunneled stream to `target` through the peer proxy at
+    /// `destination`, which must present one of `ids`.
+    pub async fn open(
+        &self,
+        destination: &str,
+        ids: &[SpiffeId],
+        target: &str,
+    ) -> Result<Tunnel, OpenError> {
+        let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
+        let key = Key {
+            me: me.spiffe_id.clone(),
+            destination: destination.to_owned(),
+            ids: ids.to_vec(),
+        };
+        let conn = match self.lease(&key, me.generation) {
+            Some(c) => c,
+            None => {
+                let connecting = {
+                    let mut slots = self.slots.lock().expect("pool lock");
+                    slots.entry(key.clone()).or_default().connecting.clone()
+                };
+                let _one_at_a_time = connecting.lock().await;
+                match self.lease(&key, me.generation) {
+                    Some(c) => c,
+                    None => {
+                        let conn = self.connect(&key, me.generation, &me.roots).await?;
+                        conn.active.fetch_add(1, Ordering::AcqRel);
+                        let mut slots = self.slots.lock().expect("pool lock");
+                        slots.entry(key).or_default().conns.push(conn.clone());
+                        conn
+                    }
+                }
+            }
+        };
+        let lease = Lease {
+            conn: conn.clone(),
+            start: self.start,
+        };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target)
+            .body(())
+            .map_err(|e| OpenError::Connect(target.to_owned(), io::Error::other(e.to_string())))?;
+        let mut send = conn
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
+        let (response, stream) = send
+            .send_request(req, false)
+            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
+        let response = response
+            .await
+            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
+        if response.status() != StatusCode::OK {
+            return Err(OpenError::Refused(response.status()));
+        }
+        Ok(Tunnel {
+            send: stream,
+            recv: response.into_body(),
+            lease,
+        })
+    }
+
+    /// A usable connection for `key` with room for one more stream, counted.
+    fn lease(&self, key: &Key, generation: u64) -> Option<Arc<Conn>> {
+        let slots = self.slots.lock().expect("pool lock");
+        let slot = slots.get(key)?;
+        for c in &slot.conns {
+            if c.generation != generation || c.closed.load(Ordering::Acquire) {
+                continue;
+            }
+            let taken = c
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_streams).then_some(n + 1)
+                })
+                .is_ok();
+            if taken {
+                return Some(c.clone());
+            }
+        }
+        None
+    }
+
+    async fn connect(
+        &self,
+        key: &Key,
+        generation: u64,
+        roots: &ward_spec::tls::RootStore,
+    ) -> Result<Arc<Conn>, OpenError> {
+        let dest = key.destination.clone();
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&dest)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(OpenError::Connect(dest, e)),
+            Err(_) => {
+                return Err(OpenError::Connect(
+                    dest,
+                    io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+                ))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let verifier = SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(key.ids.clone()));
+        let mut cfg = ward_spec::tls::client_config(Some(self.identity.resolver.clone()), verifier);
+        cfg.enable_sni = false;
+        let connector = TlsConnector::from(Arc::new(cfg));
+        let name = ServerName::try_from("ward.invalid").expect("static name is valid");
+        let handshake = async {
+            let tls = connector.connect(name, tcp).await?;
+            hbone::client_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(crate::pump::h2_io)
+        };
+        let (send, connection) = match tokio::time::timeout(self.handshake_timeout, handshake).await
+        {
+            Ok(Ok(x)) => x,
+            Ok(Err(error)) => {
+                let reason = hbone::handshake_failure_reason(&error);
+                self.metrics.handshake_failure(Direction::Outbound, reason);
+                return Err(OpenError::Handshake {
+                    destination: dest,
+                    reason,
+                    error,
+                });
+            }
+            Err(_) => {
+                self.metrics
+                    .handshake_failure(Direction::Outbound, "timeout");
+                return Err(OpenError::Handshake {
+                    destination: dest,
+                    reason: "timeout",
+                    error: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+                });
+            }
+        };
+        let closed = Arc::new(AtomicBool::new(false));
+        let metrics = self.metrics.clone();
+        metrics.connection_opened(Direction::Outbound);
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(destination = %dest, error = %e, "outbound connection ended");
+            }
+            flag.store(true, Ordering::Release);
+            metrics.connection_closed(Direction::Outbound);
+        });
+        Ok(Arc::new(Conn {
+            send,
+            generation,
+            active: AtomicUsize::new(0),
+            closed,
+            idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
+        }))
+    }
+
+    /// Drops connections that are closed, idle for too long, or made with an
+    /// older SVID and now without streams. Dropping the last handle to an
+    /// HTTP/2 client connection closes it.
+    fn reap(&self) {
+        let generation = self
+            .identity
+            .current
+            .borrow()
+            .as_ref()
+            .map_or(0, |c| c.generation);
+        let now = self.start.elapsed().as_millis() as i64;
+        let idle_ms = self.idle_timeout.as_millis() as i64;
+        let mut slots = self.slots.lock().expect("pool lock");
+        for slot in slots.values_mut() {
+            slot.conns.retain(|c| {
+                if c.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                if c.active.load(Ordering::Acquire) > 0 {
+                    return true;
+                }
+                c.generation == generation && now - c.idle_since.load(Ordering::Relaxed) < idle_ms
+            });
+        }
+        slots.retain(|_, s| !s.conns.is_empty() || Arc::strong_count(&s.connecting) > 1);
+    }
+
+    /// Connections in the pool (for tests and metrics).
+    pub fn connections(&self) -> usize {
+        let slots = self.slots.lock().expect("pool lock");
+        slots.values().map(|s| s.conns.len()).sum()
+    }
+}

@@ -1,0 +1,131 @@
+//! Copies bytes between an application's TCP connection and a tunneled
+//! HTTP/2 stream, both ways, until both directions have ended.
+//!
+//! Nothing is buffered while a stream is idle: the TCP side allocates a
+//! buffer only once the socket is readable, and the HTTP/2 side hands over the
+//! frames h2 already holds. Flow control does the back-pressure: data read
+//! from the application waits for stream capacity before it is sent, and
+//! received data is released to the peer's window only once it is written to
+//! the application. An end of stream becomes a TCP half-close and the other way
+//! round; an error on either side resets the stream and closes the socket.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// The largest read from the application in one go.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Bytes carried by one stream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Carried {
+    pub to_app: u64,
+    pub from_app: u64,
+}
+
+/// Runs a tunneled stream to its end. `first` is sent before anything read
+/// from `app` (bytes an HTTP CONNECT client sent after its request head).
+pub async fn pump(
+    app: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    first: Bytes,
+) -> (Carried, io::Result<()>) {
+    let (r, w) = app.into_split();
+    let up = app_to_tunnel(r, send, first);
+    let down = tunnel_to_app(recv, w);
+    tokio::pin!(up, down);
+    let mut carried = Carried::default();
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                match r {
+                    Ok(n) => carried.from_app = n,
+                    // Dropping the other direction resets the stream and closes the socket.
+                    Err(e) => return (carried, Err(e)),
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                match r {
+                    Ok(n) => carried.to_app = n,
+                    Err(e) => return (carried, Err(e)),
+                }
+            }
+        }
+    }
+    (carried, Ok(()))
+}
+
+async fn app_to_tunnel(
+    r: OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    first: Bytes,
+) -> io::Result<u64> {
+    let mut total = first.len() as u64;
+    send_all(&mut send, first).await?;
+    loop {
+        r.readable().await?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        match r.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                return Ok(total);
+            }
+            Ok(n) => {
+                total += n as u64;
+                send_all(&mut send, buf.freeze()).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Sends `data` as the stream's capacity allows.
+pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(c) => c.map_err(h2_io)?,
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        };
+        if cap == 0 {
+            continue;
+        }
+        let chunk = data.split_to(cap.min(data.len()));
+        send.send_data(chunk, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+async fn tunnel_to_app(mut recv: RecvStream, mut w: OwnedWriteHalf) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        w.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    }
+}

@@ -1,0 +1,142 @@
+//! `ward proxy run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use ward_proxy::config::{ConnectListener, Inbound, Route};
+use ward_proxy::ProxyConfig;
+
+#[derive(Subcommand)]
+pub enum ProxyCommand {
+    /// Run the tunneling sidecar.
+    #[command(after_help = "Example (a workload `api` that `web` calls):\n  \
+        ward proxy run --socket .ward/agent/workload.sock \\\n    \
+        --inbound-listen 0.0.0.0:15008 --forward 127.0.0.1:8080 --policy-dir policies\n\n\
+        Example (a workload `web` that calls `api` through 127.0.0.1:9001):\n  \
+        ward proxy run --socket .ward/agent/workload.sock --health-address 127.0.0.1:15021 \\\n    \
+        --route listen=127.0.0.1:9001,destination=10.0.0.2:15008,id=spiffe://example.org/tenant/acme/ns/prod/sa/api")]
+    Run(Box<RunArgs>),
+}
+
+/// Every key of the config file, also as a flag (the flag wins).
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The Workload API socket. Default .ward/agent/workload.sock
+    #[arg(long = "socket", env = "SPIFFE_ENDPOINT_SOCKET")]
+    workload_api_socket: Option<String>,
+    /// Address of /healthz, /readyz and /metrics. Default 127.0.0.1:15020
+    #[arg(long)]
+    health_address: Option<SocketAddr>,
+    /// The inbound HBONE listener. Default 0.0.0.0:15008 (when --forward is given)
+    #[arg(long)]
+    inbound_listen: Option<SocketAddr>,
+    /// The local application inbound streams are connected to (enables inbound).
+    #[arg(long)]
+    forward: Option<String>,
+    /// An outbound route: listen=ADDR,destination=HOST:PORT,id=SPIFFE_ID[,id=…][,target=HOST:PORT] (repeatable).
+    #[arg(long = "route", value_parser = Route::parse_flag)]
+    routes: Vec<Route>,
+    /// An HTTP CONNECT listener for applications that can use a proxy.
+    #[arg(long)]
+    connect_listen: Option<SocketAddr>,
+    /// A directory of .cedar policies (and ward.cedarschema), hot-reloaded.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// The Cedar schema (default: ward.cedarschema in the policy directory, else the built-in one).
+    #[arg(long)]
+    policy_schema: Option<PathBuf>,
+    /// enforce or dry-run.
+    #[arg(long)]
+    policy_mode: Option<String>,
+    /// Decision log: stdout, off, or a file.
+    #[arg(long)]
+    decision_log: Option<String>,
+    /// How often the policy directory is checked for changes. Default 1s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    policy_reload_interval: Option<Duration>,
+    /// Inbound TLS connections open at once. Default 100000
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Tunneled streams per TLS connection. Default 100
+    #[arg(long)]
+    max_streams_per_connection: Option<u32>,
+    /// TLS + HTTP/2 handshake timeout. Default 10s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// Close TLS connections without streams after this long. Default 5m
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Timeout for connecting to a peer proxy or the application. Default 5s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// On SIGTERM, how long open streams may finish. Default 30s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> anyhow::Result<ProxyConfig> {
+        let mut c = match &self.config {
+            Some(p) => ProxyConfig::from_file(p)?,
+            None => ProxyConfig::default(),
+        };
+        if let Some(s) = self.workload_api_socket {
+            c.workload_api_socket = PathBuf::from(s.strip_prefix("unix://").unwrap_or(&s));
+        }
+        if let Some(forward) = self.forward {
+            let listen = self
+                .inbound_listen
+                .or(c.inbound.as_ref().map(|i| i.listen))
+                .unwrap_or_else(|| "0.0.0.0:15008".parse().expect("valid"));
+            c.inbound = Some(Inbound { listen, forward });
+        } else if let (Some(listen), Some(i)) = (self.inbound_listen, c.inbound.as_mut()) {
+            i.listen = listen;
+        }
+        c.outbound.extend(self.routes);
+        if let Some(listen) = self.connect_listen {
+            c.connect = Some(ConnectListener { listen });
+        }
+        if self.policy_dir.is_some() {
+            c.policy.dir = self.policy_dir;
+        }
+        if self.policy_schema.is_some() {
+            c.policy.schema = self.policy_schema;
+        }
+        macro_rules! set {
+            ($($src:ident => $($dst:ident).+),* $(,)?) => { $( if let Some(v) = self.$src { c.$($dst).+ = v; } )* };
+        }
+        set!(
+            health_address => health_address,
+            policy_mode => policy.mode,
+            decision_log => policy.decision_log,
+            policy_reload_interval => policy.reload_interval,
+            max_connections => limits.max_connections,
+            max_streams_per_connection => limits.max_streams_per_connection,
+            handshake_timeout => limits.handshake_timeout,
+            idle_timeout => limits.idle_timeout,
+            connect_timeout => limits.connect_timeout,
+            drain_timeout => limits.drain_timeout,
+            log_format => log_format,
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProxyCommand::Run(args) => {
+            let cfg = args.into_config()?;
+            super::init_logging(cfg.log_format == "json");
+            ward_proxy::run(cfg, super::ca::shutdown_signal()).await
+        }
+    }
+}
