@@ -203,6 +203,31 @@ when { principal.service == "db" && resource.service == "api" };
     let last = mesh.api.decision_lines().pop().unwrap();
     assert_eq!(last["decision"], "allow");
     assert_eq!(last["policies"][0], "acme-db-to-api");
+
+    // 3. An invalid file is rejected (log line with file and position, and a
+    //    metric); the last good set stays active.
+    let rejected = "ward_proxy_policy_reloads_total{result=\"rejected\"}";
+    assert_eq!(mesh.api.metric(rejected), 0.0);
+    std::fs::write(
+        mesh.policies.path().join("broken.cedar"),
+        "permit (principal, action == Ward::Action::\"connect\", resource)\n  when { principal.no_such_attribute };\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mesh.api.metric(rejected) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the invalid set was not reported"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = mesh.api.log_text();
+    assert!(
+        log.contains("policy set rejected") && log.contains("broken.cedar:2:"),
+        "{log}"
+    );
+    let reply = http_connect(&connect, "api.acme:8080");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     drop(db);
 }
 
@@ -221,4 +246,394 @@ fn http_connect(addr: &str, target: &str) -> String {
         }
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A test-only TLS client: accepts any server certificate (the server is what
+/// is under test) and presents `client` (chain, PKCS#8 key) if given.
+fn tls_probe(addr: &str, client: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Result<usize, String> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
+    };
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut cfg = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain.into_iter().map(CertificateDer::from).collect(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("x").unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // The HTTP/2 preface and an empty SETTINGS frame: a server that accepted
+    // us answers with its own SETTINGS.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf) {
+        Ok(0) => Err("closed".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn pem_file_ders(path: &Path, label: &str) -> Vec<Vec<u8>> {
+    ward_spec::bundle::pem_to_ders(label, &std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An SVID fetched through `ward svid fetch` as `uid`: (chain, key, not_after).
+fn fetch_svid(agent: &AgentProcess, uid: u32) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = agent.svid_cli(
+            &["fetch", "--write", dir.path().to_str().unwrap()],
+            Some(uid),
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let chain = pem_file_ders(&dir.path().join("svid.pem"), "CERTIFICATE");
+    let key = pem_file_ders(&dir.path().join("svid.key"), "PRIVATE KEY").remove(0);
+    let not_after = ward_spec::svid::check_leaf(&chain[0]).unwrap().not_after;
+    (chain, key, not_after)
+}
+
+#[test]
+fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
+    let mesh = Mesh::start(&[], &[]);
+    let inbound = mesh.api_inbound.clone();
+    let reason = |r: &str| {
+        mesh.api.metric(&format!(
+            "ward_proxy_handshake_failures_total{{direction=\"inbound\",reason=\"{r}\"}}"
+        ))
+    };
+
+    // 0. The probe itself works: web's real SVID gets the server's SETTINGS.
+    let (chain, key, _) = fetch_svid(&mesh.agent, WEB_UID);
+    let n = tls_probe(&inbound, Some((chain, key))).expect("a valid SVID is accepted");
+    assert!(n > 0);
+
+    // 1. Plaintext on the HBONE port.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&inbound).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"CONNECT api.acme:8080 HTTP/1.1\r\n\r\nhello")
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("200"),
+            "plaintext got an answer"
+        );
+    }
+    // 2. No client certificate.
+    assert!(tls_probe(&inbound, None).is_err());
+    // 3. A certificate from another trust domain (its own CA, a proper SVID profile).
+    let other_ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://other.org".try_into().unwrap(),
+    )];
+    let other_ca = ca_params.self_signed(&other_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, other_ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://other.org/tenant/acme/ns/prod/sa/web"
+            .try_into()
+            .unwrap(),
+    )];
+    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let foreign = (
+        vec![leaf.der().to_vec(), other_ca.der().to_vec()],
+        leaf_key.serialize_der(),
+    );
+    assert!(tls_probe(&inbound, Some(foreign)).is_err());
+    // 4. A CA certificate as the leaf: our own trust domain's root, with its key.
+    let root = mesh._ca.bundle().x509_authorities[0].clone();
+    let root_key =
+        pem_file_ders(&mesh._ca.data_dir().join("keys/root-0.key"), "PRIVATE KEY").remove(0);
+    assert!(tls_probe(&inbound, Some((vec![root], root_key))).is_err());
+    // 5. An expired SVID of our own trust domain (a 2-second entry).
+    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    mesh._ca.cli_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/tenant/acme/ns/prod/sa/cron",
+        "--parent-id",
+        &node,
+        "--selector",
+        "unix:uid:1004",
+        "--x509-ttl",
+        "2",
+    ]);
+    let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
+    while unix_now() <= not_after + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(tls_probe(&inbound, Some((chain, key))).is_err());
+
+    // None of them reached the application, and each is counted by reason.
+    assert_eq!(mesh.app.connections(), 0);
+    assert_eq!(reason("not_tls"), 1.0);
+    assert_eq!(reason("no_certificate"), 1.0);
+    assert_eq!(reason("foreign_trust_domain"), 1.0);
+    assert_eq!(reason("not_an_svid"), 1.0);
+    assert_eq!(reason("expired"), 1.0);
+    assert_eq!(
+        mesh.api
+            .metric("ward_proxy_streams_total{direction=\"inbound\"}"),
+        0.0
+    );
+
+    // 6. Outbound: a route that expects `db` but reaches `api`'s proxy is
+    //    refused in the handshake; the application gets no byte.
+    let (web, port) = mesh.client_proxy(WEB_UID, DB, &[]);
+    let r = hash_client(port, 1024, 1, 0.0);
+    assert_eq!(r.ok, 0);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(mesh.app.connections(), 0);
+    assert_eq!(
+        web.metric(
+            "ward_proxy_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_id\"}"
+        ),
+        1.0
+    );
+    assert!(web
+        .log_text()
+        .contains("expected one of [spiffe://example.org/tenant/acme/ns/prod/sa/db]"));
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn a_slow_loris_and_10000_idle_connections_do_not_stop_other_clients() {
+    // The test holds 10,000 sockets too.
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        rlimit::Resource::NOFILE.set(hard, hard).unwrap();
+    }
+    let mesh = Mesh::start(&[], &["--handshake-timeout", "8s"]);
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // 1. A slow loris: a TLS record header, then one byte every 100 ms.
+    let loris = {
+        let (addr, stop) = (mesh.api_inbound.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+            let mut sent = 0;
+            for b in hello.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sent
+        })
+    };
+    // 2. 10,000 idle TCP connections that never say anything.
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(std::net::TcpStream::connect(&mesh.api_inbound).unwrap());
+    }
+    // 3. Meanwhile a real client is served: 20 exchanges of 64 KiB on new streams.
+    let start = Instant::now();
+    for _ in 0..20 {
+        let r = hash_client(port, 64 * 1024, 1, 0.0);
+        assert_clean(&r, 1, 64 * 1024);
+    }
+    let served_in = start.elapsed();
+    assert!(
+        served_in < Duration::from_secs(8),
+        "the real client took {served_in:?}"
+    );
+    assert_eq!(mesh.app.wait_connections(20), 20);
+
+    // 4. The idle connections and the loris are cut at the handshake timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let timeouts = |m: &Mesh| {
+        m.api
+            .metric("ward_proxy_handshake_failures_total{direction=\"inbound\",reason=\"timeout\"}")
+    };
+    while timeouts(&mesh) < 10_001.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(timeouts(&mesh), 10_001.0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(loris.join().unwrap() < 150, "the loris was never cut off");
+    drop(idle);
+}
+
+#[test]
+fn rotation_under_load_keeps_every_stream_intact() {
+    // 10 s SVIDs: the agent rotates each at about half its life.
+    let mesh = Mesh::start(&["--x509-svid-ttl", "10s"], &[]);
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+
+    // 1. Ten connections stream continuously for 32 s (≥ 5 rotations), each
+    //    exchange checked with SHA-256 at both ends.
+    let load = std::thread::spawn(move || hash_client(port, 256 * 1024, 10, 32.0));
+    // 2. Meanwhile, a new stream every 2 s: new handshakes use the new SVIDs.
+    let start = Instant::now();
+    let mut fresh = 0;
+    while start.elapsed() < Duration::from_secs(30) {
+        let r = hash_client(port, 1024, 1, 0.0);
+        assert_clean(&r, 1, 1024);
+        fresh += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let r = load.join().unwrap();
+    assert!(r.errors.is_empty(), "errors under rotation: {:?}", r.errors);
+    assert!(r.ok >= 100, "only {} exchanges", r.ok);
+    assert_eq!(r.bytes_sent, r.ok * 256 * 1024);
+
+    // 3. Both proxies installed at least 6 SVIDs (the first and 5 rotations).
+    for (name, p) in [("web", &web), ("api", &mesh.api)] {
+        let installed = p.log_text().matches("SVID installed").count();
+        assert!(installed >= 6, "{name} proxy installed {installed} SVIDs");
+    }
+    // 4. The ten long streams stayed on their connection; new streams moved
+    //    to connections made with newer SVIDs.
+    assert_eq!(mesh.app.wait_connections(10 + fresh), 10 + fresh);
+    let outbound = web.metric("ward_proxy_connections_total{direction=\"outbound\"}");
+    assert!(outbound >= 5.0, "outbound connections: {outbound}");
+}
+
+#[test]
+fn no_listener_until_the_svid_arrives_and_sigterm_drains_open_streams() {
+    let mesh = Mesh::start(&[], &["--drain-timeout", "20s"]);
+    // 1. A proxy for a uid without an entry: not ready, nothing listening.
+    let port = free_port();
+    let route = format!(
+        "listen=127.0.0.1:{port},destination={},id={API}",
+        mesh.api_inbound
+    );
+    let mut late = ProxyProcess::spawn(&mesh.agent, 1005, &["--route", &route]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        http_get(&late.health_addr, "/readyz").map(|r| r.0),
+        Some(503)
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // Its SVID arrives once it is registered.
+    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    mesh._ca.register(
+        "spiffe://example.org/tenant/acme/ns/prod/sa/web2",
+        &node,
+        "unix:uid:1005",
+    );
+    late.wait_ready();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    drop(late);
+
+    // 2. SIGTERM while a stream is open: the stream finishes, new connections
+    //    are refused, and the proxy exits cleanly.
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let load = std::thread::spawn(move || hash_client(port, 1024 * 1024, 1, 5.0));
+    let mut api = mesh.api;
+    std::thread::sleep(Duration::from_secs(1));
+    let waiter = std::thread::spawn(move || {
+        let status = api.terminate();
+        (status, api)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        std::net::TcpStream::connect(&mesh.api_inbound).is_err(),
+        "the inbound listener still accepts while draining"
+    );
+    let r = load.join().unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.ok >= 2);
+    let (status, api) = waiter.join().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(api.log_text().contains("drained"));
 }

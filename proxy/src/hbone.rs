@@ -53,7 +53,17 @@ pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
             "expired"
         }
         E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
-        E::InvalidCertificate(C::Other(_)) => "not_an_svid_or_unexpected_id",
+        E::InvalidCertificate(C::Other(o)) => {
+            // Ward's verifiers say which SPIFFE rule the peer broke.
+            let msg = o.to_string();
+            if msg.contains("is not in trust domain") {
+                "foreign_trust_domain"
+            } else if msg.contains("expected one of") {
+                "unexpected_id"
+            } else {
+                "not_an_svid"
+            }
+        }
         E::InvalidCertificate(_) => "bad_certificate",
         E::NoCertificatesPresented => "no_certificate",
         E::InvalidMessage(_) => "not_tls",

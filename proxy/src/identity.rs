@@ -177,11 +177,13 @@ fn install(
         return Err("the response holds no bundle".into());
     }
     let roots = match previous {
-        Some(p) if p.roots.trust_domain() != bundle.trust_domain => return Err(format!(
+        Some(p) if p.roots.trust_domain() != bundle.trust_domain => {
+            return Err(format!(
             "the SVID moved from trust domain {} to {}; restart the proxy to change trust domains",
             p.roots.trust_domain(),
             bundle.trust_domain
-        )),
+        ))
+        }
         Some(p) => {
             p.roots.update(&bundle).map_err(|e| e.to_string())?;
             p.roots.clone()
