@@ -1,0 +1,608 @@
+//! Tunnel performance on loopback: Ward's proxies against stunnel4 and
+//! HAProxy set up the same way, and against no tunnel, all in one run.
+//!
+//! Run: `cargo bench --bench proxy_tunnel` (needs `stunnel4`, `haproxy` and
+//! `iperf3` from Debian; `.ci/run` installs them).
+//!
+//! Topology for each: client → client-side proxy → mutual TLS 1.3 (ECDSA
+//! P-256) → server-side proxy → server. Ward: `ward proxy run` route listener
+//! → HBONE → `ward proxy run` inbound (Cedar-authorized, decision log on).
+//! stunnel4 and HAProxy: a client-mode and a server-mode process each,
+//! verifying each other's certificates against one CA.
+//!
+//! 1. Single-stream bulk throughput: `iperf3 -c` for 8 s.
+//! 2. 1 KiB request/response over one persistent connection: 20,000 round
+//!    trips, p50/p99, and what each adds over direct.
+//! 3. New application connections per second: 4 clients for 5 s, each
+//!    connecting, echoing one byte and closing.
+//! 4. Ward proxy RSS when idle and with 10,000 idle tunneled streams.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TD: &str = "example.org";
+const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some((
+        buf.split_whitespace().nth(1)?.parse().ok()?,
+        buf.split("\r\n\r\n").nth(1)?.to_owned(),
+    ))
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn wait_ready(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(addr, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "{addr} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ward() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ward"))
+}
+
+/// A tunnel under test: where the client connects.
+struct Tunnel {
+    name: &'static str,
+    entry: u16,
+    _procs: Vec<Killed>,
+}
+
+// ---------------------------------------------------------------- servers
+
+/// An echo server on `port` (one thread per connection), until `stop`.
+fn echo_server(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_nodelay(true).unwrap();
+                    std::thread::Builder::new()
+                        .stack_size(64 * 1024)
+                        .spawn(move || {
+                            let mut buf = [0u8; 16 * 1024];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                        .unwrap();
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------- measurements
+
+fn iperf(port: u16) -> f64 {
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "8", "-J"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn request_response(port: u16, n: usize) -> Vec<Duration> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    let msg = [7u8; 1024];
+    let mut buf = [0u8; 1024];
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + 500 {
+        let t = Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        if i >= 500 {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    times
+}
+
+fn connections_per_second(port: u16, clients: usize, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                while Instant::now() < deadline {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    s.set_nodelay(true).unwrap();
+                    s.write_all(b"x").unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: f64) -> String {
+    format!("{d:.1} µs")
+}
+
+// ---------------------------------------------------------------- set-up
+
+/// A CA and certificates for the stunnel and HAProxy pairs (ECDSA P-256).
+fn peer_certs(dir: &Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "bench CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    for (name, eku) in [
+        ("server", rcgen::ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![format!("{name}.test")]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name}.test"));
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}-bundle.pem")),
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )
+        .unwrap();
+    }
+}
+
+fn stunnel(dir: &Path, app: u16) -> Tunnel {
+    let (entry, mid) = (port(), port());
+    let d = dir.display();
+    let common = "foreground = yes\npid =\ndebug = 3\n";
+    let server = format!(
+        "{common}[server]\naccept = 127.0.0.1:{mid}\nconnect = 127.0.0.1:{app}\ncert = {d}/server.pem\nkey = {d}/server.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
+    );
+    let client = format!(
+        "{common}[client]\nclient = yes\naccept = 127.0.0.1:{entry}\nconnect = 127.0.0.1:{mid}\ncert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
+    );
+    let mut procs = Vec::new();
+    for (name, cfg) in [("stunnel-server", server), ("stunnel-client", client)] {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, cfg).unwrap();
+        procs.push(Killed(
+            Command::new("stunnel4")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    wait_listening(mid);
+    wait_listening(entry);
+    Tunnel {
+        name: "stunnel4",
+        entry,
+        _procs: procs,
+    }
+}
+
+fn haproxy(dir: &Path, app: u16) -> Tunnel {
+    let (entry, mid) = (port(), port());
+    let d = dir.display();
+    let common = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n";
+    let server = format!(
+        "{common}frontend tls_in\n  bind 127.0.0.1:{mid} ssl crt {d}/server-bundle.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3\n  default_backend app\nbackend app\n  server app 127.0.0.1:{app}\n"
+    );
+    let client = format!(
+        "{common}frontend plain_in\n  bind 127.0.0.1:{entry}\n  default_backend tls_out\nbackend tls_out\n  server s 127.0.0.1:{mid} ssl crt {d}/client-bundle.pem ca-file {d}/ca.pem verify required verifyhost server.test ssl-min-ver TLSv1.3\n"
+    );
+    let mut procs = Vec::new();
+    for (name, cfg) in [("haproxy-server", server), ("haproxy-client", client)] {
+        let path = dir.join(format!("{name}.cfg"));
+        std::fs::write(&path, cfg).unwrap();
+        procs.push(Killed(
+            Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    wait_listening(mid);
+    wait_listening(entry);
+    Tunnel {
+        name: "HAProxy",
+        entry,
+        _procs: procs,
+    }
+}
+
+struct WardMesh {
+    _ca: Killed,
+    _agent: Killed,
+    tunnel: Tunnel,
+    web_pid: u32,
+    api_pid: u32,
+    web_health: String,
+    api_health: String,
+}
+
+fn ward_mesh(dir: &Path, app: u16) -> WardMesh {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(dir).unwrap();
+    for d in [dir, dir.parent().unwrap()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ca_addr = format!("127.0.0.1:{}", port());
+    let ca_health = format!("127.0.0.1:{}", port());
+    let ca = Killed(
+        ward()
+            .args([
+                "ca",
+                "serve",
+                "--trust-domain",
+                TD,
+                "--bind-address",
+                &ca_addr,
+            ])
+            .args(["--health-address", &ca_health, "--data-dir"])
+            .arg(dir.join("ca"))
+            .env("WARD_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&ca_health);
+    let admin_sock = dir.join("ca/admin.sock");
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let out = ward()
+            .args(args)
+            .args(["--output", "json"])
+            .env("WARD_ADMIN_SOCKET", &admin_sock)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let bundle = ward()
+        .args(["bundle", "show"])
+        .env("WARD_ADMIN_SOCKET", &admin_sock)
+        .output()
+        .unwrap();
+    std::fs::write(dir.join("bundle.pem"), bundle.stdout).unwrap();
+    let token = cli(&["token", "create"])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent_health = format!("127.0.0.1:{}", port());
+    let socket = dir.join("agent.sock");
+    let agent = Killed(
+        ward()
+            .args([
+                "agent",
+                "run",
+                "--trust-domain",
+                TD,
+                "--ca-address",
+                &ca_addr,
+            ])
+            .args(["--join-token", &token, "--health-address", &agent_health])
+            .arg("--trust-bundle")
+            .arg(dir.join("bundle.pem"))
+            .arg("--data-dir")
+            .arg(dir.join("agent"))
+            .arg("--socket-path")
+            .arg(&socket)
+            .env("WARD_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&agent_health);
+    let node = cli(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (id, uid) in [(WEB, 1001), (API, 1002)] {
+        cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            id,
+            "--parent-id",
+            &node,
+            "--selector",
+            &format!("unix:uid:{uid}"),
+        ]);
+    }
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let (inbound, entry) = (port(), port());
+    let (web_health, api_health) = (
+        format!("127.0.0.1:{}", port()),
+        format!("127.0.0.1:{}", port()),
+    );
+    let proxy = |uid: u32, health: &str, args: Vec<String>, log: &str| {
+        Killed(
+            ward()
+                .args(["proxy", "run", "--socket"])
+                .arg(&socket)
+                .args(["--health-address", health])
+                .args(args)
+                .env("WARD_LOG", "warn")
+                .uid(uid)
+                .gid(uid)
+                .current_dir("/")
+                .stdout(std::fs::File::create(dir.join(format!("{log}.decisions"))).unwrap())
+                .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let api = proxy(
+        1002,
+        &api_health,
+        vec![
+            "--inbound-listen".into(),
+            format!("127.0.0.1:{inbound}"),
+            "--forward".into(),
+            format!("127.0.0.1:{app}"),
+            "--policy-dir".into(),
+            policies.display().to_string(),
+            "--max-connections".into(),
+            "200000".into(),
+        ],
+        "api",
+    );
+    let web = proxy(
+        1001,
+        &web_health,
+        vec![
+            "--route".into(),
+            format!("listen=127.0.0.1:{entry},destination=127.0.0.1:{inbound},id={API}"),
+        ],
+        "web",
+    );
+    wait_ready(&api_health);
+    wait_ready(&web_health);
+    WardMesh {
+        web_pid: web.0.id(),
+        api_pid: api.0.id(),
+        _ca: ca,
+        _agent: agent,
+        tunnel: Tunnel {
+            name: "Ward",
+            entry,
+            _procs: vec![web, api],
+        },
+        web_health,
+        api_health,
+    }
+}
+
+fn main() {
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+    for tool in ["stunnel4", "haproxy", "iperf3"] {
+        assert!(
+            Command::new("which")
+                .arg(tool)
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "{tool} is not installed (apt-get install stunnel4 haproxy iperf3)"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir: PathBuf = tmp.path().to_owned();
+    peer_certs(&dir);
+    let app = port();
+    let ward = ward_mesh(&dir.join("ward"), app);
+    let tunnels = [
+        Tunnel {
+            name: "direct",
+            entry: app,
+            _procs: vec![],
+        },
+        stunnel(&dir, app),
+        haproxy(&dir, app),
+    ];
+    let all: Vec<&Tunnel> = tunnels.iter().chain([&ward.tunnel]).collect();
+    let idle_rss = (rss_kib(ward.web_pid), rss_kib(ward.api_pid));
+
+    // 1. Throughput: iperf3's server on the application port.
+    let iperf_server = Killed(
+        Command::new("iperf3")
+            .args(["-s", "-p", &app.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(app);
+    let mut gbps = Vec::new();
+    for t in &all {
+        let g = iperf(t.entry) / 1e9;
+        println!("throughput {:>9}: {g:.2} Gbit/s", t.name);
+        gbps.push(g);
+    }
+    drop(iperf_server);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 2 and 3: an echo server on the application port.
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = echo_server(app, stop.clone());
+    let mut rr = Vec::new();
+    for t in &all {
+        let times = request_response(t.entry, 20_000);
+        let (p50, p99) = (pct(&times, 0.5), pct(&times, 0.99));
+        println!("1 KiB rr   {:>9}: p50 {:?} p99 {:?}", t.name, p50, p99);
+        rr.push((p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6));
+    }
+    let mut cps = Vec::new();
+    for t in &all {
+        let c = connections_per_second(t.entry, 4, 5);
+        println!("conn/s     {:>9}: {c:.0}", t.name);
+        cps.push(c);
+    }
+
+    // 4. 10,000 idle tunneled streams through Ward.
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(TcpStream::connect(("127.0.0.1", ward.tunnel.entry)).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let open =
+        |h: &str, d: &str| metric(h, &format!("ward_proxy_streams_open{{direction=\"{d}\"}}"));
+    while (open(&ward.web_health, "outbound") < 10_000.0
+        || open(&ward.api_health, "inbound") < 10_000.0)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (web_open, api_open) = (
+        open(&ward.web_health, "outbound"),
+        open(&ward.api_health, "inbound"),
+    );
+    assert_eq!(
+        (web_open, api_open),
+        (10_000.0, 10_000.0),
+        "streams did not all open"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded_rss = (rss_kib(ward.web_pid), rss_kib(ward.api_pid));
+    let conns = metric(
+        &ward.web_health,
+        "ward_proxy_connections_open{direction=\"outbound\"}",
+    );
+    drop(idle);
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+
+    // Report.
+    let (d, s, h, w) = (0, 1, 2, 3);
+    let better_peer = gbps[s].max(gbps[h]);
+    println!();
+    println!("| | direct | stunnel4 | HAProxy | Ward | Ward / goal |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| single-stream throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} × the better peer (goal ≥ 1.3) |",
+        gbps[d], gbps[s], gbps[h], gbps[w], gbps[w] / better_peer
+    );
+    println!(
+        "| 1 KiB request/response p50 | {} | {} | {} | {} | |",
+        us(rr[d].0),
+        us(rr[s].0),
+        us(rr[h].0),
+        us(rr[w].0)
+    );
+    println!(
+        "| 1 KiB request/response p99 | {} | {} | {} | {} | |",
+        us(rr[d].1),
+        us(rr[s].1),
+        us(rr[h].1),
+        us(rr[w].1)
+    );
+    let added = |i: usize| (rr[i].0 - rr[d].0, rr[i].1 - rr[d].1);
+    println!(
+        "| p50 / p99 added over direct | – | {} / {} | {} / {} | {} / {} | p99 added {:.3} ms (goal ≤ 0.2 ms and below both peers) |",
+        us(added(s).0), us(added(s).1), us(added(h).0), us(added(h).1), us(added(w).0), us(added(w).1),
+        added(w).1 / 1000.0
+    );
+    println!(
+        "| new connections per second (4 clients) | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} × stunnel4 (goal ≥ 5) |",
+        cps[d], cps[s], cps[h], cps[w], cps[w] / cps[s]
+    );
+    let per_stream = |idle: u64, loaded: u64| (loaded.saturating_sub(idle)) as f64 / 10_000.0;
+    println!();
+    println!(
+        "Ward proxy RSS: client side {} KiB idle, {} KiB with 10,000 idle streams ({:.2} KiB per stream, {} TLS connections); server side {} KiB idle, {} KiB ({:.2} KiB per stream). Goal ≤ 4 KiB per idle stream.",
+        idle_rss.0,
+        loaded_rss.0,
+        per_stream(idle_rss.0, loaded_rss.0),
+        conns,
+        idle_rss.1,
+        loaded_rss.1,
+        per_stream(idle_rss.1, loaded_rss.1),
+    );
+    drop(ward);
+}
