@@ -70,6 +70,16 @@ pub enum BundleFormat {
     Jwks,
 }
 
+impl Cli {
+    /// Runtime worker threads this command wants (None: one per core).
+    pub fn worker_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Proxy(proxy::ProxyCommand::Run(args)) => Some(args.worker_threads()),
+            _ => None,
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ca(c) => ca::run(c, cli.output).await,

@@ -17,10 +17,25 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // WARD_WORKER_THREADS overrides the runtime's worker threads (default: one
+    // per core; `ward proxy run` asks for its `worker_threads`). One thread
+    // means a current-thread runtime: every task on the main thread, no
+    // cross-thread wake-ups.
+    let threads = std::env::var("WARD_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or_else(|| cli.worker_threads());
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -135,7 +135,7 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(to_app as u64, payload + 103 * 8);
 
     // 4. Every stream has a decision log line naming the policy that allowed it.
-    let lines = mesh.api.decision_lines();
+    let lines = mesh.api.wait_decisions(103);
     assert_eq!(lines.len(), 103);
     assert!(lines.iter().all(|l| l["decision"] == "allow"
         && l["principal"] == WEB
@@ -200,7 +200,9 @@ when { principal.service == "db" && resource.service == "api" };
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(mesh.app.wait_connections(1), 1);
-    let last = mesh.api.decision_lines().pop().unwrap();
+    // Allow lines reach the log within a second (denials at once).
+    let denials = mesh.api.decision_lines().len();
+    let last = mesh.api.wait_decisions(denials + 1).pop().unwrap();
     assert_eq!(last["decision"], "allow");
     assert_eq!(last["policies"][0], "acme-db-to-api");
 

@@ -203,6 +203,13 @@ impl Authorizer {
         self.mode
     }
 
+    /// Writes out buffered decision log lines.
+    pub fn flush_log(&self) {
+        if let Some(log) = &self.log {
+            log.flush();
+        }
+    }
+
     /// Validates `files` and, only if they are valid, makes them the active
     /// set. On error the previous set stays active.
     pub fn load(&self, files: &[SourceFile]) -> Result<u64, Vec<PolicyError>> {

@@ -9,12 +9,31 @@ use crate::authorizer::{Decision, Mode};
 
 pub struct DecisionLog {
     out: Mutex<Box<dyn Write + Send>>,
+    buffered: bool,
 }
 
 impl DecisionLog {
+    /// Every line is flushed as it is written.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         DecisionLog {
             out: Mutex::new(out),
+            buffered: false,
+        }
+    }
+
+    /// Allow lines are buffered until [`DecisionLog::flush`] (which the owner
+    /// calls periodically, as access logs are) or the buffer fills; a deny or
+    /// an error is flushed at once, with everything before it.
+    pub fn buffered(out: Box<dyn Write + Send>) -> Self {
+        DecisionLog {
+            out: Mutex::new(Box::new(std::io::BufWriter::with_capacity(64 * 1024, out))),
+            buffered: true,
+        }
+    }
+
+    pub fn flush(&self) {
+        if let Ok(mut out) = self.out.lock() {
+            let _ = out.flush();
         }
     }
 
@@ -46,7 +65,9 @@ impl DecisionLog {
         });
         if let Ok(mut out) = self.out.lock() {
             let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+            if !self.buffered || !d.allowed || !d.errors.is_empty() {
+                let _ = out.flush();
+            }
         }
     }
 }

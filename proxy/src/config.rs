@@ -3,6 +3,7 @@
 //! ```toml
 //! workload_api_socket = ".ward/agent/workload.sock"
 //! health_address = "127.0.0.1:15020"
+//! worker_threads = 1
 //!
 //! [inbound]                      # tunnels to this workload
 //! listen = "0.0.0.0:15008"
@@ -53,6 +54,9 @@ pub struct ProxyConfig {
     pub policy: PolicyConfig,
     pub limits: Limits,
     pub log_format: String,
+    /// Runtime worker threads. One is the sidecar default: on small nodes a
+    /// single thread moves bytes with the fewest cross-thread wake-ups.
+    pub worker_threads: usize,
 }
 
 /// Tunnels arriving for this workload.
@@ -137,7 +141,8 @@ pub struct PolicyConfig {
     pub schema: Option<PathBuf>,
     /// `enforce` or `dry-run`.
     pub mode: String,
-    /// `stdout`, `off`, or a file to append JSON lines to.
+    /// `stdout`, `off`, or a file to append JSON lines to. Allowed streams'
+    /// lines are written out every second, denials at once.
     pub decision_log: String,
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub reload_interval: Duration,
@@ -200,6 +205,7 @@ impl Default for ProxyConfig {
             policy: PolicyConfig::default(),
             limits: Limits::default(),
             log_format: "text".into(),
+            worker_threads: 1,
         }
     }
 }
@@ -252,6 +258,9 @@ impl ProxyConfig {
             if d.is_zero() {
                 return bad(key, "must be greater than zero".into());
             }
+        }
+        if self.worker_threads == 0 {
+            return bad("worker_threads", "must be at least 1".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(

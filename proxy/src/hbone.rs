@@ -10,7 +10,7 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Connection flow-control window, shared by its streams.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept.
-pub const MAX_FRAME: u32 = 256 * 1024;
+pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest amount h2 buffers for one stream before the writer must wait.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -95,7 +95,10 @@ async fn connection(
     let _ = tcp.set_nodelay(true);
     let metrics = &inbound.metrics;
     let handshake = async {
-        let tls = inbound.acceptor.accept(tcp).await?;
+        let tls = inbound
+            .acceptor
+            .accept(crate::bufio::ReadBuffered::new(tcp))
+            .await?;
         let peer_id = ward_spec::tls::peer_id(tls.get_ref().1.peer_certificates());
         let conn = hbone::server_builder(inbound.max_streams)
             .handshake::<_, Bytes>(tls)
@@ -181,23 +184,50 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 
 async fn stream(
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     peer_id: &SpiffeId,
     peer: SocketAddr,
     inbound: &Inbound,
 ) {
+    // Admission runs in its own allocation, freed before the long-lived part:
+    // an open stream keeps only what the pump needs.
+    let Some((app, send, body)) = Box::pin(admit(req, respond, peer_id, peer, inbound)).await
+    else {
+        return;
+    };
     let metrics = &inbound.metrics;
-    if req.method() != Method::CONNECT {
-        respond_status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-        return;
+    metrics.stream_opened(Direction::Inbound);
+    let body = std::future::ready(Ok(body));
+    let (carried, result) = pump(app, send, body, Bytes::new()).await;
+    metrics.stream_closed(Direction::Inbound);
+    metrics.bytes(Direction::Inbound, carried.to_app, carried.from_app);
+    if let Err(e) = result {
+        tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
     }
-    let Some(port) = req.uri().authority().and_then(|a| a.port_u16()) else {
+}
+
+/// Authorizes a stream and connects it to the application; answers the peer
+/// (403, 502, … or 200) and returns what the pump needs when it may go on.
+async fn admit(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer_id: &SpiffeId,
+    peer: SocketAddr,
+    inbound: &Inbound,
+) -> Option<(TcpStream, SendStream<Bytes>, RecvStream)> {
+    let metrics = &inbound.metrics;
+    let (parts, body) = req.into_parts();
+    if parts.method != Method::CONNECT {
+        respond_status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return None;
+    }
+    let Some(port) = parts.uri.authority().and_then(|a| a.port_u16()) else {
         respond_status(&mut respond, StatusCode::BAD_REQUEST);
-        return;
+        return None;
     };
     let Some(me) = inbound.identity.usable() else {
         respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        return;
+        return None;
     };
     let decision = inbound.authz.decide_connect(
         peer_id,
@@ -208,17 +238,12 @@ async fn stream(
             at: None,
         },
     );
+    metrics.decision(decision.allowed, decision.permitted);
     if !decision.permitted {
-        metrics.decision("deny");
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
         respond_status(&mut respond, StatusCode::FORBIDDEN);
-        return;
+        return None;
     }
-    metrics.decision(if decision.allowed {
-        "allow"
-    } else {
-        "deny_dry_run"
-    });
     let app = match tokio::time::timeout(
         inbound.connect_timeout,
         TcpStream::connect(&inbound.forward),
@@ -229,12 +254,12 @@ async fn stream(
         Ok(Err(e)) => {
             tracing::warn!(forward = %inbound.forward, error = %e, "cannot reach the application");
             respond_status(&mut respond, StatusCode::BAD_GATEWAY);
-            return;
+            return None;
         }
         Err(_) => {
             tracing::warn!(forward = %inbound.forward, "connecting to the application timed out");
             respond_status(&mut respond, StatusCode::GATEWAY_TIMEOUT);
-            return;
+            return None;
         }
     };
     let _ = app.set_nodelay(true);
@@ -242,15 +267,6 @@ async fn stream(
         .status(StatusCode::OK)
         .body(())
         .expect("valid");
-    let send = match respond.send_response(ok, false) {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    metrics.stream_opened(Direction::Inbound);
-    let (carried, result) = pump(app, send, req.into_body(), Bytes::new()).await;
-    metrics.stream_closed(Direction::Inbound);
-    metrics.bytes(Direction::Inbound, carried.to_app, carried.from_app);
-    if let Err(e) = result {
-        tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
-    }
+    let send = respond.send_response(ok, false).ok()?;
+    Some((app, send, body))
 }

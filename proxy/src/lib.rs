@@ -20,6 +20,7 @@
 //! without an extra copy or task hop.
 #![forbid(unsafe_code)]
 
+pub mod bufio;
 pub mod config;
 pub mod hbone;
 pub mod identity;
@@ -68,6 +69,15 @@ pub async fn run(
             cfg.policy.reload_interval,
             metrics.reload_stats.clone(),
         )
+    });
+    // Allowed streams' decision lines are written out every second (denials at once).
+    let flusher = authz.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            flusher.flush_log();
+        }
     });
     if cfg.inbound.is_some() && cfg.policy.dir.is_none() {
         tracing::warn!("no policy directory ([policy] dir): every inbound stream is denied");
@@ -171,6 +181,7 @@ pub async fn run(
 
     let _ = stop_rx.wait_for(|s| *s).await;
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
+    authz.flush_log();
     Ok(())
 }
 
@@ -232,7 +243,7 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
         schema,
         IdTemplate::default(),
         mode,
-        log.map(DecisionLog::new),
+        log.map(DecisionLog::buffered),
     ))
 }
 

@@ -30,8 +30,24 @@ impl Direction {
     }
 }
 
+/// The per-direction series, resolved once (streams update them often).
+#[derive(Clone, Default)]
+struct Series {
+    connections_open: Gauge,
+    connections: Counter,
+    streams_open: Gauge,
+    streams: Counter,
+    to_app: Counter,
+    from_app: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    inbound: Series,
+    outbound: Series,
+    allow: Counter,
+    deny: Counter,
+    deny_dry_run: Counter,
     connections_open: Family<Labels, Gauge>,
     connections: Family<Labels, Counter>,
     streams_open: Family<Labels, Gauge>,
@@ -51,6 +67,11 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("ward_proxy");
         let m = Metrics {
             registry: Registry::default(),
+            inbound: Series::default(),
+            outbound: Series::default(),
+            allow: Counter::default(),
+            deny: Counter::default(),
+            deny_dry_run: Counter::default(),
             connections_open: Family::default(),
             connections: Family::default(),
             streams_open: Family::default(),
@@ -108,48 +129,77 @@ impl Default for Metrics {
             "Policy set loads, by result (loaded or rejected: the previous set stays)",
             m.policy_reloads.clone(),
         );
-        Metrics { registry, ..m }
+        // One statement per series: a lookup's read guard lives to the end of
+        // its statement, and the next lookup may need the write lock.
+        fn get<M: Clone + Default>(
+            f: &Family<Vec<(&'static str, &'static str)>, M>,
+            l: Vec<(&'static str, &'static str)>,
+        ) -> M {
+            let m = f.get_or_create(&l).clone();
+            m
+        }
+        let series = |d: Direction| {
+            let l = vec![("direction", d.label())];
+            let with_flow = |flow| vec![("direction", d.label()), ("flow", flow)];
+            Series {
+                connections_open: get(&m.connections_open, l.clone()),
+                connections: get(&m.connections, l.clone()),
+                streams_open: get(&m.streams_open, l.clone()),
+                streams: get(&m.streams, l),
+                to_app: get(&m.bytes, with_flow("to_app")),
+                from_app: get(&m.bytes, with_flow("from_app")),
+            }
+        };
+        let decision = |d: &'static str| get(&m.decisions, vec![("decision", d)]);
+        Metrics {
+            registry,
+            inbound: series(Direction::Inbound),
+            outbound: series(Direction::Outbound),
+            allow: decision("allow"),
+            deny: decision("deny"),
+            deny_dry_run: decision("deny_dry_run"),
+            ..m
+        }
     }
 }
 
 impl Metrics {
+    fn series(&self, d: Direction) -> &Series {
+        match d {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        }
+    }
+
     pub fn connection_opened(&self, d: Direction) {
-        let l = vec![("direction", d.label())];
-        self.connections.get_or_create(&l).inc();
-        self.connections_open.get_or_create(&l).inc();
+        let s = self.series(d);
+        s.connections.inc();
+        s.connections_open.inc();
     }
 
     pub fn connection_closed(&self, d: Direction) {
-        self.connections_open
-            .get_or_create(&vec![("direction", d.label())])
-            .dec();
+        self.series(d).connections_open.dec();
     }
 
     pub fn stream_opened(&self, d: Direction) {
-        let l = vec![("direction", d.label())];
-        self.streams.get_or_create(&l).inc();
-        self.streams_open.get_or_create(&l).inc();
+        let s = self.series(d);
+        s.streams.inc();
+        s.streams_open.inc();
     }
 
     pub fn stream_closed(&self, d: Direction) {
-        self.streams_open
-            .get_or_create(&vec![("direction", d.label())])
-            .dec();
+        self.series(d).streams_open.dec();
     }
 
     pub fn streams_open(&self, d: Direction) -> i64 {
-        self.streams_open
-            .get_or_create(&vec![("direction", d.label())])
-            .get()
+        self.series(d).streams_open.get()
     }
 
     /// `to_app`: bytes written to the application; `from_app`: read from it.
     pub fn bytes(&self, d: Direction, to_app: u64, from_app: u64) {
-        for (flow, n) in [("to_app", to_app), ("from_app", from_app)] {
-            self.bytes
-                .get_or_create(&vec![("direction", d.label()), ("flow", flow)])
-                .inc_by(n);
-        }
+        let s = self.series(d);
+        s.to_app.inc_by(to_app);
+        s.from_app.inc_by(from_app);
     }
 
     pub fn handshake_failure(&self, d: Direction, reason: &'static str) {
@@ -158,10 +208,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn decision(&self, decision: &'static str) {
-        self.decisions
-            .get_or_create(&vec![("decision", decision)])
-            .inc();
+    /// An inbound authorization: allowed, denied, or denied but let through (dry run).
+    pub fn decision(&self, allowed: bool, permitted: bool) {
+        match (allowed, permitted) {
+            (true, _) => self.allow.inc(),
+            (false, false) => self.deny.inc(),
+            (false, true) => self.deny_dry_run.inc(),
+        };
     }
 
     pub fn render(&self) -> String {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
-use crate::pool::{OpenError, Pool, Tunnel};
+use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::pump;
 
 /// Serves one route's listener until `drain` turns true.
@@ -44,14 +44,43 @@ pub async fn serve_route(
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         tokio::spawn(async move {
             let _ = app.set_nodelay(true);
-            match open(&pool, &route).await {
-                Ok(t) => carry(app, t, Bytes::new(), &metrics).await,
+            // Boxed: an open stream's task keeps only what the pump needs.
+            let started = Box::pin(start(&pool, &route)).await;
+            let p = match started {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
                     // Closing the application's connection is all it learns.
+                    return;
                 }
-            }
+            };
+            // The application's first bytes go out with the request; what
+            // comes back is written to it only once the peer has said 200.
+            let destination = route.destination.clone();
+            let response = async move {
+                let r = p.response.await.map_err(crate::pump::h2_io)?;
+                accepted(r).map_err(|e| {
+                    tracing::warn!(%destination, error = %e, "outbound tunnel refused");
+                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                })
+            };
+            carry(app, p.send, response, p.lease, Bytes::new(), &metrics).await;
         });
+    }
+}
+
+/// Sends a route's `CONNECT`, once more on a new connection if the pooled
+/// one turned out to be closing.
+async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
+    match pool
+        .start_stream(&route.destination, &route.ids, route.target())
+        .await
+    {
+        Err(OpenError::Http2(..)) => {
+            pool.start_stream(&route.destination, &route.ids, route.target())
+                .await
+        }
+        r => r,
     }
 }
 
@@ -70,9 +99,15 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     }
 }
 
-async fn carry(app: TcpStream, t: Tunnel, first: Bytes, metrics: &Metrics) {
+async fn carry(
+    app: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: impl std::future::Future<Output = std::io::Result<h2::RecvStream>>,
+    lease: Lease,
+    first: Bytes,
+    metrics: &Metrics,
+) {
     metrics.stream_opened(Direction::Outbound);
-    let Tunnel { send, recv, lease } = t;
     let (carried, result) = pump(app, send, recv, first).await;
     drop(lease);
     metrics.stream_closed(Direction::Outbound);
@@ -148,7 +183,8 @@ async fn http_connect(mut app: TcpStream, routes: &[Arc<Route>], pool: &Pool, me
     match open(pool, route).await {
         Ok(t) => {
             if reply(&mut app, "200 Connection established").await.is_ok() {
-                carry(app, t, first, metrics).await;
+                let recv = std::future::ready(Ok(t.recv));
+                carry(app, t.send, recv, t.lease, first, metrics).await;
             }
         }
         Err(OpenError::Refused(status)) => {

@@ -87,6 +87,22 @@ pub struct Tunnel {
     pub lease: Lease,
 }
 
+/// A tunnel whose `CONNECT` is sent but not yet answered.
+pub struct PendingTunnel {
+    pub send: SendStream<Bytes>,
+    pub response: h2::client::ResponseFuture,
+    pub lease: Lease,
+}
+
+/// The stream of an answered `CONNECT`, if the peer accepted it.
+pub fn accepted(response: http::Response<RecvStream>) -> Result<RecvStream, OpenError> {
+    if response.status() == StatusCode::OK {
+        Ok(response.into_body())
+    } else {
+        Err(OpenError::Refused(response.status()))
+    }
+}
+
 /// Counts a stream against its connection until dropped.
 pub struct Lease {
     conn: Arc<Conn>,
@@ -143,6 +159,29 @@ impl Pool {
         ids: &[SpiffeId],
         target: &str,
     ) -> Result<Tunnel, OpenError> {
+        let pending = self.start_stream(destination, ids, target).await?;
+        let recv = pending
+            .response
+            .await
+            .map_err(|e| OpenError::Http2(destination.to_owned(), e))
+            .and_then(accepted)?;
+        Ok(Tunnel {
+            send: pending.send,
+            recv,
+            lease: pending.lease,
+        })
+    }
+
+    /// Sends the `CONNECT` request and returns without waiting for the answer,
+    /// so the caller may send its first bytes at once: the peer holds them
+    /// (within the stream's flow-control window) until it has authorized the
+    /// stream, and discards them if it refuses.
+    pub async fn start_stream(
+        &self,
+        destination: &str,
+        ids: &[SpiffeId],
+        target: &str,
+    ) -> Result<PendingTunnel, OpenError> {
         let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
         let key = Key {
             me: me.spiffe_id.clone(),
@@ -187,15 +226,9 @@ impl Pool {
         let (response, stream) = send
             .send_request(req, false)
             .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
-        let response = response
-            .await
-            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
-        if response.status() != StatusCode::OK {
-            return Err(OpenError::Refused(response.status()));
-        }
-        Ok(Tunnel {
+        Ok(PendingTunnel {
             send: stream,
-            recv: response.into_body(),
+            response,
             lease,
         })
     }
@@ -246,7 +279,9 @@ impl Pool {
         let connector = TlsConnector::from(Arc::new(cfg));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
-            let tls = connector.connect(name, tcp).await?;
+            let tls = connector
+                .connect(name, crate::bufio::ReadBuffered::new(tcp))
+                .await?;
             hbone::client_builder()
                 .handshake::<_, Bytes>(tls)
                 .await

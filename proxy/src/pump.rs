@@ -9,12 +9,12 @@
 //! the application. An end of stream becomes a TCP half-close and the other way
 //! round; an error on either side resets the stream and closes the socket.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -30,10 +30,13 @@ pub struct Carried {
 
 /// Runs a tunneled stream to its end. `first` is sent before anything read
 /// from `app` (bytes an HTTP CONNECT client sent after its request head).
+/// `recv` yields the stream's incoming half; application bytes flow out
+/// while it is still pending (an outbound `CONNECT` not yet answered), but
+/// nothing is written to the application before it resolves.
 pub async fn pump(
     app: TcpStream,
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: impl Future<Output = io::Result<RecvStream>>,
     first: Bytes,
 ) -> (Carried, io::Result<()>) {
     let (r, w) = app.into_split();
@@ -65,25 +68,36 @@ pub async fn pump(
 }
 
 async fn app_to_tunnel(
-    r: OwnedReadHalf,
+    mut r: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     first: Bytes,
 ) -> io::Result<u64> {
     let mut total = first.len() as u64;
     send_all(&mut send, first).await?;
+    // One allocation serves several reads (each read's bytes are split off
+    // and sent); it is dropped once the application has nothing more to say,
+    // so an idle stream holds no buffer.
+    let mut buf = BytesMut::new();
     loop {
         r.readable().await?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        match r.try_read_buf(&mut buf) {
+        if buf.capacity() - buf.len() < READ_CHUNK / 16 {
+            buf.reserve(READ_CHUNK);
+        }
+        let spare = buf.capacity() - buf.len();
+        // A short read tells tokio the socket is drained, so the next
+        // `readable` waits without another (empty) read.
+        match r.read_buf(&mut buf).await {
             Ok(0) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(total);
             }
             Ok(n) => {
                 total += n as u64;
-                send_all(&mut send, buf.freeze()).await?;
+                send_all(&mut send, buf.split().freeze()).await?;
+                if n < spare {
+                    buf = BytesMut::new();
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(e);
@@ -109,7 +123,11 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
     Ok(())
 }
 
-async fn tunnel_to_app(mut recv: RecvStream, mut w: OwnedWriteHalf) -> io::Result<u64> {
+async fn tunnel_to_app(
+    recv: impl Future<Output = io::Result<RecvStream>>,
+    mut w: OwnedWriteHalf,
+) -> io::Result<u64> {
+    let mut recv = recv.await?;
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;

@@ -80,9 +80,23 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Runtime worker threads. Default 1
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 impl RunArgs {
+    /// The worker threads this run asks for (flag, else config file, else the
+    /// default), read before the runtime starts.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads
+            .or_else(|| {
+                let p = self.config.as_ref()?;
+                ProxyConfig::from_file(p).ok().map(|c| c.worker_threads)
+            })
+            .unwrap_or(ProxyConfig::default().worker_threads)
+    }
+
     pub fn into_config(self) -> anyhow::Result<ProxyConfig> {
         let mut c = match &self.config {
             Some(p) => ProxyConfig::from_file(p)?,
@@ -125,6 +139,7 @@ impl RunArgs {
             connect_timeout => limits.connect_timeout,
             drain_timeout => limits.drain_timeout,
             log_format => log_format,
+            worker_threads => worker_threads,
         );
         c.validate()?;
         Ok(c)
