@@ -639,3 +639,47 @@ fn no_listener_until_the_svid_arrives_and_sigterm_drains_open_streams() {
     assert!(status.success(), "{status}");
     assert!(api.log_text().contains("drained"));
 }
+
+#[test]
+fn dry_run_lets_denied_streams_through_and_idle_connections_close() {
+    // `api` in dry-run mode, every TLS connection closed after 2 s without streams.
+    let mesh = Mesh::start(&[], &["--policy-mode", "dry-run", "--idle-timeout", "2s"]);
+    let (db, port) = mesh.client_proxy(DB_UID, API, &["--idle-timeout", "2s"]);
+
+    // 1. `db` → `api` is denied by the policies, but dry-run lets it through
+    //    and logs the denial.
+    let r = hash_client(port, 4096, 1, 0.0);
+    assert_clean(&r, 1, 4096);
+    let line = mesh.api.wait_decisions(1).pop().unwrap();
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["mode"], "dry-run");
+    assert_eq!(
+        mesh.api
+            .metric("ward_proxy_authorization_decisions_total{decision=\"deny_dry_run\"}"),
+        1.0
+    );
+    // The SVID's remaining life is exported.
+    let expiry = db.metric("ward_proxy_svid_expiry_seconds");
+    assert!(expiry > 60.0 && expiry <= 3600.0, "{expiry}");
+
+    // 2. The pooled connection closes once idle, on both sides; the next
+    //    stream makes a new one.
+    let open = |p: &ProxyProcess, d: &str| {
+        p.metric(&format!("ward_proxy_connections_open{{direction=\"{d}\"}}"))
+    };
+    assert_eq!(open(&db, "outbound"), 1.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (open(&db, "outbound") > 0.0 || open(&mesh.api, "inbound") > 0.0)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(open(&db, "outbound"), 0.0);
+    assert_eq!(open(&mesh.api, "inbound"), 0.0);
+    let r = hash_client(port, 4096, 1, 0.0);
+    assert_clean(&r, 1, 4096);
+    assert_eq!(
+        db.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
+        2.0
+    );
+}

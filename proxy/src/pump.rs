@@ -14,7 +14,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -68,25 +68,22 @@ pub async fn pump(
 }
 
 async fn app_to_tunnel(
-    mut r: OwnedReadHalf,
+    r: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     first: Bytes,
 ) -> io::Result<u64> {
     let mut total = first.len() as u64;
     send_all(&mut send, first).await?;
     // One allocation serves several reads (each read's bytes are split off
-    // and sent); it is dropped once the application has nothing more to say,
-    // so an idle stream holds no buffer.
+    // and sent); it is dropped whenever the application has nothing more to
+    // say, so an idle stream holds no buffer. (Waiting for readiness first
+    // and then reading would not do: a fresh socket can look readable.)
     let mut buf = BytesMut::new();
     loop {
-        r.readable().await?;
         if buf.capacity() - buf.len() < READ_CHUNK / 16 {
             buf.reserve(READ_CHUNK);
         }
-        let spare = buf.capacity() - buf.len();
-        // A short read tells tokio the socket is drained, so the next
-        // `readable` waits without another (empty) read.
-        match r.read_buf(&mut buf).await {
+        match r.try_read_buf(&mut buf) {
             Ok(0) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(total);
@@ -94,9 +91,10 @@ async fn app_to_tunnel(
             Ok(n) => {
                 total += n as u64;
                 send_all(&mut send, buf.split().freeze()).await?;
-                if n < spare {
-                    buf = BytesMut::new();
-                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf = BytesMut::new();
+                r.readable().await?;
             }
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
