@@ -23,74 +23,22 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TD: &str = "example.org";
+mod common;
+use common::*;
+
 const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
 const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    Some((
-        buf.split_whitespace().nth(1)?.parse().ok()?,
-        buf.split("\r\n\r\n").nth(1)?.to_owned(),
-    ))
-}
-
-fn metric(addr: &str, name: &str) -> f64 {
-    http_get(addr, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-fn wait_ready(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(addr, "/readyz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "{addr} not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {port}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -251,23 +199,41 @@ fn stunnel(dir: &Path, app: u16) -> Tunnel {
     let client = format!(
         "{common}[client]\nclient = yes\naccept = 127.0.0.1:{entry}\nconnect = 127.0.0.1:{mid}\ncert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
     );
-    let mut procs = Vec::new();
-    for (name, cfg) in [("stunnel-server", server), ("stunnel-client", client)] {
-        let path = dir.join(format!("{name}.conf"));
-        std::fs::write(&path, cfg).unwrap();
-        procs.push(Killed(
-            Command::new("stunnel4")
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
-                .spawn()
-                .unwrap(),
-        ));
-    }
+    let pair = [("stunnel-server", server), ("stunnel-client", client)];
+    peer_pair(dir, "stunnel4", "stunnel4", &[], pair, "conf", (entry, mid))
+}
+
+/// Starts a server-side and a client-side process of a peer tunnel, each with
+/// its config file, and waits until both listen.
+fn peer_pair(
+    dir: &Path,
+    name: &'static str,
+    program: &str,
+    args: &[&str],
+    pair: [(&'static str, String); 2],
+    ext: &str,
+    (entry, mid): (u16, u16),
+) -> Tunnel {
+    let procs = pair
+        .into_iter()
+        .map(|(file, cfg)| {
+            let path = dir.join(format!("{file}.{ext}"));
+            std::fs::write(&path, cfg).unwrap();
+            Killed(
+                Command::new(program)
+                    .args(args)
+                    .arg(&path)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join(format!("{file}.log"))).unwrap())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
     wait_listening(mid);
     wait_listening(entry);
     Tunnel {
-        name: "stunnel4",
+        name,
         entry,
         _procs: procs,
     }
@@ -283,27 +249,16 @@ fn haproxy(dir: &Path, app: u16) -> Tunnel {
     let client = format!(
         "{common}frontend plain_in\n  bind 127.0.0.1:{entry}\n  default_backend tls_out\nbackend tls_out\n  server s 127.0.0.1:{mid} ssl crt {d}/client-bundle.pem ca-file {d}/ca.pem verify required verifyhost server.test ssl-min-ver TLSv1.3\n"
     );
-    let mut procs = Vec::new();
-    for (name, cfg) in [("haproxy-server", server), ("haproxy-client", client)] {
-        let path = dir.join(format!("{name}.cfg"));
-        std::fs::write(&path, cfg).unwrap();
-        procs.push(Killed(
-            Command::new("haproxy")
-                .args(["-db", "-f"])
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
-                .spawn()
-                .unwrap(),
-        ));
-    }
-    wait_listening(mid);
-    wait_listening(entry);
-    Tunnel {
-        name: "HAProxy",
-        entry,
-        _procs: procs,
-    }
+    let pair = [("haproxy-server", server), ("haproxy-client", client)];
+    peer_pair(
+        dir,
+        "HAProxy",
+        "haproxy",
+        &["-db", "-f"],
+        pair,
+        "cfg",
+        (entry, mid),
+    )
 }
 
 struct WardMesh {
@@ -515,7 +470,10 @@ fn main() {
     // `WARD_BENCH_ONLY=Ward` measures only that tunnel (for profiling).
     let only = std::env::var("WARD_BENCH_ONLY").ok();
     let skip = |t: &Tunnel| only.as_deref().is_some_and(|o| o != t.name);
-    let idle_rss = (rss_kib(ward.web_pid), rss_kib(ward.api_pid));
+    let idle_rss = (
+        rss_kib(ward.web_pid, "VmRSS:"),
+        rss_kib(ward.api_pid, "VmRSS:"),
+    );
 
     // `WARD_BENCH_PHASES=rr,cps` runs only those (of throughput, rr, cps, rss).
     let phases =
@@ -619,7 +577,10 @@ fn main() {
         }
         assert_eq!(opened(), (10_000.0, 10_000.0), "streams did not all open");
         std::thread::sleep(Duration::from_secs(2));
-        loaded_rss = (rss_kib(ward.web_pid), rss_kib(ward.api_pid));
+        loaded_rss = (
+            rss_kib(ward.web_pid, "VmRSS:"),
+            rss_kib(ward.api_pid, "VmRSS:"),
+        );
         conns = metric(
             &ward.web_health,
             "ward_proxy_connections_open{direction=\"outbound\"}",

@@ -21,29 +21,45 @@ use crate::metrics::{Direction, Metrics};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::pump;
 
-/// Serves one route's listener until `drain` turns true.
-pub async fn serve_route(
+/// Accepts application connections until `drain` turns true; each is
+/// handled by `handle` in a task of its own.
+async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    route: Arc<Route>,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
+    what: &'static str,
     mut drain: watch::Receiver<bool>,
-) {
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let app = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
+                    tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = crate::drained(&mut drain) => return,
         };
+        let _ = app.set_nodelay(true);
+        tokio::spawn(handle(app));
+    }
+}
+
+/// Serves one route's listener until `drain` turns true.
+pub async fn serve_route(
+    listener: TcpListener,
+    route: Arc<Route>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    drain: watch::Receiver<bool>,
+) {
+    accept_loop(listener, "outbound route", drain, move |app| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let _ = app.set_nodelay(true);
+        async move {
             // Boxed: an open stream's task keeps only what the pump needs.
             let started = Box::pin(start(&pool, &route)).await;
             let p = match started {
@@ -65,8 +81,9 @@ pub async fn serve_route(
                 })
             };
             carry(app, p.send, response, p.lease, Bytes::new(), &metrics).await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Sends a route's `CONNECT`, once more on a new connection if the pooled
@@ -84,19 +101,19 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
     }
 }
 
-/// Opens a tunnel for `route`, once more on a new connection if the pooled
-/// one turned out to be closing.
+/// Opens a tunnel for `route` and waits for the peer's answer.
 async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
-    match pool
-        .open(&route.destination, &route.ids, route.target())
+    let p = start(pool, route).await?;
+    let recv = p
+        .response
         .await
-    {
-        Err(OpenError::Http2(..)) => {
-            pool.open(&route.destination, &route.ids, route.target())
-                .await
-        }
-        r => r,
-    }
+        .map_err(|e| OpenError::Http2(route.destination.clone(), e))
+        .and_then(accepted)?;
+    Ok(Tunnel {
+        send: p.send,
+        recv,
+        lease: p.lease,
+    })
 }
 
 async fn carry(
@@ -123,26 +140,13 @@ pub async fn serve_connect(
     routes: Arc<Vec<Arc<Route>>>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
-    loop {
-        let app = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTP CONNECT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = crate::drained(&mut drain) => return,
-        };
+    accept_loop(listener, "HTTP CONNECT", drain, move |app| {
         let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let _ = app.set_nodelay(true);
-            http_connect(app, &routes, &pool, &metrics).await;
-        });
-    }
+        async move { http_connect(app, &routes, &pool, &metrics).await }
+    })
+    .await
 }
 
 const MAX_HEAD: usize = 8 * 1024;

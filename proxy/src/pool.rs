@@ -152,30 +152,11 @@ impl Pool {
     }
 
     /// Opens a tunneled stream to `target` through the peer proxy at
-    /// `destination`, which must present one of `ids`.
-    pub async fn open(
-        &self,
-        destination: &str,
-        ids: &[SpiffeId],
-        target: &str,
-    ) -> Result<Tunnel, OpenError> {
-        let pending = self.start_stream(destination, ids, target).await?;
-        let recv = pending
-            .response
-            .await
-            .map_err(|e| OpenError::Http2(destination.to_owned(), e))
-            .and_then(accepted)?;
-        Ok(Tunnel {
-            send: pending.send,
-            recv,
-            lease: pending.lease,
-        })
-    }
-
-    /// Sends the `CONNECT` request and returns without waiting for the answer,
-    /// so the caller may send its first bytes at once: the peer holds them
-    /// (within the stream's flow-control window) until it has authorized the
-    /// stream, and discards them if it refuses.
+    /// `destination`, which must present one of `ids`. Sends the `CONNECT`
+    /// request and returns without waiting for the answer, so the caller may
+    /// send its first bytes at once: the peer holds them (within the stream's
+    /// flow-control window) until it has authorized the stream, and discards
+    /// them if it refuses.
     pub async fn start_stream(
         &self,
         destination: &str,
