@@ -125,8 +125,7 @@ pub async fn run(
     if let Some(inb) = &cfg.inbound {
         let verifier = SpiffeClientVerifier::new(current.roots.clone(), true);
         let tls = ward_spec::tls::server_config(identity.resolver.clone(), verifier);
-        let listener = TcpListener::bind(inb.listen)
-            .await
+        let listener = bind(inb.listen)
             .with_context(|| format!("cannot listen on {} (inbound)", inb.listen))?;
         let state = Arc::new(inbound::Inbound {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -150,8 +149,7 @@ pub async fn run(
     let routes: Vec<Arc<config::Route>> = cfg.outbound.iter().cloned().map(Arc::new).collect();
     for r in &routes {
         if let Some(addr) = r.listen {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = bind(addr)
                 .with_context(|| format!("cannot listen on {addr} (route to {})", r.destination))?;
             tracing::info!(listen = %addr, destination = %r.destination, target = r.target(), "route listening");
             tokio::spawn(outbound::serve_route(
@@ -164,8 +162,7 @@ pub async fn run(
         }
     }
     if let Some(c) = &cfg.connect {
-        let listener = TcpListener::bind(c.listen)
-            .await
+        let listener = bind(c.listen)
             .with_context(|| format!("cannot listen on {} (HTTP CONNECT)", c.listen))?;
         tracing::info!(listen = %c.listen, "HTTP CONNECT listening");
         tokio::spawn(outbound::serve_connect(
@@ -183,6 +180,20 @@ pub async fn run(
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
     authz.flush_log();
     Ok(())
+}
+
+/// A listener with a deep accept queue (the kernel caps it at
+/// `net.core.somaxconn`): a burst of connections waits in the queue instead
+/// of having its SYNs dropped and retried a second or more later.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
 
 /// Resolves once `drain` turns true (or its sender is gone).

@@ -20,7 +20,7 @@ use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier};
+use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier};
 use ward_spec::SpiffeId;
 
 use crate::hbone;
@@ -48,6 +48,10 @@ struct Slot {
     conns: Vec<Arc<Conn>>,
     /// Held while a connection for this key is being made.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// The TLS client config for this key, made once (it shares the SVID
+    /// resolver and root store, so rotations reach it; and it keeps the
+    /// session cache between connections).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub struct Pool {
@@ -239,7 +243,7 @@ impl Pool {
         &self,
         key: &Key,
         generation: u64,
-        roots: &ward_spec::tls::RootStore,
+        roots: &RootStore,
     ) -> Result<Arc<Conn>, OpenError> {
         let dest = key.destination.clone();
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&dest)).await
@@ -254,10 +258,7 @@ impl Pool {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let verifier = SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(key.ids.clone()));
-        let mut cfg = ward_spec::tls::client_config(Some(self.identity.resolver.clone()), verifier);
-        cfg.enable_sni = false;
-        let connector = TlsConnector::from(Arc::new(cfg));
+        let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
             let tls = connector
@@ -308,6 +309,21 @@ impl Pool {
             closed,
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
         }))
+    }
+
+    fn tls_config(&self, key: &Key, roots: &RootStore) -> Arc<rustls::ClientConfig> {
+        let mut slots = self.slots.lock().expect("pool lock");
+        let slot = slots.entry(key.clone()).or_default();
+        slot.tls
+            .get_or_insert_with(|| {
+                let verifier =
+                    SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(key.ids.clone()));
+                let mut cfg =
+                    ward_spec::tls::client_config(Some(self.identity.resolver.clone()), verifier);
+                cfg.enable_sni = false;
+                Arc::new(cfg)
+            })
+            .clone()
     }
 
     /// Drops connections that are closed, idle for too long, or made with an
