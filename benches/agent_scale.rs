@@ -166,7 +166,10 @@ async fn main() {
 
     // ---- Agent A: 1,000 entries ----
     let tok = admin
-        .create_join_token(admin::CreateJoinTokenRequest { ttl: 0 })
+        .create_join_token(admin::CreateJoinTokenRequest {
+            ttl: 0,
+            tenant: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -224,7 +227,10 @@ async fn main() {
 
     // ---- Agent B: 10,000 entries, 40 s SVIDs ----
     let tok = admin
-        .create_join_token(admin::CreateJoinTokenRequest { ttl: 0 })
+        .create_join_token(admin::CreateJoinTokenRequest {
+            ttl: 0,
+            tenant: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();

@@ -527,9 +527,14 @@ fn main() {
     );
     wait_listening(app);
     if phase("rr") {
-        // 5 interleaved rounds of 4,000 round trips per tunnel, pooled.
+        // Interleaved rounds (`WARD_BENCH_RR_ROUNDS`, default 10) of 4,000
+        // round trips per tunnel, pooled.
+        let rounds: usize = std::env::var("WARD_BENCH_RR_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
         let mut times = vec![Vec::new(); all.len()];
-        for _ in 0..5 {
+        for _ in 0..rounds {
             for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
                 times[i].extend(request_response(t.entry, 4_000));
             }

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ward/types/v1/types.proto",
         "proto/ward/node/v1/node.proto",
         "proto/ward/admin/v1/admin.proto",
+        "proto/ward/agent/v1/agent.proto",
         "proto/spiffe/workload.proto",
     ];
     tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;

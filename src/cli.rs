@@ -1,12 +1,14 @@
 //! Command-line parsing and dispatch.
 
-mod admin;
+pub(crate) mod admin;
 mod agent;
 mod ca;
+mod demo;
 mod output;
 mod policy;
 mod proxy;
 mod svid;
+mod up;
 
 use std::path::PathBuf;
 
@@ -30,6 +32,9 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Start a complete local mesh (CA, agent, two tenants' services behind
+    /// proxies, demo policies) and show what it allows and denies.
+    Up(up::UpArgs),
     /// The control plane: a certificate authority issuing SPIFFE identities.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -42,7 +47,7 @@ pub enum Command {
     /// The node agent, and the agents known to the CA.
     #[command(subcommand)]
     Agent(admin::AgentCommand),
-    /// Cedar policies: validate, format, test, explain, matrix.
+    /// Cedar policies: validate, format, test, explain, matrix; push to the CA, history, rollback.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// The tunneling sidecar: mutual-TLS tunnels authorized by Cedar.
@@ -54,14 +59,29 @@ pub enum Command {
     /// The trust bundle of the CA's trust domain.
     #[command(subcommand)]
     Bundle(admin::BundleCommand),
+    /// Programs the `ward up` demo runs.
+    #[command(subcommand, hide = true)]
+    Demo(demo::DemoCommand),
 }
 
-/// Where to reach the CA's admin API.
+/// Where to reach the CA's admin API: its local socket (as the operator), or
+/// its mutual-TLS port as a remote admin with an admin SVID from the Workload API.
 #[derive(clap::Args, Clone)]
 pub struct AdminTarget {
     /// The CA admin socket.
     #[arg(long, env = "WARD_ADMIN_SOCKET", default_value = ".ward/ca/admin.sock")]
     pub socket: PathBuf,
+    /// A CA's node API address (host:port): call it remotely with this
+    /// workload's admin SVID (an entry marked --admin) instead of the socket.
+    #[arg(long, env = "WARD_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// The Workload API socket the admin SVID comes from (with --ca-address).
+    #[arg(
+        long,
+        env = "SPIFFE_ENDPOINT_SOCKET",
+        default_value = "unix://.ward/agent/workload.sock"
+    )]
+    pub workload_socket: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -90,6 +110,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Svid(c) => svid::run(c, cli.output).await,
         Command::Policy(c) => policy::run(c, cli.output).await,
         Command::Proxy(c) => proxy::run(c).await,
+        Command::Up(a) => up::run(a).await,
+        Command::Demo(c) => demo::run(c).await,
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use ring::digest;
@@ -22,7 +22,8 @@ pub struct PeerCred {
 }
 
 /// What identifies one version of an executable: (path, dev, ino, mtime, size).
-type ExeKey = (PathBuf, u64, u64, i64, u64);
+/// (device, inode, mtime, size) of an executable.
+type ExeKey = (u64, u64, i64, u64);
 
 #[derive(Default)]
 pub struct Attestor {
@@ -41,7 +42,7 @@ impl Attestor {
         if let Some(pid) = cred.pid {
             gids.extend(supplementary_groups(pid));
             if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-                if let Some(hash) = self.exe_hash(&exe, pid) {
+                if let Some(hash) = self.exe_hash(pid) {
                     out.push(format!("unix:sha256:{hash}"));
                 }
                 out.push(format!("unix:path:{}", exe.display()));
@@ -60,23 +61,28 @@ impl Attestor {
         out
     }
 
-    fn exe_hash(&self, exe: &Path, pid: i32) -> Option<String> {
+    fn exe_hash(&self, pid: i32) -> Option<String> {
         // Read through /proc/<pid>/exe: it names the very file the process
         // runs, even if the path was replaced since.
         let proc_exe = format!("/proc/{pid}/exe");
         let meta = std::fs::metadata(&proc_exe).ok()?;
-        let key = (
-            exe.to_owned(),
-            meta.dev(),
-            meta.ino(),
-            meta.mtime(),
-            meta.size(),
-        );
+        // The file, not its path, decides the hash: hard links share one.
+        let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
         if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
             return Some(h.clone());
         }
-        let bytes = std::fs::read(&proc_exe).ok()?;
-        let hash = hex::encode(digest::digest(&digest::SHA256, &bytes));
+        // Streamed: a large executable is never held in memory whole.
+        let mut file = std::fs::File::open(&proc_exe).ok()?;
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        let hash = hex::encode(ctx.finish());
         let mut cache = self.exe_hashes.lock().ok()?;
         if cache.len() > 4096 {
             cache.clear();

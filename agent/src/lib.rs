@@ -9,6 +9,9 @@
 //! its life. It publishes an immutable snapshot of the cache; the SPIFFE
 //! Workload API ([`workload_api`]) serves callers from it, matching each caller
 //! by the selectors the [`attestor`] derives from the socket's peer credentials.
+//! The sync also fetches the CA's active Cedar policy set when its version
+//! changes; it is stored beside the node identity and streamed to proxies by
+//! the [`policy_api`] on the same socket.
 #![forbid(unsafe_code)]
 
 pub mod attestor;
@@ -16,6 +19,7 @@ pub mod ca_client;
 pub mod config;
 pub mod manager;
 pub mod metrics;
+pub mod policy_api;
 pub mod state;
 pub mod workload_api;
 
@@ -27,6 +31,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use rcgen::KeyPair;
 use tokio::sync::{mpsc, watch, Mutex};
+use ward_spec::proto::agent::v1::policy_server::PolicyServer;
 use ward_spec::proto::node::v1 as pb;
 use ward_spec::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use ward_spec::tls::{RootStore, SvidResolver};
@@ -37,6 +42,7 @@ pub use config::AgentConfig;
 use crate::ca_client::CaClient;
 use crate::manager::{unix_now, Manager, Snapshot};
 use crate::metrics::Metrics;
+use crate::policy_api::PolicyApi;
 use crate::state::{NodeIdentity, StateDir};
 use crate::workload_api::WorkloadApi;
 
@@ -92,6 +98,7 @@ pub async fn run(
         cfg.sync_interval,
         metrics.clone(),
     );
+    let policy_rx = manager.policy();
     let (notice_tx, notice_rx) = mpsc::channel(1);
     tokio::spawn(manager::watch_notices(ca.clone(), notice_tx));
     tokio::spawn(manager.run(notice_rx));
@@ -111,9 +118,14 @@ pub async fn run(
         cas = ?cfg.ca_addresses,
         "agent started"
     );
-    let api = WorkloadApi::new(snapshots.clone(), ca, metrics.clone());
+    let api = Arc::new(WorkloadApi::new(snapshots.clone(), ca, metrics.clone()));
+    let policy = PolicyApi {
+        workload: api.clone(),
+        policy: policy_rx,
+    };
     let workload = tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(SpiffeWorkloadApiServer::from_arc(api))
+        .add_service(PolicyServer::new(policy))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(socket),
             wait(stop_rx.clone()),

@@ -16,6 +16,7 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::Instant;
 use ward_spec::proto::node::v1 as pb;
+use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::tls::SvidResolver;
 use ward_spec::{SpiffeId, TrustBundle};
 
@@ -123,6 +124,8 @@ pub struct Manager {
     /// The cache changed since the last published snapshot.
     dirty: bool,
     published: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The policy set from the CA, for proxies (through [`crate::policy_api`]).
+    policy: watch::Sender<Option<Arc<PolicySet>>>,
 }
 
 impl Manager {
@@ -136,6 +139,12 @@ impl Manager {
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
         let (published, rx) = watch::channel(None);
+        // The last set received, until the CA says otherwise.
+        let stored = state.load_policy().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring the stored policy set");
+            None
+        });
+        let (policy, _) = watch::channel(stored.map(Arc::new));
         let node_renew_at = rotation_point_ms(node.not_before, node.not_after);
         (
             Manager {
@@ -157,9 +166,15 @@ impl Manager {
                 retry_at: None,
                 dirty: true,
                 published,
+                policy,
             },
             rx,
         )
+    }
+
+    /// The policy set from the CA: the stored one first, then each new one.
+    pub fn policy(&self) -> watch::Receiver<Option<Arc<PolicySet>>> {
+        self.policy.subscribe()
     }
 
     /// Runs until the process ends. `notices` wakes it when the CA pushes a change.
@@ -344,6 +359,32 @@ impl Manager {
             tracing::info!(sequence = bundle.sequence, "trust bundle updated");
             self.bundle = Arc::new(bundle);
             self.dirty = true;
+        }
+        self.sync_policy(&mut c).await
+    }
+
+    /// Fetches the active policy set if the CA has a newer one than ours,
+    /// stores it (so a restart with the CA down still has it) and publishes it.
+    async fn sync_policy(
+        &mut self,
+        c: &mut ward_spec::proto::node::v1::node_client::NodeClient<tonic::transport::Channel>,
+    ) -> Result<(), String> {
+        let known = self.policy.borrow().as_ref().map_or(0, |p| p.version);
+        let resp = match c
+            .fetch_policy(pb::FetchPolicyRequest {
+                known_version: known,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => return Err(self.call_failed(e).await),
+        };
+        if let Some(set) = resp.policy_set.filter(|p| p.version != known) {
+            if let Err(e) = self.state.save_policy(&set) {
+                tracing::warn!(error = %e, "cannot store the policy set; serving it from memory");
+            }
+            tracing::info!(version = set.version, digest = %set.digest, files = set.files.len(), "policy set received from the CA");
+            self.policy.send_replace(Some(Arc::new(set)));
         }
         Ok(())
     }

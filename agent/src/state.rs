@@ -1,11 +1,14 @@
-//! The agent's persisted identity: node key, node SVID chain and the last
-//! trust bundle, in the data directory (key 0600, every file written atomically).
+//! The agent's persisted identity: node key, node SVID chain, the last trust
+//! bundle and the last policy set, in the data directory (key 0600, every file
+//! written atomically).
 //! After a restart the agent renews with this SVID instead of a new join token.
 
 use std::path::{Path, PathBuf};
 
+use prost::Message;
 use ward_spec::bundle::{der_to_pem, pem_to_ders};
 use ward_spec::files::{create_private_dir, write_atomic};
+use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +128,26 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&p)(e)),
         }
+    }
+
+    /// The policy set last received from the CA, if any.
+    pub fn load_policy(&self) -> Result<Option<PolicySet>, StateError> {
+        let p = self.path("policy.pb");
+        match std::fs::read(&p) {
+            Ok(b) => PolicySet::decode(b.as_slice())
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: p,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    pub fn save_policy(&self, set: &PolicySet) -> Result<(), StateError> {
+        let p = self.path("policy.pb");
+        write_atomic(&p, &set.encode_to_vec(), false).map_err(io(&p))
     }
 
     pub fn save_bundle(&self, bundle: &TrustBundle) -> Result<(), StateError> {

@@ -96,6 +96,25 @@ impl WorkloadApi {
         }
     }
 
+    /// Attests the caller and checks it matches at least one entry (for the
+    /// agent's own services beside the Workload API).
+    pub async fn attested_caller<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+    ) -> Result<(), Status> {
+        let r = async {
+            let selectors = self.caller(req)?;
+            let snap = self.snapshot().await?;
+            if matching(&snap, &selectors).is_empty() {
+                return Err(no_identity());
+            }
+            Ok(())
+        }
+        .await;
+        self.record(method, r)
+    }
+
     fn record<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
         let code = r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
         self.metrics.api_call(method, code);

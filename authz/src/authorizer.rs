@@ -53,7 +53,7 @@ pub enum AdminAction {
 }
 
 impl AdminAction {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             AdminAction::CreateEntry => "create_entry",
             AdminAction::UpdateEntry => "update_entry",

@@ -28,3 +28,13 @@ pub use authorizer::{
     AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode, WorkloadEntities,
 };
 pub use template::IdTemplate;
+
+/// The schema every part validates against unless told otherwise
+/// (`policies/ward.cedarschema`, built in).
+pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/ward.cedarschema");
+
+/// [`DEFAULT_SCHEMA`], parsed.
+pub fn default_schema() -> cedar_policy::Schema {
+    policy::parse_schema("ward.cedarschema (built in)", DEFAULT_SCHEMA)
+        .expect("the built-in schema parses")
+}

@@ -90,17 +90,20 @@ async fn fixture() -> Fixture {
             i % 5
         );
         let e = ca
-            .create_entry(EntrySpec {
-                id: None,
-                spiffe_id: id.clone(),
-                parent_id: agent.to_string(),
-                selectors: vec![format!("unix:uid:{}", 1000 + i)],
-                x509_ttl: 0,
-                jwt_ttl: 0,
-                dns_names: vec![],
-                hint: String::new(),
-                admin: false,
-            })
+            .create_entry(
+                &ward_authz::AdminPrincipal::Operator,
+                EntrySpec {
+                    id: None,
+                    spiffe_id: id.clone(),
+                    parent_id: agent.to_string(),
+                    selectors: vec![format!("unix:uid:{}", 1000 + i)],
+                    x509_ttl: 0,
+                    jwt_ttl: 0,
+                    dns_names: vec![],
+                    hint: String::new(),
+                    admin: false,
+                },
+            )
             .await
             .unwrap();
         requests.push((e.id, csr_for(&id)));

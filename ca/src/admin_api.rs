@@ -1,5 +1,11 @@
-//! The admin API (gRPC over the local Unix socket, mode 0600): what operators
-//! ask of the CA. Access is whoever can open the socket.
+//! The admin API: what operators ask of the CA.
+//!
+//! It is served twice. On the local Unix socket (mode 0600) the caller is the
+//! operator. On the node API's mutual-TLS port the caller is a remote admin:
+//! its client certificate must be an SVID whose SPIFFE ID has an entry marked
+//! `admin`. Every change (entries, join tokens) is decided by the active
+//! Cedar policy set for either caller, and refusals are audited; a remote admin
+//! sees only its tenant's entries and may not touch agents, keys or policies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +16,86 @@ use ward_spec::proto::admin::v1::admin_server::Admin;
 use ward_spec::proto::types::v1 as types;
 use ward_spec::SpiffeId;
 
-use crate::datastore::EntryFilter;
-use crate::node_api::entry_to_pb;
+use ward_authz::AdminPrincipal;
+
+use crate::datastore::{EntryFilter, PolicySetRecord};
+use crate::node_api::{entry_to_pb, policy_set_to_pb, PeerIdentity};
 use crate::service::{Ca, EntrySpec};
 
 pub struct AdminApi {
     pub ca: Arc<Ca>,
+    /// Served over mutual TLS to remote admins (else the local socket).
+    pub remote: bool,
+}
+
+impl AdminApi {
+    /// Who is calling: the operator on the local socket, or a remote admin.
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+    ) -> Result<AdminPrincipal, Status> {
+        if !self.remote {
+            return Ok(AdminPrincipal::Operator);
+        }
+        let id = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated("the admin API needs an admin SVID as client certificate")
+            })?;
+        let filter = EntryFilter {
+            parent_id: None,
+            spiffe_id: Some(id.clone()),
+        };
+        let entries = self.ca.list_entries(&filter, None, 100).await?;
+        if !entries.iter().any(|e| e.admin) {
+            self.ca
+                .refuse_admin(method, &id, "no entry marked admin has this SPIFFE ID");
+            return Err(Status::permission_denied(format!(
+                "{id} is not an admin: no registration entry marked admin has this SPIFFE ID"
+            )));
+        }
+        Ok(AdminPrincipal::Admin(id))
+    }
+
+    /// Calls only the local operator may make.
+    async fn operator_only<T>(&self, req: &Request<T>, method: &'static str) -> Result<(), Status> {
+        match self.caller(req, method).await? {
+            AdminPrincipal::Operator => Ok(()),
+            AdminPrincipal::Admin(id) => {
+                self.ca
+                    .refuse_admin(method, &id, "only the local operator may call this");
+                Err(Status::permission_denied(format!(
+                    "{method} is for the operator on the CA's local admin socket only"
+                )))
+            }
+        }
+    }
+
+    /// A remote admin reads only its own tenant's entries.
+    fn visible(&self, caller: &AdminPrincipal, e: &crate::datastore::Entry) -> bool {
+        match caller {
+            AdminPrincipal::Operator => true,
+            AdminPrincipal::Admin(id) => {
+                let mine = self.ca.tenant_of(id);
+                !mine.is_empty() && self.ca.tenant_of(&e.spiffe_id) == mine
+            }
+        }
+    }
+}
+
+fn summary(p: &PolicySetRecord, active: bool) -> pb::PolicySetSummary {
+    pb::PolicySetSummary {
+        version: p.version,
+        created_at: p.created_at,
+        comment: p.comment.clone(),
+        digest: p.digest.clone(),
+        files: p.files.len() as u32,
+        policies: p.policies as u32,
+        active,
+    }
 }
 
 fn spec_from_pb(e: types::Entry, with_id: bool) -> EntrySpec {
@@ -53,12 +133,14 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let ttl = req.into_inner().ttl;
-        if ttl < 0 {
+        let caller = self.caller(&req, "create_join_token").await?;
+        let r = req.into_inner();
+        if r.ttl < 0 {
             return Err(Status::invalid_argument("ttl must not be negative"));
         }
-        let ttl = (ttl > 0).then(|| Duration::from_secs(ttl as u64));
-        let (token, agent_id, expires_at) = self.ca.create_join_token(ttl).await?;
+        let ttl = (r.ttl > 0).then(|| Duration::from_secs(r.ttl as u64));
+        let (token, agent_id, expires_at) =
+            self.ca.create_join_token(&caller, ttl, &r.tenant).await?;
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token,
             agent_id: agent_id.to_string(),
@@ -70,11 +152,15 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
+        let caller = self.caller(&req, "create_entry").await?;
         let e = req
             .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let created = self.ca.create_entry(spec_from_pb(e, false)).await?;
+        let created = self
+            .ca
+            .create_entry(&caller, spec_from_pb(e, false))
+            .await?;
         Ok(Response::new(entry_to_pb(&created)))
     }
 
@@ -82,11 +168,12 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
+        let caller = self.caller(&req, "update_entry").await?;
         let e = req
             .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let updated = self.ca.update_entry(spec_from_pb(e, true)).await?;
+        let updated = self.ca.update_entry(&caller, spec_from_pb(e, true)).await?;
         Ok(Response::new(entry_to_pb(&updated)))
     }
 
@@ -94,7 +181,8 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
-        self.ca.delete_entry(&req.into_inner().id).await?;
+        let caller = self.caller(&req, "delete_entry").await?;
+        self.ca.delete_entry(&caller, &req.into_inner().id).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
 
@@ -102,7 +190,12 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::GetEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
-        let e = self.ca.get_entry(&req.into_inner().id).await?;
+        let caller = self.caller(&req, "get_entry").await?;
+        let id = req.into_inner().id;
+        let e = self.ca.get_entry(&id).await?;
+        if !self.visible(&caller, &e) {
+            return Err(Status::not_found(format!("entry {id:?} does not exist")));
+        }
         Ok(Response::new(entry_to_pb(&e)))
     }
 
@@ -110,6 +203,7 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let caller = self.caller(&req, "list_entries").await?;
         let r = req.into_inner();
         let filter = EntryFilter {
             parent_id: optional_id("parent_id", &r.parent_id)?,
@@ -127,15 +221,20 @@ impl Admin for AdminApi {
             String::new()
         };
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: entries.iter().map(entry_to_pb).collect(),
+            entries: entries
+                .iter()
+                .filter(|e| self.visible(&caller, e))
+                .map(entry_to_pb)
+                .collect(),
             next_page_token,
         }))
     }
 
     async fn list_agents(
         &self,
-        _req: Request<pb::ListAgentsRequest>,
+        req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.operator_only(&req, "list_agents").await?;
         let agents = self.ca.list_agents().await?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
@@ -156,14 +255,16 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::EvictAgentRequest>,
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        self.operator_only(&req, "evict_agent").await?;
         self.ca.evict_agent(&req.into_inner().spiffe_id).await?;
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
     async fn rotate(
         &self,
-        _req: Request<pb::RotateRequest>,
+        req: Request<pb::RotateRequest>,
     ) -> Result<Response<pb::RotateResponse>, Status> {
+        self.operator_only(&req, "rotate").await?;
         let signer = self.ca.authority.rotate_now().await.map_err(|e| {
             tracing::error!(error = %e, "forced rotation failed");
             Status::internal(format!("rotation failed: {e}"))
@@ -187,5 +288,55 @@ impl Admin for AdminApi {
             jwks: b.to_jwks(),
             sequence: b.sequence,
         }))
+    }
+
+    async fn push_policy(
+        &self,
+        req: Request<pb::PushPolicyRequest>,
+    ) -> Result<Response<pb::PolicySetSummary>, Status> {
+        self.operator_only(&req, "push_policy").await?;
+        let r = req.into_inner();
+        let files = r.files.into_iter().map(|f| (f.name, f.text)).collect();
+        let set = self.ca.push_policy(files, &r.comment).await?;
+        Ok(Response::new(summary(&set, true)))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.operator_only(&req, "list_policies").await?;
+        let all = self.ca.list_policies().await?;
+        let active = all.first().map(|p| p.version);
+        Ok(Response::new(pb::ListPoliciesResponse {
+            versions: all
+                .iter()
+                .map(|p| summary(p, Some(p.version) == active))
+                .collect(),
+        }))
+    }
+
+    async fn rollback_policy(
+        &self,
+        req: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::PolicySetSummary>, Status> {
+        self.operator_only(&req, "rollback_policy").await?;
+        let set = self.ca.rollback_policy(req.into_inner().version).await?;
+        Ok(Response::new(summary(&set, true)))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<types::PolicySet>, Status> {
+        self.operator_only(&req, "get_policy").await?;
+        let v = req.into_inner().version;
+        match self.ca.get_policy((v != 0).then_some(v)).await? {
+            Some(p) => Ok(Response::new(policy_set_to_pb(&p))),
+            None if v == 0 => Err(Status::not_found("no policy set has been pushed yet")),
+            None => Err(Status::not_found(format!(
+                "policy set version {v} does not exist"
+            ))),
+        }
     }
 }

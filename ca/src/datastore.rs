@@ -102,6 +102,18 @@ pub struct EntryFilter {
     pub spiffe_id: Option<SpiffeId>,
 }
 
+/// A stored policy set version. `files` are (name, text), in name order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySetRecord {
+    pub version: u64,
+    pub files: Vec<(String, String)>,
+    pub digest: String,
+    pub comment: String,
+    pub created_at: i64,
+    /// How many policies the files hold.
+    pub policies: u64,
+}
+
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()>;
@@ -143,6 +155,14 @@ pub trait Datastore: Send + Sync + 'static {
     /// The stored bundle document and its sequence.
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>>;
     async fn set_bundle(&self, trust_domain: &str, jwks: &[u8], sequence: u64) -> Result<()>;
+
+    /// Stores a policy set as the next version (the new active one) and
+    /// returns that version.
+    async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64>;
+    /// One version, or the newest (active) one when `version` is `None`.
+    async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>>;
+    /// Every version, newest first.
+    async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>>;
 
     /// A cheap query that proves the database answers (for `/readyz`).
     async fn ping(&self) -> Result<()>;

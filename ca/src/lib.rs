@@ -20,6 +20,7 @@ pub mod config;
 pub mod datastore;
 pub mod metrics;
 pub mod node_api;
+pub mod policies;
 pub mod server;
 pub mod service;
 pub mod x509;

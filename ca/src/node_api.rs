@@ -11,7 +11,7 @@ use ward_spec::proto::node::v1::node_server::Node;
 use ward_spec::proto::types::v1 as types;
 use ward_spec::SpiffeId;
 
-use crate::datastore::Entry;
+use crate::datastore::{Entry, PolicySetRecord};
 use crate::service::Ca;
 
 /// The verified SPIFFE ID of the peer of a TLS connection, if it sent a certificate.
@@ -27,6 +27,23 @@ fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
         .get::<PeerIdentity>()
         .and_then(|p| p.0.clone())
         .ok_or_else(|| Status::unauthenticated("this call needs a node SVID as client certificate"))
+}
+
+pub fn policy_set_to_pb(p: &PolicySetRecord) -> types::PolicySet {
+    types::PolicySet {
+        version: p.version,
+        files: p
+            .files
+            .iter()
+            .map(|(name, text)| types::PolicyFile {
+                name: name.clone(),
+                text: text.clone(),
+            })
+            .collect(),
+        created_at: p.created_at,
+        comment: p.comment.clone(),
+        digest: p.digest.clone(),
+    }
 }
 
 pub fn entry_to_pb(e: &Entry) -> types::Entry {
@@ -179,15 +196,39 @@ impl Node for NodeApi {
         use tokio_stream::StreamExt;
         let id = caller(&req)?;
         self.ca.check_agent_standing(&id, "watch_changes").await?;
-        let stream = tokio_stream::wrappers::WatchStream::new(self.ca.watch_changes()).map(
-            |(entry_revision, bundle_sequence)| {
-                Ok(pb::ChangeNotice {
-                    entry_revision,
-                    bundle_sequence,
-                })
-            },
-        );
+        let stream = tokio_stream::wrappers::WatchStream::new(self.ca.watch_changes()).map(|n| {
+            Ok(pb::ChangeNotice {
+                entry_revision: n.entry_revision,
+                bundle_sequence: n.bundle_sequence,
+                policy_version: n.policy_version,
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_policy(
+        &self,
+        req: Request<pb::FetchPolicyRequest>,
+    ) -> Result<Response<pb::FetchPolicyResponse>, Status> {
+        let id = caller(&req)?;
+        self.ca.check_agent(&id, "fetch_policy").await?;
+        let known = req.into_inner().known_version;
+        // The common case, answered from memory: the caller is up to date.
+        let current = self.ca.policy_version();
+        if current == known {
+            return Ok(Response::new(pb::FetchPolicyResponse {
+                version: current,
+                policy_set: None,
+            }));
+        }
+        let active = self.ca.get_policy(None).await?;
+        let version = active.as_ref().map_or(0, |p| p.version);
+        Ok(Response::new(pb::FetchPolicyResponse {
+            version,
+            policy_set: active
+                .filter(|p| p.version != known)
+                .map(|p| policy_set_to_pb(&p)),
+        }))
     }
 
     async fn fetch_bundle(

@@ -110,11 +110,19 @@ pub async fn serve(
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(accept_tls(node_listener, tls, conn_tx, stop_rx.clone()));
 
+    // Agents and remote admins share the mutual-TLS port.
     let node = tonic::transport::Server::builder()
         .add_service(NodeServer::new(NodeApi { ca: ca.clone() }))
+        .add_service(AdminServer::new(AdminApi {
+            ca: ca.clone(),
+            remote: true,
+        }))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), wait(stop_rx.clone()));
     let admin = tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminApi { ca: ca.clone() }))
+        .add_service(AdminServer::new(AdminApi {
+            ca: ca.clone(),
+            remote: false,
+        }))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
             wait(stop_rx.clone()),

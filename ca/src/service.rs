@@ -15,11 +15,14 @@ use tonic::Code;
 use ward_spec::{Selector, SpiffeId, TrustDomain};
 
 use crate::authority::Authority;
+use ward_authz::{AdminAction, AdminPrincipal};
+
 use crate::datastore::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, SigningEntry, StoreError,
-    SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, SigningEntry,
+    StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
+use crate::policies::{self, AdminPolicy};
 use crate::x509::{self, check_csr, CsrError};
 
 /// A refusal or failure, with the gRPC code the APIs report it as.
@@ -99,8 +102,22 @@ pub struct Ca {
     pub store: Arc<dyn Datastore>,
     pub ttls: Ttls,
     pub metrics: Arc<Metrics>,
-    /// (newest entry revision, bundle sequence), for agents watching changes.
-    notices: watch::Sender<(u64, u64)>,
+    /// What agents watch: the newest entry revision, bundle sequence and
+    /// policy set version.
+    notices: watch::Sender<Notice>,
+    /// Decides admin calls by the active policy set.
+    admin_policy: AdminPolicy,
+    /// One policy push or rollback at a time, so versions and the installed
+    /// set move together.
+    policy_writes: tokio::sync::Mutex<()>,
+}
+
+/// The state agents follow; a change to any field is news.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Notice {
+    pub entry_revision: u64,
+    pub bundle_sequence: u64,
+    pub policy_version: u64,
 }
 
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
@@ -136,25 +153,33 @@ impl Ca {
         metrics: Arc<Metrics>,
     ) -> CaResult<Self> {
         let revision = store.entry_revision().await?;
-        let (notices, _) = watch::channel((revision, authority.bundle().sequence));
+        let active = store.get_policy_set(None).await?;
+        let (notices, _) = watch::channel(Notice {
+            entry_revision: revision,
+            bundle_sequence: authority.bundle().sequence,
+            policy_version: active.as_ref().map_or(0, |p| p.version),
+        });
         Ok(Ca {
+            admin_policy: AdminPolicy::new(active.as_ref()),
             authority,
             store,
             ttls,
             metrics,
             notices,
+            policy_writes: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Changes to entries or the bundle: the current value first, then each change.
-    pub fn watch_changes(&self) -> watch::Receiver<(u64, u64)> {
+    /// Changes to entries, the bundle or the policy set: the current state
+    /// first, then each change.
+    pub fn watch_changes(&self) -> watch::Receiver<Notice> {
         self.notices.subscribe()
     }
 
     fn entries_changed(&self, revision: u64) {
         self.notices.send_if_modified(|n| {
-            let newer = revision > n.0;
-            n.0 = n.0.max(revision);
+            let newer = revision > n.entry_revision;
+            n.entry_revision = n.entry_revision.max(revision);
             newer
         });
     }
@@ -163,8 +188,16 @@ impl Ca {
     pub fn bundle_changed(&self) {
         let seq = self.authority.bundle().sequence;
         self.notices.send_if_modified(|n| {
-            let newer = seq != n.1;
-            n.1 = seq;
+            let newer = seq != n.bundle_sequence;
+            n.bundle_sequence = seq;
+            newer
+        });
+    }
+
+    fn policy_changed(&self, version: u64) {
+        self.notices.send_if_modified(|n| {
+            let newer = version > n.policy_version;
+            n.policy_version = n.policy_version.max(version);
             newer
         });
     }
@@ -184,8 +217,11 @@ impl Ca {
 
     pub async fn create_join_token(
         &self,
+        caller: &AdminPrincipal,
         ttl: Option<Duration>,
+        tenant: &str,
     ) -> CaResult<(String, SpiffeId, i64)> {
+        self.authorize_admin(caller, AdminAction::CreateJoinToken, tenant, "new")?;
         let ttl = ttl.unwrap_or(self.ttls.join_token);
         let token = x509::hex_id(16);
         let hash = hash_token(&token);
@@ -207,7 +243,7 @@ impl Ca {
                 created_at: created,
             })
             .await?;
-        tracing::info!(target: "audit", event = "join_token_created", agent_id = %agent_id, expires_at, "created a join token");
+        tracing::info!(target: "audit", event = "join_token_created", caller = %principal_name(caller), tenant, agent_id = %agent_id, expires_at, "created a join token");
         self.metrics.admin_change("create_join_token");
         Ok((token, agent_id, expires_at))
     }
@@ -519,35 +555,42 @@ impl Ca {
         })
     }
 
-    pub async fn create_entry(&self, spec: EntrySpec) -> CaResult<Entry> {
+    pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
+        self.authorize_entry(caller, AdminAction::CreateEntry, &entry)?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
             .await?;
         self.entries_changed(e.revision);
         self.metrics.admin_change("create_entry");
-        tracing::info!(target: "audit", event = "entry_created", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "created an entry");
+        tracing::info!(target: "audit", event = "entry_created", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "created an entry");
         Ok(e)
     }
 
-    pub async fn update_entry(&self, spec: EntrySpec) -> CaResult<Entry> {
-        if spec.id.is_none() {
+    pub async fn update_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
+        let Some(id) = spec.id.clone() else {
             return Err(CaError::invalid("update needs the entry id"));
-        }
+        };
         let entry = self.validate_entry(spec)?;
+        // Both what the entry was and what it becomes must be the caller's.
+        let old = self.get_entry(&id).await?;
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &old)?;
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &entry)?;
         let e = self.store.update_entry(entry).await?;
         self.entries_changed(e.revision);
         self.metrics.admin_change("update_entry");
-        tracing::info!(target: "audit", event = "entry_updated", entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "updated an entry");
+        tracing::info!(target: "audit", event = "entry_updated", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "updated an entry");
         Ok(e)
     }
 
-    pub async fn delete_entry(&self, id: &str) -> CaResult<()> {
+    pub async fn delete_entry(&self, caller: &AdminPrincipal, id: &str) -> CaResult<()> {
+        let old = self.get_entry(id).await?;
+        self.authorize_entry(caller, AdminAction::DeleteEntry, &old)?;
         let e = self.store.delete_entry(id).await?;
         self.entries_changed(e.revision);
         self.metrics.admin_change("delete_entry");
-        tracing::info!(target: "audit", event = "entry_deleted", entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");
+        tracing::info!(target: "audit", event = "entry_deleted", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");
         Ok(())
     }
 
@@ -581,6 +624,145 @@ impl Ca {
         Ok(())
     }
 
+    // ----- policy sets -----
+
+    /// Validates `files` and stores them as the new active version.
+    pub async fn push_policy(
+        &self,
+        files: Vec<(String, String)>,
+        comment: &str,
+    ) -> CaResult<PolicySetRecord> {
+        let files = policies::normalize(files).map_err(CaError::invalid)?;
+        self.store_policy(files, comment, "policy_pushed").await
+    }
+
+    /// Stores an earlier version's files again as the new active version.
+    pub async fn rollback_policy(&self, version: u64) -> CaResult<PolicySetRecord> {
+        let old = self
+            .store
+            .get_policy_set(Some(version))
+            .await?
+            .ok_or_else(|| {
+                CaError::new(
+                    Code::NotFound,
+                    format!("policy set version {version} does not exist"),
+                )
+            })?;
+        self.store_policy(
+            old.files,
+            &format!("rollback to {version}"),
+            "policy_rolled_back",
+        )
+        .await
+    }
+
+    async fn store_policy(
+        &self,
+        files: Vec<(String, String)>,
+        comment: &str,
+        event: &'static str,
+    ) -> CaResult<PolicySetRecord> {
+        let compiled = self.admin_policy.validate(&files).map_err(|errors| {
+            self.refuse(
+                "push_policy",
+                None,
+                &format!("{} validation error(s)", errors.len()),
+            );
+            CaError::invalid(format!(
+                "the policy set does not validate ({} error{}):\n{}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                policies::joined(&errors)
+            ))
+        })?;
+        let policies = policies::count(&compiled);
+        let digest = policies::digest_of(&files);
+        let _one = self.policy_writes.lock().await;
+        let mut set = PolicySetRecord {
+            version: 0,
+            files,
+            digest,
+            comment: comment.to_owned(),
+            created_at: now().unix_timestamp(),
+            policies: policies as u64,
+        };
+        set.version = self.store.add_policy_set(&set).await?;
+        self.admin_policy.install(compiled);
+        self.policy_changed(set.version);
+        self.metrics.admin_change(event);
+        tracing::info!(target: "audit", event, version = set.version, digest = %set.digest, files = set.files.len(), policies, comment, "activated a policy set");
+        Ok(set)
+    }
+
+    /// One version, or the active one when `version` is `None`.
+    pub async fn get_policy(&self, version: Option<u64>) -> CaResult<Option<PolicySetRecord>> {
+        Ok(self.store.get_policy_set(version).await?)
+    }
+
+    pub async fn list_policies(&self) -> CaResult<Vec<PolicySetRecord>> {
+        Ok(self.store.list_policy_sets().await?)
+    }
+
+    /// The active policy set version (0: none pushed).
+    pub fn policy_version(&self) -> u64 {
+        self.notices.borrow().policy_version
+    }
+
+    /// The tenant a workload ID names (empty if it follows no template).
+    pub fn tenant_of(&self, id: &SpiffeId) -> String {
+        self.admin_policy.tenant_of(id)
+    }
+
+    fn authorize_entry(
+        &self,
+        caller: &AdminPrincipal,
+        action: AdminAction,
+        e: &Entry,
+    ) -> CaResult<()> {
+        let tenant = self.tenant_of(&e.spiffe_id);
+        self.authorize_admin(caller, action, &tenant, &e.spiffe_id.to_string())
+    }
+
+    /// Asks the active policy set; a refusal is audited and reported as
+    /// `PermissionDenied`.
+    pub fn authorize_admin(
+        &self,
+        caller: &AdminPrincipal,
+        action: AdminAction,
+        tenant: &str,
+        resource: &str,
+    ) -> CaResult<()> {
+        let d = self.admin_policy.decide(caller, action, tenant, resource);
+        if d.permitted {
+            return Ok(());
+        }
+        let why = if d.errors.is_empty() {
+            "no policy permits it".to_owned()
+        } else {
+            format!("policy errors: {}", d.errors.join("; "))
+        };
+        let tenant_text = if tenant.is_empty() {
+            "no tenant".to_owned()
+        } else {
+            format!("tenant {tenant:?}")
+        };
+        let message = format!(
+            "{} may not {} for {} ({}): {why}",
+            principal_name(caller),
+            action.name(),
+            resource,
+            tenant_text
+        );
+        self.metrics.refused(action.name());
+        tracing::warn!(target: "audit", event = "refused", method = action.name(), caller = %principal_name(caller), tenant, resource, decision_id = %d.decision_id, policies = ?d.policies, reason = %why, "refused an admin call");
+        Err(CaError::new(Code::PermissionDenied, message))
+    }
+
+    /// Audits a refused admin call of a remote caller.
+    pub fn refuse_admin(&self, method: &'static str, caller: &SpiffeId, reason: &str) {
+        self.refuse(method, Some(caller), reason);
+    }
+
     /// One audit line for a refusal.
     fn refuse(&self, method: &'static str, caller: Option<&SpiffeId>, reason: &str) {
         self.metrics.refused(method);
@@ -592,6 +774,14 @@ impl Ca {
                 tracing::warn!(target: "audit", event = "refused", method, reason, "refused a request")
             }
         }
+    }
+}
+
+/// How audit lines and errors name an admin caller.
+pub fn principal_name(p: &AdminPrincipal) -> String {
+    match p {
+        AdminPrincipal::Operator => "the local operator".into(),
+        AdminPrincipal::Admin(id) => id.to_string(),
     }
 }
 

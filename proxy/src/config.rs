@@ -18,8 +18,8 @@
 //! [connect]                      # HTTP CONNECT for applications that can use a proxy
 //! listen = "127.0.0.1:15001"     # CONNECT <target or destination> of an [[outbound]]
 //!
-//! [policy]
-//! dir = "policies"               # .cedar files and ward.cedarschema, hot-reloaded
+//! [policy]                       # default: the control plane's set, from the agent
+//! dir = "policies"               # or .cedar files and ward.cedarschema, hot-reloaded
 //! mode = "enforce"               # or "dry-run"
 //! decision_log = "stdout"        # or "off", or a file path
 //!
@@ -134,8 +134,9 @@ pub struct ConnectListener {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// A directory of `.cedar` files, watched for changes. None: every inbound
-    /// stream is denied (no policy means deny).
+    /// A directory of `.cedar` files, watched for changes. None: the policy
+    /// set pushed to the CA, streamed by the agent (until one arrives, every
+    /// inbound stream is denied).
     pub dir: Option<PathBuf>,
     /// The schema (default: `ward.cedarschema` in `dir`).
     pub schema: Option<PathBuf>,

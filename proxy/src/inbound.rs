@@ -39,6 +39,8 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Changes when the active policy set does: open streams are decided again.
+    pub policy_epoch: watch::Receiver<u64>,
 }
 
 /// Accepts connections until `drain` turns true.
@@ -191,14 +193,22 @@ async fn stream(
 ) {
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
-    let Some((app, send, body)) = Box::pin(admit(req, respond, peer_id, peer, inbound)).await
+    let Some((app, send, body, port)) = Box::pin(admit(req, respond, peer_id, peer, inbound)).await
     else {
         return;
     };
     let metrics = &inbound.metrics;
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
-    let (carried, result) = pump(app, send, body, Bytes::new()).await;
+    let mut epoch = inbound.policy_epoch.clone();
+    epoch.borrow_and_update();
+    let (carried, result) = tokio::select! {
+        r = pump(app, send, body, Bytes::new()) => r,
+        () = revoked(&mut epoch, peer_id, peer, port, inbound) => {
+            // Dropping the pump resets the stream and closes the application's socket.
+            (Default::default(), Ok(()))
+        }
+    };
     metrics.stream_closed(Direction::Inbound);
     metrics.bytes(Direction::Inbound, carried.to_app, carried.from_app);
     if let Err(e) = result {
@@ -214,7 +224,7 @@ async fn admit(
     peer_id: &SpiffeId,
     peer: SocketAddr,
     inbound: &Inbound,
-) -> Option<(TcpStream, SendStream<Bytes>, RecvStream)> {
+) -> Option<(TcpStream, SendStream<Bytes>, RecvStream, u16)> {
     let metrics = &inbound.metrics;
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
@@ -268,5 +278,36 @@ async fn admit(
         .body(())
         .expect("valid");
     let send = respond.send_response(ok, false).ok()?;
-    Some((app, send, body))
+    Some((app, send, body, port))
+}
+
+/// Resolves when a new policy set no longer permits an open stream (the
+/// decision is logged like any other); pending for as long as sets allow it.
+async fn revoked(
+    epoch: &mut watch::Receiver<u64>,
+    peer_id: &SpiffeId,
+    peer: SocketAddr,
+    port: u16,
+    inbound: &Inbound,
+) {
+    while epoch.changed().await.is_ok() {
+        let Some(me) = inbound.identity.usable() else {
+            continue;
+        };
+        let decision = inbound.authz.decide_connect(
+            peer_id,
+            &me.spiffe_id,
+            &ConnectContext {
+                destination_port: port,
+                source_address: peer.ip(),
+                at: None,
+            },
+        );
+        if !decision.permitted {
+            inbound.metrics.stream_revoked();
+            tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");
+            return;
+        }
+    }
+    std::future::pending().await
 }

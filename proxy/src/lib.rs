@@ -20,6 +20,7 @@
 //! without an extra copy or task hop.
 #![forbid(unsafe_code)]
 
+pub mod agent_policy;
 pub mod bufio;
 pub mod config;
 pub mod hbone;
@@ -51,7 +52,7 @@ use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
 
 /// The schema used when the policy directory has none (the repository's).
-pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/ward.cedarschema");
+pub use ward_authz::DEFAULT_SCHEMA;
 
 /// Runs the proxy until `shutdown` resolves, then drains.
 pub async fn run(
@@ -79,9 +80,16 @@ pub async fn run(
             flusher.flush_log();
         }
     });
-    if cfg.inbound.is_some() && cfg.policy.dir.is_none() {
-        tracing::warn!("no policy directory ([policy] dir): every inbound stream is denied");
+    if cfg.policy.dir.is_none() {
+        tracing::info!("policy from the control plane (through the agent); until it arrives every inbound stream is denied");
+        tokio::spawn(agent_policy::follow(
+            cfg.workload_api_socket.clone(),
+            authz.clone(),
+            metrics.clone(),
+        ));
     }
+    // Open inbound streams are decided again whenever the active set changes.
+    let policy_epoch = policy_epoch(authz.clone());
 
     let (drain_tx, drain) = watch::channel(false);
     let stopping = Arc::new(AtomicBool::new(false));
@@ -137,6 +145,7 @@ pub async fn run(
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,
+            policy_epoch: policy_epoch.clone(),
         });
         tracing::info!(listen = %inb.listen, forward = %inb.forward, "inbound listening");
         tokio::spawn(inbound::serve(
@@ -180,6 +189,25 @@ pub async fn run(
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
     authz.flush_log();
     Ok(())
+}
+
+/// A watch that changes whenever the authorizer's active set does (checked
+/// every 200 ms, whichever source loaded it).
+fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(authz.version());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let v = authz.version();
+            tx.send_if_modified(|old| std::mem::replace(old, v) != v);
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// A listener with a deep accept queue (the kernel caps it at

@@ -57,6 +57,7 @@ pub struct Metrics {
     decisions: Family<Labels, Counter>,
     svid_expiry: Gauge,
     policy_reloads: Family<Labels, Counter>,
+    streams_revoked: Counter,
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
@@ -81,6 +82,7 @@ impl Default for Metrics {
             decisions: Family::default(),
             svid_expiry: Gauge::default(),
             policy_reloads: Family::default(),
+            streams_revoked: Counter::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
         };
@@ -128,6 +130,11 @@ impl Default for Metrics {
             "policy_reloads",
             "Policy set loads, by result (loaded or rejected: the previous set stays)",
             m.policy_reloads.clone(),
+        );
+        registry.register(
+            "streams_revoked",
+            "Open inbound streams closed because a new policy set denies them",
+            m.streams_revoked.clone(),
         );
         // One statement per series: a lookup's read guard lives to the end of
         // its statement, and the next lookup may need the write lock.
@@ -215,6 +222,10 @@ impl Metrics {
             (false, false) => self.deny.inc(),
             (false, true) => self.deny_dry_run.inc(),
         };
+    }
+
+    pub fn stream_revoked(&self) {
+        self.streams_revoked.inc();
     }
 
     pub fn render(&self) -> String {

@@ -14,7 +14,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -83,14 +83,18 @@ async fn app_to_tunnel(
         if buf.capacity() - buf.len() < READ_CHUNK / 16 {
             buf.reserve(READ_CHUNK);
         }
-        match r.try_read_buf(&mut buf) {
-            Ok(0) => {
+        match read_drained(&r, &mut buf) {
+            Ok((0, _)) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(total);
             }
-            Ok(n) => {
+            Ok((n, drained)) => {
                 total += n as u64;
                 send_all(&mut send, buf.split().freeze()).await?;
+                if drained {
+                    buf = BytesMut::new();
+                    r.readable().await?;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf = BytesMut::new();
@@ -101,6 +105,28 @@ async fn app_to_tunnel(
                 return Err(e);
             }
         }
+    }
+}
+
+/// Reads what the socket holds into `buf`. A read that leaves room in the
+/// buffer has drained the socket: its readiness is cleared then and there
+/// (`drained`), so the next wait goes straight to the poller instead of
+/// spending a system call on a read that would block (what tokio's own
+/// `poll_read` does for short reads).
+fn read_drained(r: &OwnedReadHalf, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    match r.as_ref().try_io(Interest::READABLE, || {
+        got = r.try_read_buf(buf)?;
+        if got > 0 && got < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    }) {
+        Ok(n) => Ok((n, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok((got, true)),
+        Err(e) => Err(e),
     }
 }
 

@@ -20,6 +20,13 @@ pub mod admin {
     }
 }
 
+/// The agent's own services beside the Workload API (policy distribution).
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("ward.agent.v1");
+    }
+}
+
 /// The SPIFFE Workload API (no proto package: service `SpiffeWorkloadAPI`).
 pub mod workload {
     tonic::include_proto!("_");

@@ -13,6 +13,9 @@ use super::output::{self, entry_human, entry_json, print_json};
 use super::{AdminTarget, BundleFormat, Output};
 
 pub async fn client(target: &AdminTarget) -> anyhow::Result<AdminClient<Channel>> {
+    if let Some(addr) = &target.ca_address {
+        return remote_client(addr, &target.workload_socket).await;
+    }
     let ch = ward_spec::grpc::unix_channel(&target.socket)
         .await
         .with_context(|| {
@@ -24,7 +27,38 @@ pub async fn client(target: &AdminTarget) -> anyhow::Result<AdminClient<Channel>
     Ok(AdminClient::new(ch))
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+/// The admin API over mutual TLS: this workload's first X509-SVID (fetched
+/// from the Workload API) as client certificate; the server must present the
+/// CA's own ID (`spiffe://<td>/ward/ca`) under the same bundle.
+async fn remote_client(addr: &str, workload_socket: &str) -> anyhow::Result<AdminClient<Channel>> {
+    let svid = super::svid::fetch_first(workload_socket).await?;
+    let chain = ward_spec::svid::split_der_chain(&svid.x509_svid)?;
+    let leaf = ward_spec::svid::check_leaf(chain.first().context("empty SVID chain")?)?;
+    let mut bundle = TrustBundle::new(leaf.spiffe_id.trust_domain().clone());
+    bundle.x509_authorities = ward_spec::svid::split_der_chain(&svid.bundle)?;
+    let roots = ward_spec::tls::RootStore::new(&bundle)?;
+    let resolver = ward_spec::tls::SvidResolver::default();
+    resolver.set(&chain, &svid.x509_svid_key)?;
+    let ca_id = bundle.trust_domain.id("/ward/ca")?;
+    let config = ward_spec::tls::client_config(
+        Some(resolver),
+        ward_spec::tls::SpiffeServerVerifier::new(
+            roots,
+            ward_spec::tls::PeerPolicy::OneOf(vec![ca_id]),
+        ),
+    );
+    let ch = ward_spec::grpc::tls_channel(addr, std::sync::Arc::new(config))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the CA at {addr} over mutual TLS as {}",
+                leaf.spiffe_id
+            )
+        })?;
+    Ok(AdminClient::new(ch))
+}
+
+pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 
@@ -38,17 +72,26 @@ pub enum TokenCommand {
         /// How long the token stays valid (e.g. 10m, 1h). Default: the CA's join_token_ttl.
         #[arg(long, value_parser = ward_ca::config::parse_duration)]
         ttl: Option<std::time::Duration>,
+        /// The tenant whose node the token is for (a tenant admin may create
+        /// tokens only for its own tenant).
+        #[arg(long, default_value = "")]
+        tenant: String,
         #[command(flatten)]
         target: AdminTarget,
     },
 }
 
 pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
-    let TokenCommand::Create { ttl, target } = cmd;
+    let TokenCommand::Create {
+        ttl,
+        tenant,
+        target,
+    } = cmd;
     let mut c = client(&target).await?;
     let r = c
         .create_join_token(pb::CreateJoinTokenRequest {
             ttl: ttl.map(|d| d.as_secs() as i64).unwrap_or(0),
+            tenant,
         })
         .await
         .map_err(status)?

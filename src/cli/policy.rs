@@ -9,8 +9,18 @@ use ward_authz::policy::{format, read_dir, read_schema, PolicyError};
 use ward_authz::testcase::{run as run_cases, CaseFile};
 use ward_authz::{Authorizer, IdTemplate, Mode};
 
-use super::output::print_json;
-use super::Output;
+use ward_spec::proto::admin::v1 as admin_pb;
+use ward_spec::proto::types::v1 as types;
+
+use super::output::{self, print_json};
+use super::{admin, AdminTarget, Output};
+
+fn summary_json(s: &admin_pb::PolicySetSummary) -> serde_json::Value {
+    json!({
+        "version": s.version, "created_at": s.created_at, "comment": s.comment, "digest": s.digest,
+        "files": s.files, "policies": s.policies, "active": s.active,
+    })
+}
 
 #[derive(clap::Args, Clone)]
 pub struct PolicySource {
@@ -98,6 +108,38 @@ pub enum PolicyCommand {
         #[command(flatten)]
         source: PolicySource,
     },
+    /// Validate a policy directory's .cedar files and store them in the CA as
+    /// the new active version; agents and proxies receive it within a second.
+    #[command(
+        after_help = "Example:\n  ward policy push policies/ --comment \"allow web to api\""
+    )]
+    Push {
+        /// Policy directory (its .cedar files; the schema is the CA's).
+        dir: PathBuf,
+        /// A note kept in the history.
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// The policy set versions stored in the CA, newest (active) first.
+    History {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Make an earlier version active again (stored as a new version).
+    #[command(after_help = "Example:\n  ward policy rollback 3")]
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Print a stored version's files (default: the active version).
+    Show {
+        version: Option<u64>,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Who may connect to whom among listed workloads, and a tenant-isolation report.
     #[command(
         after_help = "Example:\n  ward policy matrix --workloads policies/demo-workloads.txt --port 8080 --port 5432"
@@ -116,6 +158,120 @@ pub enum PolicyCommand {
 
 pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
+        PolicyCommand::Push {
+            dir,
+            comment,
+            target,
+        } => {
+            let files = read_dir(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if files.is_empty() {
+                bail!("{} holds no .cedar files", dir.display());
+            }
+            let files = files
+                .into_iter()
+                .map(|f| types::PolicyFile {
+                    name: Path::new(&f.name)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or(f.name),
+                    text: f.text,
+                })
+                .collect();
+            let mut c = admin::client(&target).await?;
+            let s = c
+                .push_policy(admin_pb::PushPolicyRequest { files, comment })
+                .await
+                .map_err(|e| {
+                    if e.code() == tonic::Code::InvalidArgument {
+                        eprintln!("{}", e.message());
+                        anyhow::anyhow!("the CA refused the policy set")
+                    } else {
+                        admin::status(e)
+                    }
+                })?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&summary_json(&s)),
+                Output::Human => println!(
+                    "Policy set version {} is active: {} policies in {} files (sha256 {}).",
+                    s.version,
+                    s.policies,
+                    s.files,
+                    &s.digest[..12.min(s.digest.len())]
+                ),
+            }
+        }
+        PolicyCommand::History { target } => {
+            let mut c = admin::client(&target).await?;
+            let r = c
+                .list_policies(admin_pb::ListPoliciesRequest {})
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&json!(r
+                    .versions
+                    .iter()
+                    .map(summary_json)
+                    .collect::<Vec<_>>())),
+                Output::Human => {
+                    if r.versions.is_empty() {
+                        println!("No policy set has been pushed yet (`ward policy push DIR`).");
+                    }
+                    for s in &r.versions {
+                        println!(
+                            "{} {:>4}  {}  {:>3} policies  {:>3} files  {}  {}",
+                            if s.active { "*" } else { " " },
+                            s.version,
+                            output::time(s.created_at),
+                            s.policies,
+                            s.files,
+                            &s.digest[..12.min(s.digest.len())],
+                            s.comment
+                        );
+                    }
+                }
+            }
+        }
+        PolicyCommand::Rollback { version, target } => {
+            let mut c = admin::client(&target).await?;
+            let s = c
+                .rollback_policy(admin_pb::RollbackPolicyRequest { version })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&summary_json(&s)),
+                Output::Human => println!(
+                    "Policy set version {} is active: version {version}'s {} policies (sha256 {}).",
+                    s.version,
+                    s.policies,
+                    &s.digest[..12.min(s.digest.len())]
+                ),
+            }
+        }
+        PolicyCommand::Show { version, target } => {
+            let mut c = admin::client(&target).await?;
+            let p = c
+                .get_policy(admin_pb::GetPolicyRequest {
+                    version: version.unwrap_or(0),
+                })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&json!({
+                    "version": p.version, "created_at": p.created_at, "comment": p.comment, "digest": p.digest,
+                    "files": p.files.iter().map(|f| json!({"name": f.name, "text": f.text})).collect::<Vec<_>>(),
+                })),
+                Output::Human => {
+                    println!("// policy set version {} ({})", p.version, p.comment);
+                    for f in &p.files {
+                        println!("// ---- {} ----\n{}", f.name, f.text.trim_end());
+                    }
+                }
+            }
+        }
         PolicyCommand::Validate { dir, schema } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("policies"));
             let schema_path = schema.unwrap_or_else(|| dir.join("ward.cedarschema"));

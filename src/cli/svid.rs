@@ -90,6 +90,28 @@ async fn client(target: &WorkloadTarget) -> anyhow::Result<Client> {
     ))
 }
 
+/// The first X509-SVID the Workload API at `socket` gives this process.
+pub async fn fetch_first(socket: &str) -> anyhow::Result<pb::X509svid> {
+    let mut c = client(&WorkloadTarget {
+        socket: socket.to_owned(),
+    })
+    .await?;
+    let mut stream = c
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .map_err(status)?
+        .context("the Workload API closed the stream without an answer")?;
+    resp.svids
+        .into_iter()
+        .next()
+        .context("the Workload API gave this process no SVID")
+}
+
 fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }

@@ -10,13 +10,14 @@ use sqlx::{Row, SqlitePool};
 use ward_spec::{Selector, SpiffeId};
 
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, Result, SigningEntry, StoreError,
-    SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, Result,
+    SigningEntry, StoreError, SyncPage, TokenUse,
 };
 
 /// Schema migrations, applied in order at start. Never edit one that shipped:
 /// append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE join_tokens (
     token_hash TEXT PRIMARY KEY,
     agent_id TEXT NOT NULL,
@@ -63,7 +64,18 @@ CREATE TABLE bundles (
     jwks TEXT NOT NULL,
     sequence BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE policy_sets (
+    version BIGINT PRIMARY KEY,
+    files TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    policies BIGINT NOT NULL
+);
+"#,
+];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
 
@@ -155,6 +167,18 @@ fn row_to_entry(row: &sqlx::sqlite::SqliteRow) -> Result<Entry> {
         admin: row.try_get("admin")?,
         revision: row.try_get::<i64, _>("revision")? as u64,
         created_at: row.try_get("created_at")?,
+    })
+}
+
+fn row_to_policy_set(row: &sqlx::sqlite::SqliteRow) -> Result<PolicySetRecord> {
+    let files: String = row.try_get("files")?;
+    Ok(PolicySetRecord {
+        version: row.try_get::<i64, _>("version")? as u64,
+        files: serde_json::from_str(&files).map_err(corrupt)?,
+        digest: row.try_get("digest")?,
+        comment: row.try_get("comment")?,
+        created_at: row.try_get("created_at")?,
+        policies: row.try_get::<i64, _>("policies")? as u64,
     })
 }
 
@@ -580,6 +604,53 @@ impl Datastore for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64> {
+        let files = serde_json::to_string(&set.files).map_err(corrupt)?;
+        let mut tx = self.pool.begin().await?;
+        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policy_sets")
+            .fetch_one(&mut *tx)
+            .await?;
+        let version = newest.unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO policy_sets (version, files, digest, comment, created_at, policies)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(version)
+        .bind(files)
+        .bind(&set.digest)
+        .bind(&set.comment)
+        .bind(set.created_at)
+        .bind(set.policies as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version as u64)
+    }
+
+    async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>> {
+        let row = match version {
+            Some(v) => {
+                sqlx::query("SELECT * FROM policy_sets WHERE version = $1")
+                    .bind(v as i64)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC LIMIT 1")
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        row.as_ref().map(row_to_policy_set).transpose()
+    }
+
+    async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
+        let rows = sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_policy_set).collect()
     }
 
     async fn ping(&self) -> Result<()> {

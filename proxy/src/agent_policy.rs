@@ -1,0 +1,88 @@
+//! The policy set from the control plane: the agent streams the CA's active
+//! set (`ward.agent.v1.Policy/WatchPolicy` on the Workload API socket) and
+//! each version is validated and swapped into the authorizer. A set that does
+//! not validate here is reported and the previous one stays active. If the
+//! agent goes away the current set stays and the stream is reopened with
+//! backoff.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use ward_authz::policy::SourceFile;
+use ward_authz::Authorizer;
+use ward_spec::proto::agent::v1 as pb;
+use ward_spec::proto::agent::v1::policy_client::PolicyClient;
+
+use crate::metrics::Metrics;
+
+/// Follows the agent's policy stream for as long as the process runs.
+pub async fn follow(socket: PathBuf, authz: Arc<Authorizer>, metrics: Arc<Metrics>) {
+    let mut delay = Duration::from_millis(200);
+    let mut outage_logged = false;
+    loop {
+        match stream_once(&socket, &authz, &metrics, &mut delay).await {
+            Ok(()) => {}
+            Err(e) if !outage_logged => {
+                tracing::warn!(socket = %socket.display(), error = %e, "policy stream from the agent unavailable; keeping the current set and retrying");
+                outage_logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn stream_once(
+    socket: &std::path::Path,
+    authz: &Authorizer,
+    metrics: &Metrics,
+    delay: &mut Duration,
+) -> Result<(), String> {
+    let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = PolicyClient::new(channel);
+    let mut req = tonic::Request::new(pb::WatchPolicyRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", MetadataValue::from_static("true"));
+    let mut stream = client
+        .watch_policy(req)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        let set = match stream.message().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err("the agent closed the policy stream".into()),
+            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+        };
+        *delay = Duration::from_millis(200);
+        let files: Vec<SourceFile> = set
+            .files
+            .into_iter()
+            .map(|f| SourceFile {
+                name: f.name,
+                text: f.text,
+            })
+            .collect();
+        match authz.load(&files) {
+            Ok(_) => {
+                metrics.reload_stats.loaded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(version = set.version, digest = %set.digest, "policy set from the control plane active");
+            }
+            Err(errors) => {
+                metrics
+                    .reload_stats
+                    .rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                for e in &errors {
+                    tracing::error!(version = set.version, error = %e, "policy set from the control plane rejected; the previous set stays active");
+                }
+            }
+        }
+    }
+}
