@@ -27,6 +27,7 @@ pub mod testcase;
 pub use authorizer::{
     AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode, WorkloadEntities,
 };
+pub use cedar_policy::Schema;
 pub use template::IdTemplate;
 
 /// The schema every part validates against unless told otherwise
@@ -34,7 +35,7 @@ pub use template::IdTemplate;
 pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/ward.cedarschema");
 
 /// [`DEFAULT_SCHEMA`], parsed.
-pub fn default_schema() -> cedar_policy::Schema {
+pub fn default_schema() -> Schema {
     policy::parse_schema("ward.cedarschema (built in)", DEFAULT_SCHEMA)
         .expect("the built-in schema parses")
 }

@@ -36,16 +36,22 @@ pub struct PolicySource {
 }
 
 impl PolicySource {
-    fn schema_path(&self) -> PathBuf {
-        self.schema
-            .clone()
-            .unwrap_or_else(|| self.dir.join("ward.cedarschema"))
+    /// The schema given, else the directory's, else the built-in one.
+    fn schema(&self) -> anyhow::Result<ward_authz::Schema> {
+        let path = match &self.schema {
+            Some(p) => p.clone(),
+            None => self.dir.join("ward.cedarschema"),
+        };
+        if self.schema.is_none() && !path.exists() {
+            return Ok(ward_authz::default_schema());
+        }
+        read_schema(&path).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// An authorizer with this directory's policies loaded, or every error.
     fn authorizer(&self) -> anyhow::Result<(Authorizer, IdTemplate)> {
         let template = IdTemplate::parse(&self.template)?;
-        let schema = read_schema(&self.schema_path()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let schema = self.schema()?;
         let authz = Authorizer::new(schema, template.clone(), Mode::Enforce, None);
         let files = read_dir(&self.dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         authz.load(&files).map_err(report)?;
@@ -134,9 +140,14 @@ pub enum PolicyCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// Print a stored version's files (default: the active version).
+    /// Print a stored version's files (default: the active version), or
+    /// write them into a directory.
+    #[command(after_help = "Example:\n  ward policy show 3\n  ward policy show --write active/")]
     Show {
         version: Option<u64>,
+        /// Write the files into this directory instead of printing them.
+        #[arg(long)]
+        write: Option<PathBuf>,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -250,7 +261,11 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                 ),
             }
         }
-        PolicyCommand::Show { version, target } => {
+        PolicyCommand::Show {
+            version,
+            write,
+            target,
+        } => {
             let mut c = admin::client(&target).await?;
             let p = c
                 .get_policy(admin_pb::GetPolicyRequest {
@@ -259,6 +274,23 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                 .await
                 .map_err(admin::status)?
                 .into_inner();
+            if let Some(dir) = write {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                for f in &p.files {
+                    if f.name.contains('/') || f.name.starts_with('.') {
+                        bail!("the CA sent a policy file named {:?}", f.name);
+                    }
+                    ward_spec::files::write_atomic(&dir.join(&f.name), f.text.as_bytes(), false)?;
+                }
+                println!(
+                    "Wrote policy set version {} ({} files) to {}",
+                    p.version,
+                    p.files.len(),
+                    dir.display()
+                );
+                return Ok(());
+            }
             match out {
                 Output::Json => print_json(&json!({
                     "version": p.version, "created_at": p.created_at, "comment": p.comment, "digest": p.digest,

@@ -512,10 +512,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("Ctrl-C stops the mesh.\n");
 
     // 6. Run until Ctrl-C, watching the demo stream and the children.
-    let stream = tokio::task::spawn_blocking({
-        let addr = ports.route(wi, 0);
-        move || watch_stream(addr)
-    });
+    // A plain thread: it ends with the process (the runtime would wait for a
+    // blocking task at shutdown).
+    let addr = ports.route(wi, 0);
+    std::thread::spawn(move || watch_stream(addr));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = loop {
         tokio::select! {
@@ -530,7 +530,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     println!("\nStopping the mesh…");
     children.stop_all();
-    stream.abort();
     println!("Stopped.");
     result
 }

@@ -1,0 +1,197 @@
+//! End to end: the control plane obeys the same policy language. A tenant
+//! admin (an SVID whose entry is marked `admin`) calls the CA's admin API
+//! remotely over mutual TLS; Cedar lets it manage entries and join tokens of
+//! its own tenant only, and every refusal is audited.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{ward_bin, AgentProcess, CaProcess, TD};
+
+fn step(n: u32, what: &str) {
+    println!("step {n}: {what}");
+}
+
+const ACME_ADMIN_UID: u32 = 1006;
+const ACME_TOOL_UID: u32 = 1007;
+
+/// `ward ARGS` as `uid`, calling the CA remotely with that workload's SVID.
+fn remote(ca: &CaProcess, agent: &AgentProcess, uid: u32, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(ward_bin())
+        .args(args)
+        .args([
+            "--ca-address",
+            &ca.node_addr,
+            "--workload-socket",
+            &agent.endpoint(),
+        ])
+        .uid(uid)
+        .gid(uid)
+        .current_dir("/")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn entry_args<'a>(spiffe_id: &'a str, parent: &'a str) -> Vec<&'a str> {
+    vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:2000",
+    ]
+}
+
+#[test]
+fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
+    step(
+        1,
+        "a CA, an agent, and the repository's policies pushed to the CA",
+    );
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    let out = ca.cli(&["policy", "push", policies]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    step(
+        2,
+        "acme's admin identity (an entry marked admin) and a plain acme workload",
+    );
+    let admin_id = format!("spiffe://{TD}/tenant/acme/ns/ops/sa/admin");
+    let tool_id = format!("spiffe://{TD}/tenant/acme/ns/ops/sa/tool");
+    let out = ca.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &admin_id,
+        "--parent-id",
+        &parent,
+        "--selector",
+        &format!("unix:uid:{ACME_ADMIN_UID}"),
+        "--admin",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    ca.register(&tool_id, &parent, &format!("unix:uid:{ACME_TOOL_UID}"));
+    // Wait until the agent serves both.
+    for uid in [ACME_ADMIN_UID, ACME_TOOL_UID] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !agent.svid_cli(&["fetch"], Some(uid)).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "uid {uid} got no SVID"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    step(
+        3,
+        "acme's admin creating an entry for globex is refused, and audited",
+    );
+    let globex = format!("spiffe://{TD}/tenant/globex/ns/prod/sa/api");
+    let refused_before = ca.audit_lines("refused");
+    let out = remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&globex, &parent));
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("PermissionDenied") && msg.contains("create_entry") && msg.contains("globex"),
+        "{msg}"
+    );
+    assert!(
+        ca.audit_lines("refused") > refused_before,
+        "no audit line for the refusal"
+    );
+    assert!(
+        ca.log_text()
+            .lines()
+            .any(|l| l.contains("refused an admin call")
+                && l.contains(&admin_id)
+                && l.contains("globex")),
+        "the audit line names neither the caller nor the tenant:\n{}",
+        ca.log_text()
+    );
+
+    step(4, "the same call inside acme succeeds");
+    let acme = format!("spiffe://{TD}/tenant/acme/ns/prod/sa/api");
+    let out = remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&acme, &parent));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(ca
+        .log_text()
+        .lines()
+        .any(|l| l.contains("entry_created") && l.contains(&admin_id)));
+
+    step(5, "join tokens: for globex refused, for acme issued");
+    let out = remote(
+        &ca,
+        &agent,
+        ACME_ADMIN_UID,
+        &["token", "create", "--tenant", "globex"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("create_join_token"), "{}", text(&out));
+    let out = remote(
+        &ca,
+        &agent,
+        ACME_ADMIN_UID,
+        &["token", "create", "--tenant", "acme"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("Token:"));
+
+    step(
+        6,
+        "the admin sees only acme's entries; it may not push policies or evict agents",
+    );
+    let out = remote(
+        &ca,
+        &agent,
+        ACME_ADMIN_UID,
+        &["entry", "list", "--output", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains(&acme) && !listed.contains("globex"),
+        "{listed}"
+    );
+    let out = remote(&ca, &agent, ACME_ADMIN_UID, &["policy", "push", policies]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("local admin socket only"),
+        "{}",
+        text(&out)
+    );
+
+    step(
+        7,
+        "a workload whose entry is not marked admin is refused outright",
+    );
+    let out = remote(&ca, &agent, ACME_TOOL_UID, &entry_args(&acme, &parent));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is not an admin"), "{}", text(&out));
+
+    step(
+        8,
+        "the operator on the local socket still manages every tenant",
+    );
+    let out = ca.cli(&entry_args(&globex, &parent));
+    assert!(out.status.success(), "{}", text(&out));
+}
