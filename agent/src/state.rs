@@ -116,33 +116,30 @@ impl StateDir {
         write_atomic(&cp, pem.as_bytes(), false).map_err(io(&cp))
     }
 
-    pub fn load_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>, StateError> {
-        let p = self.path("bundle.jwks");
+    /// A stored file parsed by `parse`; None if it does not exist.
+    fn load<T, E: std::fmt::Display>(
+        &self,
+        name: &str,
+        parse: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<T>, StateError> {
+        let p = self.path(name);
         match std::fs::read(&p) {
-            Ok(b) => TrustBundle::from_jwks(td.clone(), &b)
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    path: p,
-                    reason: e.to_string(),
-                }),
+            Ok(b) => parse(&b).map(Some).map_err(|e| StateError::Corrupt {
+                path: p,
+                reason: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&p)(e)),
         }
     }
 
+    pub fn load_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>, StateError> {
+        self.load("bundle.jwks", |b| TrustBundle::from_jwks(td.clone(), b))
+    }
+
     /// The policy set last received from the CA, if any.
     pub fn load_policy(&self) -> Result<Option<PolicySet>, StateError> {
-        let p = self.path("policy.pb");
-        match std::fs::read(&p) {
-            Ok(b) => PolicySet::decode(b.as_slice())
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    path: p,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&p)(e)),
-        }
+        self.load("policy.pb", |b| PolicySet::decode(b))
     }
 
     pub fn save_policy(&self, set: &PolicySet) -> Result<(), StateError> {

@@ -239,15 +239,7 @@ async fn admit(
         respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         return None;
     };
-    let decision = inbound.authz.decide_connect(
-        peer_id,
-        &me.spiffe_id,
-        &ConnectContext {
-            destination_port: port,
-            source_address: peer.ip(),
-            at: None,
-        },
-    );
+    let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     if !decision.permitted {
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
@@ -281,6 +273,25 @@ async fn admit(
     Some((app, send, body, port))
 }
 
+/// May `peer_id`, connecting from `peer`, open a stream to port `port` of `me`?
+fn decide(
+    inbound: &Inbound,
+    peer_id: &SpiffeId,
+    me: &SpiffeId,
+    peer: SocketAddr,
+    port: u16,
+) -> ward_authz::Decision {
+    inbound.authz.decide_connect(
+        peer_id,
+        me,
+        &ConnectContext {
+            destination_port: port,
+            source_address: peer.ip(),
+            at: None,
+        },
+    )
+}
+
 /// Resolves when a new policy set no longer permits an open stream (the
 /// decision is logged like any other); pending for as long as sets allow it.
 async fn revoked(
@@ -294,15 +305,7 @@ async fn revoked(
         let Some(me) = inbound.identity.usable() else {
             continue;
         };
-        let decision = inbound.authz.decide_connect(
-            peer_id,
-            &me.spiffe_id,
-            &ConnectContext {
-                destination_port: port,
-                source_address: peer.ip(),
-                at: None,
-            },
-        );
+        let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
         if !decision.permitted {
             inbound.metrics.stream_revoked();
             tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");

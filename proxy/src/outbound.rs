@@ -61,7 +61,9 @@ pub async fn serve_route(
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         async move {
             // Boxed: an open stream's task keeps only what the pump needs.
+            let turn = pool.turn().await;
             let started = Box::pin(start(&pool, &route)).await;
+            drop(turn);
             let p = match started {
                 Ok(p) => p,
                 Err(e) => {
@@ -103,7 +105,9 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
 
 /// Opens a tunnel for `route` and waits for the peer's answer.
 async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
+    let turn = pool.turn().await;
     let p = start(pool, route).await?;
+    drop(turn);
     let recv = p
         .response
         .await

@@ -63,7 +63,15 @@ pub struct Pool {
     idle_timeout: Duration,
     slots: Mutex<HashMap<Key, Slot>>,
     start: Instant,
+    /// Tunnels being opened at once. A burst of application connections
+    /// (thousands in the accept queue) then waits here in small futures
+    /// instead of all building their requests at the same moment, which
+    /// would leave the heap at the burst's peak long after.
+    opening: tokio::sync::Semaphore,
 }
+
+/// Tunnels being opened at once, at most.
+const MAX_OPENING: usize = 256;
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +148,7 @@ impl Pool {
             idle_timeout,
             slots: Mutex::new(HashMap::new()),
             start: Instant::now(),
+            opening: tokio::sync::Semaphore::new(MAX_OPENING),
         });
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -153,6 +162,14 @@ impl Pool {
             }
         });
         pool
+    }
+
+    /// A turn to open a tunnel (see `opening`); held until the request is sent.
+    pub async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.opening
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// Opens a tunneled stream to `target` through the peer proxy at

@@ -92,24 +92,29 @@ async fn client(target: &WorkloadTarget) -> anyhow::Result<Client> {
 
 /// The first X509-SVID the Workload API at `socket` gives this process.
 pub async fn fetch_first(socket: &str) -> anyhow::Result<pb::X509svid> {
-    let mut c = client(&WorkloadTarget {
+    let resp = fetch_x509(&WorkloadTarget {
         socket: socket.to_owned(),
     })
     .await?;
+    resp.svids
+        .into_iter()
+        .next()
+        .context("the Workload API gave this process no SVID")
+}
+
+/// The first message of the X509-SVID stream: what this process gets now.
+async fn fetch_x509(target: &WorkloadTarget) -> anyhow::Result<pb::X509svidResponse> {
+    let mut c = client(target).await?;
     let mut stream = c
         .fetch_x509svid(pb::X509svidRequest {})
         .await
         .map_err(status)?
         .into_inner();
-    let resp = stream
+    stream
         .message()
         .await
         .map_err(status)?
-        .context("the Workload API closed the stream without an answer")?;
-    resp.svids
-        .into_iter()
-        .next()
-        .context("the Workload API gave this process no SVID")
+        .context("the Workload API closed the stream without an answer")
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
@@ -119,17 +124,7 @@ fn status(e: tonic::Status) -> anyhow::Error {
 pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         SvidCommand::Fetch { target, write } => {
-            let mut c = client(&target).await?;
-            let mut stream = c
-                .fetch_x509svid(pb::X509svidRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
-            let resp = stream
-                .message()
-                .await
-                .map_err(status)?
-                .context("the Workload API closed the stream without an answer")?;
+            let resp = fetch_x509(&target).await?;
             let mut shown = Vec::new();
             for (i, s) in resp.svids.iter().enumerate() {
                 let chain = ward_spec::svid::split_der_chain(&s.x509_svid)?;
