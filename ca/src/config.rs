@@ -9,6 +9,14 @@ use ward_spec::TrustDomain;
 
 pub use ward_spec::config::ConfigError;
 
+/// Where the CA keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    /// A `postgres://` URL (it may hold a password: print it `redacted`).
+    Postgres(String),
+}
+
 /// Every setting of the CA, with the defaults of DESIGN.md.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,7 +29,8 @@ pub struct CaConfig {
     pub admin_socket: Option<PathBuf>,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub health_address: SocketAddr,
-    /// `sqlite://PATH`; default `sqlite://<data_dir>/datastore.sqlite3`.
+    /// `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`; default
+    /// `sqlite://<data_dir>/datastore.sqlite3`.
     pub datastore: Option<String>,
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub ca_ttl: Duration,
@@ -86,16 +95,22 @@ impl CaConfig {
             .unwrap_or_else(|| self.data_dir.join("admin.sock"))
     }
 
-    /// The SQLite file, from `datastore`.
-    pub fn sqlite_path(&self) -> Result<PathBuf, ConfigError> {
+    /// Which datastore `datastore` names.
+    pub fn store(&self) -> Result<StoreUrl, ConfigError> {
         match &self.datastore {
-            None => Ok(self.data_dir.join("datastore.sqlite3")),
+            None => Ok(StoreUrl::Sqlite(self.data_dir.join("datastore.sqlite3"))),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreUrl::Postgres(url.clone()))
+            }
             Some(url) => url
                 .strip_prefix("sqlite://")
-                .map(PathBuf::from)
+                .map(|p| StoreUrl::Sqlite(PathBuf::from(p)))
                 .ok_or_else(|| ConfigError::Invalid {
                     key: "datastore",
-                    message: format!("{url:?} is not supported; use sqlite://PATH"),
+                    message: format!(
+                        "{:?} is not supported; use sqlite://PATH or postgres://…",
+                        crate::datastore::redacted(url)
+                    ),
                 }),
         }
     }
@@ -131,7 +146,7 @@ impl CaConfig {
                 message: "upstream_cert and upstream_key go together".into(),
             });
         }
-        self.sqlite_path()?;
+        self.store()?;
         for (key, ttl) in [
             ("x509_svid_ttl", self.x509_svid_ttl),
             ("node_svid_ttl", self.node_svid_ttl),

@@ -1,16 +1,22 @@
-//! The CA's datastore: one trait, backed today by SQLite (embedded, WAL).
+//! The CA's datastore: one trait, two backends: SQLite (embedded, WAL) and
+//! PostgreSQL (several CA replicas on one database).
 //!
 //! Everything the CA acknowledges is committed here first. The SQL is kept
-//! portable (numbered `$N` parameters, `RETURNING`, no SQLite-only functions) so
-//! the PostgreSQL backend can share it.
+//! portable (numbered `$N` parameters, `RETURNING`, no SQLite-only functions):
+//! both backends run the same statements (`sql`).
 //!
 //! Registration entries carry a global revision. Each write appends one row per
 //! affected parent to `entry_changes`, so an agent can ask "what changed under
 //! me since revision R" with one indexed range scan, and learns about entries
 //! moved away from it or deleted without any tombstone in `entries`.
 
+mod postgres;
+mod sql;
 mod sqlite;
+#[cfg(test)]
+mod tests;
 
+pub use postgres::{redacted, PgStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -114,6 +120,17 @@ pub struct PolicySetRecord {
     pub policies: u64,
 }
 
+/// A change committed by any process sharing the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreChange {
+    /// Entries changed up to this revision.
+    Entries(u64),
+    /// This policy set version is now the active one.
+    Policy(u64),
+    /// Notices may have been missed (the connection was lost): read again.
+    Resync,
+}
+
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()>;
@@ -163,6 +180,12 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>>;
     /// Every version, newest first.
     async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>>;
+
+    /// Changes other processes (CA replicas) commit to the same database, as
+    /// they commit; None for a store no other process writes.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<StoreChange>> {
+        None
+    }
 
     /// A cheap query that proves the database answers (for `/readyz`).
     async fn ping(&self) -> Result<()>;

@@ -26,7 +26,8 @@ use ward_spec::tls::{RootStore, SpiffeClientVerifier, SvidResolver};
 use crate::admin_api::AdminApi;
 use crate::authority::{Authority, AuthorityConfig};
 use crate::config::CaConfig;
-use crate::datastore::{Datastore, SqliteStore};
+use crate::config::StoreUrl;
+use crate::datastore::{redacted, Datastore, PgStore, SqliteStore};
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, PeerIdentity};
 use crate::service::{Ca, Ttls};
@@ -45,12 +46,19 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
     cfg.validate()?;
     create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
-    let db = cfg.sqlite_path()?;
-    let store: Arc<dyn Datastore> = Arc::new(
-        SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("cannot open datastore {}", db.display()))?,
-    );
+    let store: Arc<dyn Datastore> = match cfg.store()? {
+        StoreUrl::Sqlite(db) => Arc::new(
+            SqliteStore::open(&db)
+                .await
+                .with_context(|| format!("cannot open datastore {}", db.display()))?,
+        ),
+        StoreUrl::Postgres(url) => Arc::new(PgStore::connect(&url).await.with_context(|| {
+            format!(
+                "cannot reach the datastore {} (is PostgreSQL running and the database created?)",
+                redacted(&url)
+            )
+        })?),
+    };
     let authority = Authority::open(
         AuthorityConfig {
             trust_domain: cfg.trust_domain.clone(),
@@ -73,7 +81,9 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
     let ca = Ca::new(authority, store, ttls, Arc::new(Metrics::default()))
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the datastore: {e}"))?;
-    Ok(Arc::new(ca))
+    let ca = Arc::new(ca);
+    ca.follow_store();
+    Ok(ca)
 }
 
 /// Runs the CA until `shutdown` resolves.

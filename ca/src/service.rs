@@ -19,7 +19,7 @@ use ward_authz::{AdminAction, AdminPrincipal};
 
 use crate::datastore::{
     AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, SigningEntry,
-    StoreError, SyncPage, TokenUse,
+    StoreChange, StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 use crate::policies::{self, AdminPolicy};
@@ -168,6 +168,52 @@ impl Ca {
             notices,
             policy_writes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Follows what other replicas commit to a shared database: their entry
+    /// changes reach this replica's agents, and their policy sets decide this
+    /// replica's admin calls and reach its agents, as if made here.
+    pub fn follow_store(self: &Arc<Self>) {
+        let Some(mut changes) = self.store.changes() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let change = match changes.recv().await {
+                    Ok(c) => c,
+                    Err(RecvError::Lagged(_)) => StoreChange::Resync,
+                    Err(RecvError::Closed) => return,
+                };
+                let Some(ca) = weak.upgrade() else { return };
+                if let Err(e) = ca.apply(change).await {
+                    tracing::warn!(error = %e, ?change, "cannot follow a change made by another replica");
+                }
+            }
+        });
+    }
+
+    async fn apply(&self, change: StoreChange) -> CaResult<()> {
+        match change {
+            StoreChange::Entries(rev) => self.entries_changed(rev),
+            StoreChange::Policy(v) if v <= self.policy_version() => {}
+            StoreChange::Policy(_) | StoreChange::Resync => {
+                self.entries_changed(self.store.entry_revision().await?);
+                if let Some(set) = self.store.get_policy_set(None).await? {
+                    if set.version > self.policy_version() {
+                        match self.admin_policy.validate(&set.files) {
+                            Ok(c) => self.admin_policy.install(c),
+                            Err(errors) => {
+                                tracing::error!(version = set.version, errors = %policies::joined(&errors), "a policy set stored by another replica does not validate here; admin calls keep the previous set")
+                            }
+                        }
+                        self.policy_changed(set.version);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Changes to entries, the bundle or the policy set: the current state

@@ -51,7 +51,8 @@ pub struct ServeArgs {
     /// Address of /healthz, /readyz and /metrics. Default 127.0.0.1:8082
     #[arg(long)]
     health_address: Option<SocketAddr>,
-    /// Datastore URL: sqlite://PATH. Default sqlite://<data-dir>/datastore.sqlite3
+    /// Datastore URL: sqlite://PATH, or postgres://USER:PASSWORD@HOST:PORT/DB for
+    /// several replicas on one database. Default sqlite://<data-dir>/datastore.sqlite3
     #[arg(long)]
     datastore: Option<String>,
     /// Intermediate (signing) CA lifetime. Default 24h

@@ -1,0 +1,650 @@
+//! What the SQLite and PostgreSQL backends share: the schema migrations and
+//! every query. The SQL is portable (numbered `$N` parameters, `RETURNING`,
+//! `ON CONFLICT`, no backend-only functions); [`sql_store!`] expands the one
+//! implementation for each backend's row and connection types.
+
+/// Schema migrations, applied in order at start. Never edit one that shipped:
+/// append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    used_at BIGINT
+);
+CREATE TABLE agents (
+    spiffe_id TEXT PRIMARY KEY,
+    attestation_type TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    evicted BOOLEAN NOT NULL DEFAULT FALSE,
+    attested_at BIGINT NOT NULL
+);
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    selectors TEXT NOT NULL,
+    x509_ttl BIGINT NOT NULL,
+    jwt_ttl BIGINT NOT NULL,
+    dns_names TEXT NOT NULL,
+    hint TEXT NOT NULL,
+    admin BOOLEAN NOT NULL,
+    revision BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX entries_parent ON entries (parent_id);
+CREATE INDEX entries_spiffe_id ON entries (spiffe_id);
+CREATE TABLE entry_changes (
+    revision BIGINT NOT NULL,
+    parent_id TEXT NOT NULL,
+    entry_id TEXT NOT NULL,
+    PRIMARY KEY (parent_id, revision, entry_id)
+);
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO counters (name, value) VALUES ('entry_revision', 0);
+CREATE TABLE bundles (
+    trust_domain TEXT PRIMARY KEY,
+    jwks TEXT NOT NULL,
+    sequence BIGINT NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE policy_sets (
+    version BIGINT PRIMARY KEY,
+    files TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    policies BIGINT NOT NULL
+);
+"#,
+];
+
+pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
+
+/// Implements [`super::Datastore`] for `$store` (which has a `pool` field),
+/// with `$row` and `$conn` the backend's row and connection types, and its
+/// `migrate`; `$lock` is a statement that serializes migrations between
+/// processes sharing the database (PostgreSQL replicas), if any, and
+/// `$notify` one that tells them of a committed change (`entries:REVISION`,
+/// `policy:VERSION`), if any.
+macro_rules! sql_store {
+    ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr) => {
+        /// Runs `notify` (a statement taking the payload as `$1`) inside the
+        /// writing transaction, so other processes hear of a change exactly
+        /// when it commits.
+        async fn announce(tx: &mut $conn, notify: Option<&str>, payload: &str) -> Result<()> {
+            if let Some(sql) = notify {
+                sqlx::query(sql).bind(payload).execute(tx).await?;
+            }
+            Ok(())
+        }
+
+        impl $store {
+            /// Runs the migrations this database has not seen, in one transaction.
+            async fn migrate(&self) -> Result<()> {
+                let mut tx = self.pool.begin().await?;
+                let lock: Option<&str> = $lock;
+                if let Some(lock) = lock {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+                    .execute(&mut *tx)
+                    .await?;
+                let current: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let current = current.unwrap_or(0) as usize;
+                if current > MIGRATIONS.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "database schema version {current} is newer than this ward ({}); upgrade ward",
+                        MIGRATIONS.len()
+                    )));
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+                    sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                    sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                        .bind((i + 1) as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    tracing::info!(version = i + 1, "applied datastore migration");
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+
+        fn corrupt(e: impl std::fmt::Display) -> StoreError {
+            StoreError::Corrupt(e.to_string())
+        }
+
+        fn row_to_entry(row: &$row) -> Result<Entry> {
+            let selectors: String = row.try_get("selectors")?;
+            let selectors: Vec<String> = serde_json::from_str(&selectors).map_err(corrupt)?;
+            let dns: String = row.try_get("dns_names")?;
+            Ok(Entry {
+                id: row.try_get("id")?,
+                spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
+                parent_id: SpiffeId::parse(row.try_get("parent_id")?).map_err(corrupt)?,
+                selectors: selectors
+                    .iter()
+                    .map(|s| Selector::parse(s))
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)?,
+                x509_ttl: row.try_get("x509_ttl")?,
+                jwt_ttl: row.try_get("jwt_ttl")?,
+                dns_names: serde_json::from_str(&dns).map_err(corrupt)?,
+                hint: row.try_get("hint")?,
+                admin: row.try_get("admin")?,
+                revision: row.try_get::<i64, _>("revision")? as u64,
+                created_at: row.try_get("created_at")?,
+            })
+        }
+
+        fn row_to_policy_set(row: &$row) -> Result<PolicySetRecord> {
+            let files: String = row.try_get("files")?;
+            Ok(PolicySetRecord {
+                version: row.try_get::<i64, _>("version")? as u64,
+                files: serde_json::from_str(&files).map_err(corrupt)?,
+                digest: row.try_get("digest")?,
+                comment: row.try_get("comment")?,
+                created_at: row.try_get("created_at")?,
+                policies: row.try_get::<i64, _>("policies")? as u64,
+            })
+        }
+
+        fn row_to_agent(row: &$row) -> Result<AgentRecord> {
+            Ok(AgentRecord {
+                spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
+                attestation_type: row.try_get("attestation_type")?,
+                serial: row.try_get("serial")?,
+                expires_at: row.try_get("expires_at")?,
+                evicted: row.try_get("evicted")?,
+                attested_at: row.try_get("attested_at")?,
+            })
+        }
+
+        fn selectors_json(e: &Entry) -> String {
+            serde_json::to_string(
+                &e.selectors
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .expect("strings serialize")
+        }
+
+        async fn next_revision(tx: &mut $conn) -> Result<u64> {
+            let v: i64 = sqlx::query_scalar(
+                "UPDATE counters SET value = value + 1 WHERE name = 'entry_revision' RETURNING value",
+            )
+            .fetch_one(tx)
+            .await?;
+            Ok(v as u64)
+        }
+
+        async fn record_change(
+            tx: &mut $conn,
+            revision: u64,
+            parent: &SpiffeId,
+            id: &str,
+        ) -> Result<()> {
+            sqlx::query("INSERT INTO entry_changes (revision, parent_id, entry_id) VALUES ($1, $2, $3)")
+                .bind(revision as i64)
+                .bind(parent.to_string())
+                .bind(id)
+                .execute(tx)
+                .await?;
+            Ok(())
+        }
+
+        fn placeholders(from: usize, n: usize) -> String {
+            (from..from + n)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+
+        #[async_trait]
+        impl Datastore for $store {
+            fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<super::StoreChange>> {
+                self.subscribe()
+            }
+
+            async fn create_join_token(&self, t: &JoinTokenRecord) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO join_tokens (token_hash, agent_id, expires_at, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&t.token_hash)
+                .bind(t.agent_id.to_string())
+                .bind(t.expires_at)
+                .bind(t.created_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
+                let mut tx = self.pool.begin().await?;
+                let spent: Option<String> = sqlx::query_scalar(
+                    "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING agent_id",
+                )
+                .bind(now)
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let outcome = match spent {
+                    Some(id) => TokenUse::Accepted(SpiffeId::parse(&id).map_err(corrupt)?),
+                    None => {
+                        let row = sqlx::query(
+                            "SELECT used_at, expires_at FROM join_tokens WHERE token_hash = $1",
+                        )
+                        .bind(token_hash)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        match row {
+                            None => TokenUse::Unknown,
+                            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                                TokenUse::AlreadyUsed
+                            }
+                            Some(_) => TokenUse::Expired,
+                        }
+                    }
+                };
+                tx.commit().await?;
+                Ok(outcome)
+            }
+
+            async fn upsert_agent(&self, a: &AgentRecord) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (spiffe_id) DO UPDATE SET serial = $3, expires_at = $4",
+                )
+                .bind(a.spiffe_id.to_string())
+                .bind(&a.attestation_type)
+                .bind(&a.serial)
+                .bind(a.expires_at)
+                .bind(a.evicted)
+                .bind(a.attested_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
+                sqlx::query("SELECT * FROM agents WHERE spiffe_id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(row_to_agent)
+                    .transpose()
+            }
+
+            async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+                sqlx::query("SELECT * FROM agents ORDER BY spiffe_id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(row_to_agent)
+                    .collect()
+            }
+
+            async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
+                let r = sqlx::query("UPDATE agents SET evicted = TRUE WHERE spiffe_id = $1")
+                    .bind(id.to_string())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            }
+
+            async fn create_entry(&self, mut e: Entry, now: i64) -> Result<Entry> {
+                let mut tx = self.pool.begin().await?;
+                let rev = next_revision(&mut tx).await?;
+                e.revision = rev;
+                e.created_at = now;
+                sqlx::query(&format!(
+                    "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                ))
+                .bind(&e.id)
+                .bind(e.spiffe_id.to_string())
+                .bind(e.parent_id.to_string())
+                .bind(selectors_json(&e))
+                .bind(e.x509_ttl)
+                .bind(e.jwt_ttl)
+                .bind(serde_json::to_string(&e.dns_names).expect("strings serialize"))
+                .bind(&e.hint)
+                .bind(e.admin)
+                .bind(rev as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|err| match &err {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        StoreError::Conflict(format!("entry {}", e.id))
+                    }
+                    _ => StoreError::Db(err),
+                })?;
+                record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
+                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                tx.commit().await?;
+                Ok(e)
+            }
+
+            async fn update_entry(&self, mut e: Entry) -> Result<Entry> {
+                let mut tx = self.pool.begin().await?;
+                let old = sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
+                ))
+                .bind(&e.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(row_to_entry)
+                .transpose()?
+                .ok_or_else(|| StoreError::NotFound(format!("entry {}", e.id)))?;
+                let rev = next_revision(&mut tx).await?;
+                e.revision = rev;
+                e.created_at = old.created_at;
+                sqlx::query(
+                    "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors = $4, x509_ttl = $5, jwt_ttl = $6,
+                     dns_names = $7, hint = $8, admin = $9, revision = $10 WHERE id = $1",
+                )
+                .bind(&e.id)
+                .bind(e.spiffe_id.to_string())
+                .bind(e.parent_id.to_string())
+                .bind(selectors_json(&e))
+                .bind(e.x509_ttl)
+                .bind(e.jwt_ttl)
+                .bind(serde_json::to_string(&e.dns_names).expect("strings serialize"))
+                .bind(&e.hint)
+                .bind(e.admin)
+                .bind(rev as i64)
+                .execute(&mut *tx)
+                .await?;
+                record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
+                if old.parent_id != e.parent_id {
+                    record_change(&mut tx, rev, &old.parent_id, &e.id).await?;
+                }
+                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                tx.commit().await?;
+                Ok(e)
+            }
+
+            async fn delete_entry(&self, id: &str) -> Result<Entry> {
+                let mut tx = self.pool.begin().await?;
+                let old = sqlx::query(&format!(
+                    "DELETE FROM entries WHERE id = $1 RETURNING {ENTRY_COLUMNS}"
+                ))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(row_to_entry)
+                .transpose()?
+                .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+                let rev = next_revision(&mut tx).await?;
+                record_change(&mut tx, rev, &old.parent_id, id).await?;
+                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                tx.commit().await?;
+                Ok(Entry {
+                    revision: rev,
+                    ..old
+                })
+            }
+
+            async fn entry_revision(&self) -> Result<u64> {
+                let v: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_revision'")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(v as u64)
+            }
+
+            async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
+                sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .as_ref()
+                .map(row_to_entry)
+                .transpose()
+            }
+
+            async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>> {
+                let mut out = Vec::with_capacity(ids.len());
+                // Bounded IN lists: SQLite allows at most 32766 parameters per statement.
+                for chunk in ids.chunks(500) {
+                    let sql = format!(
+                        "SELECT {ENTRY_COLUMNS} FROM entries WHERE id IN ({})",
+                        placeholders(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    for row in q.fetch_all(&self.pool).await? {
+                        out.push(row_to_entry(&row)?);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn signing_entries(
+                &self,
+                parent: &SpiffeId,
+                ids: &[String],
+            ) -> Result<Vec<SigningEntry>> {
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(500) {
+                    let sql = format!(
+                        "SELECT id, spiffe_id, dns_names, x509_ttl FROM entries WHERE parent_id = $1 AND id IN ({})",
+                        placeholders(2, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql).bind(parent.to_string());
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    for row in q.fetch_all(&self.pool).await? {
+                        let dns: String = row.try_get("dns_names")?;
+                        out.push(SigningEntry {
+                            id: row.try_get("id")?,
+                            spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
+                            dns_names: if dns == "[]" {
+                                Vec::new()
+                            } else {
+                                serde_json::from_str(&dns).map_err(corrupt)?
+                            },
+                            x509_ttl: row.try_get("x509_ttl")?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
+                let evicted: Option<bool> =
+                    sqlx::query_scalar("SELECT evicted FROM agents WHERE spiffe_id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(evicted.map(|e| !e))
+            }
+
+            async fn list_entries(
+                &self,
+                filter: &EntryFilter,
+                after_id: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<Entry>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries
+                     WHERE ($1 IS NULL OR parent_id = $1) AND ($2 IS NULL OR spiffe_id = $2) AND id > $3
+                     ORDER BY id LIMIT $4"
+                ))
+                .bind(filter.parent_id.as_ref().map(|p| p.to_string()))
+                .bind(filter.spiffe_id.as_ref().map(|p| p.to_string()))
+                .bind(after_id.unwrap_or(""))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(row_to_entry).collect()
+            }
+
+            async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
+                // One read transaction: the current revision and the changes up to it
+                // come from the same snapshot.
+                let mut tx = self.pool.begin().await?;
+                let current: i64 =
+                    sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_revision'")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let changed = sqlx::query(
+                    "SELECT entry_id, MAX(revision) AS rev FROM entry_changes
+                     WHERE parent_id = $1 AND revision > $2 AND revision <= $3
+                     GROUP BY entry_id ORDER BY rev LIMIT $4",
+                )
+                .bind(parent.to_string())
+                .bind(since as i64)
+                .bind(current)
+                .bind(limit as i64 + 1)
+                .fetch_all(&mut *tx)
+                .await?;
+                let more = changed.len() > limit as usize;
+                let changed = &changed[..changed.len().min(limit as usize)];
+                let ids: Vec<String> = changed
+                    .iter()
+                    .map(|r| r.try_get("entry_id"))
+                    .collect::<Result<_, _>>()?;
+                let revision = if more {
+                    changed
+                        .last()
+                        .map(|r| r.try_get::<i64, _>("rev"))
+                        .transpose()?
+                        .unwrap_or(current) as u64
+                } else {
+                    current as u64
+                };
+                let mut page = SyncPage {
+                    revision,
+                    more,
+                    ..SyncPage::default()
+                };
+                let mut current_entries = std::collections::HashMap::new();
+                for chunk in ids.chunks(500) {
+                    let sql = format!(
+                        "SELECT {ENTRY_COLUMNS} FROM entries WHERE id IN ({})",
+                        placeholders(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    for row in q.fetch_all(&mut *tx).await? {
+                        let e = row_to_entry(&row)?;
+                        current_entries.insert(e.id.clone(), e);
+                    }
+                }
+                tx.commit().await?;
+                for id in ids {
+                    match current_entries.remove(&id) {
+                        Some(e) if &e.parent_id == parent => page.entries.push(e),
+                        _ => page.deleted.push(id),
+                    }
+                }
+                Ok(page)
+            }
+
+            async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>> {
+                let row = sqlx::query("SELECT jwks, sequence FROM bundles WHERE trust_domain = $1")
+                    .bind(trust_domain)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| {
+                    let jwks: String = r.try_get("jwks")?;
+                    let seq: i64 = r.try_get("sequence")?;
+                    Ok((jwks.into_bytes(), seq as u64))
+                })
+                .transpose()
+            }
+
+            async fn set_bundle(&self, trust_domain: &str, jwks: &[u8], sequence: u64) -> Result<()> {
+                let jwks = std::str::from_utf8(jwks).map_err(corrupt)?;
+                sqlx::query(
+                    "INSERT INTO bundles (trust_domain, jwks, sequence) VALUES ($1, $2, $3)
+                     ON CONFLICT (trust_domain) DO UPDATE SET jwks = $2, sequence = $3",
+                )
+                .bind(trust_domain)
+                .bind(jwks)
+                .bind(sequence as i64)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64> {
+                let files = serde_json::to_string(&set.files).map_err(corrupt)?;
+                let mut tx = self.pool.begin().await?;
+                let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policy_sets")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let version = newest.unwrap_or(0) + 1;
+                sqlx::query(
+                    "INSERT INTO policy_sets (version, files, digest, comment, created_at, policies)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(version)
+                .bind(files)
+                .bind(&set.digest)
+                .bind(&set.comment)
+                .bind(set.created_at)
+                .bind(set.policies as i64)
+                .execute(&mut *tx)
+                .await?;
+                announce(&mut tx, $notify, &format!("policy:{version}")).await?;
+                tx.commit().await?;
+                Ok(version as u64)
+            }
+
+            async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>> {
+                let row = match version {
+                    Some(v) => {
+                        sqlx::query("SELECT * FROM policy_sets WHERE version = $1")
+                            .bind(v as i64)
+                            .fetch_optional(&self.pool)
+                            .await?
+                    }
+                    None => {
+                        sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC LIMIT 1")
+                            .fetch_optional(&self.pool)
+                            .await?
+                    }
+                };
+                row.as_ref().map(row_to_policy_set).transpose()
+            }
+
+            async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
+                let rows = sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(row_to_policy_set).collect()
+            }
+
+            async fn ping(&self) -> Result<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;

@@ -1,0 +1,209 @@
+//! The datastore's behaviour, checked on every backend: SQLite always, and
+//! PostgreSQL when `WARD_TEST_POSTGRES_URL` names a server (each test gets a
+//! database of its own there). `.ci/run` starts one and sets
+//! `WARD_REQUIRE_POSTGRES=1`, which turns a missing server into a failure.
+
+use super::*;
+
+/// A fresh store of each backend this machine has.
+async fn stores() -> Vec<(&'static str, Box<dyn Datastore>)> {
+    let mut v: Vec<(&'static str, Box<dyn Datastore>)> =
+        vec![("sqlite", Box::new(SqliteStore::in_memory().await.unwrap()))];
+    match std::env::var("WARD_TEST_POSTGRES_URL") {
+        Ok(url) => v.push(("postgres", Box::new(fresh_postgres(&url).await))),
+        Err(_) if std::env::var_os("WARD_REQUIRE_POSTGRES").is_some() => {
+            panic!("WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not")
+        }
+        Err(_) => println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set"),
+    }
+    v
+}
+
+/// A new, empty database on the server at `url`, migrated.
+pub async fn fresh_postgres(url: &str) -> PgStore {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {}: {e}", redacted(url)));
+    let name = format!("ward_test_{}", crate::x509::hex_id(8));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a postgres URL names a database");
+    PgStore::connect(&format!("{base}/{name}")).await.unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn entry(n: &str, parent: &str) -> Entry {
+    Entry {
+        id: n.into(),
+        spiffe_id: id(&format!("spiffe://td/{n}")),
+        parent_id: id(parent),
+        selectors: vec![Selector::parse("unix:uid:1").unwrap()],
+        x509_ttl: 0,
+        jwt_ttl: 0,
+        dns_names: vec!["a.example".into()],
+        hint: String::new(),
+        admin: false,
+        revision: 0,
+        created_at: 0,
+    }
+}
+
+#[tokio::test]
+async fn sync_reports_creates_moves_and_deletes_per_parent_incrementally() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        sync_reports_creates_moves_and_deletes_per_parent_incrementally_on(s.as_ref()).await;
+    }
+}
+
+async fn sync_reports_creates_moves_and_deletes_per_parent_incrementally_on(s: &dyn Datastore) {
+    let a = id("spiffe://td/ward/agent/x/a");
+    let b = id("spiffe://td/ward/agent/x/b");
+    s.create_entry(entry("e1", "spiffe://td/ward/agent/x/a"), 1)
+        .await
+        .unwrap();
+    s.create_entry(entry("e2", "spiffe://td/ward/agent/x/a"), 1)
+        .await
+        .unwrap();
+    s.create_entry(entry("e3", "spiffe://td/ward/agent/x/b"), 1)
+        .await
+        .unwrap();
+    let p = s.sync_entries(&a, 0, 100).await.unwrap();
+    assert_eq!(
+        p.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e1", "e2"]
+    );
+    assert_eq!(p.revision, 3);
+    assert!(!p.more);
+    // Nothing new since.
+    let again = s.sync_entries(&a, p.revision, 100).await.unwrap();
+    assert!(again.entries.is_empty() && again.deleted.is_empty());
+    // Move e2 to b, delete e1: a learns both as deletions, b sees e2.
+    let mut e2 = s.get_entry("e2").await.unwrap().unwrap();
+    e2.parent_id = b.clone();
+    s.update_entry(e2).await.unwrap();
+    s.delete_entry("e1").await.unwrap();
+    let pa = s.sync_entries(&a, p.revision, 100).await.unwrap();
+    assert!(pa.entries.is_empty());
+    let mut deleted = pa.deleted.clone();
+    deleted.sort();
+    assert_eq!(deleted, ["e1", "e2"]);
+    let pb = s.sync_entries(&b, 3, 100).await.unwrap();
+    assert_eq!(
+        pb.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e2"]
+    );
+}
+
+#[tokio::test]
+async fn sync_pages_by_revision_without_losing_entries() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        sync_pages_by_revision_without_losing_entries_on(s.as_ref()).await;
+    }
+}
+
+async fn sync_pages_by_revision_without_losing_entries_on(s: &dyn Datastore) {
+    let a = id("spiffe://td/ward/agent/x/a");
+    for i in 0..25 {
+        s.create_entry(entry(&format!("e{i:02}"), "spiffe://td/ward/agent/x/a"), 1)
+            .await
+            .unwrap();
+    }
+    let mut since = 0;
+    let mut seen = Vec::new();
+    loop {
+        let p = s.sync_entries(&a, since, 10).await.unwrap();
+        seen.extend(p.entries.into_iter().map(|e| e.id));
+        since = p.revision;
+        if !p.more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    assert_eq!(since, 25);
+}
+
+#[tokio::test]
+async fn join_token_is_spent_once_and_not_after_expiry() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        join_token_is_spent_once_and_not_after_expiry_on(s.as_ref()).await;
+    }
+}
+
+async fn join_token_is_spent_once_and_not_after_expiry_on(s: &dyn Datastore) {
+    let agent = id("spiffe://td/ward/agent/join_token/x");
+    for (hash, exp) in [("h1", 100), ("h2", 10)] {
+        s.create_join_token(&JoinTokenRecord {
+            token_hash: hash.into(),
+            agent_id: agent.clone(),
+            expires_at: exp,
+            created_at: 0,
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        s.use_join_token("h1", 50).await.unwrap(),
+        TokenUse::Accepted(agent)
+    );
+    assert_eq!(
+        s.use_join_token("h1", 51).await.unwrap(),
+        TokenUse::AlreadyUsed
+    );
+    assert_eq!(s.use_join_token("h2", 50).await.unwrap(), TokenUse::Expired);
+    assert_eq!(
+        s.use_join_token("nope", 50).await.unwrap(),
+        TokenUse::Unknown
+    );
+}
+
+#[tokio::test]
+async fn policy_sets_get_increasing_versions_and_the_newest_is_active() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        policy_sets_on(s.as_ref()).await;
+    }
+}
+
+async fn policy_sets_on(s: &dyn Datastore) {
+    assert_eq!(s.get_policy_set(None).await.unwrap(), None);
+    let mut set = PolicySetRecord {
+        version: 0,
+        files: vec![("a.cedar".into(), "// one".into())],
+        digest: "d1".into(),
+        comment: "first".into(),
+        created_at: 10,
+        policies: 1,
+    };
+    assert_eq!(s.add_policy_set(&set).await.unwrap(), 1);
+    set.files.push(("b.cedar".into(), "// two".into()));
+    set.comment = "second".into();
+    assert_eq!(s.add_policy_set(&set).await.unwrap(), 2);
+    let active = s.get_policy_set(None).await.unwrap().unwrap();
+    assert_eq!((active.version, active.files.len()), (2, 2));
+    assert_eq!(active.comment, "second");
+    let first = s.get_policy_set(Some(1)).await.unwrap().unwrap();
+    assert_eq!(
+        first.files,
+        vec![("a.cedar".to_string(), "// one".to_string())]
+    );
+    assert_eq!(s.get_policy_set(Some(3)).await.unwrap(), None);
+    let all: Vec<u64> = s
+        .list_policy_sets()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.version)
+        .collect();
+    assert_eq!(all, vec![2, 1]);
+}

@@ -1,0 +1,169 @@
+//! CA replicas on one PostgreSQL database: each signs with its own
+//! intermediate under the shared root, and a change made through one reaches
+//! the agents attached to the other at once (PostgreSQL `LISTEN/NOTIFY`, no
+//! polling).
+//!
+//! Needs a PostgreSQL server: `WARD_TEST_POSTGRES_URL` (`.ci/run` starts one
+//! and sets it, with `WARD_REQUIRE_POSTGRES=1` so a missing server fails).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn step(n: u32, what: &str) {
+    println!("step {n}: {what}");
+}
+
+/// A new database on the test server, or None (with the reason) without one.
+fn fresh_database() -> Option<String> {
+    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
+        );
+        println!(
+            "SKIPPED: set WARD_TEST_POSTGRES_URL to run the replica tests; nothing was tested"
+        );
+        return None;
+    };
+    let name = format!("ward_replicas_{}_{}", std::process::id(), free_port());
+    let out = Command::new("psql")
+        .arg(&url)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql (PostgreSQL's client) is needed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (base, _) = url.rsplit_once('/').unwrap();
+    Some(format!("{base}/{name}"))
+}
+
+/// A root certificate and key both replicas load as their upstream authority.
+fn shared_root(dir: &Path) -> (String, String) {
+    let (key, cert) = (dir.join("root.key"), dir.join("root.crt"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Ward/CN=Shared Root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext",
+            "subjectAltName=URI:spiffe://example.org",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_second() {
+    let Some(db) = fresh_database() else { return };
+
+    step(
+        1,
+        "two replicas on one database, each with its own keys under the shared root",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = shared_root(root_dir.path());
+    let flags = [
+        "--datastore",
+        db.as_str(),
+        "--upstream-cert",
+        cert.as_str(),
+        "--upstream-key",
+        key.as_str(),
+    ];
+    let a = CaProcess::start(&flags);
+    let b = CaProcess::start(&flags);
+    let bundle_a = a.cli(&["bundle", "show"]).stdout;
+    assert_eq!(
+        bundle_a,
+        b.cli(&["bundle", "show"]).stdout,
+        "the replicas trust different roots"
+    );
+
+    step(
+        2,
+        "a join token made through A attests an agent attached to B",
+    );
+    let token = a.join_token();
+    let mut agent = AgentProcess::prepare(vec![b.node_addr.clone()]);
+    std::fs::write(agent.dir.join("bundle.pem"), &bundle_a).unwrap();
+    agent.spawn(Some(&token));
+    agent.wait_ready();
+    let node = b.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    step(
+        3,
+        "an entry created through A is served by B's agent within a second",
+    );
+    assert!(!agent.svid_cli(&["fetch"], None).status.success());
+    let created = Instant::now();
+    a.register(
+        "spiffe://example.org/tenant/acme/ns/prod/sa/replicated",
+        &node,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let registered = created.elapsed();
+    loop {
+        let out = agent.svid_cli(&["fetch"], None);
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("replicated"));
+            break;
+        }
+        assert!(
+            created.elapsed() < Duration::from_secs(1),
+            "B's agent had no SVID 1 s after the entry was created through A"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "  served {:?} after the create call returned ({registered:?} for the call itself)",
+        created.elapsed() - registered
+    );
+
+    step(4, "a policy set pushed through A is B's active set too");
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    let out = a.cli(&["policy", "push", policies]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = b.cli_json(&["policy", "history"]);
+    assert_eq!(history[0]["version"], 1);
+    assert_eq!(history[0]["active"], true);
+}
