@@ -59,7 +59,7 @@ fn entry_args<'a>(spiffe_id: &'a str, parent: &'a str) -> Vec<&'a str> {
 fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
     step(
         1,
-        "a CA, an agent, and the repository's policies pushed to the CA",
+        "a CA, an agent; a broken policy set is refused, the repository's is pushed",
     );
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
@@ -68,6 +68,17 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         .unwrap()
         .to_owned();
     let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    // A set that does not validate is refused with every error, and nothing is stored.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("typo.cedar"),
+        "permit (principal, action, resource)\nwhen { principal.tenant == resource.tennant };\n",
+    )
+    .unwrap();
+    let out = ca.cli(&["policy", "push", broken.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("typo.cedar:2:"), "{}", text(&out));
+    assert_eq!(ca.cli_json(&["policy", "history"]), serde_json::json!([]));
     let out = ca.cli(&["policy", "push", policies]);
     assert!(out.status.success(), "{}", text(&out));
 
