@@ -12,358 +12,365 @@ use ward_spec::proto::node::v1::{
     BatchSignX509SvidRequest, RenewNodeSvidRequest, SignX509SvidRequest,
 };
 
-#[tokio::test]
-async fn issued_leaf_verifies_with_openssl_against_the_cli_bundle_and_shows_the_svid_profile() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry(
-        "spiffe://example.org/tenant/acme/ns/prod/sa/web",
-        &node.id.to_string(),
-    );
-    let key = KeyPair::generate().unwrap();
-    let chain = node
-        .sign(
-            &entry,
-            csr(&key, &["spiffe://example.org/tenant/acme/ns/prod/sa/web"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(chain.len(), 2, "leaf + intermediate");
-    ward_spec::svid::check_leaf(&chain[0]).unwrap();
-    ward_spec::svid::check_signing_cert(&chain[1]).unwrap();
-
-    // The PEM bundle as an operator gets it from the CLI.
-    let out = ca.cli(&["bundle", "show"]);
-    assert!(out.status.success());
-    let roots =
-        ward_spec::bundle::pem_to_ders("CERTIFICATE", &String::from_utf8(out.stdout).unwrap())
+on_both_backends! {
+    async fn issued_leaf_verifies_with_openssl_against_the_cli_bundle_and_shows_the_svid_profile() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry(
+            "spiffe://example.org/tenant/acme/ns/prod/sa/web",
+            &node.id.to_string(),
+        );
+        let key = KeyPair::generate().unwrap();
+        let chain = node
+            .sign(
+                &entry,
+                csr(&key, &["spiffe://example.org/tenant/acme/ns/prod/sa/web"]),
+            )
+            .await
             .unwrap();
-    assert!(!roots.is_empty());
-    let (ok, msg) = openssl_verify(&ca.dir, &roots, &chain);
-    assert!(ok, "openssl verify failed: {msg}");
-    assert!(msg.contains("leaf.pem: OK"), "{msg}");
+        assert_eq!(chain.len(), 2, "leaf + intermediate");
+        ward_spec::svid::check_leaf(&chain[0]).unwrap();
+        ward_spec::svid::check_signing_cert(&chain[1]).unwrap();
 
-    let text = Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(ca.dir.join("leaf.pem"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(text.stdout).unwrap();
-    assert_eq!(text.matches("URI:").count(), 1, "{text}");
-    assert!(
-        text.contains("URI:spiffe://example.org/tenant/acme/ns/prod/sa/web"),
-        "{text}"
-    );
-    assert!(text.contains("CA:FALSE"), "{text}");
-    assert!(text.contains("X509v3 Key Usage: critical"), "{text}");
-    assert!(text.contains("Digital Signature"), "{text}");
-    assert!(!text.contains("Certificate Sign"), "{text}");
-    assert!(
-        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
-        "{text}"
-    );
-    // The node SVID fits the profile and verifies too.
-    let (ok, msg) = openssl_verify(&ca.dir, &roots, &node.chain);
-    assert!(ok, "node SVID: {msg}");
-    assert_eq!(ca.audit_lines("x509_svid_issued"), 1);
+        // The PEM bundle as an operator gets it from the CLI.
+        let out = ca.cli(&["bundle", "show"]);
+        assert!(out.status.success());
+        let roots =
+            ward_spec::bundle::pem_to_ders("CERTIFICATE", &String::from_utf8(out.stdout).unwrap())
+                .unwrap();
+        assert!(!roots.is_empty());
+        let (ok, msg) = openssl_verify(&ca.dir, &roots, &chain);
+        assert!(ok, "openssl verify failed: {msg}");
+        assert!(msg.contains("leaf.pem: OK"), "{msg}");
+
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(ca.dir.join("leaf.pem"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8(text.stdout).unwrap();
+        assert_eq!(text.matches("URI:").count(), 1, "{text}");
+        assert!(
+            text.contains("URI:spiffe://example.org/tenant/acme/ns/prod/sa/web"),
+            "{text}"
+        );
+        assert!(text.contains("CA:FALSE"), "{text}");
+        assert!(text.contains("X509v3 Key Usage: critical"), "{text}");
+        assert!(text.contains("Digital Signature"), "{text}");
+        assert!(!text.contains("Certificate Sign"), "{text}");
+        assert!(
+            text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+            "{text}"
+        );
+        // The node SVID fits the profile and verifies too.
+        let (ok, msg) = openssl_verify(&ca.dir, &roots, &node.chain);
+        assert!(ok, "node SVID: {msg}");
+        assert_eq!(ca.audit_lines("x509_svid_issued"), 1);
+    }
 }
 
-#[tokio::test]
-async fn agent_cannot_obtain_an_svid_for_an_entry_parented_to_another_agent() {
-    let ca = CaProcess::start(&[]);
-    let mut a = attest(&ca).await;
-    let mut b = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/db", &a.id.to_string());
-    let key = KeyPair::generate().unwrap();
-    let err = b
-        .sign(&entry, csr(&key, &["spiffe://example.org/db"]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("not parented"), "{}", err.message());
-    // The rightful parent still gets it.
-    a.sign(&entry, csr(&key, &["spiffe://example.org/db"]))
-        .await
-        .unwrap();
-    // A CSR asking for another ID than the entry grants is refused too.
-    let other = a
-        .sign(&entry, csr(&key, &["spiffe://example.org/admin"]))
-        .await
-        .unwrap_err();
-    assert_eq!(other.code(), Code::PermissionDenied);
-    assert!(
-        ca.audit_lines("\"refused\"") + ca.audit_lines("event=refused") >= 2,
-        "{}",
-        ca.log_text()
-    );
+on_both_backends! {
+    async fn agent_cannot_obtain_an_svid_for_an_entry_parented_to_another_agent() {
+        let ca = CaProcess::start(&[]);
+        let mut a = attest(&ca).await;
+        let mut b = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/db", &a.id.to_string());
+        let key = KeyPair::generate().unwrap();
+        let err = b
+            .sign(&entry, csr(&key, &["spiffe://example.org/db"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("not parented"), "{}", err.message());
+        // The rightful parent still gets it.
+        a.sign(&entry, csr(&key, &["spiffe://example.org/db"]))
+            .await
+            .unwrap();
+        // A CSR asking for another ID than the entry grants is refused too.
+        let other = a
+            .sign(&entry, csr(&key, &["spiffe://example.org/admin"]))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), Code::PermissionDenied);
+        assert!(
+            ca.audit_lines("\"refused\"") + ca.audit_lines("event=refused") >= 2,
+            "{}",
+            ca.log_text()
+        );
+    }
 }
 
-#[tokio::test]
-async fn bad_csrs_are_refused_with_a_clear_status_and_an_audit_line() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/web", &node.id.to_string());
-    let key = KeyPair::generate().unwrap();
+on_both_backends! {
+    async fn bad_csrs_are_refused_with_a_clear_status_and_an_audit_line() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/web", &node.id.to_string());
+        let key = KeyPair::generate().unwrap();
 
-    let foreign = node
-        .sign(&entry, csr(&key, &["spiffe://evil.org/web"]))
-        .await
-        .unwrap_err();
-    assert_eq!(foreign.code(), Code::PermissionDenied);
-    assert!(
-        foreign.message().contains("outside trust domain"),
-        "{}",
-        foreign.message()
-    );
+        let foreign = node
+            .sign(&entry, csr(&key, &["spiffe://evil.org/web"]))
+            .await
+            .unwrap_err();
+        assert_eq!(foreign.code(), Code::PermissionDenied);
+        assert!(
+            foreign.message().contains("outside trust domain"),
+            "{}",
+            foreign.message()
+        );
 
-    let two = node
-        .sign(
-            &entry,
-            csr(
-                &key,
-                &["spiffe://example.org/web", "spiffe://example.org/x"],
-            ),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(two.code(), Code::InvalidArgument);
-    assert!(two.message().contains("2 URI SANs"), "{}", two.message());
+        let two = node
+            .sign(
+                &entry,
+                csr(
+                    &key,
+                    &["spiffe://example.org/web", "spiffe://example.org/x"],
+                ),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(two.code(), Code::InvalidArgument);
+        assert!(two.message().contains("2 URI SANs"), "{}", two.message());
 
-    let mut p = rcgen::CertificateParams::default();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://example.org/web".try_into().unwrap(),
-    )];
-    let ca_csr = p.serialize_request(&key).unwrap().der().to_vec();
-    let asks_ca = node.sign(&entry, ca_csr).await.unwrap_err();
-    assert_eq!(asks_ca.code(), Code::InvalidArgument);
-    assert!(
-        asks_ca.message().contains("CA certificate"),
-        "{}",
-        asks_ca.message()
-    );
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/web".try_into().unwrap(),
+        )];
+        let ca_csr = p.serialize_request(&key).unwrap().der().to_vec();
+        let asks_ca = node.sign(&entry, ca_csr).await.unwrap_err();
+        assert_eq!(asks_ca.code(), Code::InvalidArgument);
+        assert!(
+            asks_ca.message().contains("CA certificate"),
+            "{}",
+            asks_ca.message()
+        );
 
-    let mut bad_sig = csr(&key, &["spiffe://example.org/web"]);
-    let n = bad_sig.len();
-    bad_sig[n - 4] ^= 0xff;
-    let sig = node.sign(&entry, bad_sig).await.unwrap_err();
-    assert_eq!(sig.code(), Code::InvalidArgument);
-    assert!(sig.message().contains("signature"), "{}", sig.message());
+        let mut bad_sig = csr(&key, &["spiffe://example.org/web"]);
+        let n = bad_sig.len();
+        bad_sig[n - 4] ^= 0xff;
+        let sig = node.sign(&entry, bad_sig).await.unwrap_err();
+        assert_eq!(sig.code(), Code::InvalidArgument);
+        assert!(sig.message().contains("signature"), "{}", sig.message());
 
-    let garbage = node
-        .sign(&entry, b"garbage bytes, not a CSR".to_vec())
-        .await
-        .unwrap_err();
-    assert_eq!(garbage.code(), Code::InvalidArgument);
-    assert!(
-        garbage.message().contains("not a DER PKCS#10"),
-        "{}",
-        garbage.message()
-    );
+        let garbage = node
+            .sign(&entry, b"garbage bytes, not a CSR".to_vec())
+            .await
+            .unwrap_err();
+        assert_eq!(garbage.code(), Code::InvalidArgument);
+        assert!(
+            garbage.message().contains("not a DER PKCS#10"),
+            "{}",
+            garbage.message()
+        );
 
-    assert_eq!(ca.audit_lines("refused a request"), 5, "{}", ca.log_text());
-    // Batch signing reports each refusal in place and still signs the good one.
-    let r = node
-        .client
-        .batch_sign_x509_svid(BatchSignX509SvidRequest {
-            requests: vec![
-                SignX509SvidRequest {
-                    entry_id: entry.clone(),
-                    csr: b"junk".to_vec(),
-                },
-                SignX509SvidRequest {
-                    entry_id: entry.clone(),
-                    csr: csr(&key, &["spiffe://example.org/web"]),
-                },
-            ],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.results[0].code, Code::InvalidArgument as i32);
-    assert_eq!(r.results[1].code, 0);
-    assert_eq!(r.results[1].svid_chain.len(), 2);
+        assert_eq!(ca.audit_lines("refused a request"), 5, "{}", ca.log_text());
+        // Batch signing reports each refusal in place and still signs the good one.
+        let r = node
+            .client
+            .batch_sign_x509_svid(BatchSignX509SvidRequest {
+                requests: vec![
+                    SignX509SvidRequest {
+                        entry_id: entry.clone(),
+                        csr: b"junk".to_vec(),
+                    },
+                    SignX509SvidRequest {
+                        entry_id: entry.clone(),
+                        csr: csr(&key, &["spiffe://example.org/web"]),
+                    },
+                ],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.results[0].code, Code::InvalidArgument as i32);
+        assert_eq!(r.results[1].code, 0);
+        assert_eq!(r.results[1].svid_chain.len(), 2);
+    }
 }
 
-#[tokio::test]
-async fn join_token_works_exactly_once_and_not_after_its_ttl() {
-    let ca = CaProcess::start(&[]);
-    let token = ca.join_token();
-    attest_with(&ca, &token).await.unwrap();
-    let again = attest_with(&ca, &token)
-        .await
-        .err()
-        .expect("second use must fail");
-    assert_eq!(again.code(), Code::PermissionDenied);
-    assert!(
-        again.message().contains("already used"),
-        "{}",
-        again.message()
-    );
+on_both_backends! {
+    async fn join_token_works_exactly_once_and_not_after_its_ttl() {
+        let ca = CaProcess::start(&[]);
+        let token = ca.join_token();
+        attest_with(&ca, &token).await.unwrap();
+        let again = attest_with(&ca, &token)
+            .await
+            .err()
+            .expect("second use must fail");
+        assert_eq!(again.code(), Code::PermissionDenied);
+        assert!(
+            again.message().contains("already used"),
+            "{}",
+            again.message()
+        );
 
-    let short = ca.cli_json(&["token", "create", "--ttl", "1s"])["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    std::thread::sleep(std::time::Duration::from_millis(2100));
-    let late = attest_with(&ca, &short)
-        .await
-        .err()
-        .expect("expired token must fail");
-    assert_eq!(late.code(), Code::PermissionDenied);
-    assert!(late.message().contains("expired"), "{}", late.message());
+        let short = ca.cli_json(&["token", "create", "--ttl", "1s"])["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let late = attest_with(&ca, &short)
+            .await
+            .err()
+            .expect("expired token must fail");
+        assert_eq!(late.code(), Code::PermissionDenied);
+        assert!(late.message().contains("expired"), "{}", late.message());
 
-    let unknown = attest_with(&ca, "not-a-token").await.err().unwrap();
-    assert_eq!(unknown.code(), Code::PermissionDenied);
-    assert_eq!(ca.audit_lines("agent_attested"), 1);
+        let unknown = attest_with(&ca, "not-a-token").await.err().unwrap();
+        assert_eq!(unknown.code(), Code::PermissionDenied);
+        assert_eq!(ca.audit_lines("agent_attested"), 1);
+    }
 }
 
-#[tokio::test]
-async fn evicted_agent_can_neither_renew_nor_sign() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/web", &node.id.to_string());
-    let key = KeyPair::generate().unwrap();
-    // Before eviction both work.
-    node.client
-        .renew_node_svid(RenewNodeSvidRequest {
-            csr: csr(&node.key, &[]),
-        })
-        .await
-        .unwrap();
-    node.sign(&entry, csr(&key, &[])).await.unwrap();
+on_both_backends! {
+    async fn evicted_agent_can_neither_renew_nor_sign() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/web", &node.id.to_string());
+        let key = KeyPair::generate().unwrap();
+        // Before eviction both work.
+        node.client
+            .renew_node_svid(RenewNodeSvidRequest {
+                csr: csr(&node.key, &[]),
+            })
+            .await
+            .unwrap();
+        node.sign(&entry, csr(&key, &[])).await.unwrap();
 
-    let agents = ca.cli_json(&["agent", "list"]);
-    assert_eq!(agents[0]["spiffe_id"], node.id.to_string());
-    let out = ca.cli(&["agent", "evict", &node.id.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        let agents = ca.cli_json(&["agent", "list"]);
+        assert_eq!(agents[0]["spiffe_id"], node.id.to_string());
+        let out = ca.cli(&["agent", "evict", &node.id.to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
 
-    let renew = node
-        .client
-        .renew_node_svid(RenewNodeSvidRequest {
-            csr: csr(&node.key, &[]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(renew.code(), Code::PermissionDenied);
-    assert!(renew.message().contains("evicted"), "{}", renew.message());
-    let sign = node.sign(&entry, csr(&key, &[])).await.unwrap_err();
-    assert_eq!(sign.code(), Code::PermissionDenied);
-    assert_eq!(ca.cli_json(&["agent", "list"])[0]["evicted"], true);
-    assert!(ca.audit_lines("agent_evicted") == 1);
-}
-
-#[tokio::test]
-async fn expired_node_svid_is_refused() {
-    let ca = CaProcess::start(&["--node-svid-ttl", "2s"]);
-    let mut node = attest(&ca).await;
-    let (_, not_after) = ward_spec::svid::validity(&node.chain[0]).unwrap();
-    // Valid now: a fresh handshake and a renewal work.
-    node.reconnect(&ca).await.unwrap();
-    node.client
-        .renew_node_svid(RenewNodeSvidRequest {
-            csr: csr(&node.key, &[]),
-        })
-        .await
-        .unwrap();
-    // Wait out the original SVID, then present it on a new connection.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    std::thread::sleep(std::time::Duration::from_secs(
-        (not_after - now + 2).max(0) as u64
-    ));
-    let result = match node.reconnect(&ca).await {
-        Err(e) => Err(e),
-        Ok(()) => node
+        let renew = node
             .client
             .renew_node_svid(RenewNodeSvidRequest {
                 csr: csr(&node.key, &[]),
             })
             .await
-            .map(|_| ())
-            .map_err(|s| s.to_string()),
-    };
-    let err = result.expect_err("an expired node SVID must be refused");
-    assert!(!err.is_empty());
-    assert!(
-        ca.log_text().contains("refused client certificate"),
-        "{}",
-        ca.log_text()
-    );
+            .unwrap_err();
+        assert_eq!(renew.code(), Code::PermissionDenied);
+        assert!(renew.message().contains("evicted"), "{}", renew.message());
+        let sign = node.sign(&entry, csr(&key, &[])).await.unwrap_err();
+        assert_eq!(sign.code(), Code::PermissionDenied);
+        assert_eq!(ca.cli_json(&["agent", "list"])[0]["evicted"], true);
+        assert!(ca.audit_lines("agent_evicted") == 1);
+    }
 }
 
-#[tokio::test]
-async fn malformed_input_gets_clear_errors_and_the_ca_keeps_serving() {
-    let ca = CaProcess::start(&[]);
-    let long = format!("spiffe://example.org/{}", "a".repeat(3000));
-    let out = ca.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &long,
-        "--parent-id",
-        "spiffe://example.org/n",
-        "--selector",
-        "unix:uid:1",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("2048-byte limit"), "{err}");
+on_both_backends! {
+    async fn expired_node_svid_is_refused() {
+        let ca = CaProcess::start(&["--node-svid-ttl", "2s"]);
+        let mut node = attest(&ca).await;
+        let (_, not_after) = ward_spec::svid::validity(&node.chain[0]).unwrap();
+        // Valid now: a fresh handshake and a renewal work.
+        node.reconnect(&ca).await.unwrap();
+        node.client
+            .renew_node_svid(RenewNodeSvidRequest {
+                csr: csr(&node.key, &[]),
+            })
+            .await
+            .unwrap();
+        // Wait out the original SVID, then present it on a new connection.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        std::thread::sleep(std::time::Duration::from_secs(
+            (not_after - now + 2).max(0) as u64
+        ));
+        let result = match node.reconnect(&ca).await {
+            Err(e) => Err(e),
+            Ok(()) => node
+                .client
+                .renew_node_svid(RenewNodeSvidRequest {
+                    csr: csr(&node.key, &[]),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string()),
+        };
+        let err = result.expect_err("an expired node SVID must be refused");
+        assert!(!err.is_empty());
+        assert!(
+            ca.log_text().contains("refused client certificate"),
+            "{}",
+            ca.log_text()
+        );
+    }
+}
 
-    let out = ca.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/w",
-        "--parent-id",
-        "spiffe://example.org/n",
-        "--selector",
-        "docker:label:x",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("unknown selector type \"docker\""), "{err}");
+on_both_backends! {
+    async fn malformed_input_gets_clear_errors_and_the_ca_keeps_serving() {
+        let ca = CaProcess::start(&[]);
+        let long = format!("spiffe://example.org/{}", "a".repeat(3000));
+        let out = ca.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &long,
+            "--parent-id",
+            "spiffe://example.org/n",
+            "--selector",
+            "unix:uid:1",
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("2048-byte limit"), "{err}");
 
-    // Garbage as the attestation CSR: refused, and the token is not burnt.
-    let token = ca.join_token();
-    let mut anon = anonymous_client(&ca).await;
-    let e = anon
-        .attest(ward_spec::proto::node::v1::AttestRequest {
-            join_token: token.clone(),
-            csr: vec![0x30, 0x03, 1, 2, 3],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    attest_with(&ca, &token).await.unwrap();
+        let out = ca.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--parent-id",
+            "spiffe://example.org/n",
+            "--selector",
+            "docker:label:x",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("unknown selector type \"docker\""), "{err}");
 
-    // A bad config file: a clear error naming the key, and no process left running.
-    let cfg = ca.dir.join("bad.toml");
-    std::fs::write(
-        &cfg,
-        "trust_domain = \"example.org\"\nnode_svid_tll = \"1h\"\n",
-    )
-    .unwrap();
-    let out = Command::new(ward_bin())
-        .args(["ca", "serve", "--config"])
-        .arg(&cfg)
-        .output()
+        // Garbage as the attestation CSR: refused, and the token is not burnt.
+        let token = ca.join_token();
+        let mut anon = anonymous_client(&ca).await;
+        let e = anon
+            .attest(ward_spec::proto::node::v1::AttestRequest {
+                join_token: token.clone(),
+                csr: vec![0x30, 0x03, 1, 2, 3],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        attest_with(&ca, &token).await.unwrap();
+
+        // A bad config file: a clear error naming the key, and no process left running.
+        let cfg = ca.dir.join("bad.toml");
+        std::fs::write(
+            &cfg,
+            "trust_domain = \"example.org\"\nnode_svid_tll = \"1h\"\n",
+        )
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("node_svid_tll"), "{err}");
+        let out = Command::new(ward_bin())
+            .args(["ca", "serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("node_svid_tll"), "{err}");
 
-    // The running CA still serves everyone else.
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/ok", &node.id.to_string());
-    node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
-        .await
-        .unwrap();
-    assert_eq!(http_get(&ca.health_addr, "/healthz").unwrap().0, 200);
+        // The running CA still serves everyone else.
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/ok", &node.id.to_string());
+        node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+            .await
+            .unwrap();
+        assert_eq!(http_get(&ca.health_addr, "/healthz").unwrap().0, 200);
+    }
 }

@@ -11,310 +11,316 @@ use rcgen::KeyPair;
 use tonic::Code;
 use ward_spec::proto::node::v1::{FetchBundleRequest, MintJwtSvidRequest, SyncEntriesRequest};
 
-#[tokio::test]
-async fn entry_sync_is_incremental_by_revision_and_reports_updates_and_deletions() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let other = attest(&ca).await;
-    let parent = node.id.to_string();
-    let e1 = ca.create_entry("spiffe://example.org/one", &parent);
-    let e2 = ca.create_entry("spiffe://example.org/two", &parent);
-    ca.create_entry("spiffe://example.org/elsewhere", &other.id.to_string());
+on_both_backends! {
+    async fn entry_sync_is_incremental_by_revision_and_reports_updates_and_deletions() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let other = attest(&ca).await;
+        let parent = node.id.to_string();
+        let e1 = ca.create_entry("spiffe://example.org/one", &parent);
+        let e2 = ca.create_entry("spiffe://example.org/two", &parent);
+        ca.create_entry("spiffe://example.org/elsewhere", &other.id.to_string());
 
-    let full = node
-        .client
-        .sync_entries(SyncEntriesRequest { since_revision: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ids: Vec<_> = full.entries.iter().map(|e| e.id.clone()).collect();
-    ids.sort();
-    let mut want = vec![e1.clone(), e2.clone()];
-    want.sort();
-    assert_eq!(ids, want, "only the caller's entries");
-    let rev = full.revision;
-
-    let none = node
-        .client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: rev,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(none.entries.is_empty() && none.deleted_entry_ids.is_empty());
-
-    // An update through the CLI and a deletion show up in the next incremental sync.
-    let out = ca.cli(&[
-        "entry",
-        "update",
-        &e1,
-        "--spiffe-id",
-        "spiffe://example.org/one-renamed",
-        "--parent-id",
-        &parent,
-        "--selector",
-        "unix:uid:7",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = ca.cli(&["entry", "delete", &e2]);
-    assert!(out.status.success());
-    let delta = node
-        .client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: rev,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(delta.entries.len(), 1);
-    assert_eq!(
-        delta.entries[0].spiffe_id,
-        "spiffe://example.org/one-renamed"
-    );
-    assert_eq!(delta.entries[0].selectors[0].value, "uid:7");
-    assert_eq!(delta.deleted_entry_ids, vec![e2]);
-    assert!(delta.revision > rev);
-    let shown = ca.cli_json(&["entry", "show", &e1]);
-    assert_eq!(
-        shown["revision"].as_u64().unwrap(),
-        delta.entries[0].revision
-    );
-}
-
-#[tokio::test]
-async fn jwt_svid_is_es256_and_verifies_with_the_key_the_bundle_publishes() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/api", &node.id.to_string());
-    let r = node
-        .client
-        .mint_jwt_svid(MintJwtSvidRequest {
-            entry_id: entry.clone(),
-            audience: vec!["db".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let header = jsonwebtoken::decode_header(&r.token).unwrap();
-    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
-    let kid = header.kid.expect("kid names the signing key");
-
-    let bundle = node
-        .client
-        .fetch_bundle(FetchBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let bundle =
-        ward_spec::TrustBundle::from_jwks(ward_spec::TrustDomain::new(TD).unwrap(), &bundle.jwks)
-            .unwrap();
-    let key = bundle
-        .jwt_authority(&kid)
-        .expect("signing key is in the bundle");
-    let ward_spec::bundle::JwtPublicKey::Ec { x, y, .. } = &key.key else {
-        panic!("EC key expected")
-    };
-    let dk = jsonwebtoken::DecodingKey::from_ec_components(x, y).unwrap();
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
-    v.set_audience(&["db"]);
-    let data = jsonwebtoken::decode::<serde_json::Value>(&r.token, &dk, &v).unwrap();
-    assert_eq!(data.claims["sub"], "spiffe://example.org/api");
-    assert_eq!(data.claims["exp"].as_i64().unwrap(), r.expires_at);
-    // A wrong audience does not validate.
-    let mut wrong = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
-    wrong.set_audience(&["other"]);
-    assert!(jsonwebtoken::decode::<serde_json::Value>(&r.token, &dk, &wrong).is_err());
-
-    // No audience, or an entry of another agent: refused.
-    let e = node
-        .client
-        .mint_jwt_svid(MintJwtSvidRequest {
-            entry_id: entry,
-            audience: vec![],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let mut stranger = attest(&ca).await;
-    let foreign = ca.create_entry("spiffe://example.org/secret", &node.id.to_string());
-    let e = stranger
-        .client
-        .mint_jwt_svid(MintJwtSvidRequest {
-            entry_id: foreign,
-            audience: vec!["x".into()],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
-}
-
-#[tokio::test]
-async fn node_api_speaks_only_tls_1_3_and_admin_socket_is_private() {
-    let ca = CaProcess::start(&[]);
-    let mode = std::fs::metadata(ca.socket()).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
-    let try_version = |flag: &str| {
-        Command::new("openssl")
-            .args(["s_client", "-connect", &ca.node_addr, flag])
-            .stdin(std::process::Stdio::null())
-            .output()
+        let full = node
+            .client
+            .sync_entries(SyncEntriesRequest { since_revision: 0 })
+            .await
             .unwrap()
-    };
-    let v12 = try_version("-tls1_2");
-    assert!(!v12.status.success(), "TLS 1.2 must be refused");
-    let v13 = try_version("-tls1_3");
-    let text = String::from_utf8_lossy(&v13.stdout);
-    assert!(text.contains("TLSv1.3"), "{text}");
-    // The CA presents its own SVID.
-    assert!(
-        text.contains("spiffe://example.org/ward/ca")
-            || {
-                let certs = Command::new("sh").arg("-c").arg(format!(
-            "echo | openssl s_client -connect {} -tls1_3 2>/dev/null | openssl x509 -noout -ext subjectAltName", ca.node_addr)).output().unwrap();
-                String::from_utf8_lossy(&certs.stdout).contains("URI:spiffe://example.org/ward/ca")
-            }
-    );
+            .into_inner();
+        let mut ids: Vec<_> = full.entries.iter().map(|e| e.id.clone()).collect();
+        ids.sort();
+        let mut want = vec![e1.clone(), e2.clone()];
+        want.sort();
+        assert_eq!(ids, want, "only the caller's entries");
+        let rev = full.revision;
+
+        let none = node
+            .client
+            .sync_entries(SyncEntriesRequest {
+                since_revision: rev,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(none.entries.is_empty() && none.deleted_entry_ids.is_empty());
+
+        // An update through the CLI and a deletion show up in the next incremental sync.
+        let out = ca.cli(&[
+            "entry",
+            "update",
+            &e1,
+            "--spiffe-id",
+            "spiffe://example.org/one-renamed",
+            "--parent-id",
+            &parent,
+            "--selector",
+            "unix:uid:7",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = ca.cli(&["entry", "delete", &e2]);
+        assert!(out.status.success());
+        let delta = node
+            .client
+            .sync_entries(SyncEntriesRequest {
+                since_revision: rev,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(delta.entries.len(), 1);
+        assert_eq!(
+            delta.entries[0].spiffe_id,
+            "spiffe://example.org/one-renamed"
+        );
+        assert_eq!(delta.entries[0].selectors[0].value, "uid:7");
+        assert_eq!(delta.deleted_entry_ids, vec![e2]);
+        assert!(delta.revision > rev);
+        let shown = ca.cli_json(&["entry", "show", &e1]);
+        assert_eq!(
+            shown["revision"].as_u64().unwrap(),
+            delta.entries[0].revision
+        );
+    }
 }
 
-#[tokio::test]
-async fn metrics_count_issuances_refusals_and_admin_changes() {
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/m", &node.id.to_string());
-    node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
-        .await
-        .unwrap();
-    let _ = node
-        .sign("no-such-entry", csr(&KeyPair::generate().unwrap(), &[]))
-        .await;
-    let (code, body) = http_get(&ca.health_addr, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    assert!(
-        body.contains("ward_ca_svids_issued_total{kind=\"x509\"} 1"),
-        "{body}"
-    );
-    assert!(
-        body.contains("ward_ca_refusals_total{method=\"sign\"} 1"),
-        "{body}"
-    );
-    assert!(
-        body.contains("ward_ca_attestations_total{outcome=\"ok\"} 1"),
-        "{body}"
-    );
-    assert!(
-        body.contains("ward_ca_admin_changes_total{operation=\"create_entry\"} 1"),
-        "{body}"
-    );
-    assert_eq!(http_get(&ca.health_addr, "/readyz").unwrap().0, 200);
+on_both_backends! {
+    async fn jwt_svid_is_es256_and_verifies_with_the_key_the_bundle_publishes() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/api", &node.id.to_string());
+        let r = node
+            .client
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: entry.clone(),
+                audience: vec!["db".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let header = jsonwebtoken::decode_header(&r.token).unwrap();
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+        let kid = header.kid.expect("kid names the signing key");
+
+        let bundle = node
+            .client
+            .fetch_bundle(FetchBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let bundle =
+            ward_spec::TrustBundle::from_jwks(ward_spec::TrustDomain::new(TD).unwrap(), &bundle.jwks)
+                .unwrap();
+        let key = bundle
+            .jwt_authority(&kid)
+            .expect("signing key is in the bundle");
+        let ward_spec::bundle::JwtPublicKey::Ec { x, y, .. } = &key.key else {
+            panic!("EC key expected")
+        };
+        let dk = jsonwebtoken::DecodingKey::from_ec_components(x, y).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.set_audience(&["db"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(&r.token, &dk, &v).unwrap();
+        assert_eq!(data.claims["sub"], "spiffe://example.org/api");
+        assert_eq!(data.claims["exp"].as_i64().unwrap(), r.expires_at);
+        // A wrong audience does not validate.
+        let mut wrong = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        wrong.set_audience(&["other"]);
+        assert!(jsonwebtoken::decode::<serde_json::Value>(&r.token, &dk, &wrong).is_err());
+
+        // No audience, or an entry of another agent: refused.
+        let e = node
+            .client
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: entry,
+                audience: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let mut stranger = attest(&ca).await;
+        let foreign = ca.create_entry("spiffe://example.org/secret", &node.id.to_string());
+        let e = stranger
+            .client
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: foreign,
+                audience: vec!["x".into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
 }
 
-#[tokio::test]
-async fn upstream_root_from_files_signs_the_intermediates_and_is_the_bundle() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("up.key");
-    let cert = dir.path().join("up.crt");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/O=Upstream/CN=Upstream Root",
-        ])
-        .args([
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext",
-            "subjectAltName=URI:spiffe://example.org",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let ca = CaProcess::start(&[
-        "--upstream-cert",
-        cert.to_str().unwrap(),
-        "--upstream-key",
-        key.to_str().unwrap(),
-    ]);
-    let up_der =
-        ward_spec::bundle::pem_to_ders("CERTIFICATE", &std::fs::read_to_string(&cert).unwrap())
+on_both_backends! {
+    async fn node_api_speaks_only_tls_1_3_and_admin_socket_is_private() {
+        let ca = CaProcess::start(&[]);
+        let mode = std::fs::metadata(ca.socket()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let try_version = |flag: &str| {
+            Command::new("openssl")
+                .args(["s_client", "-connect", &ca.node_addr, flag])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let v12 = try_version("-tls1_2");
+        assert!(!v12.status.success(), "TLS 1.2 must be refused");
+        let v13 = try_version("-tls1_3");
+        let text = String::from_utf8_lossy(&v13.stdout);
+        assert!(text.contains("TLSv1.3"), "{text}");
+        // The CA presents its own SVID.
+        assert!(
+            text.contains("spiffe://example.org/ward/ca")
+                || {
+                    let certs = Command::new("sh").arg("-c").arg(format!(
+                "echo | openssl s_client -connect {} -tls1_3 2>/dev/null | openssl x509 -noout -ext subjectAltName", ca.node_addr)).output().unwrap();
+                    String::from_utf8_lossy(&certs.stdout).contains("URI:spiffe://example.org/ward/ca")
+                }
+        );
+    }
+}
+
+on_both_backends! {
+    async fn metrics_count_issuances_refusals_and_admin_changes() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/m", &node.id.to_string());
+        node.sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+            .await
             .unwrap();
-    assert_eq!(
-        ca.bundle().x509_authorities,
-        up_der,
-        "the bundle is exactly the upstream root"
-    );
-    let mut node = attest(&ca).await;
-    let entry = ca.create_entry("spiffe://example.org/up", &node.id.to_string());
-    let chain = node
-        .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
-        .await
-        .unwrap();
-    let (ok, msg) = openssl_verify(&ca.dir, &up_der, &chain);
-    assert!(ok, "{msg}");
-    assert!(
-        !ca.data_dir().join("keys/root-0.key").exists(),
-        "no self-signed root is minted"
-    );
+        let _ = node
+            .sign("no-such-entry", csr(&KeyPair::generate().unwrap(), &[]))
+            .await;
+        let (code, body) = http_get(&ca.health_addr, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("ward_ca_svids_issued_total{kind=\"x509\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("ward_ca_refusals_total{method=\"sign\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("ward_ca_attestations_total{outcome=\"ok\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("ward_ca_admin_changes_total{operation=\"create_entry\"} 1"),
+            "{body}"
+        );
+        assert_eq!(http_get(&ca.health_addr, "/readyz").unwrap().0, 200);
+    }
 }
 
-#[tokio::test]
-async fn watch_changes_pushes_a_notice_for_a_new_entry_within_a_second() {
-    use ward_spec::proto::node::v1::WatchChangesRequest;
-    let ca = CaProcess::start(&[]);
-    let mut node = attest(&ca).await;
-    let mut stream = node
-        .client
-        .watch_changes(WatchChangesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
-    let start = std::time::Instant::now();
-    ca.create_entry("spiffe://example.org/pushed", &node.id.to_string());
-    let next = tokio::time::timeout(std::time::Duration::from_secs(1), stream.message())
-        .await
-        .expect("notice within 1 s")
-        .unwrap()
-        .unwrap();
-    assert!(next.entry_revision > first.entry_revision);
-    assert!(start.elapsed() < std::time::Duration::from_secs(1));
-    let delta = node
-        .client
-        .sync_entries(SyncEntriesRequest {
-            since_revision: first.entry_revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(delta.entries[0].spiffe_id, "spiffe://example.org/pushed");
-    // A forced rotation is pushed too.
-    ca.cli_json(&["ca", "rotate"]);
-    let rot = tokio::time::timeout(std::time::Duration::from_secs(2), stream.message())
-        .await
-        .expect("bundle notice")
-        .unwrap()
-        .unwrap();
-    assert!(rot.bundle_sequence > first.bundle_sequence);
+on_both_backends! {
+    async fn upstream_root_from_files_signs_the_intermediates_and_is_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("up.key");
+        let cert = dir.path().join("up.crt");
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/O=Upstream/CN=Upstream Root",
+            ])
+            .args([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-addext",
+                "subjectAltName=URI:spiffe://example.org",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let ca = CaProcess::start(&[
+            "--upstream-cert",
+            cert.to_str().unwrap(),
+            "--upstream-key",
+            key.to_str().unwrap(),
+        ]);
+        let up_der =
+            ward_spec::bundle::pem_to_ders("CERTIFICATE", &std::fs::read_to_string(&cert).unwrap())
+                .unwrap();
+        assert_eq!(
+            ca.bundle().x509_authorities,
+            up_der,
+            "the bundle is exactly the upstream root"
+        );
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/up", &node.id.to_string());
+        let chain = node
+            .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+            .await
+            .unwrap();
+        let (ok, msg) = openssl_verify(&ca.dir, &up_der, &chain);
+        assert!(ok, "{msg}");
+        assert!(
+            !ca.data_dir().join("keys/root-0.key").exists(),
+            "no self-signed root is minted"
+        );
+    }
+}
+
+on_both_backends! {
+    async fn watch_changes_pushes_a_notice_for_a_new_entry_within_a_second() {
+        use ward_spec::proto::node::v1::WatchChangesRequest;
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let mut stream = node
+            .client
+            .watch_changes(WatchChangesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        let start = std::time::Instant::now();
+        ca.create_entry("spiffe://example.org/pushed", &node.id.to_string());
+        let next = tokio::time::timeout(std::time::Duration::from_secs(1), stream.message())
+            .await
+            .expect("notice within 1 s")
+            .unwrap()
+            .unwrap();
+        assert!(next.entry_revision > first.entry_revision);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        let delta = node
+            .client
+            .sync_entries(SyncEntriesRequest {
+                since_revision: first.entry_revision,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(delta.entries[0].spiffe_id, "spiffe://example.org/pushed");
+        // A forced rotation is pushed too.
+        ca.cli_json(&["ca", "rotate"]);
+        let rot = tokio::time::timeout(std::time::Duration::from_secs(2), stream.message())
+            .await
+            .expect("bundle notice")
+            .unwrap()
+            .unwrap();
+        assert!(rot.bundle_sequence > first.bundle_sequence);
+    }
 }

@@ -16,6 +16,71 @@ use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
 pub const TD: &str = "example.org";
 
+std::thread_local! {
+    /// Set for a test that runs its CAs on PostgreSQL (see [`on_both_backends`]).
+    static POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this test thread's CAs use a fresh PostgreSQL database each; false
+/// (the test is skipped, with a message) when no server is configured, unless
+/// `WARD_REQUIRE_POSTGRES` is set, which makes that a failure.
+pub fn postgres_for_this_thread() -> bool {
+    if std::env::var_os("WARD_TEST_POSTGRES_URL").is_none() {
+        assert!(
+            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
+        );
+        println!("SKIPPED on PostgreSQL: WARD_TEST_POSTGRES_URL is not set");
+        return false;
+    }
+    POSTGRES.with(|p| p.set(true));
+    true
+}
+
+/// A new database on the server `WARD_TEST_POSTGRES_URL` names; its URL.
+pub fn fresh_postgres_database() -> String {
+    let url = std::env::var("WARD_TEST_POSTGRES_URL").expect("WARD_TEST_POSTGRES_URL");
+    let name = format!("ward_e2e_{}_{}", std::process::id(), free_port());
+    let out = Command::new("psql")
+        .arg(&url)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql (PostgreSQL's client) is needed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a postgres URL names a database");
+    format!("{base}/{name}")
+}
+
+/// Runs an async test twice: as `NAME::sqlite` with the CA on its embedded
+/// store, and as `NAME::postgres` with every CA it starts on a fresh
+/// PostgreSQL database.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(async fn $name:ident() $body:block)*) => {$(
+        async fn $name() $body
+
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name().await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if super::common::postgres_for_this_thread() {
+                    super::$name().await
+                }
+            }
+        }
+    )*};
+}
+
 pub fn ward_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ward")
 }
@@ -43,12 +108,16 @@ pub struct CaProcess {
 impl CaProcess {
     /// Starts a CA in a fresh directory with extra `ward ca serve` flags.
     pub fn start(extra: &[&str]) -> CaProcess {
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if POSTGRES.with(|p| p.get()) {
+            extra.extend(["--datastore".to_owned(), fresh_postgres_database()]);
+        }
         let tmp = tempfile::tempdir().unwrap();
         let mut ca = CaProcess {
             dir: tmp.path().to_owned(),
             node_addr: format!("127.0.0.1:{}", free_port()),
             health_addr: format!("127.0.0.1:{}", free_port()),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             child: None,
             log: tmp.path().join("ca.log"),
             _tmp: Some(tmp),
