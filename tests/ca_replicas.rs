@@ -167,3 +167,126 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
     assert_eq!(history[0]["version"], 1);
     assert_eq!(history[0]["active"], true);
 }
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_svid() {
+    let Some(db) = fresh_database() else { return };
+
+    step(
+        1,
+        "two replicas on one database; the agent knows both and attaches to A",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = shared_root(root_dir.path());
+    let flags = [
+        "--datastore",
+        db.as_str(),
+        "--upstream-cert",
+        cert.as_str(),
+        "--upstream-key",
+        key.as_str(),
+    ];
+    let mut a = CaProcess::start(&flags);
+    let b = CaProcess::start(&flags);
+    let token = a.join_token();
+    let mut agent = AgentProcess::prepare(vec![a.node_addr.clone(), b.node_addr.clone()]);
+    std::fs::write(
+        agent.dir.join("bundle.pem"),
+        a.cli(&["bundle", "show"]).stdout,
+    )
+    .unwrap();
+    agent.spawn(Some(&token));
+    agent.wait_ready();
+    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    step(2, "a workload with 6 s SVIDs (rotated every ~3 s)");
+    let out = a.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/tenant/acme/ns/prod/sa/short",
+        "--parent-id",
+        &node,
+        "--selector",
+        &format!("unix:uid:{}", my_uid()),
+        "--x509-ttl",
+        "6",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entry: serde_json::Value =
+        serde_json::from_slice(&a.cli(&["entry", "list", "--output", "json"]).stdout).unwrap();
+    let entry_id = entry[0]["id"].as_str().unwrap().to_owned();
+    // Every answer the workload gets: (when asked, the SVID's expiry).
+    let fetch = |agent: &AgentProcess| -> Option<i64> {
+        let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+        out.status.success().then(|| {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v[0]["expires_at"].as_i64().unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fetch(&agent).is_none() {
+        assert!(Instant::now() < deadline, "no SVID from the agent");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    step(
+        3,
+        "A is killed (-9); for 20 s the workload asks every 200 ms",
+    );
+    a.kill9();
+    let mut expiries = std::collections::BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        let now = unix_now();
+        match fetch(&agent) {
+            Some(exp) => {
+                assert!(
+                    exp > now,
+                    "served an SVID that expired at {exp} (now {now})"
+                );
+                expiries.insert(exp);
+            }
+            None => panic!("the workload got no SVID at {now}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        expiries.len() >= 5,
+        "only {} distinct SVIDs in 20 s: rotation did not continue through B",
+        expiries.len()
+    );
+    assert!(
+        agent.log_text().contains("failed over to another CA"),
+        "the agent never said it moved to B"
+    );
+
+    step(
+        4,
+        "nothing acknowledged through A is lost: B knows the agent and the entry",
+    );
+    assert_eq!(
+        b.cli_json(&["agent", "list"])[0]["spiffe_id"],
+        node.as_str()
+    );
+    let out = b.cli(&["entry", "show", &entry_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -53,6 +53,8 @@ pub struct CaClient {
     resolver: SvidResolver,
     ca_id: SpiffeId,
     client: Option<NodeClient<Channel>>,
+    /// The address of the last successful connection.
+    connected: Option<usize>,
 }
 
 impl CaClient {
@@ -68,6 +70,7 @@ impl CaClient {
             resolver,
             ca_id,
             client: None,
+            connected: None,
         }
     }
 
@@ -113,9 +116,12 @@ impl CaClient {
             .await;
             match attempt {
                 Ok(Ok(ch)) => {
-                    if idx != self.current {
-                        tracing::info!(ca = %addr, "failed over to another CA");
+                    // Moved away from the CA last used, or past the first one tried.
+                    let from = self.connected.unwrap_or(self.current);
+                    if from != idx {
+                        tracing::info!(from = %self.addresses[from], to = %addr, "failed over to another CA");
                     }
+                    self.connected = Some(idx);
                     self.current = idx;
                     return Ok(NodeClient::new(ch));
                 }

@@ -28,6 +28,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the database does not answer: {0}")]
+    Unavailable(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("already exists: {0}")]

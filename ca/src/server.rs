@@ -27,7 +27,7 @@ use crate::admin_api::AdminApi;
 use crate::authority::{Authority, AuthorityConfig};
 use crate::config::CaConfig;
 use crate::config::StoreUrl;
-use crate::datastore::{redacted, Datastore, PgStore, SqliteStore};
+use crate::datastore::{redacted, Datastore, PgStore, SqliteStore, StoreError};
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, PeerIdentity};
 use crate::service::{Ca, Ttls};
@@ -368,7 +368,13 @@ fn health_router(ca: Arc<Ca>) -> axum::Router {
                 let ca = ready.clone();
                 async move {
                     let signer_ok = ca.authority.signer().not_after > OffsetDateTime::now_utc();
-                    match ca.store.ping().await {
+                    // A database that does not answer within 2 s is down for readiness.
+                    let ping = tokio::time::timeout(Duration::from_secs(2), ca.store.ping())
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(StoreError::Unavailable("no answer within 2 s".into()))
+                        });
+                    match ping {
                         Ok(()) if signer_ok => (StatusCode::OK, "ready\n".to_string()),
                         Ok(()) => (
                             StatusCode::SERVICE_UNAVAILABLE,
