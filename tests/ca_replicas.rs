@@ -114,6 +114,36 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
 
     step(
         2,
+        "one bundle: both replicas publish it, with each one's JWT key, at the same sequence",
+    );
+    let jwks = |ca: &CaProcess| -> serde_json::Value {
+        serde_json::from_slice(&ca.cli(&["bundle", "show", "--format", "jwks"]).stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while jwks(&a) != jwks(&b) {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas publish different bundles:\n{}\n{}",
+            jwks(&a),
+            jwks(&b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let published = jwks(&a);
+    let jwt_keys = published["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .count();
+    assert_eq!(jwt_keys, 2, "{published}");
+    assert_eq!(
+        published["spiffe_sequence"], 2,
+        "one bump per real change: {published}"
+    );
+
+    step(
+        3,
         "a join token made through A attests an agent attached to B",
     );
     let token = a.join_token();
@@ -127,7 +157,7 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
         .to_owned();
 
     step(
-        3,
+        4,
         "an entry created through A is served by B's agent within a second",
     );
     assert!(!agent.svid_cli(&["fetch"], None).status.success());
@@ -155,7 +185,7 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
         created.elapsed() - registered
     );
 
-    step(4, "a policy set pushed through A is B's active set too");
+    step(5, "a policy set pushed through A is B's active set too");
     let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
     let out = a.cli(&["policy", "push", policies]);
     assert!(

@@ -9,8 +9,13 @@
 //! published in the bundle before the slot it signs becomes active.
 //!
 //! State lives in `<data>/keys/`: `state.json` (certificates, statuses, key
-//! file names) and one 0600 PKCS#8 file per private key, all written
-//! atomically. Keys are written before the state that names them.
+//! file names), `replica-id`, and one 0600 PKCS#8 file per private key, all
+//! written atomically. Keys are written before the state that names them.
+//!
+//! Replicas sharing a database each publish their roots and JWT keys as their
+//! part of the bundle; the published bundle merges every part still valid, and
+//! its sequence moves once per change of the merged content, whichever
+//! replica made it. A replica takes the merged bundle when another moves it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,6 +116,8 @@ pub struct Signer {
 
 pub struct Authority {
     cfg: AuthorityConfig,
+    /// This replica's name among those sharing a database (`keys/replica-id`).
+    replica: String,
     store: Arc<dyn Datastore>,
     state: Mutex<State>,
     signer: ArcSwap<Signer>,
@@ -159,7 +166,9 @@ impl Authority {
         }
         save_state(&cfg, &state)?;
         let signer = load_signer(&cfg, &state)?;
+        let replica = replica_id(&cfg.key_dir)?;
         let authority = Arc::new(Authority {
+            replica,
             bundle: ArcSwap::from_pointee(TrustBundle::new(cfg.trust_domain.clone())),
             signer: ArcSwap::from_pointee(signer),
             cfg,
@@ -266,8 +275,28 @@ impl Authority {
         Ok(())
     }
 
-    /// Writes the bundle derived from the key state to the store, bumping the
-    /// sequence only when the authorities changed.
+    /// Takes the published bundle from the store if another replica moved it
+    /// past ours; true if it did.
+    pub async fn follow_bundle(&self) -> Result<bool> {
+        let Some((jwks, seq)) = self
+            .store
+            .get_bundle(self.cfg.trust_domain.as_str())
+            .await?
+        else {
+            return Ok(false);
+        };
+        if seq <= self.bundle().sequence {
+            return Ok(false);
+        }
+        let b = TrustBundle::from_jwks(self.cfg.trust_domain.clone(), &jwks)
+            .map_err(|e| AuthorityError::Upstream(format!("stored bundle: {e}")))?;
+        self.bundle.store(Arc::new(b));
+        Ok(true)
+    }
+
+    /// Publishes this replica's roots and JWT keys as its part of the bundle
+    /// and takes the merged bundle of all replicas; the sequence moves only
+    /// when the merged authorities change.
     async fn publish_bundle(&self) -> Result<()> {
         let state = self.state.lock().await.clone();
         let mut bundle = TrustBundle::new(self.cfg.trust_domain.clone());
@@ -290,27 +319,40 @@ impl Authority {
                     .ok_or_else(|| AuthorityError::Crypto("JWT key is not P-256".into()))?,
             });
         }
-        let td = self.cfg.trust_domain.as_str();
-        let stored = self.store.get_bundle(td).await?;
-        let stored_bundle = stored
-            .as_ref()
-            .and_then(|(jwks, _)| TrustBundle::from_jwks(self.cfg.trust_domain.clone(), jwks).ok());
-        let prev_seq = stored.as_ref().map(|(_, s)| *s).unwrap_or(0);
-        let same = stored_bundle.as_ref().is_some_and(|b| {
-            b.x509_authorities == bundle.x509_authorities
-                && b.jwt_authorities == bundle.jwt_authorities
-        });
-        bundle.sequence = if same { prev_seq } else { prev_seq + 1 };
-        if !same {
-            self.store
-                .set_bundle(td, &bundle.to_jwks(), bundle.sequence)
-                .await?;
-            tracing::info!(target: "audit", event = "bundle_changed", sequence = bundle.sequence,
-                x509_authorities = bundle.x509_authorities.len(), jwt_authorities = bundle.jwt_authorities.len(),
+        let expires_at = state.slots.iter().map(|s| s.not_after).max().unwrap_or(0);
+        let (jwks, sequence) = self
+            .store
+            .publish_bundle_part(
+                &self.cfg.trust_domain,
+                &self.replica,
+                &bundle.to_jwks(),
+                expires_at,
+                ts(now),
+            )
+            .await?;
+        let merged = TrustBundle::from_jwks(self.cfg.trust_domain.clone(), &jwks)
+            .map_err(|e| AuthorityError::Upstream(format!("merged bundle: {e}")))?;
+        if sequence > self.bundle().sequence {
+            tracing::info!(target: "audit", event = "bundle_changed", sequence,
+                x509_authorities = merged.x509_authorities.len(), jwt_authorities = merged.jwt_authorities.len(),
                 "published a new trust bundle");
         }
-        self.bundle.store(Arc::new(bundle));
+        self.bundle.store(Arc::new(merged));
         Ok(())
+    }
+}
+
+/// This replica's name: made once, kept in the key directory.
+fn replica_id(key_dir: &Path) -> Result<String> {
+    let path = key_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+        _ => {
+            let id = x509::hex_id(8);
+            write_atomic(&path, id.as_bytes(), false).map_err(io_err(&path))?;
+            Ok(id)
+        }
     }
 }
 

@@ -20,7 +20,7 @@ pub use postgres::{redacted, PgStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
-use ward_spec::{Selector, SpiffeId};
+use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,8 +129,32 @@ pub enum StoreChange {
     Entries(u64),
     /// This policy set version is now the active one.
     Policy(u64),
+    /// The published bundle moved to this sequence.
+    Bundle(u64),
     /// Notices may have been missed (the connection was lost): read again.
     Resync,
+}
+
+/// The bundle made of the replicas' parts: every root and JWT key of each,
+/// without duplicates, in part order; the refresh hint of the first part.
+pub fn merge_bundle_parts(td: &TrustDomain, parts: &[Vec<u8>]) -> Result<TrustBundle> {
+    let mut merged = TrustBundle::new(td.clone());
+    for p in parts {
+        let b = TrustBundle::from_jwks(td.clone(), p)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        merged.refresh_hint = merged.refresh_hint.or(b.refresh_hint);
+        for r in b.x509_authorities {
+            if !merged.x509_authorities.contains(&r) {
+                merged.x509_authorities.push(r);
+            }
+        }
+        for k in b.jwt_authorities {
+            if !merged.jwt_authorities.iter().any(|m| m.kid == k.kid) {
+                merged.jwt_authorities.push(k);
+            }
+        }
+    }
+    Ok(merged)
 }
 
 #[async_trait]
@@ -173,7 +197,19 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// The stored bundle document and its sequence.
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>>;
-    async fn set_bundle(&self, trust_domain: &str, jwks: &[u8], sequence: u64) -> Result<()>;
+    /// Stores one CA replica's part of the bundle (its roots and JWT keys,
+    /// valid until `expires_at`), merges every part still valid at `now` into
+    /// the published bundle, and returns that bundle (JWKS) and its sequence,
+    /// which moves once per change of the merged content, whichever replica
+    /// made it.
+    async fn publish_bundle_part(
+        &self,
+        trust_domain: &TrustDomain,
+        replica: &str,
+        part: &[u8],
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(Vec<u8>, u64)>;
 
     /// Stores a policy set as the next version (the new active one) and
     /// returns that version.

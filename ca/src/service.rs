@@ -197,6 +197,16 @@ impl Ca {
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
             StoreChange::Entries(rev) => self.entries_changed(rev),
+            StoreChange::Bundle(_) => {
+                if self
+                    .authority
+                    .follow_bundle()
+                    .await
+                    .map_err(|e| CaError::new(Code::Unavailable, format!("bundle: {e}")))?
+                {
+                    self.bundle_changed();
+                }
+            }
             StoreChange::Policy(v) if v <= self.policy_version() => {}
             StoreChange::Policy(_) | StoreChange::Resync => {
                 self.entries_changed(self.store.entry_revision().await?);

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::broadcast;
-use ward_spec::{Selector, SpiffeId};
+use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS};
 use super::{
@@ -69,6 +69,7 @@ async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
                 let change = match n.payload().split_once(':') {
                     Some(("entries", v)) => v.parse().ok().map(StoreChange::Entries),
                     Some(("policy", v)) => v.parse().ok().map(StoreChange::Policy),
+                    Some(("bundle", v)) => v.parse().ok().map(StoreChange::Bundle),
                     _ => None,
                 };
                 match change {

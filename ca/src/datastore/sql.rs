@@ -64,6 +64,15 @@ CREATE TABLE policy_sets (
     policies BIGINT NOT NULL
 );
 "#,
+    r#"
+CREATE TABLE bundle_parts (
+    trust_domain TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    jwks TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (trust_domain, replica)
+);
+"#,
 ];
 
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
@@ -577,18 +586,76 @@ macro_rules! sql_store {
                 .transpose()
             }
 
-            async fn set_bundle(&self, trust_domain: &str, jwks: &[u8], sequence: u64) -> Result<()> {
-                let jwks = std::str::from_utf8(jwks).map_err(corrupt)?;
+            async fn publish_bundle_part(
+                &self,
+                td: &TrustDomain,
+                replica: &str,
+                part: &[u8],
+                expires_at: i64,
+                now: i64,
+            ) -> Result<(Vec<u8>, u64)> {
+                let part = std::str::from_utf8(part).map_err(corrupt)?;
+                let mut tx = self.pool.begin().await?;
+                // One replica at a time merges (SQLite writers are serialized anyway).
+                let lock: Option<&str> = $lock;
+                if let Some(lock) = lock {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO bundle_parts (trust_domain, replica, jwks, expires_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (trust_domain, replica) DO UPDATE SET jwks = $3, expires_at = $4",
+                )
+                .bind(td.as_str())
+                .bind(replica)
+                .bind(part)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
+                let parts: Vec<String> = sqlx::query_scalar(
+                    "SELECT jwks FROM bundle_parts WHERE trust_domain = $1 AND expires_at > $2 ORDER BY replica",
+                )
+                .bind(td.as_str())
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                let parts: Vec<Vec<u8>> = parts.into_iter().map(String::into_bytes).collect();
+                let mut merged = super::merge_bundle_parts(td, &parts)?;
+                let stored = sqlx::query("SELECT jwks, sequence FROM bundles WHERE trust_domain = $1")
+                    .bind(td.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let (stored_jwks, stored_seq) = match &stored {
+                    Some(r) => (
+                        Some(r.try_get::<String, _>("jwks")?),
+                        r.try_get::<i64, _>("sequence")? as u64,
+                    ),
+                    None => (None, 0),
+                };
+                let unchanged = stored_jwks
+                    .as_deref()
+                    .and_then(|j| TrustBundle::from_jwks(td.clone(), j.as_bytes()).ok())
+                    .is_some_and(|b| {
+                        b.x509_authorities == merged.x509_authorities
+                            && b.jwt_authorities == merged.jwt_authorities
+                    });
+                if unchanged {
+                    tx.commit().await?;
+                    return Ok((stored_jwks.unwrap_or_default().into_bytes(), stored_seq));
+                }
+                merged.sequence = stored_seq + 1;
+                let jwks = merged.to_jwks();
                 sqlx::query(
                     "INSERT INTO bundles (trust_domain, jwks, sequence) VALUES ($1, $2, $3)
                      ON CONFLICT (trust_domain) DO UPDATE SET jwks = $2, sequence = $3",
                 )
-                .bind(trust_domain)
-                .bind(jwks)
-                .bind(sequence as i64)
-                .execute(&self.pool)
+                .bind(td.as_str())
+                .bind(std::str::from_utf8(&jwks).map_err(corrupt)?)
+                .bind(merged.sequence as i64)
+                .execute(&mut *tx)
                 .await?;
-                Ok(())
+                announce(&mut tx, $notify, &format!("bundle:{}", merged.sequence)).await?;
+                tx.commit().await?;
+                Ok((jwks, merged.sequence))
             }
 
             async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64> {

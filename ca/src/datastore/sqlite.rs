@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use ward_spec::{Selector, SpiffeId};
+use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS};
 use super::{
