@@ -49,7 +49,11 @@ fn psql(url: &str, sql: &str) -> String {
         .args(["-Atq", "-c", sql])
         .output()
         .expect("psql is needed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -76,7 +80,14 @@ fn start_replica(dir: &std::path::Path, name: &str, db: &str, cert: &str, key: &
         .args(["ca", "serve", "--trust-domain", TD, "--data-dir"])
         .arg(&data)
         .args(["--bind-address", &node_addr, "--health-address", &health])
-        .args(["--datastore", db, "--upstream-cert", cert, "--upstream-key", key])
+        .args([
+            "--datastore",
+            db,
+            "--upstream-cert",
+            cert,
+            "--upstream-key",
+            key,
+        ])
         .env("WARD_LOG", "warn")
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
@@ -105,7 +116,8 @@ struct SimAgent {
 
 async fn attest(addr: &str, roots: &RootStore, token: &str) -> SimAgent {
     let ca_id = SpiffeId::parse(&format!("spiffe://{TD}/ward/ca")).unwrap();
-    let verifier = || SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(vec![ca_id.clone()]));
+    let verifier =
+        || SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(vec![ca_id.clone()]));
     let anon = ward_spec::grpc::tls_channel(
         addr,
         Arc::new(ward_spec::tls::client_config(None, verifier())),
@@ -127,7 +139,9 @@ async fn attest(addr: &str, roots: &RootStore, token: &str) -> SimAgent {
         .unwrap()
         .into_inner();
     let resolver = SvidResolver::default();
-    resolver.set(&resp.svid_chain, &key.serialized_der()).unwrap();
+    resolver
+        .set(&resp.svid_chain, key.serialized_der())
+        .unwrap();
     let ch = ward_spec::grpc::tls_channel(
         addr,
         Arc::new(ward_spec::tls::client_config(Some(resolver), verifier())),
@@ -210,7 +224,15 @@ async fn main() {
     let db = format!("{prefix}/{name}");
     let (cert, key) = (dir.join("root.crt"), dir.join("root.key"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
         .args(["-days", "30", "-subj", "/CN=Fleet root"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
@@ -254,7 +276,11 @@ async fn main() {
     }
     let mut set = tokio::task::JoinSet::new();
     for (i, token) in tokens.into_iter().enumerate() {
-        let addr = if i % 2 == 0 { a.node_addr.clone() } else { b.node_addr.clone() };
+        let addr = if i % 2 == 0 {
+            a.node_addr.clone()
+        } else {
+            b.node_addr.clone()
+        };
         let roots = roots.clone();
         set.spawn(async move { (i, attest(&addr, &roots, &token).await) });
     }
@@ -264,7 +290,10 @@ async fn main() {
         agents[i] = Some(agent);
     }
     let mut agents: Vec<SimAgent> = agents.into_iter().map(Option::unwrap).collect();
-    println!("{agents_n} agents attested in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "{agents_n} agents attested in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let t = Instant::now();
     let parents: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
@@ -340,7 +369,8 @@ async fn main() {
                 .into_inner();
             // Spread the 5 s syncs over the interval, as independent agents are.
             let mut every = tokio::time::interval_at(
-                tokio::time::Instant::now() + Duration::from_millis((i as u64 * 5_000) / 1_000 % 5_000),
+                tokio::time::Instant::now()
+                    + Duration::from_millis((i as u64 * 5_000) / 1_000 % 5_000),
                 Duration::from_secs(5),
             );
             loop {
@@ -358,15 +388,23 @@ async fn main() {
     let xacts = || -> f64 {
         psql(
             &base,
-            &format!("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{name}'"),
+            &format!(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{name}'"
+            ),
         )
         .parse()
         .unwrap()
     };
-    let (x0, c0) = (xacts(), cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()));
+    let (x0, c0) = (
+        xacts(),
+        cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()),
+    );
     let window = Duration::from_secs(30);
     tokio::time::sleep(window).await;
-    let (x1, c1) = (xacts(), cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()));
+    let (x1, c1) = (
+        xacts(),
+        cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()),
+    );
     let qps = (x1 - x0) / window.as_secs_f64();
     let cpu = (c1 - c0) / window.as_secs_f64();
     println!(
@@ -376,7 +414,10 @@ async fn main() {
 
     // 4. Propagation of single changes through A to agents of either replica.
     let mut lat = Vec::new();
-    let (x2, c2) = (xacts(), cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()));
+    let (x2, c2) = (
+        xacts(),
+        cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()),
+    );
     let t_changes = Instant::now();
     for k in 0..200usize {
         let target = &parents[(k * 7919) % parents.len()];
@@ -402,13 +443,20 @@ async fn main() {
                 lat.push(at.saturating_duration_since(returned));
                 break;
             }
-            assert!(Instant::now() < deadline, "entry {} never arrived", created.id);
+            assert!(
+                Instant::now() < deadline,
+                "entry {} never arrived",
+                created.id
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let span = t_changes.elapsed().as_secs_f64();
-    let (x3, c3) = (xacts(), cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()));
+    let (x3, c3) = (
+        xacts(),
+        cpu_seconds(a.child.0.id()) + cpu_seconds(b.child.0.id()),
+    );
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     println!(
@@ -425,5 +473,8 @@ async fn main() {
     );
     set.abort_all();
     drop((a, b));
-    psql(&base, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    psql(
+        &base,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
 }
