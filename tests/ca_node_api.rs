@@ -296,6 +296,17 @@ on_both_backends! {
             .unwrap()
             .into_inner();
         let first = stream.message().await.unwrap().unwrap();
+        // Another agent's entry is not this agent's news.
+        ca.create_entry(
+            "spiffe://example.org/elsewhere",
+            "spiffe://example.org/ward/agent/join_token/other",
+        );
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), stream.message())
+                .await
+                .is_err(),
+            "a notice for an entry under another agent"
+        );
         let start = std::time::Instant::now();
         ca.create_entry("spiffe://example.org/pushed", &node.id.to_string());
         let next = tokio::time::timeout(std::time::Duration::from_secs(1), stream.message())

@@ -123,10 +123,10 @@ pub struct PolicySetRecord {
 }
 
 /// A change committed by any process sharing the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
-    /// Entries changed up to this revision.
-    Entries(u64),
+    /// Entries under these parents (node SPIFFE IDs) changed, up to this revision.
+    Entries(u64, Vec<String>),
     /// This policy set version is now the active one.
     Policy(u64),
     /// The published bundle moved to this sequence.

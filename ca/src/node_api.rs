@@ -12,7 +12,7 @@ use ward_spec::proto::types::v1 as types;
 use ward_spec::SpiffeId;
 
 use crate::datastore::{Entry, PolicySetRecord};
-use crate::service::Ca;
+use crate::service::{Ca, Notice};
 
 /// The verified SPIFFE ID of the peer of a TLS connection, if it sent a certificate.
 #[derive(Debug, Clone)]
@@ -193,17 +193,56 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        use tokio_stream::StreamExt;
+        use tokio::sync::broadcast::error::RecvError;
         let id = caller(&req)?;
         self.ca.check_agent_standing(&id, "watch_changes").await?;
-        let stream = tokio_stream::wrappers::WatchStream::new(self.ca.watch_changes()).map(|n| {
-            Ok(pb::ChangeNotice {
-                entry_revision: n.entry_revision,
-                bundle_sequence: n.bundle_sequence,
-                policy_version: n.policy_version,
-            })
+        // A notice at once; then one per change of the bundle or the policy
+        // set, and one per entry change under this agent (or when changes
+        // may have been missed), never for other agents' entries.
+        let mut state = self.ca.watch_changes();
+        let mut entries = self.ca.entry_changes();
+        let me = id.to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let notice = |n: Notice| {
+                Ok(pb::ChangeNotice {
+                    entry_revision: n.entry_revision,
+                    bundle_sequence: n.bundle_sequence,
+                    policy_version: n.policy_version,
+                })
+            };
+            let mut sent = *state.borrow_and_update();
+            if tx.send(notice(sent)).await.is_err() {
+                return;
+            }
+            loop {
+                let news = tokio::select! {
+                    r = state.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        let n = *state.borrow_and_update();
+                        n.bundle_sequence != sent.bundle_sequence
+                            || n.policy_version != sent.policy_version
+                    }
+                    r = entries.recv() => match r {
+                        Ok(c) => c.parents.as_ref().is_none_or(|p| p.contains(&me)),
+                        Err(RecvError::Lagged(_)) => true,
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = tx.closed() => return,
+                };
+                if news {
+                    sent = *state.borrow();
+                    if tx.send(notice(sent)).await.is_err() {
+                        return;
+                    }
+                }
+            }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn fetch_policy(

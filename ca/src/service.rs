@@ -105,11 +105,24 @@ pub struct Ca {
     /// What agents watch: the newest entry revision, bundle sequence and
     /// policy set version.
     notices: watch::Sender<Notice>,
+    /// Which agents' entries changed, change by change (see [`EntryChange`]).
+    entry_changes: tokio::sync::broadcast::Sender<EntryChange>,
+    /// Revisions already announced (a replica hears its own writes again
+    /// through the database): the last 1,024.
+    announced: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Decides admin calls by the active policy set.
     admin_policy: AdminPolicy,
     /// One policy push or rollback at a time, so versions and the installed
     /// set move together.
     policy_writes: tokio::sync::Mutex<()>,
+}
+
+/// Entries under these parents changed (None: any agent may be concerned,
+/// e.g. after notices were missed).
+#[derive(Debug, Clone)]
+pub struct EntryChange {
+    pub revision: u64,
+    pub parents: Option<Arc<Vec<String>>>,
 }
 
 /// The state agents follow; a change to any field is news.
@@ -166,6 +179,8 @@ impl Ca {
             ttls,
             metrics,
             notices,
+            entry_changes: tokio::sync::broadcast::channel(4096).0,
+            announced: Default::default(),
             policy_writes: tokio::sync::Mutex::new(()),
         })
     }
@@ -187,7 +202,7 @@ impl Ca {
                     Err(RecvError::Closed) => return,
                 };
                 let Some(ca) = weak.upgrade() else { return };
-                if let Err(e) = ca.apply(change).await {
+                if let Err(e) = ca.apply(change.clone()).await {
                     tracing::warn!(error = %e, ?change, "cannot follow a change made by another replica");
                 }
             }
@@ -196,7 +211,7 @@ impl Ca {
 
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
-            StoreChange::Entries(rev) => self.entries_changed(rev),
+            StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
             StoreChange::Bundle(_) => {
                 if self
                     .authority
@@ -209,7 +224,7 @@ impl Ca {
             }
             StoreChange::Policy(v) if v <= self.policy_version() => {}
             StoreChange::Policy(_) | StoreChange::Resync => {
-                self.entries_changed(self.store.entry_revision().await?);
+                self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
                     if set.version > self.policy_version() {
                         match self.admin_policy.validate(&set.files) {
@@ -232,7 +247,29 @@ impl Ca {
         self.notices.subscribe()
     }
 
-    fn entries_changed(&self, revision: u64) {
+    /// Entry changes, one by one, with the agents they concern.
+    pub fn entry_changes(&self) -> tokio::sync::broadcast::Receiver<EntryChange> {
+        self.entry_changes.subscribe()
+    }
+
+    fn entries_changed(&self, revision: u64, parents: Option<Vec<String>>) {
+        let first = parents.is_none() || {
+            let mut seen = self.announced.lock().expect("announced lock");
+            let new = !seen.contains(&revision);
+            if new {
+                if seen.len() >= 1024 {
+                    seen.pop_front();
+                }
+                seen.push_back(revision);
+            }
+            new
+        };
+        if first {
+            let _ = self.entry_changes.send(EntryChange {
+                revision,
+                parents: parents.map(Arc::new),
+            });
+        }
         self.notices.send_if_modified(|n| {
             let newer = revision > n.entry_revision;
             n.entry_revision = n.entry_revision.max(revision);
@@ -618,7 +655,7 @@ impl Ca {
             .store
             .create_entry(entry, now().unix_timestamp())
             .await?;
-        self.entries_changed(e.revision);
+        self.entries_changed(e.revision, Some(vec![e.parent_id.to_string()]));
         self.metrics.admin_change("create_entry");
         tracing::info!(target: "audit", event = "entry_created", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "created an entry");
         Ok(e)
@@ -634,7 +671,10 @@ impl Ca {
         self.authorize_entry(caller, AdminAction::UpdateEntry, &old)?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &entry)?;
         let e = self.store.update_entry(entry).await?;
-        self.entries_changed(e.revision);
+        self.entries_changed(
+            e.revision,
+            Some(vec![e.parent_id.to_string(), old.parent_id.to_string()]),
+        );
         self.metrics.admin_change("update_entry");
         tracing::info!(target: "audit", event = "entry_updated", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, parent_id = %e.parent_id, revision = e.revision, "updated an entry");
         Ok(e)
@@ -644,7 +684,7 @@ impl Ca {
         let old = self.get_entry(id).await?;
         self.authorize_entry(caller, AdminAction::DeleteEntry, &old)?;
         let e = self.store.delete_entry(id).await?;
-        self.entries_changed(e.revision);
+        self.entries_changed(e.revision, Some(vec![old.parent_id.to_string()]));
         self.metrics.admin_change("delete_entry");
         tracing::info!(target: "audit", event = "entry_deleted", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");
         Ok(())

@@ -67,7 +67,12 @@ async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
                     let _ = out.send(StoreChange::Resync);
                 }
                 let change = match n.payload().split_once(':') {
-                    Some(("entries", v)) => v.parse().ok().map(StoreChange::Entries),
+                    Some(("entries", v)) => {
+                        let (rev, parents) = v.split_once(':').unwrap_or((v, ""));
+                        rev.parse().ok().map(|r| {
+                            StoreChange::Entries(r, parents.split(' ').map(str::to_owned).collect())
+                        })
+                    }
                     Some(("policy", v)) => v.parse().ok().map(StoreChange::Policy),
                     Some(("bundle", v)) => v.parse().ok().map(StoreChange::Bundle),
                     _ => None,

@@ -343,7 +343,7 @@ macro_rules! sql_store {
                     _ => StoreError::Db(err),
                 })?;
                 record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
-                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                announce(&mut tx, $notify, &format!("entries:{rev}:{}", e.parent_id)).await?;
                 tx.commit().await?;
                 Ok(e)
             }
@@ -383,7 +383,12 @@ macro_rules! sql_store {
                 if old.parent_id != e.parent_id {
                     record_change(&mut tx, rev, &old.parent_id, &e.id).await?;
                 }
-                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                announce(
+                    &mut tx,
+                    $notify,
+                    &format!("entries:{rev}:{} {}", e.parent_id, old.parent_id),
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(e)
             }
@@ -402,7 +407,7 @@ macro_rules! sql_store {
                 .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
                 let rev = next_revision(&mut tx).await?;
                 record_change(&mut tx, rev, &old.parent_id, id).await?;
-                announce(&mut tx, $notify, &format!("entries:{rev}")).await?;
+                announce(&mut tx, $notify, &format!("entries:{rev}:{}", old.parent_id)).await?;
                 tx.commit().await?;
                 Ok(Entry {
                     revision: rev,
