@@ -686,3 +686,55 @@ fn dry_run_lets_denied_streams_through_and_idle_connections_close() {
         2.0
     );
 }
+
+/// Whether the server closes a fresh TCP connection to `addr` within `within`.
+fn closed_at_once(addr: &str, within: Duration) -> bool {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
+    // 1. api's proxy takes at most 3 connections; web's pooled one is the first.
+    let mesh = Mesh::start(&[], &["--max-connections", "3"]);
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    assert_clean(&hash_client(port, 64 * 1024, 4, 0.0), 4, 64 * 1024);
+
+    // 2. Two idle connections fill the limit; within it, nobody is cut
+    //    before the handshake timeout (10 s).
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&mesh.api_inbound).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 3. A fourth is closed at once, and counted.
+    assert!(
+        closed_at_once(&mesh.api_inbound, Duration::from_secs(2)),
+        "a connection beyond max_connections was kept"
+    );
+    let over = mesh.api.metric(
+        "ward_proxy_handshake_failures_total{direction=\"inbound\",reason=\"over_connection_limit\"}",
+    );
+    assert!(over >= 1.0, "over_connection_limit counted {over}");
+
+    // 4. The pooled connection inside the limit still carries new streams.
+    assert_clean(&hash_client(port, 64 * 1024, 4, 0.0), 4, 64 * 1024);
+
+    // 5. Once the idle ones go, new connections are taken again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !closed_at_once(&mesh.api_inbound, Duration::from_secs(1)),
+        "a connection within the limit was closed at once"
+    );
+}
