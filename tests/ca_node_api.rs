@@ -220,46 +220,12 @@ on_both_backends! {
 on_both_backends! {
     async fn upstream_root_from_files_signs_the_intermediates_and_is_the_bundle() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("up.key");
-        let cert = dir.path().join("up.crt");
-        let ok = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "30",
-                "-subj",
-                "/O=Upstream/CN=Upstream Root",
-            ])
-            .args([
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-addext",
-                "subjectAltName=URI:spiffe://example.org",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .unwrap();
-        assert!(
-            ok.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
+        let (cert, key) = upstream_root(dir.path());
         let ca = CaProcess::start(&[
             "--upstream-cert",
-            cert.to_str().unwrap(),
+            &cert,
             "--upstream-key",
-            key.to_str().unwrap(),
+            &key,
         ]);
         let up_der =
             ward_spec::bundle::pem_to_ders("CERTIFICATE", &std::fs::read_to_string(&cert).unwrap())

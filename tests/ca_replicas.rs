@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,7 +19,7 @@ fn step(n: u32, what: &str) {
 
 /// A new database on the test server, or None (with the reason) without one.
 fn fresh_database() -> Option<String> {
-    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
+    if std::env::var_os("WARD_TEST_POSTGRES_URL").is_none() {
         assert!(
             std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
             "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
@@ -29,60 +28,23 @@ fn fresh_database() -> Option<String> {
             "SKIPPED: set WARD_TEST_POSTGRES_URL to run the replica tests; nothing was tested"
         );
         return None;
-    };
-    let name = format!("ward_replicas_{}_{}", std::process::id(), free_port());
-    let out = Command::new("psql")
-        .arg(&url)
-        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
-        .output()
-        .expect("psql (PostgreSQL's client) is needed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (base, _) = url.rsplit_once('/').unwrap();
-    Some(format!("{base}/{name}"))
+    }
+    Some(fresh_postgres_database())
 }
 
-/// A root certificate and key both replicas load as their upstream authority.
-fn shared_root(dir: &Path) -> (String, String) {
-    let (key, cert) = (dir.join("root.key"), dir.join("root.crt"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/O=Ward/CN=Shared Root",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext",
-            "subjectAltName=URI:spiffe://example.org",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        cert.to_str().unwrap().to_owned(),
-        key.to_str().unwrap().to_owned(),
-    )
+/// Replicas A and B on `db`, each with its own keys under one upstream root
+/// (kept in `dir`).
+fn two_replicas(db: &str, dir: &Path) -> (CaProcess, CaProcess) {
+    let (cert, key) = upstream_root(dir);
+    let flags = [
+        "--datastore",
+        db,
+        "--upstream-cert",
+        cert.as_str(),
+        "--upstream-key",
+        key.as_str(),
+    ];
+    (CaProcess::start(&flags), CaProcess::start(&flags))
 }
 
 #[test]
@@ -94,17 +56,7 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
         "two replicas on one database, each with its own keys under the shared root",
     );
     let root_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = shared_root(root_dir.path());
-    let flags = [
-        "--datastore",
-        db.as_str(),
-        "--upstream-cert",
-        cert.as_str(),
-        "--upstream-key",
-        key.as_str(),
-    ];
-    let a = CaProcess::start(&flags);
-    let b = CaProcess::start(&flags);
+    let (a, b) = two_replicas(&db, root_dir.path());
     let bundle_a = a.cli(&["bundle", "show"]).stdout;
     assert_eq!(
         bundle_a,
@@ -214,17 +166,7 @@ fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_s
         "two replicas on one database; the agent knows both and attaches to A",
     );
     let root_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = shared_root(root_dir.path());
-    let flags = [
-        "--datastore",
-        db.as_str(),
-        "--upstream-cert",
-        cert.as_str(),
-        "--upstream-key",
-        key.as_str(),
-    ];
-    let mut a = CaProcess::start(&flags);
-    let b = CaProcess::start(&flags);
+    let (mut a, b) = two_replicas(&db, root_dir.path());
     let token = a.join_token();
     let mut agent = AgentProcess::prepare(vec![a.node_addr.clone(), b.node_addr.clone()]);
     std::fs::write(

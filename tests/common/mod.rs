@@ -57,6 +57,46 @@ pub fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// A self-signed P-256 root for `spiffe://example.org`, made with openssl, to
+/// load as a CA's upstream authority; (certificate path, key path).
+pub fn upstream_root(dir: &Path) -> (String, String) {
+    let (key, cert) = (dir.join("root.key"), dir.join("root.crt"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Upstream/CN=Upstream Root",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .args(["-addext", "subjectAltName=URI:spiffe://example.org"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
 /// Runs an async test twice: as `NAME::sqlite` with the CA on its embedded
 /// store, and as `NAME::postgres` with every CA it starts on a fresh
 /// PostgreSQL database.
