@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rcgen::KeyPair;
 
 fn step(n: u32, what: &str) {
     println!("step {n}: {what}");
@@ -45,6 +46,72 @@ fn two_replicas(db: &str, dir: &Path) -> (CaProcess, CaProcess) {
         key.as_str(),
     ];
     (CaProcess::start(&flags), CaProcess::start(&flags))
+}
+
+/// An agent that knows A and B and attaches to A (with extra `ward agent
+/// run` flags); its node SPIFFE ID.
+fn agent_attached_to(a: &CaProcess, b: &CaProcess, extra: &[&str]) -> (AgentProcess, String) {
+    let token = a.join_token();
+    let mut agent = AgentProcess::prepare(vec![a.node_addr.clone(), b.node_addr.clone()]);
+    agent.extra = extra.iter().map(|s| s.to_string()).collect();
+    std::fs::write(
+        agent.dir.join("bundle.pem"),
+        a.cli(&["bundle", "show"]).stdout,
+    )
+    .unwrap();
+    agent.spawn(Some(&token));
+    agent.wait_ready();
+    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (agent, node)
+}
+
+/// Creates `spiffe://example.org/tenant/acme/ns/prod/sa/NAME` under `node`
+/// for this test's uid, with X509-SVIDs of `ttl` seconds; fails the test if
+/// the CA refuses.
+fn create_entry(ca: &CaProcess, node: &str, name: &str, ttl: &str) {
+    let out = try_create_entry(ca, node, name, ttl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn try_create_entry(ca: &CaProcess, node: &str, name: &str, ttl: &str) -> std::process::Output {
+    ca.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://example.org/tenant/acme/ns/prod/sa/{name}"),
+        "--parent-id",
+        node,
+        "--selector",
+        &format!("unix:uid:{}", my_uid()),
+        "--x509-ttl",
+        ttl,
+    ])
+}
+
+/// (SPIFFE ID, expiry) of every X509-SVID the agent serves this test's uid.
+fn served(agent: &AgentProcess) -> Vec<(String, i64)> {
+    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["spiffe_id"].as_str().unwrap().to_owned(),
+                s["expires_at"].as_i64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -167,49 +234,14 @@ fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_s
     );
     let root_dir = tempfile::tempdir().unwrap();
     let (mut a, b) = two_replicas(&db, root_dir.path());
-    let token = a.join_token();
-    let mut agent = AgentProcess::prepare(vec![a.node_addr.clone(), b.node_addr.clone()]);
-    std::fs::write(
-        agent.dir.join("bundle.pem"),
-        a.cli(&["bundle", "show"]).stdout,
-    )
-    .unwrap();
-    agent.spawn(Some(&token));
-    agent.wait_ready();
-    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (agent, node) = agent_attached_to(&a, &b, &[]);
 
     step(2, "a workload with 6 s SVIDs (rotated every ~3 s)");
-    let out = a.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/tenant/acme/ns/prod/sa/short",
-        "--parent-id",
-        &node,
-        "--selector",
-        &format!("unix:uid:{}", my_uid()),
-        "--x509-ttl",
-        "6",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_entry(&a, &node, "short", "6");
     let entry: serde_json::Value =
         serde_json::from_slice(&a.cli(&["entry", "list", "--output", "json"]).stdout).unwrap();
     let entry_id = entry[0]["id"].as_str().unwrap().to_owned();
-    // Every answer the workload gets: (when asked, the SVID's expiry).
-    let fetch = |agent: &AgentProcess| -> Option<i64> {
-        let out = agent.svid_cli(&["fetch", "--output", "json"], None);
-        out.status.success().then(|| {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            v[0]["expires_at"].as_i64().unwrap()
-        })
-    };
+    let fetch = |agent: &AgentProcess| served(agent).first().map(|s| s.1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while fetch(&agent).is_none() {
         assert!(Instant::now() < deadline, "no SVID from the agent");
@@ -260,5 +292,434 @@ fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_s
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A PostgreSQL server of this test's own, so it can be stopped and started
+/// without disturbing other tests: initialized and run as the `postgres` user
+/// from the Debian packages' binaries.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// None (with the reason) where that is not possible here, unless
+    /// `WARD_REQUIRE_POSTGRES` is set, which makes it a failure.
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .filter(|b| b.join("initdb").exists())
+                .max()
+        });
+        let why = match (&bin, my_uid()) {
+            (None, _) => Some("PostgreSQL's server binaries are not installed"),
+            (_, uid) if uid != 0 => Some("running a PostgreSQL server as `postgres` needs root"),
+            _ => None,
+        };
+        if let Some(why) = why {
+            assert!(
+                std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+                "WARD_REQUIRE_POSTGRES is set but {why}"
+            );
+            println!("SKIPPED: {why}; nothing was tested");
+            return None;
+        }
+        let pg = PrivatePostgres {
+            dir: tempfile::tempdir().unwrap(),
+            bin: bin.unwrap(),
+            port: free_port(),
+        };
+        let chown = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(pg.dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        pg.run(
+            "initdb",
+            &["-A", "trust", "-U", "postgres", "--no-sync", "-D"],
+        );
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `tool args… <data dir>` as `postgres`.
+    fn run(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .arg(self.dir.path().join("data"))
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        let log = log.to_str().unwrap();
+        self.run("pg_ctl", &["-w", "-l", log, "-o", &options, "start", "-D"]);
+    }
+
+    /// A fast shutdown: sessions are ended, the server exits.
+    fn stop_server(&self) {
+        self.run("pg_ctl", &["-w", "-m", "fast", "stop", "-D"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-m", "immediate", "stop", "-D"])
+            .arg(self.dir.path().join("data"))
+            .current_dir("/")
+            .output();
+    }
+}
+
+fn ready(ca: &CaProcess) -> bool {
+    http_get(&ca.health_addr, "/readyz").is_some_and(|(code, _)| code == 200)
+}
+
+fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn while_postgres_restarts_the_replicas_are_not_ready_keep_signing_and_recover_by_themselves() {
+    if fresh_database().is_none() {
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+
+    step(
+        1,
+        "two replicas on a PostgreSQL server of the test's own; the agent knows both, attaches to A",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_replicas(&pg.url(), root_dir.path());
+    let (agent, node) = agent_attached_to(&a, &b, &[]);
+    create_entry(&a, &node, "short", "6");
+    let fetch = served;
+    wait_until("the first SVID", Duration::from_secs(10), || {
+        !fetch(&agent).is_empty()
+    });
+    let jwt = |audience: &str| agent.svid_cli(&["jwt", "--audience", audience], None);
+    let out = jwt("before");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    step(2, "PostgreSQL stopped: both replicas report not ready");
+    pg.stop_server();
+    let took = wait_until("both replicas not ready", Duration::from_secs(5), || {
+        !ready(&a) && !ready(&b)
+    });
+    println!("  both not ready {took:?} after the server stopped");
+
+    step(
+        3,
+        "for 15 s the workload asks every 200 ms: always a valid SVID, rotation goes on",
+    );
+    let mut expiries = std::collections::BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut writes_checked = false;
+    while Instant::now() < until {
+        let now = unix_now();
+        let served = fetch(&agent);
+        assert_eq!(served.len(), 1, "the workload got no SVID at {now}");
+        assert!(
+            served[0].1 > now,
+            "served an SVID that expired at {} (now {now})",
+            served[0].1
+        );
+        expiries.insert(served[0].1);
+        if !writes_checked {
+            // What needs a write fails, clearly; a JWT-SVID needs none.
+            let out = try_create_entry(&a, &node, "during", "60");
+            assert!(
+                !out.status.success(),
+                "an entry was created with the database down"
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("datastore unavailable"), "{err}");
+            let out = jwt("during");
+            assert!(
+                out.status.success(),
+                "no JWT-SVID while the database is down: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            writes_checked = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        expiries.len() >= 4,
+        "only {} distinct SVIDs in 15 s: signing stopped with the database",
+        expiries.len()
+    );
+    assert_eq!(metric_value(&a.health_addr, "ward_ca_datastore_up"), 0.0);
+    assert!(metric_value(&a.health_addr, "ward_ca_cached_reads_total") > 0.0);
+    assert!(!ready(&a) && !ready(&b));
+
+    step(
+        4,
+        "PostgreSQL started again: both replicas ready again by themselves",
+    );
+    pg.start_server();
+    let took = wait_until("both replicas ready", Duration::from_secs(10), || {
+        ready(&a) && ready(&b)
+    });
+    println!("  both ready {took:?} after the server started");
+    assert_eq!(metric_value(&a.health_addr, "ward_ca_datastore_up"), 1.0);
+    for ca in [&a, &b] {
+        let log = ca.log_text();
+        assert_eq!(
+            log.matches("the datastore does not answer").count(),
+            1,
+            "the outage is logged once:\n{log}"
+        );
+        assert!(log.contains("the datastore answers again"), "{log}");
+    }
+
+    step(
+        5,
+        "changes flow again: an entry created through each replica reaches the agent within a second",
+    );
+    for (ca, name) in [(&a, "after-a"), (&b, "after-b")] {
+        let created = Instant::now();
+        create_entry(ca, &node, name, "60");
+        let took = wait_until(&format!("{name} served"), Duration::from_secs(1), || {
+            fetch(&agent).iter().any(|(id, _)| id.ends_with(name))
+        });
+        println!(
+            "  {name}: served {took:?} after the create call returned ({:?} in all)",
+            created.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_signing_request_in_flight_when_its_replica_dies_is_retried_on_the_other_once() {
+    let Some(db) = fresh_database() else { return };
+
+    step(
+        1,
+        "two replicas; the agent (syncing only on notices) attaches to A; a workload with 8 s SVIDs",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (mut a, b) = two_replicas(&db, root_dir.path());
+    let (agent, node) = agent_attached_to(&a, &b, &["--sync-interval", "300s"]);
+    create_entry(&a, &node, "short", "8");
+    wait_until("the first SVID", Duration::from_secs(10), || {
+        !served(&agent).is_empty()
+    });
+
+    step(
+        2,
+        "right after a rotation A is frozen (SIGSTOP): the next signing request waits in A's socket",
+    );
+    let first = served(&agent)[0].1;
+    wait_until("a rotation", Duration::from_secs(10), || {
+        served(&agent)[0].1 != first
+    });
+    let issued_at = Instant::now();
+    let before_freeze = served(&agent)[0].1;
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let issued_by_a = a.audit_lines("x509_svid_issued");
+    let sign_errors = |agent: &AgentProcess| {
+        metric_value(
+            &agent.health_addr,
+            "ward_agent_ca_errors_total{kind=\"sign\"}",
+        )
+    };
+    assert_eq!(sign_errors(&agent), 0.0);
+
+    step(
+        3,
+        "meanwhile 20 entries are created through B (the agent hears nothing: A is its CA)",
+    );
+    for i in 0..20 {
+        create_entry(&b, &node, &format!("new-{i}"), "300");
+    }
+
+    step(
+        4,
+        "once the rotation request has waited 1.5 s, A is killed (-9)",
+    );
+    // Rotation is due at half the 8 s lifetime.
+    std::thread::sleep(Duration::from_millis(5500).saturating_sub(issued_at.elapsed()));
+    assert_eq!(
+        served(&agent).len(),
+        1,
+        "the agent learnt of B's entries without its CA"
+    );
+    a.kill9();
+    assert_eq!(
+        a.audit_lines("x509_svid_issued"),
+        issued_by_a,
+        "A signed while frozen"
+    );
+
+    step(
+        5,
+        "the request is retried on B: the workload's SVID never expires and B's entries arrive",
+    );
+    let expected: std::collections::BTreeSet<String> = std::iter::once("short".to_owned())
+        .chain((0..20).map(|i| format!("new-{i}")))
+        .map(|n| format!("spiffe://example.org/tenant/acme/ns/prod/sa/{n}"))
+        .collect();
+    let killed = Instant::now();
+    loop {
+        let now = unix_now();
+        let svids = served(&agent);
+        let short = svids
+            .iter()
+            .find(|(id, _)| id.ends_with("/short"))
+            .unwrap_or_else(|| panic!("the workload lost its SVID at {now}"));
+        assert!(
+            short.1 > now,
+            "served an expired SVID ({short:?}, now {now})"
+        );
+        let ids: Vec<&String> = svids.iter().map(|(id, _)| id).collect();
+        let distinct: std::collections::BTreeSet<String> =
+            ids.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            ids.len(),
+            distinct.len(),
+            "an identity served twice: {ids:?}"
+        );
+        if distinct == expected && short.1 > before_freeze {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "10 s after the kill the agent serves {ids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("  all 21 served {:?} after the kill", killed.elapsed());
+    assert!(
+        sign_errors(&agent) >= 1.0,
+        "no signing request failed: none was in flight when A died"
+    );
+    assert!(agent.log_text().contains("failed over to another CA"));
+
+    step(
+        6,
+        "nothing signed twice: B issued each new entry's SVID once, A none of them",
+    );
+    let b_log = b.log_text();
+    let a_log = a.log_text();
+    for i in 0..20 {
+        let id = format!("spiffe_id=spiffe://example.org/tenant/acme/ns/prod/sa/new-{i} ");
+        let issued = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("x509_svid_issued") && l.contains(&id))
+                .count()
+        };
+        assert_eq!(issued(&b_log), 1, "new-{i} issued by B");
+        assert_eq!(issued(&a_log), 0, "new-{i} issued by A");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_evicted_through_one_replica_is_not_signed_for_from_the_others_memory() {
+    if fresh_database().is_none() {
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+
+    step(
+        1,
+        "two agents attested through A; B signs for both (and keeps what it read)",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_replicas(&pg.url(), root_dir.path());
+    let mut kept = attest(&a).await;
+    let mut evicted = attest(&a).await;
+    let mut entries = Vec::new();
+    for (node, name) in [(&mut kept, "kept"), (&mut evicted, "evicted")] {
+        let id = format!("spiffe://example.org/tenant/acme/ns/prod/sa/{name}");
+        let entry = a.create_entry(&id, &node.id.to_string());
+        node.reconnect(&b).await.unwrap();
+        let key = KeyPair::generate().unwrap();
+        node.sign(&entry, csr(&key, &[&id])).await.unwrap();
+        entries.push((entry, id));
+    }
+
+    step(2, "one of them is evicted through A");
+    let out = a.cli(&["agent", "evict", &evicted.id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    step(
+        3,
+        "PostgreSQL stopped: B signs for the other from memory, never for the evicted one",
+    );
+    pg.stop_server();
+    let (kept_entry, kept_id) = &entries[0];
+    let (evicted_entry, evicted_id) = &entries[1];
+    let key = KeyPair::generate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The first call may be the one that finds the database gone (≤ 2 s).
+    while let Err(e) = kept.sign(kept_entry, csr(&key, &[kept_id])).await {
+        assert!(Instant::now() < deadline, "B stopped signing: {e}");
+    }
+    assert_eq!(metric_value(&b.health_addr, "ward_ca_datastore_up"), 0.0);
+    let Err(refused) = evicted.sign(evicted_entry, csr(&key, &[evicted_id])).await else {
+        panic!("B signed for an evicted agent from memory")
+    };
+    println!(
+        "  evicted agent: {:?}: {}",
+        refused.code(),
+        refused.message()
+    );
+    // Signed from memory for one, nothing issued for the other.
+    assert_eq!(
+        b.audit_lines(&format!("spiffe_id={evicted_id} ")),
+        1,
+        "{}",
+        b.log_text()
     );
 }

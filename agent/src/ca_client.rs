@@ -55,6 +55,8 @@ pub struct CaClient {
     client: Option<NodeClient<Channel>>,
     /// The address of the last successful connection.
     connected: Option<usize>,
+    /// The last attempt to connect reached no CA.
+    unreachable: bool,
 }
 
 impl CaClient {
@@ -71,6 +73,7 @@ impl CaClient {
             ca_id,
             client: None,
             connected: None,
+            unreachable: false,
         }
     }
 
@@ -93,9 +96,17 @@ impl CaClient {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let c = self.connect(true).await?;
+        let c = self.connect(true).await;
+        self.unreachable = c.is_err();
+        let c = c?;
         self.client = Some(c.clone());
         Ok(c)
+    }
+
+    /// Whether the last attempt to connect reached no CA (as opposed to a
+    /// CA that answered with an error).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable
     }
 
     /// A client without a client certificate (for attestation).

@@ -15,6 +15,7 @@ use std::time::Duration;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::Instant;
+use ward_spec::grpc::DATASTORE_UNAVAILABLE;
 use ward_spec::proto::node::v1 as pb;
 use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::tls::SvidResolver;
@@ -121,6 +122,10 @@ pub struct Manager {
     ca_up: bool,
     backoff: Backoff,
     retry_at: Option<Instant>,
+    /// Renewal and sync failed while signing worked: they wait until then,
+    /// backing off on their own.
+    deferred_until: Option<Instant>,
+    deferred_backoff: Backoff,
     /// The cache changed since the last published snapshot.
     dirty: bool,
     published: watch::Sender<Option<Arc<Snapshot>>>,
@@ -164,6 +169,8 @@ impl Manager {
                 ca_up: true,
                 backoff: Backoff::default(),
                 retry_at: None,
+                deferred_until: None,
+                deferred_backoff: Backoff::default(),
                 dirty: true,
                 published,
                 policy,
@@ -183,28 +190,49 @@ impl Manager {
         loop {
             let now_ms = unix_now_ms();
             let backing_off = self.retry_at.is_some_and(|t| Instant::now() < t);
+            let deferred = self.deferred_until.is_some_and(|t| Instant::now() < t);
             if !backing_off {
                 let mut ok = true;
-                if now_ms >= self.node_renew_at {
-                    let r = self.renew_node().await;
-                    ok &= self.outcome("renew", r);
-                }
-                if ok && Instant::now() >= next_sync {
-                    let r = self.sync().await;
-                    ok &= self.outcome("sync", r);
-                    if ok {
-                        next_sync = Instant::now() + self.sync_interval;
+                if !deferred {
+                    if now_ms >= self.node_renew_at {
+                        let r = self.renew_node().await;
+                        ok &= self.outcome("renew", r);
+                    }
+                    if ok && Instant::now() >= next_sync {
+                        let r = self.sync().await;
+                        ok &= self.outcome("sync", r);
+                        if ok {
+                            next_sync = Instant::now() + self.sync_interval;
+                        }
                     }
                 }
-                if ok {
+                // Signing writes nothing at the CA: try it even when renewal or
+                // sync failed (a CA whose database is down still signs for the
+                // entries it knows), unless no CA could be reached at all.
+                let signed = if ok || !self.ca.lock().await.unreachable() {
                     let r = self.sign_due().await;
-                    ok &= self.outcome("sign", r);
-                }
-                if ok {
-                    self.retry_at = None;
-                    self.backoff.reset();
+                    self.outcome("sign", r)
                 } else {
-                    self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+                    false
+                };
+                match (ok, signed) {
+                    (true, true) if !deferred => {
+                        self.retry_at = None;
+                        self.deferred_until = None;
+                        self.backoff.reset();
+                        self.deferred_backoff.reset();
+                    }
+                    (true, true) => self.backoff.reset(),
+                    // Only renewal or sync failed: rotation keeps its schedule,
+                    // they are retried with back-off.
+                    (false, true) => {
+                        self.backoff.reset();
+                        self.deferred_until =
+                            Some(Instant::now() + self.deferred_backoff.next_delay());
+                    }
+                    (_, false) => {
+                        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+                    }
                 }
             }
             self.drop_expired();
@@ -218,6 +246,7 @@ impl Manager {
                         next_sync = Instant::now();
                         // A push is fresh news: try now even if backing off.
                         self.retry_at = None;
+                        self.deferred_until = None;
                     }
                 }
             }
@@ -253,12 +282,13 @@ impl Manager {
         let mut wake = match self.retry_at {
             Some(retry) => retry,
             None => {
-                let due_ms = self
-                    .svids
-                    .values()
-                    .map(|s| s.rotate_at)
-                    .fold(self.node_renew_at, i64::min);
-                next_sync.min(at(due_ms))
+                let rotate = self.svids.values().map(|s| s.rotate_at).min().map(at);
+                // Renewal and sync wait while deferred; rotation never does.
+                let other = match self.deferred_until {
+                    Some(d) if d > Instant::now() => d,
+                    _ => next_sync.min(at(self.node_renew_at)),
+                };
+                rotate.map_or(other, |r| r.min(other))
             }
         };
         // Never sleep past an SVID's expiry, so it leaves the snapshot on time.
@@ -277,14 +307,19 @@ impl Manager {
         self.ca.lock().await.get().await
     }
 
-    async fn call_failed(&self, e: tonic::Status) -> String {
+    /// Fails over to the next CA after a call that another CA might answer.
+    /// A CA whose database is down still signs from memory, so a failed
+    /// renewal or sync there is no reason to leave it; a failed signing is.
+    async fn call_failed(&self, e: tonic::Status, signing: bool) -> String {
+        let datastore_down = e.metadata().contains_key(DATASTORE_UNAVAILABLE);
         if matches!(
             e.code(),
             tonic::Code::Unavailable
                 | tonic::Code::Unknown
                 | tonic::Code::Cancelled
                 | tonic::Code::DeadlineExceeded
-        ) {
+        ) && (signing || !datastore_down)
+        {
             self.ca.lock().await.failed();
         }
         format!("{}: {}", e.code(), e.message())
@@ -296,7 +331,7 @@ impl Manager {
         let mut c = self.client().await?;
         let chain = match c.renew_node_svid(pb::RenewNodeSvidRequest { csr }).await {
             Ok(r) => r.into_inner().svid_chain,
-            Err(e) => return Err(self.call_failed(e).await),
+            Err(e) => return Err(self.call_failed(e, false).await),
         };
         let node = NodeIdentity::from_parts(chain, key.serialized_der().to_vec())?;
         self.state.save_identity(&node).map_err(|e| e.to_string())?;
@@ -319,7 +354,7 @@ impl Manager {
                 .await
             {
                 Ok(r) => r.into_inner(),
-                Err(e) => return Err(self.call_failed(e).await),
+                Err(e) => return Err(self.call_failed(e, false).await),
             };
             for e in page.entries {
                 match to_cached(e) {
@@ -344,7 +379,7 @@ impl Manager {
         }
         let b = match c.fetch_bundle(pb::FetchBundleRequest {}).await {
             Ok(r) => r.into_inner(),
-            Err(e) => return Err(self.call_failed(e).await),
+            Err(e) => return Err(self.call_failed(e, false).await),
         };
         if b.sequence != self.bundle.sequence {
             let bundle = TrustBundle::from_jwks(self.bundle.trust_domain.clone(), &b.jwks)
@@ -377,7 +412,7 @@ impl Manager {
             .await
         {
             Ok(r) => r.into_inner(),
-            Err(e) => return Err(self.call_failed(e).await),
+            Err(e) => return Err(self.call_failed(e, false).await),
         };
         if let Some(set) = resp.policy_set.filter(|p| p.version != known) {
             if let Err(e) = self.state.save_policy(&set) {
@@ -428,7 +463,7 @@ impl Manager {
                 .await
             {
                 Ok(r) => r.into_inner().results,
-                Err(e) => return Err(self.call_failed(e).await),
+                Err(e) => return Err(self.call_failed(e, true).await),
             };
             for ((entry, key), r) in batch.iter().zip(keys).zip(results) {
                 if r.code != 0 {

@@ -10,12 +10,14 @@
 //! me since revision R" with one indexed range scan, and learns about entries
 //! moved away from it or deleted without any tombstone in `entries`.
 
+mod breaker;
 mod postgres;
 mod sql;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 
+pub use breaker::{unavailable, Breaker};
 pub use postgres::{redacted, PgStore};
 pub use sqlite::SqliteStore;
 
@@ -131,6 +133,8 @@ pub enum StoreChange {
     Policy(u64),
     /// The published bundle moved to this sequence.
     Bundle(u64),
+    /// This agent's standing changed (it was evicted).
+    Agent(String),
     /// Notices may have been missed (the connection was lost): read again.
     Resync,
 }
@@ -223,6 +227,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// they commit; None for a store no other process writes.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<StoreChange>> {
         None
+    }
+
+    /// Whether the database is known not to answer right now (calls would
+    /// fail at once); see [`Breaker`].
+    fn is_down(&self) -> bool {
+        false
     }
 
     /// A cheap query that proves the database answers (for `/readyz`).

@@ -10,6 +10,9 @@
 //! - [`admin_api`], over a 0600 Unix socket: entries, join tokens, agents,
 //!   forced rotation, the bundle.
 //!
+//! Signing reads (the caller's standing, its entries) go through
+//! [`read_cache`], which answers them from memory while the database is down.
+//!
 //! Every issuance, refusal, attestation and admin change is one structured
 //! log line with target `audit`; counters are exported by [`metrics`].
 #![forbid(unsafe_code)]
@@ -21,6 +24,7 @@ pub mod datastore;
 pub mod metrics;
 pub mod node_api;
 pub mod policies;
+pub mod read_cache;
 pub mod server;
 pub mod service;
 pub mod x509;

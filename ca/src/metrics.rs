@@ -16,6 +16,8 @@ pub struct Metrics {
     admin_changes: Family<Labels, Counter>,
     pub bundle_sequence: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub signing_ca_expiry: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub datastore_up: Gauge<i64, std::sync::atomic::AtomicI64>,
+    cache_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -27,6 +29,8 @@ impl Default for Metrics {
         let admin_changes = Family::<Labels, Counter>::default();
         let bundle_sequence = Gauge::default();
         let signing_ca_expiry = Gauge::default();
+        let datastore_up = Gauge::default();
+        let cache_reads = Counter::default();
         registry.register("svids_issued", "SVIDs issued, by kind", issued.clone());
         registry.register("refusals", "Requests refused, by method", refused.clone());
         registry.register(
@@ -49,6 +53,16 @@ impl Default for Metrics {
             "Unix time at which the active intermediate expires",
             signing_ca_expiry.clone(),
         );
+        registry.register(
+            "datastore_up",
+            "1 while the datastore answers, 0 while signing runs on cached reads",
+            datastore_up.clone(),
+        );
+        registry.register(
+            "cached_reads",
+            "Signing reads answered from memory because the datastore did not answer",
+            cache_reads.clone(),
+        );
         Metrics {
             registry,
             issued,
@@ -57,6 +71,8 @@ impl Default for Metrics {
             admin_changes,
             bundle_sequence,
             signing_ca_expiry,
+            datastore_up,
+            cache_reads,
         }
     }
 }
@@ -72,6 +88,9 @@ impl Metrics {
         self.attestations
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
+    }
+    pub fn cache_read(&self) {
+        self.cache_reads.inc();
     }
     pub fn admin_change(&self, op: &'static str) {
         self.admin_changes

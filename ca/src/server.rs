@@ -27,7 +27,7 @@ use crate::admin_api::AdminApi;
 use crate::authority::{Authority, AuthorityConfig};
 use crate::config::CaConfig;
 use crate::config::StoreUrl;
-use crate::datastore::{redacted, Datastore, PgStore, SqliteStore, StoreError};
+use crate::datastore::{redacted, Breaker, Datastore, PgStore, SqliteStore, StoreError};
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, PeerIdentity};
 use crate::service::{Ca, Ttls};
@@ -46,6 +46,7 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
     cfg.validate()?;
     create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
     let store: Arc<dyn Datastore> = match cfg.store()? {
         StoreUrl::Sqlite(db) => Arc::new(
             SqliteStore::open(&db)
@@ -59,6 +60,8 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
             )
         })?),
     };
+    // Fails fast (and is probed) while the database does not answer.
+    let store: Arc<dyn Datastore> = Arc::new(Breaker::new(store, metrics.clone()));
     let authority = Authority::open(
         AuthorityConfig {
             trust_domain: cfg.trust_domain.clone(),
@@ -78,7 +81,7 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
         node_svid: cfg.node_svid_ttl,
         join_token: cfg.join_token_ttl,
     };
-    let ca = Ca::new(authority, store, ttls, Arc::new(Metrics::default()))
+    let ca = Ca::new(authority, store, ttls, metrics)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the datastore: {e}"))?;
     let ca = Arc::new(ca);

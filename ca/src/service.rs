@@ -23,6 +23,7 @@ use crate::datastore::{
 };
 use crate::metrics::Metrics;
 use crate::policies::{self, AdminPolicy};
+use crate::read_cache::ReadCache;
 use crate::x509::{self, check_csr, CsrError};
 
 /// A refusal or failure, with the gRPC code the APIs report it as.
@@ -31,6 +32,8 @@ use crate::x509::{self, check_csr, CsrError};
 pub struct CaError {
     pub code: Code,
     pub message: String,
+    /// The database did not answer (the CA still signs for what it knows).
+    pub datastore_down: bool,
 }
 
 impl CaError {
@@ -38,6 +41,7 @@ impl CaError {
         CaError {
             code,
             message: message.into(),
+            datastore_down: false,
         }
     }
     fn invalid(m: impl Into<String>) -> Self {
@@ -53,6 +57,14 @@ impl From<StoreError> for CaError {
         match e {
             StoreError::NotFound(m) => CaError::new(Code::NotFound, format!("not found: {m}")),
             StoreError::Conflict(m) => CaError::new(Code::AlreadyExists, m),
+            // Logged once per outage by the read cache.
+            other if crate::datastore::unavailable(&other) => {
+                tracing::debug!(error = %other, "datastore unavailable");
+                CaError {
+                    datastore_down: true,
+                    ..CaError::new(Code::Unavailable, "datastore unavailable")
+                }
+            }
             other => {
                 tracing::error!(error = %other, "datastore failure");
                 CaError::new(Code::Unavailable, "datastore unavailable")
@@ -72,7 +84,14 @@ impl From<CsrError> for CaError {
 
 impl From<CaError> for tonic::Status {
     fn from(e: CaError) -> Self {
-        tonic::Status::new(e.code, e.message)
+        let mut status = tonic::Status::new(e.code, e.message);
+        if e.datastore_down {
+            status.metadata_mut().insert(
+                ward_spec::grpc::DATASTORE_UNAVAILABLE,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        status
     }
 }
 
@@ -102,6 +121,8 @@ pub struct Ca {
     pub store: Arc<dyn Datastore>,
     pub ttls: Ttls,
     pub metrics: Arc<Metrics>,
+    /// What signing reads, kept for when the database does not answer.
+    reads: ReadCache,
     /// What agents watch: the newest entry revision, bundle sequence and
     /// policy set version.
     notices: watch::Sender<Notice>,
@@ -174,6 +195,7 @@ impl Ca {
         });
         Ok(Ca {
             admin_policy: AdminPolicy::new(active.as_ref()),
+            reads: ReadCache::new(store.clone(), metrics.clone()),
             authority,
             store,
             ttls,
@@ -212,6 +234,7 @@ impl Ca {
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
+            StoreChange::Agent(id) => self.reads.forget_agent(&id),
             StoreChange::Bundle(_) => {
                 if self
                     .authority
@@ -224,6 +247,9 @@ impl Ca {
             }
             StoreChange::Policy(v) if v <= self.policy_version() => {}
             StoreChange::Policy(_) | StoreChange::Resync => {
+                if change == StoreChange::Resync {
+                    self.reads.forget_all();
+                }
                 self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
                     if set.version > self.policy_version() {
@@ -253,6 +279,9 @@ impl Ca {
     }
 
     fn entries_changed(&self, revision: u64, parents: Option<Vec<String>>) {
+        if let Some(p) = &parents {
+            self.reads.forget_parents(p);
+        }
         let first = parents.is_none() || {
             let mut seen = self.announced.lock().expect("announced lock");
             let new = !seen.contains(&revision);
@@ -386,7 +415,7 @@ impl Ca {
         caller: &SpiffeId,
         method: &'static str,
     ) -> CaResult<AgentRecord> {
-        let why = match self.store.get_agent(caller).await? {
+        let why = match self.reads.get_agent(caller).await? {
             Some(a) if !a.evicted => return Ok(a),
             Some(_) => "agent has been evicted",
             None => "caller is not an attested agent",
@@ -401,7 +430,7 @@ impl Ca {
         caller: &SpiffeId,
         method: &'static str,
     ) -> CaResult<()> {
-        let why = match self.store.agent_in_good_standing(caller).await? {
+        let why = match self.reads.agent_in_good_standing(caller).await? {
             Some(true) => return Ok(()),
             Some(false) => "agent has been evicted",
             None => "caller is not an attested agent",
@@ -471,16 +500,16 @@ impl Ca {
     ) -> CaResult<Vec<CaResult<IssuedSvid>>> {
         self.check_agent_standing(caller, "sign").await?;
         let ids: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
-        let entries: std::collections::HashMap<String, SigningEntry> = self
-            .store
-            .signing_entries(caller, &ids)
-            .await?
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect();
+        let view = self.reads.signing_entries(caller, &ids).await?;
         Ok(requests
             .iter()
-            .map(|(entry_id, csr)| self.sign_one(caller, entries.get(entry_id), entry_id, csr))
+            .map(|(entry_id, csr)| match view.entries.get(entry_id) {
+                None if view.from_cache => Err(CaError::new(
+                    Code::Unavailable,
+                    format!("entry {entry_id:?} is not known here while the datastore is down"),
+                )),
+                entry => self.sign_one(caller, entry, entry_id, csr),
+            })
             .collect())
     }
 
@@ -537,7 +566,7 @@ impl Ca {
                 "a JWT-SVID needs at least one non-empty audience",
             ));
         }
-        let entry = match self.store.get_entry(entry_id).await? {
+        let entry = match self.reads.get_entry(entry_id).await? {
             Some(e) if &e.parent_id == caller => e,
             _ => {
                 let why =
@@ -715,6 +744,7 @@ impl Ca {
         if !self.store.evict_agent(&id).await? {
             return Err(CaError::new(Code::NotFound, format!("no agent {id}")));
         }
+        self.reads.forget_agent(&id.to_string());
         self.metrics.admin_change("evict_agent");
         tracing::info!(target: "audit", event = "agent_evicted", agent_id = %id, "evicted an agent");
         Ok(())

@@ -8,6 +8,11 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Metadata a CA adds to an `UNAVAILABLE` status when its database does not
+/// answer: the CA itself is up and still signs for what it knows, so agents
+/// stay with it for signing (another replica shares the same database).
+pub const DATASTORE_UNAVAILABLE: &str = "ward-datastore-unavailable";
+
 /// A channel to `addr` (`host:port`) over TLS with `config`. The server's
 /// identity is checked by the config's verifier (its SPIFFE ID), not by name.
 pub async fn tls_channel(

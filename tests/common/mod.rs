@@ -489,6 +489,8 @@ pub struct AgentProcess {
     pub socket: PathBuf,
     pub health_addr: String,
     pub ca_addrs: Vec<String>,
+    /// More `ward agent run` flags.
+    pub extra: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
     _tmp: tempfile::TempDir,
@@ -515,6 +517,7 @@ impl AgentProcess {
             socket: tmp.path().join("public/workload.sock"),
             health_addr: format!("127.0.0.1:{}", free_port()),
             ca_addrs,
+            extra: Vec::new(),
             child: None,
             log: tmp.path().join("agent.log"),
             _tmp: tmp,
@@ -547,6 +550,7 @@ impl AgentProcess {
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().unwrap());
     }
 

@@ -36,7 +36,7 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(2))
             .connect(url)
             .await?;
         let (changes, _) = broadcast::channel(1024);
@@ -75,6 +75,7 @@ async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
                     }
                     Some(("policy", v)) => v.parse().ok().map(StoreChange::Policy),
                     Some(("bundle", v)) => v.parse().ok().map(StoreChange::Bundle),
+                    Some(("agent", v)) => Some(StoreChange::Agent(v.to_owned())),
                     _ => None,
                 };
                 match change {

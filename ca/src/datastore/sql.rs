@@ -81,8 +81,8 @@ pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, 
 /// with `$row` and `$conn` the backend's row and connection types, and its
 /// `migrate`; `$lock` is a statement that serializes migrations between
 /// processes sharing the database (PostgreSQL replicas), if any, and
-/// `$notify` one that tells them of a committed change (`entries:REVISION`,
-/// `policy:VERSION`), if any.
+/// `$notify` one that tells them of a committed change (`entries:REVISION:PARENTS`,
+/// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`), if any.
 macro_rules! sql_store {
     ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr) => {
         /// Runs `notify` (a statement taking the payload as `$1`) inside the
@@ -308,10 +308,13 @@ macro_rules! sql_store {
             }
 
             async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
                 let r = sqlx::query("UPDATE agents SET evicted = TRUE WHERE spiffe_id = $1")
                     .bind(id.to_string())
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?;
+                announce(&mut tx, $notify, &format!("agent:{id}")).await?;
+                tx.commit().await?;
                 Ok(r.rows_affected() > 0)
             }
 

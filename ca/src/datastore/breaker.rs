@@ -1,0 +1,203 @@
+//! Fails fast while the database does not answer.
+//!
+//! Every call goes through to the database until one fails because the
+//! database does not answer (see [`unavailable`]). From then on calls fail at
+//! once with [`StoreError::Unavailable`], instead of each waiting for a
+//! connection that cannot be made, and a background probe pings the database
+//! every 500 ms; the first answer closes the breaker again. The change is
+//! logged once each way and exported as `ward_ca_datastore_up`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use ward_spec::{SpiffeId, TrustDomain};
+
+use super::{
+    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, Result,
+    SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+};
+use crate::metrics::Metrics;
+
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Breaker {
+    inner: Arc<dyn Datastore>,
+    open: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Breaker {
+    pub fn new(inner: Arc<dyn Datastore>, metrics: Arc<Metrics>) -> Self {
+        metrics.datastore_up.set(1);
+        Breaker {
+            inner,
+            open: Arc::new(AtomicBool::new(false)),
+            metrics,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.open.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(
+                "it stopped answering; probing every 500 ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn observe<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if unavailable(e) {
+                self.trip(e);
+            }
+        }
+        r
+    }
+
+    fn trip(&self, e: &StoreError) {
+        if self.open.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.metrics.datastore_up.set(0);
+        tracing::warn!(error = %e, "the datastore does not answer: signing from what was last read, writes fail until it returns");
+        let (inner, open, metrics) = (self.inner.clone(), self.open.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                if inner.ping().await.is_ok() {
+                    open.store(false, Ordering::Relaxed);
+                    metrics.datastore_up.set(1);
+                    tracing::info!("the datastore answers again");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Whether `e` means the database does not answer (as opposed to refusing a
+/// statement): connection and pool failures, and PostgreSQL's connection
+/// exception (08) and operator intervention (57P: shutting down) classes.
+pub fn unavailable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(_) => true,
+        StoreError::Db(e) => match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// `self.inner.$call`, unless the breaker is open; trips it on an
+/// unavailable database.
+macro_rules! guarded {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {{
+        $self.check()?;
+        let r = $self.inner.$method($($arg),*).await;
+        $self.observe(r)
+    }};
+}
+
+#[async_trait]
+impl Datastore for Breaker {
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()> {
+        guarded!(self.create_join_token(token))
+    }
+    async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
+        guarded!(self.use_join_token(token_hash, now))
+    }
+    async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()> {
+        guarded!(self.upsert_agent(agent))
+    }
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
+        guarded!(self.get_agent(id))
+    }
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        guarded!(self.list_agents())
+    }
+    async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
+        guarded!(self.evict_agent(id))
+    }
+    async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry> {
+        guarded!(self.create_entry(entry, now))
+    }
+    async fn update_entry(&self, entry: Entry) -> Result<Entry> {
+        guarded!(self.update_entry(entry))
+    }
+    async fn delete_entry(&self, id: &str) -> Result<Entry> {
+        guarded!(self.delete_entry(id))
+    }
+    async fn entry_revision(&self) -> Result<u64> {
+        guarded!(self.entry_revision())
+    }
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
+        guarded!(self.get_entry(id))
+    }
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Entry>> {
+        guarded!(self.get_entries(ids))
+    }
+    async fn signing_entries(
+        &self,
+        parent: &SpiffeId,
+        ids: &[String],
+    ) -> Result<Vec<SigningEntry>> {
+        guarded!(self.signing_entries(parent, ids))
+    }
+    async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
+        guarded!(self.agent_in_good_standing(id))
+    }
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Entry>> {
+        guarded!(self.list_entries(filter, after_id, limit))
+    }
+    async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
+        guarded!(self.sync_entries(parent, since, limit))
+    }
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>> {
+        guarded!(self.get_bundle(trust_domain))
+    }
+    async fn publish_bundle_part(
+        &self,
+        trust_domain: &TrustDomain,
+        replica: &str,
+        part: &[u8],
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(Vec<u8>, u64)> {
+        guarded!(self.publish_bundle_part(trust_domain, replica, part, expires_at, now))
+    }
+    async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64> {
+        guarded!(self.add_policy_set(set))
+    }
+    async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>> {
+        guarded!(self.get_policy_set(version))
+    }
+    async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
+        guarded!(self.list_policy_sets())
+    }
+    fn changes(&self) -> Option<broadcast::Receiver<StoreChange>> {
+        self.inner.changes()
+    }
+    fn is_down(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+    async fn ping(&self) -> Result<()> {
+        guarded!(self.ping())
+    }
+}

@@ -1,0 +1,206 @@
+//! What signing reads, remembered, so a CA keeps signing while its database
+//! is down.
+//!
+//! Signing an SVID writes nothing; it only reads the caller's standing and the
+//! entries it asks for. Every such read goes to the database as usual and its
+//! answer is kept here. When the database stops answering (a PostgreSQL
+//! restart, a lost network path), the same reads are answered from what was
+//! kept, without waiting on the database, until a background probe finds it
+//! answering again (the store's breaker, [`crate::datastore::Breaker`]).
+//! Writes (entries, tokens, attestation, renewal of node SVIDs) still fail
+//! while it is down, and `/readyz` says so.
+//!
+//! What is kept stays true: nothing can change in a database that does not
+//! answer, and every change committed before is forgotten here as it is heard
+//! of (this replica's own writes, the other replicas' notices, and everything
+//! after notices may have been missed). A read that raced with a change is not
+//! kept. Only what exists is kept: an unknown agent or entry is asked of the
+//! database every time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ward_spec::SpiffeId;
+
+use crate::datastore::{unavailable, AgentRecord, Datastore, Entry, SigningEntry, StoreError};
+use crate::metrics::Metrics;
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub struct ReadCache {
+    store: Arc<dyn Datastore>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Moves on every forget, so a read that raced with a change is not kept.
+    generation: u64,
+    agents: HashMap<String, AgentRecord>,
+    /// Signing views of entries, by parent, then by entry id.
+    signing: HashMap<String, HashMap<String, SigningEntry>>,
+    entries: HashMap<String, Entry>,
+}
+
+/// Entries for a signing batch: those found, and whether they come from the
+/// cache (then a missing one may exist but is unknown here).
+pub struct SigningView {
+    pub entries: HashMap<String, SigningEntry>,
+    pub from_cache: bool,
+}
+
+impl ReadCache {
+    pub fn new(store: Arc<dyn Datastore>, metrics: Arc<Metrics>) -> Self {
+        ReadCache {
+            store,
+            metrics,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The agent record (None: not an attested agent).
+    pub async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
+        let key = id.to_string();
+        self.read(
+            |s| s.agents.get(&key).cloned().map(Some),
+            self.store.get_agent(id),
+            |s, a| {
+                if let Some(a) = a {
+                    s.agents.insert(key.clone(), a.clone());
+                }
+            },
+        )
+        .await
+    }
+
+    /// Whether `id` is an attested agent that is not evicted (None: unknown).
+    pub async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
+        let key = id.to_string();
+        if !self.lock().agents.contains_key(&key) {
+            // The full record once per agent, kept for an outage; then the
+            // narrow query, which keeps the hot path cheap.
+            return Ok(self.get_agent(id).await?.map(|a| !a.evicted));
+        }
+        self.read(
+            |s| s.agents.get(&key).map(|a| Some(!a.evicted)),
+            self.store.agent_in_good_standing(id),
+            |s, standing| {
+                if let (Some(a), Some(false)) = (s.agents.get_mut(&key), standing) {
+                    a.evicted = true;
+                }
+            },
+        )
+        .await
+    }
+
+    /// The entries among `ids` parented to `parent`, as signing needs them.
+    pub async fn signing_entries(&self, parent: &SpiffeId, ids: &[String]) -> Result<SigningView> {
+        let key = parent.to_string();
+        let cached = |s: &State| {
+            let mine = s.signing.get(&key)?;
+            let found: HashMap<String, SigningEntry> = ids
+                .iter()
+                .filter_map(|id| mine.get(id).map(|e| (id.clone(), e.clone())))
+                .collect();
+            (!found.is_empty()).then_some(SigningView {
+                entries: found,
+                from_cache: true,
+            })
+        };
+        let fetch = async {
+            let found = self.store.signing_entries(parent, ids).await?;
+            Ok(SigningView {
+                entries: found.into_iter().map(|e| (e.id.clone(), e)).collect(),
+                from_cache: false,
+            })
+        };
+        self.read(cached, fetch, |s, v: &SigningView| {
+            s.signing
+                .entry(key.clone())
+                .or_default()
+                .extend(v.entries.iter().map(|(k, e)| (k.clone(), e.clone())));
+        })
+        .await
+    }
+
+    /// One entry (None: it does not exist).
+    pub async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
+        self.read(
+            |s| s.entries.get(id).cloned().map(Some),
+            self.store.get_entry(id),
+            |s, e| {
+                if let Some(e) = e {
+                    s.entries.insert(id.to_owned(), e.clone());
+                }
+            },
+        )
+        .await
+    }
+
+    /// Entries under these parents changed.
+    pub fn forget_parents(&self, parents: &[String]) {
+        let mut s = self.lock();
+        s.generation += 1;
+        for p in parents {
+            s.signing.remove(p);
+        }
+        s.entries
+            .retain(|_, e| !parents.contains(&e.parent_id.to_string()));
+    }
+
+    /// This agent's standing changed.
+    pub fn forget_agent(&self, id: &str) {
+        let mut s = self.lock();
+        s.generation += 1;
+        s.agents.remove(id);
+    }
+
+    /// Changes may have been missed.
+    pub fn forget_all(&self) {
+        let mut s = self.lock();
+        let generation = s.generation + 1;
+        *s = State {
+            generation,
+            ..State::default()
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("read cache lock")
+    }
+
+    /// Answers from the cache while the database is down; otherwise asks it,
+    /// keeps the answer, and falls back to the cache if it does not answer.
+    async fn read<T>(
+        &self,
+        cached: impl Fn(&State) -> Option<T>,
+        fetch: impl std::future::Future<Output = Result<T>>,
+        keep: impl FnOnce(&mut State, &T),
+    ) -> Result<T> {
+        if self.store.is_down() {
+            if let Some(v) = cached(&self.lock()) {
+                self.metrics.cache_read();
+                return Ok(v);
+            }
+        }
+        let generation = self.lock().generation;
+        match fetch.await {
+            Ok(v) => {
+                let mut s = self.lock();
+                if s.generation == generation {
+                    keep(&mut s, &v);
+                }
+                Ok(v)
+            }
+            Err(e) if unavailable(&e) => match cached(&self.lock()) {
+                Some(v) => {
+                    self.metrics.cache_read();
+                    Ok(v)
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
