@@ -215,6 +215,43 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
     let history = b.cli_json(&["policy", "history"]);
     assert_eq!(history[0]["version"], 1);
     assert_eq!(history[0]["active"], true);
+
+    step(
+        6,
+        "a federated bundle set through A is in B's bundle within a second",
+    );
+    let partner_dir = tempfile::tempdir().unwrap();
+    let (partner_root, _) = upstream_root(partner_dir.path());
+    let out = a.cli(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "partner.test",
+        "--file",
+        &partner_root,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let set = Instant::now();
+    while b
+        .cli_json(&["bundle", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            set.elapsed() < Duration::from_secs(1),
+            "B does not federate with partner.test 1 s after A was told to"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        b.cli_json(&["bundle", "list"])[0]["trust_domain"],
+        "partner.test"
+    );
 }
 
 fn unix_now() -> i64 {

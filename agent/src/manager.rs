@@ -67,9 +67,16 @@ pub struct Snapshot {
     /// entries are found from its few selectors, not by scanning every entry.
     pub by_selector: Arc<HashMap<String, Vec<String>>>,
     pub bundle: Arc<TrustBundle>,
+    /// The bundles of the trust domains ours federates with.
+    pub federated: Arc<Vec<TrustBundle>>,
 }
 
 impl Snapshot {
+    /// Our bundle, then the federated ones.
+    pub fn bundles(&self) -> impl Iterator<Item = &TrustBundle> {
+        std::iter::once(self.bundle.as_ref()).chain(self.federated.iter())
+    }
+
     /// Entries whose selectors are all among the caller's (sorted `selectors`), in ID order.
     pub fn matching(&self, selectors: &[String]) -> Vec<Arc<CachedEntry>> {
         let mut ids: Vec<&String> = selectors
@@ -117,6 +124,7 @@ pub struct Manager {
     /// Entries changed since the selector index was built.
     entries_changed: bool,
     bundle: Arc<TrustBundle>,
+    federated: Arc<Vec<TrustBundle>>,
     revision: u64,
     node_renew_at: i64,
     ca_up: bool,
@@ -150,6 +158,10 @@ impl Manager {
             None
         });
         let (policy, _) = watch::channel(stored.map(Arc::new));
+        let federated = state.load_federated().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring the stored federated bundles");
+            Vec::new()
+        });
         let node_renew_at = rotation_point_ms(node.not_before, node.not_after);
         (
             Manager {
@@ -164,6 +176,7 @@ impl Manager {
                 by_selector: Arc::default(),
                 entries_changed: true,
                 bundle: Arc::new(bundle),
+                federated: Arc::new(federated),
                 revision: 0,
                 node_renew_at,
                 ca_up: true,
@@ -395,6 +408,20 @@ impl Manager {
             self.bundle = Arc::new(bundle);
             self.dirty = true;
         }
+        let federated = crate::state::federated_from_pb(&b.federated)
+            .map_err(|e| format!("CA sent a bad federated bundle: {e}"))?;
+        if federated != *self.federated {
+            self.state
+                .save_federated(&federated)
+                .map_err(|e| e.to_string())?;
+            let tds: Vec<String> = federated
+                .iter()
+                .map(|b| b.trust_domain.to_string())
+                .collect();
+            tracing::info!(trust_domains = ?tds, "federated bundles updated");
+            self.federated = Arc::new(federated);
+            self.dirty = true;
+        }
         self.sync_policy(&mut c).await
     }
 
@@ -528,6 +555,7 @@ impl Manager {
             svids: self.svids.clone(),
             by_selector: self.by_selector.clone(),
             bundle: self.bundle.clone(),
+            federated: self.federated.clone(),
         })));
     }
 }

@@ -11,6 +11,21 @@ use ward_spec::files::{create_private_dir, write_atomic};
 use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
+/// Federated bundles (trust domain name → SPIFFE JWKS), sorted by trust domain.
+pub fn federated_from_pb(
+    map: &std::collections::HashMap<String, Vec<u8>>,
+) -> Result<Vec<TrustBundle>, String> {
+    let mut out = map
+        .iter()
+        .map(|(td, jwks)| {
+            let td = TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
+            TrustBundle::from_jwks(td.clone(), jwks).map_err(|e| format!("bundle of {td}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    out.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
+    Ok(out)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
@@ -145,6 +160,32 @@ impl StateDir {
     pub fn save_policy(&self, set: &PolicySet) -> Result<(), StateError> {
         let p = self.path("policy.pb");
         write_atomic(&p, &set.encode_to_vec(), false).map_err(io(&p))
+    }
+
+    /// The federated bundles last received from the CA (none if never).
+    pub fn load_federated(&self) -> Result<Vec<TrustBundle>, StateError> {
+        let p = self.path("federated.pb");
+        self.load("federated.pb", |b| {
+            let pb = ward_spec::proto::types::v1::Bundle::decode(b).map_err(|e| e.to_string())?;
+            federated_from_pb(&pb.federated)
+        })
+        .map(Option::unwrap_or_default)
+        .map_err(|e| match e {
+            StateError::Corrupt { reason, .. } => StateError::Corrupt { path: p, reason },
+            other => other,
+        })
+    }
+
+    pub fn save_federated(&self, bundles: &[TrustBundle]) -> Result<(), StateError> {
+        let p = self.path("federated.pb");
+        let pb = ward_spec::proto::types::v1::Bundle {
+            federated: bundles
+                .iter()
+                .map(|b| (b.trust_domain.to_string(), b.to_jwks()))
+                .collect(),
+            ..Default::default()
+        };
+        write_atomic(&p, &pb.encode_to_vec(), false).map_err(io(&p))
     }
 
     pub fn save_bundle(&self, bundle: &TrustBundle) -> Result<(), StateError> {

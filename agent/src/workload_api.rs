@@ -147,7 +147,10 @@ fn x509_response(
     }
     let now = unix_now();
     let bundle = snap.bundle.x509_der_concat();
-    let mut fp = vec![Arc::as_ptr(&snap.bundle) as usize];
+    let mut fp = vec![
+        Arc::as_ptr(&snap.bundle) as usize,
+        Arc::as_ptr(&snap.federated) as usize,
+    ];
     let svids: Vec<pb::X509svid> = entries
         .iter()
         .filter_map(|e| {
@@ -176,7 +179,11 @@ fn x509_response(
         pb::X509svidResponse {
             svids,
             crl: Vec::new(),
-            federated_bundles: HashMap::new(),
+            federated_bundles: snap
+                .federated
+                .iter()
+                .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
+                .collect(),
         },
         fp,
     ))
@@ -283,9 +290,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let r = self
-            .bundle_stream(&req, |b| pb::X509BundlesResponse {
+            .bundle_stream(&req, |snap| pb::X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
+                bundles: snap
+                    .bundles()
+                    .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
+                    .collect(),
             })
             .await;
         self.record("FetchX509Bundles", r)
@@ -334,8 +344,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let r = self
-            .bundle_stream(&req, |b| pb::JwtBundlesResponse {
-                bundles: HashMap::from([(b.trust_domain.id_string(), b.to_jwt_jwks())]),
+            .bundle_stream(&req, |snap| pb::JwtBundlesResponse {
+                bundles: snap
+                    .bundles()
+                    .map(|b| (b.trust_domain.id_string(), b.to_jwt_jwks()))
+                    .collect(),
             })
             .await;
         self.record("FetchJWTBundles", r)
@@ -358,8 +371,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if matching(&snap, &selectors).is_empty() {
                 return Err(no_identity());
             }
-            let (id, claims) = ward_spec::jwt::validate(&body.svid, &body.audience, &snap.bundle)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (id, claims) =
+                ward_spec::jwt::validate_any(&body.svid, &body.audience, snap.bundles())
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let fields = match json_to_prost(&claims).kind {
                 Some(prost_types::value::Kind::StructValue(s)) => Some(s),
                 _ => None,
@@ -375,13 +389,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
-    /// A stream of `render(bundle)` for a caller with an identity: now, and on
-    /// every bundle change; it ends with PermissionDenied if the caller loses
-    /// its last entry.
+    /// A stream of `render(bundles)` for a caller with an identity: now, and
+    /// on every change of our bundle or the federated ones; it ends with
+    /// PermissionDenied if the caller loses its last entry.
     async fn bundle_stream<Req, T>(
         &self,
         req: &Request<Req>,
-        render: fn(&ward_spec::TrustBundle) -> T,
+        render: fn(&Snapshot) -> T,
     ) -> Result<Response<BoxStream<T>>, Status>
     where
         T: Send + 'static,
@@ -399,8 +413,11 @@ impl WorkloadApi {
                     return Err(no_identity());
                 }
                 Ok((
-                    render(&snap.bundle),
-                    vec![Arc::as_ptr(&snap.bundle) as usize],
+                    render(snap),
+                    vec![
+                        Arc::as_ptr(&snap.bundle) as usize,
+                        Arc::as_ptr(&snap.federated) as usize,
+                    ],
                 ))
             },
         )))

@@ -282,12 +282,53 @@ impl Admin for AdminApi {
         &self,
         _req: Request<pb::GetBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
-        let b = self.ca.authority.bundle();
+        Ok(Response::new(crate::node_api::bundle_pb(&self.ca)))
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        req: Request<types::Bundle>,
+    ) -> Result<Response<types::Bundle>, Status> {
+        self.operator_only(&req, "set_federated_bundle").await?;
+        let r = req.into_inner();
+        let b = self
+            .ca
+            .set_federated_bundle(&r.trust_domain, &r.jwks)
+            .await?;
         Ok(Response::new(types::Bundle {
             trust_domain: b.trust_domain.to_string(),
             jwks: b.to_jwks(),
-            sequence: b.sequence,
+            ..Default::default()
         }))
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        req: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        self.operator_only(&req, "list_federated_bundles").await?;
+        Ok(Response::new(pb::ListFederatedBundlesResponse {
+            bundles: self
+                .ca
+                .federated_bundles()
+                .iter()
+                .map(|b| types::Bundle {
+                    trust_domain: b.trust_domain.to_string(),
+                    jwks: b.to_jwks(),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<pb::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
+        self.operator_only(&req, "delete_federated_bundle").await?;
+        let td = req.into_inner().trust_domain;
+        self.ca.delete_federated_bundle(&td).await?;
+        Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
     }
 
     async fn push_policy(

@@ -135,6 +135,8 @@ pub enum StoreChange {
     Bundle(u64),
     /// This agent's standing changed (it was evicted).
     Agent(String),
+    /// A federated bundle was set or deleted.
+    Federation,
     /// Notices may have been missed (the connection was lost): read again.
     Resync,
 }
@@ -222,6 +224,14 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>>;
     /// Every version, newest first.
     async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>>;
+
+    /// Stores (or replaces) the bundle (SPIFFE JWKS) of a trust domain we
+    /// federate with.
+    async fn set_federated_bundle(&self, trust_domain: &str, jwks: &[u8], now: i64) -> Result<()>;
+    /// Deletes a federated bundle; false if there was none.
+    async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool>;
+    /// Every federated bundle: (trust domain, JWKS), by trust domain.
+    async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>>;
 
     /// Changes other processes (CA replicas) commit to the same database, as
     /// they commit; None for a store no other process writes.

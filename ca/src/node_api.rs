@@ -69,14 +69,24 @@ pub fn entry_to_pb(e: &Entry) -> types::Entry {
     }
 }
 
+/// Our bundle, with the federated ones.
+pub fn bundle_pb(ca: &Ca) -> types::Bundle {
+    let b = ca.authority.bundle();
+    types::Bundle {
+        trust_domain: b.trust_domain.to_string(),
+        jwks: b.to_jwks(),
+        sequence: b.sequence,
+        federated: ca
+            .federated_bundles()
+            .iter()
+            .map(|f| (f.trust_domain.to_string(), f.to_jwks()))
+            .collect(),
+    }
+}
+
 impl NodeApi {
     pub fn bundle_pb(&self) -> types::Bundle {
-        let b = self.ca.authority.bundle();
-        types::Bundle {
-            trust_domain: b.trust_domain.to_string(),
-            jwks: b.to_jwks(),
-            sequence: b.sequence,
-        }
+        bundle_pb(&self.ca)
     }
 }
 
@@ -209,6 +219,7 @@ impl Node for NodeApi {
                     entry_revision: n.entry_revision,
                     bundle_sequence: n.bundle_sequence,
                     policy_version: n.policy_version,
+                    federation_version: n.federation_version,
                 })
             };
             let mut sent = *state.borrow_and_update();
@@ -224,6 +235,7 @@ impl Node for NodeApi {
                         let n = *state.borrow_and_update();
                         n.bundle_sequence != sent.bundle_sequence
                             || n.policy_version != sent.policy_version
+                            || n.federation_version != sent.federation_version
                     }
                     r = entries.recv() => match r {
                         Ok(c) => c.parents.as_ref().is_none_or(|p| p.contains(&me)),

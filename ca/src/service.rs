@@ -12,7 +12,7 @@ use ring::digest;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::Code;
-use ward_spec::{Selector, SpiffeId, TrustDomain};
+use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use crate::authority::Authority;
 use ward_authz::{AdminAction, AdminPrincipal};
@@ -133,6 +133,8 @@ pub struct Ca {
     announced: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Decides admin calls by the active policy set.
     admin_policy: AdminPolicy,
+    /// The bundles of the trust domains we federate with, by trust domain.
+    federated: std::sync::RwLock<Arc<Vec<TrustBundle>>>,
     /// One policy push or rollback at a time, so versions and the installed
     /// set move together.
     policy_writes: tokio::sync::Mutex<()>,
@@ -152,10 +154,29 @@ pub struct Notice {
     pub entry_revision: u64,
     pub bundle_sequence: u64,
     pub policy_version: u64,
+    /// Moves on every change of the federated bundles.
+    pub federation_version: u64,
 }
 
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
 pub const JOIN_TOKEN_ATTESTOR: &str = "join_token";
+
+/// The stored federated bundles; one that does not parse is left out, logged.
+async fn load_federated(store: &dyn Datastore) -> CaResult<Vec<TrustBundle>> {
+    let mut out = Vec::new();
+    for (td, jwks) in store.list_federated_bundles().await? {
+        let parsed = TrustDomain::new(&td)
+            .map_err(|e| e.to_string())
+            .and_then(|t| TrustBundle::from_jwks(t, &jwks).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(b) => out.push(b),
+            Err(e) => {
+                tracing::error!(trust_domain = td, error = %e, "ignoring a stored federated bundle")
+            }
+        }
+    }
+    Ok(out)
+}
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
@@ -192,10 +213,13 @@ impl Ca {
             entry_revision: revision,
             bundle_sequence: authority.bundle().sequence,
             policy_version: active.as_ref().map_or(0, |p| p.version),
+            federation_version: 0,
         });
+        let federated = load_federated(store.as_ref()).await?;
         Ok(Ca {
             admin_policy: AdminPolicy::new(active.as_ref()),
             reads: ReadCache::new(store.clone(), metrics.clone()),
+            federated: std::sync::RwLock::new(Arc::new(federated)),
             authority,
             store,
             ttls,
@@ -235,6 +259,7 @@ impl Ca {
         match change {
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
             StoreChange::Agent(id) => self.reads.forget_agent(&id),
+            StoreChange::Federation => self.reload_federation().await?,
             StoreChange::Bundle(_) => {
                 if self
                     .authority
@@ -249,6 +274,7 @@ impl Ca {
             StoreChange::Policy(_) | StoreChange::Resync => {
                 if change == StoreChange::Resync {
                     self.reads.forget_all();
+                    self.reload_federation().await?;
                 }
                 self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
@@ -747,6 +773,66 @@ impl Ca {
         self.reads.forget_agent(&id.to_string());
         self.metrics.admin_change("evict_agent");
         tracing::info!(target: "audit", event = "agent_evicted", agent_id = %id, "evicted an agent");
+        Ok(())
+    }
+
+    // ----- federation -----
+
+    /// The bundles of the trust domains we federate with.
+    pub fn federated_bundles(&self) -> Arc<Vec<TrustBundle>> {
+        self.federated.read().expect("federated lock").clone()
+    }
+
+    /// Stores (or replaces) the bundle of a trust domain we federate with;
+    /// agents hear of it at once.
+    pub async fn set_federated_bundle(
+        &self,
+        trust_domain: &str,
+        jwks: &[u8],
+    ) -> CaResult<TrustBundle> {
+        let td = TrustDomain::new(trust_domain)
+            .map_err(|e| CaError::invalid(format!("trust domain {trust_domain:?}: {e}")))?;
+        if &td == self.trust_domain() {
+            return Err(CaError::invalid(format!(
+                "{td} is this CA's own trust domain; its bundle is not set by hand"
+            )));
+        }
+        let bundle = TrustBundle::from_jwks(td.clone(), jwks)
+            .map_err(|e| CaError::invalid(format!("bundle of {td}: {e}")))?;
+        if bundle.x509_authorities.is_empty() {
+            return Err(CaError::invalid(format!(
+                "bundle of {td} holds no X.509 authority"
+            )));
+        }
+        ward_spec::tls::RootStore::new(&bundle)
+            .map_err(|e| CaError::invalid(format!("bundle of {td}: {e}")))?;
+        self.store
+            .set_federated_bundle(td.as_str(), &bundle.to_jwks(), now().unix_timestamp())
+            .await?;
+        self.reload_federation().await?;
+        self.metrics.admin_change("set_federated_bundle");
+        tracing::info!(target: "audit", event = "federated_bundle_set", trust_domain = %td, x509_authorities = bundle.x509_authorities.len(), jwt_authorities = bundle.jwt_authorities.len(), "set a federated bundle");
+        Ok(bundle)
+    }
+
+    pub async fn delete_federated_bundle(&self, trust_domain: &str) -> CaResult<()> {
+        if !self.store.delete_federated_bundle(trust_domain).await? {
+            return Err(CaError::new(
+                Code::NotFound,
+                format!("no federated bundle for {trust_domain}"),
+            ));
+        }
+        self.reload_federation().await?;
+        self.metrics.admin_change("delete_federated_bundle");
+        tracing::info!(target: "audit", event = "federated_bundle_deleted", trust_domain, "deleted a federated bundle");
+        Ok(())
+    }
+
+    /// Reads the federated bundles again and tells agents.
+    async fn reload_federation(&self) -> CaResult<()> {
+        let bundles = load_federated(self.store.as_ref()).await?;
+        *self.federated.write().expect("federated lock") = Arc::new(bundles);
+        self.notices.send_modify(|n| n.federation_version += 1);
         Ok(())
     }
 

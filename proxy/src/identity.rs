@@ -19,7 +19,7 @@ use tonic::metadata::MetadataValue;
 use ward_spec::proto::workload as pb;
 use ward_spec::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use ward_spec::tls::{RootStore, SvidResolver};
-use ward_spec::{SpiffeId, TrustBundle};
+use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
 use crate::metrics::Metrics;
 
@@ -190,6 +190,24 @@ fn install(
         }
         None => RootStore::new(&bundle).map_err(|e| e.to_string())?,
     };
+    // Peers of federated trust domains are verified against their own roots.
+    let federated = resp
+        .federated_bundles
+        .iter()
+        .map(|(td, ders)| {
+            let mut b = TrustBundle::new(
+                TrustDomain::new(td).map_err(|e| format!("federated trust domain {td:?}: {e}"))?,
+            );
+            b.x509_authorities = ward_spec::svid::split_der_chain(ders)
+                .map_err(|e| format!("federated bundle of {td}: {e}"))?;
+            Ok(b)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let known = roots.federated_trust_domains();
+    roots.set_federated(&federated).map_err(|e| e.to_string())?;
+    if roots.federated_trust_domains() != known {
+        tracing::info!(trust_domains = ?roots.federated_trust_domains().iter().map(|t| t.to_string()).collect::<Vec<_>>(), "federated trust domains changed");
+    }
     resolver
         .set(&chain, &svid.x509_svid_key)
         .map_err(|e| format!("SVID key: {e}"))?;

@@ -95,6 +95,24 @@ pub fn validate(
     Ok((id, data.claims))
 }
 
+/// Validates `token` against whichever of `bundles` holds its signing key
+/// (our trust domain's or a federated one's); the subject must belong to
+/// that bundle's trust domain.
+pub fn validate_any<'a>(
+    token: &str,
+    audience: &str,
+    bundles: impl IntoIterator<Item = &'a TrustBundle>,
+) -> Result<(SpiffeId, Value), JwtError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    let kid = header.kid.ok_or(JwtError::NoKid)?;
+    let bundle = bundles
+        .into_iter()
+        .find(|b| b.jwt_authority(&kid).is_some())
+        .ok_or(JwtError::UnknownKey(kid))?;
+    validate(token, audience, bundle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! SPIFFE ID replaces it. Roots and our own SVID live behind `ArcSwap`s, so a
 //! rotation changes every new handshake and no established connection.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -37,6 +38,8 @@ pub struct RootStore {
 struct Roots {
     trust_domain: TrustDomain,
     anchors: Vec<TrustAnchor<'static>>,
+    /// Federated trust domains: their members are verified against these.
+    federated: Arc<HashMap<TrustDomain, Vec<TrustAnchor<'static>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,40 +49,69 @@ pub struct BadRoot {
     pub reason: String,
 }
 
-impl Roots {
-    fn from_bundle(bundle: &TrustBundle) -> Result<Self, BadRoot> {
-        let anchors = bundle
-            .x509_authorities
-            .iter()
-            .enumerate()
-            .map(|(index, der)| {
-                let cert = CertificateDer::from(der.as_slice());
-                webpki::anchor_from_trusted_cert(&cert)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| BadRoot {
-                        index,
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Roots {
-            trust_domain: bundle.trust_domain.clone(),
-            anchors,
+/// The trust anchors of a bundle's X.509 authorities.
+fn anchors(bundle: &TrustBundle) -> Result<Vec<TrustAnchor<'static>>, BadRoot> {
+    bundle
+        .x509_authorities
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            let cert = CertificateDer::from(der.as_slice());
+            webpki::anchor_from_trusted_cert(&cert)
+                .map(|a| a.to_owned())
+                .map_err(|e| BadRoot {
+                    index,
+                    reason: e.to_string(),
+                })
         })
-    }
+        .collect()
 }
 
 impl RootStore {
     pub fn new(bundle: &TrustBundle) -> Result<Self, BadRoot> {
         Ok(RootStore {
-            inner: Arc::new(ArcSwap::from_pointee(Roots::from_bundle(bundle)?)),
+            inner: Arc::new(ArcSwap::from_pointee(Roots {
+                trust_domain: bundle.trust_domain.clone(),
+                anchors: anchors(bundle)?,
+                federated: Arc::default(),
+            })),
         })
     }
 
     /// Replaces the roots; handshakes that start afterwards use the new set.
     pub fn update(&self, bundle: &TrustBundle) -> Result<(), BadRoot> {
-        self.inner.store(Arc::new(Roots::from_bundle(bundle)?));
+        let current = self.inner.load();
+        self.inner.store(Arc::new(Roots {
+            trust_domain: bundle.trust_domain.clone(),
+            anchors: anchors(bundle)?,
+            federated: current.federated.clone(),
+        }));
         Ok(())
+    }
+
+    /// Replaces the bundles of federated trust domains (our own trust
+    /// domain's bundle, if among them, is ignored). Peers of those domains
+    /// are then verified against their own domain's roots.
+    pub fn set_federated(&self, bundles: &[TrustBundle]) -> Result<(), BadRoot> {
+        let current = self.inner.load();
+        let federated = bundles
+            .iter()
+            .filter(|b| b.trust_domain != current.trust_domain)
+            .map(|b| Ok((b.trust_domain.clone(), anchors(b)?)))
+            .collect::<Result<_, BadRoot>>()?;
+        self.inner.store(Arc::new(Roots {
+            trust_domain: current.trust_domain.clone(),
+            anchors: current.anchors.clone(),
+            federated: Arc::new(federated),
+        }));
+        Ok(())
+    }
+
+    /// The federated trust domains, sorted.
+    pub fn federated_trust_domains(&self) -> Vec<TrustDomain> {
+        let mut tds: Vec<TrustDomain> = self.inner.load().federated.keys().cloned().collect();
+        tds.sort();
+        tds
     }
 
     pub fn trust_domain(&self) -> TrustDomain {
@@ -100,16 +132,23 @@ impl RootStore {
             )))
         })?;
         let roots = self.inner.load();
-        if !leaf.spiffe_id.is_member_of(&roots.trust_domain) {
-            return Err(other(format!(
-                "peer {} is not in trust domain {}",
-                leaf.spiffe_id, roots.trust_domain
-            )));
-        }
+        let anchors = if leaf.spiffe_id.is_member_of(&roots.trust_domain) {
+            &roots.anchors
+        } else {
+            match roots.federated.get(leaf.spiffe_id.trust_domain()) {
+                Some(anchors) => anchors,
+                None => {
+                    return Err(other(format!(
+                        "peer {} is not in trust domain {} nor in one federated with it",
+                        leaf.spiffe_id, roots.trust_domain
+                    )))
+                }
+            }
+        };
         let ee = EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let algs = provider().signature_verification_algorithms.all;
-        ee.verify_for_usage(algs, &roots.anchors, intermediates, now, usage, None, None)
+        ee.verify_for_usage(algs, anchors, intermediates, now, usage, None, None)
             .map_err(pki_error)?;
         Ok(leaf.spiffe_id)
     }
@@ -144,7 +183,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 /// Which SPIFFE IDs a verifier accepts once the chain is good.
 #[derive(Debug, Clone)]
 pub enum PeerPolicy {
-    /// Any ID in the root store's trust domain.
+    /// Any ID the root store verifies (of its trust domain or a federated one).
     AnyInTrustDomain,
     /// Exactly one of these IDs.
     OneOf(Vec<SpiffeId>),
@@ -407,4 +446,75 @@ pub fn client_config(
 pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
     svid::check_leaf(leaf).ok().map(|l| l.spiffe_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+
+    /// A root for `td`: its bundle and an issuer for leaves.
+    fn root(td: &str) -> (TrustBundle, rcgen::Issuer<'static, KeyPair>) {
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().unwrap())];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let mut bundle = TrustBundle::new(TrustDomain::new(td).unwrap());
+        bundle.x509_authorities = vec![cert.der().to_vec()];
+        (bundle, rcgen::Issuer::new(p, key))
+    }
+
+    fn leaf(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        p.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    fn verify(store: &RootStore, cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+        store
+            .verify(cert, &[], UnixTime::now(), KeyUsage::client_auth())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_federated_peer_is_verified_against_its_own_trust_domains_roots_only() {
+        let (ours, our_issuer) = root("example.org");
+        let (theirs, their_issuer) = root("partner.test");
+        let store = RootStore::new(&ours).unwrap();
+        let partner = leaf("spiffe://partner.test/api", &their_issuer);
+        // A partner.test ID signed by our root: the chain reaches a root, but
+        // not one of the peer's trust domain.
+        let forged = leaf("spiffe://partner.test/api", &our_issuer);
+
+        let e = verify(&store, &partner).unwrap_err();
+        assert!(e.contains("nor in one federated"), "{e}");
+        store.set_federated(&[theirs.clone()]).unwrap();
+        assert_eq!(
+            verify(&store, &partner).unwrap().to_string(),
+            "spiffe://partner.test/api"
+        );
+        assert!(verify(&store, &forged).is_err(), "accepted a forged chain");
+        assert_eq!(
+            store.federated_trust_domains(),
+            vec![TrustDomain::new("partner.test").unwrap()]
+        );
+        // Our own bundle's rotation keeps the federation; dropping it ends it.
+        store.update(&ours).unwrap();
+        assert!(verify(&store, &partner).is_ok());
+        assert!(verify(&store, &leaf("spiffe://example.org/web", &our_issuer)).is_ok());
+        store.set_federated(&[]).unwrap();
+        assert!(verify(&store, &partner).is_err());
+    }
 }

@@ -1,5 +1,7 @@
 //! Clients of the CA admin API: tokens, entries, agents, bundle.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
@@ -408,21 +410,135 @@ pub enum BundleCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Federate with another trust domain: store (or replace) its bundle, so
+    /// its workloads are trusted as peers by ours (policies still decide).
+    #[command(
+        after_help = "Example:\n  ward bundle set --trust-domain partner.example --file partner.pem\n  ward bundle set --trust-domain partner.example --file partner.jwks --format jwks"
+    )]
+    Set {
+        #[arg(long)]
+        trust_domain: String,
+        /// The other trust domain's bundle (`ward bundle show` there).
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List the trust domains we federate with.
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Stop federating with a trust domain.
+    Delete {
+        #[arg(long)]
+        trust_domain: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
 }
 
-pub async fn bundle(cmd: BundleCommand, _out: Output) -> anyhow::Result<()> {
-    let BundleCommand::Show { format, target } = cmd;
-    let mut c = client(&target).await?;
-    let b = c
-        .get_bundle(pb::GetBundleRequest {})
-        .await
-        .map_err(status)?
-        .into_inner();
-    match format {
-        BundleFormat::Jwks => println!("{}", String::from_utf8_lossy(&b.jwks)),
-        BundleFormat::Pem => {
-            let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
-            print!("{}", TrustBundle::from_jwks(td, &b.jwks)?.x509_pem());
+pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        BundleCommand::Show { format, target } => {
+            let b = client(&target)
+                .await?
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            match format {
+                BundleFormat::Jwks => println!("{}", String::from_utf8_lossy(&b.jwks)),
+                BundleFormat::Pem => {
+                    let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
+                    print!("{}", TrustBundle::from_jwks(td, &b.jwks)?.x509_pem());
+                }
+            }
+        }
+        BundleCommand::Set {
+            trust_domain,
+            file,
+            format,
+            target,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let jwks = match format {
+                BundleFormat::Jwks => text.into_bytes(),
+                BundleFormat::Pem => {
+                    let td = ward_spec::TrustDomain::new(&trust_domain)?;
+                    let mut b = TrustBundle::new(td);
+                    b.x509_authorities = ward_spec::bundle::pem_to_ders("CERTIFICATE", &text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                    if b.x509_authorities.is_empty() {
+                        anyhow::bail!(
+                            "{}: no PEM certificate in it (for a JWKS bundle, add --format jwks)",
+                            file.display()
+                        );
+                    }
+                    b.to_jwks()
+                }
+            };
+            let b = client(&target)
+                .await?
+                .set_federated_bundle(types::Bundle {
+                    trust_domain,
+                    jwks,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("Federating with {}.", b.trust_domain);
+        }
+        BundleCommand::List { target } => {
+            let list = client(&target)
+                .await?
+                .list_federated_bundles(pb::ListFederatedBundlesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .bundles;
+            let mut rows = Vec::new();
+            for b in &list {
+                let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
+                let parsed = TrustBundle::from_jwks(td, &b.jwks)?;
+                rows.push((
+                    b.trust_domain.clone(),
+                    parsed.x509_authorities.len(),
+                    parsed.jwt_authorities.len(),
+                ));
+            }
+            match out {
+                Output::Json => print_json(&serde_json::Value::Array(
+                    rows.iter()
+                        .map(|(td, x, j)| {
+                            json!({"trust_domain": td, "x509_authorities": x, "jwt_authorities": j})
+                        })
+                        .collect(),
+                )),
+                Output::Human if rows.is_empty() => println!("No federated trust domains."),
+                Output::Human => {
+                    for (td, x, j) in rows {
+                        println!("{td}: {x} X.509 root(s), {j} JWT key(s)");
+                    }
+                }
+            }
+        }
+        BundleCommand::Delete {
+            trust_domain,
+            target,
+        } => {
+            client(&target)
+                .await?
+                .delete_federated_bundle(pb::DeleteFederatedBundleRequest {
+                    trust_domain: trust_domain.clone(),
+                })
+                .await
+                .map_err(status)?;
+            println!("No longer federating with {trust_domain}.");
         }
     }
     Ok(())

@@ -142,12 +142,18 @@ pub struct CaProcess {
     pub extra: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
+    pub trust_domain: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl CaProcess {
     /// Starts a CA in a fresh directory with extra `ward ca serve` flags.
     pub fn start(extra: &[&str]) -> CaProcess {
+        CaProcess::start_in(TD, extra)
+    }
+
+    /// Starts a CA of trust domain `td`.
+    pub fn start_in(td: &str, extra: &[&str]) -> CaProcess {
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if POSTGRES.with(|p| p.get()) {
             extra.extend(["--datastore".to_owned(), fresh_postgres_database()]);
@@ -160,6 +166,7 @@ impl CaProcess {
             extra,
             child: None,
             log: tmp.path().join("ca.log"),
+            trust_domain: td.to_owned(),
             _tmp: Some(tmp),
         };
         ca.spawn();
@@ -182,7 +189,13 @@ impl CaProcess {
             .open(&self.log)
             .unwrap();
         let child = Command::new(ward_bin())
-            .args(["ca", "serve", "--trust-domain", TD, "--data-dir"])
+            .args([
+                "ca",
+                "serve",
+                "--trust-domain",
+                &self.trust_domain,
+                "--data-dir",
+            ])
             .arg(self.data_dir())
             .args([
                 "--bind-address",
@@ -271,7 +284,7 @@ impl CaProcess {
     pub fn bundle(&self) -> TrustBundle {
         let out = self.cli(&["bundle", "show", "--format", "jwks"]);
         assert!(out.status.success());
-        TrustBundle::from_jwks(TrustDomain::new(TD).unwrap(), &out.stdout).unwrap()
+        TrustBundle::from_jwks(TrustDomain::new(&self.trust_domain).unwrap(), &out.stdout).unwrap()
     }
 
     /// Audit lines (target `audit`) in the log containing `needle`.
@@ -493,6 +506,7 @@ pub struct AgentProcess {
     pub extra: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
+    pub trust_domain: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -500,6 +514,7 @@ impl AgentProcess {
     /// Starts an agent attested to `ca` with a fresh join token.
     pub fn start(ca: &CaProcess) -> AgentProcess {
         let mut a = AgentProcess::prepare(vec![ca.node_addr.clone()]);
+        a.trust_domain = ca.trust_domain.clone();
         std::fs::write(a.dir.join("bundle.pem"), ca.cli(&["bundle", "show"]).stdout).unwrap();
         let token = ca.join_token();
         a.spawn(Some(&token));
@@ -520,6 +535,7 @@ impl AgentProcess {
             extra: Vec::new(),
             child: None,
             log: tmp.path().join("agent.log"),
+            trust_domain: TD.to_owned(),
             _tmp: tmp,
         }
     }
@@ -535,15 +551,21 @@ impl AgentProcess {
             .open(&self.log)
             .unwrap();
         let mut cmd = Command::new(ward_bin());
-        cmd.args(["agent", "run", "--trust-domain", TD, "--data-dir"])
-            .arg(self.dir.join("data"))
-            .arg("--socket-path")
-            .arg(&self.socket)
-            .args(["--health-address", &self.health_addr, "--trust-bundle"])
-            .arg(self.dir.join("bundle.pem"))
-            .env("WARD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args([
+            "agent",
+            "run",
+            "--trust-domain",
+            &self.trust_domain,
+            "--data-dir",
+        ])
+        .arg(self.dir.join("data"))
+        .arg("--socket-path")
+        .arg(&self.socket)
+        .args(["--health-address", &self.health_addr, "--trust-bundle"])
+        .arg(self.dir.join("bundle.pem"))
+        .env("WARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
         for a in &self.ca_addrs {
             cmd.args(["--ca-address", a]);
         }

@@ -4,12 +4,14 @@ usage:
   spiffe_client.py x509 ENDPOINT OUTDIR      writes chain.pem and bundle.pem, prints the SPIFFE ID
   spiffe_client.py jwt ENDPOINT AUDIENCE     prints a JWT-SVID
   spiffe_client.py validate ENDPOINT AUDIENCE TOKEN   prints the validated SPIFFE ID
+  spiffe_client.py bundle ENDPOINT TRUST_DOMAIN    prints how many X.509 and JWT
+                                                   authorities the bundle of TRUST_DOMAIN has
 """
 import os
 import sys
 
 from cryptography.hazmat.primitives import serialization
-from spiffe import WorkloadApiClient
+from spiffe import TrustDomain, WorkloadApiClient
 
 
 def main():
@@ -30,6 +32,13 @@ def main():
             print(svid.spiffe_id)
         elif cmd == "jwt":
             print(client.fetch_jwt_svid(audience={sys.argv[3]}).token)
+        elif cmd == "bundle":
+            td = TrustDomain(sys.argv[3])
+            x509 = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
+            jwt = client.fetch_jwt_bundles().get_bundle_for_trust_domain(td)
+            if x509 is None or jwt is None:
+                sys.exit("no bundle for " + sys.argv[3])
+            print(len(x509.x509_authorities), len(jwt.jwt_authorities))
         elif cmd == "validate":
             print(client.validate_jwt_svid(sys.argv[4], sys.argv[3]).spiffe_id)
         else:

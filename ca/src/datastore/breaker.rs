@@ -191,6 +191,15 @@ impl Datastore for Breaker {
     async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
         guarded!(self.list_policy_sets())
     }
+    async fn set_federated_bundle(&self, trust_domain: &str, jwks: &[u8], now: i64) -> Result<()> {
+        guarded!(self.set_federated_bundle(trust_domain, jwks, now))
+    }
+    async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
+        guarded!(self.delete_federated_bundle(trust_domain))
+    }
+    async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        guarded!(self.list_federated_bundles())
+    }
     fn changes(&self) -> Option<broadcast::Receiver<StoreChange>> {
         self.inner.changes()
     }

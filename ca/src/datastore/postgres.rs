@@ -76,6 +76,7 @@ async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
                     Some(("policy", v)) => v.parse().ok().map(StoreChange::Policy),
                     Some(("bundle", v)) => v.parse().ok().map(StoreChange::Bundle),
                     Some(("agent", v)) => Some(StoreChange::Agent(v.to_owned())),
+                    Some(("federation", _)) => Some(StoreChange::Federation),
                     _ => None,
                 };
                 match change {

@@ -73,6 +73,13 @@ CREATE TABLE bundle_parts (
     PRIMARY KEY (trust_domain, replica)
 );
 "#,
+    r#"
+CREATE TABLE federated_bundles (
+    trust_domain TEXT PRIMARY KEY,
+    jwks TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+"#,
 ];
 
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
@@ -82,7 +89,7 @@ pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, 
 /// `migrate`; `$lock` is a statement that serializes migrations between
 /// processes sharing the database (PostgreSQL replicas), if any, and
 /// `$notify` one that tells them of a committed change (`entries:REVISION:PARENTS`,
-/// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`), if any.
+/// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`, `federation:TRUST_DOMAIN`), if any.
 macro_rules! sql_store {
     ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr) => {
         /// Runs `notify` (a statement taking the payload as `$1`) inside the
@@ -712,6 +719,55 @@ macro_rules! sql_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(row_to_policy_set).collect()
+            }
+
+            async fn set_federated_bundle(
+                &self,
+                trust_domain: &str,
+                jwks: &[u8],
+                now: i64,
+            ) -> Result<()> {
+                let jwks = std::str::from_utf8(jwks)
+                    .map_err(|e| StoreError::Corrupt(format!("bundle of {trust_domain}: {e}")))?;
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO federated_bundles (trust_domain, jwks, updated_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (trust_domain) DO UPDATE SET jwks = $2, updated_at = $3",
+                )
+                .bind(trust_domain)
+                .bind(jwks)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                announce(&mut tx, $notify, &format!("federation:{trust_domain}")).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
+                let r = sqlx::query("DELETE FROM federated_bundles WHERE trust_domain = $1")
+                    .bind(trust_domain)
+                    .execute(&mut *tx)
+                    .await?;
+                announce(&mut tx, $notify, &format!("federation:{trust_domain}")).await?;
+                tx.commit().await?;
+                Ok(r.rows_affected() > 0)
+            }
+
+            async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>> {
+                let rows = sqlx::query(
+                    "SELECT trust_domain, jwks FROM federated_bundles ORDER BY trust_domain",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let td: String = r.try_get("trust_domain")?;
+                        let jwks: String = r.try_get("jwks")?;
+                        Ok((td, jwks.into_bytes()))
+                    })
+                    .collect()
             }
 
             async fn ping(&self) -> Result<()> {

@@ -1,0 +1,297 @@
+//! Federation end to end: two trust domains, each with its own CA and agent,
+//! and a tunnel from `web` in one to `api` in the other, which works exactly
+//! while each CA holds the other's bundle (`ward bundle set`).
+//!
+//! The mesh: `web` (uid 1001, `example.org`, agent 1) → its proxy's route →
+//! mutual TLS → `api`'s proxy (uid 1002, `partner.test`, agent 2) → the
+//! application (`tests/py/hash_app.py`, SHA-256 checked at both ends). The
+//! api side's policy admits `web` of `example.org` by its trust domain.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+const API: &str = "spiffe://partner.test/tenant/acme/ns/prod/sa/api";
+const OPS_1: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/ops";
+const OPS_2: &str = "spiffe://partner.test/tenant/acme/ns/prod/sa/ops";
+const WEB_UID: u32 = 1001;
+const API_UID: u32 = 1002;
+
+fn step(n: u32, what: &str) {
+    println!("step {n}: {what}");
+}
+
+/// A policy directory (readable by the proxies' uids) that lets `web` of
+/// `example.org` call `api`, and nothing else.
+fn partner_policies() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/ward.cedarschema");
+    std::fs::copy(schema, dir.path().join("ward.cedarschema")).unwrap();
+    std::fs::write(
+        dir.path().join("partner.cedar"),
+        r#"@id("example-web-to-partner-api")
+permit (
+  principal is Ward::Workload,
+  action == Ward::Action::"connect",
+  resource is Ward::Workload
+)
+when { principal.trust_domain == "example.org" && principal.service == "web" && resource.service == "api" };
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn node_of(ca: &CaProcess) -> String {
+    ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `ca`'s bundle as a PEM file in `dir`.
+fn bundle_file(ca: &CaProcess, dir: &std::path::Path) -> String {
+    let path = dir.join(format!("{}.pem", ca.trust_domain));
+    std::fs::write(&path, ca.cli(&["bundle", "show"]).stdout).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn run_ok(ca: &CaProcess, args: &[&str]) -> String {
+    let out = ca.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A client-side proxy for `web` with one route to `api`; its route port.
+fn web_proxy(agent: &AgentProcess, api_inbound: &str) -> (ProxyProcess, u16) {
+    let port = free_port();
+    let route =
+        format!("listen=127.0.0.1:{port},destination={api_inbound},id={API},target=api.acme:8080");
+    (
+        ProxyProcess::start(agent, WEB_UID, &["--route", &route]),
+        port,
+    )
+}
+
+#[test]
+fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
+    step(
+        1,
+        "two trust domains, each with a CA and an agent; web in example.org, api in partner.test",
+    );
+    let ca1 = CaProcess::start_in("example.org", &[]);
+    let ca2 = CaProcess::start_in("partner.test", &[]);
+    let agent1 = AgentProcess::start(&ca1);
+    let agent2 = AgentProcess::start(&ca2);
+    ca1.register(WEB, &node_of(&ca1), &format!("unix:uid:{WEB_UID}"));
+    ca2.register(API, &node_of(&ca2), &format!("unix:uid:{API_UID}"));
+    // This test's own uid is a workload on both sides (for py-spiffe).
+    let me = format!("unix:uid:{}", my_uid());
+    ca1.register(OPS_1, &node_of(&ca1), &me);
+    ca2.register(OPS_2, &node_of(&ca2), &me);
+    let policies = partner_policies();
+    let app = AppProcess::start();
+    let api_inbound = format!("127.0.0.1:{}", free_port());
+    let forward = format!("127.0.0.1:{}", app.port);
+    let api = ProxyProcess::start(
+        &agent2,
+        API_UID,
+        &[
+            "--inbound-listen",
+            &api_inbound,
+            "--forward",
+            &forward,
+            "--policy-dir",
+            policies.path().to_str().unwrap(),
+        ],
+    );
+
+    step(
+        2,
+        "not federated: web's proxy refuses api's certificate, the application sees nothing",
+    );
+    let (web, port) = web_proxy(&agent1, &api_inbound);
+    let r = hash_client(port, 1024, 1, 0.0);
+    assert_eq!(r.ok, 0, "a stream crossed trust domains without federation");
+    assert_eq!(app.connections(), 0);
+    assert!(
+        web.log_text()
+            .contains("is not in trust domain example.org nor in one federated with it"),
+        "web's proxy did not say why:\n{}",
+        web.log_text()
+    );
+    let out = py_client(&["bundle", &agent2.endpoint(), "example.org"]);
+    assert!(
+        !out.status.success(),
+        "a bundle for example.org before federating"
+    );
+
+    step(
+        3,
+        "each CA is given the other's bundle (`ward bundle set`, PEM one way, JWKS the other)",
+    );
+    let files = tempfile::tempdir().unwrap();
+    let b2 = bundle_file(&ca2, files.path());
+    let b1 = files.path().join("example.org.jwks");
+    std::fs::write(&b1, run_ok(&ca1, &["bundle", "show", "--format", "jwks"])).unwrap();
+    let b1 = b1.to_str().unwrap();
+    let set = Instant::now();
+    run_ok(
+        &ca1,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "partner.test",
+            "--file",
+            &b2,
+        ],
+    );
+    run_ok(
+        &ca2,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "example.org",
+            "--file",
+            b1,
+            "--format",
+            "jwks",
+        ],
+    );
+    // Bad input is refused with the reason, and nothing is stored.
+    let refused = |args: &[&str], why: &str| {
+        let out = ca2.cli(args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    let garbage = files.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    refused(
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "partner.test",
+            "--file",
+            &b2,
+        ],
+        "this CA's own trust domain",
+    );
+    refused(
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "third.test",
+            "--file",
+            garbage,
+        ],
+        "garbage.pem",
+    );
+    refused(
+        &["bundle", "delete", "--trust-domain", "third.test"],
+        "no federated bundle for third.test",
+    );
+    let listed = ca2.cli_json(&["bundle", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["trust_domain"], "example.org", "{listed}");
+    assert_eq!(listed[0]["x509_authorities"], 1, "{listed}");
+    assert_eq!(listed[0]["jwt_authorities"], 1, "{listed}");
+
+    step(
+        4,
+        "federated: bytes arrive intact through the tunnel, decided by api's policy",
+    );
+    let r = loop {
+        let r = hash_client(port, 64 * 1024, 4, 0.0);
+        if r.ok == 4 {
+            break r;
+        }
+        assert!(
+            set.elapsed() < Duration::from_secs(10),
+            "no tunnel 10 s after federating: {:?}",
+            r.errors
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "  tunnel up {:?} after the first `bundle set`",
+        set.elapsed()
+    );
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.bytes_received, 4 * 64 * 1024);
+    let decisions = api.wait_decisions(4);
+    assert_eq!(decisions.len(), 4, "{decisions:?}");
+    assert!(decisions.iter().all(|l| l["decision"] == "allow"
+        && l["principal"] == WEB
+        && l["resource"] == API
+        && l["policies"][0] == "example-web-to-partner-api"));
+
+    step(
+        5,
+        "py-spiffe: partner.test's agent serves example.org's bundle; a JWT-SVID of example.org validates there",
+    );
+    let out = py_client(&["bundle", &agent2.endpoint(), "example.org"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1 1");
+    let out = py_client(&["jwt", &agent1.endpoint(), "partner"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = py_client(&["validate", &agent2.endpoint(), "partner", &token]);
+    assert!(
+        out.status.success(),
+        "partner.test refused example.org's JWT-SVID: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), OPS_1);
+
+    step(
+        6,
+        "api's CA stops federating: a new connection from web is refused again",
+    );
+    run_ok(&ca2, &["bundle", "delete", "--trust-domain", "example.org"]);
+    let deleted = Instant::now();
+    let served = app.connections();
+    loop {
+        // A new proxy, so a new TLS connection (the old one stays pooled).
+        let (_web2, port2) = web_proxy(&agent1, &api_inbound);
+        if hash_client(port2, 1024, 1, 0.0).ok == 0 {
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "api's proxy still trusts example.org 10 s after the delete"
+        );
+    }
+    assert_eq!(
+        app.connections(),
+        served,
+        "the application saw the refused one"
+    );
+    assert!(
+        api.log_text().contains("refused client certificate"),
+        "{}",
+        api.log_text()
+    );
+}
