@@ -760,3 +760,68 @@ async fn an_agent_evicted_through_one_replica_is_not_signed_for_from_the_others_
         b.log_text()
     );
 }
+
+#[test]
+fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
+    let Some(db) = fresh_database() else { return };
+
+    step(
+        1,
+        "two replicas; the agent (CA calls time out after 2 s) attaches to A; 12 s SVIDs",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_replicas(&db, root_dir.path());
+    let (agent, node) = agent_attached_to(&a, &b, &["--ca-call-timeout", "2s"]);
+    create_entry(&a, &node, "short", "12");
+    wait_until("the first SVID", Duration::from_secs(10), || {
+        !served(&agent).is_empty()
+    });
+
+    step(
+        2,
+        "A is frozen (SIGSTOP: its sockets stay open, nothing answers), for good",
+    );
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let frozen_at = served(&agent)[0].1;
+
+    step(
+        3,
+        "for 16 s the workload asks every 200 ms: always a valid SVID, the next ones from B",
+    );
+    let mut expiries = std::collections::BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(16);
+    while Instant::now() < until {
+        let now = unix_now();
+        let svids = served(&agent);
+        assert_eq!(svids.len(), 1, "the workload got no SVID at {now}");
+        assert!(svids[0].1 > now, "served an expired SVID at {now}");
+        expiries.insert(svids[0].1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal("-CONT");
+    assert!(
+        expiries.iter().filter(|&&e| e > frozen_at).count() >= 1,
+        "no rotation after A froze: {expiries:?}"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("failed over to another CA"), "{log}");
+    let timed_out: f64 = ["sync", "sign"]
+        .iter()
+        .map(|k| {
+            metric_value(
+                &agent.health_addr,
+                &format!("ward_agent_ca_errors_total{{kind=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert!(timed_out >= 1.0, "no call to A failed");
+    assert!(b.audit_lines("x509_svid_issued") >= 1, "B signed nothing");
+}

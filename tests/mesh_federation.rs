@@ -144,65 +144,48 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let b1 = files.path().join("example.org.jwks");
     std::fs::write(&b1, run_ok(&ca1, &["bundle", "show", "--format", "jwks"])).unwrap();
     let b1 = b1.to_str().unwrap();
-    let set = Instant::now();
-    run_ok(
-        &ca1,
-        &[
+    let bundle_set = |ca: &CaProcess, td: &str, file: &str, format: &str| {
+        ca.cli(&[
             "bundle",
             "set",
             "--trust-domain",
-            "partner.test",
+            td,
             "--file",
-            &b2,
-        ],
-    );
-    run_ok(
-        &ca2,
-        &[
-            "bundle",
-            "set",
-            "--trust-domain",
-            "example.org",
-            "--file",
-            b1,
+            file,
             "--format",
-            "jwks",
-        ],
-    );
+            format,
+        ])
+    };
+    let set = Instant::now();
+    for out in [
+        bundle_set(&ca1, "partner.test", &b2, "pem"),
+        bundle_set(&ca2, "example.org", b1, "jwks"),
+    ] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // Bad input is refused with the reason, and nothing is stored.
-    let refused = |args: &[&str], why: &str| {
-        let out = ca2.cli(args);
-        assert!(!out.status.success(), "{args:?} was accepted");
+    let refused = |out: std::process::Output, why: &str| {
+        assert!(!out.status.success(), "accepted; expected {why:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(err.contains(why), "{err}");
     };
     let garbage = files.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate").unwrap();
     let garbage = garbage.to_str().unwrap();
     refused(
-        &[
-            "bundle",
-            "set",
-            "--trust-domain",
-            "partner.test",
-            "--file",
-            &b2,
-        ],
+        bundle_set(&ca2, "partner.test", &b2, "pem"),
         "this CA's own trust domain",
     );
     refused(
-        &[
-            "bundle",
-            "set",
-            "--trust-domain",
-            "third.test",
-            "--file",
-            garbage,
-        ],
+        bundle_set(&ca2, "third.test", garbage, "pem"),
         "garbage.pem",
     );
     refused(
-        &["bundle", "delete", "--trust-domain", "third.test"],
+        ca2.cli(&["bundle", "delete", "--trust-domain", "third.test"]),
         "no federated bundle for third.test",
     );
     let listed = ca2.cli_json(&["bundle", "list"]);

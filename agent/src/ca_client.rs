@@ -57,6 +57,8 @@ pub struct CaClient {
     connected: Option<usize>,
     /// The last attempt to connect reached no CA.
     unreachable: bool,
+    /// Calls without an answer for this long fail.
+    call_timeout: Duration,
 }
 
 impl CaClient {
@@ -74,7 +76,13 @@ impl CaClient {
             client: None,
             connected: None,
             unreachable: false,
+            call_timeout: Duration::from_secs(15),
         }
+    }
+
+    pub fn with_call_timeout(mut self, t: Duration) -> Self {
+        self.call_timeout = t;
+        self
     }
 
     pub fn roots(&self) -> &RootStore {
@@ -122,7 +130,11 @@ impl CaClient {
             let addr = &self.addresses[idx];
             let attempt = tokio::time::timeout(
                 Duration::from_secs(5),
-                ward_spec::grpc::tls_channel(addr, cfg.clone()),
+                ward_spec::grpc::tls_channel_with_timeout(
+                    addr,
+                    cfg.clone(),
+                    Some(self.call_timeout),
+                ),
             )
             .await;
             match attempt {

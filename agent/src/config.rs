@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// Entry sync interval (changes are also pushed by the CA).
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub sync_interval: Duration,
+    /// A call to the CA without an answer for this long fails, and the next
+    /// one goes to the next CA address.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub ca_call_timeout: Duration,
     pub log_format: String,
 }
 
@@ -41,6 +45,7 @@ impl Default for AgentConfig {
             socket_path: PathBuf::from(".ward/agent/workload.sock"),
             health_address: "127.0.0.1:8083".parse().expect("valid"),
             sync_interval: Duration::from_secs(5),
+            ca_call_timeout: Duration::from_secs(15),
             log_format: "text".into(),
         }
     }
@@ -56,6 +61,12 @@ impl AgentConfig {
             return Err(ConfigError::Invalid {
                 key: "ca_addresses",
                 message: "at least one CA address is needed".into(),
+            });
+        }
+        if self.ca_call_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "ca_call_timeout",
+                message: "must be greater than zero".into(),
             });
         }
         if self.sync_interval.is_zero() {

@@ -61,7 +61,8 @@ pub async fn run(
     };
     let roots = RootStore::new(&bundle).context("trust bundle")?;
     let resolver = SvidResolver::default();
-    let mut ca = CaClient::new(cfg.ca_addresses.clone(), roots.clone(), resolver.clone());
+    let mut ca = CaClient::new(cfg.ca_addresses.clone(), roots.clone(), resolver.clone())
+        .with_call_timeout(cfg.ca_call_timeout);
 
     let (node, bundle) = match state.load_identity()? {
         Some(id) if id.not_after > unix_now() => {

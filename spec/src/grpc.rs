@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -19,6 +20,18 @@ pub async fn tls_channel(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
+    tls_channel_with_timeout(addr, config, None).await
+}
+
+/// [`tls_channel`] whose calls fail with `DEADLINE_EXCEEDED` when no answer
+/// (for a stream: no response head) arrives within `call_timeout`. Either
+/// way, HTTP/2 pings every 10 s find a peer that stopped answering (a frozen
+/// process, a path that drops packets) within 20 s and fail what waits on it.
+pub async fn tls_channel_with_timeout(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    call_timeout: Option<Duration>,
+) -> Result<Channel, tonic::transport::Error> {
     let target = addr.to_owned();
     let connector = tower::service_fn(move |_: Uri| {
         let target = target.clone();
@@ -33,9 +46,14 @@ pub async fn tls_channel(
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_with_connector(connector)
-        .await
+    let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    endpoint.connect_with_connector(connector).await
 }
 
 /// A channel over the Unix socket at `path`.

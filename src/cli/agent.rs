@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Entry sync interval (changes are also pushed). Default 5s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     sync_interval: Option<std::time::Duration>,
+    /// A CA call without an answer for this long fails over to the next CA. Default 15s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    ca_call_timeout: Option<std::time::Duration>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -65,6 +68,7 @@ impl RunArgs {
             socket_path,
             health_address,
             sync_interval,
+            ca_call_timeout,
             log_format
         );
         c.validate()?;
