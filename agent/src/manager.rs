@@ -235,10 +235,14 @@ impl Manager {
                         self.backoff.reset();
                         self.deferred_backoff.reset();
                     }
-                    (true, true) => self.backoff.reset(),
+                    (true, true) => {
+                        self.retry_at = None;
+                        self.backoff.reset();
+                    }
                     // Only renewal or sync failed: rotation keeps its schedule,
                     // they are retried with back-off.
                     (false, true) => {
+                        self.retry_at = None;
                         self.backoff.reset();
                         self.deferred_until =
                             Some(Instant::now() + self.deferred_backoff.next_delay());
@@ -293,8 +297,8 @@ impl Manager {
         let now_ms = unix_now_ms();
         let at = |ms: i64| Instant::now() + Duration::from_millis((ms - now_ms).max(0) as u64);
         let mut wake = match self.retry_at {
-            Some(retry) => retry,
-            None => {
+            Some(retry) if retry > Instant::now() => retry,
+            _ => {
                 let rotate = self.svids.values().map(|s| s.rotate_at).min().map(at);
                 // Renewal and sync wait while deferred; rotation never does.
                 let other = match self.deferred_until {
@@ -322,8 +326,9 @@ impl Manager {
 
     /// Fails over to the next CA after a call that another CA might answer.
     /// A CA whose database is down still signs from memory, so a failed
-    /// renewal or sync there is no reason to leave it; a failed signing is.
-    async fn call_failed(&self, e: tonic::Status, signing: bool) -> String {
+    /// renewal or sync there is no reason to leave it, unless `leave` (a
+    /// failed signing, an urgent renewal).
+    async fn call_failed(&self, e: tonic::Status, leave: bool) -> String {
         let datastore_down = e.metadata().contains_key(DATASTORE_UNAVAILABLE);
         if matches!(
             e.code(),
@@ -331,7 +336,7 @@ impl Manager {
                 | tonic::Code::Unknown
                 | tonic::Code::Cancelled
                 | tonic::Code::DeadlineExceeded
-        ) && (signing || !datastore_down)
+        ) && (leave || !datastore_down)
         {
             self.ca.lock().await.failed();
         }
@@ -344,7 +349,13 @@ impl Manager {
         let mut c = self.client().await?;
         let chain = match c.renew_node_svid(pb::RenewNodeSvidRequest { csr }).await {
             Ok(r) => r.into_inner().svid_chain,
-            Err(e) => return Err(self.call_failed(e, false).await),
+            Err(e) => {
+                // Past three quarters of its life, the node SVID is renewed
+                // wherever possible, even away from a CA that still signs.
+                let urgent = unix_now()
+                    >= self.node.not_before + (self.node.not_after - self.node.not_before) * 3 / 4;
+                return Err(self.call_failed(e, urgent).await);
+            }
         };
         let node = NodeIdentity::from_parts(chain, key.serialized_der().to_vec())?;
         self.state.save_identity(&node).map_err(|e| e.to_string())?;
@@ -408,8 +419,10 @@ impl Manager {
             self.bundle = Arc::new(bundle);
             self.dirty = true;
         }
-        let federated = crate::state::federated_from_pb(&b.federated)
-            .map_err(|e| format!("CA sent a bad federated bundle: {e}"))?;
+        let (federated, errors) = crate::state::federated_from_pb(&b.federated);
+        for e in errors {
+            tracing::warn!(error = %e, "ignoring a federated bundle from the CA");
+        }
         if federated != *self.federated {
             self.state
                 .save_federated(&federated)

@@ -11,19 +11,24 @@ use ward_spec::files::{create_private_dir, write_atomic};
 use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
-/// Federated bundles (trust domain name → SPIFFE JWKS), sorted by trust domain.
+/// Federated bundles (trust domain name → SPIFFE JWKS), sorted by trust
+/// domain; one that does not parse is left out (and named in the errors).
 pub fn federated_from_pb(
     map: &std::collections::HashMap<String, Vec<u8>>,
-) -> Result<Vec<TrustBundle>, String> {
-    let mut out = map
-        .iter()
-        .map(|(td, jwks)| {
-            let td = TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
-            TrustBundle::from_jwks(td.clone(), jwks).map_err(|e| format!("bundle of {td}: {e}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+) -> (Vec<TrustBundle>, Vec<String>) {
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    for (td, jwks) in map {
+        match TrustDomain::new(td)
+            .map_err(|e| format!("trust domain {td:?}: {e}"))
+            .and_then(|t| {
+                TrustBundle::from_jwks(t, jwks).map_err(|e| format!("bundle of {td}: {e}"))
+            }) {
+            Ok(b) => out.push(b),
+            Err(e) => errors.push(e),
+        }
+    }
     out.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
-    Ok(out)
+    (out, errors)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +172,10 @@ impl StateDir {
         let p = self.path("federated.pb");
         self.load("federated.pb", |b| {
             let pb = ward_spec::proto::types::v1::Bundle::decode(b).map_err(|e| e.to_string())?;
-            federated_from_pb(&pb.federated)
+            match federated_from_pb(&pb.federated) {
+                (bundles, errors) if errors.is_empty() => Ok(bundles),
+                (_, errors) => Err(errors.join("; ")),
+            }
         })
         .map(Option::unwrap_or_default)
         .map_err(|e| match e {

@@ -251,11 +251,34 @@ impl Authorizer {
         self.active.load().version
     }
 
-    /// The entity for a workload ID, and its tenant's.
+    /// The entity for a workload ID of our trust domain, and its tenant's.
     pub fn workload_entities(&self, id: &SpiffeId) -> WorkloadEntities {
+        self.entities(id, true)
+    }
+
+    /// The entities of a connection: the resource is the workload deciding,
+    /// so its trust domain is ours, and a principal of another one is foreign.
+    pub fn connect_entities(
+        &self,
+        principal: &SpiffeId,
+        resource: &SpiffeId,
+    ) -> (WorkloadEntities, WorkloadEntities) {
+        let home = principal.is_member_of(resource.trust_domain());
+        (self.entities(principal, home), self.entities(resource, true))
+    }
+
+    /// The entity for a workload ID; `home` says whether it belongs to our
+    /// trust domain. A workload of another (federated) trust domain is never
+    /// a member of one of our tenants, whatever its path says: no tenant,
+    /// `templated` false. Its namespace and service are read from the path
+    /// as usual, so policies match it by `trust_domain` and `service`.
+    fn entities(&self, id: &SpiffeId, home: bool) -> WorkloadEntities {
         let parts = self.template.read(id);
-        let templated = parts.is_some();
-        let parts = parts.unwrap_or_default();
+        let templated = home && parts.is_some();
+        let mut parts = parts.unwrap_or_default();
+        if !home {
+            parts.tenant = String::new();
+        }
         let id_string = id.to_string();
         let euid = uid(&self.workload_type, &id_string);
         let mut attrs = HashMap::with_capacity(6);
@@ -310,8 +333,7 @@ impl Authorizer {
     ) -> Decision {
         let start = Instant::now();
         let active = self.active.load();
-        let p = self.workload_entities(principal);
-        let r = self.workload_entities(resource);
+        let (p, r) = self.connect_entities(principal, resource);
         let mut ents = p.entities;
         if principal != resource {
             ents.extend(r.entities);

@@ -74,6 +74,30 @@ fn no_policy_means_deny() {
 }
 
 #[test]
+fn a_workload_of_a_federated_trust_domain_is_never_in_one_of_our_tenants() {
+    let a = authz(Mode::Enforce);
+    a.load(&read_dir(&policies_dir()).unwrap()).unwrap();
+    let partner_web = id("spiffe://partner.test/tenant/acme/ns/prod/sa/web");
+    // The same path in our trust domain is acme's web, which may call api.
+    assert!(
+        a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(8080))
+            .allowed
+    );
+    let d = a.decide_connect(&partner_web, &w("acme", "api"), &ctx(8080));
+    assert!(!d.allowed, "a partner's path made it a member of acme");
+    // A policy that names the trust domain admits it.
+    a.load(&[file(
+        "partner.cedar",
+        r#"@id("partner-web") permit (principal is Ward::Workload, action == Ward::Action::"connect", resource is Ward::Workload)
+           when { principal.trust_domain == "partner.test" && principal.service == "web" && !principal.templated && principal.tenant == "" };"#,
+    )])
+    .unwrap();
+    let d = a.decide_connect(&partner_web, &w("acme", "api"), &ctx(8080));
+    assert!(d.allowed);
+    assert_eq!(d.policies, ["partner-web"]);
+}
+
+#[test]
 fn forbid_wins_over_permit() {
     let a = authz(Mode::Enforce);
     a.load(&[file("p.cedar", r#"
@@ -365,7 +389,7 @@ fn slices_decide_exactly_as_the_whole_set() {
         for p in &population {
             for r in &population {
                 let d = a.decide_connect(p, r, &c);
-                let (pe, re) = (a.workload_entities(p), a.workload_entities(r));
+                let (pe, re) = a.connect_entities(p, r);
                 let mut ents = pe.entities;
                 for e in re.entities {
                     if !ents.iter().any(|x| x.uid() == e.uid()) {

@@ -137,7 +137,10 @@ pub enum StoreChange {
     Agent(String),
     /// A federated bundle was set or deleted.
     Federation,
-    /// Notices may have been missed (the connection was lost): read again.
+    /// Notices stopped (the connection was lost): until `Resync`, changes
+    /// may go unheard.
+    Lost,
+    /// Notices flow again after some may have been missed: read again.
     Resync,
 }
 
@@ -239,10 +242,16 @@ pub trait Datastore: Send + Sync + 'static {
         None
     }
 
-    /// Whether the database is known not to answer right now (calls would
-    /// fail at once); see [`Breaker`].
-    fn is_down(&self) -> bool {
+    /// Whether every connection to the database is in use (a call that
+    /// timed out waiting for one met load, not an outage).
+    fn busy(&self) -> bool {
         false
+    }
+
+    /// For how long the database has been known not to answer (calls fail
+    /// at once meanwhile); see [`Breaker`].
+    fn down_for(&self) -> Option<std::time::Duration> {
+        None
     }
 
     /// A cheap query that proves the database answers (for `/readyz`).

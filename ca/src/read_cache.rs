@@ -12,13 +12,22 @@
 //!
 //! What is kept stays true: nothing can change in a database that does not
 //! answer, and every change committed before is forgotten here as it is heard
-//! of (this replica's own writes, the other replicas' notices, and everything
-//! after notices may have been missed). A read that raced with a change is not
-//! kept. Only what exists is kept: an unknown agent or entry is asked of the
-//! database every time.
+//! of (this replica's own writes, the other replicas' notices). While notices
+//! do not flow, nothing is kept, and what was kept is forgotten unless the
+//! database is down too; when they resume, everything is forgotten. A read
+//! that raced with a change is not kept. Only what exists is kept: an unknown
+//! agent or entry is asked of the database every time.
+//!
+//! One case escapes that reasoning: a replica cut off from a database that
+//! the others still reach (a network partition) does not hear their changes.
+//! So cached answers are served for at most [`MAX_STALE`] of an outage; then
+//! signing fails here too and agents move to a replica that reaches the
+//! database.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ward_spec::SpiffeId;
 
@@ -27,10 +36,15 @@ use crate::metrics::Metrics;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long into an outage cached answers are served.
+pub const MAX_STALE: Duration = Duration::from_secs(600);
+
 pub struct ReadCache {
     store: Arc<dyn Datastore>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// Changes are heard of (false while notices do not flow).
+    following: AtomicBool,
 }
 
 #[derive(Default)]
@@ -56,7 +70,18 @@ impl ReadCache {
             store,
             metrics,
             state: Mutex::default(),
+            following: AtomicBool::new(true),
         }
+    }
+
+    /// Whether changes are heard of; while not, reads are not kept.
+    pub fn follow(&self, following: bool) {
+        self.following.store(following, Ordering::Relaxed);
+    }
+
+    /// Cached answers may be served: the database is down, not for too long.
+    fn serving_from_cache(&self) -> bool {
+        self.store.down_for().is_some_and(|d| d < MAX_STALE)
     }
 
     /// The agent record (None: not an attested agent).
@@ -65,9 +90,12 @@ impl ReadCache {
         self.read(
             |s| s.agents.get(&key).cloned().map(Some),
             self.store.get_agent(id),
-            |s, a| {
-                if let Some(a) = a {
+            |s, a| match a {
+                Some(a) => {
                     s.agents.insert(key.clone(), a.clone());
+                }
+                None => {
+                    s.agents.remove(&key);
                 }
             },
         )
@@ -116,10 +144,14 @@ impl ReadCache {
             })
         };
         self.read(cached, fetch, |s, v: &SigningView| {
-            s.signing
-                .entry(key.clone())
-                .or_default()
-                .extend(v.entries.iter().map(|(k, e)| (k.clone(), e.clone())));
+            let mine = s.signing.entry(key.clone()).or_default();
+            // Asked for and not found: gone, or not the caller's.
+            for id in ids {
+                if !v.entries.contains_key(id) {
+                    mine.remove(id);
+                }
+            }
+            mine.extend(v.entries.iter().map(|(k, e)| (k.clone(), e.clone())));
         })
         .await
     }
@@ -129,9 +161,12 @@ impl ReadCache {
         self.read(
             |s| s.entries.get(id).cloned().map(Some),
             self.store.get_entry(id),
-            |s, e| {
-                if let Some(e) = e {
+            |s, e| match e {
+                Some(e) => {
                     s.entries.insert(id.to_owned(), e.clone());
+                }
+                None => {
+                    s.entries.remove(id);
                 }
             },
         )
@@ -178,7 +213,13 @@ impl ReadCache {
         fetch: impl std::future::Future<Output = Result<T>>,
         keep: impl FnOnce(&mut State, &T),
     ) -> Result<T> {
-        if self.store.is_down() {
+        if self.store.down_for().is_some() {
+            if !self.serving_from_cache() {
+                return Err(StoreError::Unavailable(format!(
+                    "down for more than {} s: no longer signing from memory",
+                    MAX_STALE.as_secs()
+                )));
+            }
             if let Some(v) = cached(&self.lock()) {
                 self.metrics.cache_read();
                 return Ok(v);
@@ -188,12 +229,12 @@ impl ReadCache {
         match fetch.await {
             Ok(v) => {
                 let mut s = self.lock();
-                if s.generation == generation {
+                if s.generation == generation && self.following.load(Ordering::Relaxed) {
                     keep(&mut s, &v);
                 }
                 Ok(v)
             }
-            Err(e) if unavailable(&e) => match cached(&self.lock()) {
+            Err(e) if unavailable(&e) && self.serving_from_cache() => match cached(&self.lock()) {
                 Some(v) => {
                     self.metrics.cache_read();
                     Ok(v)

@@ -135,6 +135,7 @@ pub struct Ca {
     admin_policy: AdminPolicy,
     /// The bundles of the trust domains we federate with, by trust domain.
     federated: std::sync::RwLock<Arc<Vec<TrustBundle>>>,
+    federation_reload: tokio::sync::Mutex<()>,
     /// One policy push or rollback at a time, so versions and the installed
     /// set move together.
     policy_writes: tokio::sync::Mutex<()>,
@@ -220,6 +221,7 @@ impl Ca {
             admin_policy: AdminPolicy::new(active.as_ref()),
             reads: ReadCache::new(store.clone(), metrics.clone()),
             federated: std::sync::RwLock::new(Arc::new(federated)),
+            federation_reload: tokio::sync::Mutex::new(()),
             authority,
             store,
             ttls,
@@ -247,9 +249,22 @@ impl Ca {
                     Err(RecvError::Lagged(_)) => StoreChange::Resync,
                     Err(RecvError::Closed) => return,
                 };
-                let Some(ca) = weak.upgrade() else { return };
-                if let Err(e) = ca.apply(change.clone()).await {
-                    tracing::warn!(error = %e, ?change, "cannot follow a change made by another replica");
+                // A change that cannot be applied now (the database does not
+                // answer) is tried again until it can; later ones wait (and
+                // if too many pile up, a resync replaces them).
+                let mut logged = false;
+                loop {
+                    let Some(ca) = weak.upgrade() else { return };
+                    match ca.apply(change.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if !logged => {
+                            tracing::warn!(error = %e, ?change, "cannot follow a change made by another replica yet; retrying");
+                            logged = true;
+                        }
+                        Err(_) => {}
+                    }
+                    drop(ca);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }
         });
@@ -270,11 +285,29 @@ impl Ca {
                     self.bundle_changed();
                 }
             }
+            StoreChange::Lost => {
+                // Changes may go unheard until notices resume: what signing
+                // reads is no longer kept. What is kept already stays only if
+                // the database is down too (then nothing can change in it).
+                self.reads.follow(false);
+                if self.store.ping().await.is_ok() {
+                    self.reads.forget_all();
+                }
+            }
             StoreChange::Policy(v) if v <= self.policy_version() => {}
             StoreChange::Policy(_) | StoreChange::Resync => {
                 if change == StoreChange::Resync {
                     self.reads.forget_all();
+                    self.reads.follow(true);
                     self.reload_federation().await?;
+                    if self
+                        .authority
+                        .follow_bundle()
+                        .await
+                        .map_err(|e| CaError::new(Code::Unavailable, format!("bundle: {e}")))?
+                    {
+                        self.bundle_changed();
+                    }
                 }
                 self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
@@ -816,6 +849,9 @@ impl Ca {
     }
 
     pub async fn delete_federated_bundle(&self, trust_domain: &str) -> CaResult<()> {
+        let td = TrustDomain::new(trust_domain)
+            .map_err(|e| CaError::invalid(format!("trust domain {trust_domain:?}: {e}")))?;
+        let trust_domain = td.as_str();
         if !self.store.delete_federated_bundle(trust_domain).await? {
             return Err(CaError::new(
                 Code::NotFound,
@@ -830,6 +866,8 @@ impl Ca {
 
     /// Reads the federated bundles again and tells agents.
     async fn reload_federation(&self) -> CaResult<()> {
+        // One reload at a time, so the last one to finish read last.
+        let _one = self.federation_reload.lock().await;
         let bundles = load_federated(self.store.as_ref()).await?;
         *self.federated.write().expect("federated lock") = Arc::new(bundles);
         self.notices.send_modify(|n| n.federation_version += 1);

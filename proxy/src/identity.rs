@@ -190,19 +190,27 @@ fn install(
         }
         None => RootStore::new(&bundle).map_err(|e| e.to_string())?,
     };
-    // Peers of federated trust domains are verified against their own roots.
-    let federated = resp
+    // Peers of federated trust domains are verified against their own roots;
+    // a bundle that is not usable is left out (its peers are refused).
+    let federated: Vec<TrustBundle> = resp
         .federated_bundles
         .iter()
-        .map(|(td, ders)| {
-            let mut b = TrustBundle::new(
-                TrustDomain::new(td).map_err(|e| format!("federated trust domain {td:?}: {e}"))?,
-            );
-            b.x509_authorities = ward_spec::svid::split_der_chain(ders)
-                .map_err(|e| format!("federated bundle of {td}: {e}"))?;
-            Ok(b)
+        .filter_map(|(td, ders)| {
+            let b = TrustDomain::new(td)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    let mut b = TrustBundle::new(t);
+                    b.x509_authorities =
+                        ward_spec::svid::split_der_chain(ders).map_err(|e| e.to_string())?;
+                    RootStore::new(&b).map_err(|e| e.to_string())?;
+                    Ok(b)
+                });
+            b.inspect_err(
+                |e| tracing::warn!(trust_domain = %td, error = %e, "ignoring a federated bundle"),
+            )
+            .ok()
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect();
     let known = roots.federated_trust_domains();
     roots.set_federated(&federated).map_err(|e| e.to_string())?;
     if roots.federated_trust_domains() != known {

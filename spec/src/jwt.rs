@@ -95,21 +95,33 @@ pub fn validate(
     Ok((id, data.claims))
 }
 
-/// Validates `token` against whichever of `bundles` holds its signing key
-/// (our trust domain's or a federated one's); the subject must belong to
-/// that bundle's trust domain.
+/// Validates `token` against the bundle of its subject's trust domain among
+/// `bundles` (ours or a federated one's), read from the token before it is
+/// verified only to choose that bundle.
 pub fn validate_any<'a>(
     token: &str,
     audience: &str,
     bundles: impl IntoIterator<Item = &'a TrustBundle>,
 ) -> Result<(SpiffeId, Value), JwtError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
-    let kid = header.kid.ok_or(JwtError::NoKid)?;
+    use base64::Engine;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| JwtError::Malformed("not a JWS compact serialization".into()))?;
+    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| JwtError::Malformed("the payload is not base64url JSON".into()))?;
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JwtError::Subject("missing".into()))?;
+    let id = SpiffeId::parse(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
     let bundle = bundles
         .into_iter()
-        .find(|b| b.jwt_authority(&kid).is_some())
-        .ok_or(JwtError::UnknownKey(kid))?;
+        .find(|b| id.is_member_of(&b.trust_domain))
+        .ok_or_else(|| JwtError::ForeignSubject(id.to_string()))?;
     validate(token, audience, bundle)
 }
 
@@ -156,6 +168,48 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64
+    }
+
+    #[test]
+    fn a_token_is_checked_against_its_subjects_trust_domain_only() {
+        let (ours, our_key) = setup();
+        let (mut partner, partner_key) = setup();
+        partner.trust_domain = TrustDomain::new("partner.test").unwrap();
+        let bundles = [ours.clone(), partner.clone()];
+        let id = |t: &str| validate_any(t, "db", &bundles).map(|(id, _)| id.to_string());
+        // Both bundles publish a key "k1": the subject decides which counts.
+        assert_eq!(
+            id(&token(
+                &partner_key,
+                "k1",
+                "spiffe://partner.test/web",
+                "db",
+                60
+            ))
+            .unwrap(),
+            "spiffe://partner.test/web"
+        );
+        assert_eq!(
+            id(&token(&our_key, "k1", "spiffe://example.org/web", "db", 60)).unwrap(),
+            "spiffe://example.org/web"
+        );
+        // The partner's key cannot speak for our workloads, nor for a third domain.
+        assert!(id(&token(
+            &partner_key,
+            "k1",
+            "spiffe://example.org/web",
+            "db",
+            60
+        ))
+        .is_err());
+        assert!(matches!(
+            validate_any(
+                &token(&partner_key, "k1", "spiffe://third.test/web", "db", 60),
+                "db",
+                &bundles
+            ),
+            Err(JwtError::ForeignSubject(_))
+        ));
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Fails fast while the database does not answer.
 //!
 //! Every call goes through to the database until one fails because the
-//! database does not answer (see [`unavailable`]). From then on calls fail at
+//! database does not answer (see [`unavailable`]; a pool that hands out no
+//! connection in time counts only when it is not simply busy, see
+//! [`Datastore::busy`]). From then on calls fail at
 //! once with [`StoreError::Unavailable`], instead of each waiting for a
 //! connection that cannot be made, and a background probe pings the database
 //! every 500 ms; the first answer closes the breaker again. The change is
 //! logged once each way and exported as `ward_ca_datastore_up`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -25,7 +26,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 pub struct Breaker {
     inner: Arc<dyn Datastore>,
-    open: Arc<AtomicBool>,
+    /// When the breaker opened (None: closed).
+    open_since: Arc<Mutex<Option<Instant>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -34,13 +36,13 @@ impl Breaker {
         metrics.datastore_up.set(1);
         Breaker {
             inner,
-            open: Arc::new(AtomicBool::new(false)),
+            open_since: Arc::default(),
             metrics,
         }
     }
 
     fn check(&self) -> Result<()> {
-        if self.open.load(Ordering::Relaxed) {
+        if self.open_since().is_some() {
             return Err(StoreError::Unavailable(
                 "it stopped answering; probing every 500 ms".into(),
             ));
@@ -48,27 +50,40 @@ impl Breaker {
         Ok(())
     }
 
+    fn open_since(&self) -> Option<Instant> {
+        *self.open_since.lock().expect("breaker lock")
+    }
+
     fn observe<T>(&self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r {
-            if unavailable(e) {
-                self.trip(e);
-            }
+        match &r {
+            // Every connection in use: load, not an outage.
+            Err(StoreError::Db(sqlx::Error::PoolTimedOut)) if self.inner.busy() => {}
+            Err(e) if unavailable(e) => self.trip(e),
+            _ => {}
         }
         r
     }
 
     fn trip(&self, e: &StoreError) {
-        if self.open.swap(true, Ordering::Relaxed) {
-            return;
+        {
+            let mut since = self.open_since.lock().expect("breaker lock");
+            if since.is_some() {
+                return;
+            }
+            *since = Some(Instant::now());
         }
         self.metrics.datastore_up.set(0);
         tracing::warn!(error = %e, "the datastore does not answer: signing from what was last read, writes fail until it returns");
-        let (inner, open, metrics) = (self.inner.clone(), self.open.clone(), self.metrics.clone());
+        let (inner, open, metrics) = (
+            self.inner.clone(),
+            self.open_since.clone(),
+            self.metrics.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_INTERVAL).await;
                 if inner.ping().await.is_ok() {
-                    open.store(false, Ordering::Relaxed);
+                    *open.lock().expect("breaker lock") = None;
                     metrics.datastore_up.set(1);
                     tracing::info!("the datastore answers again");
                     return;
@@ -203,8 +218,11 @@ impl Datastore for Breaker {
     fn changes(&self) -> Option<broadcast::Receiver<StoreChange>> {
         self.inner.changes()
     }
-    fn is_down(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
+    fn busy(&self) -> bool {
+        self.inner.busy()
+    }
+    fn down_for(&self) -> Option<Duration> {
+        self.open_since().map(|t| t.elapsed())
     }
     async fn ping(&self) -> Result<()> {
         guarded!(self.ping())

@@ -24,6 +24,7 @@ const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7780633800)";
 /// The channel every replica announces its committed changes on.
 const CHANNEL: &str = "ward_changes";
 const NOTIFY: &str = "SELECT pg_notify('ward_changes', $1)";
+const MAX_CONNECTIONS: u32 = 16;
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -35,16 +36,15 @@ impl PgStore {
     /// Connects to `url` (`postgres://…`) and runs pending migrations.
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(2))
             .connect(url)
             .await?;
         let (changes, _) = broadcast::channel(1024);
         let store = PgStore { pool, changes };
         store.migrate().await?;
-        let mut listener = PgListener::connect_with(&store.pool).await?;
-        listener.listen(CHANNEL).await?;
-        tokio::spawn(listen(listener, store.changes.clone()));
+        let listener = subscribe_notices(&store.pool).await?;
+        tokio::spawn(listen(store.pool.clone(), listener, store.changes.clone()));
         Ok(store)
     }
 }
@@ -53,33 +53,21 @@ impl PgStore {
     fn subscribe(&self) -> Option<broadcast::Receiver<StoreChange>> {
         Some(self.changes.subscribe())
     }
+
+    /// Every connection open and taken.
+    fn pool_busy(&self) -> bool {
+        self.pool.size() >= MAX_CONNECTIONS && self.pool.num_idle() == 0
+    }
 }
 
-/// Forwards the replicas' notices until the store is dropped. The listener
-/// reconnects by itself after a lost connection; what was announced in the
-/// meantime is lost, so a `Resync` follows.
-async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
-    let mut lost = false;
+/// Forwards the replicas' notices. When the connection is lost, `Lost` is
+/// sent at once; this task then reconnects by itself and sends `Resync` the
+/// moment notices flow again (what was announced in between is not heard).
+async fn listen(pool: PgPool, mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
     loop {
-        match listener.try_recv().await {
+        let lost = match listener.try_recv().await {
             Ok(Some(n)) => {
-                if std::mem::take(&mut lost) {
-                    let _ = out.send(StoreChange::Resync);
-                }
-                let change = match n.payload().split_once(':') {
-                    Some(("entries", v)) => {
-                        let (rev, parents) = v.split_once(':').unwrap_or((v, ""));
-                        rev.parse().ok().map(|r| {
-                            StoreChange::Entries(r, parents.split(' ').map(str::to_owned).collect())
-                        })
-                    }
-                    Some(("policy", v)) => v.parse().ok().map(StoreChange::Policy),
-                    Some(("bundle", v)) => v.parse().ok().map(StoreChange::Bundle),
-                    Some(("agent", v)) => Some(StoreChange::Agent(v.to_owned())),
-                    Some(("federation", _)) => Some(StoreChange::Federation),
-                    _ => None,
-                };
-                match change {
+                match parse_notice(n.payload()) {
                     Some(c) => {
                         let _ = out.send(c);
                     }
@@ -88,22 +76,49 @@ async fn listen(mut listener: PgListener, out: broadcast::Sender<StoreChange>) {
                         "ignoring an unknown datastore notice"
                     ),
                 }
+                continue;
             }
-            // The connection was lost; the next call reconnects.
-            Ok(None) => {
-                if !lost {
-                    tracing::warn!("lost the datastore's change notices; reconnecting");
-                }
-                lost = true;
+            Ok(None) => "the connection was closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            error = lost,
+            "lost the datastore's change notices; reconnecting"
+        );
+        let _ = out.send(StoreChange::Lost);
+        listener = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match subscribe_notices(&pool).await {
+                Ok(l) => break l,
+                Err(e) => tracing::debug!(error = %e, "change notices still unavailable"),
             }
-            Err(e) => {
-                if !lost {
-                    tracing::warn!(error = %e, "datastore change notices unavailable; retrying");
-                }
-                lost = true;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+        };
+        tracing::info!("datastore change notices resumed");
+        let _ = out.send(StoreChange::Resync);
+    }
+}
+
+async fn subscribe_notices(pool: &PgPool) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// `entries:REV:PARENT PARENT…`, `policy:V`, `bundle:SEQ`, `agent:ID`,
+/// `federation:TD`.
+fn parse_notice(payload: &str) -> Option<StoreChange> {
+    match payload.split_once(':')? {
+        ("entries", v) => {
+            let (rev, parents) = v.split_once(':').unwrap_or((v, ""));
+            rev.parse()
+                .ok()
+                .map(|r| StoreChange::Entries(r, parents.split(' ').map(str::to_owned).collect()))
         }
+        ("policy", v) => v.parse().ok().map(StoreChange::Policy),
+        ("bundle", v) => v.parse().ok().map(StoreChange::Bundle),
+        ("agent", v) => Some(StoreChange::Agent(v.to_owned())),
+        ("federation", _) => Some(StoreChange::Federation),
+        _ => None,
     }
 }
 

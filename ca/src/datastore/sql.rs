@@ -234,6 +234,10 @@ macro_rules! sql_store {
                 self.subscribe()
             }
 
+            fn busy(&self) -> bool {
+                self.pool_busy()
+            }
+
             async fn create_join_token(&self, t: &JoinTokenRecord) -> Result<()> {
                 sqlx::query(
                     "INSERT INTO join_tokens (token_hash, agent_id, expires_at, created_at) VALUES ($1, $2, $3, $4)",

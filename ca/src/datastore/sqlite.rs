@@ -57,6 +57,10 @@ impl SqliteStore {
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<super::StoreChange>> {
         None
     }
+
+    fn pool_busy(&self) -> bool {
+        false
+    }
 }
 
 sql_store!(
