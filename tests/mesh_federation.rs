@@ -278,3 +278,162 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
         api.log_text()
     );
 }
+
+/// The `kid`s of a CA's JWT authorities, from its own bundle.
+fn jwt_kids(ca: &CaProcess) -> Vec<String> {
+    let jwks: serde_json::Value =
+        serde_json::from_str(&run_ok(ca, &["bundle", "show", "--format", "jwks"])).unwrap();
+    let mut kids: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// The `kid`s CA `ca` holds for `td`'s federated bundle.
+fn federated_kids(ca: &CaProcess, td: &str) -> Vec<String> {
+    let list = ca.cli_json(&["bundle", "list"]);
+    let mut kids: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["trust_domain"] == td)
+        .map(|b| {
+            b["jwt_key_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    kids.sort();
+    kids
+}
+
+#[test]
+fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotation() {
+    step(
+        1,
+        "partner.test's CA serves a SPIFFE bundle endpoint; example.org's refreshes every second",
+    );
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let partner = CaProcess::start_in("partner.test", &["--federation-address", &endpoint]);
+    let ours = CaProcess::start_in("example.org", &["--federation-refresh-interval", "1s"]);
+    let url = format!("https://{endpoint}");
+
+    step(
+        2,
+        "an independent HTTPS client gets the partner's bundle there",
+    );
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ssl, sys, urllib.request; \
+             print(urllib.request.urlopen(sys.argv[1], context=ssl._create_unverified_context()).read().decode())",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        served,
+        serde_json::from_str::<serde_json::Value>(&run_ok(
+            &partner,
+            &["bundle", "show", "--format", "jwks"]
+        ))
+        .unwrap()
+    );
+
+    step(
+        3,
+        "an endpoint presenting another SPIFFE ID than expected is not believed",
+    );
+    let files = tempfile::tempdir().unwrap();
+    let pem = bundle_file(&partner, files.path());
+    run_ok(
+        &ours,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "partner.test",
+            "--file",
+            &pem,
+            "--endpoint-url",
+            &url,
+            "--endpoint-spiffe-id",
+            "spiffe://partner.test/not-the-ca",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        federated_kids(&ours, "partner.test").is_empty(),
+        "a bundle was taken from an endpoint with the wrong identity"
+    );
+    let log = ours.log_text();
+    assert_eq!(
+        log.matches("cannot refresh a federated bundle").count(),
+        1,
+        "the failing endpoint is logged once:\n{log}"
+    );
+    assert!(log.contains("spiffe://partner.test/ward/ca"), "{log}");
+
+    step(
+        4,
+        "with the endpoint's real identity (the default), the full bundle arrives",
+    );
+    run_ok(
+        &ours,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "partner.test",
+            "--file",
+            &pem,
+            "--endpoint-url",
+            &url,
+        ],
+    );
+    let wait_for = |want: Vec<String>| {
+        let start = Instant::now();
+        while federated_kids(&ours, "partner.test") != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "example.org holds {:?} for partner.test, expected {want:?}",
+                federated_kids(&ours, "partner.test")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        start.elapsed()
+    };
+    let took = wait_for(jwt_kids(&partner));
+    println!("  the endpoint's bundle arrived {took:?} after `bundle set`");
+
+    step(
+        5,
+        "the partner rotates (a new JWT key enters its bundle): we follow without anyone's help",
+    );
+    let before = jwt_kids(&partner);
+    run_ok(&partner, &["ca", "rotate"]);
+    let after = jwt_kids(&partner);
+    assert_ne!(before, after, "the rotation changed no JWT key");
+    let took = wait_for(after);
+    println!("  the rotated bundle arrived {took:?} after `ca rotate`");
+    let list = ours.cli_json(&["bundle", "list"]);
+    assert_eq!(list[0]["endpoint_url"], url.as_str(), "{list}");
+    assert_eq!(
+        list[0]["endpoint_spiffe_id"], "spiffe://partner.test/ward/ca",
+        "{list}"
+    );
+}

@@ -264,7 +264,10 @@ impl Authorizer {
         resource: &SpiffeId,
     ) -> (WorkloadEntities, WorkloadEntities) {
         let home = principal.is_member_of(resource.trust_domain());
-        (self.entities(principal, home), self.entities(resource, true))
+        (
+            self.entities(principal, home),
+            self.entities(resource, true),
+        )
     }
 
     /// The entity for a workload ID; `home` says whether it belongs to our

@@ -293,11 +293,17 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let b = self
             .ca
-            .set_federated_bundle(&r.trust_domain, &r.jwks)
+            .set_federated_bundle(
+                &r.trust_domain,
+                &r.jwks,
+                &r.endpoint_url,
+                &r.endpoint_spiffe_id,
+            )
             .await?;
         Ok(Response::new(types::Bundle {
             trust_domain: b.trust_domain.to_string(),
             jwks: b.to_jwks(),
+            endpoint_url: r.endpoint_url,
             ..Default::default()
         }))
     }
@@ -310,11 +316,13 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::ListFederatedBundlesResponse {
             bundles: self
                 .ca
-                .federated_bundles()
+                .federations()
                 .iter()
-                .map(|b| types::Bundle {
-                    trust_domain: b.trust_domain.to_string(),
-                    jwks: b.to_jwks(),
+                .map(|f| types::Bundle {
+                    trust_domain: f.bundle.trust_domain.to_string(),
+                    jwks: f.bundle.to_jwks(),
+                    endpoint_url: f.endpoint_url.clone(),
+                    endpoint_spiffe_id: f.endpoint_spiffe_id.clone(),
                     ..Default::default()
                 })
                 .collect(),

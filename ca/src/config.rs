@@ -49,6 +49,12 @@ pub struct CaConfig {
     pub rotation_check_interval: Duration,
     pub upstream_cert: Option<PathBuf>,
     pub upstream_key: Option<PathBuf>,
+    /// Serves our bundle as a SPIFFE bundle endpoint (https_spiffe) here.
+    pub federation_address: Option<SocketAddr>,
+    /// How often federated bundles are fetched from their endpoints;
+    /// default: as each bundle's refresh hint says (5 s to 5 min).
+    #[serde(default, deserialize_with = "ward_spec::duration::deserialize_opt")]
+    pub federation_refresh_interval: Option<Duration>,
     pub log_format: LogFormat,
 }
 
@@ -78,6 +84,8 @@ impl Default for CaConfig {
             rotation_check_interval: Duration::from_secs(10),
             upstream_cert: None,
             upstream_key: None,
+            federation_address: None,
+            federation_refresh_interval: None,
             log_format: LogFormat::Text,
         }
     }

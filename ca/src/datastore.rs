@@ -124,6 +124,19 @@ pub struct PolicySetRecord {
     pub policies: u64,
 }
 
+/// The bundle of a trust domain we federate with, and where to refresh it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FederatedBundleRecord {
+    pub trust_domain: String,
+    /// SPIFFE JWKS.
+    pub jwks: Vec<u8>,
+    /// Its SPIFFE bundle endpoint (`https://…`, profile `https_spiffe`), or
+    /// empty when the bundle is only set by hand.
+    pub endpoint_url: String,
+    /// The SPIFFE ID the endpoint's server must present.
+    pub endpoint_spiffe_id: String,
+}
+
 /// A change committed by any process sharing the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
@@ -228,13 +241,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// Every version, newest first.
     async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>>;
 
-    /// Stores (or replaces) the bundle (SPIFFE JWKS) of a trust domain we
-    /// federate with.
-    async fn set_federated_bundle(&self, trust_domain: &str, jwks: &[u8], now: i64) -> Result<()>;
+    /// Stores (or replaces) the bundle of a trust domain we federate with.
+    async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()>;
     /// Deletes a federated bundle; false if there was none.
     async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool>;
-    /// Every federated bundle: (trust domain, JWKS), by trust domain.
-    async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Every federated bundle, by trust domain.
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>>;
 
     /// Changes other processes (CA replicas) commit to the same database, as
     /// they commit; None for a store no other process writes.

@@ -21,6 +21,7 @@ pub mod admin_api;
 pub mod authority;
 pub mod config;
 pub mod datastore;
+pub mod federation;
 pub mod metrics;
 pub mod node_api;
 pub mod policies;

@@ -81,6 +81,7 @@ pub fn bundle_pb(ca: &Ca) -> types::Bundle {
             .iter()
             .map(|f| (f.trust_domain.to_string(), f.to_jwks()))
             .collect(),
+        ..Default::default()
     }
 }
 

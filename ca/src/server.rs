@@ -142,6 +142,23 @@ pub async fn serve(
         );
     let health = axum::serve(health_listener, health_router(ca.clone()))
         .with_graceful_shutdown(wait(stop_rx.clone()));
+    if let Some(addr) = cfg.federation_address {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (bundle endpoint)"))?;
+        tokio::spawn(crate::federation::serve_bundle_endpoint(
+            listener,
+            ca.clone(),
+            resolver.clone(),
+            stop_rx.clone(),
+        ));
+        tracing::info!(address = %addr, "serving the bundle endpoint (https_spiffe)");
+    }
+    tokio::spawn(crate::federation::refresh_bundles(
+        ca.clone(),
+        cfg.federation_refresh_interval,
+        stop_rx.clone(),
+    ));
 
     // The key schedule: advance slots, follow bundle changes, renew our SVID.
     let schedule = {

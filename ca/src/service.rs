@@ -18,8 +18,8 @@ use crate::authority::Authority;
 use ward_authz::{AdminAction, AdminPrincipal};
 
 use crate::datastore::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, SigningEntry,
-    StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
+    PolicySetRecord, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 use crate::policies::{self, AdminPolicy};
@@ -135,6 +135,8 @@ pub struct Ca {
     admin_policy: AdminPolicy,
     /// The bundles of the trust domains we federate with, by trust domain.
     federated: std::sync::RwLock<Arc<Vec<TrustBundle>>>,
+    /// The same, with their bundle endpoints.
+    federations: std::sync::RwLock<Arc<Vec<Federation>>>,
     federation_reload: tokio::sync::Mutex<()>,
     /// One policy push or rollback at a time, so versions and the installed
     /// set move together.
@@ -162,17 +164,30 @@ pub struct Notice {
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
 pub const JOIN_TOKEN_ATTESTOR: &str = "join_token";
 
-/// The stored federated bundles; one that does not parse is left out, logged.
-async fn load_federated(store: &dyn Datastore) -> CaResult<Vec<TrustBundle>> {
+/// A trust domain we federate with: its bundle, and its bundle endpoint
+/// (empty URL: the bundle is only set by hand).
+#[derive(Debug, Clone)]
+pub struct Federation {
+    pub bundle: TrustBundle,
+    pub endpoint_url: String,
+    pub endpoint_spiffe_id: String,
+}
+
+/// The stored federations; one whose bundle does not parse is left out, logged.
+async fn load_federated(store: &dyn Datastore) -> CaResult<Vec<Federation>> {
     let mut out = Vec::new();
-    for (td, jwks) in store.list_federated_bundles().await? {
-        let parsed = TrustDomain::new(&td)
+    for r in store.list_federated_bundles().await? {
+        let parsed = TrustDomain::new(&r.trust_domain)
             .map_err(|e| e.to_string())
-            .and_then(|t| TrustBundle::from_jwks(t, &jwks).map_err(|e| e.to_string()));
+            .and_then(|t| TrustBundle::from_jwks(t, &r.jwks).map_err(|e| e.to_string()));
         match parsed {
-            Ok(b) => out.push(b),
+            Ok(bundle) => out.push(Federation {
+                bundle,
+                endpoint_url: r.endpoint_url,
+                endpoint_spiffe_id: r.endpoint_spiffe_id,
+            }),
             Err(e) => {
-                tracing::error!(trust_domain = td, error = %e, "ignoring a stored federated bundle")
+                tracing::error!(trust_domain = r.trust_domain, error = %e, "ignoring a stored federated bundle")
             }
         }
     }
@@ -216,11 +231,13 @@ impl Ca {
             policy_version: active.as_ref().map_or(0, |p| p.version),
             federation_version: 0,
         });
-        let federated = load_federated(store.as_ref()).await?;
+        let federations = load_federated(store.as_ref()).await?;
+        let federated = federations.iter().map(|f| f.bundle.clone()).collect();
         Ok(Ca {
             admin_policy: AdminPolicy::new(active.as_ref()),
             reads: ReadCache::new(store.clone(), metrics.clone()),
             federated: std::sync::RwLock::new(Arc::new(federated)),
+            federations: std::sync::RwLock::new(Arc::new(federations)),
             federation_reload: tokio::sync::Mutex::new(()),
             authority,
             store,
@@ -816,12 +833,20 @@ impl Ca {
         self.federated.read().expect("federated lock").clone()
     }
 
-    /// Stores (or replaces) the bundle of a trust domain we federate with;
+    /// The trust domains we federate with, with their bundle endpoints.
+    pub fn federations(&self) -> Arc<Vec<Federation>> {
+        self.federations.read().expect("federated lock").clone()
+    }
+
+    /// Stores (or replaces) the bundle of a trust domain we federate with,
+    /// and where to refresh it (`endpoint_url` empty: set by hand only);
     /// agents hear of it at once.
     pub async fn set_federated_bundle(
         &self,
         trust_domain: &str,
         jwks: &[u8],
+        endpoint_url: &str,
+        endpoint_spiffe_id: &str,
     ) -> CaResult<TrustBundle> {
         let td = TrustDomain::new(trust_domain)
             .map_err(|e| CaError::invalid(format!("trust domain {trust_domain:?}: {e}")))?;
@@ -839,13 +864,80 @@ impl Ca {
         }
         ward_spec::tls::RootStore::new(&bundle)
             .map_err(|e| CaError::invalid(format!("bundle of {td}: {e}")))?;
+        let endpoint_spiffe_id = match (endpoint_url, endpoint_spiffe_id) {
+            ("", "") => String::new(),
+            ("", _) => {
+                return Err(CaError::invalid(
+                    "an endpoint SPIFFE ID needs an endpoint URL",
+                ))
+            }
+            (url, id) => {
+                if !url.starts_with("https://") || url.len() <= "https://".len() {
+                    return Err(CaError::invalid(format!(
+                        "endpoint URL {url:?}: a bundle endpoint is https://HOST[:PORT][/PATH]"
+                    )));
+                }
+                // A Ward CA serves its bundle endpoint with its own SVID.
+                let id = match id {
+                    "" => td.id_string() + "/ward/ca",
+                    id => id.to_owned(),
+                };
+                let parsed = SpiffeId::parse(&id)
+                    .map_err(|e| CaError::invalid(format!("endpoint SPIFFE ID: {e}")))?;
+                if !parsed.is_member_of(&td) {
+                    return Err(CaError::invalid(format!(
+                        "endpoint SPIFFE ID {id} is not in {td}"
+                    )));
+                }
+                id
+            }
+        };
+        let record = FederatedBundleRecord {
+            trust_domain: td.to_string(),
+            jwks: bundle.to_jwks(),
+            endpoint_url: endpoint_url.to_owned(),
+            endpoint_spiffe_id,
+        };
         self.store
-            .set_federated_bundle(td.as_str(), &bundle.to_jwks(), now().unix_timestamp())
+            .set_federated_bundle(&record, now().unix_timestamp())
             .await?;
         self.reload_federation().await?;
         self.metrics.admin_change("set_federated_bundle");
-        tracing::info!(target: "audit", event = "federated_bundle_set", trust_domain = %td, x509_authorities = bundle.x509_authorities.len(), jwt_authorities = bundle.jwt_authorities.len(), "set a federated bundle");
+        tracing::info!(target: "audit", event = "federated_bundle_set", trust_domain = %td, x509_authorities = bundle.x509_authorities.len(), jwt_authorities = bundle.jwt_authorities.len(), endpoint_url, "set a federated bundle");
         Ok(bundle)
+    }
+
+    /// Stores a bundle fetched from a federation's bundle endpoint if its
+    /// authorities changed; true if they did.
+    pub async fn refresh_federated_bundle(
+        &self,
+        federation: &Federation,
+        fetched: TrustBundle,
+    ) -> CaResult<bool> {
+        let current = &federation.bundle;
+        if fetched.x509_authorities == current.x509_authorities
+            && fetched.jwt_authorities == current.jwt_authorities
+        {
+            return Ok(false);
+        }
+        if fetched.x509_authorities.is_empty() {
+            return Err(CaError::invalid(
+                "the fetched bundle holds no X.509 authority",
+            ));
+        }
+        ward_spec::tls::RootStore::new(&fetched).map_err(|e| CaError::invalid(e.to_string()))?;
+        let record = FederatedBundleRecord {
+            trust_domain: fetched.trust_domain.to_string(),
+            jwks: fetched.to_jwks(),
+            endpoint_url: federation.endpoint_url.clone(),
+            endpoint_spiffe_id: federation.endpoint_spiffe_id.clone(),
+        };
+        self.store
+            .set_federated_bundle(&record, now().unix_timestamp())
+            .await?;
+        self.reload_federation().await?;
+        tracing::info!(target: "audit", event = "federated_bundle_refreshed", trust_domain = %fetched.trust_domain, x509_authorities = fetched.x509_authorities.len(), jwt_authorities = fetched.jwt_authorities.len(), endpoint_url = federation.endpoint_url, "refreshed a federated bundle from its endpoint");
+        Ok(true)
     }
 
     pub async fn delete_federated_bundle(&self, trust_domain: &str) -> CaResult<()> {
@@ -868,8 +960,10 @@ impl Ca {
     async fn reload_federation(&self) -> CaResult<()> {
         // One reload at a time, so the last one to finish read last.
         let _one = self.federation_reload.lock().await;
-        let bundles = load_federated(self.store.as_ref()).await?;
+        let federations = load_federated(self.store.as_ref()).await?;
+        let bundles = federations.iter().map(|f| f.bundle.clone()).collect();
         *self.federated.write().expect("federated lock") = Arc::new(bundles);
+        *self.federations.write().expect("federated lock") = Arc::new(federations);
         self.notices.send_modify(|n| n.federation_version += 1);
         Ok(())
     }

@@ -36,6 +36,14 @@ pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// Serde adapter for an optional duration:
+/// `#[serde(default, deserialize_with = "ward_spec::duration::deserialize_opt")]`.
+pub fn deserialize_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -423,6 +423,13 @@ pub enum BundleCommand {
         file: PathBuf,
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
+        /// Keep the bundle fresh from the other trust domain's SPIFFE bundle
+        /// endpoint (https_spiffe), e.g. https://ca.partner.test:8443
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        /// The SPIFFE ID the endpoint must present. Default spiffe://<trust domain>/ward/ca
+        #[arg(long, requires = "endpoint_url")]
+        endpoint_spiffe_id: Option<String>,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -461,6 +468,8 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
             trust_domain,
             file,
             format,
+            endpoint_url,
+            endpoint_spiffe_id,
             target,
         } => {
             let text = std::fs::read_to_string(&file)
@@ -486,6 +495,8 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
                 .set_federated_bundle(types::Bundle {
                     trust_domain,
                     jwks,
+                    endpoint_url: endpoint_url.unwrap_or_default(),
+                    endpoint_spiffe_id: endpoint_spiffe_id.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await
@@ -505,24 +516,33 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
             for b in &list {
                 let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
                 let parsed = TrustBundle::from_jwks(td, &b.jwks)?;
-                rows.push((
-                    b.trust_domain.clone(),
-                    parsed.x509_authorities.len(),
-                    parsed.jwt_authorities.len(),
-                ));
+                rows.push(json!({
+                    "trust_domain": b.trust_domain,
+                    "x509_authorities": parsed.x509_authorities.len(),
+                    "jwt_authorities": parsed.jwt_authorities.len(),
+                    "jwt_key_ids": parsed.jwt_authorities.iter().map(|k| k.kid.clone()).collect::<Vec<_>>(),
+                    "endpoint_url": b.endpoint_url,
+                    "endpoint_spiffe_id": b.endpoint_spiffe_id,
+                }));
             }
             match out {
-                Output::Json => print_json(&serde_json::Value::Array(
-                    rows.iter()
-                        .map(|(td, x, j)| {
-                            json!({"trust_domain": td, "x509_authorities": x, "jwt_authorities": j})
-                        })
-                        .collect(),
-                )),
+                Output::Json => print_json(&serde_json::Value::Array(rows)),
                 Output::Human if rows.is_empty() => println!("No federated trust domains."),
                 Output::Human => {
-                    for (td, x, j) in rows {
-                        println!("{td}: {x} X.509 root(s), {j} JWT key(s)");
+                    for r in rows {
+                        let from = match r["endpoint_url"].as_str() {
+                            Some("") | None => "set by hand".to_owned(),
+                            Some(url) => format!(
+                                "refreshed from {url} ({})",
+                                r["endpoint_spiffe_id"].as_str().unwrap_or_default()
+                            ),
+                        };
+                        println!(
+                            "{}: {} X.509 root(s), {} JWT key(s), {from}",
+                            r["trust_domain"].as_str().unwrap_or_default(),
+                            r["x509_authorities"],
+                            r["jwt_authorities"]
+                        );
                     }
                 }
             }

@@ -82,6 +82,12 @@ pub struct ServeArgs {
     /// PEM PKCS#8 key of --upstream-cert.
     #[arg(long, requires = "upstream_cert")]
     upstream_key: Option<PathBuf>,
+    /// Serve our bundle as a SPIFFE bundle endpoint (https_spiffe) on this address.
+    #[arg(long)]
+    federation_address: Option<std::net::SocketAddr>,
+    /// How often federated bundles are fetched from their endpoints. Default: each bundle's refresh hint
+    #[arg(long, value_parser = duration)]
+    federation_refresh_interval: Option<std::time::Duration>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -121,6 +127,12 @@ impl ServeArgs {
         if self.upstream_cert.is_some() {
             c.upstream_cert = self.upstream_cert;
             c.upstream_key = self.upstream_key;
+        }
+        if self.federation_address.is_some() {
+            c.federation_address = self.federation_address;
+        }
+        if self.federation_refresh_interval.is_some() {
+            c.federation_refresh_interval = self.federation_refresh_interval;
         }
         if let Some(f) = self.log_format {
             c.log_format = match f.as_str() {

@@ -17,8 +17,8 @@ use tokio::sync::broadcast;
 use ward_spec::{SpiffeId, TrustDomain};
 
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, Result,
-    SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
+    PolicySetRecord, Result, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 
@@ -206,13 +206,13 @@ impl Datastore for Breaker {
     async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
         guarded!(self.list_policy_sets())
     }
-    async fn set_federated_bundle(&self, trust_domain: &str, jwks: &[u8], now: i64) -> Result<()> {
-        guarded!(self.set_federated_bundle(trust_domain, jwks, now))
+    async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()> {
+        guarded!(self.set_federated_bundle(bundle, now))
     }
     async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
         guarded!(self.delete_federated_bundle(trust_domain))
     }
-    async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>> {
         guarded!(self.list_federated_bundles())
     }
     fn changes(&self) -> Option<broadcast::Receiver<StoreChange>> {

@@ -15,8 +15,8 @@ use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS};
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, JoinTokenRecord, PolicySetRecord, Result,
-    SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
+    PolicySetRecord, Result, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
 };
 
 /// Serializes migrations of replicas that start at the same time.

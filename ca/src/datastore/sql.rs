@@ -80,6 +80,10 @@ CREATE TABLE federated_bundles (
     updated_at BIGINT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE federated_bundles ADD COLUMN endpoint_url TEXT NOT NULL DEFAULT '';
+ALTER TABLE federated_bundles ADD COLUMN endpoint_spiffe_id TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
@@ -727,23 +731,27 @@ macro_rules! sql_store {
 
             async fn set_federated_bundle(
                 &self,
-                trust_domain: &str,
-                jwks: &[u8],
+                b: &FederatedBundleRecord,
                 now: i64,
             ) -> Result<()> {
-                let jwks = std::str::from_utf8(jwks)
-                    .map_err(|e| StoreError::Corrupt(format!("bundle of {trust_domain}: {e}")))?;
+                let td = &b.trust_domain;
+                let jwks = std::str::from_utf8(&b.jwks)
+                    .map_err(|e| StoreError::Corrupt(format!("bundle of {td}: {e}")))?;
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
-                    "INSERT INTO federated_bundles (trust_domain, jwks, updated_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (trust_domain) DO UPDATE SET jwks = $2, updated_at = $3",
+                    "INSERT INTO federated_bundles (trust_domain, jwks, updated_at, endpoint_url, endpoint_spiffe_id)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (trust_domain) DO UPDATE
+                     SET jwks = $2, updated_at = $3, endpoint_url = $4, endpoint_spiffe_id = $5",
                 )
-                .bind(trust_domain)
+                .bind(td)
                 .bind(jwks)
                 .bind(now)
+                .bind(&b.endpoint_url)
+                .bind(&b.endpoint_spiffe_id)
                 .execute(&mut *tx)
                 .await?;
-                announce(&mut tx, $notify, &format!("federation:{trust_domain}")).await?;
+                announce(&mut tx, $notify, &format!("federation:{td}")).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -759,17 +767,22 @@ macro_rules! sql_store {
                 Ok(r.rows_affected() > 0)
             }
 
-            async fn list_federated_bundles(&self) -> Result<Vec<(String, Vec<u8>)>> {
+            async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>> {
                 let rows = sqlx::query(
-                    "SELECT trust_domain, jwks FROM federated_bundles ORDER BY trust_domain",
+                    "SELECT trust_domain, jwks, endpoint_url, endpoint_spiffe_id
+                     FROM federated_bundles ORDER BY trust_domain",
                 )
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter()
                     .map(|r| {
-                        let td: String = r.try_get("trust_domain")?;
                         let jwks: String = r.try_get("jwks")?;
-                        Ok((td, jwks.into_bytes()))
+                        Ok(FederatedBundleRecord {
+                            trust_domain: r.try_get("trust_domain")?,
+                            jwks: jwks.into_bytes(),
+                            endpoint_url: r.try_get("endpoint_url")?,
+                            endpoint_spiffe_id: r.try_get("endpoint_spiffe_id")?,
+                        })
                     })
                     .collect()
             }

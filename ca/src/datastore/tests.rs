@@ -207,3 +207,45 @@ async fn policy_sets_on(s: &dyn Datastore) {
         .collect();
     assert_eq!(all, vec![2, 1]);
 }
+
+#[tokio::test]
+async fn federated_bundles_are_set_replaced_listed_and_deleted() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        federated_bundles_on(s.as_ref()).await;
+    }
+}
+
+async fn federated_bundles_on(s: &dyn Datastore) {
+    let record = |td: &str, jwks: &str, url: &str| FederatedBundleRecord {
+        trust_domain: td.into(),
+        jwks: jwks.as_bytes().to_vec(),
+        endpoint_url: url.into(),
+        endpoint_spiffe_id: if url.is_empty() {
+            String::new()
+        } else {
+            format!("spiffe://{td}/ward/ca")
+        },
+    };
+    assert!(s.list_federated_bundles().await.unwrap().is_empty());
+    s.set_federated_bundle(&record("b.test", "{\"keys\":[]}", ""), 1)
+        .await
+        .unwrap();
+    s.set_federated_bundle(&record("a.test", "{\"keys\":[1]}", "https://a:8443"), 1)
+        .await
+        .unwrap();
+    // Replacing keeps one row per trust domain, with the new endpoint.
+    s.set_federated_bundle(&record("b.test", "{\"keys\":[2]}", "https://b"), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list_federated_bundles().await.unwrap(),
+        vec![
+            record("a.test", "{\"keys\":[1]}", "https://a:8443"),
+            record("b.test", "{\"keys\":[2]}", "https://b"),
+        ]
+    );
+    assert!(s.delete_federated_bundle("a.test").await.unwrap());
+    assert!(!s.delete_federated_bundle("a.test").await.unwrap());
+    assert_eq!(s.list_federated_bundles().await.unwrap().len(), 1);
+}
