@@ -292,16 +292,7 @@ impl Ca {
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
             StoreChange::Agent(id) => self.reads.forget_agent(&id),
             StoreChange::Federation => self.reload_federation().await?,
-            StoreChange::Bundle(_) => {
-                if self
-                    .authority
-                    .follow_bundle()
-                    .await
-                    .map_err(|e| CaError::new(Code::Unavailable, format!("bundle: {e}")))?
-                {
-                    self.bundle_changed();
-                }
-            }
+            StoreChange::Bundle(_) => self.follow_bundle().await?,
             StoreChange::Lost => {
                 // Changes may go unheard until notices resume: what signing
                 // reads is no longer kept. What is kept already stays only if
@@ -317,14 +308,7 @@ impl Ca {
                     self.reads.forget_all();
                     self.reads.follow(true);
                     self.reload_federation().await?;
-                    if self
-                        .authority
-                        .follow_bundle()
-                        .await
-                        .map_err(|e| CaError::new(Code::Unavailable, format!("bundle: {e}")))?
-                    {
-                        self.bundle_changed();
-                    }
+                    self.follow_bundle().await?;
                 }
                 self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
@@ -339,6 +323,19 @@ impl Ca {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes the bundle another replica published, if it is newer.
+    async fn follow_bundle(&self) -> CaResult<()> {
+        let newer = self
+            .authority
+            .follow_bundle()
+            .await
+            .map_err(|e| CaError::new(Code::Unavailable, format!("bundle: {e}")))?;
+        if newer {
+            self.bundle_changed();
         }
         Ok(())
     }
