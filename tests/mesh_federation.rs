@@ -387,6 +387,10 @@ fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotatio
         "the failing endpoint is logged once:\n{log}"
     );
     assert!(log.contains("spiffe://partner.test/ward/ca"), "{log}");
+    assert!(
+        !log.contains("refused server certificate"),
+        "each refresh logged its refusal again:\n{log}"
+    );
 
     step(
         4,

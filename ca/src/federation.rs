@@ -164,7 +164,8 @@ async fn fetch(f: &Federation) -> Result<TrustBundle, String> {
     let roots = RootStore::new(&f.bundle).map_err(|e| e.to_string())?;
     let mut cfg = ward_spec::tls::client_config(
         None,
-        SpiffeServerVerifier::new(roots, PeerPolicy::OneOf(vec![expected])),
+        // The refresher logs a failing endpoint once, with this reason.
+        SpiffeServerVerifier::quiet(roots, PeerPolicy::OneOf(vec![expected])),
     );
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let work = async {

@@ -247,6 +247,9 @@ pub struct SpiffeServerVerifier {
     roots: RootStore,
     policy: PeerPolicy,
     provider: Arc<CryptoProvider>,
+    /// Log each refusal (off where the caller reports the failed connection
+    /// itself, once).
+    log_refusals: bool,
 }
 
 impl SpiffeServerVerifier {
@@ -255,6 +258,18 @@ impl SpiffeServerVerifier {
             roots,
             policy,
             provider: provider(),
+            log_refusals: true,
+        })
+    }
+
+    /// A verifier that does not log refusals: the handshake error carries
+    /// the reason, and the caller logs it.
+    pub fn quiet(roots: RootStore, policy: PeerPolicy) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            roots,
+            policy,
+            provider: provider(),
+            log_refusals: false,
         })
     }
 }
@@ -280,7 +295,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .roots
             .verify(end_entity, intermediates, now, KeyUsage::server_auth())
             .and_then(|id| self.policy.check(&id));
-        if let Err(e) = &result {
+        if let (Err(e), true) = (&result, self.log_refusals) {
             tracing::warn!(error = %e, "refused server certificate");
         }
         result.map(|_| ServerCertVerified::assertion())
