@@ -18,13 +18,6 @@ fn agent_id(ca: &CaProcess) -> String {
         .to_owned()
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Our own raw client (no header added unless asked).
 async fn raw_client(agent: &AgentProcess) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&agent.socket).await.unwrap())

@@ -254,13 +254,6 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
     );
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 #[test]
 fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_svid() {
     let Some(db) = fresh_database() else { return };

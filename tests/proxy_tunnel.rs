@@ -484,13 +484,6 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
         .contains("expected one of [spiffe://example.org/tenant/acme/ns/prod/sa/db]"));
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 #[test]
 fn a_slow_loris_and_10000_idle_connections_do_not_stop_other_clients() {
     // The test holds 10,000 sockets too.

@@ -121,6 +121,14 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 pub fn ward_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ward")
 }
