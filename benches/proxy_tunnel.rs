@@ -14,11 +14,17 @@
 //! the (shared, noisy) machine hits them alike.
 //!
 //! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 3 rounds, median.
-//! 2. 1 KiB request/response over one persistent connection: 5 rounds of
-//!    4,000 round trips, pooled p50/p99, and what each adds over direct.
+//! 2. 1 KiB request/response over one persistent connection: 20 rounds of
+//!    2,000 round trips, pooled p50/p99, what each adds over direct, and in
+//!    how many rounds Ward's p99 was below each peer's.
 //! 3. New application connections per second: 16 clients for 2 s, each
 //!    connecting, echoing one byte and closing; 3 rounds, median.
 //! 4. Ward proxy RSS when idle and with 10,000 idle tunneled streams.
+//!
+//! For profiling: `WARD_BENCH_HOLD=SECONDS` sets everything up, prints where
+//! each tunnel listens and the Ward proxies' pids, and measures nothing;
+//! `WARD_BENCH_WARD_BIN=PATH` runs another `ward` build (two holds side by
+//! side compare two builds).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -42,8 +48,13 @@ fn wait_listening(port: u16) {
     }
 }
 
+/// The `ward` binary under test: this build's, or `WARD_BENCH_WARD_BIN` (to
+/// hold two builds side by side for an A/B comparison).
 fn ward() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ward"))
+    Command::new(
+        std::env::var_os("WARD_BENCH_WARD_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ward").into()),
+    )
 }
 
 /// A tunnel under test: where the client connects.
@@ -467,6 +478,28 @@ fn main() {
         haproxy(&dir, app),
     ];
     let all: Vec<&Tunnel> = tunnels.iter().chain([&ward.tunnel]).collect();
+    // `WARD_BENCH_HOLD=SECONDS` keeps the tunnels (and an echo server) up
+    // for that long and measures nothing: for profiling with outside tools.
+    if let Some(secs) = std::env::var("WARD_BENCH_HOLD")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let _echo = Killed(
+            Command::new(std::env::current_exe().unwrap())
+                .env("WARD_BENCH_ECHO_PORT", app.to_string())
+                .spawn()
+                .unwrap(),
+        );
+        for t in &all {
+            println!("holding {:>9}: 127.0.0.1:{}", t.name, t.entry);
+        }
+        println!(
+            "holding Ward proxies: client side pid {}, server side pid {}",
+            ward.web_pid, ward.api_pid
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+        return;
+    }
     // `WARD_BENCH_ONLY=Ward` measures only that tunnel (for profiling).
     let only = std::env::var("WARD_BENCH_ONLY").ok();
     let skip = |t: &Tunnel| only.as_deref().is_some_and(|o| o != t.name);
@@ -526,17 +559,29 @@ fn main() {
             .unwrap(),
     );
     wait_listening(app);
+    // Per round, each tunnel's p99 (to compare tunnels round by round).
+    let mut round_p99: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
     if phase("rr") {
-        // Interleaved rounds (`WARD_BENCH_RR_ROUNDS`, default 10) of 4,000
-        // round trips per tunnel, pooled.
-        let rounds: usize = std::env::var("WARD_BENCH_RR_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10);
+        // Interleaved rounds (`WARD_BENCH_RR_ROUNDS`, default 20) of 2,000
+        // round trips per tunnel (`WARD_BENCH_RR_TRIPS`), pooled. Many short
+        // rounds spread each tunnel over the machine's slow and fast spells.
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let (rounds, trips) = (
+            env("WARD_BENCH_RR_ROUNDS", 20),
+            env("WARD_BENCH_RR_TRIPS", 2_000),
+        );
         let mut times = vec![Vec::new(); all.len()];
         for _ in 0..rounds {
             for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
-                times[i].extend(request_response(t.entry, 4_000));
+                let mut round = request_response(t.entry, trips);
+                round.sort();
+                round_p99[i].push(pct(&round, 0.99).as_secs_f64() * 1e6);
+                times[i].extend(round);
             }
         }
         for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
@@ -622,6 +667,19 @@ fn main() {
         "| p50 / p99 added over direct | – | {} / {} | {} / {} | {} / {} | p99 added {:.3} ms (goal ≤ 0.2 ms and below both peers) |",
         us(added(s).0), us(added(s).1), us(added(h).0), us(added(h).1), us(added(w).0), us(added(w).1),
         added(w).1 / 1000.0
+    );
+    // Round by round: in how many rounds was Ward's p99 below the peer's?
+    let below = |peer: usize| {
+        let pairs = round_p99[w].iter().zip(&round_p99[peer]);
+        let n = pairs.clone().count();
+        (pairs.filter(|(a, b)| a < b).count(), n)
+    };
+    println!(
+        "| rounds with Ward's p99 below the peer's | – | {} of {} | {} of {} | – | |",
+        below(s).0,
+        below(s).1,
+        below(h).0,
+        below(h).1
     );
     println!(
         "| new connections per second ({cps_clients} clients) | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} × stunnel4 (goal ≥ 5) |",
