@@ -1,6 +1,8 @@
 //! Federation end to end: two trust domains, each with its own CA and agent,
 //! and a tunnel from `web` in one to `api` in the other, which works exactly
-//! while each CA holds the other's bundle (`ward bundle set`).
+//! while each CA holds the other's bundle (`ward bundle set`) and both
+//! workloads' entries federate with the other trust domain
+//! (`--federates-with`; a workload receives only those bundles).
 //!
 //! The mesh: `web` (uid 1001, `example.org`, agent 1) → its proxy's route →
 //! mutual TLS → `api`'s proxy (uid 1002, `partner.test`, agent 2) → the
@@ -71,6 +73,27 @@ fn run_ok(ca: &CaProcess, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Replaces entry `id` (`spiffe_id`, on `ca`'s only node, `selector`) so
+/// that it federates with `tds`.
+fn federate(ca: &CaProcess, id: &str, spiffe_id: &str, selector: &str, tds: &[&str]) {
+    let node = node_of(ca);
+    let mut args = vec![
+        "entry",
+        "update",
+        id,
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        &node,
+        "--selector",
+        selector,
+    ];
+    for td in tds {
+        args.extend(["--federates-with", td]);
+    }
+    run_ok(ca, &args);
+}
+
 /// A client-side proxy for `web` with one route to `api`; its route port.
 fn web_proxy(agent: &AgentProcess, api_inbound: &str) -> (ProxyProcess, u16) {
     let port = free_port();
@@ -92,12 +115,13 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let ca2 = CaProcess::start_in("partner.test", &[]);
     let agent1 = AgentProcess::start(&ca1);
     let agent2 = AgentProcess::start(&ca2);
-    ca1.register(WEB, &node_of(&ca1), &format!("unix:uid:{WEB_UID}"));
-    ca2.register(API, &node_of(&ca2), &format!("unix:uid:{API_UID}"));
+    let (web_sel, api_sel) = (format!("unix:uid:{WEB_UID}"), format!("unix:uid:{API_UID}"));
+    let web_entry = ca1.register(WEB, &node_of(&ca1), &web_sel);
+    let api_entry = ca2.register(API, &node_of(&ca2), &api_sel);
     // This test's own uid is a workload on both sides (for py-spiffe).
     let me = format!("unix:uid:{}", my_uid());
     ca1.register(OPS_1, &node_of(&ca1), &me);
-    ca2.register(OPS_2, &node_of(&ca2), &me);
+    let ops2_entry = ca2.register(OPS_2, &node_of(&ca2), &me);
     let policies = partner_policies();
     let app = AppProcess::start();
     let api_inbound = format!("127.0.0.1:{}", free_port());
@@ -193,10 +217,47 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     assert_eq!(listed[0]["trust_domain"], "example.org", "{listed}");
     assert_eq!(listed[0]["x509_authorities"], 1, "{listed}");
     assert_eq!(listed[0]["jwt_authorities"], 1, "{listed}");
+    // A bundle at the CA reaches only workloads whose entries federate with
+    // its trust domain: none does yet.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = py_client(&["bundle", &agent2.endpoint(), "example.org"]);
+    assert!(
+        !out.status.success(),
+        "example.org's bundle served to a workload that does not federate with it"
+    );
+    assert_eq!(
+        hash_client(port, 1024, 1, 0.0).ok,
+        0,
+        "a tunnel before the entries federate"
+    );
+    assert_eq!(app.connections(), 0);
+    // An entry may federate only with a trust domain the CA has a bundle for.
+    let unknown = ca2.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://partner.test/tenant/acme/ns/prod/sa/other",
+        "--parent-id",
+        &node_of(&ca2),
+        "--selector",
+        "unix:uid:4242",
+        "--federates-with",
+        "spiffe://third.test",
+    ]);
+    refused(unknown, "no federated bundle for that trust domain");
 
     step(
         4,
-        "federated: bytes arrive intact through the tunnel, decided by api's policy",
+        "both entries federate: bytes arrive intact through the tunnel, decided by api's policy",
+    );
+    let federated = Instant::now();
+    federate(&ca1, &web_entry, WEB, &web_sel, &["spiffe://partner.test"]);
+    federate(&ca2, &api_entry, API, &api_sel, &["example.org"]);
+    federate(&ca2, &ops2_entry, OPS_2, &me, &["example.org"]);
+    let shown = ca2.cli_json(&["entry", "show", &api_entry]);
+    assert_eq!(
+        shown["federates_with"][0], "spiffe://example.org",
+        "{shown}"
     );
     let r = loop {
         let r = hash_client(port, 64 * 1024, 4, 0.0);
@@ -204,14 +265,15 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
             break r;
         }
         assert!(
-            set.elapsed() < Duration::from_secs(10),
-            "no tunnel 10 s after federating: {:?}",
+            federated.elapsed() < Duration::from_secs(10),
+            "no tunnel 10 s after the entries federate: {:?}",
             r.errors
         );
         std::thread::sleep(Duration::from_millis(100));
     };
     println!(
-        "  tunnel up {:?} after the first `bundle set`",
+        "  tunnel up {:?} after the entries federate ({:?} after the first `bundle set`)",
+        federated.elapsed(),
         set.elapsed()
     );
     assert!(r.errors.is_empty(), "{:?}", r.errors);
@@ -251,8 +313,14 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
 
     step(
         6,
-        "api's CA stops federating: a new connection from web is refused again",
+        "api's CA stops federating: the bundle is kept while entries federate with it; once they do not, and it is deleted, a new connection from web is refused again",
     );
+    refused(
+        ca2.cli(&["bundle", "delete", "--trust-domain", "example.org"]),
+        "2 entries federate with example.org",
+    );
+    federate(&ca2, &api_entry, API, &api_sel, &[]);
+    federate(&ca2, &ops2_entry, OPS_2, &me, &[]);
     run_ok(&ca2, &["bundle", "delete", "--trust-domain", "example.org"]);
     let deleted = Instant::now();
     let served = app.connections();

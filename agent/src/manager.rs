@@ -19,7 +19,7 @@ use ward_spec::grpc::DATASTORE_UNAVAILABLE;
 use ward_spec::proto::node::v1 as pb;
 use ward_spec::proto::types::v1::PolicySet;
 use ward_spec::tls::SvidResolver;
-use ward_spec::{SpiffeId, TrustBundle};
+use ward_spec::{SpiffeId, TrustBundle, TrustDomain};
 
 use crate::ca_client::{jitter, Backoff, CaClient};
 use crate::metrics::Metrics;
@@ -37,6 +37,8 @@ pub struct CachedEntry {
     pub selectors: Vec<String>,
     pub hint: String,
     pub revision: u64,
+    /// Trust domains whose bundles its workloads receive besides ours.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// An X509-SVID in the cache.
@@ -72,9 +74,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Our bundle, then the federated ones.
-    pub fn bundles(&self) -> impl Iterator<Item = &TrustBundle> {
-        std::iter::once(self.bundle.as_ref()).chain(self.federated.iter())
+    /// Our bundle, then the federated ones of the trust domains any of
+    /// `entries` (a caller's) federates with, as SPIRE serves them.
+    pub fn bundles_for<'a>(
+        &'a self,
+        entries: &'a [Arc<CachedEntry>],
+    ) -> impl Iterator<Item = &'a TrustBundle> + 'a {
+        std::iter::once(self.bundle.as_ref()).chain(self.federated.iter().filter(|b| {
+            entries
+                .iter()
+                .any(|e| e.federates_with.contains(&b.trust_domain))
+        }))
     }
 
     /// Entries whose selectors are all among the caller's (sorted `selectors`), in ID order.
@@ -582,12 +592,21 @@ fn to_cached(e: ward_spec::proto::types::v1::Entry) -> Result<CachedEntry, Strin
         .map(|s| format!("{}:{}", s.r#type, s.value))
         .collect();
     selectors.sort();
+    let federates_with = e
+        .federates_with
+        .iter()
+        .map(|t| {
+            TrustDomain::new(t)
+                .map_err(|err| format!("entry {}: federates_with {t:?}: {err}", e.id))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(CachedEntry {
         id: e.id,
         spiffe_id,
         selectors,
         hint: e.hint,
         revision: e.revision,
+        federates_with,
     })
 }
 

@@ -147,10 +147,7 @@ fn x509_response(
     }
     let now = unix_now();
     let bundle = snap.bundle.x509_der_concat();
-    let mut fp = vec![
-        Arc::as_ptr(&snap.bundle) as usize,
-        Arc::as_ptr(&snap.federated) as usize,
-    ];
+    let mut fp = bundles_fingerprint(snap, &entries);
     let svids: Vec<pb::X509svid> = entries
         .iter()
         .filter_map(|e| {
@@ -180,13 +177,29 @@ fn x509_response(
             svids,
             crl: Vec::new(),
             federated_bundles: snap
-                .federated
-                .iter()
+                .bundles_for(&entries)
+                .skip(1)
                 .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
                 .collect(),
         },
         fp,
     ))
+}
+
+/// What a caller's bundles depend on: ours and the federated set (by
+/// identity), and which of them its entries federate with.
+fn bundles_fingerprint(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> Vec<usize> {
+    let mut fp = vec![
+        Arc::as_ptr(&snap.bundle) as usize,
+        Arc::as_ptr(&snap.federated) as usize,
+    ];
+    fp.extend(snap.federated.iter().enumerate().filter_map(|(i, b)| {
+        entries
+            .iter()
+            .any(|e| e.federates_with.contains(&b.trust_domain))
+            .then_some(i)
+    }));
+    fp
 }
 
 /// Runs `build` now and after every snapshot change (and at the next SVID
@@ -290,10 +303,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let r = self
-            .bundle_stream(&req, |snap| pb::X509BundlesResponse {
+            .bundle_stream(&req, |snap, entries| pb::X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: snap
-                    .bundles()
+                    .bundles_for(entries)
                     .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
                     .collect(),
             })
@@ -344,9 +357,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let r = self
-            .bundle_stream(&req, |snap| pb::JwtBundlesResponse {
+            .bundle_stream(&req, |snap, entries| pb::JwtBundlesResponse {
                 bundles: snap
-                    .bundles()
+                    .bundles_for(entries)
                     .map(|b| (b.trust_domain.id_string(), b.to_jwt_jwks()))
                     .collect(),
             })
@@ -368,12 +381,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Err(Status::invalid_argument("svid must be specified"));
             }
             let snap = self.snapshot().await?;
-            if matching(&snap, &selectors).is_empty() {
+            let entries = matching(&snap, &selectors);
+            if entries.is_empty() {
                 return Err(no_identity());
             }
-            let (id, claims) =
-                ward_spec::jwt::validate_any(&body.svid, &body.audience, snap.bundles())
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (id, claims) = ward_spec::jwt::validate_any(
+                &body.svid,
+                &body.audience,
+                snap.bundles_for(&entries),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let fields = match json_to_prost(&claims).kind {
                 Some(prost_types::value::Kind::StructValue(s)) => Some(s),
                 _ => None,
@@ -389,13 +406,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
-    /// A stream of `render(bundles)` for a caller with an identity: now, and
-    /// on every change of our bundle or the federated ones; it ends with
+    /// A stream of `render(snapshot, caller's entries)` for a caller with an
+    /// identity: now, and on every change of its bundles; it ends with
     /// PermissionDenied if the caller loses its last entry.
     async fn bundle_stream<Req, T>(
         &self,
         req: &Request<Req>,
-        render: fn(&Snapshot) -> T,
+        render: fn(&Snapshot, &[Arc<CachedEntry>]) -> T,
     ) -> Result<Response<BoxStream<T>>, Status>
     where
         T: Send + 'static,
@@ -409,16 +426,11 @@ impl WorkloadApi {
             self.snapshots.clone(),
             selectors,
             move |snap, sel| {
-                if matching(snap, sel).is_empty() {
+                let entries = matching(snap, sel);
+                if entries.is_empty() {
                     return Err(no_identity());
                 }
-                Ok((
-                    render(snap),
-                    vec![
-                        Arc::as_ptr(&snap.bundle) as usize,
-                        Arc::as_ptr(&snap.federated) as usize,
-                    ],
-                ))
+                Ok((render(snap, &entries), bundles_fingerprint(snap, &entries)))
             },
         )))
     }

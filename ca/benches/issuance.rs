@@ -102,6 +102,7 @@ async fn fixture() -> Fixture {
                     dns_names: vec![],
                     hint: String::new(),
                     admin: false,
+                    federates_with: vec![],
                 },
             )
             .await

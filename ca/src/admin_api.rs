@@ -115,6 +115,7 @@ fn spec_from_pb(e: types::Entry, with_id: bool) -> EntrySpec {
         dns_names: e.dns_names,
         hint: e.hint,
         admin: e.admin,
+        federates_with: e.federates_with,
     }
 }
 

@@ -36,6 +36,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("already exists: {0}")]
     Conflict(String),
+    /// The change would leave other records pointing at nothing.
+    #[error("{0}")]
+    InUse(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -55,6 +58,8 @@ pub struct Entry {
     pub admin: bool,
     pub revision: u64,
     pub created_at: i64,
+    /// Trust domains whose bundles the entry's workloads receive, sorted.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// What signing needs of an entry (a narrow read on the hot path).

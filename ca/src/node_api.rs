@@ -66,6 +66,7 @@ pub fn entry_to_pb(e: &Entry) -> types::Entry {
         admin: e.admin,
         revision: e.revision,
         created_at: e.created_at,
+        federates_with: e.federates_with.iter().map(|t| t.id_string()).collect(),
     }
 }
 

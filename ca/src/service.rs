@@ -57,6 +57,7 @@ impl From<StoreError> for CaError {
         match e {
             StoreError::NotFound(m) => CaError::new(Code::NotFound, format!("not found: {m}")),
             StoreError::Conflict(m) => CaError::new(Code::AlreadyExists, m),
+            StoreError::InUse(m) => CaError::new(Code::FailedPrecondition, m),
             // Logged once per outage by the read cache.
             other if crate::datastore::unavailable(&other) => {
                 tracing::debug!(error = %other, "datastore unavailable");
@@ -214,6 +215,8 @@ pub struct EntrySpec {
     pub dns_names: Vec<String>,
     pub hint: String,
     pub admin: bool,
+    /// Trust domains (`name` or `spiffe://name`) whose bundles its workloads receive.
+    pub federates_with: Vec<String>,
 }
 
 impl Ca {
@@ -723,6 +726,19 @@ impl Ca {
                 )));
             }
         }
+        let mut federates_with = Vec::with_capacity(spec.federates_with.len());
+        for t in &spec.federates_with {
+            let td = TrustDomain::new(t)
+                .map_err(|e| CaError::invalid(format!("federates_with {:?}: {e}", trunc(t))))?;
+            if &td == self.trust_domain() {
+                return Err(CaError::invalid(format!(
+                    "federates_with {td}: that is this CA's own trust domain"
+                )));
+            }
+            federates_with.push(td);
+        }
+        federates_with.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        federates_with.dedup();
         if let Some(id) = &spec.id {
             if id.is_empty()
                 || id.len() > 64
@@ -747,12 +763,31 @@ impl Ca {
             admin: spec.admin,
             revision: 0,
             created_at: 0,
+            federates_with,
         })
+    }
+
+    /// Every trust domain `entry` federates with has a federated bundle (as
+    /// SPIRE requires): a name mistyped here would otherwise never deliver one.
+    async fn check_federates_with(&self, entry: &Entry) -> CaResult<()> {
+        if entry.federates_with.is_empty() {
+            return Ok(());
+        }
+        let known = self.store.list_federated_bundles().await?;
+        for td in &entry.federates_with {
+            if !known.iter().any(|b| b.trust_domain == td.as_str()) {
+                return Err(CaError::invalid(format!(
+                    "federates_with {td}: there is no federated bundle for that trust domain (add it with `ward bundle set` first)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
         self.authorize_entry(caller, AdminAction::CreateEntry, &entry)?;
+        self.check_federates_with(&entry).await?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
@@ -772,6 +807,7 @@ impl Ca {
         let old = self.get_entry(&id).await?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &old)?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &entry)?;
+        self.check_federates_with(&entry).await?;
         let e = self.store.update_entry(entry).await?;
         self.entries_changed(
             e.revision,

@@ -138,6 +138,11 @@ pub struct EntryFields {
     /// Mark the entry as an admin identity.
     #[arg(long)]
     admin: bool,
+    /// A trust domain whose bundle the workloads also receive, e.g.
+    /// spiffe://partner.org (repeat for several; each needs a federated
+    /// bundle, `ward bundle set`).
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
 }
 
 impl EntryFields {
@@ -167,6 +172,7 @@ impl EntryFields {
             admin: self.admin,
             revision: 0,
             created_at: 0,
+            federates_with: self.federates_with,
         }
     }
 }

@@ -40,6 +40,7 @@ pub fn entry_json(e: &types::Entry) -> Value {
         "admin": e.admin,
         "revision": e.revision,
         "created_at": e.created_at,
+        "federates_with": e.federates_with,
     })
 }
 
@@ -57,6 +58,9 @@ pub fn entry_human(e: &types::Entry) -> String {
     }
     for d in &e.dns_names {
         s.push_str(&format!("DNS name:   {d}\n"));
+    }
+    for t in &e.federates_with {
+        s.push_str(&format!("Federates:  {t}\n"));
     }
     if e.x509_ttl > 0 {
         s.push_str(&format!("X509 TTL:   {}s\n", e.x509_ttl));

@@ -84,9 +84,12 @@ CREATE TABLE federated_bundles (
 ALTER TABLE federated_bundles ADD COLUMN endpoint_url TEXT NOT NULL DEFAULT '';
 ALTER TABLE federated_bundles ADD COLUMN endpoint_spiffe_id TEXT NOT NULL DEFAULT '';
 "#,
+    r#"
+ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
-pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at";
+pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
 
 /// Implements [`super::Datastore`] for `$store` (which has a `pool` field),
 /// with `$row` and `$conn` the backend's row and connection types, and its
@@ -149,6 +152,8 @@ macro_rules! sql_store {
             let selectors: String = row.try_get("selectors")?;
             let selectors: Vec<String> = serde_json::from_str(&selectors).map_err(corrupt)?;
             let dns: String = row.try_get("dns_names")?;
+            let federates: String = row.try_get("federates_with")?;
+            let federates: Vec<String> = serde_json::from_str(&federates).map_err(corrupt)?;
             Ok(Entry {
                 id: row.try_get("id")?,
                 spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
@@ -165,6 +170,11 @@ macro_rules! sql_store {
                 admin: row.try_get("admin")?,
                 revision: row.try_get::<i64, _>("revision")? as u64,
                 created_at: row.try_get("created_at")?,
+                federates_with: federates
+                    .iter()
+                    .map(|t| TrustDomain::new(t))
+                    .collect::<Result<_, _>>()
+                    .map_err(corrupt)?,
             })
         }
 
@@ -189,6 +199,16 @@ macro_rules! sql_store {
                 evicted: row.try_get("evicted")?,
                 attested_at: row.try_get("attested_at")?,
             })
+        }
+
+        fn federates_json(e: &Entry) -> String {
+            serde_json::to_string(
+                &e.federates_with
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .expect("strings serialize")
         }
 
         fn selectors_json(e: &Entry) -> String {
@@ -339,7 +359,7 @@ macro_rules! sql_store {
                 e.revision = rev;
                 e.created_at = now;
                 sqlx::query(&format!(
-                    "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
                 ))
                 .bind(&e.id)
                 .bind(e.spiffe_id.to_string())
@@ -352,6 +372,7 @@ macro_rules! sql_store {
                 .bind(e.admin)
                 .bind(rev as i64)
                 .bind(now)
+                .bind(federates_json(&e))
                 .execute(&mut *tx)
                 .await
                 .map_err(|err| match &err {
@@ -383,7 +404,7 @@ macro_rules! sql_store {
                 e.created_at = old.created_at;
                 sqlx::query(
                     "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors = $4, x509_ttl = $5, jwt_ttl = $6,
-                     dns_names = $7, hint = $8, admin = $9, revision = $10 WHERE id = $1",
+                     dns_names = $7, hint = $8, admin = $9, revision = $10, federates_with = $11 WHERE id = $1",
                 )
                 .bind(&e.id)
                 .bind(e.spiffe_id.to_string())
@@ -395,6 +416,7 @@ macro_rules! sql_store {
                 .bind(&e.hint)
                 .bind(e.admin)
                 .bind(rev as i64)
+                .bind(federates_json(&e))
                 .execute(&mut *tx)
                 .await?;
                 record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
@@ -758,6 +780,31 @@ macro_rules! sql_store {
 
             async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
                 let mut tx = self.pool.begin().await?;
+                // Entries that federate with it keep it (as SPIRE's default,
+                // RESTRICT, does). The pattern narrows the search; the
+                // parsed list decides (`_` in a name is a LIKE wildcard).
+                let quoted = serde_json::to_string(trust_domain).expect("strings serialize");
+                let candidates = sqlx::query(
+                    "SELECT id, federates_with FROM entries WHERE federates_with LIKE $1 ORDER BY id",
+                )
+                .bind(format!("%{quoted}%"))
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut users = Vec::new();
+                for row in &candidates {
+                    let list: String = row.try_get("federates_with")?;
+                    let list: Vec<String> = serde_json::from_str(&list).map_err(corrupt)?;
+                    if list.iter().any(|t| t == trust_domain) {
+                        users.push(row.try_get::<String, _>("id")?);
+                    }
+                }
+                if let Some(first) = users.first() {
+                    return Err(StoreError::InUse(format!(
+                        "{} entr{} federate with {trust_domain} (first: {first}); remove it from their federates_with, or delete them, before deleting its bundle",
+                        users.len(),
+                        if users.len() == 1 { "y" } else { "ies" }
+                    )));
+                }
                 let r = sqlx::query("DELETE FROM federated_bundles WHERE trust_domain = $1")
                     .bind(trust_domain)
                     .execute(&mut *tx)

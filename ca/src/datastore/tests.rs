@@ -53,6 +53,7 @@ fn entry(n: &str, parent: &str) -> Entry {
         admin: false,
         revision: 0,
         created_at: 0,
+        federates_with: vec![],
     }
 }
 
@@ -248,4 +249,41 @@ async fn federated_bundles_on(s: &dyn Datastore) {
     assert!(s.delete_federated_bundle("a.test").await.unwrap());
     assert!(!s.delete_federated_bundle("a.test").await.unwrap());
     assert_eq!(s.list_federated_bundles().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let td = |t: &str| TrustDomain::new(t).unwrap();
+        let bundle = |t: &str| FederatedBundleRecord {
+            trust_domain: t.into(),
+            jwks: b"{\"keys\":[]}".to_vec(),
+            endpoint_url: String::new(),
+            endpoint_spiffe_id: String::new(),
+        };
+        for t in ["a_b.test", "axb.test", "c.test"] {
+            s.set_federated_bundle(&bundle(t), 1).await.unwrap();
+        }
+        let mut e = entry("fed", "spiffe://td/node");
+        e.federates_with = vec![td("axb.test"), td("c.test")];
+        let e = s.create_entry(e, 5).await.unwrap();
+        // The list round-trips.
+        let got = s.get_entry("fed").await.unwrap().unwrap();
+        assert_eq!(got.federates_with, vec![td("axb.test"), td("c.test")]);
+        // A name the entry does not list is free to go, even one that
+        // matches a listed one as a LIKE pattern (`_`).
+        assert!(s.delete_federated_bundle("a_b.test").await.unwrap());
+        let err = s.delete_federated_bundle("c.test").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InUse(m) if m.contains("1 entry federate with c.test (first: fed)")),
+            "{err}"
+        );
+        assert_eq!(s.list_federated_bundles().await.unwrap().len(), 2);
+        let mut e = s.get_entry(&e.id).await.unwrap().unwrap();
+        e.federates_with = vec![td("axb.test")];
+        s.update_entry(e).await.unwrap();
+        assert!(s.delete_federated_bundle("c.test").await.unwrap());
+    }
 }
