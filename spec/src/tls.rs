@@ -425,7 +425,10 @@ impl rustls::client::ResolvesClientCert for SvidResolver {
     }
 }
 
-/// A TLS 1.3 server config with ALPN `h2`.
+/// A TLS 1.3 server config with ALPN `h2`, without session resumption: a
+/// resumed session would carry the peer's certificate from an earlier
+/// handshake without verifying it again (not against today's bundle, not
+/// against its expiry), so every connection verifies its peer afresh.
 pub fn server_config(
     resolver: SvidResolver,
     verifier: Arc<dyn ClientCertVerifier>,
@@ -436,10 +439,14 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     cfg
 }
 
-/// A TLS 1.3 client config with ALPN `h2`; `resolver` None sends no certificate.
+/// A TLS 1.3 client config with ALPN `h2`, without session resumption (see
+/// [`server_config`]; it would also keep presenting the certificate of the
+/// first handshake after a rotation); `resolver` None sends no certificate.
 pub fn client_config(
     resolver: Option<SvidResolver>,
     verifier: Arc<dyn ServerCertVerifier>,
@@ -454,6 +461,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     cfg
 }
 
@@ -497,6 +505,83 @@ mod tests {
         p.signed_by(&key, issuer).unwrap().der().clone()
     }
 
+    /// An SVID for `id` from `issuer`, installed in a resolver.
+    fn svid(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> SvidResolver {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer).unwrap();
+        let r = SvidResolver::default();
+        r.set(&[cert.der().to_vec()], &key.serialize_der()).unwrap();
+        r
+    }
+
+    /// Runs one handshake in memory; the kind each side saw.
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<(rustls::HandshakeKind, rustls::HandshakeKind), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name)?;
+        let mut s = rustls::ServerConnection::new(server.clone())?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                // Whatever the server sends after the handshake (tickets).
+                let mut buf = Vec::new();
+                while s.wants_write() {
+                    s.write_tls(&mut buf).unwrap();
+                }
+                c.read_tls(&mut &buf[..]).unwrap();
+                c.process_new_packets()?;
+                return Ok((c.handshake_kind().unwrap(), s.handshake_kind().unwrap()));
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn every_connection_verifies_its_peer_afresh_no_session_is_resumed() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let server = Arc::new(server_config(
+            svid("spiffe://example.org/api", &issuer),
+            SpiffeClientVerifier::new(roots.clone(), true),
+        ));
+        let client = Arc::new(client_config(
+            Some(svid("spiffe://example.org/web", &issuer)),
+            SpiffeServerVerifier::new(roots.clone(), PeerPolicy::AnyInTrustDomain),
+        ));
+        for _ in 0..3 {
+            let kinds = handshake(&client, &server).unwrap();
+            assert_eq!(
+                kinds,
+                (rustls::HandshakeKind::Full, rustls::HandshakeKind::Full)
+            );
+        }
+        // So a peer whose root has left the bundle is refused on its next
+        // connection, not let in on an earlier session.
+        let (other, _) = root("example.org");
+        roots.update(&other).unwrap();
+        assert!(handshake(&client, &server).is_err());
+    }
+
     fn verify(store: &RootStore, cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
         store
             .verify(cert, &[], UnixTime::now(), KeyUsage::client_auth())
@@ -515,7 +600,7 @@ mod tests {
 
         let e = verify(&store, &partner).unwrap_err();
         assert!(e.contains("nor in one federated"), "{e}");
-        store.set_federated(&[theirs.clone()]).unwrap();
+        store.set_federated(std::slice::from_ref(&theirs)).unwrap();
         assert_eq!(
             verify(&store, &partner).unwrap().to_string(),
             "spiffe://partner.test/api"
