@@ -50,6 +50,8 @@ impl Mesh {
             &api_inbound,
             "--forward",
             &forward,
+            "--service-port",
+            "8080",
             "--policy-dir",
             &policy_dir,
         ];
@@ -231,6 +233,122 @@ when { principal.service == "db" && resource.service == "api" };
     let reply = http_connect(&connect, "api.acme:8080");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     drop(db);
+}
+
+#[test]
+fn policies_see_the_port_the_proxy_serves_not_the_one_the_peer_names() {
+    let mesh = Mesh::start(&[], &[]);
+    // web may call api (example policies); now no one may reach api's 8080.
+    std::fs::write(
+        mesh.policies.path().join("no-8080.cedar"),
+        r#"@id("nothing-on-8080")
+forbid (principal, action == Ward::Action::"connect", resource)
+when { context.destination_port == 8080 };
+"#,
+    )
+    .unwrap();
+    let connect = format!("127.0.0.1:{}", free_port());
+    let route = |target: &str| format!("destination={},id={API},target={target}", mesh.api_inbound);
+    let (r8080, r9999) = (route("api.acme:8080"), route("api.acme:9999"));
+    let _web = ProxyProcess::start(
+        &mesh.agent,
+        WEB_UID,
+        &[
+            "--route",
+            &r8080,
+            "--route",
+            &r9999,
+            "--connect-listen",
+            &connect,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_connect(&connect, "api.acme:8080").starts_with("HTTP/1.1 403") {
+        assert!(Instant::now() < deadline, "the forbid never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Naming another port reaches the same application, so it is decided
+    // on the port served: refused all the same.
+    let served = mesh.app.connections();
+    let reply = http_connect(&connect, "api.acme:9999");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(
+        mesh.app.connections(),
+        served,
+        "a forbidden stream got through"
+    );
+    let last = mesh.api.decision_lines().pop().unwrap();
+    assert_eq!(last["decision"], "deny", "{last}");
+    assert_eq!(last["policies"][0], "nothing-on-8080", "{last}");
+}
+
+#[test]
+fn a_destination_that_never_answers_holds_up_only_its_own_route() {
+    let mesh = Mesh::start(&[], &[]);
+    // A "peer" that accepts TCP and never says a word: each TLS handshake
+    // with it waits out the handshake timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let (dead_port, good_port) = (free_port(), free_port());
+    let dead = format!("listen=127.0.0.1:{dead_port},destination={silent_addr},id={API}");
+    let good = format!(
+        "listen=127.0.0.1:{good_port},destination={},id={API},target=api.acme:8080",
+        mesh.api_inbound
+    );
+    let _web = ProxyProcess::start(
+        &mesh.agent,
+        WEB_UID,
+        &[
+            "--route",
+            &dead,
+            "--route",
+            &good,
+            "--handshake-timeout",
+            "8s",
+        ],
+    );
+    // More application connections to the dead route than tunnels are
+    // opened at once (256).
+    let waiting: Vec<_> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", dead_port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let r = hash_client(good_port, 1024, 1, 0.0);
+    let took = started.elapsed();
+    println!("  a stream on the healthy route took {took:?} with 300 waiting on the dead one");
+    assert_eq!(r.ok, 1, "{:?}", r.errors);
+    assert!(
+        took < Duration::from_secs(4),
+        "the healthy route waited {took:?} behind the dead one"
+    );
+    // Once the first attempt has failed, those queued behind it fail at
+    // once instead of each waiting out its own handshake.
+    let failed_by = Instant::now() + Duration::from_secs(14);
+    for mut s in waiting {
+        use std::io::Read;
+        s.set_read_timeout(Some(
+            failed_by
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let mut b = [0u8; 1];
+        let r = s.read(&mut b);
+        let timed_out = matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        assert!(
+            !timed_out && matches!(r, Ok(0) | Err(_)),
+            "an application connection to the dead route was held for more than 14 s"
+        );
+    }
+    assert!(!held.lock().unwrap().is_empty());
 }
 
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
@@ -584,7 +702,8 @@ fn rotation_under_load_keeps_every_stream_intact() {
 }
 
 #[test]
-fn no_listener_until_the_svid_arrives_and_sigterm_drains_open_streams() {
+fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarted_peer_is_reached()
+{
     let mesh = Mesh::start(&[], &["--drain-timeout", "20s"]);
     // 1. A proxy for a uid without an entry: not ready, nothing listening.
     let port = free_port();
@@ -628,6 +747,35 @@ fn no_listener_until_the_svid_arrives_and_sigterm_drains_open_streams() {
         std::net::TcpStream::connect(&mesh.api_inbound).is_err(),
         "the inbound listener still accepts while draining"
     );
+
+    // 3. An in-place restart: a new api proxy takes the address while the old
+    //    one drains. web's pooled connection has had GOAWAY; a new stream
+    //    goes over a new connection to the new proxy.
+    let forward = format!("127.0.0.1:{}", mesh.app.port);
+    let policy_dir = mesh.policies.path().to_str().unwrap().to_owned();
+    let _api2 = ProxyProcess::start(
+        &mesh.agent,
+        API_UID,
+        &[
+            "--inbound-listen",
+            &mesh.api_inbound,
+            "--forward",
+            &forward,
+            "--policy-dir",
+            &policy_dir,
+        ],
+    );
+    let r2 = hash_client(port, 1024, 1, 0.0);
+    assert_eq!(
+        r2.ok, 1,
+        "no stream through the restarted proxy: {:?}",
+        r2.errors
+    );
+    assert!(
+        !load.is_finished(),
+        "the first stream ended before the restart"
+    );
+
     let r = load.join().unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(r.ok >= 2);

@@ -8,6 +8,7 @@
 //! [inbound]                      # tunnels to this workload
 //! listen = "0.0.0.0:15008"
 //! forward = "127.0.0.1:8080"     # the local application
+//! service_port = 8080            # the port policies see (default: forward's)
 //!
 //! [[outbound]]                   # tunnels from this workload
 //! listen = "127.0.0.1:9001"      # the application connects here…
@@ -68,6 +69,29 @@ pub struct Inbound {
     pub listen: SocketAddr,
     /// The local application every authorized stream is connected to.
     pub forward: String,
+    /// The port policies see as `destination_port` for every stream (all
+    /// reach `forward`, whatever port the peer's `CONNECT` names). Default:
+    /// the port of `forward`.
+    #[serde(default)]
+    pub service_port: Option<u16>,
+}
+
+impl Inbound {
+    /// The one port this inbound serves.
+    pub fn service_port(&self) -> Result<u16, String> {
+        if let Some(p) = self.service_port {
+            return Ok(p);
+        }
+        self.forward
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "inbound.forward {:?} has no port: give HOST:PORT, or set inbound.service_port",
+                    self.forward
+                )
+            })
+    }
 }
 
 fn default_inbound_listen() -> SocketAddr {
@@ -223,6 +247,11 @@ impl ProxyConfig {
                 "inbound",
                 "nothing to do: configure [inbound] and/or [[outbound]] routes".into(),
             );
+        }
+        if let Some(inb) = &self.inbound {
+            if let Err(message) = inb.service_port() {
+                return bad("inbound.service_port", message);
+            }
         }
         for (i, r) in self.outbound.iter().enumerate() {
             if r.destination.is_empty() || !r.destination.contains(':') {

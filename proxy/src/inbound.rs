@@ -32,6 +32,8 @@ use crate::pump::pump;
 pub struct Inbound {
     pub acceptor: TlsAcceptor,
     pub forward: String,
+    /// The port policies see as `destination_port` (what `forward` serves).
+    pub service_port: u16,
     pub authz: Arc<Authorizer>,
     pub identity: Identity,
     pub metrics: Arc<Metrics>,
@@ -191,6 +193,10 @@ async fn stream(
     peer: SocketAddr,
     inbound: &Inbound,
 ) {
+    // The policy epoch is taken before the decision: a set that changes
+    // while the stream is admitted gets it decided again.
+    let mut epoch = inbound.policy_epoch.clone();
+    epoch.borrow_and_update();
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
     let Some((app, send, body, port)) = Box::pin(admit(req, respond, peer_id, peer, inbound)).await
@@ -200,8 +206,6 @@ async fn stream(
     let metrics = &inbound.metrics;
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
-    let mut epoch = inbound.policy_epoch.clone();
-    epoch.borrow_and_update();
     let (carried, result) = tokio::select! {
         r = pump(app, send, body, Bytes::new()) => r,
         () = revoked(&mut epoch, peer_id, peer, port, inbound) => {
@@ -231,10 +235,13 @@ async fn admit(
         respond_status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         return None;
     }
-    let Some(port) = parts.uri.authority().and_then(|a| a.port_u16()) else {
+    if parts.uri.authority().and_then(|a| a.port_u16()).is_none() {
         respond_status(&mut respond, StatusCode::BAD_REQUEST);
         return None;
-    };
+    }
+    // Every stream reaches `forward`, whatever port the peer names: policies
+    // see the port this proxy serves, so naming another cannot dodge a rule.
+    let port = inbound.service_port;
     let Some(me) = inbound.identity.usable() else {
         respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         return None;

@@ -138,6 +138,7 @@ pub async fn run(
         let state = Arc::new(inbound::Inbound {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             forward: inb.forward.clone(),
+            service_port: inb.service_port().map_err(anyhow::Error::msg)?,
             authz: authz.clone(),
             identity: identity.clone(),
             metrics: metrics.clone(),
@@ -147,7 +148,7 @@ pub async fn run(
             connect_timeout: cfg.limits.connect_timeout,
             policy_epoch: policy_epoch.clone(),
         });
-        tracing::info!(listen = %inb.listen, forward = %inb.forward, "inbound listening");
+        tracing::info!(listen = %inb.listen, forward = %inb.forward, service_port = state.service_port, "inbound listening");
         tokio::spawn(inbound::serve(
             listener,
             state,

@@ -61,9 +61,7 @@ pub async fn serve_route(
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         async move {
             // Boxed: an open stream's task keeps only what the pump needs.
-            let turn = pool.turn().await;
             let started = Box::pin(start(&pool, &route)).await;
-            drop(turn);
             let p = match started {
                 Ok(p) => p,
                 Err(e) => {
@@ -105,9 +103,7 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
 
 /// Opens a tunnel for `route` and waits for the peer's answer.
 async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
-    let turn = pool.turn().await;
     let p = start(pool, route).await?;
-    drop(turn);
     let recv = p
         .response
         .await
@@ -157,18 +153,31 @@ const MAX_HEAD: usize = 8 * 1024;
 
 async fn http_connect(mut app: TcpStream, routes: &[Arc<Route>], pool: &Pool, metrics: &Metrics) {
     let mut buf = BytesMut::with_capacity(1024);
-    let head_end = loop {
-        if let Some(i) = find_head_end(&buf) {
-            break i;
+    // The whole head within 10 s (not 10 s per read: a byte every few
+    // seconds would hold the task for as long as the client likes).
+    // Ok(Some(end)): a head; Ok(None): too large; Err: closed or too slow.
+    let head = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(i) = find_head_end(&buf) {
+                return Ok(Some(i));
+            }
+            if buf.len() >= MAX_HEAD {
+                return Ok(None);
+            }
+            match app.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(()),
+            }
         }
-        if buf.len() >= MAX_HEAD {
+    })
+    .await;
+    let head_end = match head {
+        Ok(Ok(Some(i))) => i,
+        Ok(Ok(None)) => {
             let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
             return;
         }
-        match tokio::time::timeout(Duration::from_secs(10), app.read_buf(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return,
-        }
+        Ok(Err(())) | Err(_) => return,
     };
     let head = buf.split_to(head_end);
     let first = buf.freeze();

@@ -49,9 +49,11 @@ struct Slot {
     /// Held while a connection for this key is being made.
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// The TLS client config for this key, made once (it shares the SVID
-    /// resolver and root store, so rotations reach it; and it keeps the
-    /// session cache between connections).
+    /// resolver and root store, so rotations reach it).
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// When and why the last connection attempt failed: callers queued
+    /// behind it fail at once for a moment instead of each dialling again.
+    failed: Option<(Instant, String)>,
 }
 
 pub struct Pool {
@@ -72,6 +74,9 @@ pub struct Pool {
 
 /// Tunnels being opened at once, at most.
 const MAX_OPENING: usize = 256;
+
+/// How long a failed connection attempt answers for the next ones.
+const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -164,8 +169,10 @@ impl Pool {
         pool
     }
 
-    /// A turn to open a tunnel (see `opening`); held until the request is sent.
-    pub async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+    /// A turn to build and send a tunnel's request (see `opening`). Not held
+    /// while a connection is made, so a slow destination holds up only the
+    /// callers waiting for it.
+    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
         self.opening
             .acquire()
             .await
@@ -201,10 +208,25 @@ impl Pool {
                 match self.lease(&key, me.generation) {
                     Some(c) => c,
                     None => {
-                        let conn = self.connect(&key, me.generation, &me.roots).await?;
-                        conn.active.fetch_add(1, Ordering::AcqRel);
+                        if let Some(why) = self.recent_failure(&key) {
+                            return Err(OpenError::Connect(
+                                destination.to_owned(),
+                                io::Error::other(why),
+                            ));
+                        }
+                        let made = self.connect(&key, me.generation, &me.roots).await;
                         let mut slots = self.slots.lock().expect("pool lock");
-                        slots.entry(key).or_default().conns.push(conn.clone());
+                        let slot = slots.entry(key).or_default();
+                        let conn = match made {
+                            Ok(c) => c,
+                            Err(e) => {
+                                slot.failed = Some((Instant::now(), e.to_string()));
+                                return Err(e);
+                            }
+                        };
+                        slot.failed = None;
+                        conn.active.fetch_add(1, Ordering::AcqRel);
+                        slot.conns.push(conn.clone());
                         conn
                     }
                 }
@@ -214,25 +236,34 @@ impl Pool {
             conn: conn.clone(),
             start: self.start,
         };
+        let _turn = self.turn().await;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target)
             .body(())
             .map_err(|e| OpenError::Connect(target.to_owned(), io::Error::other(e.to_string())))?;
-        let mut send = conn
-            .send
-            .clone()
-            .ready()
-            .await
-            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
-        let (response, stream) = send
-            .send_request(req, false)
-            .map_err(|e| OpenError::Http2(destination.to_owned(), e))?;
+        // A connection that cannot take a stream (the peer sent GOAWAY, or
+        // it broke) takes no more: it is left to finish its open streams,
+        // and the caller's retry makes a new one.
+        let unusable = |e: h2::Error| {
+            conn.closed.store(true, Ordering::Release);
+            OpenError::Http2(destination.to_owned(), e)
+        };
+        let mut send = conn.send.clone().ready().await.map_err(unusable)?;
+        let (response, stream) = send.send_request(req, false).map_err(unusable)?;
         Ok(PendingTunnel {
             send: stream,
             response,
             lease,
         })
+    }
+
+    /// Why the last attempt to connect for `key` failed, if that was moments ago.
+    fn recent_failure(&self, key: &Key) -> Option<String> {
+        let slots = self.slots.lock().expect("pool lock");
+        let (at, why) = slots.get(key)?.failed.as_ref()?;
+        (at.elapsed() < FAILURE_HOLD)
+            .then(|| format!("{why} ({} ms ago)", at.elapsed().as_millis()))
     }
 
     /// A usable connection for `key` with room for one more stream, counted.

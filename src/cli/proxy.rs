@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// The local application inbound streams are connected to (enables inbound).
     #[arg(long)]
     forward: Option<String>,
+    /// The port policies see as destination_port for every inbound stream
+    /// (whatever port the peer names). Default: the port of --forward.
+    #[arg(long)]
+    service_port: Option<u16>,
     /// An outbound route: listen=ADDR,destination=HOST:PORT,id=SPIFFE_ID[,id=…][,target=HOST:PORT] (repeatable).
     #[arg(long = "route", value_parser = Route::parse_flag)]
     routes: Vec<Route>,
@@ -110,9 +114,21 @@ impl RunArgs {
                 .inbound_listen
                 .or(c.inbound.as_ref().map(|i| i.listen))
                 .unwrap_or_else(|| "0.0.0.0:15008".parse().expect("valid"));
-            c.inbound = Some(Inbound { listen, forward });
-        } else if let (Some(listen), Some(i)) = (self.inbound_listen, c.inbound.as_mut()) {
-            i.listen = listen;
+            let service_port = self
+                .service_port
+                .or(c.inbound.as_ref().and_then(|i| i.service_port));
+            c.inbound = Some(Inbound {
+                listen,
+                forward,
+                service_port,
+            });
+        } else if let Some(i) = c.inbound.as_mut() {
+            if let Some(listen) = self.inbound_listen {
+                i.listen = listen;
+            }
+            if let Some(p) = self.service_port {
+                i.service_port = Some(p);
+            }
         }
         c.outbound.extend(self.routes);
         if let Some(listen) = self.connect_listen {

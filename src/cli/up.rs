@@ -413,6 +413,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .arg(&socket)
             .args(["--inbound-listen", &ports.inbound(i).to_string()])
             .args(["--forward", &ports.app(i).to_string()])
+            .args(["--service-port", &s.port.to_string()])
             .args(["--health-address", &ports.proxy_health(i).to_string()])
             .arg("--decision-log")
             .arg(logs.join(format!("{}.decisions.jsonl", s.file_name())));
