@@ -236,6 +236,50 @@ when { principal.service == "db" && resource.service == "api" };
 }
 
 #[test]
+fn an_open_stream_a_new_policy_set_denies_is_closed_and_its_bytes_are_counted() {
+    let mesh = Mesh::start(&[], &[]);
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // One stream exchanging 64 KiB messages for up to 8 s.
+    let load = std::thread::spawn(move || hash_client(port, 64 * 1024, 1, 8.0));
+    std::thread::sleep(Duration::from_millis(1500));
+    let forbid = Instant::now();
+    std::fs::write(
+        mesh.policies.path().join("no-web.cedar"),
+        r#"@id("web-cut-off")
+forbid (principal, action == Ward::Action::"connect", resource)
+when { principal.service == "web" };
+"#,
+    )
+    .unwrap();
+    let r = load.join().unwrap();
+    let took = forbid.elapsed();
+    println!(
+        "  the stream ended {took:?} after the policy change, {} exchanges in",
+        r.ok
+    );
+    assert!(r.ok > 0, "nothing went through before the change");
+    assert!(
+        !r.errors.is_empty(),
+        "the stream outlived a set that denies it"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(mesh.api.metric("ward_proxy_streams_revoked_total"), 1.0);
+    assert!(mesh
+        .api
+        .log_text()
+        .contains("closed an open stream the new policy set denies"));
+    // What it carried before it was cut off is counted.
+    let to_app = mesh
+        .api
+        .metric("ward_proxy_bytes_total{direction=\"inbound\",flow=\"to_app\"}");
+    assert!(
+        to_app >= (r.ok * 64 * 1024) as f64,
+        "{to_app} bytes counted for {} exchanges of 64 KiB",
+        r.ok
+    );
+}
+
+#[test]
 fn policies_see_the_port_the_proxy_serves_not_the_one_the_peer_names() {
     let mesh = Mesh::start(&[], &[]);
     // web may call api (example policies); now no one may reach api's 8080.

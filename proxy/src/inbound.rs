@@ -27,7 +27,7 @@ use ward_spec::SpiffeId;
 use crate::hbone;
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
-use crate::pump::pump;
+use crate::pump::{pump, Carried};
 
 pub struct Inbound {
     pub acceptor: TlsAcceptor,
@@ -206,15 +206,15 @@ async fn stream(
     let metrics = &inbound.metrics;
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
-    let (carried, result) = tokio::select! {
-        r = pump(app, send, body, Bytes::new()) => r,
-        () = revoked(&mut epoch, peer_id, peer, port, inbound) => {
-            // Dropping the pump resets the stream and closes the application's socket.
-            (Default::default(), Ok(()))
-        }
+    let carried = Carried::default();
+    let result = tokio::select! {
+        r = pump(app, send, body, Bytes::new(), &carried) => r,
+        // Dropping the pump resets the stream and closes the application's socket.
+        () = revoked(&mut epoch, peer_id, peer, port, inbound) => Ok(()),
     };
     metrics.stream_closed(Direction::Inbound);
-    metrics.bytes(Direction::Inbound, carried.to_app, carried.from_app);
+    let (to_app, from_app) = carried.totals();
+    metrics.bytes(Direction::Inbound, to_app, from_app);
     if let Err(e) = result {
         tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
     }

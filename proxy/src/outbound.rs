@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
-use crate::pump::pump;
+use crate::pump::{pump, Carried};
 
 /// Accepts application connections until `drain` turns true; each is
 /// handled by `handle` in a task of its own.
@@ -125,10 +125,12 @@ async fn carry(
     metrics: &Metrics,
 ) {
     metrics.stream_opened(Direction::Outbound);
-    let (carried, result) = pump(app, send, recv, first).await;
+    let carried = Carried::default();
+    let result = pump(app, send, recv, first, &carried).await;
     drop(lease);
     metrics.stream_closed(Direction::Outbound);
-    metrics.bytes(Direction::Outbound, carried.to_app, carried.from_app);
+    let (to_app, from_app) = carried.totals();
+    metrics.bytes(Direction::Outbound, to_app, from_app);
     if let Err(e) = result {
         tracing::debug!(error = %e, "outbound stream ended with an error");
     }

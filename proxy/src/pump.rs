@@ -11,6 +11,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -21,11 +22,22 @@ use tokio::net::TcpStream;
 /// The largest read from the application in one go.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Bytes carried by one stream.
-#[derive(Debug, Default, Clone, Copy)]
+/// Bytes carried by one stream, counted as they go: a stream that ends in
+/// an error, or is cut off, still tells what it carried.
+#[derive(Debug, Default)]
 pub struct Carried {
-    pub to_app: u64,
-    pub from_app: u64,
+    pub to_app: AtomicU64,
+    pub from_app: AtomicU64,
+}
+
+impl Carried {
+    /// (to the application, from the application).
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.to_app.load(Ordering::Relaxed),
+            self.from_app.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Runs a tunneled stream to its end. `first` is sent before anything read
@@ -38,42 +50,38 @@ pub async fn pump(
     send: SendStream<Bytes>,
     recv: impl Future<Output = io::Result<RecvStream>>,
     first: Bytes,
-) -> (Carried, io::Result<()>) {
+    carried: &Carried,
+) -> io::Result<()> {
     let (r, w) = app.into_split();
-    let up = app_to_tunnel(r, send, first);
-    let down = tunnel_to_app(recv, w);
+    let up = app_to_tunnel(r, send, first, &carried.from_app);
+    let down = tunnel_to_app(recv, w, &carried.to_app);
     tokio::pin!(up, down);
-    let mut carried = Carried::default();
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
             r = &mut up, if !up_done => {
                 up_done = true;
-                match r {
-                    Ok(n) => carried.from_app = n,
-                    // Dropping the other direction resets the stream and closes the socket.
-                    Err(e) => return (carried, Err(e)),
-                }
+                // Dropping the other direction resets the stream and closes the socket.
+                r?;
             }
             r = &mut down, if !down_done => {
                 down_done = true;
-                match r {
-                    Ok(n) => carried.to_app = n,
-                    Err(e) => return (carried, Err(e)),
-                }
+                r?;
             }
         }
     }
-    (carried, Ok(()))
+    Ok(())
 }
 
 async fn app_to_tunnel(
     r: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     first: Bytes,
-) -> io::Result<u64> {
-    let mut total = first.len() as u64;
+    total: &AtomicU64,
+) -> io::Result<()> {
+    let n = first.len() as u64;
     send_all(&mut send, first).await?;
+    total.fetch_add(n, Ordering::Relaxed);
     // One allocation serves several reads (each read's bytes are split off
     // and sent); it is dropped whenever the application has nothing more to
     // say, so an idle stream holds no buffer. (Waiting for readiness first
@@ -86,11 +94,11 @@ async fn app_to_tunnel(
         match read_drained(&r, &mut buf) {
             Ok((0, _)) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok(total);
+                return Ok(());
             }
             Ok((n, drained)) => {
-                total += n as u64;
                 send_all(&mut send, buf.split().freeze()).await?;
+                total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
                     r.readable().await?;
@@ -150,17 +158,16 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
 async fn tunnel_to_app(
     recv: impl Future<Output = io::Result<RecvStream>>,
     mut w: OwnedWriteHalf,
-) -> io::Result<u64> {
+    total: &AtomicU64,
+) -> io::Result<()> {
     let mut recv = recv.await?;
-    let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         w.write_all(&chunk).await?;
-        total += chunk.len() as u64;
+        total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(chunk.len());
     }
-    w.shutdown().await?;
-    Ok(total)
+    w.shutdown().await
 }
 
 pub fn h2_io(e: h2::Error) -> io::Error {
