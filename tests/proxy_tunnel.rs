@@ -143,6 +143,27 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
         && l["principal"] == WEB
         && l["resource"] == API
         && l["policies"][0] == "acme-web-to-api"));
+
+    // 5. The tunnel's TCP connection has keepalive on at both ends (so a
+    //    peer whose node vanished is found out): `ss` shows its timer (or,
+    //    while a segment is in flight, the retransmission timer instead).
+    let inbound_port = mesh.api_inbound.rsplit_once(':').unwrap().1;
+    let filter = format!("( dport = :{inbound_port} or sport = :{inbound_port} )");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .expect("ss (iproute2)");
+        let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = sockets.lines().collect();
+        assert_eq!(lines.len(), 2, "one connection, two ends:\n{sockets}");
+        if lines.iter().all(|l| l.contains("timer:(keepalive,")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no keepalive timer:\n{sockets}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! failures.
 
 use std::io;
+use std::time::Duration;
 
 /// Stream flow-control window: large enough that one stream fills a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -13,6 +14,23 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest amount h2 buffers for one stream before the writer must wait.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// TCP keepalive on a tunnel's socket: a peer whose node went away (no
+/// FIN, no RST) is found out within about a minute (30 s idle, then 3
+/// probes 10 s apart), and its streams, sockets and pool slot are freed.
+pub fn keepalive(tcp: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// How long a connection told to close (GOAWAY) may take to finish once it
+/// has no streams: a peer that never answers is cut off then.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 pub fn server_builder(max_streams: u32) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();

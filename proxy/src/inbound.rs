@@ -97,6 +97,7 @@ async fn connection(
     mut drain: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    hbone::keepalive(&tcp);
     let metrics = &inbound.metrics;
     let handshake = async {
         let tls = inbound
@@ -164,6 +165,10 @@ async fn connection(
             _ = crate::drained(&mut drain), if !shutting_down => {
                 conn.graceful_shutdown();
                 shutting_down = true;
+            }
+            _ = tokio::time::sleep(hbone::CLOSE_GRACE), if idle && shutting_down => {
+                tracing::debug!(%peer, "the peer did not finish closing; cut off");
+                break;
             }
         }
     }

@@ -306,6 +306,7 @@ impl Pool {
             }
         };
         let _ = tcp.set_nodelay(true);
+        hbone::keepalive(&tcp);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
