@@ -215,17 +215,20 @@ where
 {
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
-        let mut last: Option<Vec<usize>> = None;
+        // The fingerprint (addresses of what the message was built from)
+        // and the snapshot holding those objects alive, so no address is
+        // reused by something new while it is compared against.
+        let mut last: Option<(Vec<usize>, Arc<Snapshot>)> = None;
         loop {
             let snap = snapshots.borrow_and_update().clone();
             let Some(snap) = snap else { return };
             match build(&snap, &selectors) {
                 Ok((msg, fp)) => {
-                    if last.as_ref() != Some(&fp) {
+                    if last.as_ref().map(|(f, _)| f) != Some(&fp) {
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }
-                        last = Some(fp);
+                        last = Some((fp, snap.clone()));
                     }
                 }
                 Err(status) => {

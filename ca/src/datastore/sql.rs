@@ -89,6 +89,11 @@ ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]';
 "#,
 ];
 
+/// The migration that added `entries.federates_with`: entries that existed
+/// before it federate with every trust domain the CA held a bundle for, as
+/// all workloads did then (see `backfill_federates_with`).
+pub const FEDERATES_WITH_MIGRATION: usize = 6;
+
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
 
 /// Implements [`super::Datastore`] for `$store` (which has a `pool` field),
@@ -133,6 +138,9 @@ macro_rules! sql_store {
                 }
                 for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
                     sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                    if i + 1 == super::sql::FEDERATES_WITH_MIGRATION {
+                        backfill_federates_with(&mut tx).await?;
+                    }
                     sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
                         .bind((i + 1) as i64)
                         .execute(&mut *tx)
@@ -219,6 +227,35 @@ macro_rules! sql_store {
                     .collect::<Vec<_>>(),
             )
             .expect("strings serialize")
+        }
+
+        /// Upgrading keeps what workloads received: every existing entry
+        /// federates with every trust domain there is a bundle for (one new
+        /// revision, so agents pick the entries up again).
+        async fn backfill_federates_with(tx: &mut $conn) -> Result<()> {
+            let tds: Vec<String> = sqlx::query_scalar(
+                "SELECT trust_domain FROM federated_bundles ORDER BY trust_domain",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            if tds.is_empty() {
+                return Ok(());
+            }
+            let rev = next_revision(&mut *tx).await? as i64;
+            let n = sqlx::query("UPDATE entries SET federates_with = $1, revision = $2")
+                .bind(serde_json::to_string(&tds).expect("strings serialize"))
+                .bind(rev)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(
+                "INSERT INTO entry_changes (revision, parent_id, entry_id) SELECT $1, parent_id, id FROM entries",
+            )
+            .bind(rev)
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(entries = n, trust_domains = ?tds, "existing entries federate with every trust domain the CA holds a bundle for, as before per-entry federation");
+            Ok(())
         }
 
         async fn next_revision(tx: &mut $conn) -> Result<u64> {
@@ -798,9 +835,11 @@ macro_rules! sql_store {
                         users.push(row.try_get::<String, _>("id")?);
                     }
                 }
-                if let Some(first) = users.first() {
+                if !users.is_empty() {
+                    let shown = users.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+                    let more = if users.len() > 10 { ", …" } else { "" };
                     return Err(StoreError::InUse(format!(
-                        "{} entr{} federate with {trust_domain} (first: {first}); remove it from their federates_with, or delete them, before deleting its bundle",
+                        "{} entr{} federate with {trust_domain} ({shown}{more}); remove it from their federates_with, or delete them, before deleting its bundle",
                         users.len(),
                         if users.len() == 1 { "y" } else { "ies" }
                     )));

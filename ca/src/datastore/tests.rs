@@ -3,6 +3,7 @@
 //! database of its own there). `.ci/run` starts one and sets
 //! `WARD_REQUIRE_POSTGRES=1`, which turns a missing server into a failure.
 
+use super::sql::{FEDERATES_WITH_MIGRATION, MIGRATIONS};
 use super::*;
 
 /// A fresh store of each backend this machine has.
@@ -277,7 +278,7 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         assert!(s.delete_federated_bundle("a_b.test").await.unwrap());
         let err = s.delete_federated_bundle("c.test").await.unwrap_err();
         assert!(
-            matches!(&err, StoreError::InUse(m) if m.contains("1 entry federate with c.test (first: fed)")),
+            matches!(&err, StoreError::InUse(m) if m.contains("1 entry federate with c.test (fed)")),
             "{err}"
         );
         assert_eq!(s.list_federated_bundles().await.unwrap().len(), 2);
@@ -286,4 +287,63 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         s.update_entry(e).await.unwrap();
         assert!(s.delete_federated_bundle("c.test").await.unwrap());
     }
+}
+
+#[tokio::test]
+async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ward.db");
+    // A database as the previous version left it: migrations up to the one
+    // before `federates_with`, an entry and a federated bundle.
+    {
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        for (i, sql) in MIGRATIONS[..FEDERATES_WITH_MIGRATION - 1]
+            .iter()
+            .enumerate()
+        {
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind((i + 1) as i64)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at)
+             VALUES ('old', 'spiffe://td/old', 'spiffe://td/node', '[\"unix:uid:1\"]', 0, 0, '[]', '', FALSE, 1, 1)",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE counters SET value = 1 WHERE name = 'entry_revision'")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        for td in ["b.test", "a.test"] {
+            sqlx::query("INSERT INTO federated_bundles (trust_domain, jwks, updated_at) VALUES ($1, '{\"keys\":[]}', 1)")
+                .bind(td)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+    let s = SqliteStore::open(&path).await.unwrap();
+    let e = s.get_entry("old").await.unwrap().unwrap();
+    let td = |t: &str| TrustDomain::new(t).unwrap();
+    assert_eq!(e.federates_with, vec![td("a.test"), td("b.test")]);
+    // A new revision, so agents that hold the entry fetch it again.
+    assert_eq!(e.revision, 2);
+    assert_eq!(s.entry_revision().await.unwrap(), 2);
+    let node = SpiffeId::parse("spiffe://td/node").unwrap();
+    let page = s.sync_entries(&node, 1, 100).await.unwrap();
+    assert!(
+        format!("{page:?}").contains("\"old\""),
+        "the upgrade's revision is not in the node's changes: {page:?}"
+    );
 }
