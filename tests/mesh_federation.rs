@@ -313,38 +313,48 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
 
     step(
         6,
-        "api's CA stops federating: the bundle is kept while entries federate with it; once they do not, and it is deleted, a new connection from web is refused again",
+        "api stops federating: its proxy closes web's open connection and refuses a new one; the bundle, kept while entries federate with it, can then be deleted",
     );
     refused(
         ca2.cli(&["bundle", "delete", "--trust-domain", "example.org"]),
         "2 entries federate with example.org",
     );
     federate(&ca2, &api_entry, API, &api_sel, &[]);
-    federate(&ca2, &ops2_entry, OPS_2, &me, &[]);
-    run_ok(&ca2, &["bundle", "delete", "--trust-domain", "example.org"]);
-    let deleted = Instant::now();
-    let served = app.connections();
+    let stopped = Instant::now();
     loop {
-        // A new proxy, so a new TLS connection (the old one stays pooled).
-        let (_web2, port2) = web_proxy(&agent1, &api_inbound);
-        if hash_client(port2, 1024, 1, 0.0).ok == 0 {
+        // web's proxy, with its pooled connection from step 4.
+        let served = app.connections();
+        if hash_client(port, 1024, 1, 0.0).ok == 0 {
+            assert_eq!(
+                app.connections(),
+                served,
+                "the application saw the refused one"
+            );
             break;
         }
         assert!(
-            deleted.elapsed() < Duration::from_secs(10),
-            "api's proxy still trusts example.org 10 s after the delete"
+            stopped.elapsed() < Duration::from_secs(10),
+            "api's proxy still trusts example.org 10 s after its entry stopped federating"
         );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        app.connections(),
-        served,
-        "the application saw the refused one"
+    println!(
+        "  refused {:?} after the entry stopped federating",
+        stopped.elapsed()
     );
+    let log = api.log_text();
     assert!(
-        api.log_text().contains("refused client certificate"),
-        "{}",
-        api.log_text()
+        log.contains("closing a connection whose peer is no longer trusted")
+            && log.contains("refused client certificate"),
+        "{log}"
     );
+    federate(&ca2, &ops2_entry, OPS_2, &me, &[]);
+    run_ok(&ca2, &["bundle", "delete", "--trust-domain", "example.org"]);
+    assert!(ca2
+        .cli_json(&["bundle", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 /// The `kid`s of a CA's JWT authorities, from its own bundle.

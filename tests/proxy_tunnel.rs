@@ -943,4 +943,25 @@ fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
         !closed_at_once(&mesh.api_inbound, Duration::from_secs(1)),
         "a connection within the limit was closed at once"
     );
+
+    // 6. The same limit holds for application connections to a client-side
+    //    proxy's listeners: two open streams fill it, a third is closed.
+    let (small, small_port) = mesh.client_proxy(WEB_UID, API, &["--max-connections", "2"]);
+    let open: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", small_port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let route_addr = format!("127.0.0.1:{small_port}");
+    assert!(
+        closed_at_once(&route_addr, Duration::from_secs(2)),
+        "an application connection beyond max_connections was kept"
+    );
+    assert!(
+        small.metric(
+            "ward_proxy_handshake_failures_total{direction=\"outbound\",reason=\"over_connection_limit\"}"
+        ) >= 1.0
+    );
+    drop(open);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_clean(&hash_client(small_port, 1024, 1, 0.0), 1, 1024);
 }

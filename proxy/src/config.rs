@@ -188,7 +188,9 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Inbound TLS connections open at once (further ones are closed on accept).
+    /// Connections open at once, each way: inbound TLS connections, and
+    /// application connections to the outbound listeners (further ones are
+    /// closed on accept).
     pub max_connections: usize,
     /// Tunneled streams per TLS connection (both directions).
     pub max_streams_per_connection: u32,

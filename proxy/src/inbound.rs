@@ -9,6 +9,9 @@
 //! it; an allowed one gets a fresh TCP connection to the application and `200`.
 //! A connection without streams for the idle timeout is closed; on drain,
 //! connections stop taking streams (GOAWAY) and close when theirs are done.
+//! When the roots change (a bundle rotated, a federation ended), each
+//! connection's peer chain is verified again, as of its handshake, and a
+//! connection whose peer is no longer trusted is closed with its streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,10 +21,12 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use ward_authz::{Authorizer, ConnectContext};
+use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
 use crate::hbone;
@@ -104,38 +109,49 @@ async fn connection(
             .acceptor
             .accept(crate::bufio::ReadBuffered::new(tcp))
             .await?;
-        let peer_id = ward_spec::tls::peer_id(tls.get_ref().1.peer_certificates());
+        let certs = tls.get_ref().1.peer_certificates();
+        let peer_id = ward_spec::tls::peer_id(certs);
+        let chain = PeerChain {
+            certs: certs
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
+            verified_at: UnixTime::now(),
+        };
         let conn = hbone::server_builder(inbound.max_streams)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(crate::pump::h2_io)?;
-        Ok::<_, std::io::Error>((peer_id, conn))
+        Ok::<_, std::io::Error>((peer_id, chain, conn))
     };
-    let (peer_id, mut conn) = match tokio::time::timeout(inbound.handshake_timeout, handshake).await
-    {
-        Ok(Ok((Some(id), conn))) => (id, conn),
-        Ok(Ok((None, _))) => {
-            metrics.handshake_failure(Direction::Inbound, "no_certificate");
-            return;
-        }
-        Ok(Err(e)) => {
-            let reason = hbone::handshake_failure_reason(&e);
-            metrics.handshake_failure(Direction::Inbound, reason);
-            tracing::debug!(%peer, reason, error = %e, "inbound handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics.handshake_failure(Direction::Inbound, "timeout");
-            tracing::debug!(%peer, "inbound handshake timed out");
-            return;
-        }
-    };
+    let (peer_id, chain, mut conn) =
+        match tokio::time::timeout(inbound.handshake_timeout, handshake).await {
+            Ok(Ok((Some(id), chain, conn))) => (id, chain, conn),
+            Ok(Ok((None, ..))) => {
+                metrics.handshake_failure(Direction::Inbound, "no_certificate");
+                return;
+            }
+            Ok(Err(e)) => {
+                let reason = hbone::handshake_failure_reason(&e);
+                metrics.handshake_failure(Direction::Inbound, reason);
+                tracing::debug!(%peer, reason, error = %e, "inbound handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics.handshake_failure(Direction::Inbound, "timeout");
+                tracing::debug!(%peer, "inbound handshake timed out");
+                return;
+            }
+        };
     metrics.connection_opened(Direction::Inbound);
     tracing::debug!(%peer, peer_id = %peer_id, "inbound connection");
     let peer_id = Arc::new(peer_id);
     let (active_tx, mut active_rx) = watch::channel(0usize);
     let active_tx = Arc::new(active_tx);
     let mut shutting_down = false;
+    let mut roots_changed = inbound.identity.current.clone();
+    roots_changed.borrow_and_update();
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
         tokio::select! {
@@ -170,9 +186,36 @@ async fn connection(
                 tracing::debug!(%peer, "the peer did not finish closing; cut off");
                 break;
             }
+            r = roots_changed.changed() => {
+                let current = roots_changed.borrow_and_update().clone();
+                if let (Ok(()), Some(current)) = (r, current) {
+                    if let Err(e) = chain.verify(&current.roots) {
+                        tracing::warn!(%peer, peer_id = %peer_id, error = %e, "closing a connection whose peer is no longer trusted");
+                        metrics.handshake_failure(Direction::Inbound, "no_longer_trusted");
+                        break;
+                    }
+                }
+            }
         }
     }
     metrics.connection_closed(Direction::Inbound);
+}
+
+/// The certificates a peer presented, and when they were verified.
+struct PeerChain {
+    certs: Vec<CertificateDer<'static>>,
+    verified_at: UnixTime,
+}
+
+impl PeerChain {
+    /// Verifies the chain against `roots` as of the handshake: whether its
+    /// trust anchors are still trusted, not whether it has expired since (a
+    /// connection outlives its peer's rotations).
+    fn verify(&self, roots: &RootStore) -> Result<(), rustls::Error> {
+        roots
+            .verify_client_chain(&self.certs, self.verified_at)
+            .map(|_| ())
+    }
 }
 
 struct ActiveGuard(Arc<watch::Sender<usize>>);

@@ -157,6 +157,8 @@ pub async fn run(
         ));
     }
     let routes: Vec<Arc<config::Route>> = cfg.outbound.iter().cloned().map(Arc::new).collect();
+    // Application connections to every outbound listener, at most.
+    let app_slots = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections));
     for r in &routes {
         if let Some(addr) = r.listen {
             let listener = bind(addr)
@@ -167,6 +169,7 @@ pub async fn run(
                 r.clone(),
                 pool.clone(),
                 metrics.clone(),
+                app_slots.clone(),
                 drain.clone(),
             ));
         }
@@ -180,6 +183,7 @@ pub async fn run(
             Arc::new(routes.clone()),
             pool.clone(),
             metrics.clone(),
+            app_slots.clone(),
             drain.clone(),
         ));
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
@@ -22,16 +22,21 @@ use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, Carried};
 
 /// Accepts application connections until `drain` turns true; each is
-/// handled by `handle` in a task of its own.
+/// handled by `handle` in a task of its own, holding one of `slots` (shared
+/// by every outbound listener); when none is free a new connection is closed
+/// at once.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
+    slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
     mut drain: watch::Receiver<bool>,
     handle: F,
 ) where
     F: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut over_limit_logged = false;
     loop {
         let app = tokio::select! {
             r = listener.accept() => match r {
@@ -44,8 +49,24 @@ async fn accept_loop<F, Fut>(
             },
             _ = crate::drained(&mut drain) => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.handshake_failure(Direction::Outbound, "over_connection_limit");
+            if !over_limit_logged {
+                tracing::warn!(
+                    listener = what,
+                    "outbound connection limit reached; closing new application connections until some end"
+                );
+                over_limit_logged = true;
+            }
+            continue;
+        };
+        over_limit_logged = false;
         let _ = app.set_nodelay(true);
-        tokio::spawn(handle(app));
+        let task = handle(app);
+        tokio::spawn(async move {
+            task.await;
+            drop(slot);
+        });
     }
 }
 
@@ -55,9 +76,11 @@ pub async fn serve_route(
     route: Arc<Route>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
     drain: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, "outbound route", drain, move |app| {
+    let m = metrics.clone();
+    accept_loop(listener, "outbound route", slots, m, drain, move |app| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         async move {
             // Boxed: an open stream's task keeps only what the pump needs.
@@ -86,18 +109,20 @@ pub async fn serve_route(
     .await
 }
 
-/// Sends a route's `CONNECT`, once more on a new connection if the pooled
-/// one turned out to be closing.
+/// Sends a route's `CONNECT`, again if the connection it went to turned out
+/// to be closing (that one takes no more streams, so each try goes to
+/// another pooled connection or a new one).
 async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
-    match pool
-        .start_stream(&route.destination, &route.ids, route.target())
-        .await
-    {
-        Err(OpenError::Http2(..)) => {
-            pool.start_stream(&route.destination, &route.ids, route.target())
-                .await
+    const TRIES: usize = 8;
+    let mut tries = 1;
+    loop {
+        match pool
+            .start_stream(&route.destination, &route.ids, route.target())
+            .await
+        {
+            Err(OpenError::Http2(..)) if tries < TRIES => tries += 1,
+            r => return r,
         }
-        r => r,
     }
 }
 
@@ -142,9 +167,11 @@ pub async fn serve_connect(
     routes: Arc<Vec<Arc<Route>>>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
     drain: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, "HTTP CONNECT", drain, move |app| {
+    let m = metrics.clone();
+    accept_loop(listener, "HTTP CONNECT", slots, m, drain, move |app| {
         let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
         async move { http_connect(app, &routes, &pool, &metrics).await }
     })

@@ -119,6 +119,18 @@ impl RootStore {
     }
 
     /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
+    /// Verifies a client's chain (leaf first) as of `at`.
+    pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        at: UnixTime,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify(leaf, intermediates, at, KeyUsage::client_auth())
+    }
+
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,

@@ -129,6 +129,10 @@ impl RunArgs {
             if let Some(p) = self.service_port {
                 i.service_port = Some(p);
             }
+        } else if self.service_port.is_some() {
+            anyhow::bail!(
+                "--service-port needs an inbound (--forward, or [inbound] in the config)"
+            );
         }
         c.outbound.extend(self.routes);
         if let Some(listen) = self.connect_listen {
