@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
@@ -22,9 +22,10 @@ use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, Carried};
 
 /// Accepts application connections until `drain` turns true; each is
-/// handled by `handle` in a task of its own, holding one of `slots` (shared
-/// by every outbound listener); when none is free a new connection is closed
-/// at once.
+/// handled by `handle` in a task of its own, with one of `slots` (shared by
+/// every outbound listener) to hold until it ends; when none is free a new
+/// connection is closed at once. (The slot goes into `handle`'s future: a
+/// wrapper future awaiting it would hold that future twice.)
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
@@ -33,7 +34,7 @@ async fn accept_loop<F, Fut>(
     mut drain: watch::Receiver<bool>,
     handle: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut over_limit_logged = false;
@@ -62,11 +63,7 @@ async fn accept_loop<F, Fut>(
         };
         over_limit_logged = false;
         let _ = app.set_nodelay(true);
-        let task = handle(app);
-        tokio::spawn(async move {
-            task.await;
-            drop(slot);
-        });
+        tokio::spawn(handle(app, slot));
     }
 }
 
@@ -80,11 +77,14 @@ pub async fn serve_route(
     drain: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
-    accept_loop(listener, "outbound route", slots, m, drain, move |app| {
+    accept_loop(listener, "outbound route", slots, m, drain, move |app, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         async move {
+            let _slot = slot;
             // Boxed: an open stream's task keeps only what the pump needs.
+            let turn = pool.turn(&route.destination).await;
             let started = Box::pin(start(&pool, &route)).await;
+            drop(turn);
             let p = match started {
                 Ok(p) => p,
                 Err(e) => {
@@ -128,7 +128,9 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
 
 /// Opens a tunnel for `route` and waits for the peer's answer.
 async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
+    let turn = pool.turn(&route.destination).await;
     let p = start(pool, route).await?;
+    drop(turn);
     let recv = p
         .response
         .await
@@ -171,10 +173,20 @@ pub async fn serve_connect(
     drain: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
-    accept_loop(listener, "HTTP CONNECT", slots, m, drain, move |app| {
-        let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
-        async move { http_connect(app, &routes, &pool, &metrics).await }
-    })
+    accept_loop(
+        listener,
+        "HTTP CONNECT",
+        slots,
+        m,
+        drain,
+        move |app, slot| {
+            let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
+            async move {
+                let _slot = slot;
+                http_connect(app, &routes, &pool, &metrics).await
+            }
+        },
+    )
     .await
 }
 

@@ -70,10 +70,16 @@ pub struct Pool {
     /// instead of all building their requests at the same moment, which
     /// would leave the heap at the burst's peak long after.
     opening: tokio::sync::Semaphore,
+    /// Per destination, tunnels being opened at once: a destination that
+    /// never answers holds at most this share of `opening`.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Tunnels being opened at once, at most.
 const MAX_OPENING: usize = 256;
+
+/// Tunnels being opened at once to one destination, at most.
+const MAX_OPENING_PER_DESTINATION: usize = MAX_OPENING / 4;
 
 /// How long a failed connection attempt answers for the next ones.
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
@@ -154,6 +160,7 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
             start: Instant::now(),
             opening: tokio::sync::Semaphore::new(MAX_OPENING),
+            gates: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -169,14 +176,33 @@ impl Pool {
         pool
     }
 
-    /// A turn to build and send a tunnel's request (see `opening`). Not held
-    /// while a connection is made, so a slow destination holds up only the
-    /// callers waiting for it.
-    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.opening
+    /// A turn to open a tunnel to `destination` (see `opening` and `gates`);
+    /// held until the request is sent. A destination that never answers
+    /// holds a quarter of the turns at most, so the others go on.
+    pub async fn turn(
+        &self,
+        destination: &str,
+    ) -> (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::SemaphorePermit<'_>,
+    ) {
+        let gate = self
+            .gates
+            .lock()
+            .expect("gates lock")
+            .entry(destination.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_PER_DESTINATION)))
+            .clone();
+        let mine = gate
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let any = self
+            .opening
             .acquire()
             .await
-            .expect("the semaphore is never closed")
+            .expect("the semaphore is never closed");
+        (mine, any)
     }
 
     /// Opens a tunneled stream to `target` through the peer proxy at
@@ -236,7 +262,6 @@ impl Pool {
             conn: conn.clone(),
             start: self.start,
         };
-        let _turn = self.turn().await;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target)
