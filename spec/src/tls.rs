@@ -504,7 +504,11 @@ mod tests {
         (bundle, rcgen::Issuer::new(p, key))
     }
 
-    fn leaf(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> CertificateDer<'static> {
+    /// An SVID for `id` from `issuer`, and its key.
+    fn leaf_and_key(
+        id: &str,
+        issuer: &rcgen::Issuer<'static, KeyPair>,
+    ) -> (CertificateDer<'static>, KeyPair) {
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
@@ -514,22 +518,19 @@ mod tests {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let key = KeyPair::generate().unwrap();
-        p.signed_by(&key, issuer).unwrap().der().clone()
+        let cert = p.signed_by(&key, issuer).unwrap().der().clone();
+        (cert, key)
+    }
+
+    fn leaf(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> CertificateDer<'static> {
+        leaf_and_key(id, issuer).0
     }
 
     /// An SVID for `id` from `issuer`, installed in a resolver.
     fn svid(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> SvidResolver {
-        let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, issuer).unwrap();
+        let (cert, key) = leaf_and_key(id, issuer);
         let r = SvidResolver::default();
-        r.set(&[cert.der().to_vec()], &key.serialize_der()).unwrap();
+        r.set(&[cert.to_vec()], &key.serialize_der()).unwrap();
         r
     }
 

@@ -209,24 +209,17 @@ macro_rules! sql_store {
             })
         }
 
+        /// A JSON list of strings (how list columns are stored).
+        fn json_list(items: impl Iterator<Item = String>) -> String {
+            serde_json::to_string(&items.collect::<Vec<_>>()).expect("strings serialize")
+        }
+
         fn federates_json(e: &Entry) -> String {
-            serde_json::to_string(
-                &e.federates_with
-                    .iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .expect("strings serialize")
+            json_list(e.federates_with.iter().map(|t| t.as_str().to_owned()))
         }
 
         fn selectors_json(e: &Entry) -> String {
-            serde_json::to_string(
-                &e.selectors
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .expect("strings serialize")
+            json_list(e.selectors.iter().map(|s| s.to_string()))
         }
 
         /// Upgrading keeps what workloads received: every existing entry
