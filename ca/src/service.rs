@@ -767,27 +767,9 @@ impl Ca {
         })
     }
 
-    /// Every trust domain `entry` federates with has a federated bundle (as
-    /// SPIRE requires): a name mistyped here would otherwise never deliver one.
-    async fn check_federates_with(&self, entry: &Entry) -> CaResult<()> {
-        if entry.federates_with.is_empty() {
-            return Ok(());
-        }
-        let known = self.store.list_federated_bundles().await?;
-        for td in &entry.federates_with {
-            if !known.iter().any(|b| b.trust_domain == td.as_str()) {
-                return Err(CaError::invalid(format!(
-                    "federates_with {td}: there is no federated bundle for that trust domain (add it with `ward bundle set` first)"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
         self.authorize_entry(caller, AdminAction::CreateEntry, &entry)?;
-        self.check_federates_with(&entry).await?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
@@ -807,7 +789,6 @@ impl Ca {
         let old = self.get_entry(&id).await?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &old)?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &entry)?;
-        self.check_federates_with(&entry).await?;
         let e = self.store.update_entry(entry).await?;
         self.entries_changed(
             e.revision,

@@ -251,6 +251,30 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        /// Every bundle `e` federates with exists, and stays until this
+        /// transaction ends: touching the rows locks them (PostgreSQL; SQLite
+        /// has one writer), so a concurrent `delete_federated_bundle` either
+        /// finished first (and the entry is refused) or waits and then sees
+        /// the entry (and is refused).
+        async fn hold_federated_bundles(tx: &mut $conn, e: &Entry) -> Result<()> {
+            for td in &e.federates_with {
+                let n = sqlx::query(
+                    "UPDATE federated_bundles SET updated_at = updated_at WHERE trust_domain = $1",
+                )
+                .bind(td.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::InUse(format!(
+                        "federates_with {}: there is no federated bundle for that trust domain (add it with `ward bundle set` first)",
+                        td.id_string()
+                    )));
+                }
+            }
+            Ok(())
+        }
+
         async fn next_revision(tx: &mut $conn) -> Result<u64> {
             let v: i64 = sqlx::query_scalar(
                 "UPDATE counters SET value = value + 1 WHERE name = 'entry_revision' RETURNING value",
@@ -385,6 +409,7 @@ macro_rules! sql_store {
 
             async fn create_entry(&self, mut e: Entry, now: i64) -> Result<Entry> {
                 let mut tx = self.pool.begin().await?;
+                hold_federated_bundles(&mut tx, &e).await?;
                 let rev = next_revision(&mut tx).await?;
                 e.revision = rev;
                 e.created_at = now;
@@ -419,6 +444,7 @@ macro_rules! sql_store {
 
             async fn update_entry(&self, mut e: Entry) -> Result<Entry> {
                 let mut tx = self.pool.begin().await?;
+                hold_federated_bundles(&mut tx, &e).await?;
                 let old = sqlx::query(&format!(
                     "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
                 ))
@@ -810,6 +836,12 @@ macro_rules! sql_store {
 
             async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
                 let mut tx = self.pool.begin().await?;
+                // Deleted first, so the row is locked before the entries are
+                // read: an entry created concurrently is seen, or refused.
+                let r = sqlx::query("DELETE FROM federated_bundles WHERE trust_domain = $1")
+                    .bind(trust_domain)
+                    .execute(&mut *tx)
+                    .await?;
                 // Entries that federate with it keep it (as SPIRE's default,
                 // RESTRICT, does). The pattern narrows the search; the
                 // parsed list decides (`_` in a name is a LIKE wildcard).
@@ -831,16 +863,13 @@ macro_rules! sql_store {
                 if !users.is_empty() {
                     let shown = users.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
                     let more = if users.len() > 10 { ", …" } else { "" };
+                    // Dropping the transaction rolls the delete back.
                     return Err(StoreError::InUse(format!(
                         "{} entr{} federate with {trust_domain} ({shown}{more}); remove it from their federates_with, or delete them, before deleting its bundle",
                         users.len(),
                         if users.len() == 1 { "y" } else { "ies" }
                     )));
                 }
-                let r = sqlx::query("DELETE FROM federated_bundles WHERE trust_domain = $1")
-                    .bind(trust_domain)
-                    .execute(&mut *tx)
-                    .await?;
                 announce(&mut tx, $notify, &format!("federation:{trust_domain}")).await?;
                 tx.commit().await?;
                 Ok(r.rows_affected() > 0)

@@ -267,7 +267,14 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         for t in ["a_b.test", "axb.test", "c.test"] {
             s.set_federated_bundle(&bundle(t), 1).await.unwrap();
         }
+        // Only a trust domain there is a bundle for.
         let mut e = entry("fed", "spiffe://td/node");
+        e.federates_with = vec![td("axb.test"), td("nowhere.test")];
+        let err = s.create_entry(e.clone(), 5).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InUse(m) if m.contains("nowhere.test")),
+            "{err}"
+        );
         e.federates_with = vec![td("axb.test"), td("c.test")];
         let e = s.create_entry(e, 5).await.unwrap();
         // The list round-trips.
@@ -346,4 +353,35 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
         format!("{page:?}").contains("\"old\""),
         "the upgrade's revision is not in the node's changes: {page:?}"
     );
+}
+
+#[tokio::test]
+async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let bundle = FederatedBundleRecord {
+            trust_domain: "race.test".into(),
+            jwks: b"{\"keys\":[]}".to_vec(),
+            endpoint_url: String::new(),
+            endpoint_spiffe_id: String::new(),
+        };
+        let (mut created, mut deleted) = (0, 0);
+        for i in 0..50 {
+            s.set_federated_bundle(&bundle, 1).await.unwrap();
+            let mut e = entry(&format!("race{i}"), "spiffe://td/node");
+            e.federates_with = vec![TrustDomain::new("race.test").unwrap()];
+            let (c, d) = tokio::join!(s.create_entry(e, 1), s.delete_federated_bundle("race.test"));
+            match (c, d) {
+                (Ok(_), Ok(true)) => panic!("round {i}: an entry federates with a deleted bundle"),
+                (Ok(e), _) => {
+                    created += 1;
+                    s.delete_entry(&e.id).await.unwrap();
+                }
+                (Err(_), Ok(true)) => deleted += 1,
+                other => panic!("round {i}: {other:?}"),
+            }
+        }
+        println!("  {created} creates won, {deleted} deletes won");
+    }
 }
