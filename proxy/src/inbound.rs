@@ -152,6 +152,9 @@ async fn connection(
     let mut shutting_down = false;
     let mut roots_changed = inbound.identity.current.clone();
     roots_changed.borrow_and_update();
+    // False once the identity watch has ended (it never does while the
+    // proxy runs): an ended watch would resolve at once, again and again.
+    let mut following = true;
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
         tokio::select! {
@@ -186,7 +189,8 @@ async fn connection(
                 tracing::debug!(%peer, "the peer did not finish closing; cut off");
                 break;
             }
-            r = roots_changed.changed() => {
+            r = roots_changed.changed(), if following => {
+                following = r.is_ok();
                 let current = roots_changed.borrow_and_update().clone();
                 if let (Ok(()), Some(current)) = (r, current) {
                     if let Err(e) = chain.verify(&current.roots) {
