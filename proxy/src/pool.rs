@@ -186,13 +186,19 @@ impl Pool {
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::SemaphorePermit<'_>,
     ) {
-        let gate = self
-            .gates
-            .lock()
-            .expect("gates lock")
-            .entry(destination.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_PER_DESTINATION)))
-            .clone();
+        // Looked up by reference: a key is allocated only for a new destination.
+        let gate = {
+            let mut gates = self.gates.lock().expect("gates lock");
+            match gates.get(destination) {
+                Some(g) => g.clone(),
+                None => gates
+                    .entry(destination.to_owned())
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_PER_DESTINATION))
+                    })
+                    .clone(),
+            }
+        };
         let mine = gate
             .acquire_owned()
             .await
