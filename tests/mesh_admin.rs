@@ -205,4 +205,90 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
     );
     let out = ca.cli(&entry_args(&globex, &parent));
     assert!(out.status.success(), "{}", text(&out));
+
+    step(
+        9,
+        "federation is the operator's: acme's admin may keep or drop an entry's federation, not add one",
+    );
+    let files = tempfile::tempdir().unwrap();
+    let pem = files.path().join("partner.pem");
+    std::fs::write(&pem, ca.cli(&["bundle", "show"]).stdout).unwrap();
+    let out = ca.cli(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "partner.test",
+        "--file",
+        pem.to_str().unwrap(),
+        "--format",
+        "pem",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let federating = |verb: &str, id: Option<&str>, spiffe_id: &str, tds: &[&str]| {
+        let mut args = vec!["entry", verb];
+        args.extend(id);
+        args.extend([
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &parent,
+            "--selector",
+            "unix:uid:2001",
+        ]);
+        for td in tds {
+            args.extend(["--federates-with", *td]);
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let as_admin = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        remote(&ca, &agent, ACME_ADMIN_UID, &args)
+    };
+    let refused = |out: Output, action: &str| {
+        assert!(!out.status.success(), "accepted");
+        let msg = text(&out);
+        assert!(
+            msg.contains("PermissionDenied") && msg.contains(action),
+            "{msg}"
+        );
+    };
+    let web = format!("spiffe://{TD}/tenant/acme/ns/prod/sa/web");
+    refused(
+        as_admin(federating("create", None, &web, &["partner.test"])),
+        "create_entry",
+    );
+    let api_entry = ca
+        .cli_json(&["entry", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == acme.as_str())
+        .expect("acme's api entry")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = Some(api_entry.as_str());
+    refused(
+        as_admin(federating("update", id, &acme, &["partner.test"])),
+        "update_entry",
+    );
+    // The operator federates it; the tenant's admin may then change the
+    // entry while keeping that federation, and may drop it, but not put it back.
+    let out = ca.cli(
+        &federating("update", id, &acme, &["partner.test"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_admin(federating("update", id, &acme, &["partner.test"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_admin(federating("update", id, &acme, &[]));
+    assert!(out.status.success(), "{}", text(&out));
+    refused(
+        as_admin(federating("update", id, &acme, &["partner.test"])),
+        "update_entry",
+    );
+    let stored = ca.cli_json(&["entry", "show", &api_entry]);
+    assert_eq!(stored["federates_with"], serde_json::json!([]), "{stored}");
 }

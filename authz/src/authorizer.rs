@@ -63,6 +63,20 @@ impl AdminAction {
     }
 }
 
+/// What an admin call touches, as its policies see it.
+#[derive(Debug, Clone, Default)]
+pub struct AdminResource {
+    /// The tenant it belongs to ("" when none).
+    pub tenant: String,
+    /// An entry's SPIFFE ID, or what names a join token.
+    pub id: String,
+    /// Entries: the trust domains whose bundles the entry's workloads receive.
+    pub federates_with: Vec<String>,
+    /// Entries: the trust domains this call adds to the entry's federation
+    /// (all it lists on create, the new ones on update, none on delete).
+    pub federation_added: Vec<String>,
+}
+
 /// Who asks for an admin action.
 #[derive(Debug, Clone)]
 pub enum AdminPrincipal {
@@ -418,15 +432,17 @@ impl Authorizer {
         ))
     }
 
-    /// May `principal` perform an admin `action` on something of `tenant`?
+    /// May `principal` perform an admin `action` on `resource`?
     pub fn decide_admin(
         &self,
         principal: &AdminPrincipal,
         action: AdminAction,
-        resource_tenant: &str,
-        resource_id: &str,
+        resource: &AdminResource,
     ) -> Decision {
         let start = Instant::now();
+        let resource_tenant = resource.tenant.as_str();
+        let resource_id = resource.id.as_str();
+        let is_entry = action != AdminAction::CreateJoinToken;
         let active = self.active.load();
         let tenant = uid(&self.tenant_type, resource_tenant);
         let mut ents = vec![Entity::new_no_attrs(tenant.clone(), HashSet::new())];
@@ -479,6 +495,10 @@ impl Authorizer {
                         "spiffe_id".to_owned(),
                         RestrictedExpression::new_string(resource_id.to_owned()),
                     ),
+                    (
+                        "federates_with".to_owned(),
+                        string_set(&resource.federates_with),
+                    ),
                 ]),
             ),
         };
@@ -489,11 +509,14 @@ impl Authorizer {
         let action_uid = uid(&type_name("Ward::Action"), action.name());
         let result = (|| {
             let entities = Entities::from_entities(ents, None).map_err(|e| e.to_string())?;
-            let context = Context::from_pairs([(
-                "now".to_owned(),
-                RestrictedExpression::new_long(now_unix()),
-            )])
-            .map_err(|e| e.to_string())?;
+            let mut pairs = vec![("now".to_owned(), RestrictedExpression::new_long(now_unix()))];
+            if is_entry {
+                pairs.push((
+                    "federation_added".to_owned(),
+                    string_set(&resource.federation_added),
+                ));
+            }
+            let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
             let req =
                 Request::new(p_uid, action_uid, r_uid, context, None).map_err(|e| e.to_string())?;
             let tenant = (!p_tenant.is_empty()).then_some(p_tenant.as_str());
@@ -515,7 +538,15 @@ impl Authorizer {
             (
                 p_name,
                 resource_id.to_owned(),
-                serde_json::json!({ "tenant": resource_tenant }),
+                if is_entry {
+                    serde_json::json!({
+                        "tenant": resource_tenant,
+                        "federates_with": resource.federates_with,
+                        "federation_added": resource.federation_added,
+                    })
+                } else {
+                    serde_json::json!({ "tenant": resource_tenant })
+                },
             )
         })
     }
@@ -570,4 +601,8 @@ impl Authorizer {
         }
         d
     }
+}
+
+fn string_set(items: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(items.iter().cloned().map(RestrictedExpression::new_string))
 }

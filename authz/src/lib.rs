@@ -25,7 +25,8 @@ pub mod template;
 pub mod testcase;
 
 pub use authorizer::{
-    AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision, Mode, WorkloadEntities,
+    AdminAction, AdminPrincipal, AdminResource, Authorizer, ConnectContext, Decision, Mode,
+    WorkloadEntities,
 };
 pub use cedar_policy::Schema;
 pub use template::IdTemplate;

@@ -15,13 +15,17 @@
 //!
 //! For admin actions, `principal` is an admin SPIFFE ID or `operator`, and
 //! `resource` is the SPIFFE ID of the entry (or the tenant of a join token).
+//! An entry case may give `federates_with` (the trust domains the entry
+//! federates with) and `federation_added` (those the call adds) in `context`.
 
 use std::net::IpAddr;
 
 use serde::Deserialize;
 use ward_spec::SpiffeId;
 
-use crate::authorizer::{AdminAction, AdminPrincipal, Authorizer, ConnectContext, Decision};
+use crate::authorizer::{
+    AdminAction, AdminPrincipal, AdminResource, Authorizer, ConnectContext, Decision,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +62,12 @@ pub struct CaseContext {
     /// Decide as of this Unix time (default: now).
     #[serde(default)]
     pub now: Option<i64>,
+    /// Entry actions: the trust domains the entry federates with.
+    #[serde(default)]
+    pub federates_with: Vec<String>,
+    /// Entry actions: the trust domains the call adds to its federation.
+    #[serde(default)]
+    pub federation_added: Vec<String>,
 }
 
 fn default_port() -> u16 {
@@ -74,6 +84,8 @@ impl Default for CaseContext {
             destination_port: default_port(),
             source_address: default_addr(),
             now: None,
+            federates_with: Vec::new(),
+            federation_added: Vec::new(),
         }
     }
 }
@@ -126,7 +138,13 @@ pub fn decide(
         ),
         Err(_) => (c.resource.clone(), c.resource.clone()),
     };
-    Ok(authz.decide_admin(&principal, action, &tenant, &id))
+    let resource = AdminResource {
+        tenant,
+        id,
+        federates_with: c.context.federates_with.clone(),
+        federation_added: c.context.federation_added.clone(),
+    };
+    Ok(authz.decide_admin(&principal, action, &resource))
 }
 
 pub fn run(

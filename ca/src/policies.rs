@@ -12,7 +12,9 @@
 
 use ring::digest;
 use ward_authz::policy::{compile, CompiledPolicies, PolicyError, SourceFile};
-use ward_authz::{AdminAction, AdminPrincipal, Authorizer, Decision, IdTemplate, Mode};
+use ward_authz::{
+    AdminAction, AdminPrincipal, AdminResource, Authorizer, Decision, IdTemplate, Mode,
+};
 use ward_spec::SpiffeId;
 
 use crate::datastore::PolicySetRecord;
@@ -94,10 +96,9 @@ impl AdminPolicy {
         &self,
         caller: &AdminPrincipal,
         action: AdminAction,
-        tenant: &str,
-        resource: &str,
+        resource: &AdminResource,
     ) -> Decision {
-        self.authz.decide_admin(caller, action, tenant, resource)
+        self.authz.decide_admin(caller, action, resource)
     }
 }
 
@@ -192,18 +193,15 @@ mod tests {
         let admin = AdminPrincipal::Admin(
             SpiffeId::parse("spiffe://example.org/tenant/acme/ns/ops/sa/admin").unwrap(),
         );
-        let op = p.decide(
-            &AdminPrincipal::Operator,
-            AdminAction::CreateEntry,
-            "acme",
-            "x",
-        );
+        let acme = AdminResource {
+            tenant: "acme".into(),
+            id: "x".into(),
+            ..Default::default()
+        };
+        let op = p.decide(&AdminPrincipal::Operator, AdminAction::CreateEntry, &acme);
         assert!(op.allowed, "{op:?}");
         assert_eq!(op.policies, vec!["ward-bootstrap-local-operator"]);
-        assert!(
-            !p.decide(&admin, AdminAction::CreateEntry, "acme", "x")
-                .allowed
-        );
+        assert!(!p.decide(&admin, AdminAction::CreateEntry, &acme).allowed);
     }
 
     #[test]
@@ -220,7 +218,11 @@ mod tests {
             policies: 1,
         };
         let p = AdminPolicy::new(Some(&bad));
-        let d = p.decide(&AdminPrincipal::Operator, AdminAction::DeleteEntry, "", "x");
+        let x = AdminResource {
+            id: "x".into(),
+            ..Default::default()
+        };
+        let d = p.decide(&AdminPrincipal::Operator, AdminAction::DeleteEntry, &x);
         assert_eq!(d.policies, vec!["ward-bootstrap-local-operator"]);
     }
 

@@ -15,7 +15,7 @@ use tonic::Code;
 use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use crate::authority::Authority;
-use ward_authz::{AdminAction, AdminPrincipal};
+use ward_authz::{AdminAction, AdminPrincipal, AdminResource};
 
 use crate::datastore::{
     AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
@@ -419,7 +419,12 @@ impl Ca {
         ttl: Option<Duration>,
         tenant: &str,
     ) -> CaResult<(String, SpiffeId, i64)> {
-        self.authorize_admin(caller, AdminAction::CreateJoinToken, tenant, "new")?;
+        let resource = AdminResource {
+            tenant: tenant.to_owned(),
+            id: "new".to_owned(),
+            ..Default::default()
+        };
+        self.authorize_admin(caller, AdminAction::CreateJoinToken, &resource)?;
         let ttl = ttl.unwrap_or(self.ttls.join_token);
         let token = x509::hex_id(16);
         let hash = hash_token(&token);
@@ -769,7 +774,8 @@ impl Ca {
 
     pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
-        self.authorize_entry(caller, AdminAction::CreateEntry, &entry)?;
+        let added = entry.federates_with.clone();
+        self.authorize_entry(caller, AdminAction::CreateEntry, &entry, &added)?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
@@ -787,8 +793,14 @@ impl Ca {
         let entry = self.validate_entry(spec)?;
         // Both what the entry was and what it becomes must be the caller's.
         let old = self.get_entry(&id).await?;
-        self.authorize_entry(caller, AdminAction::UpdateEntry, &old)?;
-        self.authorize_entry(caller, AdminAction::UpdateEntry, &entry)?;
+        let added: Vec<TrustDomain> = entry
+            .federates_with
+            .iter()
+            .filter(|td| !old.federates_with.contains(td))
+            .cloned()
+            .collect();
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &old, &added)?;
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &entry, &added)?;
         let e = self.store.update_entry(entry).await?;
         self.entries_changed(
             e.revision,
@@ -801,7 +813,7 @@ impl Ca {
 
     pub async fn delete_entry(&self, caller: &AdminPrincipal, id: &str) -> CaResult<()> {
         let old = self.get_entry(id).await?;
-        self.authorize_entry(caller, AdminAction::DeleteEntry, &old)?;
+        self.authorize_entry(caller, AdminAction::DeleteEntry, &old, &[])?;
         let e = self.store.delete_entry(id).await?;
         self.entries_changed(e.revision, Some(vec![old.parent_id.to_string()]));
         self.metrics.admin_change("delete_entry");
@@ -1071,14 +1083,22 @@ impl Ca {
         self.admin_policy.tenant_of(id)
     }
 
+    /// `added`: the trust domains the call adds to the entry's federation.
     fn authorize_entry(
         &self,
         caller: &AdminPrincipal,
         action: AdminAction,
         e: &Entry,
+        added: &[TrustDomain],
     ) -> CaResult<()> {
-        let tenant = self.tenant_of(&e.spiffe_id);
-        self.authorize_admin(caller, action, &tenant, &e.spiffe_id.to_string())
+        let names = |tds: &[TrustDomain]| tds.iter().map(|td| td.to_string()).collect();
+        let resource = AdminResource {
+            tenant: self.tenant_of(&e.spiffe_id),
+            id: e.spiffe_id.to_string(),
+            federates_with: names(&e.federates_with),
+            federation_added: names(added),
+        };
+        self.authorize_admin(caller, action, &resource)
     }
 
     /// Asks the active policy set; a refusal is audited and reported as
@@ -1087,10 +1107,10 @@ impl Ca {
         &self,
         caller: &AdminPrincipal,
         action: AdminAction,
-        tenant: &str,
-        resource: &str,
+        resource: &AdminResource,
     ) -> CaResult<()> {
-        let d = self.admin_policy.decide(caller, action, tenant, resource);
+        let d = self.admin_policy.decide(caller, action, resource);
+        let (tenant, resource) = (resource.tenant.as_str(), resource.id.as_str());
         if d.permitted {
             return Ok(());
         }
