@@ -353,13 +353,38 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
             && log.contains("refused client certificate"),
         "{log}"
     );
-    federate(&ca2, &ops2_entry, OPS_2, &me, &[]);
-    run_ok(&ca2, &["bundle", "delete", "--trust-domain", "example.org"]);
+    // ops still federates: `--mode dissociate` takes example.org off its
+    // entry as the bundle goes (SPIRE's `bundle delete -mode dissociate`).
+    let out = run_ok(
+        &ca2,
+        &[
+            "bundle",
+            "delete",
+            "--trust-domain",
+            "example.org",
+            "--mode",
+            "dissociate",
+        ],
+    );
+    assert!(
+        out.contains("Removed it from 1 entry") && out.contains(&ops2_entry),
+        "{out}"
+    );
     assert!(ca2
         .cli_json(&["bundle", "list"])
         .as_array()
         .unwrap()
         .is_empty());
+    let ops = ca2.cli_json(&["entry", "show", &ops2_entry]);
+    assert_eq!(ops["federates_with"], serde_json::json!([]), "{ops}");
+    // Set again, the bundle does not reach ops: its entry no longer lists it.
+    assert!(bundle_set(&ca2, "example.org", b1, "jwks").status.success());
+    std::thread::sleep(Duration::from_secs(2));
+    let out = py_client(&["bundle", &agent2.endpoint(), "example.org"]);
+    assert!(
+        !out.status.success(),
+        "example.org's bundle served to ops after its entry was dissociated"
+    );
 }
 
 /// The `kid`s of a CA's JWT authorities, from its own bundle.

@@ -18,7 +18,7 @@ use ward_spec::SpiffeId;
 
 use ward_authz::AdminPrincipal;
 
-use crate::datastore::{EntryFilter, PolicySetRecord};
+use crate::datastore::{BundleDeleteMode, EntryFilter, PolicySetRecord};
 use crate::node_api::{entry_to_pb, policy_set_to_pb, PeerIdentity};
 use crate::service::{Ca, EntrySpec};
 
@@ -335,9 +335,25 @@ impl Admin for AdminApi {
         req: Request<pb::DeleteFederatedBundleRequest>,
     ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
         self.operator_only(&req, "delete_federated_bundle").await?;
-        let td = req.into_inner().trust_domain;
-        self.ca.delete_federated_bundle(&td).await?;
-        Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
+        let req = req.into_inner();
+        let mode = match pb::BundleDeleteMode::try_from(req.mode) {
+            Ok(pb::BundleDeleteMode::Restrict) => BundleDeleteMode::Restrict,
+            Ok(pb::BundleDeleteMode::Dissociate) => BundleDeleteMode::Dissociate,
+            Ok(pb::BundleDeleteMode::Delete) => BundleDeleteMode::Delete,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown bundle delete mode {}",
+                    req.mode
+                )))
+            }
+        };
+        let entries = self
+            .ca
+            .delete_federated_bundle(&req.trust_domain, mode)
+            .await?;
+        Ok(Response::new(pb::DeleteFederatedBundleResponse {
+            entry_ids: entries.into_iter().map(|e| e.id).collect(),
+        }))
     }
 
     async fn push_policy(

@@ -142,10 +142,35 @@ pub struct FederatedBundleRecord {
     pub endpoint_spiffe_id: String,
 }
 
+/// What deleting a federated bundle does to the entries that federate with
+/// it (SPIRE's `bundle delete -mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BundleDeleteMode {
+    /// Refuse while any entry federates with it.
+    #[default]
+    Restrict,
+    /// Remove the trust domain from those entries' `federates_with`.
+    Dissociate,
+    /// Delete those entries.
+    Delete,
+}
+
+/// The outcome of a federated bundle delete.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BundleDeleted {
+    /// There was a bundle for that trust domain.
+    pub found: bool,
+    /// The entries changed (dissociated) or deleted, as they were before.
+    pub entries: Vec<Entry>,
+    /// The entry revision of those changes (none if no entry changed).
+    pub revision: Option<u64>,
+}
+
 /// A change committed by any process sharing the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
-    /// Entries under these parents (node SPIFFE IDs) changed, up to this revision.
+    /// Entries under these parents (node SPIFFE IDs; none named: under any
+    /// parent) changed, up to this revision.
     Entries(u64, Vec<String>),
     /// This policy set version is now the active one.
     Policy(u64),
@@ -248,8 +273,13 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Stores (or replaces) the bundle of a trust domain we federate with.
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()>;
-    /// Deletes a federated bundle; false if there was none.
-    async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool>;
+    /// Deletes a federated bundle, doing `mode` to the entries that
+    /// federate with it, in one transaction.
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+        mode: BundleDeleteMode,
+    ) -> Result<BundleDeleted>;
     /// Every federated bundle, by trust domain.
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>>;
 

@@ -18,8 +18,8 @@ use crate::authority::Authority;
 use ward_authz::{AdminAction, AdminPrincipal, AdminResource};
 
 use crate::datastore::{
-    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
-    PolicySetRecord, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, BundleDeleteMode, Datastore, Entry, EntryFilter, FederatedBundleRecord,
+    JoinTokenRecord, PolicySetRecord, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 use crate::policies::{self, AdminPolicy};
@@ -292,6 +292,10 @@ impl Ca {
 
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
+            StoreChange::Entries(rev, parents) if parents.is_empty() => {
+                self.reads.forget_all();
+                self.entries_changed(rev, None);
+            }
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
             StoreChange::Agent(id) => self.reads.forget_agent(&id),
             StoreChange::Federation => self.reload_federation().await?,
@@ -966,20 +970,42 @@ impl Ca {
         Ok(true)
     }
 
-    pub async fn delete_federated_bundle(&self, trust_domain: &str) -> CaResult<()> {
+    /// Deletes a federated bundle; `mode` says what happens to the entries
+    /// that federate with it. Returns those entries (changed or deleted).
+    pub async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+        mode: BundleDeleteMode,
+    ) -> CaResult<Vec<Entry>> {
         let td = TrustDomain::new(trust_domain)
             .map_err(|e| CaError::invalid(format!("trust domain {trust_domain:?}: {e}")))?;
         let trust_domain = td.as_str();
-        if !self.store.delete_federated_bundle(trust_domain).await? {
+        let done = self
+            .store
+            .delete_federated_bundle(trust_domain, mode)
+            .await?;
+        if !done.found {
             return Err(CaError::new(
                 Code::NotFound,
                 format!("no federated bundle for {trust_domain}"),
             ));
         }
+        if let Some(rev) = done.revision {
+            let mut parents: Vec<String> = done
+                .entries
+                .iter()
+                .map(|e| e.parent_id.to_string())
+                .collect();
+            parents.sort();
+            parents.dedup();
+            self.entries_changed(rev, Some(parents));
+        }
         self.reload_federation().await?;
         self.metrics.admin_change("delete_federated_bundle");
-        tracing::info!(target: "audit", event = "federated_bundle_deleted", trust_domain, "deleted a federated bundle");
-        Ok(())
+        // One line: the bundle, and what became of the entries that used it.
+        let ids: Vec<&str> = done.entries.iter().map(|e| e.id.as_str()).collect();
+        tracing::info!(target: "audit", event = "federated_bundle_deleted", trust_domain, mode = ?mode, entries = ?ids, revision = done.revision, "deleted a federated bundle");
+        Ok(done.entries)
     }
 
     /// Reads the federated bundles again and tells agents.

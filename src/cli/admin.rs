@@ -445,12 +445,28 @@ pub enum BundleCommand {
         target: AdminTarget,
     },
     /// Stop federating with a trust domain.
+    #[command(
+        after_help = "Example:\n  ward bundle delete --trust-domain partner.test --mode dissociate"
+    )]
     Delete {
         #[arg(long)]
         trust_domain: String,
+        /// What happens to entries that federate with it: restrict (refuse
+        /// while there are any), dissociate (remove it from their
+        /// federates_with), delete (delete them).
+        #[arg(long, value_enum, default_value_t = DeleteMode::Restrict)]
+        mode: DeleteMode,
         #[command(flatten)]
         target: AdminTarget,
     },
+}
+
+/// `ward bundle delete --mode` (as SPIRE's `bundle delete -mode`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DeleteMode {
+    Restrict,
+    Dissociate,
+    Delete,
 }
 
 pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
@@ -555,16 +571,45 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
         }
         BundleCommand::Delete {
             trust_domain,
+            mode,
             target,
         } => {
-            client(&target)
+            let pb_mode = match mode {
+                DeleteMode::Restrict => pb::BundleDeleteMode::Restrict,
+                DeleteMode::Dissociate => pb::BundleDeleteMode::Dissociate,
+                DeleteMode::Delete => pb::BundleDeleteMode::Delete,
+            };
+            let r = client(&target)
                 .await?
                 .delete_federated_bundle(pb::DeleteFederatedBundleRequest {
                     trust_domain: trust_domain.clone(),
+                    mode: pb_mode as i32,
                 })
                 .await
-                .map_err(status)?;
-            println!("No longer federating with {trust_domain}.");
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&json!({
+                    "trust_domain": trust_domain,
+                    "mode": format!("{mode:?}").to_lowercase(),
+                    "entries": r.entry_ids,
+                })),
+                Output::Human => {
+                    println!("No longer federating with {trust_domain}.");
+                    let n = r.entry_ids.len();
+                    let what = match mode {
+                        DeleteMode::Delete => "Deleted",
+                        _ => "Removed it from",
+                    };
+                    if n > 0 {
+                        println!(
+                            "{what} {n} entr{}: {}",
+                            if n == 1 { "y" } else { "ies" },
+                            r.entry_ids.join(", ")
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

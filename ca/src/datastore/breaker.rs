@@ -17,8 +17,9 @@ use tokio::sync::broadcast;
 use ward_spec::{SpiffeId, TrustDomain};
 
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
-    PolicySetRecord, Result, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, Result, SigningEntry, StoreChange,
+    StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 
@@ -209,8 +210,12 @@ impl Datastore for Breaker {
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()> {
         guarded!(self.set_federated_bundle(bundle, now))
     }
-    async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
-        guarded!(self.delete_federated_bundle(trust_domain))
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+        mode: BundleDeleteMode,
+    ) -> Result<BundleDeleted> {
+        guarded!(self.delete_federated_bundle(trust_domain, mode))
     }
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>> {
         guarded!(self.list_federated_bundles())

@@ -13,10 +13,11 @@ use sqlx::Row;
 use tokio::sync::broadcast;
 use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
-use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS};
+use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
-    PolicySetRecord, Result, SigningEntry, StoreChange, StoreError, SyncPage, TokenUse,
+    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, Result, SigningEntry, StoreChange,
+    StoreError, SyncPage, TokenUse,
 };
 
 /// Serializes migrations of replicas that start at the same time.
@@ -104,15 +105,16 @@ async fn subscribe_notices(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-/// `entries:REV:PARENT PARENT…`, `policy:V`, `bundle:SEQ`, `agent:ID`,
-/// `federation:TD`.
+/// `entries:REV:PARENT PARENT…` (`entries:REV`: under any parent),
+/// `policy:V`, `bundle:SEQ`, `agent:ID`, `federation:TD`.
 fn parse_notice(payload: &str) -> Option<StoreChange> {
     match payload.split_once(':')? {
         ("entries", v) => {
             let (rev, parents) = v.split_once(':').unwrap_or((v, ""));
+            let parents = parents.split(' ').filter(|p| !p.is_empty());
             rev.parse()
                 .ok()
-                .map(|r| StoreChange::Entries(r, parents.split(' ').map(str::to_owned).collect()))
+                .map(|r| StoreChange::Entries(r, parents.map(str::to_owned).collect()))
         }
         ("policy", v) => v.parse().ok().map(StoreChange::Policy),
         ("bundle", v) => v.parse().ok().map(StoreChange::Bundle),

@@ -94,6 +94,10 @@ ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]';
 /// all workloads did then (see `backfill_federates_with`).
 pub const FEDERATES_WITH_MIGRATION: usize = 6;
 
+/// The longest list of parents an entries notice names (PostgreSQL's
+/// `NOTIFY` payload stops at 8,000 bytes); a longer one becomes "every parent".
+pub const NOTICE_PARENTS_MAX: usize = 4000;
+
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
 
 /// Implements [`super::Datastore`] for `$store` (which has a `pool` field),
@@ -273,6 +277,20 @@ macro_rules! sql_store {
                 }
             }
             Ok(())
+        }
+
+        /// The notice of a change to `entries` at `rev`: their parents, or
+        /// every parent (no list) when there are too many to name.
+        fn entries_notice(rev: u64, entries: &[Entry]) -> String {
+            let mut parents: Vec<String> = entries.iter().map(|e| e.parent_id.to_string()).collect();
+            parents.sort();
+            parents.dedup();
+            let named = parents.join(" ");
+            if named.len() > NOTICE_PARENTS_MAX {
+                format!("entries:{rev}")
+            } else {
+                format!("entries:{rev}:{named}")
+            }
         }
 
         async fn next_revision(tx: &mut $conn) -> Result<u64> {
@@ -834,7 +852,11 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn delete_federated_bundle(&self, trust_domain: &str) -> Result<bool> {
+            async fn delete_federated_bundle(
+                &self,
+                trust_domain: &str,
+                mode: BundleDeleteMode,
+            ) -> Result<BundleDeleted> {
                 let mut tx = self.pool.begin().await?;
                 // Deleted first, so the row is locked before the entries are
                 // read: an entry created concurrently is seen, or refused.
@@ -842,37 +864,64 @@ macro_rules! sql_store {
                     .bind(trust_domain)
                     .execute(&mut *tx)
                     .await?;
-                // Entries that federate with it keep it (as SPIRE's default,
-                // RESTRICT, does). The pattern narrows the search; the
-                // parsed list decides (`_` in a name is a LIKE wildcard).
+                // The pattern narrows the search; the parsed list decides
+                // (`_` in a name is a LIKE wildcard).
                 let quoted = serde_json::to_string(trust_domain).expect("strings serialize");
-                let candidates = sqlx::query(
-                    "SELECT id, federates_with FROM entries WHERE federates_with LIKE $1 ORDER BY id",
-                )
+                let candidates = sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries WHERE federates_with LIKE $1 ORDER BY id"
+                ))
                 .bind(format!("%{quoted}%"))
                 .fetch_all(&mut *tx)
                 .await?;
                 let mut users = Vec::new();
                 for row in &candidates {
-                    let list: String = row.try_get("federates_with")?;
-                    let list: Vec<String> = serde_json::from_str(&list).map_err(corrupt)?;
-                    if list.iter().any(|t| t == trust_domain) {
-                        users.push(row.try_get::<String, _>("id")?);
+                    let e = row_to_entry(row)?;
+                    if e.federates_with.iter().any(|t| t.as_str() == trust_domain) {
+                        users.push(e);
                     }
                 }
+                let mut done = BundleDeleted {
+                    found: r.rows_affected() > 0,
+                    ..Default::default()
+                };
                 if !users.is_empty() {
-                    let shown = users.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
-                    let more = if users.len() > 10 { ", …" } else { "" };
-                    // Dropping the transaction rolls the delete back.
-                    return Err(StoreError::InUse(format!(
-                        "{} entr{} federate with {trust_domain} ({shown}{more}); remove it from their federates_with, or delete them, before deleting its bundle",
-                        users.len(),
-                        if users.len() == 1 { "y" } else { "ies" }
-                    )));
+                    if mode == BundleDeleteMode::Restrict {
+                        let ids: Vec<&str> = users.iter().take(10).map(|e| e.id.as_str()).collect();
+                        let more = if users.len() > 10 { ", …" } else { "" };
+                        // Dropping the transaction rolls the delete back.
+                        return Err(StoreError::InUse(format!(
+                            "{} entr{} federate with {trust_domain} ({}{more}); remove it from their federates_with, or delete the bundle with mode dissociate (or delete, which deletes those entries)",
+                            users.len(),
+                            if users.len() == 1 { "y" } else { "ies" },
+                            ids.join(", ")
+                        )));
+                    }
+                    let rev = next_revision(&mut tx).await?;
+                    for e in &users {
+                        if mode == BundleDeleteMode::Dissociate {
+                            let mut kept = e.clone();
+                            kept.federates_with.retain(|t| t.as_str() != trust_domain);
+                            sqlx::query("UPDATE entries SET federates_with = $2, revision = $3 WHERE id = $1")
+                                .bind(&e.id)
+                                .bind(federates_json(&kept))
+                                .bind(rev as i64)
+                                .execute(&mut *tx)
+                                .await?;
+                        } else {
+                            sqlx::query("DELETE FROM entries WHERE id = $1")
+                                .bind(&e.id)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
+                    }
+                    announce(&mut tx, $notify, &entries_notice(rev, &users)).await?;
+                    done.revision = Some(rev);
+                    done.entries = users;
                 }
                 announce(&mut tx, $notify, &format!("federation:{trust_domain}")).await?;
                 tx.commit().await?;
-                Ok(r.rows_affected() > 0)
+                Ok(done)
             }
 
             async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>> {

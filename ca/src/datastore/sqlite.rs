@@ -9,10 +9,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
-use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS};
+use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
 use super::{
-    AgentRecord, Datastore, Entry, EntryFilter, FederatedBundleRecord, JoinTokenRecord,
-    PolicySetRecord, Result, SigningEntry, StoreError, SyncPage, TokenUse,
+    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, Result, SigningEntry, StoreError,
+    SyncPage, TokenUse,
 };
 
 #[derive(Clone)]

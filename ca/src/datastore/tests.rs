@@ -247,8 +247,8 @@ async fn federated_bundles_on(s: &dyn Datastore) {
             record("b.test", "{\"keys\":[2]}", "https://b"),
         ]
     );
-    assert!(s.delete_federated_bundle("a.test").await.unwrap());
-    assert!(!s.delete_federated_bundle("a.test").await.unwrap());
+    assert!(restrict(s, "a.test").await.unwrap());
+    assert!(!restrict(s, "a.test").await.unwrap());
     assert_eq!(s.list_federated_bundles().await.unwrap().len(), 1);
 }
 
@@ -282,8 +282,8 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         assert_eq!(got.federates_with, vec![td("axb.test"), td("c.test")]);
         // A name the entry does not list is free to go, even one that
         // matches a listed one as a LIKE pattern (`_`).
-        assert!(s.delete_federated_bundle("a_b.test").await.unwrap());
-        let err = s.delete_federated_bundle("c.test").await.unwrap_err();
+        assert!(restrict(s, "a_b.test").await.unwrap());
+        let err = restrict(s, "c.test").await.unwrap_err();
         assert!(
             matches!(&err, StoreError::InUse(m) if m.contains("1 entry federate with c.test (fed)")),
             "{err}"
@@ -292,7 +292,102 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         let mut e = s.get_entry(&e.id).await.unwrap().unwrap();
         e.federates_with = vec![td("axb.test")];
         s.update_entry(e).await.unwrap();
-        assert!(s.delete_federated_bundle("c.test").await.unwrap());
+        assert!(restrict(s, "c.test").await.unwrap());
+    }
+}
+
+/// Deletes a bundle in restrict mode: whether there was one.
+async fn restrict(s: &dyn Datastore, td: &str) -> Result<bool> {
+    Ok(s.delete_federated_bundle(td, BundleDeleteMode::Restrict)
+        .await?
+        .found)
+}
+
+#[tokio::test]
+async fn deleting_a_bundle_can_dissociate_or_delete_the_entries_that_use_it() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let td = |t: &str| TrustDomain::new(t).unwrap();
+        for t in ["p.test", "q.test"] {
+            let b = FederatedBundleRecord {
+                trust_domain: t.into(),
+                jwks: b"{\"keys\":[]}".to_vec(),
+                endpoint_url: String::new(),
+                endpoint_spiffe_id: String::new(),
+            };
+            s.set_federated_bundle(&b, 1).await.unwrap();
+        }
+        let mut both = entry("both", "spiffe://td/node-a");
+        both.federates_with = vec![td("p.test"), td("q.test")];
+        let mut only_p = entry("only-p", "spiffe://td/node-b");
+        only_p.federates_with = vec![td("p.test")];
+        let mut only_q = entry("only-q", "spiffe://td/node-a");
+        only_q.federates_with = vec![td("q.test")];
+        let unrelated = entry("none", "spiffe://td/node-c");
+        for e in [both, only_p, only_q, unrelated] {
+            s.create_entry(e, 1).await.unwrap();
+        }
+        let before = s.entry_revision().await.unwrap();
+
+        // Dissociate: p.test leaves the two entries that list it, in one
+        // new revision recorded under both their parents; nothing else moves.
+        let done = s
+            .delete_federated_bundle("p.test", BundleDeleteMode::Dissociate)
+            .await
+            .unwrap();
+        assert!(done.found);
+        let ids: Vec<&str> = done.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["both", "only-p"]);
+        let rev = done.revision.expect("a revision for the changed entries");
+        assert_eq!(rev, before + 1);
+        let both = s.get_entry("both").await.unwrap().unwrap();
+        assert_eq!(both.federates_with, vec![td("q.test")]);
+        assert_eq!(both.revision, rev);
+        assert!(s
+            .get_entry("only-p")
+            .await
+            .unwrap()
+            .unwrap()
+            .federates_with
+            .is_empty());
+        assert_eq!(s.get_entry("none").await.unwrap().unwrap().revision, before);
+        for node in ["spiffe://td/node-a", "spiffe://td/node-b"] {
+            let page = s
+                .sync_entries(&SpiffeId::parse(node).unwrap(), before, 100)
+                .await
+                .unwrap();
+            assert_eq!(page.revision, rev, "{node}");
+            assert!(!page.entries.is_empty(), "{node} sees no change");
+        }
+        assert_eq!(s.list_federated_bundles().await.unwrap().len(), 1);
+
+        // Delete: the entries that list q.test go with it.
+        let done = s
+            .delete_federated_bundle("q.test", BundleDeleteMode::Delete)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = done.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["both", "only-q"]);
+        assert!(s.get_entry("both").await.unwrap().is_none());
+        assert!(s.get_entry("only-q").await.unwrap().is_none());
+        let page = s
+            .sync_entries(&SpiffeId::parse("spiffe://td/node-a").unwrap(), rev, 100)
+            .await
+            .unwrap();
+        let mut deleted = page.deleted.clone();
+        deleted.sort();
+        assert_eq!(deleted, ["both", "only-q"]);
+        assert!(s.get_entry("only-p").await.unwrap().is_some());
+        assert!(s.get_entry("none").await.unwrap().is_some());
+        assert!(s.list_federated_bundles().await.unwrap().is_empty());
+
+        // No bundle, nothing touched; no users, no revision.
+        let done = s
+            .delete_federated_bundle("q.test", BundleDeleteMode::Delete)
+            .await
+            .unwrap();
+        assert_eq!(done, BundleDeleted::default());
     }
 }
 
@@ -371,7 +466,7 @@ async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
             s.set_federated_bundle(&bundle, 1).await.unwrap();
             let mut e = entry(&format!("race{i}"), "spiffe://td/node");
             e.federates_with = vec![TrustDomain::new("race.test").unwrap()];
-            let (c, d) = tokio::join!(s.create_entry(e, 1), s.delete_federated_bundle("race.test"));
+            let (c, d) = tokio::join!(s.create_entry(e, 1), restrict(s, "race.test"));
             match (c, d) {
                 (Ok(_), Ok(true)) => panic!("round {i}: an entry federates with a deleted bundle"),
                 (Ok(e), _) => {
