@@ -433,9 +433,20 @@ fn http_connect(addr: &str, target: &str) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+type TlsSession = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
 /// A test-only TLS client: accepts any server certificate (the server is what
 /// is under test) and presents `client` (chain, PKCS#8 key) if given.
+/// Returns how many bytes the server answered the HTTP/2 preface with.
 fn tls_probe(addr: &str, client: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Result<usize, String> {
+    tls_session(addr, client).map(|(n, _)| n)
+}
+
+/// As [`tls_probe`], keeping the session open: it never answers anything.
+fn tls_session(
+    addr: &str,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<(usize, TlsSession), String> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{
         CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
@@ -514,7 +525,7 @@ fn tls_probe(addr: &str, client: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Result<usiz
     let mut buf = [0u8; 64];
     match tls.read(&mut buf) {
         Ok(0) => Err("closed".into()),
-        Ok(n) => Ok(n),
+        Ok(n) => Ok((n, tls)),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -891,6 +902,42 @@ fn dry_run_lets_denied_streams_through_and_idle_connections_close() {
         db.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
         2.0
     );
+
+    // 3. A peer that never answers the close (it reads, but acknowledges
+    //    neither SETTINGS nor the GOAWAY's PING) is cut off 10 s after it
+    //    was told to close, not held forever.
+    use std::io::Read;
+    let (chain, key, _) = fetch_svid(&mesh.agent, WEB_UID);
+    let (_, mut tls) = tls_session(&mesh.api_inbound, Some((chain, key)))
+        .expect("a peer with a valid SVID is served");
+    let opened = Instant::now();
+    tls.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let ended = loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    let after = opened.elapsed();
+    println!("a peer that never answered: its session ended after {after:?}");
+    assert!(
+        ended.as_ref().map_or_else(
+            |e| e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut,
+            |_| true
+        ),
+        "still open after {after:?}: {ended:?}"
+    );
+    // Idle for 2 s, then 10 s to finish closing.
+    assert!(
+        after >= Duration::from_secs(11) && after < Duration::from_secs(20),
+        "{after:?}"
+    );
+    assert_eq!(open(&mesh.api, "inbound"), 0.0);
 }
 
 /// Whether the server closes a fresh TCP connection to `addr` within `within`.
