@@ -224,21 +224,25 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         "pem",
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    let federating_as =
+        |verb: &str, id: Option<&str>, spiffe_id: &str, selector: &str, tds: &[&str]| {
+            let mut args = vec!["entry", verb];
+            args.extend(id);
+            args.extend([
+                "--spiffe-id",
+                spiffe_id,
+                "--parent-id",
+                &parent,
+                "--selector",
+                selector,
+            ]);
+            for td in tds {
+                args.extend(["--federates-with", *td]);
+            }
+            args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
     let federating = |verb: &str, id: Option<&str>, spiffe_id: &str, tds: &[&str]| {
-        let mut args = vec!["entry", verb];
-        args.extend(id);
-        args.extend([
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            &parent,
-            "--selector",
-            "unix:uid:2001",
-        ]);
-        for td in tds {
-            args.extend(["--federates-with", *td]);
-        }
-        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        federating_as(verb, id, spiffe_id, "unix:uid:2001", tds)
     };
     let as_admin = |args: Vec<String>| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -273,7 +277,8 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         "update_entry",
     );
     // The operator federates it; the tenant's admin may then change the
-    // entry while keeping that federation, and may drop it, but not put it back.
+    // entry while keeping that federation (not give it to another SPIFFE ID),
+    // and may drop it, but not put it back.
     let out = ca.cli(
         &federating("update", id, &acme, &["partner.test"])
             .iter()
@@ -281,8 +286,25 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
             .collect::<Vec<_>>(),
     );
     assert!(out.status.success(), "{}", text(&out));
-    let out = as_admin(federating("update", id, &acme, &["partner.test"]));
+    let out = as_admin(federating_as(
+        "update",
+        id,
+        &acme,
+        "unix:uid:2002",
+        &["partner.test"],
+    ));
     assert!(out.status.success(), "{}", text(&out));
+    let stored = ca.cli_json(&["entry", "show", &api_entry]);
+    assert_eq!(
+        stored["selectors"],
+        serde_json::json!(["unix:uid:2002"]),
+        "{stored}"
+    );
+    let renamed = format!("spiffe://{TD}/tenant/acme/ns/prod/sa/other");
+    refused(
+        as_admin(federating("update", id, &renamed, &["partner.test"])),
+        "update_entry",
+    );
     let out = as_admin(federating("update", id, &acme, &[]));
     assert!(out.status.success(), "{}", text(&out));
     refused(

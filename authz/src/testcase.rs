@@ -16,7 +16,11 @@
 //! For admin actions, `principal` is an admin SPIFFE ID or `operator`, and
 //! `resource` is the SPIFFE ID of the entry (or the tenant of a join token).
 //! An entry case may give `federates_with` (the trust domains the entry
-//! federates with) and `federation_added` (those the call adds) in `context`.
+//! federates with: `partner.example` or `spiffe://partner.example`; policies
+//! see bare names) and `federation_added` (those the call adds) in
+//! `context`. Without `federation_added`, a create adds every trust domain
+//! it lists, an update (whose earlier list a case does not know) and a
+//! delete none.
 
 use std::net::IpAddr;
 
@@ -65,9 +69,10 @@ pub struct CaseContext {
     /// Entry actions: the trust domains the entry federates with.
     #[serde(default)]
     pub federates_with: Vec<String>,
-    /// Entry actions: the trust domains the call adds to its federation.
+    /// Entry actions: the trust domains the call adds to its federation
+    /// (default: all of `federates_with` for a create, none otherwise).
     #[serde(default)]
-    pub federation_added: Vec<String>,
+    pub federation_added: Option<Vec<String>>,
 }
 
 fn default_port() -> u16 {
@@ -85,7 +90,7 @@ impl Default for CaseContext {
             source_address: default_addr(),
             now: None,
             federates_with: Vec::new(),
-            federation_added: Vec::new(),
+            federation_added: None,
         }
     }
 }
@@ -116,6 +121,9 @@ pub fn decide(
     template: &crate::template::IdTemplate,
 ) -> Result<Decision, String> {
     if c.action == "connect" {
+        if !c.context.federates_with.is_empty() || c.context.federation_added.is_some() {
+            return Err("federates_with and federation_added are for entry actions".into());
+        }
         let p = SpiffeId::parse(&c.principal).map_err(|e| format!("principal: {e}"))?;
         let r = SpiffeId::parse(&c.resource).map_err(|e| format!("resource: {e}"))?;
         let ctx = ConnectContext {
@@ -126,6 +134,24 @@ pub fn decide(
         return Ok(authz.decide_connect(&p, &r, &ctx));
     }
     let action = admin_action(&c.action).ok_or_else(|| format!("unknown action {:?}", c.action))?;
+    let federates_with = trust_domains(&c.context.federates_with)?;
+    let federation_added = match &c.context.federation_added {
+        Some(tds) => trust_domains(tds)?,
+        None => federation_added(action, &federates_with),
+    };
+    if action == AdminAction::CreateJoinToken
+        && !(federates_with.is_empty() && federation_added.is_empty())
+    {
+        return Err("federates_with and federation_added are for entry actions".into());
+    }
+    if let Some(td) = federation_added
+        .iter()
+        .find(|td| !federates_with.contains(td))
+    {
+        return Err(format!(
+            "federation_added names {td}, which federates_with does not list"
+        ));
+    }
     let principal = if c.principal == "operator" {
         AdminPrincipal::Operator
     } else {
@@ -141,10 +167,31 @@ pub fn decide(
     let resource = AdminResource {
         tenant,
         id,
-        federates_with: c.context.federates_with.clone(),
-        federation_added: c.context.federation_added.clone(),
+        federates_with,
+        federation_added,
     };
     Ok(authz.decide_admin(&principal, action, &resource))
+}
+
+/// What a call adds to an entry's federation when a case does not say: a
+/// create adds every trust domain the entry lists.
+fn federation_added(action: AdminAction, federates_with: &[String]) -> Vec<String> {
+    match action {
+        AdminAction::CreateEntry => federates_with.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// Trust domain names as policies see them (`spiffe://` taken off).
+fn trust_domains(names: &[String]) -> Result<Vec<String>, String> {
+    names
+        .iter()
+        .map(|n| {
+            ward_spec::TrustDomain::new(n)
+                .map(|td| td.as_str().to_owned())
+                .map_err(|e| format!("trust domain {n:?}: {e}"))
+        })
+        .collect()
 }
 
 pub fn run(

@@ -39,6 +39,9 @@ pub enum StoreError {
     /// The change would leave other records pointing at nothing.
     #[error("{0}")]
     InUse(String),
+    /// The record changed since the caller read it.
+    #[error("{0}")]
+    Stale(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -169,8 +172,7 @@ pub struct BundleDeleted {
 /// A change committed by any process sharing the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
-    /// Entries under these parents (node SPIFFE IDs; none named: under any
-    /// parent) changed, up to this revision.
+    /// Entries under these parents (node SPIFFE IDs) changed, up to this revision.
     Entries(u64, Vec<String>),
     /// This policy set version is now the active one.
     Policy(u64),
@@ -274,7 +276,7 @@ pub trait Datastore: Send + Sync + 'static {
     /// Stores (or replaces) the bundle of a trust domain we federate with.
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()>;
     /// Deletes a federated bundle, doing `mode` to the entries that
-    /// federate with it, in one transaction.
+    /// federate with it, in one transaction (nothing, if there is none).
     async fn delete_federated_bundle(
         &self,
         trust_domain: &str,

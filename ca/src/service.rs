@@ -58,6 +58,7 @@ impl From<StoreError> for CaError {
             StoreError::NotFound(m) => CaError::new(Code::NotFound, format!("not found: {m}")),
             StoreError::Conflict(m) => CaError::new(Code::AlreadyExists, m),
             StoreError::InUse(m) => CaError::new(Code::FailedPrecondition, m),
+            StoreError::Stale(m) => CaError::new(Code::Aborted, m),
             // Logged once per outage by the read cache.
             other if crate::datastore::unavailable(&other) => {
                 tracing::debug!(error = %other, "datastore unavailable");
@@ -292,10 +293,6 @@ impl Ca {
 
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
-            StoreChange::Entries(rev, parents) if parents.is_empty() => {
-                self.reads.forget_all();
-                self.entries_changed(rev, None);
-            }
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
             StoreChange::Agent(id) => self.reads.forget_agent(&id),
             StoreChange::Federation => self.reload_federation().await?,
@@ -794,15 +791,20 @@ impl Ca {
         let Some(id) = spec.id.clone() else {
             return Err(CaError::invalid("update needs the entry id"));
         };
-        let entry = self.validate_entry(spec)?;
+        let mut entry = self.validate_entry(spec)?;
         // Both what the entry was and what it becomes must be the caller's.
         let old = self.get_entry(&id).await?;
+        // Federation given to another identity is added federation, even if
+        // the entry listed it before.
         let added: Vec<TrustDomain> = entry
             .federates_with
             .iter()
-            .filter(|td| !old.federates_with.contains(td))
+            .filter(|td| old.spiffe_id != entry.spiffe_id || !old.federates_with.contains(td))
             .cloned()
             .collect();
+        // What was authorized is what is replaced: the store refuses the
+        // update if the entry moved on meanwhile.
+        entry.revision = old.revision;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &old, &added)?;
         self.authorize_entry(caller, AdminAction::UpdateEntry, &entry, &added)?;
         let e = self.store.update_entry(entry).await?;
@@ -1136,6 +1138,7 @@ impl Ca {
         resource: &AdminResource,
     ) -> CaResult<()> {
         let d = self.admin_policy.decide(caller, action, resource);
+        let federation_added = &resource.federation_added;
         let (tenant, resource) = (resource.tenant.as_str(), resource.id.as_str());
         if d.permitted {
             return Ok(());
@@ -1145,11 +1148,17 @@ impl Ca {
         } else {
             format!("policy errors: {}", d.errors.join("; "))
         };
-        let tenant_text = if tenant.is_empty() {
+        let mut tenant_text = if tenant.is_empty() {
             "no tenant".to_owned()
         } else {
             format!("tenant {tenant:?}")
         };
+        if !federation_added.is_empty() {
+            tenant_text.push_str(&format!(
+                ", adding federation with {}",
+                federation_added.join(", ")
+            ));
+        }
         let message = format!(
             "{} may not {} for {} ({}): {why}",
             principal_name(caller),
@@ -1158,7 +1167,7 @@ impl Ca {
             tenant_text
         );
         self.metrics.refused(action.name());
-        tracing::warn!(target: "audit", event = "refused", method = action.name(), caller = %principal_name(caller), tenant, resource, decision_id = %d.decision_id, policies = ?d.policies, reason = %why, "refused an admin call");
+        tracing::warn!(target: "audit", event = "refused", method = action.name(), caller = %principal_name(caller), tenant, resource, federation_added = ?federation_added, decision_id = %d.decision_id, policies = ?d.policies, reason = %why, "refused an admin call");
         Err(CaError::new(Code::PermissionDenied, message))
     }
 

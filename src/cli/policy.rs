@@ -108,7 +108,9 @@ pub enum PolicyCommand {
         resource: String,
         #[arg(long, default_value = "connect")]
         action: String,
-        /// JSON: destination_port, source_address.
+        /// JSON: destination_port, source_address, now (Unix seconds); for
+        /// entry actions federates_with and federation_added (lists of trust
+        /// domains).
         #[arg(long)]
         context: Option<String>,
         #[command(flatten)]

@@ -33,6 +33,14 @@ pub struct PgStore {
     changes: broadcast::Sender<StoreChange>,
 }
 
+#[cfg(test)]
+impl PgStore {
+    /// The pool, for tests that hold a transaction open against the store.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
 impl PgStore {
     /// Connects to `url` (`postgres://…`) and runs pending migrations.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -105,8 +113,8 @@ async fn subscribe_notices(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-/// `entries:REV:PARENT PARENT…` (`entries:REV`: under any parent),
-/// `policy:V`, `bundle:SEQ`, `agent:ID`, `federation:TD`.
+/// `entries:REV:PARENT PARENT…`, `policy:V`, `bundle:SEQ`, `agent:ID`,
+/// `federation:TD`.
 fn parse_notice(payload: &str) -> Option<StoreChange> {
     match payload.split_once(':')? {
         ("entries", v) => {
@@ -148,6 +156,43 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_to_many_parents_is_told_in_notices_that_fit_and_name_them_all() {
+        let entries: Vec<Entry> = (0..400)
+            .map(|i| Entry {
+                id: format!("e{i}"),
+                spiffe_id: SpiffeId::parse("spiffe://td/w").unwrap(),
+                parent_id: SpiffeId::parse(&format!("spiffe://td/ward/agent/join_token/{i:040}"))
+                    .unwrap(),
+                selectors: vec![],
+                x509_ttl: 0,
+                jwt_ttl: 0,
+                dns_names: vec![],
+                hint: String::new(),
+                admin: false,
+                revision: 0,
+                created_at: 0,
+                federates_with: vec![],
+            })
+            .collect();
+        let notices = entries_notices(7, &entries);
+        assert!(notices.len() > 1, "{} notices", notices.len());
+        let mut named = Vec::new();
+        for n in &notices {
+            assert!(n.len() < 8000, "{} bytes", n.len());
+            match parse_notice(n) {
+                Some(StoreChange::Entries(7, parents)) => named.extend(parents),
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+        let mut all: Vec<String> = entries.iter().map(|e| e.parent_id.to_string()).collect();
+        all.sort();
+        named.sort();
+        assert_eq!(named, all);
+    }
+
     #[test]
     fn passwords_never_appear_in_messages() {
         assert_eq!(

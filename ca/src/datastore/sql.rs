@@ -94,8 +94,8 @@ ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]';
 /// all workloads did then (see `backfill_federates_with`).
 pub const FEDERATES_WITH_MIGRATION: usize = 6;
 
-/// The longest list of parents an entries notice names (PostgreSQL's
-/// `NOTIFY` payload stops at 8,000 bytes); a longer one becomes "every parent".
+/// The longest list of parents one entries notice names (PostgreSQL's
+/// `NOTIFY` payload stops at 8,000 bytes); more take several notices.
 pub const NOTICE_PARENTS_MAX: usize = 4000;
 
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
@@ -279,18 +279,26 @@ macro_rules! sql_store {
             Ok(())
         }
 
-        /// The notice of a change to `entries` at `rev`: their parents, or
-        /// every parent (no list) when there are too many to name.
-        fn entries_notice(rev: u64, entries: &[Entry]) -> String {
+        /// The notices of a change to `entries` at `rev`: their parents,
+        /// as many to a notice as fit.
+        fn entries_notices(rev: u64, entries: &[Entry]) -> Vec<String> {
             let mut parents: Vec<String> = entries.iter().map(|e| e.parent_id.to_string()).collect();
             parents.sort();
             parents.dedup();
-            let named = parents.join(" ");
-            if named.len() > NOTICE_PARENTS_MAX {
-                format!("entries:{rev}")
-            } else {
-                format!("entries:{rev}:{named}")
+            let mut notices = Vec::new();
+            let mut named = String::new();
+            for p in parents {
+                if !named.is_empty() && named.len() + 1 + p.len() > NOTICE_PARENTS_MAX {
+                    notices.push(format!("entries:{rev}:{named}"));
+                    named.clear();
+                }
+                if !named.is_empty() {
+                    named.push(' ');
+                }
+                named.push_str(&p);
             }
+            notices.push(format!("entries:{rev}:{named}"));
+            notices
         }
 
         async fn next_revision(tx: &mut $conn) -> Result<u64> {
@@ -473,12 +481,16 @@ macro_rules! sql_store {
                 .map(row_to_entry)
                 .transpose()?
                 .ok_or_else(|| StoreError::NotFound(format!("entry {}", e.id)))?;
+                // `e.revision`, when set, is the revision the caller read
+                // (and authorized against): the update applies only to that.
+                let expected = if e.revision == 0 { old.revision } else { e.revision };
                 let rev = next_revision(&mut tx).await?;
                 e.revision = rev;
                 e.created_at = old.created_at;
-                sqlx::query(
+                let n = sqlx::query(
                     "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors = $4, x509_ttl = $5, jwt_ttl = $6,
-                     dns_names = $7, hint = $8, admin = $9, revision = $10, federates_with = $11 WHERE id = $1",
+                     dns_names = $7, hint = $8, admin = $9, revision = $10, federates_with = $11
+                     WHERE id = $1 AND revision = $12",
                 )
                 .bind(&e.id)
                 .bind(e.spiffe_id.to_string())
@@ -491,8 +503,16 @@ macro_rules! sql_store {
                 .bind(e.admin)
                 .bind(rev as i64)
                 .bind(federates_json(&e))
+                .bind(expected as i64)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::Stale(format!(
+                        "entry {} changed while this update was being made (it is no longer at revision {expected}); read it again and retry",
+                        e.id
+                    )));
+                }
                 record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
                 if old.parent_id != e.parent_id {
                     record_change(&mut tx, rev, &old.parent_id, &e.id).await?;
@@ -864,6 +884,17 @@ macro_rules! sql_store {
                     .bind(trust_domain)
                     .execute(&mut *tx)
                     .await?;
+                if r.rows_affected() == 0 {
+                    return Ok(BundleDeleted::default());
+                }
+                // Changing entries: the revision counter is taken before they
+                // are read, so a writer that holds it has committed by then
+                // and what is read is what is changed (PostgreSQL reads each
+                // statement's own snapshot).
+                let rev = match mode {
+                    BundleDeleteMode::Restrict => None,
+                    _ => Some(next_revision(&mut tx).await?),
+                };
                 // The pattern narrows the search; the parsed list decides
                 // (`_` in a name is a LIKE wildcard).
                 let quoted = serde_json::to_string(trust_domain).expect("strings serialize");
@@ -881,11 +912,11 @@ macro_rules! sql_store {
                     }
                 }
                 let mut done = BundleDeleted {
-                    found: r.rows_affected() > 0,
+                    found: true,
                     ..Default::default()
                 };
                 if !users.is_empty() {
-                    if mode == BundleDeleteMode::Restrict {
+                    let Some(rev) = rev else {
                         let ids: Vec<&str> = users.iter().take(10).map(|e| e.id.as_str()).collect();
                         let more = if users.len() > 10 { ", …" } else { "" };
                         // Dropping the transaction rolls the delete back.
@@ -895,8 +926,7 @@ macro_rules! sql_store {
                             if users.len() == 1 { "y" } else { "ies" },
                             ids.join(", ")
                         )));
-                    }
-                    let rev = next_revision(&mut tx).await?;
+                    };
                     for e in &users {
                         if mode == BundleDeleteMode::Dissociate {
                             let mut kept = e.clone();
@@ -915,7 +945,9 @@ macro_rules! sql_store {
                         }
                         record_change(&mut tx, rev, &e.parent_id, &e.id).await?;
                     }
-                    announce(&mut tx, $notify, &entries_notice(rev, &users)).await?;
+                    for notice in entries_notices(rev, &users) {
+                        announce(&mut tx, $notify, &notice).await?;
+                    }
                     done.revision = Some(rev);
                     done.entries = users;
                 }

@@ -296,6 +296,92 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
     }
 }
 
+#[tokio::test]
+async fn an_update_applies_only_to_the_revision_it_was_made_from() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let e = s
+            .create_entry(entry("e", "spiffe://td/node"), 1)
+            .await
+            .unwrap();
+        let read = e.clone();
+        let mut first = e.clone();
+        first.x509_ttl = 60;
+        s.update_entry(first).await.unwrap();
+        // Made from what was read before the first update: refused, and the
+        // first update stays.
+        let mut second = read;
+        second.x509_ttl = 90;
+        let err = s.update_entry(second).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Stale(m) if m.contains("entry e changed")),
+            "{err}"
+        );
+        assert_eq!(s.get_entry("e").await.unwrap().unwrap().x509_ttl, 60);
+    }
+}
+
+/// PostgreSQL: an entry update holds the revision counter, uncommitted,
+/// while a bundle delete dissociates the entry; the delete must act on the
+/// entry as the update leaves it, not as it was before.
+#[tokio::test]
+async fn dissociating_a_bundle_acts_on_the_entry_a_concurrent_update_leaves() {
+    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
+        );
+        println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let s = std::sync::Arc::new(fresh_postgres(&url).await);
+    let td = |t: &str| TrustDomain::new(t).unwrap();
+    for t in ["p.test", "q.test"] {
+        let b = FederatedBundleRecord {
+            trust_domain: t.into(),
+            jwks: b"{\"keys\":[]}".to_vec(),
+            endpoint_url: String::new(),
+            endpoint_spiffe_id: String::new(),
+        };
+        s.set_federated_bundle(&b, 1).await.unwrap();
+    }
+    let mut e = entry("e", "spiffe://td/node-a");
+    e.federates_with = vec![td("p.test"), td("q.test")];
+    s.create_entry(e, 1).await.unwrap();
+    // What `update_entry` does, held open: the counter, then the row (moved
+    // to another parent, now listing p only).
+    let mut update = s.pool().begin().await.unwrap();
+    let rev: i64 = sqlx::query_scalar(
+        "UPDATE counters SET value = value + 1 WHERE name = 'entry_revision' RETURNING value",
+    )
+    .fetch_one(&mut *update)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE entries SET parent_id = 'spiffe://td/node-b', federates_with = '[\"p.test\"]', revision = $1 WHERE id = 'e'",
+    )
+    .bind(rev)
+    .execute(&mut *update)
+    .await
+    .unwrap();
+    let deleting = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.delete_federated_bundle("q.test", BundleDeleteMode::Dissociate)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    update.commit().await.unwrap();
+    let done = deleting.await.unwrap().unwrap();
+    // The entry no longer lists q: the delete leaves it alone.
+    assert!(done.entries.is_empty(), "{:?}", done.entries);
+    let stored = s.get_entry("e").await.unwrap().unwrap();
+    assert_eq!(stored.federates_with, vec![td("p.test")]);
+    assert_eq!(stored.parent_id.to_string(), "spiffe://td/node-b");
+}
+
 /// Deletes a bundle in restrict mode: whether there was one.
 async fn restrict(s: &dyn Datastore, td: &str) -> Result<bool> {
     Ok(s.delete_federated_bundle(td, BundleDeleteMode::Restrict)
