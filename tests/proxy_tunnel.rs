@@ -257,6 +257,77 @@ when { principal.service == "db" && resource.service == "api" };
 }
 
 #[test]
+fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
+    use std::os::unix::fs::PermissionsExt;
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = |name: &str| logs.path().join(name).to_str().unwrap().to_owned();
+    let (api_log, web_log, db_log) = (path("api.log"), path("web.log"), path("db.log"));
+    let mesh = Mesh::start(&[], &["--access-log", &api_log]);
+    let (_web, web_port) = mesh.client_proxy(WEB_UID, API, &["--access-log", &web_log]);
+    let (_db, db_port) = mesh.client_proxy(DB_UID, API, &["--access-log", &db_log]);
+
+    let r = hash_client(web_port, 4096, 1, 0.0);
+    assert_clean(&r, 1, 4096);
+    // On the wire the client sends a length (8 bytes) and its 4,096 bytes; the
+    // server answers two SHA-256 digests (64 bytes) and 4,096 bytes.
+    let (request, response) = (8 + 4096, 4096 + 64);
+    // db → api is denied by the example policies.
+    assert_eq!(hash_client(db_port, 4096, 1, 0.0).ok, 0);
+
+    // Lines are written out every second.
+    let lines = |p: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got: Vec<serde_json::Value> = std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let api = lines(&api_log, 2);
+    assert_eq!(api.len(), 2, "{api:?}");
+    let ok = api
+        .iter()
+        .find(|l| l["peer_id"] == WEB)
+        .expect("web's stream");
+    assert_eq!(ok["direction"], "inbound");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["outcome"], "ok");
+    assert_eq!(ok["bytes_to_app"], request);
+    assert_eq!(ok["bytes_from_app"], response);
+    assert_eq!(ok["destination"], format!("127.0.0.1:{}", mesh.app.port));
+    assert!(ok["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let denied = api
+        .iter()
+        .find(|l| l["peer_id"] == DB)
+        .expect("db's stream");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["outcome"], "denied");
+    assert_eq!(denied["bytes_to_app"], 0);
+
+    let web = lines(&web_log, 1);
+    assert_eq!(web.len(), 1, "{web:?}");
+    assert_eq!(web[0]["direction"], "outbound");
+    assert_eq!(web[0]["status"], 200);
+    assert_eq!(web[0]["outcome"], "ok");
+    assert_eq!(web[0]["destination"], mesh.api_inbound);
+    assert_eq!(web[0]["target"], "api.acme:8080");
+    assert_eq!(web[0]["bytes_from_app"], request);
+    assert_eq!(web[0]["bytes_to_app"], response);
+    assert!(web[0]["duration_ms"].as_f64().unwrap() > 0.0);
+    let db = lines(&db_log, 1);
+    assert_eq!(db.len(), 1, "{db:?}");
+    assert_eq!(db[0]["status"], 403);
+    assert_eq!(db[0]["outcome"], "refused");
+}
+
+#[test]
 fn an_open_stream_a_new_policy_set_denies_is_closed_and_its_bytes_are_counted() {
     let mesh = Mesh::start(&[], &[]);
     let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);

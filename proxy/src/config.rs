@@ -4,6 +4,7 @@
 //! workload_api_socket = ".ward/agent/workload.sock"
 //! health_address = "127.0.0.1:15020"
 //! worker_threads = 1
+//! access_log = "off"             # or "stdout", or a file: a JSON line per stream as it ends
 //!
 //! [inbound]                      # tunnels to this workload
 //! listen = "0.0.0.0:15008"
@@ -55,6 +56,9 @@ pub struct ProxyConfig {
     pub policy: PolicyConfig,
     pub limits: Limits,
     pub log_format: String,
+    /// `off`, `stdout`, or a file to append to: one JSON line per tunneled
+    /// stream as it ends (written out every second).
+    pub access_log: String,
     /// Runtime worker threads. One is the sidecar default: on small nodes a
     /// single thread moves bytes with the fewest cross-thread wake-ups.
     pub worker_threads: usize,
@@ -232,6 +236,7 @@ impl Default for ProxyConfig {
             policy: PolicyConfig::default(),
             limits: Limits::default(),
             log_format: "text".into(),
+            access_log: "off".into(),
             worker_threads: 1,
         }
     }

@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -29,6 +29,7 @@ use ward_authz::{Authorizer, ConnectContext};
 use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
+use crate::access_log::StreamRecord;
 use crate::hbone;
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
@@ -249,28 +250,55 @@ async fn stream(
     // while the stream is admitted gets it decided again.
     let mut epoch = inbound.policy_epoch.clone();
     epoch.borrow_and_update();
+    let started = Instant::now();
+    let metrics = &inbound.metrics;
+    let record = |status: StatusCode, outcome, error, (to_app, from_app)| StreamRecord {
+        direction: Direction::Inbound,
+        source: Some(peer),
+        peer_id: Some(peer_id),
+        destination: &inbound.forward,
+        target: None,
+        status: status.as_u16(),
+        outcome,
+        error,
+        bytes_to_app: to_app,
+        bytes_from_app: from_app,
+        started,
+    };
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
-    let Some((app, send, body, port)) = Box::pin(admit(req, respond, peer_id, peer, inbound)).await
-    else {
-        return;
+    let (app, send, body, port) = match Box::pin(admit(req, respond, peer_id, peer, inbound)).await
+    {
+        Ok(admitted) => admitted,
+        Err((status, outcome)) => {
+            metrics.access(|| record(status, outcome, None, (0, 0)));
+            return;
+        }
     };
-    let metrics = &inbound.metrics;
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
     let result = tokio::select! {
-        r = pump(app, send, body, Bytes::new(), &carried) => r,
+        r = pump(app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
         // Dropping the pump resets the stream and closes the application's socket.
-        () = revoked(&mut epoch, peer_id, peer, port, inbound) => Ok(()),
+        () = revoked(&mut epoch, peer_id, peer, port, inbound) => Ok("revoked"),
     };
     metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();
     metrics.bytes(Direction::Inbound, to_app, from_app);
-    if let Err(e) = result {
-        tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
-    }
+    let (outcome, error) = match result {
+        Ok(outcome) => (outcome, None),
+        Err(e) => {
+            tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
+            ("error", Some(e.to_string()))
+        }
+    };
+    metrics.access(|| record(StatusCode::OK, outcome, error, (to_app, from_app)));
 }
+
+/// Why a stream was not admitted: the status it was answered, and the
+/// access log's outcome.
+type Refusal = (StatusCode, &'static str);
 
 /// Authorizes a stream and connects it to the application; answers the peer
 /// (403, 502, … or 200) and returns what the pump needs when it may go on.
@@ -280,30 +308,30 @@ async fn admit(
     peer_id: &SpiffeId,
     peer: SocketAddr,
     inbound: &Inbound,
-) -> Option<(TcpStream, SendStream<Bytes>, RecvStream, u16)> {
+) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let metrics = &inbound.metrics;
+    let mut refuse = |status: StatusCode, outcome: &'static str| {
+        respond_status(&mut respond, status);
+        Err((status, outcome))
+    };
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
-        respond_status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-        return None;
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "error");
     }
     if parts.uri.authority().and_then(|a| a.port_u16()).is_none() {
-        respond_status(&mut respond, StatusCode::BAD_REQUEST);
-        return None;
+        return refuse(StatusCode::BAD_REQUEST, "error");
     }
     // Every stream reaches `forward`, whatever port the peer names: policies
     // see the port this proxy serves, so naming another cannot dodge a rule.
     let port = inbound.service_port;
     let Some(me) = inbound.identity.usable() else {
-        respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        return None;
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "error");
     };
     let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     if !decision.permitted {
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
-        respond_status(&mut respond, StatusCode::FORBIDDEN);
-        return None;
+        return refuse(StatusCode::FORBIDDEN, "denied");
     }
     let app = match tokio::time::timeout(
         inbound.connect_timeout,
@@ -314,13 +342,11 @@ async fn admit(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(forward = %inbound.forward, error = %e, "cannot reach the application");
-            respond_status(&mut respond, StatusCode::BAD_GATEWAY);
-            return None;
+            return refuse(StatusCode::BAD_GATEWAY, "unreachable");
         }
         Err(_) => {
             tracing::warn!(forward = %inbound.forward, "connecting to the application timed out");
-            respond_status(&mut respond, StatusCode::GATEWAY_TIMEOUT);
-            return None;
+            return refuse(StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
     let _ = app.set_nodelay(true);
@@ -328,8 +354,11 @@ async fn admit(
         .status(StatusCode::OK)
         .body(())
         .expect("valid");
-    let send = respond.send_response(ok, false).ok()?;
-    Some((app, send, body, port))
+    // The peer may have reset the stream meanwhile.
+    let send = respond
+        .send_response(ok, false)
+        .map_err(|_| (StatusCode::OK, "error"))?;
+    Ok((app, send, body, port))
 }
 
 /// May `peer_id`, connecting from `peer`, open a stream to port `port` of `me`?

@@ -20,6 +20,7 @@
 //! without an extra copy or task hop.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod agent_policy;
 pub mod bufio;
 pub mod config;
@@ -60,7 +61,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let metrics = Arc::new(Metrics::default());
+    let mut metrics = Metrics::default();
+    metrics.access_log = access_log::AccessLog::open(&cfg.access_log)
+        .with_context(|| format!("cannot open the access log {}", cfg.access_log))?;
+    let metrics = Arc::new(metrics);
     let authz = Arc::new(authorizer(&cfg)?);
     let _watch = cfg.policy.dir.as_ref().map(|dir| {
         ward_authz::reload::load_dir(&authz, dir, &metrics.reload_stats);
@@ -71,13 +75,18 @@ pub async fn run(
             metrics.reload_stats.clone(),
         )
     });
-    // Allowed streams' decision lines are written out every second (denials at once).
+    // Allowed streams' decision lines and access lines are written out
+    // every second (denials at once).
     let flusher = authz.clone();
+    let access = metrics.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
             every.tick().await;
             flusher.flush_log();
+            if let Some(log) = &access.access_log {
+                log.flush();
+            }
         }
     });
     if cfg.policy.dir.is_none() {
@@ -193,6 +202,9 @@ pub async fn run(
     let _ = stop_rx.wait_for(|s| *s).await;
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
     authz.flush_log();
+    if let Some(log) = &metrics.access_log {
+        log.flush();
+    }
     Ok(())
 }
 

@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use ward_authz::reload::ReloadStats;
 
+use crate::access_log::{AccessLog, StreamRecord};
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// Which way a connection or stream goes, seen from this proxy.
@@ -61,6 +63,8 @@ pub struct Metrics {
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
+    /// One line per stream as it ends, if configured.
+    pub access_log: Option<AccessLog>,
 }
 
 impl Default for Metrics {
@@ -85,6 +89,7 @@ impl Default for Metrics {
             streams_revoked: Counter::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
+            access_log: None,
         };
         registry.register(
             "connections_open",
@@ -203,6 +208,13 @@ impl Metrics {
     }
 
     /// `to_app`: bytes written to the application; `from_app`: read from it.
+    /// Writes `record` to the access log, if there is one.
+    pub fn access<'a>(&self, record: impl FnOnce() -> StreamRecord<'a>) {
+        if let Some(log) = &self.access_log {
+            log.write(&record());
+        }
+    }
+
     pub fn bytes(&self, d: Direction, to_app: u64, from_app: u64) {
         let s = self.series(d);
         s.to_app.inc_by(to_app);

@@ -8,14 +8,17 @@
 //! one of the route's SPIFFE IDs; a peer that does not is refused during the
 //! handshake, before any application byte is sent.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::access_log::StreamRecord;
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
@@ -34,14 +37,14 @@ async fn accept_loop<F, Fut>(
     mut drain: watch::Receiver<bool>,
     handle: F,
 ) where
-    F: Fn(TcpStream, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut over_limit_logged = false;
     loop {
-        let app = tokio::select! {
+        let (app, source) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -63,7 +66,7 @@ async fn accept_loop<F, Fut>(
         };
         over_limit_logged = false;
         let _ = app.set_nodelay(true);
-        tokio::spawn(handle(app, slot));
+        tokio::spawn(handle(app, source, slot));
     }
 }
 
@@ -77,10 +80,15 @@ pub async fn serve_route(
     drain: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
-    accept_loop(listener, "outbound route", slots, m, drain, move |app, slot| {
+    accept_loop(listener, "outbound route", slots, m, drain, move |app, source, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         async move {
             let _slot = slot;
+            let stream = Stream {
+                source,
+                route: &route,
+                started: Instant::now(),
+            };
             // Boxed: an open stream's task keeps only what the pump needs.
             let turn = pool.turn(&route.destination).await;
             let started = Box::pin(start(&pool, &route)).await;
@@ -89,21 +97,23 @@ pub async fn serve_route(
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
+                    metrics.access(|| stream.record(0, "unreachable", Some(e.to_string()), (0, 0)));
                     // Closing the application's connection is all it learns.
                     return;
                 }
             };
             // The application's first bytes go out with the request; what
             // comes back is written to it only once the peer has said 200.
-            let destination = route.destination.clone();
-            let response = async move {
+            let carried = Carried::default();
+            let response = async {
                 let r = p.response.await.map_err(crate::pump::h2_io)?;
+                carried.status.store(r.status().as_u16(), Ordering::Relaxed);
                 accepted(r).map_err(|e| {
-                    tracing::warn!(%destination, error = %e, "outbound tunnel refused");
+                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
                 })
             };
-            carry(app, p.send, response, p.lease, Bytes::new(), &metrics).await;
+            carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, &stream).await;
         }
     })
     .await
@@ -143,6 +153,38 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     })
 }
 
+/// What the access log says of an outbound stream besides how it went.
+struct Stream<'a> {
+    source: SocketAddr,
+    route: &'a Route,
+    started: Instant,
+}
+
+impl Stream<'_> {
+    fn record(
+        &self,
+        status: u16,
+        outcome: &'static str,
+        error: Option<String>,
+        (to_app, from_app): (u64, u64),
+    ) -> StreamRecord<'_> {
+        StreamRecord {
+            direction: Direction::Outbound,
+            source: Some(self.source),
+            peer_id: None,
+            destination: &self.route.destination,
+            target: Some(self.route.target()),
+            status,
+            outcome,
+            error,
+            bytes_to_app: to_app,
+            bytes_from_app: from_app,
+            started: self.started,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn carry(
     app: TcpStream,
     send: h2::SendStream<Bytes>,
@@ -150,17 +192,28 @@ async fn carry(
     lease: Lease,
     first: Bytes,
     metrics: &Metrics,
+    carried: &Carried,
+    stream: &Stream<'_>,
 ) {
     metrics.stream_opened(Direction::Outbound);
-    let carried = Carried::default();
-    let result = pump(app, send, recv, first, &carried).await;
+    let result = pump(app, send, recv, first, carried).await;
     drop(lease);
     metrics.stream_closed(Direction::Outbound);
     let (to_app, from_app) = carried.totals();
     metrics.bytes(Direction::Outbound, to_app, from_app);
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "outbound stream ended with an error");
-    }
+    let status = carried.status.load(Ordering::Relaxed);
+    let (outcome, error) = match result {
+        Ok(()) => ("ok", None),
+        Err(e) => {
+            tracing::debug!(error = %e, "outbound stream ended with an error");
+            let refused = status != 0 && status != 200;
+            (
+                if refused { "refused" } else { "error" },
+                Some(e.to_string()),
+            )
+        }
+    };
+    metrics.access(|| stream.record(status, outcome, error, (to_app, from_app)));
 }
 
 /// The HTTP CONNECT listener: `CONNECT host:port HTTP/1.1` picks the route.
@@ -179,11 +232,11 @@ pub async fn serve_connect(
         slots,
         m,
         drain,
-        move |app, slot| {
+        move |app, source, slot| {
             let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
             async move {
                 let _slot = slot;
-                http_connect(app, &routes, &pool, &metrics).await
+                http_connect(app, source, &routes, &pool, &metrics).await
             }
         },
     )
@@ -192,7 +245,14 @@ pub async fn serve_connect(
 
 const MAX_HEAD: usize = 8 * 1024;
 
-async fn http_connect(mut app: TcpStream, routes: &[Arc<Route>], pool: &Pool, metrics: &Metrics) {
+async fn http_connect(
+    mut app: TcpStream,
+    source: SocketAddr,
+    routes: &[Arc<Route>],
+    pool: &Pool,
+    metrics: &Metrics,
+) {
+    let started = Instant::now();
     let mut buf = BytesMut::with_capacity(1024);
     // The whole head within 10 s (not 10 s per read: a byte every few
     // seconds would hold the task for as long as the client likes).
@@ -238,19 +298,31 @@ async fn http_connect(mut app: TcpStream, routes: &[Arc<Route>], pool: &Pool, me
         let _ = reply(&mut app, "403 Forbidden").await;
         return;
     };
+    let stream = Stream {
+        source,
+        route,
+        started,
+    };
     match open(pool, route).await {
         Ok(t) => {
             if reply(&mut app, "200 Connection established").await.is_ok() {
                 let recv = std::future::ready(Ok(t.recv));
-                carry(app, t.send, recv, t.lease, first, metrics).await;
+                let carried = Carried::default();
+                carried.status.store(200, Ordering::Relaxed);
+                carry(
+                    app, t.send, recv, t.lease, first, metrics, &carried, &stream,
+                )
+                .await;
             }
         }
         Err(OpenError::Refused(status)) => {
             let _ = reply(&mut app, &status.to_string()).await;
+            metrics.access(|| stream.record(status.as_u16(), "refused", None, (0, 0)));
         }
         Err(e) => {
             tracing::warn!(target, error = %e, "outbound tunnel not opened");
             let _ = reply(&mut app, "502 Bad Gateway").await;
+            metrics.access(|| stream.record(0, "unreachable", Some(e.to_string()), (0, 0)));
         }
     }
 }

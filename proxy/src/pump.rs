@@ -11,7 +11,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -23,11 +23,13 @@ use tokio::net::TcpStream;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Bytes carried by one stream, counted as they go: a stream that ends in
-/// an error, or is cut off, still tells what it carried.
+/// an error, or is cut off, still tells what it carried. `status` is the
+/// `CONNECT` answer once known (for the access log).
 #[derive(Debug, Default)]
 pub struct Carried {
     pub to_app: AtomicU64,
     pub from_app: AtomicU64,
+    pub status: AtomicU16,
 }
 
 impl Carried {

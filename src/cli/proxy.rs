@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Decision log: stdout, off, or a file.
     #[arg(long)]
     decision_log: Option<String>,
+    /// Access log, a JSON line per tunneled stream as it ends: off, stdout, or a file. Default off
+    #[arg(long)]
+    access_log: Option<String>,
     /// How often the policy directory is checked for changes. Default 1s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     policy_reload_interval: Option<Duration>,
@@ -151,6 +154,7 @@ impl RunArgs {
             health_address => health_address,
             policy_mode => policy.mode,
             decision_log => policy.decision_log,
+            access_log => access_log,
             policy_reload_interval => policy.reload_interval,
             max_connections => limits.max_connections,
             max_streams_per_connection => limits.max_streams_per_connection,
