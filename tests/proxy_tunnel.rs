@@ -264,7 +264,19 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     let path = |name: &str| logs.path().join(name).to_str().unwrap().to_owned();
     let (api_log, web_log, db_log) = (path("api.log"), path("web.log"), path("db.log"));
     let mesh = Mesh::start(&[], &["--access-log", &api_log]);
-    let (_web, web_port) = mesh.client_proxy(WEB_UID, API, &["--access-log", &web_log]);
+    let connect = format!("127.0.0.1:{}", free_port());
+    let (mut web_proxy, web_port) = mesh.client_proxy(
+        WEB_UID,
+        API,
+        &[
+            "--access-log",
+            &web_log,
+            "--connect-listen",
+            &connect,
+            "--drain-timeout",
+            "1s",
+        ],
+    );
     let (_db, db_port) = mesh.client_proxy(DB_UID, API, &["--access-log", &db_log]);
 
     let r = hash_client(web_port, 4096, 1, 0.0);
@@ -313,6 +325,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
 
     let web = lines(&web_log, 1);
     assert_eq!(web.len(), 1, "{web:?}");
+    assert_eq!(web[0]["log"], "access");
     assert_eq!(web[0]["direction"], "outbound");
     assert_eq!(web[0]["status"], 200);
     assert_eq!(web[0]["outcome"], "ok");
@@ -321,6 +334,23 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(web[0]["bytes_from_app"], request);
     assert_eq!(web[0]["bytes_to_app"], response);
     assert!(web[0]["duration_ms"].as_f64().unwrap() > 0.0);
+
+    // An HTTP CONNECT to a target no route names is refused by the proxy
+    // itself; a stream still open when the proxy stops is logged as cut.
+    assert!(http_connect(&connect, "nowhere.test:1").starts_with("HTTP/1.1 403"));
+    let web = lines(&web_log, 2);
+    assert_eq!(web.len(), 2, "{web:?}");
+    assert_eq!(web[1]["status"], 403);
+    assert_eq!(web[1]["outcome"], "denied");
+    assert_eq!(web[1]["target"], "nowhere.test:1");
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", web_port)).unwrap();
+    std::io::Write::write_all(&mut open, &(1u64 << 30).to_be_bytes()).unwrap();
+    assert_eq!(mesh.app.wait_connections(2), 2);
+    assert!(web_proxy.terminate().success());
+    let web = lines(&web_log, 3);
+    assert_eq!(web.len(), 3, "{web:?}");
+    assert_eq!(web[2]["outcome"], "cut");
+    assert_eq!(web[2]["bytes_from_app"], serde_json::Value::Null);
     let db = lines(&db_log, 1);
     assert_eq!(db.len(), 1, "{db:?}");
     assert_eq!(db[0]["status"], 403);

@@ -144,6 +144,9 @@ pub fn decide(
     {
         return Err("federates_with and federation_added are for entry actions".into());
     }
+    if action == AdminAction::DeleteEntry && !federation_added.is_empty() {
+        return Err("a delete adds no federation: federation_added must be empty".into());
+    }
     if let Some(td) = federation_added
         .iter()
         .find(|td| !federates_with.contains(td))

@@ -130,9 +130,9 @@ pub struct Ca {
     notices: watch::Sender<Notice>,
     /// Which agents' entries changed, change by change (see [`EntryChange`]).
     entry_changes: tokio::sync::broadcast::Sender<EntryChange>,
-    /// Revisions already announced (a replica hears its own writes again
-    /// through the database): the last 1,024.
-    announced: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// (revision, parent) pairs already announced (a replica hears its own
+    /// writes again through the database, perhaps in several notices).
+    announced: std::sync::Mutex<Announced>,
     /// Decides admin calls by the active policy set.
     admin_policy: AdminPolicy,
     /// The bundles of the trust domains we federate with, by trust domain.
@@ -359,22 +359,20 @@ impl Ca {
         if let Some(p) = &parents {
             self.reads.forget_parents(p);
         }
-        let first = parents.is_none() || {
-            let mut seen = self.announced.lock().expect("announced lock");
-            let new = !seen.contains(&revision);
-            if new {
-                if seen.len() >= 1024 {
-                    seen.pop_front();
-                }
-                seen.push_back(revision);
+        // Only the parents not yet told of this revision.
+        let parents = match parents {
+            None => Some(None),
+            Some(p) => {
+                let fresh = self
+                    .announced
+                    .lock()
+                    .expect("announced lock")
+                    .fresh(revision, p);
+                (!fresh.is_empty()).then(|| Some(Arc::new(fresh)))
             }
-            new
         };
-        if first {
-            let _ = self.entry_changes.send(EntryChange {
-                revision,
-                parents: parents.map(Arc::new),
-            });
+        if let Some(parents) = parents {
+            let _ = self.entry_changes.send(EntryChange { revision, parents });
         }
         self.notices.send_if_modified(|n| {
             let newer = revision > n.entry_revision;
@@ -1190,6 +1188,37 @@ impl Ca {
     }
 }
 
+/// The (revision, parent) pairs announced lately: the last 8,192.
+#[derive(Default)]
+struct Announced {
+    seen: std::collections::HashSet<(u64, String)>,
+    order: std::collections::VecDeque<(u64, String)>,
+}
+
+impl Announced {
+    const KEEP: usize = 8192;
+
+    /// Which of `parents` were not announced at `revision` yet (now they are).
+    fn fresh(&mut self, revision: u64, parents: Vec<String>) -> Vec<String> {
+        let mut fresh = Vec::new();
+        for p in parents {
+            let key = (revision, p);
+            if self.seen.contains(&key) {
+                continue;
+            }
+            if self.order.len() >= Self::KEEP {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+            self.seen.insert(key.clone());
+            self.order.push_back(key.clone());
+            fresh.push(key.1);
+        }
+        fresh
+    }
+}
+
 /// How audit lines and errors name an admin caller.
 pub fn principal_name(p: &AdminPrincipal) -> String {
     match p {
@@ -1220,4 +1249,25 @@ fn new_entry_id() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Announced;
+
+    #[test]
+    fn each_parent_is_told_of_a_revision_once_however_the_notices_split_it() {
+        let mut a = Announced::default();
+        let v = |s: &[&str]| s.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        // The replica's own call names every parent; its notices come back
+        // in parts, and tell nobody again.
+        assert_eq!(a.fresh(7, v(&["a", "b", "c"])), v(&["a", "b", "c"]));
+        assert!(a.fresh(7, v(&["a", "b"])).is_empty());
+        assert!(a.fresh(7, v(&["c"])).is_empty());
+        // A part heard first leaves the rest to be told.
+        assert_eq!(a.fresh(8, v(&["b"])), v(&["b"]));
+        assert_eq!(a.fresh(8, v(&["a", "b", "c"])), v(&["a", "c"]));
+        // The same parent at another revision is news.
+        assert_eq!(a.fresh(9, v(&["a"])), v(&["a"]));
+    }
 }

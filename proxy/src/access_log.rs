@@ -3,45 +3,29 @@
 //! the other end, what the `CONNECT` was answered, how it ended, the bytes
 //! each way and how long it lasted. Lines are buffered and written out every
 //! second (and when the proxy stops); off unless `access_log` names a place.
+//!
+//! A stream's line is a [`StreamLog`], boxed and made only when there is a
+//! log, so a stream costs one pointer when there is none. A stream dropped
+//! before it ended (cut at the drain deadline, or while being set up when
+//! the proxy stopped) is logged with the outcome `cut`.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
 use ward_spec::SpiffeId;
 
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Metrics};
 
 pub struct AccessLog {
     out: Mutex<std::io::BufWriter<Box<dyn Write + Send>>>,
 }
 
-/// One stream, as it ended.
-pub struct StreamRecord<'a> {
-    pub direction: Direction,
-    /// Inbound: the peer proxy's address; outbound: the application's.
-    pub source: Option<SocketAddr>,
-    /// Inbound: the peer's verified SPIFFE ID.
-    pub peer_id: Option<&'a SpiffeId>,
-    /// Inbound: the local application; outbound: the peer proxy.
-    pub destination: &'a str,
-    /// Outbound: the `CONNECT` target sent to the peer.
-    pub target: Option<&'a str>,
-    /// The `CONNECT` answer (sent inbound, received outbound); 0 if none.
-    pub status: u16,
-    /// `ok`, `denied`, `revoked`, `refused`, `unreachable` or `error`.
-    pub outcome: &'a str,
-    pub error: Option<String>,
-    pub bytes_to_app: u64,
-    pub bytes_from_app: u64,
-    pub started: Instant,
-}
-
 impl AccessLog {
     /// `stdout`, or a file to append to; `off` is no log.
-    pub fn open(place: &str) -> std::io::Result<Option<AccessLog>> {
+    pub fn open(place: &str) -> std::io::Result<Option<Arc<AccessLog>>> {
         let out: Box<dyn Write + Send> = match place {
             "off" | "" => return Ok(None),
             "stdout" => Box::new(std::io::stdout()),
@@ -52,37 +36,124 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        Ok(Some(AccessLog {
+        Ok(Some(Arc::new(AccessLog {
             out: Mutex::new(std::io::BufWriter::with_capacity(64 * 1024, out)),
-        }))
-    }
-
-    pub fn write(&self, r: &StreamRecord<'_>) {
-        let time = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let line = json!({
-            "time": time,
-            "direction": r.direction.label(),
-            "source": r.source.map(|a| a.to_string()),
-            "peer_id": r.peer_id.map(|id| id.to_string()),
-            "destination": r.destination,
-            "target": r.target,
-            "status": r.status,
-            "outcome": r.outcome,
-            "error": r.error,
-            "bytes_to_app": r.bytes_to_app,
-            "bytes_from_app": r.bytes_from_app,
-            "duration_ms": (r.started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
-        });
-        if let Ok(mut out) = self.out.lock() {
-            let _ = writeln!(out, "{line}");
-        }
+        })))
     }
 
     pub fn flush(&self) {
         if let Ok(mut out) = self.out.lock() {
             let _ = out.flush();
+        }
+    }
+
+    fn write(&self, line: serde_json::Value) {
+        if let Ok(mut out) = self.out.lock() {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+/// How a stream ended, for its line.
+pub struct End<'a> {
+    /// The `CONNECT` answer (sent inbound, received outbound); 0 if none.
+    pub status: u16,
+    /// `ok`, `denied`, `refused`, `revoked`, `unreachable` or `error`.
+    pub outcome: &'static str,
+    pub error: Option<&'a dyn std::fmt::Display>,
+    /// (to the application, from the application); None: not known.
+    pub bytes: Option<(u64, u64)>,
+}
+
+/// One stream's line, written once: by [`StreamLog::end`], or as `cut` if
+/// the stream is dropped first.
+pub struct StreamLog {
+    log: Arc<AccessLog>,
+    direction: Direction,
+    /// Inbound: the peer proxy's address; outbound: the application's.
+    source: SocketAddr,
+    /// Inbound: the peer's verified SPIFFE ID.
+    peer_id: Option<SpiffeId>,
+    /// Inbound: the local application; outbound: the peer proxy.
+    destination: String,
+    /// Outbound: the `CONNECT` target.
+    target: Option<String>,
+    started: Instant,
+    written: bool,
+}
+
+impl StreamLog {
+    /// A line for a stream starting now, if `metrics` has a log.
+    pub fn start(
+        metrics: &Metrics,
+        direction: Direction,
+        source: SocketAddr,
+        peer_id: Option<&SpiffeId>,
+        destination: &str,
+        target: Option<&str>,
+    ) -> Option<Box<StreamLog>> {
+        let log = metrics.access_log.clone()?;
+        Some(Box::new(StreamLog {
+            log,
+            direction,
+            source,
+            peer_id: peer_id.cloned(),
+            destination: destination.to_owned(),
+            target: target.map(str::to_owned),
+            started: Instant::now(),
+            written: false,
+        }))
+    }
+
+    /// Writes the line of a stream that ended as `end` says (nothing if
+    /// there is no log).
+    pub fn end(this: Option<Box<StreamLog>>, end: End<'_>) {
+        if let Some(mut s) = this {
+            s.write(&end);
+        }
+    }
+
+    /// Outbound streams learn their destination once a route is chosen.
+    pub fn set_route(this: &mut Option<Box<StreamLog>>, destination: &str, target: &str) {
+        if let Some(s) = this {
+            s.destination = destination.to_owned();
+            s.target = Some(target.to_owned());
+        }
+    }
+
+    fn write(&mut self, end: &End<'_>) {
+        self.written = true;
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        self.log.write(json!({
+            "time": time,
+            "log": "access",
+            "direction": self.direction.label(),
+            "source": self.source.to_string(),
+            "peer_id": self.peer_id.as_ref().map(|id| id.to_string()),
+            "destination": self.destination,
+            "target": self.target,
+            "status": end.status,
+            "outcome": end.outcome,
+            "error": end.error.map(|e| e.to_string()),
+            "bytes_to_app": end.bytes.map(|b| b.0),
+            "bytes_from_app": end.bytes.map(|b| b.1),
+            "duration_ms": (self.started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+        }));
+    }
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        if !self.written {
+            // The bytes it carried went with the stream's own state.
+            self.write(&End {
+                status: 0,
+                outcome: "cut",
+                error: None,
+                bytes: None,
+            });
         }
     }
 }

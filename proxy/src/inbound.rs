@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -29,7 +29,7 @@ use ward_authz::{Authorizer, ConnectContext};
 use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
-use crate::access_log::StreamRecord;
+use crate::access_log::{End, StreamLog};
 use crate::hbone;
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
@@ -250,28 +250,28 @@ async fn stream(
     // while the stream is admitted gets it decided again.
     let mut epoch = inbound.policy_epoch.clone();
     epoch.borrow_and_update();
-    let started = Instant::now();
     let metrics = &inbound.metrics;
-    let record = |status: StatusCode, outcome, error, (to_app, from_app)| StreamRecord {
-        direction: Direction::Inbound,
-        source: Some(peer),
-        peer_id: Some(peer_id),
-        destination: &inbound.forward,
-        target: None,
-        status: status.as_u16(),
-        outcome,
-        error,
-        bytes_to_app: to_app,
-        bytes_from_app: from_app,
-        started,
-    };
+    let log = StreamLog::start(
+        metrics,
+        Direction::Inbound,
+        peer,
+        Some(peer_id),
+        &inbound.forward,
+        None,
+    );
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
     let (app, send, body, port) = match Box::pin(admit(req, respond, peer_id, peer, inbound)).await
     {
         Ok(admitted) => admitted,
         Err((status, outcome)) => {
-            metrics.access(|| record(status, outcome, None, (0, 0)));
+            let end = End {
+                status: status.map_or(0, |s| s.as_u16()),
+                outcome,
+                error: None,
+                bytes: Some((0, 0)),
+            };
+            StreamLog::end(log, end);
             return;
         }
     };
@@ -286,19 +286,25 @@ async fn stream(
     metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();
     metrics.bytes(Direction::Inbound, to_app, from_app);
-    let (outcome, error) = match result {
-        Ok(outcome) => (outcome, None),
+    let (outcome, error) = match &result {
+        Ok(outcome) => (*outcome, None),
         Err(e) => {
             tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
-            ("error", Some(e.to_string()))
+            ("error", Some(e as &dyn std::fmt::Display))
         }
     };
-    metrics.access(|| record(StatusCode::OK, outcome, error, (to_app, from_app)));
+    let end = End {
+        status: 200,
+        outcome,
+        error,
+        bytes: Some((to_app, from_app)),
+    };
+    StreamLog::end(log, end);
 }
 
-/// Why a stream was not admitted: the status it was answered, and the
-/// access log's outcome.
-type Refusal = (StatusCode, &'static str);
+/// Why a stream was not admitted: the status it was answered (none if the
+/// peer reset it first), and the access log's outcome.
+type Refusal = (Option<StatusCode>, &'static str);
 
 /// Authorizes a stream and connects it to the application; answers the peer
 /// (403, 502, … or 200) and returns what the pump needs when it may go on.
@@ -312,7 +318,7 @@ async fn admit(
     let metrics = &inbound.metrics;
     let mut refuse = |status: StatusCode, outcome: &'static str| {
         respond_status(&mut respond, status);
-        Err((status, outcome))
+        Err((Some(status), outcome))
     };
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
@@ -357,7 +363,7 @@ async fn admit(
     // The peer may have reset the stream meanwhile.
     let send = respond
         .send_response(ok, false)
-        .map_err(|_| (StatusCode::OK, "error"))?;
+        .map_err(|_| (None, "error"))?;
     Ok((app, send, body, port))
 }
 

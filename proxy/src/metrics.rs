@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use ward_authz::reload::ReloadStats;
 
-use crate::access_log::{AccessLog, StreamRecord};
+use crate::access_log::AccessLog;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -64,7 +64,7 @@ pub struct Metrics {
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
     /// One line per stream as it ends, if configured.
-    pub access_log: Option<AccessLog>,
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Default for Metrics {
@@ -208,13 +208,6 @@ impl Metrics {
     }
 
     /// `to_app`: bytes written to the application; `from_app`: read from it.
-    /// Writes `record` to the access log, if there is one.
-    pub fn access<'a>(&self, record: impl FnOnce() -> StreamRecord<'a>) {
-        if let Some(log) = &self.access_log {
-            log.write(&record());
-        }
-    }
-
     pub fn bytes(&self, d: Direction, to_app: u64, from_app: u64) {
         let s = self.series(d);
         s.to_app.inc_by(to_app);

@@ -11,14 +11,14 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::access_log::StreamRecord;
+use crate::access_log::{End, StreamLog};
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
@@ -27,14 +27,16 @@ use crate::pump::{pump, Carried};
 /// Accepts application connections until `drain` turns true; each is
 /// handled by `handle` in a task of its own, with one of `slots` (shared by
 /// every outbound listener) to hold until it ends; when none is free a new
-/// connection is closed at once. (The slot goes into `handle`'s future: a
-/// wrapper future awaiting it would hold that future twice.)
+/// connection is closed at once, and logged by `over_limit`. (The slot goes
+/// into `handle`'s future: a wrapper future awaiting it would hold that
+/// future twice.)
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     mut drain: watch::Receiver<bool>,
+    over_limit: impl Fn(SocketAddr),
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
@@ -62,6 +64,7 @@ async fn accept_loop<F, Fut>(
                 );
                 over_limit_logged = true;
             }
+            over_limit(source);
             continue;
         };
         over_limit_logged = false;
@@ -80,15 +83,31 @@ pub async fn serve_route(
     drain: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
-    accept_loop(listener, "outbound route", slots, m, drain, move |app, source, slot| {
+    let (r, m2) = (route.clone(), metrics.clone());
+    let over_limit = move |source| {
+        let log = StreamLog::start(
+            &m2,
+            Direction::Outbound,
+            source,
+            None,
+            &r.destination,
+            Some(r.target()),
+        );
+        StreamLog::end(log, refused_over_limit());
+    };
+    accept_loop(listener, "outbound route", slots, m, drain, over_limit, move |app, source, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
+        // Made here, not in the task: a stream's task holds only the box.
+        let log = StreamLog::start(
+            &metrics,
+            Direction::Outbound,
+            source,
+            None,
+            &route.destination,
+            Some(route.target()),
+        );
         async move {
             let _slot = slot;
-            let stream = Stream {
-                source,
-                route: &route,
-                started: Instant::now(),
-            };
             // Boxed: an open stream's task keeps only what the pump needs.
             let turn = pool.turn(&route.destination).await;
             let started = Box::pin(start(&pool, &route)).await;
@@ -97,7 +116,7 @@ pub async fn serve_route(
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
-                    metrics.access(|| stream.record(0, "unreachable", Some(e.to_string()), (0, 0)));
+                    StreamLog::end(log, not_opened(&e));
                     // Closing the application's connection is all it learns.
                     return;
                 }
@@ -113,10 +132,47 @@ pub async fn serve_route(
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
                 })
             };
-            carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, &stream).await;
+            carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, log).await;
         }
     })
     .await
+}
+
+/// The access log's end of a stream that carried nothing.
+fn refused<'a>(
+    status: u16,
+    outcome: &'static str,
+    error: Option<&'a dyn std::fmt::Display>,
+) -> End<'a> {
+    End {
+        status,
+        outcome,
+        error,
+        bytes: Some((0, 0)),
+    }
+}
+
+/// The access log's end of an application connection closed at once: all
+/// outbound connection slots were taken.
+fn refused_over_limit() -> End<'static> {
+    refused(0, "refused", Some(&"over the proxy's max_connections"))
+}
+
+/// The access log's end of a stream whose tunnel could not be opened.
+fn not_opened(e: &OpenError) -> End<'_> {
+    let outcome = match e {
+        OpenError::Connect(..) => "unreachable",
+        OpenError::Handshake {
+            reason: "timeout", ..
+        } => "unreachable",
+        OpenError::Handshake { .. } | OpenError::Refused(_) => "refused",
+        _ => "error",
+    };
+    let status = match e {
+        OpenError::Refused(s) => s.as_u16(),
+        _ => 0,
+    };
+    refused(status, outcome, Some(e))
 }
 
 /// Sends a route's `CONNECT`, again if the connection it went to turned out
@@ -153,37 +209,6 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     })
 }
 
-/// What the access log says of an outbound stream besides how it went.
-struct Stream<'a> {
-    source: SocketAddr,
-    route: &'a Route,
-    started: Instant,
-}
-
-impl Stream<'_> {
-    fn record(
-        &self,
-        status: u16,
-        outcome: &'static str,
-        error: Option<String>,
-        (to_app, from_app): (u64, u64),
-    ) -> StreamRecord<'_> {
-        StreamRecord {
-            direction: Direction::Outbound,
-            source: Some(self.source),
-            peer_id: None,
-            destination: &self.route.destination,
-            target: Some(self.route.target()),
-            status,
-            outcome,
-            error,
-            bytes_to_app: to_app,
-            bytes_from_app: from_app,
-            started: self.started,
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn carry(
     app: TcpStream,
@@ -193,7 +218,7 @@ async fn carry(
     first: Bytes,
     metrics: &Metrics,
     carried: &Carried,
-    stream: &Stream<'_>,
+    log: Option<Box<StreamLog>>,
 ) {
     metrics.stream_opened(Direction::Outbound);
     let result = pump(app, send, recv, first, carried).await;
@@ -202,18 +227,22 @@ async fn carry(
     let (to_app, from_app) = carried.totals();
     metrics.bytes(Direction::Outbound, to_app, from_app);
     let status = carried.status.load(Ordering::Relaxed);
-    let (outcome, error) = match result {
+    let (outcome, error) = match &result {
         Ok(()) => ("ok", None),
         Err(e) => {
             tracing::debug!(error = %e, "outbound stream ended with an error");
             let refused = status != 0 && status != 200;
-            (
-                if refused { "refused" } else { "error" },
-                Some(e.to_string()),
-            )
+            let outcome = if refused { "refused" } else { "error" };
+            (outcome, Some(e as &dyn std::fmt::Display))
         }
     };
-    metrics.access(|| stream.record(status, outcome, error, (to_app, from_app)));
+    let end = End {
+        status,
+        outcome,
+        error,
+        bytes: Some((to_app, from_app)),
+    };
+    StreamLog::end(log, end);
 }
 
 /// The HTTP CONNECT listener: `CONNECT host:port HTTP/1.1` picks the route.
@@ -226,17 +255,25 @@ pub async fn serve_connect(
     drain: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
+    let m2 = metrics.clone();
+    let over_limit = move |source| {
+        let log = StreamLog::start(&m2, Direction::Outbound, source, None, "", None);
+        StreamLog::end(log, refused_over_limit());
+    };
     accept_loop(
         listener,
         "HTTP CONNECT",
         slots,
         m,
         drain,
+        over_limit,
         move |app, source, slot| {
             let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
+            // The destination is known once the request head is read.
+            let log = StreamLog::start(&metrics, Direction::Outbound, source, None, "", None);
             async move {
                 let _slot = slot;
-                http_connect(app, source, &routes, &pool, &metrics).await
+                http_connect(app, &routes, &pool, &metrics, log).await
             }
         },
     )
@@ -245,14 +282,15 @@ pub async fn serve_connect(
 
 const MAX_HEAD: usize = 8 * 1024;
 
+/// Serves one HTTP CONNECT client. Its access line's status is the peer's
+/// answer, or what this proxy answered the client itself.
 async fn http_connect(
     mut app: TcpStream,
-    source: SocketAddr,
     routes: &[Arc<Route>],
     pool: &Pool,
     metrics: &Metrics,
+    mut log: Option<Box<StreamLog>>,
 ) {
-    let started = Instant::now();
     let mut buf = BytesMut::with_capacity(1024);
     // The whole head within 10 s (not 10 s per read: a byte every few
     // seconds would hold the task for as long as the client likes).
@@ -276,9 +314,14 @@ async fn http_connect(
         Ok(Ok(Some(i))) => i,
         Ok(Ok(None)) => {
             let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
+            StreamLog::end(log, refused(431, "error", Some(&"request head too large")));
             return;
         }
-        Ok(Err(())) | Err(_) => return,
+        Ok(Err(())) | Err(_) => {
+            let why = "no CONNECT request head (closed, or not within 10 s)";
+            StreamLog::end(log, refused(0, "error", Some(&why)));
+            return;
+        }
     };
     let head = buf.split_to(head_end);
     let first = buf.freeze();
@@ -288,6 +331,7 @@ async fn http_connect(
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "CONNECT" {
         let _ = reply(&mut app, "405 Method Not Allowed").await;
+        StreamLog::end(log, refused(405, "error", Some(&"not a CONNECT request")));
         return;
     }
     let Some(route) = routes
@@ -296,33 +340,35 @@ async fn http_connect(
     else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
         let _ = reply(&mut app, "403 Forbidden").await;
+        StreamLog::set_route(&mut log, "", target);
+        StreamLog::end(
+            log,
+            refused(403, "denied", Some(&"no route names this target")),
+        );
         return;
     };
-    let stream = Stream {
-        source,
-        route,
-        started,
-    };
+    StreamLog::set_route(&mut log, &route.destination, route.target());
     match open(pool, route).await {
         Ok(t) => {
-            if reply(&mut app, "200 Connection established").await.is_ok() {
-                let recv = std::future::ready(Ok(t.recv));
-                let carried = Carried::default();
-                carried.status.store(200, Ordering::Relaxed);
-                carry(
-                    app, t.send, recv, t.lease, first, metrics, &carried, &stream,
-                )
-                .await;
+            if let Err(e) = reply(&mut app, "200 Connection established").await {
+                StreamLog::end(log, refused(200, "error", Some(&e)));
+                return;
             }
-        }
-        Err(OpenError::Refused(status)) => {
-            let _ = reply(&mut app, &status.to_string()).await;
-            metrics.access(|| stream.record(status.as_u16(), "refused", None, (0, 0)));
+            let recv = std::future::ready(Ok(t.recv));
+            let carried = Carried::default();
+            carried.status.store(200, Ordering::Relaxed);
+            carry(app, t.send, recv, t.lease, first, metrics, &carried, log).await;
         }
         Err(e) => {
-            tracing::warn!(target, error = %e, "outbound tunnel not opened");
-            let _ = reply(&mut app, "502 Bad Gateway").await;
-            metrics.access(|| stream.record(0, "unreachable", Some(e.to_string()), (0, 0)));
+            let status = match &e {
+                OpenError::Refused(status) => status.to_string(),
+                _ => {
+                    tracing::warn!(target, error = %e, "outbound tunnel not opened");
+                    "502 Bad Gateway".to_owned()
+                }
+            };
+            let _ = reply(&mut app, &status).await;
+            StreamLog::end(log, not_opened(&e));
         }
     }
 }

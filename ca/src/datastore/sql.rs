@@ -529,6 +529,9 @@ macro_rules! sql_store {
 
             async fn delete_entry(&self, id: &str) -> Result<Entry> {
                 let mut tx = self.pool.begin().await?;
+                // The counter first, then the row, as every entry writer
+                // takes them (the other order could deadlock with an update).
+                let rev = next_revision(&mut tx).await?;
                 let old = sqlx::query(&format!(
                     "DELETE FROM entries WHERE id = $1 RETURNING {ENTRY_COLUMNS}"
                 ))
@@ -539,7 +542,6 @@ macro_rules! sql_store {
                 .map(row_to_entry)
                 .transpose()?
                 .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
-                let rev = next_revision(&mut tx).await?;
                 record_change(&mut tx, rev, &old.parent_id, id).await?;
                 announce(&mut tx, $notify, &format!("entries:{rev}:{}", old.parent_id)).await?;
                 tx.commit().await?;
