@@ -41,6 +41,16 @@ fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
 
+/// A federated bundle with no keys, for `td`.
+fn empty_bundle(td: &str) -> FederatedBundleRecord {
+    FederatedBundleRecord {
+        trust_domain: td.into(),
+        jwks: b"{\"keys\":[]}".to_vec(),
+        endpoint_url: String::new(),
+        endpoint_spiffe_id: String::new(),
+    }
+}
+
 fn entry(n: &str, parent: &str) -> Entry {
     Entry {
         id: n.into(),
@@ -258,14 +268,8 @@ async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
         println!("backend: {name}");
         let s = s.as_ref();
         let td = |t: &str| TrustDomain::new(t).unwrap();
-        let bundle = |t: &str| FederatedBundleRecord {
-            trust_domain: t.into(),
-            jwks: b"{\"keys\":[]}".to_vec(),
-            endpoint_url: String::new(),
-            endpoint_spiffe_id: String::new(),
-        };
         for t in ["a_b.test", "axb.test", "c.test"] {
-            s.set_federated_bundle(&bundle(t), 1).await.unwrap();
+            s.set_federated_bundle(&empty_bundle(t), 1).await.unwrap();
         }
         // Only a trust domain there is a bundle for.
         let mut e = entry("fed", "spiffe://td/node");
@@ -338,13 +342,7 @@ async fn dissociating_a_bundle_acts_on_the_entry_a_concurrent_update_leaves() {
     let s = std::sync::Arc::new(fresh_postgres(&url).await);
     let td = |t: &str| TrustDomain::new(t).unwrap();
     for t in ["p.test", "q.test"] {
-        let b = FederatedBundleRecord {
-            trust_domain: t.into(),
-            jwks: b"{\"keys\":[]}".to_vec(),
-            endpoint_url: String::new(),
-            endpoint_spiffe_id: String::new(),
-        };
-        s.set_federated_bundle(&b, 1).await.unwrap();
+        s.set_federated_bundle(&empty_bundle(t), 1).await.unwrap();
     }
     let mut e = entry("e", "spiffe://td/node-a");
     e.federates_with = vec![td("p.test"), td("q.test")];
@@ -396,13 +394,7 @@ async fn deleting_a_bundle_can_dissociate_or_delete_the_entries_that_use_it() {
         let s = s.as_ref();
         let td = |t: &str| TrustDomain::new(t).unwrap();
         for t in ["p.test", "q.test"] {
-            let b = FederatedBundleRecord {
-                trust_domain: t.into(),
-                jwks: b"{\"keys\":[]}".to_vec(),
-                endpoint_url: String::new(),
-                endpoint_spiffe_id: String::new(),
-            };
-            s.set_federated_bundle(&b, 1).await.unwrap();
+            s.set_federated_bundle(&empty_bundle(t), 1).await.unwrap();
         }
         let mut both = entry("both", "spiffe://td/node-a");
         both.federates_with = vec![td("p.test"), td("q.test")];
@@ -541,12 +533,7 @@ async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
     for (name, s) in stores().await {
         println!("backend: {name}");
         let s = s.as_ref();
-        let bundle = FederatedBundleRecord {
-            trust_domain: "race.test".into(),
-            jwks: b"{\"keys\":[]}".to_vec(),
-            endpoint_url: String::new(),
-            endpoint_spiffe_id: String::new(),
-        };
+        let bundle = empty_bundle("race.test");
         let (mut created, mut deleted) = (0, 0);
         for i in 0..50 {
             s.set_federated_bundle(&bundle, 1).await.unwrap();
