@@ -13,12 +13,14 @@
 //! Measurements interleave the tunnels round by round, so that a slow spell of
 //! the (shared, noisy) machine hits them alike.
 //!
-//! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 3 rounds, median.
+//! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 3 rounds
+//!    (`WARD_BENCH_ROUNDS`), median, and in how many rounds Ward reached
+//!    1.3 × the better peer of that round.
 //! 2. 1 KiB request/response over one persistent connection: 20 rounds of
 //!    2,000 round trips, pooled p50/p99, what each adds over direct, and in
 //!    how many rounds Ward's p99 was below each peer's.
 //! 3. New application connections per second: 16 clients for 2 s, each
-//!    connecting, echoing one byte and closing; 3 rounds, median.
+//!    connecting, echoing one byte and closing; 3 rounds (`WARD_BENCH_ROUNDS`), median.
 //! 4. Ward proxy RSS when idle and with 10,000 idle tunneled streams.
 //!
 //! For profiling: `WARD_BENCH_HOLD=SECONDS` sets everything up, prints where
@@ -152,8 +154,14 @@ fn connections_per_second(port: u16, clients: usize, secs: u64) -> f64 {
     done.load(Ordering::Relaxed) as f64 / secs as f64
 }
 
-/// Interleaved rounds per measurement.
-const ROUNDS: usize = 3;
+/// A count from the environment, or `default`.
+fn env_count(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -512,6 +520,8 @@ fn main() {
     let phases =
         std::env::var("WARD_BENCH_PHASES").unwrap_or_else(|_| "throughput,rr,cps,rss".into());
     let phase = |p: &str| phases.split(',').any(|x| x.trim() == p);
+    // Interleaved rounds of throughput and connections per second.
+    let rounds = env_count("WARD_BENCH_ROUNDS", 3);
     let mut gbps = [f64::NAN; 4];
     let mut rr = [(f64::NAN, f64::NAN); 4];
     let mut cps = [f64::NAN; 4];
@@ -535,10 +545,20 @@ fn main() {
         // Rounds interleave the tunnels, so a slow spell of this shared
         // machine hits them alike; the median round counts.
         let mut runs = vec![Vec::new(); all.len()];
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
                 runs[i].push(iperf(t.entry) / 1e9);
             }
+        }
+        // Round by round: Ward against the better peer of the same round.
+        if only.is_none() {
+            let ratios: Vec<f64> = (0..rounds)
+                .map(|r| runs[3][r] / runs[1][r].max(runs[2][r]))
+                .collect();
+            let met = ratios.iter().filter(|x| **x >= 1.3).count();
+            println!(
+                "throughput rounds with Ward ≥ 1.3 × the better peer: {met} of {rounds} (ratios: {ratios:.2?})"
+            );
         }
         for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
             gbps[i] = median(&mut runs[i]);
@@ -565,15 +585,9 @@ fn main() {
         // Interleaved rounds (`WARD_BENCH_RR_ROUNDS`, default 20) of 2,000
         // round trips per tunnel (`WARD_BENCH_RR_TRIPS`), pooled. Many short
         // rounds spread each tunnel over the machine's slow and fast spells.
-        let env = |k: &str, d: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
         let (rounds, trips) = (
-            env("WARD_BENCH_RR_ROUNDS", 20),
-            env("WARD_BENCH_RR_TRIPS", 2_000),
+            env_count("WARD_BENCH_RR_ROUNDS", 20),
+            env_count("WARD_BENCH_RR_TRIPS", 2_000),
         );
         let mut times = vec![Vec::new(); all.len()];
         for _ in 0..rounds {
@@ -593,7 +607,7 @@ fn main() {
     }
     if phase("cps") {
         let mut runs = vec![Vec::new(); all.len()];
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
                 runs[i].push(connections_per_second(t.entry, cps_clients, 2));
             }
