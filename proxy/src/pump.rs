@@ -61,13 +61,16 @@ pub async fn pump(
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
+            // The peer's answer first: a refusal (`403` and a reset) ends
+            // both directions at once, and is told as the refusal it is.
+            biased;
+            r = &mut down, if !down_done => {
+                down_done = true;
+                r?;
+            }
             r = &mut up, if !up_done => {
                 up_done = true;
                 // Dropping the other direction resets the stream and closes the socket.
-                r?;
-            }
-            r = &mut down, if !down_done => {
-                down_done = true;
                 r?;
             }
         }
