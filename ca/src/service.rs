@@ -773,8 +773,12 @@ impl Ca {
 
     pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
-        let added = entry.federates_with.clone();
-        self.authorize_entry(caller, AdminAction::CreateEntry, &entry, &added)?;
+        self.authorize_entry(
+            caller,
+            AdminAction::CreateEntry,
+            &entry,
+            &entry.federates_with,
+        )?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
@@ -991,14 +995,9 @@ impl Ca {
             ));
         }
         if let Some(rev) = done.revision {
-            let mut parents: Vec<String> = done
-                .entries
-                .iter()
-                .map(|e| e.parent_id.to_string())
-                .collect();
-            parents.sort();
-            parents.dedup();
-            self.entries_changed(rev, Some(parents));
+            // A parent named twice is told once.
+            let parents = done.entries.iter().map(|e| e.parent_id.to_string());
+            self.entries_changed(rev, Some(parents.collect()));
         }
         self.reload_federation().await?;
         self.metrics.admin_change("delete_federated_bundle");
