@@ -65,6 +65,22 @@ pub struct End<'a> {
     pub bytes: Option<(u64, u64)>,
 }
 
+impl<'a> End<'a> {
+    /// The end of a stream that carried nothing (refused, or never opened).
+    pub fn empty(
+        status: u16,
+        outcome: &'static str,
+        error: Option<&'a dyn std::fmt::Display>,
+    ) -> End<'a> {
+        End {
+            status,
+            outcome,
+            error,
+            bytes: Some((0, 0)),
+        }
+    }
+}
+
 /// One stream's line, written once: by [`StreamLog::end`], or as `cut` if
 /// the stream is dropped first.
 pub struct StreamLog {

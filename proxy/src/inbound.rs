@@ -265,13 +265,8 @@ async fn stream(
     {
         Ok(admitted) => admitted,
         Err((status, outcome)) => {
-            let end = End {
-                status: status.map_or(0, |s| s.as_u16()),
-                outcome,
-                error: None,
-                bytes: Some((0, 0)),
-            };
-            StreamLog::end(log, end);
+            let status = status.map_or(0, |s| s.as_u16());
+            StreamLog::end(log, End::empty(status, outcome, None));
             return;
         }
     };

@@ -138,24 +138,10 @@ pub async fn serve_route(
     .await
 }
 
-/// The access log's end of a stream that carried nothing.
-fn refused<'a>(
-    status: u16,
-    outcome: &'static str,
-    error: Option<&'a dyn std::fmt::Display>,
-) -> End<'a> {
-    End {
-        status,
-        outcome,
-        error,
-        bytes: Some((0, 0)),
-    }
-}
-
 /// The access log's end of an application connection closed at once: all
 /// outbound connection slots were taken.
 fn refused_over_limit() -> End<'static> {
-    refused(0, "refused", Some(&"over the proxy's max_connections"))
+    End::empty(0, "refused", Some(&"over the proxy's max_connections"))
 }
 
 /// The access log's end of a stream whose tunnel could not be opened.
@@ -172,7 +158,7 @@ fn not_opened(e: &OpenError) -> End<'_> {
         OpenError::Refused(s) => s.as_u16(),
         _ => 0,
     };
-    refused(status, outcome, Some(e))
+    End::empty(status, outcome, Some(e))
 }
 
 /// Sends a route's `CONNECT`, again if the connection it went to turned out
@@ -314,12 +300,15 @@ async fn http_connect(
         Ok(Ok(Some(i))) => i,
         Ok(Ok(None)) => {
             let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
-            StreamLog::end(log, refused(431, "error", Some(&"request head too large")));
+            StreamLog::end(
+                log,
+                End::empty(431, "error", Some(&"request head too large")),
+            );
             return;
         }
         Ok(Err(())) | Err(_) => {
             let why = "no CONNECT request head (closed, or not within 10 s)";
-            StreamLog::end(log, refused(0, "error", Some(&why)));
+            StreamLog::end(log, End::empty(0, "error", Some(&why)));
             return;
         }
     };
@@ -331,7 +320,10 @@ async fn http_connect(
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "CONNECT" {
         let _ = reply(&mut app, "405 Method Not Allowed").await;
-        StreamLog::end(log, refused(405, "error", Some(&"not a CONNECT request")));
+        StreamLog::end(
+            log,
+            End::empty(405, "error", Some(&"not a CONNECT request")),
+        );
         return;
     }
     let Some(route) = routes
@@ -343,7 +335,7 @@ async fn http_connect(
         StreamLog::set_route(&mut log, "", target);
         StreamLog::end(
             log,
-            refused(403, "denied", Some(&"no route names this target")),
+            End::empty(403, "denied", Some(&"no route names this target")),
         );
         return;
     };
@@ -351,7 +343,7 @@ async fn http_connect(
     match open(pool, route).await {
         Ok(t) => {
             if let Err(e) = reply(&mut app, "200 Connection established").await {
-                StreamLog::end(log, refused(200, "error", Some(&e)));
+                StreamLog::end(log, End::empty(200, "error", Some(&e)));
                 return;
             }
             let recv = std::future::ready(Ok(t.recv));
