@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,12 @@ struct Mesh {
 
 impl Mesh {
     fn start(ca_flags: &[&str], api_flags: &[&str]) -> Mesh {
+        Self::start_with(ca_flags, api_flags, false)
+    }
+
+    /// `api_stdout_unread`: the server-side proxy's standard output is a
+    /// pipe nobody reads (see [`ProxyProcess::start_stdout_unread`]).
+    fn start_with(ca_flags: &[&str], api_flags: &[&str], api_stdout_unread: bool) -> Mesh {
         let ca = CaProcess::start(ca_flags);
         let agent = AgentProcess::start(&ca);
         let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
@@ -56,7 +63,11 @@ impl Mesh {
             &policy_dir,
         ];
         flags.extend_from_slice(api_flags);
-        let api = ProxyProcess::start(&agent, API_UID, &flags);
+        let api = if api_stdout_unread {
+            ProxyProcess::start_stdout_unread(&agent, API_UID, &flags)
+        } else {
+            ProxyProcess::start(&agent, API_UID, &flags)
+        };
         Mesh {
             _ca: ca,
             agent,
@@ -355,6 +366,60 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(db.len(), 1, "{db:?}");
     assert_eq!(db[0]["status"], 403);
     assert_eq!(db[0]["outcome"], "refused");
+}
+
+#[test]
+fn logs_whose_destination_stalls_do_not_stall_the_proxy_and_lose_nothing_once_it_is_read() {
+    // The server-side proxy writes its decision log and its access log to
+    // standard output, a pipe nobody reads: it fills after some 64 KiB.
+    let mut mesh = Mesh::start_with(&[], &["--access-log", "stdout"], true);
+    let (_web, web_port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // 1,000 streams one after another, each a 1-byte exchange: about 1 MB of
+    // log lines, 15 times what the pipe holds.
+    const STREAMS: usize = 1000;
+    let started = Instant::now();
+    for i in 0..STREAMS {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", web_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[0, 0, 0, 0, 0, 0, 0, 1, 42]).unwrap();
+        let mut answer = [0u8; 65];
+        if let Err(e) = s.read_exact(&mut answer) {
+            panic!("stream {i} got no answer: {e} (the proxy waits on its log?)");
+        }
+        assert!(started.elapsed() < Duration::from_secs(120));
+    }
+    assert_eq!(
+        mesh.api
+            .metric("ward_proxy_authorization_decisions_total{decision=\"allow\"}"),
+        STREAMS as f64
+    );
+    // Nothing was dropped: the pipe's backlog is held until it is read.
+    for log in ["decision", "access"] {
+        let name = format!("ward_proxy_log_lines_dropped_total{{log=\"{log}\"}}");
+        assert_eq!(mesh.api.metric(&name), 0.0, "{name}");
+    }
+    // Now read the pipe: every stream has its decision line and its access line.
+    let mut out = mesh.api.take_stdout();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        text
+    });
+    assert!(mesh.api.terminate().success());
+    let text = reader.join().unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let allowed = lines
+        .iter()
+        .filter(|l| l["decision"] == "allow" && l["principal"] == WEB)
+        .count();
+    let ended = lines
+        .iter()
+        .filter(|l| l["log"] == "access" && l["outcome"] == "ok" && l["peer_id"] == WEB)
+        .count();
+    assert_eq!((allowed, ended), (STREAMS, STREAMS));
 }
 
 #[test]

@@ -217,11 +217,18 @@ impl Authorizer {
         self.mode
     }
 
-    /// Writes out buffered decision log lines.
+    /// Writes out buffered decision log lines, waiting (a few seconds at
+    /// most) for the log's destination to take them.
     pub fn flush_log(&self) {
         if let Some(log) = &self.log {
             log.flush();
         }
+    }
+
+    /// Decision log lines dropped because the log's destination was not
+    /// taking them.
+    pub fn log_dropped(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.dropped())
     }
 
     /// Validates `files` and, only if they are valid, makes them the active

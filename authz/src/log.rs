@@ -1,40 +1,48 @@
 //! The decision log: one JSON object per line.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::json;
+use ward_spec::linelog::LineLog;
 
 use crate::authorizer::{Decision, Mode};
 
+/// Lines go out through a [`LineLog`]: deciding never waits on the log's
+/// destination.
 pub struct DecisionLog {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: LineLog,
     buffered: bool,
 }
 
 impl DecisionLog {
-    /// Every line is flushed as it is written.
+    /// Every line is written out as it is logged.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         DecisionLog {
-            out: Mutex::new(out),
+            out: LineLog::spawn("decision", out, Duration::from_secs(1)),
             buffered: false,
         }
     }
 
-    /// Allow lines are buffered until [`DecisionLog::flush`] (which the owner
-    /// calls periodically, as access logs are) or the buffer fills; a deny or
-    /// an error is flushed at once, with everything before it.
+    /// Allow lines are written out every second (or once 64 KiB have
+    /// gathered, or at [`DecisionLog::flush`]); a deny or an error at once,
+    /// with everything before it.
     pub fn buffered(out: Box<dyn Write + Send>) -> Self {
         DecisionLog {
-            out: Mutex::new(Box::new(std::io::BufWriter::with_capacity(64 * 1024, out))),
+            out: LineLog::spawn("decision", out, Duration::from_secs(1)),
             buffered: true,
         }
     }
 
+    /// Writes out every line logged so far, waiting (a few seconds at most)
+    /// for the destination to take them.
     pub fn flush(&self) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = out.flush();
-        }
+        self.out.flush();
+    }
+
+    /// Lines dropped because the destination was not taking them.
+    pub fn dropped(&self) -> u64 {
+        self.out.dropped()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -63,12 +71,8 @@ impl DecisionLog {
             "errors": d.errors,
             "duration_us": (d.duration_us * 10.0).round() / 10.0,
         });
-        if let Ok(mut out) = self.out.lock() {
-            let _ = writeln!(out, "{line}");
-            if !self.buffered || !d.allowed || !d.errors.is_empty() {
-                let _ = out.flush();
-            }
-        }
+        let now = !self.buffered || !d.allowed || !d.errors.is_empty();
+        self.out.push(&line.to_string(), now);
     }
 }
 

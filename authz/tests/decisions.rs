@@ -143,6 +143,8 @@ fn a_policy_that_errors_denies_and_the_error_is_logged() {
     assert!(!d.allowed, "an erroring policy must fail closed");
     assert_eq!(d.errors.len(), 1, "{:?}", d.errors);
     assert!(d.errors[0].contains("overflow"), "{:?}", d.errors);
+    // Lines are written by the log's own thread; wait until it has.
+    a.flush_log();
     let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(line["decision"], "deny");

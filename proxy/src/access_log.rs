@@ -1,8 +1,9 @@
 //! The access log: one JSON line per tunneled stream, written when it ends
 //! (as Envoy's and ztunnel's connection logs): which way it went, who was on
 //! the other end, what the `CONNECT` was answered, how it ended, the bytes
-//! each way and how long it lasted. Lines are buffered and written out every
-//! second (and when the proxy stops); off unless `access_log` names a place.
+//! each way and how long it lasted. Lines are written out every second (and
+//! when the proxy stops) off the serving thread, through a
+//! [`LineLog`](ward_spec::linelog::LineLog); off unless `access_log` names a place.
 //!
 //! A stream's line is a [`StreamLog`], boxed and made only when there is a
 //! log, so a stream costs one pointer when there is none. A stream dropped
@@ -11,16 +12,17 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
+use ward_spec::linelog::LineLog;
 use ward_spec::SpiffeId;
 
 use crate::metrics::{Direction, Metrics};
 
 pub struct AccessLog {
-    out: Mutex<std::io::BufWriter<Box<dyn Write + Send>>>,
+    out: LineLog,
 }
 
 impl AccessLog {
@@ -37,20 +39,23 @@ impl AccessLog {
             ),
         };
         Ok(Some(Arc::new(AccessLog {
-            out: Mutex::new(std::io::BufWriter::with_capacity(64 * 1024, out)),
+            out: LineLog::spawn("access", out, Duration::from_secs(1)),
         })))
     }
 
+    /// Writes out every line so far, waiting (a few seconds at most) for the
+    /// destination to take them.
     pub fn flush(&self) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = out.flush();
-        }
+        self.out.flush();
+    }
+
+    /// Lines dropped because the destination was not taking them.
+    pub fn dropped(&self) -> u64 {
+        self.out.dropped()
     }
 
     fn write(&self, line: serde_json::Value) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = writeln!(out, "{line}");
-        }
+        self.out.push(&line.to_string(), false);
     }
 }
 

@@ -171,7 +171,8 @@ pub struct PolicyConfig {
     /// `enforce` or `dry-run`.
     pub mode: String,
     /// `stdout`, `off`, or a file to append JSON lines to. Allowed streams'
-    /// lines are written out every second, denials at once.
+    /// lines are written out every second, denials at once, by a thread of
+    /// the log's own (see `ward_spec::linelog`).
     pub decision_log: String,
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub reload_interval: Duration,

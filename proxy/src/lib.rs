@@ -75,20 +75,6 @@ pub async fn run(
             metrics.reload_stats.clone(),
         )
     });
-    // Allowed streams' decision lines and access lines are written out
-    // every second (denials at once).
-    let flusher = authz.clone();
-    let access = metrics.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            every.tick().await;
-            flusher.flush_log();
-            if let Some(log) = &access.access_log {
-                log.flush();
-            }
-        }
-    });
     if cfg.policy.dir.is_none() {
         tracing::info!("policy from the control plane (through the agent); until it arrives every inbound stream is denied");
         tokio::spawn(agent_policy::follow(
@@ -115,7 +101,12 @@ pub async fn run(
     let health = TcpListener::bind(cfg.health_address)
         .await
         .with_context(|| format!("cannot listen on {} (health)", cfg.health_address))?;
-    let router = health_router(identity.clone(), listening.clone(), metrics.clone());
+    let router = health_router(
+        identity.clone(),
+        listening.clone(),
+        metrics.clone(),
+        authz.clone(),
+    );
     let mut health_stop = drain.clone();
     tokio::spawn(async move {
         let _ = axum::serve(health, router)
@@ -201,10 +192,16 @@ pub async fn run(
 
     let _ = stop_rx.wait_for(|s| *s).await;
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
-    authz.flush_log();
-    if let Some(log) = &metrics.access_log {
-        log.flush();
-    }
+    // What the logs hold is written out (waiting a few seconds at most for
+    // their destinations) off the runtime thread.
+    let access = metrics.access_log.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        authz.flush_log();
+        if let Some(log) = access {
+            log.flush();
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -307,6 +304,7 @@ fn health_router(
     identity: Identity,
     listening: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    authz: Arc<Authorizer>,
 ) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -329,7 +327,7 @@ fn health_router(
         .route(
             "/metrics",
             get(move || {
-                let body = metrics.render();
+                let body = metrics.render(authz.log_dropped());
                 async move { body }
             }),
         )

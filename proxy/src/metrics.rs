@@ -59,6 +59,7 @@ pub struct Metrics {
     decisions: Family<Labels, Counter>,
     svid_expiry: Gauge,
     policy_reloads: Family<Labels, Counter>,
+    log_lines_dropped: Family<Labels, Counter>,
     streams_revoked: Counter,
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
@@ -86,6 +87,7 @@ impl Default for Metrics {
             decisions: Family::default(),
             svid_expiry: Gauge::default(),
             policy_reloads: Family::default(),
+            log_lines_dropped: Family::default(),
             streams_revoked: Counter::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
@@ -135,6 +137,11 @@ impl Default for Metrics {
             "policy_reloads",
             "Policy set loads, by result (loaded or rejected: the previous set stays)",
             m.policy_reloads.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Decision and access log lines dropped because the log's destination was not taking them, by log",
+            m.log_lines_dropped.clone(),
         );
         registry.register(
             "streams_revoked",
@@ -233,7 +240,8 @@ impl Metrics {
         self.streams_revoked.inc();
     }
 
-    pub fn render(&self) -> String {
+    /// The metrics text; `decision_log_dropped` is the authorizer's count.
+    pub fn render(&self, decision_log_dropped: u64) -> String {
         let not_after = self.svid_not_after.load(Ordering::Relaxed);
         if not_after > 0 {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -245,6 +253,14 @@ impl Metrics {
             ("rejected", s.rejected.load(Ordering::Relaxed)),
         ] {
             let c = self.policy_reloads.get_or_create(&vec![("result", result)]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        let access_dropped = self.access_log.as_ref().map_or(0, |l| l.dropped());
+        for (log, n) in [
+            ("decision", decision_log_dropped),
+            ("access", access_dropped),
+        ] {
+            let c = self.log_lines_dropped.get_or_create(&vec![("log", log)]);
             c.inc_by(n.saturating_sub(c.get()));
         }
         let mut out = String::new();

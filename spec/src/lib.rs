@@ -5,7 +5,8 @@
 //! Certificates are checked against the X509-SVID profile by [`svid`], trust
 //! bundles travel as SPIFFE JWKS documents ([`bundle`]), and every mutual-TLS
 //! endpoint verifies its peer with the SPIFFE verifiers in [`tls`]. The gRPC
-//! node and admin APIs are generated from `proto/` into [`proto`].
+//! node and admin APIs are generated from `proto/` into [`proto`]. Decision
+//! and access logs are written off the serving threads by [`linelog`].
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -15,6 +16,7 @@ pub mod files;
 pub mod grpc;
 pub mod id;
 pub mod jwt;
+pub mod linelog;
 pub mod proto;
 pub mod selector;
 pub mod svid;

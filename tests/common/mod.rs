@@ -689,6 +689,8 @@ pub struct ProxyProcess {
     pub decisions: PathBuf,
     args: Vec<String>,
     uid: u32,
+    /// Standard output is a pipe the test reads only when it chooses.
+    stdout_piped: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -703,6 +705,28 @@ impl ProxyProcess {
 
     /// Starts a proxy without waiting for it to be ready.
     pub fn spawn(agent: &AgentProcess, uid: u32, args: &[&str]) -> ProxyProcess {
+        Self::spawn_with(agent, uid, args, false)
+    }
+
+    /// Starts a proxy whose standard output (its decision log) is a pipe
+    /// nobody reads until [`ProxyProcess::take_stdout`]; waits until it is ready.
+    pub fn start_stdout_unread(agent: &AgentProcess, uid: u32, args: &[&str]) -> ProxyProcess {
+        let mut p = Self::spawn_with(agent, uid, args, true);
+        p.wait_ready();
+        p
+    }
+
+    /// The standard output pipe of a proxy started with it unread.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.as_mut().unwrap().stdout.take().unwrap()
+    }
+
+    fn spawn_with(
+        agent: &AgentProcess,
+        uid: u32,
+        args: &[&str],
+        stdout_piped: bool,
+    ) -> ProxyProcess {
         let tmp = tempfile::tempdir().unwrap();
         let mut p = ProxyProcess {
             health_addr: format!("127.0.0.1:{}", free_port()),
@@ -715,6 +739,7 @@ impl ProxyProcess {
                 .chain(args.iter().map(|s| s.to_string()))
                 .collect(),
             uid,
+            stdout_piped,
             _tmp: tmp,
         };
         p.run();
@@ -737,7 +762,11 @@ impl ProxyProcess {
             .uid(self.uid)
             .gid(self.uid)
             .current_dir("/")
-            .stdout(open(&self.decisions))
+            .stdout(if self.stdout_piped {
+                Stdio::piped()
+            } else {
+                open(&self.decisions).into()
+            })
             .stderr(open(&self.log))
             .spawn()
             .unwrap();
