@@ -508,9 +508,13 @@ fn main() {
         std::thread::sleep(Duration::from_secs(secs));
         return;
     }
-    // `WARD_BENCH_ONLY=Ward` measures only that tunnel (for profiling).
+    // `WARD_BENCH_ONLY=Ward` measures only that tunnel (for profiling), or a
+    // comma-separated list of them.
     let only = std::env::var("WARD_BENCH_ONLY").ok();
-    let skip = |t: &Tunnel| only.as_deref().is_some_and(|o| o != t.name);
+    let skip = |t: &Tunnel| {
+        only.as_deref()
+            .is_some_and(|o| o.split(',').all(|n| n.trim() != t.name))
+    };
     let idle_rss = (
         rss_kib(ward.web_pid, "VmRSS:"),
         rss_kib(ward.api_pid, "VmRSS:"),
