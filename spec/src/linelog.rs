@@ -203,7 +203,7 @@ impl Shared {
 
             let mut st = self.lock();
             st.done += bytes;
-            if st.dropping && st.buf.len() < self.limit / 2 {
+            if st.dropping && !failing && st.buf.len() < self.limit / 2 {
                 st.dropping = false;
                 tracing::warn!(
                     log = self.name,
