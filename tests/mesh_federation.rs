@@ -126,6 +126,12 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let app = AppProcess::start();
     let api_inbound = format!("127.0.0.1:{}", free_port());
     let forward = format!("127.0.0.1:{}", app.port);
+    let logs = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let access_log = logs.path().join("api-access.log");
     let api = ProxyProcess::start(
         &agent2,
         API_UID,
@@ -136,6 +142,8 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
             &forward,
             "--policy-dir",
             policies.path().to_str().unwrap(),
+            "--access-log",
+            access_log.to_str().unwrap(),
         ],
     );
 
@@ -324,6 +332,11 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
         ca2.cli(&["bundle", "delete", "--trust-domain", "example.org"]),
         "2 entries federate with example.org",
     );
+    // A stream open through it, waiting for the 1 GiB it announced.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut open, &(1u64 << 30).to_be_bytes()).unwrap();
+    let reached = app.connections() + 1;
+    assert_eq!(app.wait_connections(reached), reached);
     federate(&ca2, &api_entry, API, &api_sel, &[]);
     let stopped = Instant::now();
     loop {
@@ -353,6 +366,30 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
             && log.contains("refused client certificate"),
         "{log}"
     );
+    // The open stream was closed with its connection, and api's access log
+    // says why (lines are written out every second).
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    match std::io::Read::read_to_end(&mut open, &mut rest) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the open stream outlived trust in its peer: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let text = std::fs::read_to_string(&access_log).unwrap_or_default();
+        let line = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["bytes_to_app"] == 8 && l["peer_id"] == WEB);
+        match line {
+            Some(l) => break l,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no access line for the open stream:\n{text}"),
+        }
+    };
+    assert_eq!(ended["outcome"], "untrusted", "{ended}");
+    assert_eq!(ended["status"], 200, "{ended}");
     // ops still federates: `--mode dissociate` takes example.org off its
     // entry as the bundle goes (SPIRE's `bundle delete -mode dissociate`).
     let out = run_ok(

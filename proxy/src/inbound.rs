@@ -11,9 +11,11 @@
 //! connections stop taking streams (GOAWAY) and close when theirs are done.
 //! When the roots change (a bundle rotated, a federation ended), each
 //! connection's peer chain is verified again, as of its handshake, and a
-//! connection whose peer is no longer trusted is closed with its streams.
+//! connection whose peer is no longer trusted is closed with its streams
+//! (their access log lines say `untrusted`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,7 +149,10 @@ async fn connection(
         };
     metrics.connection_opened(Direction::Inbound);
     tracing::debug!(%peer, peer_id = %peer_id, "inbound connection");
-    let peer_id = Arc::new(peer_id);
+    let verified = Arc::new(VerifiedPeer {
+        id: peer_id,
+        untrusted: AtomicBool::new(false),
+    });
     let (active_tx, mut active_rx) = watch::channel(0usize);
     let active_tx = Arc::new(active_tx);
     let mut shutting_down = false;
@@ -164,9 +169,9 @@ async fn connection(
                     active_tx.send_modify(|n| *n += 1);
                     let guard = ActiveGuard(active_tx.clone());
                     let inbound = inbound.clone();
-                    let peer_id = peer_id.clone();
+                    let verified = verified.clone();
                     tokio::spawn(async move {
-                        stream(req, respond, &peer_id, peer, &inbound).await;
+                        stream(req, respond, &verified, peer, &inbound).await;
                         drop(guard);
                     });
                 }
@@ -195,8 +200,9 @@ async fn connection(
                 let current = roots_changed.borrow_and_update().clone();
                 if let (Ok(()), Some(current)) = (r, current) {
                     if let Err(e) = chain.verify(&current.roots) {
-                        tracing::warn!(%peer, peer_id = %peer_id, error = %e, "closing a connection whose peer is no longer trusted");
+                        tracing::warn!(%peer, peer_id = %verified.id, error = %e, "closing a connection whose peer is no longer trusted");
                         metrics.handshake_failure(Direction::Inbound, "no_longer_trusted");
+                        verified.untrusted.store(true, Ordering::Release);
                         break;
                     }
                 }
@@ -204,6 +210,15 @@ async fn connection(
         }
     }
     metrics.connection_closed(Direction::Inbound);
+}
+
+/// A connection's peer, shared with its streams.
+struct VerifiedPeer {
+    /// The SPIFFE ID of its verified certificate.
+    id: SpiffeId,
+    /// Set before the connection is closed because the peer is no longer
+    /// trusted: its streams then end as `untrusted`, not as errors.
+    untrusted: AtomicBool,
 }
 
 /// The certificates a peer presented, and when they were verified.
@@ -242,10 +257,11 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 async fn stream(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    peer_id: &SpiffeId,
+    verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
 ) {
+    let peer_id = &verified.id;
     // The policy epoch is taken before the decision: a set that changes
     // while the stream is admitted gets it decided again.
     let mut epoch = inbound.policy_epoch.clone();
@@ -283,6 +299,8 @@ async fn stream(
     metrics.bytes(Direction::Inbound, to_app, from_app);
     let (outcome, error) = match &result {
         Ok(outcome) => (*outcome, None),
+        // The connection was closed under it: its peer is no longer trusted.
+        Err(_) if verified.untrusted.load(Ordering::Acquire) => ("untrusted", None),
         Err(e) => {
             tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
             ("error", Some(e as &dyn std::fmt::Display))
