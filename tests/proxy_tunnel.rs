@@ -845,6 +845,80 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
 }
 
 #[test]
+fn a_peer_that_resets_its_stream_while_the_application_is_connected_to_is_logged_as_cancelled() {
+    use std::os::unix::fs::PermissionsExt;
+    let mesh = Mesh::start(&[], &[]);
+    // An application that takes no connection: its accept queue (backlog 0)
+    // is full, so the kernel drops further SYNs and a connect to it waits.
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    stuck.bind(&any.into()).unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let mut filler = Vec::new();
+    while let Ok(c) = std::net::TcpStream::connect_timeout(&stuck_addr, Duration::from_secs(1)) {
+        filler.push(c);
+        assert!(filler.len() < 4, "the listener's queue does not fill");
+    }
+    // A second server-side proxy for api, forwarding there, with a connect
+    // timeout long enough to tell a cancelled stream from a timed-out one.
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = logs.path().join("access.log");
+    let inbound = format!("127.0.0.1:{}", free_port());
+    let _api = ProxyProcess::start(
+        &mesh.agent,
+        API_UID,
+        &[
+            "--inbound-listen",
+            &inbound,
+            "--forward",
+            &stuck_addr.to_string(),
+            "--policy-dir",
+            mesh.policies.path().to_str().unwrap(),
+            "--connect-timeout",
+            "30s",
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    // web, speaking HTTP/2 by hand: a CONNECT (HPACK literals `:method` and
+    // `:authority`) on stream 1, and, while the proxy connects, RST_STREAM
+    // (CANCEL).
+    let (chain, key, _) = fetch_svid(&mesh.agent, WEB_UID);
+    let (_, mut tls) = tls_session(&inbound, Some((chain, key))).expect("web's SVID is accepted");
+    let mut block = vec![0x02, 7];
+    block.extend_from_slice(b"CONNECT");
+    block.extend_from_slice(&[0x01, 13]);
+    block.extend_from_slice(b"api.acme:8080");
+    let mut headers = vec![0, 0, block.len() as u8, 0x1, 0x4, 0, 0, 0, 1];
+    headers.extend_from_slice(&block);
+    tls.write_all(&headers).unwrap();
+    tls.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    tls.write_all(&[0, 0, 4, 0x3, 0, 0, 0, 0, 1, 0, 0, 0, 0x8])
+        .unwrap();
+    tls.flush().unwrap();
+    let reset = Instant::now();
+    // Its line is written within the second, not when the connect times out.
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        assert!(
+            reset.elapsed() < Duration::from_secs(10),
+            "no access line 10 s after the peer reset its stream"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(line["outcome"], "cancelled", "{line}");
+    assert_eq!(line["status"], 0, "{line}");
+    assert_eq!(line["peer_id"], WEB, "{line}");
+    drop(filler);
+}
+
+#[test]
 fn a_slow_loris_and_10000_idle_connections_do_not_stop_other_clients() {
     // The test holds 10,000 sockets too.
     if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {

@@ -64,7 +64,8 @@ pub struct End<'a> {
     /// The `CONNECT` answer (sent inbound, received outbound); 0 if none.
     pub status: u16,
     /// `ok`, `denied`, `refused`, `revoked` (a new policy set denies it),
-    /// `untrusted` (its peer is no longer trusted), `unreachable` or `error`.
+    /// `untrusted` (its peer is no longer trusted), `cancelled` (the peer
+    /// reset it before it was answered), `unreachable` or `error`.
     pub outcome: &'static str,
     pub error: Option<&'a dyn std::fmt::Display>,
     /// (to the application, from the application); None: not known.

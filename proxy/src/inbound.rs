@@ -246,6 +246,16 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Answers a stream `status` and ends it; the refusal, for the access log.
+fn refuse<T>(
+    respond: &mut SendResponse<Bytes>,
+    status: StatusCode,
+    outcome: &'static str,
+) -> Result<T, Refusal> {
+    respond_status(respond, status);
+    Err((Some(status), outcome))
+}
+
 fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let resp = Response::builder()
         .status(status)
@@ -319,6 +329,9 @@ async fn stream(
 /// peer reset it first), and the access log's outcome.
 type Refusal = (Option<StatusCode>, &'static str);
 
+/// A peer that reset its stream before it was answered.
+const CANCELLED: Refusal = (None, "cancelled");
+
 /// Authorizes a stream and connects it to the application; answers the peer
 /// (403, 502, … or 200) and returns what the pump needs when it may go on.
 async fn admit(
@@ -329,43 +342,45 @@ async fn admit(
     inbound: &Inbound,
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let metrics = &inbound.metrics;
-    let mut refuse = |status: StatusCode, outcome: &'static str| {
-        respond_status(&mut respond, status);
-        Err((Some(status), outcome))
-    };
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "error");
+        return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "error");
     }
     if parts.uri.authority().and_then(|a| a.port_u16()).is_none() {
-        return refuse(StatusCode::BAD_REQUEST, "error");
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, "error");
     }
     // Every stream reaches `forward`, whatever port the peer names: policies
     // see the port this proxy serves, so naming another cannot dodge a rule.
     let port = inbound.service_port;
     let Some(me) = inbound.identity.usable() else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "error");
+        return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
     };
     let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     if !decision.permitted {
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
-        return refuse(StatusCode::FORBIDDEN, "denied");
+        return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
     }
-    let app = match tokio::time::timeout(
+    let connect = tokio::time::timeout(
         inbound.connect_timeout,
         TcpStream::connect(&inbound.forward),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    );
+    // A peer that gives up meanwhile (resets the stream) stops the connect:
+    // the application does not see a connection nobody will use.
+    let connected = tokio::select! {
+        r = connect => Some(r),
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
+    };
+    let app = match connected {
+        None => return Err(CANCELLED),
+        Some(Ok(Ok(s))) => s,
+        Some(Ok(Err(e))) => {
             tracing::warn!(forward = %inbound.forward, error = %e, "cannot reach the application");
-            return refuse(StatusCode::BAD_GATEWAY, "unreachable");
+            return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
         }
-        Err(_) => {
+        Some(Err(_)) => {
             tracing::warn!(forward = %inbound.forward, "connecting to the application timed out");
-            return refuse(StatusCode::GATEWAY_TIMEOUT, "unreachable");
+            return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
     let _ = app.set_nodelay(true);
@@ -373,10 +388,8 @@ async fn admit(
         .status(StatusCode::OK)
         .body(())
         .expect("valid");
-    // The peer may have reset the stream meanwhile.
-    let send = respond
-        .send_response(ok, false)
-        .map_err(|_| (None, "error"))?;
+    // The peer may have reset the stream just now.
+    let send = respond.send_response(ok, false).map_err(|_| CANCELLED)?;
     Ok((app, send, body, port))
 }
 
