@@ -375,19 +375,15 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the open stream outlived trust in its peer: {other:?}"),
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ended = loop {
-        let text = std::fs::read_to_string(&access_log).unwrap_or_default();
-        let line = text
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .find(|l| l["bytes_to_app"] == 8 && l["peer_id"] == WEB);
-        match line {
-            Some(l) => break l,
-            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            None => panic!("no access line for the open stream:\n{text}"),
-        }
-    };
+    let ended = wait_json_line(&access_log, Duration::from_secs(5), |l| {
+        l["bytes_to_app"] == 8 && l["peer_id"] == WEB
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no access line for the open stream:\n{}",
+            std::fs::read_to_string(&access_log).unwrap_or_default()
+        )
+    });
     assert_eq!(ended["outcome"], "untrusted", "{ended}");
     assert_eq!(ended["status"], 200, "{ended}");
     // ops still federates: `--mode dissociate` takes example.org off its

@@ -302,11 +302,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     let lines = |p: &str, n: usize| {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let got: Vec<serde_json::Value> = std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            let got = json_lines(Path::new(p));
             if got.len() >= n || Instant::now() > deadline {
                 return got;
             }
@@ -899,19 +895,9 @@ fn a_peer_that_resets_its_stream_while_the_application_is_connected_to_is_logged
     tls.write_all(&[0, 0, 4, 0x3, 0, 0, 0, 0, 1, 0, 0, 0, 0x8])
         .unwrap();
     tls.flush().unwrap();
-    let reset = Instant::now();
     // Its line is written within the second, not when the connect times out.
-    let line = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().next() {
-            break serde_json::from_str::<serde_json::Value>(l).unwrap();
-        }
-        assert!(
-            reset.elapsed() < Duration::from_secs(10),
-            "no access line 10 s after the peer reset its stream"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let line = wait_json_line(&log, Duration::from_secs(10), |_| true)
+        .expect("no access line 10 s after the peer reset its stream");
     assert_eq!(line["outcome"], "cancelled", "{line}");
     assert_eq!(line["status"], 0, "{line}");
     assert_eq!(line["peer_id"], WEB, "{line}");

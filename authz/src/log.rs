@@ -18,19 +18,20 @@ pub struct DecisionLog {
 impl DecisionLog {
     /// Every line is written out as it is logged.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        DecisionLog {
-            out: LineLog::spawn("decision", out, Duration::from_secs(1)),
-            buffered: false,
-        }
+        Self::with(out, false)
     }
 
     /// Allow lines are written out every second (or once 64 KiB have
     /// gathered, or at [`DecisionLog::flush`]); a deny or an error at once,
     /// with everything before it.
     pub fn buffered(out: Box<dyn Write + Send>) -> Self {
+        Self::with(out, true)
+    }
+
+    fn with(out: Box<dyn Write + Send>, buffered: bool) -> Self {
         DecisionLog {
             out: LineLog::spawn("decision", out, Duration::from_secs(1)),
-            buffered: true,
+            buffered,
         }
     }
 
@@ -72,7 +73,7 @@ impl DecisionLog {
             "duration_us": (d.duration_us * 10.0).round() / 10.0,
         });
         let now = !self.buffered || !d.allowed || !d.errors.is_empty();
-        self.out.push(&line.to_string(), now);
+        self.out.push(line, now);
     }
 }
 

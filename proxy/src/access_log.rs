@@ -55,7 +55,7 @@ impl AccessLog {
     }
 
     fn write(&self, line: serde_json::Value) {
-        self.out.push(&line.to_string(), false);
+        self.out.push(line, false);
     }
 }
 

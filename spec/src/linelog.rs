@@ -82,12 +82,17 @@ impl LineLog {
         LineLog { shared }
     }
 
-    /// Appends `line` (without its newline); `now` writes it out without
-    /// waiting for the interval. Never waits on the destination.
-    pub fn push(&self, line: &str, now: bool) {
+    /// Appends `line` (which holds no newline), formatted straight into the
+    /// buffer; `now` writes it out without waiting for the interval. Never
+    /// waits on the destination.
+    pub fn push(&self, line: impl std::fmt::Display, now: bool) {
         let s = &self.shared;
         let mut st = s.lock();
-        if st.buf.len() + line.len() + 1 > s.limit {
+        let before = st.buf.len();
+        // Writing into a Vec fails only if `Display` does.
+        let _ = writeln!(st.buf, "{line}");
+        if st.buf.len() > s.limit {
+            st.buf.truncate(before);
             s.dropped.fetch_add(1, Ordering::Relaxed);
             if !st.dropping {
                 st.dropping = true;
@@ -99,11 +104,8 @@ impl LineLog {
             }
             return;
         }
-        let before = st.buf.len();
-        st.buf.extend_from_slice(line.as_bytes());
-        st.buf.push(b'\n');
         st.lines += 1;
-        st.appended += line.len() as u64 + 1;
+        st.appended += (st.buf.len() - before) as u64;
         // Wake the writer once per reason, not once per line.
         let wake = (now && !st.urgent) || (before < BATCH && st.buf.len() >= BATCH);
         st.urgent |= now;
@@ -301,7 +303,7 @@ mod tests {
         let l = log.clone();
         std::thread::spawn(move || {
             for i in 0..200 {
-                l.push(&format!("line {i:04}"), i % 10 == 0);
+                l.push(format!("line {i:04}"), i % 10 == 0);
             }
             tx.send(()).unwrap();
         });

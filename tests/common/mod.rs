@@ -345,6 +345,33 @@ fn read_log(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
+/// The lines of a JSON-lines log (none if the file is not there yet).
+pub fn json_lines(log: &Path) -> Vec<serde_json::Value> {
+    read_log(log)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The first line of a JSON-lines log that `want` accepts, looked for until
+/// `within` has passed (logs write their lines out every second).
+pub fn wait_json_line(
+    log: &Path,
+    within: Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = json_lines(log).into_iter().find(&want) {
+            return Some(l);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A Prometheus sample's value from a `/metrics` endpoint (0 if absent).
 pub fn metric_value(addr: &str, name: &str) -> f64 {
     http_get(addr, "/metrics")
