@@ -146,12 +146,10 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
         hash_client(port, 1024, 1, 0.0).ok == 0
     });
     let denied = api
-        .decision_lines()
-        .into_iter()
-        .filter(|d| {
+        .wait_decisions_where(1, |d| {
             d["decision"] == "deny" && d["policies"].to_string().contains("freeze-web-to-api")
         })
-        .count();
+        .len();
     assert!(denied >= 1);
 
     step(

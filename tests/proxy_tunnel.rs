@@ -201,7 +201,7 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
         0,
         "a denied stream reached the application"
     );
-    let denied = mesh.api.decision_lines();
+    let denied = mesh.api.wait_decisions(1);
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0]["decision"], "deny");
     assert_eq!(denied[0]["principal"], DB);
@@ -234,11 +234,13 @@ when { principal.service == "db" && resource.service == "api" };
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(mesh.app.wait_connections(1), 1);
-    // Allow lines reach the log within a second (denials at once).
-    let denials = mesh.api.decision_lines().len();
-    let last = mesh.api.wait_decisions(denials + 1).pop().unwrap();
-    assert_eq!(last["decision"], "allow");
-    assert_eq!(last["policies"][0], "acme-db-to-api");
+    // Allow lines reach the log within a second; every earlier stream was
+    // denied, so the first allow line is this stream's.
+    let allowed = mesh
+        .api
+        .wait_decisions_where(1, |l| l["decision"] == "allow");
+    assert_eq!(allowed.len(), 1, "{allowed:?}");
+    assert_eq!(allowed[0]["policies"][0], "acme-db-to-api");
 
     // 3. An invalid file is rejected (log line with file and position, and a
     //    metric); the last good set stays active.
@@ -504,7 +506,16 @@ when { context.destination_port == 8080 };
         served,
         "a forbidden stream got through"
     );
-    let last = mesh.api.decision_lines().pop().unwrap();
+    // The counter is raised before the reply; the line is written out by
+    // the log's thread, so wait until there is a line for every denial.
+    let denials = mesh
+        .api
+        .metric("ward_proxy_authorization_decisions_total{decision=\"deny\"}");
+    let last = mesh
+        .api
+        .wait_decisions_where(denials as usize, |l| l["decision"] == "deny")
+        .pop()
+        .unwrap();
     assert_eq!(last["decision"], "deny", "{last}");
     assert_eq!(last["policies"][0], "nothing-on-8080", "{last}");
 }

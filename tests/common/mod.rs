@@ -833,6 +833,24 @@ impl ProxyProcess {
         }
     }
 
+    /// The decision lines `want` accepts, once there are `n` of them (the
+    /// writer thread writes a denial out at once, an allow within a second),
+    /// or after 5 s.
+    pub fn wait_decisions_where(
+        &self,
+        n: usize,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines: Vec<_> = self.decision_lines().into_iter().filter(&want).collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         metric_value(&self.health_addr, name)
     }
