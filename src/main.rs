@@ -17,6 +17,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     raise_open_file_limit();
+    keep_freed_heap();
     // WARD_WORKER_THREADS overrides the runtime's worker threads (default: one
     // per core; `ward proxy run` asks for its `worker_threads`). One thread
     // means a current-thread runtime: every task on the main thread, no
@@ -48,6 +49,24 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A proxy's buffers come and go with its traffic: a 64 KiB read buffer
+/// while a socket has data, a TLS record's plaintext, both freed once
+/// drained. By default glibc gives freed memory at the top of the heap back
+/// to the kernel once 128 KiB or more of it is free, and the next burst
+/// faults fresh zeroed pages in again: at full tunnel throughput that cost a
+/// fifth of the inbound proxy's CPU (BENCHMARKS.md). Keep up to 1 MiB free
+/// instead, and serve allocations below 4 MiB from the heap (a fixed
+/// threshold, as setting either turns glibc's moving one off).
+fn keep_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
 }
 
