@@ -53,20 +53,27 @@ fn main() -> ExitCode {
 }
 
 /// A proxy's buffers come and go with its traffic: a 64 KiB read buffer
-/// while a socket has data, a TLS record's plaintext, both freed once
-/// drained. By default glibc gives freed memory at the top of the heap back
-/// to the kernel once 128 KiB or more of it is free, and the next burst
-/// faults fresh zeroed pages in again: at full tunnel throughput that cost a
-/// fifth of the inbound proxy's CPU (BENCHMARKS.md). Keep up to 1 MiB free
-/// instead, and serve allocations below 4 MiB from the heap (a fixed
-/// threshold, as setting either turns glibc's moving one off).
+/// while a socket has data, a TLS record's plaintext, and up to a
+/// connection's flow-control window (16 MiB) of received data waiting for a
+/// slow application, all freed once drained. By default glibc gives freed
+/// memory at the top of the heap back to the kernel once 128 KiB or more of
+/// it is free, and the next burst faults fresh zeroed pages in again: at
+/// full tunnel throughput that cost up to a fifth of a proxy's CPU
+/// (BENCHMARKS.md). Keep up to 16 MiB free instead, and serve allocations
+/// below 4 MiB from the heap (a fixed threshold, as setting either turns
+/// glibc's moving one off). `MALLOC_TRIM_THRESHOLD_` and
+/// `MALLOC_MMAP_THRESHOLD_` in the environment still win.
 fn keep_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before any
-    // other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    for (param, value, env) in [
+        (libc::M_TRIM_THRESHOLD, 16 << 20, "MALLOC_TRIM_THRESHOLD_"),
+        (libc::M_MMAP_THRESHOLD, 4 << 20, "MALLOC_MMAP_THRESHOLD_"),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; called
+            // before any other thread exists.
+            unsafe { libc::mallopt(param, value) };
+        }
     }
 }
 
