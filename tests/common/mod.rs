@@ -820,17 +820,9 @@ impl ProxyProcess {
             .collect()
     }
 
-    /// The decision log once it holds `n` lines (allowed streams' lines are
-    /// written out every second), or after 5 s.
+    /// The decision log once it holds `n` lines, or after 5 s.
     pub fn wait_decisions(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines = self.decision_lines();
-            if lines.len() >= n || Instant::now() > deadline {
-                return lines;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_decisions_where(n, |_| true)
     }
 
     /// The decision lines `want` accepts, once there are `n` of them (the
