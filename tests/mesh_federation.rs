@@ -126,11 +126,7 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let app = AppProcess::start();
     let api_inbound = format!("127.0.0.1:{}", free_port());
     let forward = format!("127.0.0.1:{}", app.port);
-    let logs = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    }
+    let logs = shared_dir();
     let access_log = logs.path().join("api-access.log");
     let api = ProxyProcess::start(
         &agent2,

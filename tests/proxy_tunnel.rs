@@ -271,9 +271,7 @@ when { principal.service == "db" && resource.service == "api" };
 
 #[test]
 fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
-    use std::os::unix::fs::PermissionsExt;
-    let logs = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let logs = shared_dir();
     let path = |name: &str| logs.path().join(name).to_str().unwrap().to_owned();
     let (api_log, web_log, db_log) = (path("api.log"), path("web.log"), path("db.log"));
     let mesh = Mesh::start(&[], &["--access-log", &api_log]);
@@ -301,16 +299,8 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(hash_client(db_port, 4096, 1, 0.0).ok, 0);
 
     // Lines are written out every second.
-    let lines = |p: &str, n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let got = json_lines(Path::new(p));
-            if got.len() >= n || Instant::now() > deadline {
-                return got;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let lines =
+        |p: &str, n: usize| wait_json_lines(Path::new(p), n, Duration::from_secs(5), |_| true);
     let api = lines(&api_log, 2);
     assert_eq!(api.len(), 2, "{api:?}");
     let ok = api
@@ -709,9 +699,7 @@ fn pem_file_ders(path: &Path, label: &str) -> Vec<Vec<u8>> {
 
 /// An SVID fetched through `ward svid fetch` as `uid`: (chain, key, not_after).
 fn fetch_svid(agent: &AgentProcess, uid: u32) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = shared_dir();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = agent.svid_cli(
@@ -853,7 +841,6 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
 
 #[test]
 fn a_peer_that_resets_its_stream_while_the_application_is_connected_to_is_logged_as_cancelled() {
-    use std::os::unix::fs::PermissionsExt;
     let mesh = Mesh::start(&[], &[]);
     // An application that takes no connection: its accept queue (backlog 0)
     // is full, so the kernel drops further SYNs and a connect to it waits.
@@ -869,8 +856,7 @@ fn a_peer_that_resets_its_stream_while_the_application_is_connected_to_is_logged
     }
     // A second server-side proxy for api, forwarding there, with a connect
     // timeout long enough to tell a cancelled stream from a timed-out one.
-    let logs = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let logs = shared_dir();
     let log = logs.path().join("access.log");
     let inbound = format!("127.0.0.1:{}", free_port());
     let _api = ProxyProcess::start(

@@ -345,31 +345,52 @@ fn read_log(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
-/// The lines of a JSON-lines log (none if the file is not there yet).
+/// A directory every test uid may write to (logs and files of processes
+/// that run as other users); removed when dropped.
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// The complete lines of a JSON-lines log (none if the file is not there
+/// yet; a last line still being written is left out).
 pub fn json_lines(log: &Path) -> Vec<serde_json::Value> {
     read_log(log)
-        .lines()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
+/// The lines of a JSON-lines log that `want` accepts, once there are `n` of
+/// them, or once `within` has passed (logs write their lines out from a
+/// thread of their own, allowed streams' lines every second).
+pub fn wait_json_lines(
+    log: &Path,
+    n: usize,
+    within: Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let lines: Vec<_> = json_lines(log).into_iter().filter(&want).collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The first line of a JSON-lines log that `want` accepts, looked for until
-/// `within` has passed (logs write their lines out every second).
+/// `within` has passed.
 pub fn wait_json_line(
     log: &Path,
     within: Duration,
     want: impl Fn(&serde_json::Value) -> bool,
 ) -> Option<serde_json::Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(l) = json_lines(log).into_iter().find(&want) {
-            return Some(l);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_json_lines(log, 1, within, want).into_iter().next()
 }
 
 /// A Prometheus sample's value from a `/metrics` endpoint (0 if absent).
@@ -814,10 +835,7 @@ impl ProxyProcess {
     }
 
     pub fn decision_lines(&self) -> Vec<serde_json::Value> {
-        read_log(&self.decisions)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.decisions)
     }
 
     /// The decision log once it holds `n` lines, or after 5 s.
@@ -833,14 +851,7 @@ impl ProxyProcess {
         n: usize,
         want: impl Fn(&serde_json::Value) -> bool,
     ) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines: Vec<_> = self.decision_lines().into_iter().filter(&want).collect();
-            if lines.len() >= n || Instant::now() > deadline {
-                return lines;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_json_lines(&self.decisions, n, Duration::from_secs(5), want)
     }
 
     pub fn metric(&self, name: &str) -> f64 {
