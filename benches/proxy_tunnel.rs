@@ -10,17 +10,21 @@
 //! stunnel4 and HAProxy: a client-mode and a server-mode process each,
 //! verifying each other's certificates against one CA.
 //!
-//! Measurements interleave the tunnels round by round, so that a slow spell of
-//! the (shared, noisy) machine hits them alike.
+//! Measurements interleave the tunnels round by round, each round starting
+//! with the next tunnel, so that a slow spell of the (shared, noisy) machine,
+//! or the load of the tunnel measured just before, hits them alike.
 //!
-//! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 3 rounds
+//! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 5 rounds
 //!    (`WARD_BENCH_ROUNDS`), median, and in how many rounds Ward reached
 //!    1.3 × the better peer of that round.
 //! 2. 1 KiB request/response over one persistent connection: 20 rounds of
-//!    2,000 round trips, pooled p50/p99, what each adds over direct, and in
-//!    how many rounds Ward's p99 was below each peer's.
+//!    2,000 round trips per tunnel, the tunnels taking turns round trip by
+//!    round trip (`WARD_BENCH_RR_BLOCK` for longer turns); pooled p50/p99,
+//!    what each adds over direct, and in how many rounds Ward's p99 was
+//!    below each peer's.
 //! 3. New application connections per second: 16 clients for 2 s, each
-//!    connecting, echoing one byte and closing; 3 rounds (`WARD_BENCH_ROUNDS`), median.
+//!    connecting, echoing one byte and closing; 5 rounds
+//!    (`WARD_BENCH_ROUNDS`), median.
 //! 4. Ward proxy RSS when idle and with 10,000 idle tunneled streams.
 //!
 //! For profiling: `WARD_BENCH_HOLD=SECONDS` sets everything up, prints where
@@ -113,18 +117,38 @@ fn iperf(port: u16) -> f64 {
         .unwrap_or_else(|| panic!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn request_response(port: u16, n: usize) -> Vec<Duration> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_nodelay(true).unwrap();
+/// One round of request/response: a persistent connection through each tunnel
+/// in `ports`, 200 warm-up round trips on each, then `trips` timed 1 KiB round
+/// trips on each, taken in blocks of `block` and rotating from tunnel to
+/// tunnel, so that a slow spell of the machine falls on all of them alike.
+fn request_response(ports: &[u16], trips: usize, block: usize) -> Vec<Vec<Duration>> {
     let msg = [7u8; 1024];
     let mut buf = [0u8; 1024];
-    let mut times = Vec::with_capacity(n);
-    for i in 0..n + 200 {
+    let mut trip = |s: &mut TcpStream| {
         let t = Instant::now();
         s.write_all(&msg).unwrap();
         s.read_exact(&mut buf).unwrap();
-        if i >= 200 {
-            times.push(t.elapsed());
+        t.elapsed()
+    };
+    let mut conns: Vec<TcpStream> = ports
+        .iter()
+        .map(|p| {
+            let mut s = TcpStream::connect(("127.0.0.1", *p)).unwrap();
+            s.set_nodelay(true).unwrap();
+            for _ in 0..200 {
+                trip(&mut s);
+            }
+            s
+        })
+        .collect();
+    let mut times = vec![Vec::with_capacity(trips); ports.len()];
+    let block = block.clamp(1, trips.max(1));
+    for b in 0..trips.div_ceil(block) {
+        let n = block.min(trips - b * block);
+        for i in turns(conns.len(), b) {
+            for _ in 0..n {
+                times[i].push(trip(&mut conns[i]));
+            }
         }
     }
     times
@@ -152,6 +176,12 @@ fn connections_per_second(port: u16, clients: usize, secs: u64) -> f64 {
         t.join().unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// The order of the tunnels in round `round`: each round starts with the
+/// next one, so none always runs first or right after the same neighbour.
+fn turns(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (round + k) % n)
 }
 
 /// A count from the environment, or `default`.
@@ -525,7 +555,7 @@ fn main() {
         std::env::var("WARD_BENCH_PHASES").unwrap_or_else(|_| "throughput,rr,cps,rss".into());
     let phase = |p: &str| phases.split(',').any(|x| x.trim() == p);
     // Interleaved rounds of throughput and connections per second.
-    let rounds = env_count("WARD_BENCH_ROUNDS", 3);
+    let rounds = env_count("WARD_BENCH_ROUNDS", 5);
     let mut gbps = [f64::NAN; 4];
     let mut rr = [(f64::NAN, f64::NAN); 4];
     let mut cps = [f64::NAN; 4];
@@ -546,12 +576,13 @@ fn main() {
                 .unwrap(),
         );
         wait_listening(app);
-        // Rounds interleave the tunnels, so a slow spell of this shared
-        // machine hits them alike; the median round counts.
+        // Rounds interleave the tunnels (each round starting with the next
+        // one), so a slow spell of this shared machine hits them alike; the
+        // median round counts.
         let mut runs = vec![Vec::new(); all.len()];
-        for _ in 0..rounds {
-            for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
-                runs[i].push(iperf(t.entry) / 1e9);
+        for r in 0..rounds {
+            for i in turns(all.len(), r).filter(|i| !skip(all[*i])) {
+                runs[i].push(iperf(all[i].entry) / 1e9);
             }
         }
         // Round by round: Ward against the better peer of the same round.
@@ -586,20 +617,26 @@ fn main() {
     // Per round, each tunnel's p99 (to compare tunnels round by round).
     let mut round_p99: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
     if phase("rr") {
-        // Interleaved rounds (`WARD_BENCH_RR_ROUNDS`, default 20) of 2,000
-        // round trips per tunnel (`WARD_BENCH_RR_TRIPS`), pooled. Many short
-        // rounds spread each tunnel over the machine's slow and fast spells.
+        // Rounds (`WARD_BENCH_RR_ROUNDS`, default 20) of 2,000 round trips
+        // per tunnel (`WARD_BENCH_RR_TRIPS`), pooled. Within a round the
+        // tunnels take turns every `WARD_BENCH_RR_BLOCK` round trips (default
+        // 1), so the machine's slow and fast spells fall on all of them alike.
         let (rounds, trips) = (
             env_count("WARD_BENCH_RR_ROUNDS", 20),
             env_count("WARD_BENCH_RR_TRIPS", 2_000),
         );
+        let block = env_count("WARD_BENCH_RR_BLOCK", 1);
+        let measured: Vec<usize> = (0..all.len()).filter(|i| !skip(all[*i])).collect();
+        let ports: Vec<u16> = measured.iter().map(|i| all[*i].entry).collect();
         let mut times = vec![Vec::new(); all.len()];
         for _ in 0..rounds {
-            for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
-                let mut round = request_response(t.entry, trips);
+            for (mut round, i) in request_response(&ports, trips, block)
+                .into_iter()
+                .zip(&measured)
+            {
                 round.sort();
-                round_p99[i].push(pct(&round, 0.99).as_secs_f64() * 1e6);
-                times[i].extend(round);
+                round_p99[*i].push(pct(&round, 0.99).as_secs_f64() * 1e6);
+                times[*i].extend(round);
             }
         }
         for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
@@ -611,9 +648,9 @@ fn main() {
     }
     if phase("cps") {
         let mut runs = vec![Vec::new(); all.len()];
-        for _ in 0..rounds {
-            for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
-                runs[i].push(connections_per_second(t.entry, cps_clients, 2));
+        for r in 0..rounds {
+            for i in turns(all.len(), r).filter(|i| !skip(all[*i])) {
+                runs[i].push(connections_per_second(all[i].entry, cps_clients, 2));
             }
         }
         for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
