@@ -105,6 +105,7 @@ async fn connection(
     mut drain: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    hbone::unpaced_on_loopback(&tcp);
     hbone::keepalive(&tcp);
     let metrics = &inbound.metrics;
     let handshake = async {
@@ -384,6 +385,7 @@ async fn admit(
         }
     };
     let _ = app.set_nodelay(true);
+    hbone::unpaced_on_loopback(&app);
     let ok = Response::builder()
         .status(StatusCode::OK)
         .body(())

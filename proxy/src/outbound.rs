@@ -69,6 +69,7 @@ async fn accept_loop<F, Fut>(
         };
         over_limit_logged = false;
         let _ = app.set_nodelay(true);
+        crate::hbone::unpaced_on_loopback(&app);
         tokio::spawn(handle(app, source, slot));
     }
 }

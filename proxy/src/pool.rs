@@ -337,6 +337,7 @@ impl Pool {
             }
         };
         let _ = tcp.set_nodelay(true);
+        hbone::unpaced_on_loopback(&tcp);
         hbone::keepalive(&tcp);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
