@@ -52,8 +52,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// A proxy's buffers come and go with its traffic: a 64 KiB read buffer
-/// while a socket has data, a TLS record's plaintext, and up to a
+/// A proxy's buffers come and go with its traffic: read buffers (256 KiB
+/// from an application, 64 KiB from a TLS socket) while a socket has data,
+/// up to 1 MiB of TLS records a connection has not yet written, and up to a
 /// connection's flow-control window (16 MiB) of received data waiting for a
 /// slow application, all freed once drained. By default glibc gives freed
 /// memory at the top of the heap back to the kernel once 128 KiB or more of

@@ -109,10 +109,11 @@ async fn connection(
     hbone::keepalive(&tcp);
     let metrics = &inbound.metrics;
     let handshake = async {
-        let tls = inbound
+        let mut tls = inbound
             .acceptor
             .accept(crate::bufio::ReadBuffered::new(tcp))
             .await?;
+        tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
         let certs = tls.get_ref().1.peer_certificates();
         let peer_id = ward_spec::tls::peer_id(certs);
         let chain = PeerChain {

@@ -342,9 +342,10 @@ impl Pool {
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
-            let tls = connector
+            let mut tls = connector
                 .connect(name, crate::bufio::ReadBuffered::new(tcp))
                 .await?;
+            tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
             hbone::client_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
