@@ -13,7 +13,7 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept. A bulk stream's DATA frames carry one
 /// read from the application each (`pump`'s 256 KiB): fewer, larger frames
 /// and socket writes. Against 64 KiB frames a tunneled stream went from
-/// 10.5 to 11.4 Gbit/s in the bench (BENCHMARKS.md).
+/// 10.5 to 11.4 Gbit/s (held bench tunnels side by side, BENCHMARKS.md).
 pub const MAX_FRAME: u32 = 256 * 1024;
 /// Unsent TLS bytes rustls may hold for one connection. tokio-rustls hands
 /// what rustls holds to the socket after every write, and rustls takes in
