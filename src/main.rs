@@ -43,11 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(cli::run(cli));
-    // Log lines still waiting go out first (a few seconds at most, if
-    // stderr is not taking them).
-    cli::flush_logs();
-    match result {
+    match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
