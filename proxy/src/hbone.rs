@@ -23,6 +23,20 @@ pub const TLS_BUFFER: usize = 1024 * 1024;
 /// Largest amount h2 buffers for one stream before the writer must wait.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
+/// Sets up a socket to or from an application: no Nagle delay, and no
+/// pacing on loopback.
+pub fn app_socket(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    unpaced_on_loopback(tcp);
+}
+
+/// Sets up a tunnel's socket (between proxies): as an application's, plus
+/// TCP keepalive.
+pub fn tunnel_socket(tcp: &tokio::net::TcpStream) {
+    app_socket(tcp);
+    keepalive(tcp);
+}
+
 /// A connection to a peer on this host (a loopback address) gets a
 /// congestion control that does not pace. With BBR as the system's choice,
 /// TCP paces every send on a timer (loopback has no queueing discipline to
@@ -30,7 +44,7 @@ pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// In this project's benchmark (BBR system-wide) it took a tunneled stream
 /// from 9.2 to 10.9 Gbit/s. Other congestion controls, and peers elsewhere,
 /// keep what the operator chose.
-pub fn unpaced_on_loopback(tcp: &tokio::net::TcpStream) {
+fn unpaced_on_loopback(tcp: &tokio::net::TcpStream) {
     let Ok(peer) = tcp.peer_addr() else { return };
     let sock = socket2::SockRef::from(tcp);
     let Ok(congestion) = sock.tcp_congestion() else {
@@ -56,7 +70,7 @@ fn paces_on_loopback(peer: std::net::IpAddr, congestion: &[u8]) -> bool {
 /// TCP keepalive on a tunnel's socket: a peer whose node went away (no
 /// FIN, no RST) is found out within about a minute (30 s idle, then 3
 /// probes 10 s apart), and its streams, sockets and pool slot are freed.
-pub fn keepalive(tcp: &tokio::net::TcpStream) {
+fn keepalive(tcp: &tokio::net::TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))

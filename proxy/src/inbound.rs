@@ -104,9 +104,7 @@ async fn connection(
     inbound: Arc<Inbound>,
     mut drain: watch::Receiver<bool>,
 ) {
-    let _ = tcp.set_nodelay(true);
-    hbone::unpaced_on_loopback(&tcp);
-    hbone::keepalive(&tcp);
+    hbone::tunnel_socket(&tcp);
     let metrics = &inbound.metrics;
     let handshake = async {
         let mut tls = inbound
@@ -385,8 +383,7 @@ async fn admit(
             return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
-    let _ = app.set_nodelay(true);
-    hbone::unpaced_on_loopback(&app);
+    hbone::app_socket(&app);
     let ok = Response::builder()
         .status(StatusCode::OK)
         .body(())

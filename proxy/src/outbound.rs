@@ -68,8 +68,7 @@ async fn accept_loop<F, Fut>(
             continue;
         };
         over_limit_logged = false;
-        let _ = app.set_nodelay(true);
-        crate::hbone::unpaced_on_loopback(&app);
+        crate::hbone::app_socket(&app);
         tokio::spawn(handle(app, source, slot));
     }
 }

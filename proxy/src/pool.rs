@@ -336,9 +336,7 @@ impl Pool {
                 ))
             }
         };
-        let _ = tcp.set_nodelay(true);
-        hbone::unpaced_on_loopback(&tcp);
-        hbone::keepalive(&tcp);
+        hbone::tunnel_socket(&tcp);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
