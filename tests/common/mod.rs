@@ -133,13 +133,38 @@ pub fn ward_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ward")
 }
 
-/// A free loopback port (bound, then released for the child to take).
+/// A loopback port for a child process to listen on, free when checked and
+/// kept from everyone else who might take it before the child binds it (or
+/// binds it again after a restart):
+/// - it lies below the kernel's ephemeral range, so no `connect` or `bind(0)`
+///   is ever given it as a local port;
+/// - a lock file held until this test process exits reserves it against
+///   other test processes (nextest runs each test in one), and a counter
+///   against other tests in this one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.clamp(10_001, 65_536));
+    let dir = std::env::temp_dir().join("ward-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..high - low {
+        let port = low + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % (high - low);
+        let lock = std::fs::File::create(dir.join(port.to_string())).unwrap();
+        if lock.try_lock().is_err() || TcpListener::bind(("127.0.0.1", port as u16)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap().push(lock);
+        return port as u16;
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// A running `ward ca serve`, killed on drop.
