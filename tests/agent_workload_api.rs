@@ -256,7 +256,10 @@ async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry(
         );
         seen.push(s);
     }
-    let renewals = agent.log_text().matches("renewed the node SVID").count();
+    let renewals = agent
+        .wait_log(|l| l.matches("renewed the node SVID").count() >= 3)
+        .matches("renewed the node SVID")
+        .count();
     assert!(
         renewals >= 3,
         "node SVID renewed {renewals} times in ~30 s with a 10 s TTL"
@@ -320,7 +323,7 @@ async fn with_the_ca_stopped_cached_svids_keep_flowing_and_rotation_resumes_afte
         next.0 < first.1,
         "rotation came after the cached SVID expired"
     );
-    let log = agent.log_text();
+    let log = agent.wait_log(|l| l.contains("CA reachable again"));
     assert_eq!(
         log.matches("CA unreachable").count(),
         1,
@@ -354,17 +357,14 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     agent.ca_addrs = vec![format!("127.0.0.1:{}", free_port()), ca.node_addr.clone()];
     agent.spawn(None);
     agent.wait_ready();
-    assert!(
-        agent.log_text().contains("failed over to another CA"),
-        "{}",
-        agent.log_text()
-    );
+    let log = agent.wait_log(|l| {
+        l.contains("failed over to another CA") && l.contains("resuming with the stored node SVID")
+    });
+    assert!(log.contains("failed over to another CA"), "{log}");
     let agents = ca.cli_json(&["agent", "list"]);
     assert_eq!(agents.as_array().unwrap().len(), 1, "no second attestation");
     assert_eq!(agents[0]["spiffe_id"], parent.as_str());
-    assert!(agent
-        .log_text()
-        .contains("resuming with the stored node SVID"));
+    assert!(log.contains("resuming with the stored node SVID"), "{log}");
     let out = agent.svid_cli(&["fetch", "--output", "json"], None);
     assert!(
         out.status.success(),
@@ -383,7 +383,7 @@ async fn an_agent_whose_stored_node_svid_expired_asks_for_a_new_token() {
     agent.spawn(None);
     let status = agent.child.as_mut().unwrap().wait().unwrap();
     assert!(!status.success());
-    let log = agent.log_text();
+    let log = agent.wait_log(|l| l.contains("expired") && l.contains("join token"));
     assert!(
         log.contains("expired") && log.contains("join token"),
         "{log}"

@@ -217,8 +217,8 @@ on_both_backends! {
             let (nb, _) = ward_spec::svid::validity(&chain[0]).unwrap();
             assert!(leaf_end - nb < 60, "{name}: TTL not capped");
         }
-        assert!(ca.audit_lines("slot_prepared") >= 1);
-        assert!(ca.audit_lines("slot_activated") >= 1);
+        assert!(ca.wait_audit_lines("slot_prepared", 1) >= 1);
+        assert!(ca.wait_audit_lines("slot_activated", 1) >= 1);
     }
 }
 
@@ -252,7 +252,7 @@ on_both_backends! {
             assert!(ok, "{msg}");
         }
         // The log shows the bundle change before the activation.
-        let log = ca.log_text();
+        let log = ca.wait_log(|l| l.contains("rotated the signing slot"));
         let published = log.rfind("published a new trust bundle").unwrap();
         let activated = log.rfind("rotated the signing slot").unwrap();
         assert!(

@@ -65,7 +65,7 @@ on_both_backends! {
         // The node SVID fits the profile and verifies too.
         let (ok, msg) = openssl_verify(&ca.dir, &roots, &node.chain);
         assert!(ok, "node SVID: {msg}");
-        assert_eq!(ca.audit_lines("x509_svid_issued"), 1);
+        assert_eq!(ca.wait_audit_lines("x509_svid_issued", 1), 1);
     }
 }
 
@@ -92,11 +92,11 @@ on_both_backends! {
             .await
             .unwrap_err();
         assert_eq!(other.code(), Code::PermissionDenied);
-        assert!(
-            ca.audit_lines("\"refused\"") + ca.audit_lines("event=refused") >= 2,
-            "{}",
-            ca.log_text()
-        );
+        let refused = |l: &str| {
+            count_audit_lines(l, "\"refused\"") + count_audit_lines(l, "event=refused")
+        };
+        let log = ca.wait_log(|l| refused(l) >= 2);
+        assert!(refused(&log) >= 2, "{log}");
     }
 }
 
@@ -163,7 +163,12 @@ on_both_backends! {
             garbage.message()
         );
 
-        assert_eq!(ca.audit_lines("refused a request"), 5, "{}", ca.log_text());
+        assert_eq!(
+            ca.wait_audit_lines("refused a request", 5),
+            5,
+            "{}",
+            ca.log_text()
+        );
         // Batch signing reports each refusal in place and still signs the good one.
         let r = node
             .client
@@ -218,7 +223,7 @@ on_both_backends! {
 
         let unknown = attest_with(&ca, "not-a-token").await.err().unwrap();
         assert_eq!(unknown.code(), Code::PermissionDenied);
-        assert_eq!(ca.audit_lines("agent_attested"), 1);
+        assert_eq!(ca.wait_audit_lines("agent_attested", 1), 1);
     }
 }
 
@@ -258,7 +263,7 @@ on_both_backends! {
         let sign = node.sign(&entry, csr(&key, &[])).await.unwrap_err();
         assert_eq!(sign.code(), Code::PermissionDenied);
         assert_eq!(ca.cli_json(&["agent", "list"])[0]["evicted"], true);
-        assert!(ca.audit_lines("agent_evicted") == 1);
+        assert_eq!(ca.wait_audit_lines("agent_evicted", 1), 1);
     }
 }
 
@@ -296,11 +301,8 @@ on_both_backends! {
         };
         let err = result.expect_err("an expired node SVID must be refused");
         assert!(!err.is_empty());
-        assert!(
-            ca.log_text().contains("refused client certificate"),
-            "{}",
-            ca.log_text()
-        );
+        let log = ca.wait_log(|l| l.contains("refused client certificate"));
+        assert!(log.contains("refused client certificate"), "{log}");
     }
 }
 

@@ -305,7 +305,9 @@ fn the_agent_fails_over_when_its_replica_is_killed_and_never_serves_an_expired_s
         expiries.len()
     );
     assert!(
-        agent.log_text().contains("failed over to another CA"),
+        agent
+            .wait_log(|l| l.contains("failed over to another CA"))
+            .contains("failed over to another CA"),
         "the agent never said it moved to B"
     );
 
@@ -532,7 +534,7 @@ fn while_postgres_restarts_the_replicas_are_not_ready_keep_signing_and_recover_b
     println!("  both ready {took:?} after the server started");
     assert_eq!(metric_value(&a.health_addr, "ward_ca_datastore_up"), 1.0);
     for ca in [&a, &b] {
-        let log = ca.log_text();
+        let log = ca.wait_log(|l| l.contains("the datastore answers again"));
         assert_eq!(
             log.matches("the datastore does not answer").count(),
             1,
@@ -667,23 +669,26 @@ fn a_signing_request_in_flight_when_its_replica_dies_is_retried_on_the_other_onc
         sign_errors(&agent) >= 1.0,
         "no signing request failed: none was in flight when A died"
     );
-    assert!(agent.log_text().contains("failed over to another CA"));
+    assert!(agent
+        .wait_log(|l| l.contains("failed over to another CA"))
+        .contains("failed over to another CA"));
 
     step(
         6,
         "nothing signed twice: B issued each new entry's SVID once, A none of them",
     );
-    let b_log = b.log_text();
+    let issued = |log: &str, i: usize| {
+        let id = format!("spiffe_id=spiffe://example.org/tenant/acme/ns/prod/sa/new-{i} ");
+        log.lines()
+            .filter(|l| l.contains("x509_svid_issued") && l.contains(&id))
+            .count()
+    };
+    // The agent serves all 21, so B has issued each: wait for its lines.
+    let b_log = b.wait_log(|l| (0..20).all(|i| issued(l, i) >= 1));
     let a_log = a.log_text();
     for i in 0..20 {
-        let id = format!("spiffe_id=spiffe://example.org/tenant/acme/ns/prod/sa/new-{i} ");
-        let issued = |log: &str| {
-            log.lines()
-                .filter(|l| l.contains("x509_svid_issued") && l.contains(&id))
-                .count()
-        };
-        assert_eq!(issued(&b_log), 1, "new-{i} issued by B");
-        assert_eq!(issued(&a_log), 0, "new-{i} issued by A");
+        assert_eq!(issued(&b_log, i), 1, "new-{i} issued by B");
+        assert_eq!(issued(&a_log, i), 0, "new-{i} issued by A");
     }
 }
 
@@ -747,7 +752,7 @@ async fn an_agent_evicted_through_one_replica_is_not_signed_for_from_the_others_
     );
     // Signed from memory for one, nothing issued for the other.
     assert_eq!(
-        b.audit_lines(&format!("spiffe_id={evicted_id} ")),
+        b.wait_audit_lines(&format!("spiffe_id={evicted_id} "), 1),
         1,
         "{}",
         b.log_text()
@@ -804,7 +809,7 @@ fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
         expiries.iter().filter(|&&e| e > frozen_at).count() >= 1,
         "no rotation after A froze: {expiries:?}"
     );
-    let log = agent.log_text();
+    let log = agent.wait_log(|l| l.contains("failed over to another CA"));
     assert!(log.contains("failed over to another CA"), "{log}");
     let timed_out: f64 = ["sync", "sign"]
         .iter()
@@ -816,5 +821,8 @@ fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
         })
         .sum();
     assert!(timed_out >= 1.0, "no call to A failed");
-    assert!(b.audit_lines("x509_svid_issued") >= 1, "B signed nothing");
+    assert!(
+        b.wait_audit_lines("x509_svid_issued", 1) >= 1,
+        "B signed nothing"
+    );
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{ward_bin, AgentProcess, CaProcess, TD};
+use common::{count_audit_lines, ward_bin, AgentProcess, CaProcess, TD};
 
 fn step(n: u32, what: &str) {
     println!("step {n}: {what}");
@@ -126,28 +126,30 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         msg.contains("PermissionDenied") && msg.contains("create_entry") && msg.contains("globex"),
         "{msg}"
     );
+    let names_both = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("refused an admin call") && l.contains(&admin_id) && l.contains("globex")
+        })
+    };
+    let log = ca.wait_log(names_both);
     assert!(
-        ca.audit_lines("refused") > refused_before,
+        count_audit_lines(&log, "refused") > refused_before,
         "no audit line for the refusal"
     );
     assert!(
-        ca.log_text()
-            .lines()
-            .any(|l| l.contains("refused an admin call")
-                && l.contains(&admin_id)
-                && l.contains("globex")),
-        "the audit line names neither the caller nor the tenant:\n{}",
-        ca.log_text()
+        names_both(&log),
+        "the audit line names neither the caller nor the tenant:\n{log}"
     );
 
     step(4, "the same call inside acme succeeds");
     let acme = format!("spiffe://{TD}/tenant/acme/ns/prod/sa/api");
     let out = remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&acme, &parent));
     assert!(out.status.success(), "{}", text(&out));
-    assert!(ca
-        .log_text()
-        .lines()
-        .any(|l| l.contains("entry_created") && l.contains(&admin_id)));
+    let created = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("entry_created") && l.contains(&admin_id))
+    };
+    assert!(created(&ca.wait_log(created)));
 
     step(5, "join tokens: for globex refused, for acme issued");
     let out = remote(

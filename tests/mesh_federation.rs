@@ -151,12 +151,9 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let r = hash_client(port, 1024, 1, 0.0);
     assert_eq!(r.ok, 0, "a stream crossed trust domains without federation");
     assert_eq!(app.connections(), 0);
-    assert!(
-        web.log_text()
-            .contains("is not in trust domain example.org nor in one federated with it"),
-        "web's proxy did not say why:\n{}",
-        web.log_text()
-    );
+    let why = "is not in trust domain example.org nor in one federated with it";
+    let log = web.wait_log(|l| l.contains(why));
+    assert!(log.contains(why), "web's proxy did not say why:\n{log}");
     let out = py_client(&["bundle", &agent2.endpoint(), "example.org"]);
     assert!(
         !out.status.success(),
@@ -356,12 +353,12 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
         "  refused {:?} after the entry stopped federating",
         stopped.elapsed()
     );
-    let log = api.log_text();
-    assert!(
+    let said = |log: &str| {
         log.contains("closing a connection whose peer is no longer trusted")
-            && log.contains("refused client certificate"),
-        "{log}"
-    );
+            && log.contains("refused client certificate")
+    };
+    let log = api.wait_log(said);
+    assert!(said(&log), "{log}");
     // The open stream was closed with its connection, and api's access log
     // says why (lines are written out every second).
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -518,7 +515,7 @@ fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotatio
         federated_kids(&ours, "partner.test").is_empty(),
         "a bundle was taken from an endpoint with the wrong identity"
     );
-    let log = ours.log_text();
+    let log = ours.wait_log(|l| l.contains("cannot refresh a federated bundle"));
     assert_eq!(
         log.matches("cannot refresh a federated bundle").count(),
         1,

@@ -259,7 +259,9 @@ when { principal.service == "db" && resource.service == "api" };
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = mesh.api.log_text();
+    let log = mesh
+        .api
+        .wait_log(|l| l.contains("policy set rejected") && l.contains("broken.cedar:2:"));
     assert!(
         log.contains("policy set rejected") && log.contains("broken.cedar:2:"),
         "{log}"
@@ -439,10 +441,8 @@ when { principal.service == "web" };
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(mesh.api.metric("ward_proxy_streams_revoked_total"), 1.0);
-    assert!(mesh
-        .api
-        .log_text()
-        .contains("closed an open stream the new policy set denies"));
+    let closed = "closed an open stream the new policy set denies";
+    assert!(mesh.api.wait_log(|l| l.contains(closed)).contains(closed));
     // What it carried before it was cut off is counted.
     let to_app = mesh
         .api
@@ -834,9 +834,8 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
         ),
         1.0
     );
-    assert!(web
-        .log_text()
-        .contains("expected one of [spiffe://example.org/tenant/acme/ns/prod/sa/db]"));
+    let expected = "expected one of [spiffe://example.org/tenant/acme/ns/prod/sa/db]";
+    assert!(web.wait_log(|l| l.contains(expected)).contains(expected));
 }
 
 #[test]
@@ -990,7 +989,10 @@ fn rotation_under_load_keeps_every_stream_intact() {
 
     // 3. Both proxies installed at least 6 SVIDs (the first and 5 rotations).
     for (name, p) in [("web", &web), ("api", &mesh.api)] {
-        let installed = p.log_text().matches("SVID installed").count();
+        let installed = p
+            .wait_log(|l| l.matches("SVID installed").count() >= 6)
+            .matches("SVID installed")
+            .count();
         assert!(installed >= 6, "{name} proxy installed {installed} SVIDs");
     }
     // 4. The ten long streams stayed on their connection; new streams moved

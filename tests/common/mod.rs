@@ -263,6 +263,11 @@ impl CaProcess {
         read_log(&self.log)
     }
 
+    /// The log once `ok` accepts it (see [`wait_log`]).
+    pub fn wait_log(&self, ok: impl Fn(&str) -> bool) -> String {
+        wait_log(&self.log, ok)
+    }
+
     /// Runs a `ward` client command against this CA's admin socket.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(ward_bin())
@@ -322,10 +327,16 @@ impl CaProcess {
 
     /// Audit lines (target `audit`) in the log containing `needle`.
     pub fn audit_lines(&self, needle: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains("audit") && l.contains(needle))
-            .count()
+        count_audit_lines(&self.log_text(), needle)
+    }
+
+    /// Audit lines containing `needle`, once there are at least `n` of them
+    /// (see [`wait_log`]).
+    pub fn wait_audit_lines(&self, needle: &str, n: usize) -> usize {
+        count_audit_lines(
+            &self.wait_log(|l| count_audit_lines(l, needle) >= n),
+            needle,
+        )
     }
 }
 
@@ -368,6 +379,28 @@ fn kill9(child: &mut Option<Child>) {
 
 fn read_log(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// A process's log once `ok` accepts its text, or as it is after 10 s (for
+/// the caller's assertion to fail on and show). A process writes its log
+/// out from a thread of its own, so a line reaches the file a moment after
+/// the event it tells of.
+pub fn wait_log(log: &Path, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = read_log(log);
+        if ok(&text) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Audit lines (target `audit`) in `log` containing `needle`.
+pub fn count_audit_lines(log: &str, needle: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("audit") && l.contains(needle))
+        .count()
 }
 
 /// A directory every test uid may write to (logs and files of processes
@@ -674,6 +707,11 @@ impl AgentProcess {
         read_log(&self.log)
     }
 
+    /// The log once `ok` accepts it (see [`wait_log`]).
+    pub fn wait_log(&self, ok: impl Fn(&str) -> bool) -> String {
+        wait_log(&self.log, ok)
+    }
+
     /// Runs a `ward svid …` command against this agent as `uid` (None: as the test).
     pub fn svid_cli(&self, args: &[&str], uid: Option<u32>) -> Output {
         use std::os::unix::process::CommandExt;
@@ -857,6 +895,11 @@ impl ProxyProcess {
 
     pub fn log_text(&self) -> String {
         read_log(&self.log)
+    }
+
+    /// The log once `ok` accepts it (see [`wait_log`]).
+    pub fn wait_log(&self, ok: impl Fn(&str) -> bool) -> String {
+        wait_log(&self.log, ok)
     }
 
     pub fn decision_lines(&self) -> Vec<serde_json::Value> {
