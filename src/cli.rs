@@ -13,6 +13,7 @@ mod up;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ward_spec::linelog::LineLog;
 
 pub use output::Output;
 
@@ -115,18 +116,64 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs for long-running commands: human-readable by default, JSON on request.
+/// Logs for long-running commands: human-readable by default, JSON on
+/// request, on stderr through a [`LineLog`]: a thread of its own writes
+/// them, so a serving thread never waits on stderr (a pipe nobody reads
+/// fills after 64 KiB, and writing to it would stall the process). Past
+/// [`STDERR_LIMIT`] of unwritten lines, new ones are dropped and counted, and
+/// a warning says how many once stderr takes lines again.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = STDERR_LOG.set(LineLog::with_limit(
+        "stderr",
+        Box::new(std::io::stderr()),
+        std::time::Duration::from_secs(1),
+        STDERR_LIMIT,
+    ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(|| EventText(Vec::new()));
     if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+}
+
+/// The most the process's own log holds while stderr is not taking lines.
+pub const STDERR_LIMIT: usize = 1024 * 1024;
+
+static STDERR_LOG: std::sync::OnceLock<LineLog> = std::sync::OnceLock::new();
+
+/// Writes out the log lines so far (before the process exits).
+pub fn flush_logs() {
+    if let Some(log) = STDERR_LOG.get() {
+        log.flush();
+    }
+}
+
+/// One event's formatted text, handed to the stderr log when dropped.
+struct EventText(Vec<u8>);
+
+impl std::io::Write for EventText {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventText {
+    fn drop(&mut self) {
+        let text = self.0.strip_suffix(b"\n").unwrap_or(&self.0);
+        if let (Some(log), false) = (STDERR_LOG.get(), text.is_empty()) {
+            log.push(String::from_utf8_lossy(text), true);
+        }
     }
 }

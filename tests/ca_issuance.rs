@@ -376,3 +376,91 @@ on_both_backends! {
         assert_eq!(http_get(&ca.health_addr, "/healthz").unwrap().0, 200);
     }
 }
+
+/// `ward ca serve` logging at `trace` (every HTTP/2 frame, every SQL
+/// statement) into a stderr pipe nobody reads: the pipe fills after 64 KiB,
+/// yet the CA keeps answering; lines past the log's limit are dropped, and
+/// once the pipe is read the CA says how many.
+#[test]
+fn a_stderr_pipe_nobody_reads_does_not_stall_the_ca() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// The CA, killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let health = format!("127.0.0.1:{}", free_port());
+    let mut ca = Killed(
+        Command::new(ward_bin())
+            .args(["ca", "serve", "--trust-domain", TD, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--bind-address", &format!("127.0.0.1:{}", free_port())])
+            .args(["--health-address", &health])
+            .env("WARD_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(&health, "/readyz").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "the CA never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Admin calls, each traced at length: more log lines than the pipe and
+    // the log's buffer (1 MiB) hold together.
+    const CALLS: usize = 100;
+    let socket = dir.path().join("data/admin.sock");
+    for i in 0..CALLS {
+        let (tx, rx) = mpsc::channel();
+        let s = socket.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                Command::new(ward_bin())
+                    .args(["token", "create"])
+                    .env("WARD_ADMIN_SOCKET", s)
+                    .output()
+                    .unwrap(),
+            );
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("call {i} got no answer: the CA waits on its stderr?"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Now read the pipe: the backlog comes out, then the warning that says
+    // how many lines were dropped.
+    let (tx, rx) = mpsc::channel();
+    let err = ca.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("the stderr log's destination is taking lines again") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no warning that lines were dropped");
+    let dropped: u64 = line
+        .split("dropped=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    assert!(dropped > 0, "{line}");
+}

@@ -1,4 +1,5 @@
-//! Line logs (decision and access logs) written off the serving threads.
+//! Line logs (decision and access logs, and the process's own log on
+//! stderr) written off the serving threads.
 //!
 //! A line is appended to an in-memory buffer; a thread of the log's own
 //! writes the buffer out: at once after a line that must not wait (a
@@ -94,8 +95,11 @@ impl LineLog {
         if st.buf.len() > s.limit {
             st.buf.truncate(before);
             s.dropped.fetch_add(1, Ordering::Relaxed);
-            if !st.dropping {
-                st.dropping = true;
+            let first = !std::mem::replace(&mut st.dropping, true);
+            // Warn with the lock released: the warning may itself be a line
+            // of this log (the process's own log on stderr).
+            drop(st);
+            if first {
                 tracing::warn!(
                     log = s.name,
                     "the {} log's destination is not taking lines; new lines are dropped until it catches up",
@@ -205,8 +209,13 @@ impl Shared {
 
             let mut st = self.lock();
             st.done += bytes;
-            if st.dropping && !failing && st.buf.len() < self.limit / 2 {
+            let caught_up = st.dropping && !failing && st.buf.len() < self.limit / 2;
+            if caught_up {
                 st.dropping = false;
+            }
+            drop(st);
+            self.written.notify_all();
+            if caught_up {
                 tracing::warn!(
                     log = self.name,
                     dropped = self.dropped.load(Ordering::Relaxed),
@@ -214,8 +223,6 @@ impl Shared {
                     self.name
                 );
             }
-            drop(st);
-            self.written.notify_all();
         }
     }
 }
