@@ -424,3 +424,66 @@ async fn a_new_entry_reaches_the_agent_in_under_a_second() {
         "new entry reached the agent (and was signed) after {reached:?}"
     );
 }
+
+#[tokio::test]
+async fn an_agent_further_behind_than_the_cas_retention_of_deletions_syncs_every_entry_again() {
+    // The CA keeps an entry's deletion for 1 s, then only the entries that exist.
+    let ca = CaProcess::start(&["--entry-change-retention", "1s"]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    let uid = format!("unix:uid:{}", my_uid());
+    ca.register("spiffe://example.org/stays", &parent, &uid);
+    let goes = ca.register("spiffe://example.org/goes", &parent, &uid);
+    let served = || {
+        let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    eventually("both entries served", || async {
+        let s = served();
+        match s.contains("example.org/stays") && s.contains("example.org/goes") {
+            true => Ok(()),
+            false => Err(s),
+        }
+    })
+    .await;
+
+    // The agent hears nothing while one entry is deleted and the CA forgets
+    // the deletion.
+    let signal = |sig: &str| {
+        let pid = agent.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let out = ca.cli(&["entry", "delete", &goes]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pruned = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("pruned entry changes") && l.contains("deletions=1"))
+    };
+    let log = ca.wait_log(pruned);
+    signal("-CONT");
+    assert!(pruned(&log), "{log}");
+
+    // Its next sync starts over and drops the deleted entry.
+    eventually("the deleted entry dropped", || async {
+        let s = served();
+        match s.contains("example.org/stays") && !s.contains("example.org/goes") {
+            true => Ok(()),
+            false => Err(s),
+        }
+    })
+    .await;
+    let log = agent.wait_log(|l| l.contains("synced every entry again"));
+    assert!(
+        log.contains("syncing every entry again") && log.contains("dropped=1"),
+        "{log}"
+    );
+}

@@ -380,6 +380,12 @@ impl Manager {
 
     async fn sync(&mut self) -> Result<(), String> {
         let mut c = self.client().await?;
+        // Set while syncing every entry again from revision 0 (the CA no
+        // longer holds all the deletions since our revision): the entries
+        // that sync returned (the others are dropped at its end), and the
+        // revision to go back to if it is cut short, so the next sync
+        // starts it again.
+        let mut relisted: Option<(std::collections::HashSet<String>, u64)> = None;
         loop {
             let page = match c
                 .sync_entries(pb::SyncEntriesRequest {
@@ -388,9 +394,26 @@ impl Manager {
                 .await
             {
                 Ok(r) => r.into_inner(),
-                Err(e) => return Err(self.call_failed(e, false).await),
+                Err(e) => {
+                    if let Some((_, from)) = relisted {
+                        self.revision = from;
+                    }
+                    return Err(self.call_failed(e, false).await);
+                }
             };
+            if page.restart && relisted.is_none() {
+                tracing::info!(
+                    revision = self.revision,
+                    "the CA no longer holds every deletion since this agent's last sync; syncing every entry again"
+                );
+                relisted = Some((Default::default(), self.revision));
+                self.revision = 0;
+                continue;
+            }
             for e in page.entries {
+                if let Some((seen, _)) = relisted.as_mut() {
+                    seen.insert(e.id.clone());
+                }
                 match to_cached(e) {
                     Ok(e) => {
                         Arc::make_mut(&mut self.entries).insert(e.id.clone(), Arc::new(e));
@@ -410,6 +433,25 @@ impl Manager {
             if !page.more {
                 break;
             }
+        }
+        if let Some((seen, _)) = relisted {
+            let gone: Vec<String> = self
+                .entries
+                .keys()
+                .filter(|id| !seen.contains(*id))
+                .cloned()
+                .collect();
+            for id in &gone {
+                Arc::make_mut(&mut self.entries).remove(id);
+                Arc::make_mut(&mut self.svids).remove(id);
+                self.dirty = true;
+                self.entries_changed = true;
+            }
+            tracing::info!(
+                entries = self.entries.len(),
+                dropped = gone.len(),
+                "synced every entry again"
+            );
         }
         let b = match c.fetch_bundle(pb::FetchBundleRequest {}).await {
             Ok(r) => r.into_inner(),

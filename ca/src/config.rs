@@ -47,6 +47,10 @@ pub struct CaConfig {
     /// How often the slot schedule is checked.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub rotation_check_interval: Duration,
+    /// How long a deletion of an entry is kept for agents to sync. An
+    /// agent further behind syncs every entry again.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub entry_change_retention: Duration,
     pub upstream_cert: Option<PathBuf>,
     pub upstream_key: Option<PathBuf>,
     /// Serves our bundle as a SPIFFE bundle endpoint (https_spiffe) here.
@@ -82,6 +86,7 @@ impl Default for CaConfig {
             node_svid_ttl: Duration::from_secs(3600),
             join_token_ttl: Duration::from_secs(600),
             rotation_check_interval: Duration::from_secs(10),
+            entry_change_retention: Duration::from_secs(24 * 3600),
             upstream_cert: None,
             upstream_key: None,
             federation_address: None,
@@ -133,6 +138,7 @@ impl CaConfig {
             ("node_svid_ttl", self.node_svid_ttl),
             ("join_token_ttl", self.join_token_ttl),
             ("rotation_check_interval", self.rotation_check_interval),
+            ("entry_change_retention", self.entry_change_retention),
         ];
         for (key, d) in positive {
             if d.is_zero() {

@@ -19,6 +19,7 @@ mod tests;
 
 pub use breaker::{unavailable, Breaker};
 pub use postgres::{redacted, PgStore};
+pub use sql::unix_now;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -112,6 +113,22 @@ pub struct SyncPage {
     pub deleted: Vec<String>,
     pub revision: u64,
     pub more: bool,
+    /// Deletions after the caller's revision may have been pruned (see
+    /// [`Datastore::prune_entry_changes`]): the caller must sync again from
+    /// revision 0 and drop what that sync does not return.
+    pub restart: bool,
+}
+
+/// What [`Datastore::prune_entry_changes`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrunedChanges {
+    /// Rows a newer change of the same entry under the same parent replaced.
+    pub superseded: u64,
+    /// Deletions (an entry gone from a parent) older than the cut-off.
+    pub deletions: u64,
+    /// The newest revision pruned so far: a sync from an older revision
+    /// (other than 0) is told to restart.
+    pub floor: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -248,6 +265,10 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<Vec<Entry>>;
     /// Entries parented to `parent` changed after `since`, at most `limit`.
     async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage>;
+    /// Forgets deletions recorded before `before` (Unix seconds), so
+    /// `entry_changes` holds one row per live entry and parent plus the
+    /// recent deletions, instead of growing with every write.
+    async fn prune_entry_changes(&self, before: i64) -> Result<PrunedChanges>;
 
     /// The stored bundle document and its sequence.
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>>;

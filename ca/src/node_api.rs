@@ -129,6 +129,7 @@ impl Node for NodeApi {
             deleted_entry_ids: page.deleted,
             revision: page.revision,
             more: page.more,
+            restart: page.restart,
         }))
     }
 

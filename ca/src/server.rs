@@ -159,6 +159,11 @@ pub async fn serve(
         cfg.federation_refresh_interval,
         stop_rx.clone(),
     ));
+    tokio::spawn(prune_entry_changes(
+        ca.store.clone(),
+        cfg.entry_change_retention,
+        stop_rx.clone(),
+    ));
 
     // The key schedule: advance slots, follow bundle changes, renew our SVID.
     let schedule = {
@@ -208,6 +213,36 @@ pub async fn serve(
     h.context("health server")?;
     tracing::info!("CA stopped");
     Ok(())
+}
+
+/// Forgets entry deletions older than `retention`, every quarter of it (at
+/// most hourly). Every replica does it; the deletes are idempotent.
+async fn prune_entry_changes(
+    store: Arc<dyn crate::datastore::Datastore>,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let before = crate::datastore::unix_now() - retention.as_secs() as i64;
+        match store.prune_entry_changes(before).await {
+            Ok(p) if p.deletions + p.superseded > 0 => tracing::info!(
+                deletions = p.deletions,
+                superseded = p.superseded,
+                floor = p.floor,
+                "pruned entry changes; an agent that last synced before revision {} syncs every entry again",
+                p.floor
+            ),
+            Ok(_) => {}
+            // The store's breaker says when the database does not answer.
+            Err(e) if crate::datastore::unavailable(&e) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot prune entry changes; trying again later"),
+        }
+    }
 }
 
 async fn wait(mut stop: watch::Receiver<bool>) {

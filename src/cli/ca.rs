@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// How often the key schedule is checked. Default 10s
     #[arg(long, value_parser = duration)]
     rotation_check_interval: Option<std::time::Duration>,
+    /// How long an entry's deletion is kept for agents to sync; an agent
+    /// further behind syncs every entry again. Default 24h
+    #[arg(long, value_parser = duration)]
+    entry_change_retention: Option<std::time::Duration>,
     /// PEM certificate of an existing root to sign intermediates with.
     #[arg(long, requires = "upstream_key")]
     upstream_cert: Option<PathBuf>,
@@ -116,7 +120,8 @@ impl ServeArgs {
             jwt_svid_ttl,
             node_svid_ttl,
             join_token_ttl,
-            rotation_check_interval
+            rotation_check_interval,
+            entry_change_retention
         );
         if self.admin_socket.is_some() {
             c.admin_socket = self.admin_socket;

@@ -18,8 +18,8 @@ use ward_spec::{SpiffeId, TrustDomain};
 
 use super::{
     AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
-    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, Result, SigningEntry, StoreChange,
-    StoreError, SyncPage, TokenUse,
+    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,
+    StoreChange, StoreError, SyncPage, TokenUse,
 };
 use crate::metrics::Metrics;
 
@@ -184,6 +184,9 @@ impl Datastore for Breaker {
     }
     async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
         guarded!(self.sync_entries(parent, since, limit))
+    }
+    async fn prune_entry_changes(&self, before: i64) -> Result<PrunedChanges> {
+        guarded!(self.prune_entry_changes(before))
     }
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>> {
         guarded!(self.get_bundle(trust_domain))

@@ -16,8 +16,8 @@ use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
 use super::{
     AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
-    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, Result, SigningEntry, StoreChange,
-    StoreError, SyncPage, TokenUse,
+    FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,
+    StoreChange, StoreError, SyncPage, TokenUse,
 };
 
 /// Serializes migrations of replicas that start at the same time.

@@ -87,12 +87,24 @@ ALTER TABLE federated_bundles ADD COLUMN endpoint_spiffe_id TEXT NOT NULL DEFAUL
     r#"
 ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]';
 "#,
+    r#"
+ALTER TABLE entry_changes ADD COLUMN changed_at BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX entry_changes_entry ON entry_changes (entry_id, parent_id);
+INSERT INTO counters (name, value) VALUES ('entry_changes_floor', 0);
+"#,
 ];
 
 /// The migration that added `entries.federates_with`: entries that existed
 /// before it federate with every trust domain the CA held a bundle for, as
 /// all workloads did then (see `backfill_federates_with`).
 pub const FEDERATES_WITH_MIGRATION: usize = 6;
+
+/// Seconds since the Unix epoch, the time of an entry change.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
 
 /// The longest list of parents one entries notice names (PostgreSQL's
 /// `NOTIFY` payload stops at 8,000 bytes); more take several notices.
@@ -310,17 +322,27 @@ macro_rules! sql_store {
             Ok(v as u64)
         }
 
+        /// Records that entry `id` changed under `parent` at `revision`. The
+        /// pair's older rows go: a sync reports an entry once, at its newest
+        /// change, so they would never be read again.
         async fn record_change(
             tx: &mut $conn,
             revision: u64,
             parent: &SpiffeId,
             id: &str,
         ) -> Result<()> {
-            sqlx::query("INSERT INTO entry_changes (revision, parent_id, entry_id) VALUES ($1, $2, $3)")
+            sqlx::query("DELETE FROM entry_changes WHERE entry_id = $1 AND parent_id = $2 AND revision < $3")
+                .bind(id)
+                .bind(parent.to_string())
+                .bind(revision as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO entry_changes (revision, parent_id, entry_id, changed_at) VALUES ($1, $2, $3, $4)")
                 .bind(revision as i64)
                 .bind(parent.to_string())
                 .bind(id)
-                .execute(tx)
+                .bind(super::sql::unix_now())
+                .execute(&mut *tx)
                 .await?;
             Ok(())
         }
@@ -669,6 +691,13 @@ macro_rules! sql_store {
                 .bind(limit as i64 + 1)
                 .fetch_all(&mut *tx)
                 .await?;
+                // Read after the changes: a pruning that removed a deletion
+                // they would have held has raised it by now (PostgreSQL reads
+                // each statement's own snapshot).
+                let floor: i64 =
+                    sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_changes_floor'")
+                        .fetch_one(&mut *tx)
+                        .await?;
                 let more = changed.len() > limit as usize;
                 let changed = &changed[..changed.len().min(limit as usize)];
                 let ids: Vec<String> = changed
@@ -687,6 +716,7 @@ macro_rules! sql_store {
                 let mut page = SyncPage {
                     revision,
                     more,
+                    restart: since > 0 && since < floor as u64,
                     ..SyncPage::default()
                 };
                 let mut current_entries = std::collections::HashMap::new();
@@ -712,6 +742,53 @@ macro_rules! sql_store {
                     }
                 }
                 Ok(page)
+            }
+
+            async fn prune_entry_changes(&self, before: i64) -> Result<PrunedChanges> {
+                let mut tx = self.pool.begin().await?;
+                // Rows an entry's newer change under the same parent supersedes
+                // (left by versions that kept every change).
+                let superseded = sqlx::query(
+                    "DELETE FROM entry_changes WHERE EXISTS (
+                         SELECT 1 FROM entry_changes n
+                          WHERE n.entry_id = entry_changes.entry_id
+                            AND n.parent_id = entry_changes.parent_id
+                            AND n.revision > entry_changes.revision)",
+                )
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                // Deletions (the entry is gone, or under another parent now)
+                // older than `before`.
+                let revisions: Vec<i64> = sqlx::query_scalar(
+                    "DELETE FROM entry_changes
+                      WHERE changed_at < $1
+                        AND NOT EXISTS (SELECT 1 FROM entries e
+                                         WHERE e.id = entry_changes.entry_id
+                                           AND e.parent_id = entry_changes.parent_id)
+                      RETURNING revision",
+                )
+                .bind(before)
+                .fetch_all(&mut *tx)
+                .await?;
+                if let Some(&max) = revisions.iter().max() {
+                    sqlx::query(
+                        "UPDATE counters SET value = $1 WHERE name = 'entry_changes_floor' AND value < $1",
+                    )
+                    .bind(max)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let floor: i64 =
+                    sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_changes_floor'")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok(PrunedChanges {
+                    superseded,
+                    deletions: revisions.len() as u64,
+                    floor: floor as u64,
+                })
             }
 
             async fn get_bundle(&self, trust_domain: &str) -> Result<Option<(Vec<u8>, u64)>> {

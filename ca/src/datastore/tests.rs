@@ -116,6 +116,87 @@ async fn sync_reports_creates_moves_and_deletes_per_parent_incrementally_on(s: &
 }
 
 #[tokio::test]
+async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behind_to_restart() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behind_to_restart_on(
+            s.as_ref(),
+        )
+        .await;
+    }
+}
+
+async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behind_to_restart_on(
+    s: &dyn Datastore,
+) {
+    let a = id("spiffe://td/ward/agent/x/a");
+    let b = id("spiffe://td/ward/agent/x/b");
+    for n in ["e1", "e2"] {
+        s.create_entry(entry(n, "spiffe://td/ward/agent/x/a"), 1)
+            .await
+            .unwrap();
+    }
+    s.create_entry(entry("e3", "spiffe://td/ward/agent/x/b"), 1)
+        .await
+        .unwrap();
+    let first = s.sync_entries(&a, 0, 100).await.unwrap();
+    // Each write keeps only an entry's newest change: nothing is superseded.
+    for ttl in 1..=5 {
+        let mut e2 = s.get_entry("e2").await.unwrap().unwrap();
+        e2.x509_ttl = ttl;
+        s.update_entry(e2).await.unwrap();
+    }
+    let none = s.prune_entry_changes(0).await.unwrap();
+    assert_eq!(none, PrunedChanges::default(), "nothing is that old");
+    let deleted = s.delete_entry("e1").await.unwrap().revision;
+
+    // Before pruning, a caller behind the deletion hears of it.
+    let behind = s.sync_entries(&a, first.revision, 100).await.unwrap();
+    assert_eq!(behind.deleted, ["e1"]);
+    assert!(!behind.restart);
+
+    let now = unix_now() + 10;
+    let pruned = s.prune_entry_changes(now).await.unwrap();
+    assert_eq!(
+        pruned,
+        PrunedChanges {
+            superseded: 0,
+            deletions: 1,
+            floor: deleted
+        }
+    );
+    // Now it is told to restart instead; from 0 it gets exactly what exists.
+    let behind = s.sync_entries(&a, first.revision, 100).await.unwrap();
+    assert!(
+        behind.restart,
+        "a caller behind a pruned deletion must restart"
+    );
+    let full = s.sync_entries(&a, 0, 100).await.unwrap();
+    assert!(!full.restart);
+    assert_eq!(
+        full.entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        ["e2"]
+    );
+    assert_eq!(full.entries[0].x509_ttl, 5);
+    assert!(full.deleted.is_empty());
+    // A caller at or past the pruned deletion carries on incrementally.
+    let current = s.sync_entries(&a, deleted, 100).await.unwrap();
+    assert!(!current.restart && current.entries.is_empty() && current.deleted.is_empty());
+    // The other parent's entry was never a deletion and stays.
+    let pb = s.sync_entries(&b, 0, 100).await.unwrap();
+    assert_eq!(
+        pb.entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e3"]
+    );
+    // Pruning again finds nothing and keeps the floor.
+    let again = s.prune_entry_changes(now).await.unwrap();
+    assert_eq!((again.deletions, again.floor), (0, deleted));
+}
+
+#[tokio::test]
 async fn sync_pages_by_revision_without_losing_entries() {
     for (backend, s) in stores().await {
         println!("backend: {backend}");
@@ -505,6 +586,14 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
             .execute(&mut c)
             .await
             .unwrap();
+        // Its change, and the deletion of an entry `gone`.
+        sqlx::query(
+            "INSERT INTO entry_changes (revision, parent_id, entry_id)
+             VALUES (1, 'spiffe://td/node', 'old'), (1, 'spiffe://td/node', 'gone')",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
         for td in ["b.test", "a.test"] {
             sqlx::query("INSERT INTO federated_bundles (trust_domain, jwks, updated_at) VALUES ($1, '{\"keys\":[]}', 1)")
                 .bind(td)
@@ -526,6 +615,27 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
         format!("{page:?}").contains("\"old\""),
         "the upgrade's revision is not in the node's changes: {page:?}"
     );
+    // The previous version kept every change: `old`'s first change, which
+    // the upgrade's supersedes, and the deletion (rows from before changes
+    // had a time count as oldest) go at the first pruning.
+    let pruned = s.prune_entry_changes(1).await.unwrap();
+    assert_eq!(
+        pruned,
+        PrunedChanges {
+            superseded: 1,
+            deletions: 1,
+            floor: 1
+        }
+    );
+    let page = s.sync_entries(&node, 0, 100).await.unwrap();
+    assert_eq!(
+        page.entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        ["old"]
+    );
+    assert!(page.deleted.is_empty(), "{page:?}");
 }
 
 #[tokio::test]
