@@ -680,7 +680,7 @@ macro_rules! sql_store {
                     sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_revision'")
                         .fetch_one(&mut *tx)
                         .await?;
-                let changed = sqlx::query(
+                let mut changed = sqlx::query(
                     "SELECT entry_id, MAX(revision) AS rev FROM entry_changes
                      WHERE parent_id = $1 AND revision > $2 AND revision <= $3
                      GROUP BY entry_id ORDER BY rev LIMIT $4",
@@ -691,6 +691,34 @@ macro_rules! sql_store {
                 .bind(limit as i64 + 1)
                 .fetch_all(&mut *tx)
                 .await?;
+                let more = changed.len() > limit as usize;
+                if more {
+                    // A page ends between revisions, as the next one starts
+                    // after this one's: the entries of the revision the limit
+                    // falls inside wait for the next page, or, if they fill
+                    // this one, all come now.
+                    let rev = |r: &$row| r.try_get::<i64, _>("rev");
+                    let cut = rev(&changed[limit as usize])?;
+                    changed.truncate(limit as usize);
+                    while let Some(last) = changed.last() {
+                        if rev(last)? < cut {
+                            break;
+                        }
+                        changed.pop();
+                    }
+                    if changed.is_empty() {
+                        changed = sqlx::query(
+                            "SELECT entry_id, MAX(revision) AS rev FROM entry_changes
+                             WHERE parent_id = $1 AND revision > $2 AND revision <= $3
+                             GROUP BY entry_id HAVING MAX(revision) = $3",
+                        )
+                        .bind(parent.to_string())
+                        .bind(since as i64)
+                        .bind(cut)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    }
+                }
                 // Read after the changes: a pruning that removed a deletion
                 // they would have held has raised it by now (PostgreSQL reads
                 // each statement's own snapshot).
@@ -698,8 +726,6 @@ macro_rules! sql_store {
                     sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_changes_floor'")
                         .fetch_one(&mut *tx)
                         .await?;
-                let more = changed.len() > limit as usize;
-                let changed = &changed[..changed.len().min(limit as usize)];
                 let ids: Vec<String> = changed
                     .iter()
                     .map(|r| r.try_get("entry_id"))

@@ -197,6 +197,55 @@ async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behi
 }
 
 #[tokio::test]
+async fn sync_pages_keep_every_entry_of_a_revision_many_share() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        sync_pages_keep_every_entry_of_a_revision_many_share_on(s.as_ref()).await;
+    }
+}
+
+async fn sync_pages_keep_every_entry_of_a_revision_many_share_on(s: &dyn Datastore) {
+    const A: &str = "spiffe://td/ward/agent/x/a";
+    let a = id(A);
+    s.set_federated_bundle(&empty_bundle("p.test"), 1)
+        .await
+        .unwrap();
+    for i in 0..4 {
+        s.create_entry(entry(&format!("alone{i}"), A), 1)
+            .await
+            .unwrap();
+    }
+    for i in 0..15 {
+        let mut e = entry(&format!("shared{i:02}"), A);
+        e.federates_with = vec![TrustDomain::new("p.test").unwrap()];
+        s.create_entry(e, 1).await.unwrap();
+    }
+    let before = s.entry_revision().await.unwrap();
+    s.create_entry(entry("after0", A), 1).await.unwrap();
+    // One revision changes all 15 (and a later one more): pages of 10 must
+    // not end inside it.
+    s.delete_federated_bundle("p.test", BundleDeleteMode::Dissociate)
+        .await
+        .unwrap();
+    s.create_entry(entry("after1", A), 1).await.unwrap();
+    for (since, expect) in [(0, 21), (before, 17)] {
+        let mut since = since;
+        let mut seen = Vec::new();
+        loop {
+            let p = s.sync_entries(&a, since, 10).await.unwrap();
+            seen.extend(p.entries.into_iter().map(|e| e.id));
+            since = p.revision;
+            if !p.more {
+                break;
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), expect, "{seen:?}");
+    }
+}
+
+#[tokio::test]
 async fn sync_pages_by_revision_without_losing_entries() {
     for (backend, s) in stores().await {
         println!("backend: {backend}");
