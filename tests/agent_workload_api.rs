@@ -156,14 +156,18 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let a = loop {
-        let r = fetch_as(1001);
-        if r.0 || Instant::now() > deadline {
-            break r;
+    // Each entry reaches the agent with a sync of its own: wait for each.
+    let fetch_when_served = |uid: u32| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = fetch_as(uid);
+            if r.0 || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let a = fetch_when_served(1001).await;
     assert!(a.0, "uid 1001 should get its SVID: {}", a.2);
     let ids: serde_json::Value = serde_json::from_str(&a.1).unwrap();
     assert_eq!(
@@ -172,7 +176,7 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
         "uid 1001 gets exactly its own identity"
     );
     assert_eq!(ids[0]["spiffe_id"], "spiffe://example.org/svc-a");
-    let b = fetch_as(1002);
+    let b = fetch_when_served(1002).await;
     assert!(b.0, "{}", b.2);
     assert!(b.1.contains("svc-b") && !b.1.contains("svc-a"), "{}", b.1);
     // uid 1003 has no entry at all.
