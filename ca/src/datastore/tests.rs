@@ -229,19 +229,29 @@ async fn sync_pages_keep_every_entry_of_a_revision_many_share_on(s: &dyn Datasto
         .unwrap();
     s.create_entry(entry("after1", A), 1).await.unwrap();
     for (since, expect) in [(0, 21), (before, 17)] {
-        let mut since = since;
-        let mut seen = Vec::new();
-        loop {
-            let p = s.sync_entries(&a, since, 10).await.unwrap();
-            seen.extend(p.entries.into_iter().map(|e| e.id));
-            since = p.revision;
-            if !p.more {
-                break;
-            }
-        }
+        let (mut seen, _) = sync_in_pages(s, &a, since, 10).await;
         seen.sort();
         seen.dedup();
         assert_eq!(seen.len(), expect, "{seen:?}");
+    }
+}
+
+/// Syncs `parent` from `since` in pages of `limit`, as an agent does: the
+/// entry IDs reported, and the revision reached.
+async fn sync_in_pages(
+    s: &dyn Datastore,
+    parent: &SpiffeId,
+    mut since: u64,
+    limit: u32,
+) -> (Vec<String>, u64) {
+    let mut seen = Vec::new();
+    loop {
+        let p = s.sync_entries(parent, since, limit).await.unwrap();
+        seen.extend(p.entries.into_iter().map(|e| e.id));
+        since = p.revision;
+        if !p.more {
+            return (seen, since);
+        }
     }
 }
 
@@ -260,16 +270,7 @@ async fn sync_pages_by_revision_without_losing_entries_on(s: &dyn Datastore) {
             .await
             .unwrap();
     }
-    let mut since = 0;
-    let mut seen = Vec::new();
-    loop {
-        let p = s.sync_entries(&a, since, 10).await.unwrap();
-        seen.extend(p.entries.into_iter().map(|e| e.id));
-        since = p.revision;
-        if !p.more {
-            break;
-        }
-    }
+    let (seen, since) = sync_in_pages(s, &a, 0, 10).await;
     assert_eq!(seen.len(), 25);
     assert_eq!(since, 25);
 }
