@@ -160,11 +160,13 @@ impl SimAgent {
     /// Syncs to the newest revision; returns the entry IDs that arrived.
     async fn sync(&mut self) -> Vec<String> {
         let mut new = Vec::new();
+        let mut after = String::new();
         loop {
             let page = self
                 .client
                 .sync_entries(node::SyncEntriesRequest {
                     since_revision: self.revision,
+                    after_entry_id: std::mem::take(&mut after),
                 })
                 .await
                 .unwrap()
@@ -177,6 +179,7 @@ impl SimAgent {
                 self.entries.remove(&d);
             }
             self.revision = page.revision;
+            after = page.after_entry_id;
             if !page.more {
                 return new;
             }

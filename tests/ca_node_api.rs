@@ -23,7 +23,10 @@ on_both_backends! {
 
         let full = node
             .client
-            .sync_entries(SyncEntriesRequest { since_revision: 0 })
+            .sync_entries(SyncEntriesRequest {
+                since_revision: 0,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -38,6 +41,7 @@ on_both_backends! {
             .client
             .sync_entries(SyncEntriesRequest {
                 since_revision: rev,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -67,6 +71,7 @@ on_both_backends! {
             .client
             .sync_entries(SyncEntriesRequest {
                 since_revision: rev,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -286,6 +291,7 @@ on_both_backends! {
             .client
             .sync_entries(SyncEntriesRequest {
                 since_revision: first.entry_revision,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -135,7 +135,11 @@ pub struct Manager {
     entries_changed: bool,
     bundle: Arc<TrustBundle>,
     federated: Arc<Vec<TrustBundle>>,
+    /// Where the entry sync stands: every change up to `revision` is in
+    /// hand, and of `revision` itself those up to entry `sync_after` if set
+    /// (a page ended inside it).
     revision: u64,
+    sync_after: String,
     node_renew_at: i64,
     ca_up: bool,
     backoff: Backoff,
@@ -188,6 +192,7 @@ impl Manager {
                 bundle: Arc::new(bundle),
                 federated: Arc::new(federated),
                 revision: 0,
+                sync_after: String::new(),
                 node_renew_at,
                 ca_up: true,
                 backoff: Backoff::default(),
@@ -383,20 +388,21 @@ impl Manager {
         // Set while syncing every entry again from revision 0 (the CA no
         // longer holds all the deletions since our revision): the entries
         // that sync returned (the others are dropped at its end), and the
-        // revision to go back to if it is cut short, so the next sync
-        // starts it again.
-        let mut relisted: Option<(std::collections::HashSet<String>, u64)> = None;
+        // place to go back to if it is cut short, so the next sync starts
+        // it again.
+        let mut relisted: Option<(std::collections::HashSet<String>, (u64, String))> = None;
         loop {
             let page = match c
                 .sync_entries(pb::SyncEntriesRequest {
                     since_revision: self.revision,
+                    after_entry_id: self.sync_after.clone(),
                 })
                 .await
             {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
-                    if let Some((_, from)) = relisted {
-                        self.revision = from;
+                    if let Some((_, (revision, after))) = relisted {
+                        (self.revision, self.sync_after) = (revision, after);
                     }
                     return Err(self.call_failed(e, false).await);
                 }
@@ -406,7 +412,8 @@ impl Manager {
                     revision = self.revision,
                     "the CA no longer holds every deletion since this agent's last sync; syncing every entry again"
                 );
-                relisted = Some((Default::default(), self.revision));
+                let from = (self.revision, std::mem::take(&mut self.sync_after));
+                relisted = Some((Default::default(), from));
                 self.revision = 0;
                 continue;
             }
@@ -430,6 +437,7 @@ impl Manager {
                 self.entries_changed = true;
             }
             self.revision = page.revision;
+            self.sync_after = page.after_entry_id;
             if !page.more {
                 break;
             }

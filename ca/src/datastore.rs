@@ -112,6 +112,9 @@ pub struct SyncPage {
     pub entries: Vec<Entry>,
     pub deleted: Vec<String>,
     pub revision: u64,
+    /// With `more`: the page's last entry; the next page goes on after it
+    /// (`revision` may have more entries).
+    pub after: String,
     pub more: bool,
     /// Deletions after the caller's revision may have been pruned (see
     /// [`Datastore::prune_entry_changes`]): the caller must sync again from
@@ -264,7 +267,18 @@ pub trait Datastore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Entry>>;
     /// Entries parented to `parent` changed after `since`, at most `limit`.
-    async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage>;
+    async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
+        self.sync_entries_after(parent, since, "", limit).await
+    }
+    /// The same, going on from a page that ended inside revision `since`,
+    /// after entry `after` ([`SyncPage::after`]).
+    async fn sync_entries_after(
+        &self,
+        parent: &SpiffeId,
+        since: u64,
+        after: &str,
+        limit: u32,
+    ) -> Result<SyncPage>;
     /// Forgets deletions recorded before `before` (Unix seconds), so
     /// `entry_changes` holds one row per live entry and parent plus the
     /// recent deletions, instead of growing with every write.

@@ -123,13 +123,18 @@ impl Node for NodeApi {
         req: Request<pb::SyncEntriesRequest>,
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let id = caller(&req)?;
-        let page = self.ca.sync(&id, req.into_inner().since_revision).await?;
+        let r = req.into_inner();
+        let page = self
+            .ca
+            .sync(&id, r.since_revision, &r.after_entry_id)
+            .await?;
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: page.entries.iter().map(entry_to_pb).collect(),
             deleted_entry_ids: page.deleted,
             revision: page.revision,
             more: page.more,
             restart: page.restart,
+            after_entry_id: page.after,
         }))
     }
 

@@ -678,9 +678,12 @@ impl Ca {
         Ok((token, exp))
     }
 
-    pub async fn sync(&self, caller: &SpiffeId, since: u64) -> CaResult<SyncPage> {
+    pub async fn sync(&self, caller: &SpiffeId, since: u64, after: &str) -> CaResult<SyncPage> {
         self.check_agent(caller, "sync").await?;
-        Ok(self.store.sync_entries(caller, since, 1000).await?)
+        Ok(self
+            .store
+            .sync_entries_after(caller, since, after, 1000)
+            .await?)
     }
 
     // ----- administration -----

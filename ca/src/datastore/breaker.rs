@@ -182,8 +182,14 @@ impl Datastore for Breaker {
     ) -> Result<Vec<Entry>> {
         guarded!(self.list_entries(filter, after_id, limit))
     }
-    async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
-        guarded!(self.sync_entries(parent, since, limit))
+    async fn sync_entries_after(
+        &self,
+        parent: &SpiffeId,
+        since: u64,
+        after: &str,
+        limit: u32,
+    ) -> Result<SyncPage> {
+        guarded!(self.sync_entries_after(parent, since, after, limit))
     }
     async fn prune_entry_changes(&self, before: i64) -> Result<PrunedChanges> {
         guarded!(self.prune_entry_changes(before))

@@ -137,7 +137,8 @@ sql_store!(
     sqlx::postgres::PgRow,
     sqlx::PgConnection,
     Some(MIGRATION_LOCK),
-    Some(NOTIFY)
+    Some(NOTIFY),
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 );
 
 /// `url` with any password replaced by `***`, for messages.

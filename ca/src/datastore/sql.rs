@@ -117,9 +117,11 @@ pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, 
 /// `migrate`; `$lock` is a statement that serializes migrations between
 /// processes sharing the database (PostgreSQL replicas), if any, and
 /// `$notify` one that tells them of a committed change (`entries:REVISION:PARENTS`,
-/// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`, `federation:TRUST_DOMAIN`), if any.
+/// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`, `federation:TRUST_DOMAIN`), if any;
+/// `$snapshot` one that makes a read transaction see one snapshot throughout,
+/// where that is not the default.
 macro_rules! sql_store {
-    ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr) => {
+    ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr, $snapshot:expr) => {
         /// Runs `notify` (a statement taking the payload as `$1`) inside the
         /// writing transaction, so other processes hear of a change exactly
         /// when it commits.
@@ -672,56 +674,46 @@ macro_rules! sql_store {
                 rows.iter().map(row_to_entry).collect()
             }
 
-            async fn sync_entries(&self, parent: &SpiffeId, since: u64, limit: u32) -> Result<SyncPage> {
-                // One read transaction: the current revision and the changes up to it
-                // come from the same snapshot.
+            async fn sync_entries_after(
+                &self,
+                parent: &SpiffeId,
+                since: u64,
+                after: &str,
+                limit: u32,
+            ) -> Result<SyncPage> {
+                // One snapshot: the current revision, the changes up to it and
+                // the pruning floor agree (PostgreSQL's default would give each
+                // statement its own, and a write in between can replace a row
+                // read here by one above the current revision).
                 let mut tx = self.pool.begin().await?;
+                let snapshot: Option<&str> = $snapshot;
+                if let Some(sql) = snapshot {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
                 let current: i64 =
                     sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_revision'")
                         .fetch_one(&mut *tx)
                         .await?;
+                // Pages are ordered by (revision, entry ID), so one may end
+                // inside a revision many entries share; the next goes on after
+                // its last entry.
+                let limit = limit.max(1) as usize;
                 let mut changed = sqlx::query(
                     "SELECT entry_id, MAX(revision) AS rev FROM entry_changes
-                     WHERE parent_id = $1 AND revision > $2 AND revision <= $3
-                     GROUP BY entry_id ORDER BY rev LIMIT $4",
+                     WHERE parent_id = $1 AND revision >= $2 AND revision <= $3
+                     GROUP BY entry_id
+                     HAVING MAX(revision) > $2 OR (MAX(revision) = $2 AND $4 <> '' AND entry_id > $4)
+                     ORDER BY rev, entry_id LIMIT $5",
                 )
                 .bind(parent.to_string())
                 .bind(since as i64)
                 .bind(current)
+                .bind(after)
                 .bind(limit as i64 + 1)
                 .fetch_all(&mut *tx)
                 .await?;
-                let more = changed.len() > limit as usize;
-                if more {
-                    // A page ends between revisions, as the next one starts
-                    // after this one's: the entries of the revision the limit
-                    // falls inside wait for the next page, or, if they fill
-                    // this one, all come now.
-                    let rev = |r: &$row| r.try_get::<i64, _>("rev");
-                    let cut = rev(&changed[limit as usize])?;
-                    changed.truncate(limit as usize);
-                    while let Some(last) = changed.last() {
-                        if rev(last)? < cut {
-                            break;
-                        }
-                        changed.pop();
-                    }
-                    if changed.is_empty() {
-                        changed = sqlx::query(
-                            "SELECT entry_id, MAX(revision) AS rev FROM entry_changes
-                             WHERE parent_id = $1 AND revision > $2 AND revision <= $3
-                             GROUP BY entry_id HAVING MAX(revision) = $3",
-                        )
-                        .bind(parent.to_string())
-                        .bind(since as i64)
-                        .bind(cut)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    }
-                }
-                // Read after the changes: a pruning that removed a deletion
-                // they would have held has raised it by now (PostgreSQL reads
-                // each statement's own snapshot).
+                let more = changed.len() > limit;
+                changed.truncate(limit);
                 let floor: i64 =
                     sqlx::query_scalar("SELECT value FROM counters WHERE name = 'entry_changes_floor'")
                         .fetch_one(&mut *tx)
@@ -730,19 +722,21 @@ macro_rules! sql_store {
                     .iter()
                     .map(|r| r.try_get("entry_id"))
                     .collect::<Result<_, _>>()?;
-                let revision = if more {
-                    changed
-                        .last()
-                        .map(|r| r.try_get::<i64, _>("rev"))
-                        .transpose()?
-                        .unwrap_or(current) as u64
-                } else {
-                    current as u64
+                let (revision, next_after) = match (more, changed.last()) {
+                    (true, Some(last)) => (
+                        last.try_get::<i64, _>("rev")? as u64,
+                        last.try_get::<String, _>("entry_id")?,
+                    ),
+                    _ => (current as u64, String::new()),
                 };
+                // Deletions at or before the floor are gone: a caller behind
+                // it (or inside its revision) may have missed some.
+                let floor = floor as u64;
                 let mut page = SyncPage {
                     revision,
+                    after: next_after,
                     more,
-                    restart: since > 0 && since < floor as u64,
+                    restart: since > 0 && (since < floor || (since == floor && !after.is_empty())),
                     ..SyncPage::default()
                 };
                 let mut current_entries = std::collections::HashMap::new();

@@ -69,5 +69,6 @@ sql_store!(
     sqlx::sqlite::SqliteRow,
     sqlx::SqliteConnection,
     None,
+    None,
     None
 );

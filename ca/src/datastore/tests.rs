@@ -182,9 +182,12 @@ async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behi
     );
     assert_eq!(full.entries[0].x509_ttl, 5);
     assert!(full.deleted.is_empty());
-    // A caller at or past the pruned deletion carries on incrementally.
+    // A caller at or past the pruned deletion carries on incrementally; one
+    // inside its revision (a page ended there) may have missed it.
     let current = s.sync_entries(&a, deleted, 100).await.unwrap();
     assert!(!current.restart && current.entries.is_empty() && current.deleted.is_empty());
+    let inside = s.sync_entries_after(&a, deleted, "e0", 100).await.unwrap();
+    assert!(inside.restart);
     // The other parent's entry was never a deletion and stays.
     let pb = s.sync_entries(&b, 0, 100).await.unwrap();
     assert_eq!(
@@ -222,17 +225,19 @@ async fn sync_pages_keep_every_entry_of_a_revision_many_share_on(s: &dyn Datasto
     }
     let before = s.entry_revision().await.unwrap();
     s.create_entry(entry("after0", A), 1).await.unwrap();
-    // One revision changes all 15 (and a later one more): pages of 10 must
-    // not end inside it.
+    // One revision changes all 15 (and a later one more): pages of 10 end
+    // inside it, and the next goes on from there.
     s.delete_federated_bundle("p.test", BundleDeleteMode::Dissociate)
         .await
         .unwrap();
     s.create_entry(entry("after1", A), 1).await.unwrap();
     for (since, expect) in [(0, 21), (before, 17)] {
         let (mut seen, _) = sync_in_pages(s, &a, since, 10).await;
+        let pages = seen.len();
         seen.sort();
         seen.dedup();
         assert_eq!(seen.len(), expect, "{seen:?}");
+        assert_eq!(pages, expect, "an entry came twice");
     }
 }
 
@@ -245,10 +250,15 @@ async fn sync_in_pages(
     limit: u32,
 ) -> (Vec<String>, u64) {
     let mut seen = Vec::new();
+    let mut after = String::new();
     loop {
-        let p = s.sync_entries(parent, since, limit).await.unwrap();
+        let p = s
+            .sync_entries_after(parent, since, &after, limit)
+            .await
+            .unwrap();
+        assert!(p.entries.len() + p.deleted.len() <= limit as usize);
         seen.extend(p.entries.into_iter().map(|e| e.id));
-        since = p.revision;
+        (since, after) = (p.revision, p.after);
         if !p.more {
             return (seen, since);
         }
