@@ -136,8 +136,8 @@ pub fn ward_bin() -> &'static str {
 /// A loopback port for a child process to listen on, free when checked and
 /// kept from everyone else who might take it before the child binds it (or
 /// binds it again after a restart):
-/// - it lies below the kernel's ephemeral range, so no `connect` or `bind(0)`
-///   is ever given it as a local port;
+/// - it lies outside the kernel's ephemeral range (below it where there is
+///   room), so no `connect` or `bind(0)` is ever given it as a local port;
 /// - a lock file held until this test process exits reserves it against
 ///   other test processes (nextest runs each test in one), and a counter
 ///   against other tests in this one.
@@ -147,21 +147,43 @@ pub fn free_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
 
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000, ephemeral_low.clamp(10_001, 65_536));
+    // Below the ephemeral range if there is room, else above it.
+    let ephemeral: Vec<u32> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let (e_low, e_high) = match ephemeral[..] {
+        [l, h] => (l, h),
+        _ => (32768, 60999),
+    };
+    let (low, high) = if e_low >= 11_000 {
+        (10_000, e_low)
+    } else {
+        (e_high + 1, 65_536)
+    };
+    assert!(
+        high > low + 1000,
+        "no room for test ports outside the ephemeral range {e_low}-{e_high}"
+    );
+    // A lock file per port; without the directory, only the bind check.
     let dir = std::env::temp_dir().join("ward-test-ports");
-    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::create_dir_all(&dir);
     let start = std::process::id().wrapping_mul(7919);
     for _ in 0..high - low {
         let port = low + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % (high - low);
-        let lock = std::fs::File::create(dir.join(port.to_string())).unwrap();
-        if lock.try_lock().is_err() || TcpListener::bind(("127.0.0.1", port as u16)).is_err() {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .ok();
+        if lock.as_ref().is_some_and(|l| l.try_lock().is_err())
+            || TcpListener::bind(("127.0.0.1", port as u16)).is_err()
+        {
             continue;
         }
-        HELD.lock().unwrap().push(lock);
+        HELD.lock().unwrap().extend(lock);
         return port as u16;
     }
     panic!("no free loopback port in {low}..{high}");
