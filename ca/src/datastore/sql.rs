@@ -99,6 +99,11 @@ INSERT INTO counters (name, value) VALUES ('entry_changes_floor', 0);
 /// all workloads did then (see `backfill_federates_with`).
 pub const FEDERATES_WITH_MIGRATION: usize = 6;
 
+/// The migration that added `entry_changes.changed_at`: the rows before it
+/// are dated to the upgrade, so deletions made just before it are kept for
+/// the whole retention too.
+pub const CHANGED_AT_MIGRATION: usize = 7;
+
 /// Seconds since the Unix epoch, the time of an entry change.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -158,6 +163,12 @@ macro_rules! sql_store {
                     sqlx::raw_sql(sql).execute(&mut *tx).await?;
                     if i + 1 == super::sql::FEDERATES_WITH_MIGRATION {
                         backfill_federates_with(&mut tx).await?;
+                    }
+                    if i + 1 == super::sql::CHANGED_AT_MIGRATION {
+                        sqlx::query("UPDATE entry_changes SET changed_at = $1")
+                            .bind(super::sql::unix_now())
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
                         .bind((i + 1) as i64)

@@ -676,13 +676,22 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
         "the upgrade's revision is not in the node's changes: {page:?}"
     );
     // The previous version kept every change: `old`'s first change, which
-    // the upgrade's supersedes, and the deletion (rows from before changes
-    // had a time count as oldest) go at the first pruning.
-    let pruned = s.prune_entry_changes(1).await.unwrap();
+    // the upgrade's supersedes, goes at the first pruning; the deletion is
+    // dated to the upgrade and kept for the retention.
+    let pruned = s.prune_entry_changes(unix_now() - 3600).await.unwrap();
     assert_eq!(
         pruned,
         PrunedChanges {
             superseded: 1,
+            deletions: 0,
+            floor: 0
+        }
+    );
+    let pruned = s.prune_entry_changes(unix_now() + 10).await.unwrap();
+    assert_eq!(
+        pruned,
+        PrunedChanges {
+            superseded: 0,
             deletions: 1,
             floor: 1
         }
