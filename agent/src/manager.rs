@@ -383,14 +383,17 @@ impl Manager {
         Ok(())
     }
 
+    /// Drops an entry the CA no longer gives this agent, and its SVID.
+    fn forget_entry(&mut self, id: &str) {
+        Arc::make_mut(&mut self.entries).remove(id);
+        Arc::make_mut(&mut self.svids).remove(id);
+        self.dirty = true;
+        self.entries_changed = true;
+    }
+
     async fn sync(&mut self) -> Result<(), String> {
         let mut c = self.client().await?;
-        // Set while syncing every entry again from revision 0 (the CA no
-        // longer holds all the deletions since our revision): the entries
-        // that sync returned (the others are dropped at its end), and the
-        // place to go back to if it is cut short, so the next sync starts
-        // it again.
-        let mut relisted: Option<(std::collections::HashSet<String>, (u64, String))> = None;
+        let mut relisted: Option<Relisting> = None;
         loop {
             let page = match c
                 .sync_entries(pb::SyncEntriesRequest {
@@ -401,8 +404,8 @@ impl Manager {
             {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
-                    if let Some((_, (revision, after))) = relisted {
-                        (self.revision, self.sync_after) = (revision, after);
+                    if let Some(r) = relisted {
+                        (self.revision, self.sync_after) = r.from;
                     }
                     return Err(self.call_failed(e, false).await);
                 }
@@ -412,14 +415,16 @@ impl Manager {
                     revision = self.revision,
                     "the CA no longer holds every deletion since this agent's last sync; syncing every entry again"
                 );
-                let from = (self.revision, std::mem::take(&mut self.sync_after));
-                relisted = Some((Default::default(), from));
+                relisted = Some(Relisting {
+                    seen: Default::default(),
+                    from: (self.revision, std::mem::take(&mut self.sync_after)),
+                });
                 self.revision = 0;
                 continue;
             }
             for e in page.entries {
-                if let Some((seen, _)) = relisted.as_mut() {
-                    seen.insert(e.id.clone());
+                if let Some(r) = relisted.as_mut() {
+                    r.seen.insert(e.id.clone());
                 }
                 match to_cached(e) {
                     Ok(e) => {
@@ -431,10 +436,7 @@ impl Manager {
                 }
             }
             for id in page.deleted_entry_ids {
-                Arc::make_mut(&mut self.entries).remove(&id);
-                Arc::make_mut(&mut self.svids).remove(&id);
-                self.dirty = true;
-                self.entries_changed = true;
+                self.forget_entry(&id);
             }
             self.revision = page.revision;
             self.sync_after = page.after_entry_id;
@@ -442,18 +444,15 @@ impl Manager {
                 break;
             }
         }
-        if let Some((seen, _)) = relisted {
+        if let Some(r) = relisted {
             let gone: Vec<String> = self
                 .entries
                 .keys()
-                .filter(|id| !seen.contains(*id))
+                .filter(|id| !r.seen.contains(*id))
                 .cloned()
                 .collect();
             for id in &gone {
-                Arc::make_mut(&mut self.entries).remove(id);
-                Arc::make_mut(&mut self.svids).remove(id);
-                self.dirty = true;
-                self.entries_changed = true;
+                self.forget_entry(id);
             }
             tracing::info!(
                 entries = self.entries.len(),
@@ -692,4 +691,14 @@ pub async fn watch_notices(ca: Arc<Mutex<CaClient>>, out: mpsc::Sender<()>) {
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+/// A sync of every entry again from revision 0, made when the CA no longer
+/// holds all the deletions since the agent's revision.
+struct Relisting {
+    /// The entries it returned; the others are dropped at its end.
+    seen: std::collections::HashSet<String>,
+    /// Where the sync stood before (revision, entry): gone back to if it is
+    /// cut short, so the next sync starts it again.
+    from: (u64, String),
 }

@@ -106,9 +106,7 @@ pub const CHANGED_AT_MIGRATION: usize = 7;
 
 /// Seconds since the Unix epoch, the time of an entry change.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// The longest list of parents one entries notice names (PostgreSQL's
