@@ -141,7 +141,20 @@ pub fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+    // A panic's message goes straight to stderr (Rust's default hook), and a
+    // panic on the main thread ends the process: the lines logged before it
+    // are written out first, so they are not lost and come before it.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Some(log) = STDERR_LOG.get() {
+            log.flush_within(PANIC_FLUSH_WAIT);
+        }
+        report(info);
+    }));
 }
+
+/// How long a panic waits for stderr to take the lines logged before it.
+const PANIC_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most the process's own log holds while stderr is not taking lines.
 pub const STDERR_LIMIT: usize = 1024 * 1024;
@@ -175,5 +188,44 @@ impl Drop for EventText {
         if let (Some(log), false) = (STDERR_LOG.get(), text.is_empty()) {
             log.push(String::from_utf8_lossy(text), true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Set in the child process of [`lines_logged_before_a_panic_reach_stderr_before_its_message`].
+    const CHILD: &str = "WARD_TEST_PANICKING_CHILD";
+
+    /// A child process (this test binary again, running only this test)
+    /// logs a line and panics on its main thread at once, well within the
+    /// log writer's one-second interval: without the flush at the panic the
+    /// line never reaches stderr.
+    #[test]
+    fn lines_logged_before_a_panic_reach_stderr_before_its_message() {
+        if std::env::var_os(CHILD).is_some() {
+            super::init_logging(false);
+            tracing::info!("the line before the panic");
+            panic!("the test's panic");
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cli::tests::lines_logged_before_a_panic_reach_stderr_before_its_message",
+                "--test-threads=1",
+                // The panic's message then goes to stderr, not to the harness.
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env("WARD_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the child did not panic: {stderr}");
+        let line = stderr.find("the line before the panic");
+        let panic = stderr.find("the test's panic");
+        assert!(
+            matches!((line, panic), (Some(l), Some(p)) if l < p),
+            "the logged line must come before the panic's message: {stderr}"
+        );
     }
 }

@@ -122,8 +122,13 @@ impl LineLog {
     /// Writes out every line appended so far; waits until the destination
     /// has taken them, or for `FLUSH_WAIT`. Returns whether it took them.
     pub fn flush(&self) -> bool {
+        self.flush_within(FLUSH_WAIT)
+    }
+
+    /// As [`LineLog::flush`], waiting at most `wait`.
+    pub fn flush_within(&self, wait: Duration) -> bool {
         let s = &self.shared;
-        let deadline = Instant::now() + FLUSH_WAIT;
+        let deadline = Instant::now() + wait;
         let mut st = s.lock();
         let target = st.appended;
         st.urgent = true;
