@@ -16,7 +16,8 @@
 //!
 //! 1. Single-stream bulk throughput: `iperf3 -c` for 5 s, 5 rounds
 //!    (`WARD_BENCH_ROUNDS`), median, and in how many rounds Ward reached
-//!    1.3 × the better peer of that round.
+//!    1.3 × the better peer of that round. Also the CPU time the tunnel's
+//!    two processes spent per GB carried (`/proc/PID/stat`), median round.
 //! 2. 1 KiB request/response over one persistent connection: 20 rounds of
 //!    2,000 round trips per tunnel, the tunnels taking turns round trip by
 //!    round trip (`WARD_BENCH_RR_BLOCK` for longer turns); pooled p50/p99,
@@ -67,7 +68,14 @@ fn ward() -> Command {
 struct Tunnel {
     name: &'static str,
     entry: u16,
-    _procs: Vec<Killed>,
+    procs: Vec<Killed>,
+}
+
+impl Tunnel {
+    /// The tunnel's own processes (none for direct).
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.0.id()).collect()
+    }
 }
 
 // ---------------------------------------------------------------- servers
@@ -106,15 +114,42 @@ fn echo_server(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> 
 
 // ---------------------------------------------------------------- measurements
 
-fn iperf(port: u16) -> f64 {
+/// One `iperf3` run through `port`: bits per second, and the CPU seconds the
+/// tunnel's processes (`pids`) spent per gigabyte received.
+fn iperf(port: u16, pids: &[u32]) -> (f64, f64) {
+    let cpu = cpu_seconds(pids);
     let out = Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "5", "-J"])
         .output()
         .unwrap();
+    let cpu = cpu_seconds(pids) - cpu;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
+    let got = &v["end"]["sum_received"];
+    match (got["bits_per_second"].as_f64(), got["bytes"].as_f64()) {
+        (Some(bps), Some(bytes)) => (bps, cpu / (bytes / 1e9)),
+        _ => panic!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)),
+    }
+}
+
+/// CPU time (user and system, every thread) that processes have used so
+/// far, in seconds, from `/proc/PID/stat` (in clock ticks of 1/100 s: Linux's
+/// `USER_HZ`).
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command name (which may hold spaces): utime and stime
+            // are the 12th and 13th fields.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// One round of request/response: a persistent connection through each tunnel
@@ -281,11 +316,7 @@ fn peer_pair(
         .collect();
     wait_listening(mid);
     wait_listening(entry);
-    Tunnel {
-        name,
-        entry,
-        _procs: procs,
-    }
+    Tunnel { name, entry, procs }
 }
 
 fn haproxy(dir: &Path, app: u16) -> Tunnel {
@@ -476,7 +507,7 @@ fn ward_mesh(dir: &Path, app: u16) -> WardMesh {
         tunnel: Tunnel {
             name: "Ward",
             entry,
-            _procs: vec![web, api],
+            procs: vec![web, api],
         },
         web_health,
         api_health,
@@ -510,7 +541,7 @@ fn main() {
         Tunnel {
             name: "direct",
             entry: app,
-            _procs: vec![],
+            procs: vec![],
         },
         stunnel(&dir, app),
         haproxy(&dir, app),
@@ -557,6 +588,8 @@ fn main() {
     // Interleaved rounds of throughput and connections per second.
     let rounds = env_count("WARD_BENCH_ROUNDS", 5);
     let mut gbps = [f64::NAN; 4];
+    // CPU seconds the tunnel's two processes spend per GB carried.
+    let mut cpu_per_gb = [f64::NAN; 4];
     let mut rr = [(f64::NAN, f64::NAN); 4];
     let mut cps = [f64::NAN; 4];
     let (mut loaded_rss, mut conns) = ((0, 0), f64::NAN);
@@ -580,9 +613,12 @@ fn main() {
         // one), so a slow spell of this shared machine hits them alike; the
         // median round counts.
         let mut runs = vec![Vec::new(); all.len()];
+        let mut cpu = vec![Vec::new(); all.len()];
         for r in 0..rounds {
             for i in turns(all.len(), r).filter(|i| !skip(all[*i])) {
-                runs[i].push(iperf(all[i].entry) / 1e9);
+                let (bps, cpu_per_gb) = iperf(all[i].entry, &all[i].pids());
+                runs[i].push(bps / 1e9);
+                cpu[i].push(cpu_per_gb);
             }
         }
         // Round by round: Ward against the better peer of the same round.
@@ -597,9 +633,10 @@ fn main() {
         }
         for (i, t) in all.iter().enumerate().filter(|(_, t)| !skip(t)) {
             gbps[i] = median(&mut runs[i]);
+            cpu_per_gb[i] = median(&mut cpu[i]);
             println!(
-                "throughput {:>9}: {:.2} Gbit/s (rounds: {:.2?})",
-                t.name, gbps[i], runs[i]
+                "throughput {:>9}: {:.2} Gbit/s (rounds: {:.2?}), {:.3} CPU s per GB (rounds: {:.3?})",
+                t.name, gbps[i], runs[i], cpu_per_gb[i], cpu[i]
             );
         }
         drop(iperf_server);
@@ -702,6 +739,10 @@ fn main() {
     println!(
         "| single-stream throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} × the better peer (goal ≥ 1.3) |",
         gbps[d], gbps[s], gbps[h], gbps[w], gbps[w] / better_peer
+    );
+    println!(
+        "| CPU per GB carried, both tunnel processes (median round) | – | {:.3} s | {:.3} s | {:.3} s | {:.2} × less than the more frugal peer |",
+        cpu_per_gb[s], cpu_per_gb[h], cpu_per_gb[w], cpu_per_gb[s].min(cpu_per_gb[h]) / cpu_per_gb[w]
     );
     println!(
         "| 1 KiB request/response p50 | {} | {} | {} | {} | |",
