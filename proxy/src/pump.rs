@@ -107,18 +107,35 @@ async fn app_to_tunnel(
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
-                    r.readable().await?;
+                    readable(&r, &mut send).await?;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf = BytesMut::new();
-                r.readable().await?;
+                readable(&r, &mut send).await?;
             }
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(e);
             }
         }
+    }
+}
+
+/// Waits until the application has more to say; fails if meanwhile the peer
+/// resets the stream or its connection ends. (An application whose peer has
+/// finished sending may stay silent for good: its stream must still end with
+/// the tunnel.)
+async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<()> {
+    tokio::select! {
+        ready = r.readable() => ready,
+        reset = poll_fn(|cx| send.poll_reset(cx)) => Err(match reset {
+            Ok(reason) => io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("the peer reset the stream ({reason})"),
+            ),
+            Err(e) => h2_io(e),
+        }),
     }
 }
 
@@ -189,13 +206,14 @@ pub fn h2_io(e: h2::Error) -> io::Error {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// One read from the application becomes one DATA frame of up to
-    /// 256 KiB (HBONE's frame size, and the pump's read size), not four of
-    /// 64 KiB: fewer frames and socket writes per byte on a bulk stream.
-    #[tokio::test]
-    async fn a_read_of_256_kib_from_the_application_crosses_as_one_frame() {
+    /// A CONNECT stream over an in-memory HTTP/2 connection: the client's
+    /// halves (for the pump) and the server's (for the test).
+    async fn tunnel() -> (
+        (SendStream<Bytes>, RecvStream),
+        (SendStream<Bytes>, RecvStream),
+    ) {
         let (client_io, server_io) = tokio::io::duplex(4 << 20);
         let server = tokio::spawn(async move {
             let mut conn = crate::hbone::server_builder(10)
@@ -204,18 +222,10 @@ mod tests {
                 .unwrap();
             let (req, mut respond) = conn.accept().await.unwrap().unwrap();
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            respond
+            let send = respond
                 .send_response(http::Response::new(()), false)
                 .unwrap();
-            let mut body = req.into_body();
-            let (mut frames, mut total) = (Vec::new(), 0);
-            while total < 256 * 1024 {
-                let data = body.data().await.unwrap().unwrap();
-                total += data.len();
-                let _ = body.flow_control().release_capacity(data.len());
-                frames.push(data.len());
-            }
-            frames
+            (send, req.into_body())
         });
         let (mut client, conn) = crate::hbone::client_builder()
             .handshake::<_, Bytes>(client_io)
@@ -228,9 +238,69 @@ mod tests {
             .body(())
             .unwrap();
         let (response, send) = client.send_request(req, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        ((send, recv), server.await.unwrap())
+    }
+
+    /// An application connection: (the proxy's end, the application's end).
+    async fn app_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (listener.accept().await.unwrap().0, app)
+    }
+
+    /// The peer finishes sending (the application gets its end of file and
+    /// stays silent), then resets the stream: the stream ends at once and
+    /// the application's connection is closed, instead of both being held
+    /// until the application writes.
+    #[tokio::test]
+    async fn a_reset_after_the_peer_has_finished_sending_ends_a_silent_stream() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let carried = std::sync::Arc::new(Carried::default());
+        let c = carried.clone();
+        let pumping = tokio::spawn(async move {
+            pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+        });
+        peer_send
+            .send_data(Bytes::from_static(b"bye"), true)
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut got))
+            .await
+            .expect("the application never got its end of file")
+            .unwrap();
+        assert_eq!(got, b"bye");
+
+        peer_send.send_reset(h2::Reason::CANCEL);
+        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived its reset")
+            .unwrap();
+        let err = ended.expect_err("a reset stream ends in an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        // The application's connection is closed: writing to it fails soon.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app.write_all(b"x").await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the application's connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(carried.totals(), (3, 0));
+    }
+
+    /// One read from the application becomes one DATA frame of up to
+    /// 256 KiB (HBONE's frame size, and the pump's read size), not four of
+    /// 64 KiB: fewer frames and socket writes per byte on a bulk stream.
+    #[tokio::test]
+    async fn a_read_of_256_kib_from_the_application_crosses_as_one_frame() {
         // The answer comes after the server's settings and window update,
         // so the stream may send 256 KiB at once.
-        let recv = response.await.unwrap().into_body();
+        let ((send, recv), (_peer_send, mut body)) = tunnel().await;
 
         // The application's 256 KiB wait in the proxy's socket before the
         // pump's first read.
@@ -255,10 +325,18 @@ mod tests {
         tokio::spawn(async move {
             let _ = pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await;
         });
-        let frames = tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .unwrap()
-            .unwrap();
+        let frames = tokio::time::timeout(Duration::from_secs(10), async {
+            let (mut frames, mut total) = (Vec::new(), 0);
+            while total < 256 * 1024 {
+                let data = body.data().await.unwrap().unwrap();
+                total += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+                frames.push(data.len());
+            }
+            frames
+        })
+        .await
+        .unwrap();
         assert_eq!(frames, vec![256 * 1024], "DATA frames as received");
         assert_eq!(carried.totals().1, 256 * 1024);
         drop(app);
