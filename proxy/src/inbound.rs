@@ -106,6 +106,11 @@ async fn connection(
 ) {
     hbone::tunnel_socket(&tcp);
     let metrics = &inbound.metrics;
+    // Roots that change from here on get the peer verified again, those
+    // that change during the handshake included: the handshake verified the
+    // peer against the roots of its start.
+    let mut roots_changed = inbound.identity.current.clone();
+    roots_changed.borrow_and_update();
     let handshake = async {
         let mut tls = inbound
             .acceptor
@@ -156,8 +161,6 @@ async fn connection(
     let (active_tx, mut active_rx) = watch::channel(0usize);
     let active_tx = Arc::new(active_tx);
     let mut shutting_down = false;
-    let mut roots_changed = inbound.identity.current.clone();
-    roots_changed.borrow_and_update();
     // False once the identity watch has ended (it never does while the
     // proxy runs): an ended watch would resolve at once, again and again.
     let mut following = true;
@@ -433,4 +436,140 @@ async fn revoked(
         }
     }
     std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Current;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use tokio_rustls::TlsConnector;
+    use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier, SvidResolver};
+    use ward_spec::{TrustBundle, TrustDomain};
+
+    /// A root of example.org: its bundle and an issuer for SVIDs.
+    fn root() -> (TrustBundle, rcgen::Issuer<'static, KeyPair>) {
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![cert.der().to_vec()];
+        (bundle, rcgen::Issuer::new(p, key))
+    }
+
+    /// An SVID for `id` from `issuer`, in a resolver.
+    fn svid(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> SvidResolver {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer).unwrap();
+        let r = SvidResolver::default();
+        r.set(&[cert.der().to_vec()], &key.serialize_der()).unwrap();
+        r
+    }
+
+    const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
+    const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+
+    /// The roots rotate (the peer's root is dropped) after the peer's TLS
+    /// handshake and before its HTTP/2 preface: the connection is closed as
+    /// no longer trusted once it is up, not kept for good.
+    #[tokio::test]
+    async fn roots_that_change_during_the_handshake_get_the_peer_verified_again() {
+        let (old_bundle, old_root) = root();
+        let (new_bundle, _) = root();
+        let roots = RootStore::new(&old_bundle).unwrap();
+        let resolver = svid(API, &old_root);
+        let current = |generation, roots: &RootStore| Current {
+            spiffe_id: SpiffeId::parse(API).unwrap(),
+            not_after: crate::identity::unix_now() + 3600,
+            generation,
+            roots: roots.clone(),
+        };
+        let (identity_tx, identity_rx) = watch::channel(Some(current(1, &roots)));
+        let verifier = ward_spec::tls::SpiffeClientVerifier::new(roots.clone(), true);
+        let acceptor = TlsAcceptor::from(Arc::new(ward_spec::tls::server_config(
+            resolver.clone(),
+            verifier,
+        )));
+        let schema =
+            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let inbound = Arc::new(Inbound {
+            acceptor,
+            forward: "127.0.0.1:9".into(),
+            service_port: 9,
+            authz: Arc::new(Authorizer::new(
+                schema,
+                ward_authz::IdTemplate::default(),
+                ward_authz::Mode::Enforce,
+                None,
+            )),
+            identity: Identity {
+                resolver,
+                current: identity_rx,
+            },
+            metrics: metrics.clone(),
+            max_streams: 10,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            policy_epoch: watch::channel(0).1,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_drain_tx, drain_rx) = watch::channel(false);
+        let server = tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            connection(tcp, peer, inbound, drain_rx).await;
+        });
+
+        // The peer: a TLS handshake with an SVID from the old root...
+        let client_roots = RootStore::new(&old_bundle).unwrap();
+        let client_cfg = ward_spec::tls::client_config(
+            Some(svid(WEB, &old_root)),
+            SpiffeServerVerifier::new(
+                client_roots,
+                PeerPolicy::OneOf(vec![SpiffeId::parse(API).unwrap()]),
+            ),
+        );
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let tls = TlsConnector::from(Arc::new(client_cfg))
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        // ... which the server has finished when its HTTP/2 settings (sent
+        // before the client's preface is read) arrive; the old root is
+        // dropped then (as the identity watcher does when a bundle arrives) ...
+        tls.get_ref().0.readable().await.unwrap();
+        roots.update(&new_bundle).unwrap();
+        identity_tx.send(Some(current(2, &roots))).unwrap();
+        // ... and only then the HTTP/2 preface.
+        let (_client, conn) = crate::hbone::client_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection of a peer no longer trusted stayed open")
+            .ok();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        let text = metrics.render(0);
+        assert!(text.contains(r#"reason="no_longer_trusted"} 1"#), "{text}");
+    }
 }
