@@ -425,7 +425,9 @@ async fn revoked(
     inbound: &Inbound,
 ) {
     while epoch.changed().await.is_ok() {
-        let Some(me) = inbound.identity.usable() else {
+        // Decided for the SPIFFE ID this proxy has, even if its SVID has
+        // expired meanwhile (the stream goes on): a change must not be lost.
+        let Some(me) = inbound.identity.current.borrow().clone() else {
             continue;
         };
         let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
@@ -483,31 +485,33 @@ mod tests {
     const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
     const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
 
-    /// The roots rotate (the peer's root is dropped) after the peer's TLS
-    /// handshake and before its HTTP/2 preface: the connection is closed as
-    /// no longer trusted once it is up, not kept for good.
-    #[tokio::test]
-    async fn roots_that_change_during_the_handshake_get_the_peer_verified_again() {
-        let (old_bundle, old_root) = root();
-        let (new_bundle, _) = root();
-        let roots = RootStore::new(&old_bundle).unwrap();
-        let resolver = svid(API, &old_root);
-        let current = |generation, roots: &RootStore| Current {
+    /// What this proxy is (`API`), per the identity watch: valid for an hour
+    /// from `issued` seconds from now.
+    fn current(issued: i64, generation: u64, roots: &RootStore) -> Current {
+        Current {
             spiffe_id: SpiffeId::parse(API).unwrap(),
-            not_after: crate::identity::unix_now() + 3600,
+            not_after: crate::identity::unix_now() + issued + 3600,
             generation,
             roots: roots.clone(),
-        };
-        let (identity_tx, identity_rx) = watch::channel(Some(current(1, &roots)));
-        let verifier = ward_spec::tls::SpiffeClientVerifier::new(roots.clone(), true);
+        }
+    }
+
+    /// The inbound side of `API`, with the SVID in `resolver`, following
+    /// `identity` and `policy_epoch`; no policies (every stream is denied).
+    fn inbound(
+        resolver: SvidResolver,
+        identity: watch::Receiver<Option<Current>>,
+        policy_epoch: watch::Receiver<u64>,
+    ) -> Arc<Inbound> {
+        let roots = identity.borrow().as_ref().unwrap().roots.clone();
+        let verifier = ward_spec::tls::SpiffeClientVerifier::new(roots, true);
         let acceptor = TlsAcceptor::from(Arc::new(ward_spec::tls::server_config(
             resolver.clone(),
             verifier,
         )));
         let schema =
             ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let inbound = Arc::new(Inbound {
+        Arc::new(Inbound {
             acceptor,
             forward: "127.0.0.1:9".into(),
             service_port: 9,
@@ -519,15 +523,60 @@ mod tests {
             )),
             identity: Identity {
                 resolver,
-                current: identity_rx,
+                current: identity,
             },
-            metrics: metrics.clone(),
+            metrics: Arc::new(Metrics::default()),
             max_streams: 10,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
-            policy_epoch: watch::channel(0).1,
-        });
+            policy_epoch,
+        })
+    }
+
+    /// A policy change while this proxy's SVID has expired (the agent is
+    /// away) still gets open streams decided again: one the new set denies
+    /// is closed.
+    #[tokio::test]
+    async fn a_policy_change_while_the_svid_has_expired_still_closes_denied_streams() {
+        let (bundle, root) = root();
+        let roots = RootStore::new(&bundle).unwrap();
+        let expired = current(-7200, 1, &roots);
+        assert!(expired.not_after < crate::identity::unix_now());
+        let (_identity_tx, identity) = watch::channel(Some(expired));
+        let (epoch_tx, epoch) = watch::channel(0);
+        let inbound = inbound(svid(API, &root), identity, epoch);
+        let mut seen = inbound.policy_epoch.clone();
+        seen.borrow_and_update();
+        let web = SpiffeId::parse(WEB).unwrap();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let revoking = revoked(&mut seen, &web, peer, 9, &inbound);
+        epoch_tx.send(1).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), revoking)
+            .await
+            .expect("the new policy set was never applied to the open stream");
+        assert!(
+            inbound
+                .metrics
+                .render(0)
+                .contains("ward_proxy_streams_revoked_total 1"),
+            "{}",
+            inbound.metrics.render(0)
+        );
+    }
+
+    /// The roots rotate (the peer's root is dropped) after the peer's TLS
+    /// handshake and before its HTTP/2 preface: the connection is closed as
+    /// no longer trusted once it is up, not kept for good.
+    #[tokio::test]
+    async fn roots_that_change_during_the_handshake_get_the_peer_verified_again() {
+        let (old_bundle, old_root) = root();
+        let (new_bundle, _) = root();
+        let roots = RootStore::new(&old_bundle).unwrap();
+        let resolver = svid(API, &old_root);
+        let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let inbound = inbound(resolver, identity_rx, watch::channel(0).1);
+        let metrics = inbound.metrics.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_drain_tx, drain_rx) = watch::channel(false);
@@ -555,7 +604,7 @@ mod tests {
         // dropped then (as the identity watcher does when a bundle arrives) ...
         tls.get_ref().0.readable().await.unwrap();
         roots.update(&new_bundle).unwrap();
-        identity_tx.send(Some(current(2, &roots))).unwrap();
+        identity_tx.send(Some(current(0, 2, &roots))).unwrap();
         // ... and only then the HTTP/2 preface.
         let (_client, conn) = crate::hbone::client_builder()
             .handshake::<_, Bytes>(tls)
