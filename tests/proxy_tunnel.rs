@@ -1181,6 +1181,36 @@ fn closed_at_once(addr: &str, within: Duration) -> bool {
     }
 }
 
+/// The peer takes 2 streams per connection, this proxy would put 100 on
+/// one: with 2 streams open, a third gets a connection of its own (h2 would
+/// otherwise hold its `CONNECT` back, unanswered, until one of them ends).
+#[test]
+fn a_peer_that_takes_fewer_streams_per_connection_gets_a_new_connection_when_full() {
+    let mesh = Mesh::start(&[], &["--max-streams-per-connection", "2"]);
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let open = || {
+        mesh.api
+            .metric("ward_proxy_streams_open{direction=\"inbound\"}")
+    };
+    while open() < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the two held streams never opened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_clean(&hash_client(port, 64 * 1024, 1, 0.0), 1, 64 * 1024);
+    assert_eq!(
+        web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
+        2.0
+    );
+    drop(held);
+}
+
 #[test]
 fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
     // 1. api's proxy takes at most 3 connections; web's pooled one is the first.

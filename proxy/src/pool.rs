@@ -1,11 +1,14 @@
 //! Outbound connection pool.
 //!
 //! Connections are keyed by (our SPIFFE ID, the peer's address, the IDs the
-//! peer may present) and carry up to `max_streams` tunneled streams each; a
-//! new connection is made only when every usable one is full, and one caller
-//! at a time makes it, so a burst of streams shares one connection. A
-//! connection made with an older SVID of ours takes no new streams; it closes
-//! when its last stream ends. Idle connections close after the idle timeout.
+//! peer may present) and carry up to `max_streams` tunneled streams each, or
+//! as many as the peer allows if that is fewer (its HTTP/2
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`: h2 would hold further streams back
+//! until one ends, unanswered); a new connection is made only when every
+//! usable one is full, and one caller at a time makes it, so a burst of
+//! streams shares one connection. A connection made with an older SVID of
+//! ours takes no new streams; it closes when its last stream ends. Idle
+//! connections close after the idle timeout.
 
 use std::collections::HashMap;
 use std::io;
@@ -305,10 +308,11 @@ impl Pool {
             if c.generation != generation || c.closed.load(Ordering::Acquire) {
                 continue;
             }
+            let room = self.max_streams.min(c.send.current_max_send_streams());
             let taken = c
                 .active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < self.max_streams).then_some(n + 1)
+                    (n < room).then_some(n + 1)
                 })
                 .is_ok();
             if taken {
