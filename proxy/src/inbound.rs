@@ -444,43 +444,9 @@ async fn revoked(
 mod tests {
     use super::*;
     use crate::identity::Current;
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose, SanType,
-    };
     use tokio_rustls::TlsConnector;
+    use ward_spec::test_util::{root, svid};
     use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier, SvidResolver};
-    use ward_spec::{TrustBundle, TrustDomain};
-
-    /// A root of example.org: its bundle and an issuer for SVIDs.
-    fn root() -> (TrustBundle, rcgen::Issuer<'static, KeyPair>) {
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
-        bundle.x509_authorities = vec![cert.der().to_vec()];
-        (bundle, rcgen::Issuer::new(p, key))
-    }
-
-    /// An SVID for `id` from `issuer`, in a resolver.
-    fn svid(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> SvidResolver {
-        let mut p = CertificateParams::default();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, issuer).unwrap();
-        let r = SvidResolver::default();
-        r.set(&[cert.der().to_vec()], &key.serialize_der()).unwrap();
-        r
-    }
 
     const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
     const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
@@ -539,7 +505,7 @@ mod tests {
     /// is closed.
     #[tokio::test]
     async fn a_policy_change_while_the_svid_has_expired_still_closes_denied_streams() {
-        let (bundle, root) = root();
+        let (bundle, root) = root("example.org");
         let roots = RootStore::new(&bundle).unwrap();
         let expired = current(-7200, 1, &roots);
         assert!(expired.not_after < crate::identity::unix_now());
@@ -570,8 +536,8 @@ mod tests {
     /// no longer trusted once it is up, not kept for good.
     #[tokio::test]
     async fn roots_that_change_during_the_handshake_get_the_peer_verified_again() {
-        let (old_bundle, old_root) = root();
-        let (new_bundle, _) = root();
+        let (old_bundle, old_root) = root("example.org");
+        let (new_bundle, _) = root("example.org");
         let roots = RootStore::new(&old_bundle).unwrap();
         let resolver = svid(API, &old_root);
         let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));

@@ -20,6 +20,8 @@ pub mod linelog;
 pub mod proto;
 pub mod selector;
 pub mod svid;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod tls;
 
 pub use bundle::TrustBundle;

@@ -486,52 +486,10 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose, SanType,
-    };
+    use crate::test_util::{leaf_and_key, root, svid, Issuer};
 
-    /// A root for `td`: its bundle and an issuer for leaves.
-    fn root(td: &str) -> (TrustBundle, rcgen::Issuer<'static, KeyPair>) {
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().unwrap())];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        let mut bundle = TrustBundle::new(TrustDomain::new(td).unwrap());
-        bundle.x509_authorities = vec![cert.der().to_vec()];
-        (bundle, rcgen::Issuer::new(p, key))
-    }
-
-    /// An SVID for `id` from `issuer`, and its key.
-    fn leaf_and_key(
-        id: &str,
-        issuer: &rcgen::Issuer<'static, KeyPair>,
-    ) -> (CertificateDer<'static>, KeyPair) {
-        let mut p = CertificateParams::default();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, issuer).unwrap().der().clone();
-        (cert, key)
-    }
-
-    fn leaf(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> CertificateDer<'static> {
+    fn leaf(id: &str, issuer: &Issuer) -> CertificateDer<'static> {
         leaf_and_key(id, issuer).0
-    }
-
-    /// An SVID for `id` from `issuer`, installed in a resolver.
-    fn svid(id: &str, issuer: &rcgen::Issuer<'static, KeyPair>) -> SvidResolver {
-        let (cert, key) = leaf_and_key(id, issuer);
-        let r = SvidResolver::default();
-        r.set(&[cert.to_vec()], &key.serialize_der()).unwrap();
-        r
     }
 
     /// Runs one handshake in memory; the kind each side saw.
