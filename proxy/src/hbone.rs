@@ -94,9 +94,13 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
     b
 }
 
+/// A client's streams wait for the peer's settings (h2 counts the streams the
+/// peer takes as none until they arrive): the pool then knows how many
+/// streams a connection may carry.
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
+    b.initial_max_send_streams(0)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(MAX_SEND_BUFFER)

@@ -11,9 +11,12 @@
 //! connections close after the idle timeout.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -348,10 +351,35 @@ impl Pool {
                 .connect(name, crate::bufio::ReadBuffered::new(tcp))
                 .await?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
-            hbone::client_builder()
+            let (send, mut connection) = hbone::client_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
-                .map_err(crate::pump::h2_io)
+                .map_err(crate::pump::h2_io)?;
+            // The peer's settings (how many streams it takes) follow its
+            // handshake at once. They are awaited here, so that the callers
+            // queued for this connection are given no more streams than the
+            // peer takes; until they arrive, h2 counts none (see
+            // `hbone::client_builder`).
+            std::future::poll_fn(|cx| {
+                if send.current_max_send_streams() > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                match Pin::new(&mut connection).poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Err(r.err().map_or_else(
+                        || {
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "closed before its settings",
+                            )
+                        },
+                        crate::pump::h2_io,
+                    ))),
+                    Poll::Pending if send.current_max_send_streams() > 0 => Poll::Ready(Ok(())),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
+            Ok::<_, io::Error>((send, connection))
         };
         let (send, connection) = match tokio::time::timeout(self.handshake_timeout, handshake).await
         {
