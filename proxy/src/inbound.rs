@@ -427,10 +427,16 @@ async fn revoked(
     while epoch.changed().await.is_ok() {
         // Decided for the SPIFFE ID this proxy has, even if its SVID has
         // expired meanwhile (the stream goes on): a change must not be lost.
-        let Some(me) = inbound.identity.current.borrow().clone() else {
+        let Some(me) = inbound
+            .identity
+            .current
+            .borrow()
+            .as_ref()
+            .map(|c| c.spiffe_id.clone())
+        else {
             continue;
         };
-        let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
+        let decision = decide(inbound, peer_id, &me, peer, port);
         if !decision.permitted {
             inbound.metrics.stream_revoked();
             tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");

@@ -107,12 +107,16 @@ async fn app_to_tunnel(
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
-                    readable(&r, &mut send).await?;
+                    if !readable(&r, &mut send).await? {
+                        return Ok(());
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf = BytesMut::new();
-                readable(&r, &mut send).await?;
+                if !readable(&r, &mut send).await? {
+                    return Ok(());
+                }
             }
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
@@ -122,20 +126,22 @@ async fn app_to_tunnel(
     }
 }
 
-/// Waits until the application has more to say; fails if meanwhile the peer
-/// resets the stream or its connection ends. (An application whose peer has
-/// finished sending may stay silent for good: its stream must still end with
-/// the tunnel.)
-async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<()> {
+/// Waits until the application has more to say (true), or the peer asks for
+/// nothing more (false: a reset with `NO_ERROR`); fails if meanwhile the
+/// stream is reset otherwise or its connection ends. (An application whose
+/// peer has finished sending may stay silent for good: its stream must still
+/// end with the tunnel.)
+async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<bool> {
     tokio::select! {
-        ready = r.readable() => ready,
-        reset = poll_fn(|cx| send.poll_reset(cx)) => Err(match reset {
-            Ok(reason) => io::Error::new(
+        ready = r.readable() => ready.map(|()| true),
+        reset = poll_fn(|cx| send.poll_reset(cx)) => match reset {
+            Ok(h2::Reason::NO_ERROR) => Ok(false),
+            Ok(reason) => Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
-                format!("the peer reset the stream ({reason})"),
-            ),
-            Err(e) => h2_io(e),
-        }),
+                format!("the stream was reset ({reason})"),
+            )),
+            Err(e) => Err(h2_io(e)),
+        },
     }
 }
 
@@ -254,9 +260,22 @@ mod tests {
     /// The peer finishes sending (the application gets its end of file and
     /// stays silent), then resets the stream: the stream ends at once and
     /// the application's connection is closed, instead of both being held
-    /// until the application writes.
+    /// until the application writes. A reset with `CANCEL` ends it in an
+    /// error; one with `NO_ERROR` (the peer wants nothing more) cleanly.
     #[tokio::test]
     async fn a_reset_after_the_peer_has_finished_sending_ends_a_silent_stream() {
+        let err = silent_stream_reset(h2::Reason::CANCEL)
+            .await
+            .expect_err("a cancelled stream ends in an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        silent_stream_reset(h2::Reason::NO_ERROR)
+            .await
+            .expect("a stream the peer stops without error ends cleanly");
+    }
+
+    /// How a stream ends that the peer resets with `reason` after it has
+    /// finished sending, while the application stays silent.
+    async fn silent_stream_reset(reason: h2::Reason) -> io::Result<()> {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
         let (proxy_side, mut app) = app_pair().await;
         let carried = std::sync::Arc::new(Carried::default());
@@ -274,13 +293,11 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"bye");
 
-        peer_send.send_reset(h2::Reason::CANCEL);
+        peer_send.send_reset(reason);
         let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
             .await
             .expect("the stream outlived its reset")
             .unwrap();
-        let err = ended.expect_err("a reset stream ends in an error");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         // The application's connection is closed: writing to it fails soon.
         let deadline = Instant::now() + Duration::from_secs(10);
         while app.write_all(b"x").await.is_ok() {
@@ -291,6 +308,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(carried.totals(), (3, 0));
+        ended
     }
 
     /// One read from the application becomes one DATA frame of up to
