@@ -123,12 +123,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// [`STDERR_LIMIT`] of unwritten lines, new ones are dropped and counted, and
 /// a warning says how many once stderr takes lines again.
 pub fn init_logging(json: bool) {
+    init_logging_to(json, Box::new(std::io::stderr()));
+}
+
+/// [`init_logging`], writing to `out` (stderr, or a test's stand-in).
+fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = STDERR_LOG.set(LineLog::with_limit(
         "stderr",
-        Box::new(std::io::stderr()),
+        out,
         std::time::Duration::from_secs(1),
         STDERR_LIMIT,
     ));
@@ -196,14 +201,30 @@ mod tests {
     /// Set in the child process of [`lines_logged_before_a_panic_reach_stderr_before_its_message`].
     const CHILD: &str = "WARD_TEST_PANICKING_CHILD";
 
+    /// Stderr, reached a moment late: the log's writer thread takes a
+    /// while to write each batch.
+    struct SlowStderr;
+
+    impl std::io::Write for SlowStderr {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::io::stderr().write(b)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::stderr().flush()
+        }
+    }
+
     /// A child process (this test binary again, running only this test)
-    /// logs a line and panics on its main thread at once, well within the
-    /// log writer's one-second interval: without the flush at the panic the
-    /// line never reaches stderr.
+    /// logs a line and panics at once, while the log's writer thread is
+    /// still on its way to stderr: without the flush at the panic, the
+    /// panic's message (which goes straight to stderr) comes first, and the
+    /// line is lost if the process ends before the writer gets there.
     #[test]
     fn lines_logged_before_a_panic_reach_stderr_before_its_message() {
         if std::env::var_os(CHILD).is_some() {
-            super::init_logging(false);
+            super::init_logging_to(false, Box::new(SlowStderr));
             tracing::info!("the line before the panic");
             panic!("the test's panic");
         }
