@@ -491,3 +491,85 @@ async fn an_agent_further_behind_than_the_cas_retention_of_deletions_syncs_every
         "{log}"
     );
 }
+
+/// The `sub` of a JWT-SVID (its signature is checked elsewhere).
+fn jwt_subject(token: &str) -> String {
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.insecure_disable_signature_validation();
+    v.validate_aud = false;
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(&[]),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    claims["sub"].as_str().unwrap().to_owned()
+}
+
+/// An entry given another SPIFFE ID: the next JWT-SVID for it carries the
+/// new ID, not the token the agent cached for the old one (which it would
+/// otherwise serve until half its life had passed).
+#[tokio::test]
+async fn an_entry_given_another_spiffe_id_gets_jwt_svids_for_the_new_one() {
+    use ward_spec::proto::workload::JwtsvidRequest;
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    // This test process is the workload: uid 0.
+    let (old, new) = (
+        "spiffe://example.org/old-name",
+        "spiffe://example.org/new-name",
+    );
+    let entry = ca.register(old, &parent, "unix:uid:0");
+    let client = raw_client(&agent).await;
+    let fetch = move || {
+        let mut client = client.clone();
+        async move {
+            let svids = client
+                .fetch_jwtsvid(with_header(JwtsvidRequest {
+                    audience: vec!["db".into()],
+                    spiffe_id: String::new(),
+                }))
+                .await?
+                .into_inner()
+                .svids;
+            Ok::<_, tonic::Status>(svids.into_iter().next().expect("one JWT-SVID"))
+        }
+    };
+    let first = eventually("a JWT-SVID for the entry", &fetch).await;
+    assert_eq!(
+        (first.spiffe_id.as_str(), jwt_subject(&first.svid).as_str()),
+        (old, old)
+    );
+
+    ca.cli_json(&[
+        "entry",
+        "update",
+        &entry,
+        "--spiffe-id",
+        new,
+        "--parent-id",
+        &parent,
+        "--selector",
+        "unix:uid:0",
+    ]);
+    let renamed = eventually("the entry's new SPIFFE ID at the agent", || {
+        let f = fetch();
+        async move {
+            let s = f.await?;
+            if s.spiffe_id == new {
+                Ok(s)
+            } else {
+                Err(tonic::Status::unavailable(format!("still {}", s.spiffe_id)))
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        jwt_subject(&renamed.svid),
+        new,
+        "a token for the old ID was served"
+    );
+    assert_ne!(renamed.svid, first.svid);
+}

@@ -35,11 +35,16 @@ struct CachedJwt {
     refresh_at: i64,
 }
 
+/// A cached JWT-SVID's key: (entry ID, its SPIFFE ID, audience). An entry
+/// given another SPIFFE ID gets a token of its own, not the one minted for
+/// the old ID.
+type JwtKey = (String, String, Vec<String>);
+
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Snap>,
     ca: Arc<Mutex<CaClient>>,
     attestor: Attestor,
-    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
     metrics: Arc<Metrics>,
 }
 
@@ -151,9 +156,11 @@ fn x509_response(
     let svids: Vec<pb::X509svid> = entries
         .iter()
         .filter_map(|e| {
+            // An SVID signed before the entry was given another SPIFFE ID is
+            // not served for it (until the new one is signed, none is).
             snap.svids
                 .get(&e.id)
-                .filter(|s| !s.expired(now))
+                .filter(|s| !s.expired(now) && s.spiffe_id == e.spiffe_id)
                 .map(|s| (e, s))
         })
         .map(|(e, s)| {
@@ -440,7 +447,7 @@ impl WorkloadApi {
 
     /// A cached JWT-SVID until half of its life, else a fresh one from the CA.
     async fn jwt_for(&self, e: &CachedEntry, audience: &[String]) -> Result<String, Status> {
-        let key = (e.id.clone(), audience.to_vec());
+        let key = (e.id.clone(), e.spiffe_id.to_string(), audience.to_vec());
         let now = unix_now();
         if let Some(c) = self.jwts.lock().await.get(&key) {
             if now < c.refresh_at {
