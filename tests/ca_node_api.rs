@@ -307,3 +307,52 @@ on_both_backends! {
         assert!(rot.bundle_sequence > first.bundle_sequence);
     }
 }
+
+/// An entry's SVID lifetimes are bounded (ten years): a tenant admin's
+/// absurd TTL is refused with a clear error (it used to be stored, and every
+/// signing batch its entry was in then failed, for every workload of that
+/// node), and the CA goes on serving.
+#[test]
+fn entry_lifetimes_over_ten_years_are_refused_and_the_ca_goes_on() {
+    let ca = CaProcess::start(&[]);
+    let parent = "spiffe://example.org/ward/agent/join_token/some-node";
+    for flag in ["--x509-ttl", "--jwt-ttl"] {
+        let out = ca.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/forever",
+            "--parent-id",
+            parent,
+            "--selector",
+            "unix:uid:7",
+            flag,
+            "9223372036854775807",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: accepted");
+        let name = flag.trim_start_matches("--").replace('-', "_");
+        assert!(
+            stderr.contains(&format!("{name} 9223372036854775807 is over")),
+            "{flag}: {stderr}"
+        );
+    }
+    // Ten years exactly is fine, and the CA answers as before.
+    let out = ca.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/decade",
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:7",
+        "--x509-ttl",
+        "315360000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

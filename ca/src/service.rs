@@ -552,7 +552,7 @@ impl Ca {
         let signer = self.authority.signer();
         let t = now();
         // Never past the issuer's own expiry.
-        let not_after = (t + ttl).min(signer.not_after);
+        let not_after = expiry(t, ttl, signer.not_after);
         let leaf = x509::new_leaf(id, dns_names, key, &signer.issuer, t, not_after)
             .map_err(|e| CaError::invalid(format!("cannot issue for {id}: {e}")))?;
         let info = ward_spec::svid::check_leaf(&leaf).map_err(|e| {
@@ -661,7 +661,7 @@ impl Ca {
             s if s > 0 => Duration::from_secs(s as u64),
             _ => self.ttls.jwt_svid,
         };
-        let exp = (t + ttl).min(signer.not_after).unix_timestamp();
+        let exp = expiry(t, ttl, signer.not_after).unix_timestamp();
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some(signer.jwt_kid.clone());
         header.typ = Some("JWT".into());
@@ -721,6 +721,11 @@ impl Ca {
         for (name, v) in [("x509_ttl", spec.x509_ttl), ("jwt_ttl", spec.jwt_ttl)] {
             if v < 0 {
                 return Err(CaError::invalid(format!("{name} must not be negative")));
+            }
+            if v > MAX_ENTRY_TTL_SECS {
+                return Err(CaError::invalid(format!(
+                    "{name} {v} is over {MAX_ENTRY_TTL_SECS} seconds (ten years); no SVID outlives the CA that signs it anyway"
+                )));
             }
         }
         for d in &spec.dns_names {
@@ -1253,9 +1258,39 @@ fn new_entry_id() -> String {
     )
 }
 
+/// The longest SVID lifetime an entry may ask for: ten years.
+const MAX_ENTRY_TTL_SECS: i64 = 10 * 365 * 24 * 3600;
+
+/// `ttl` after `t`, but never past `cap` (the signer's own expiry); a
+/// lifetime beyond what time can count (an entry stored before TTLs were
+/// bounded) is the cap.
+fn expiry(t: OffsetDateTime, ttl: Duration, cap: OffsetDateTime) -> OffsetDateTime {
+    time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|d| t.checked_add(d))
+        .map_or(cap, |end| end.min(cap))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Announced;
+    use super::{expiry, Announced};
+    use std::time::Duration;
+    use time::OffsetDateTime;
+
+    #[test]
+    fn an_expiry_is_the_ttl_after_now_capped_by_the_signer_even_past_what_time_can_count() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let cap = t + Duration::from_secs(3600);
+        assert_eq!(
+            expiry(t, Duration::from_secs(60), cap),
+            t + Duration::from_secs(60)
+        );
+        assert_eq!(expiry(t, Duration::from_secs(7200), cap), cap);
+        // An entry's i64::MAX seconds (stored before TTLs were bounded) used
+        // to panic here, failing every signing of the batch it was in.
+        assert_eq!(expiry(t, Duration::from_secs(i64::MAX as u64), cap), cap);
+        assert_eq!(expiry(t, Duration::MAX, cap), cap);
+    }
 
     #[test]
     fn each_parent_is_told_of_a_revision_once_however_the_notices_split_it() {
