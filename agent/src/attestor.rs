@@ -21,9 +21,11 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-/// What identifies one version of an executable: (path, dev, ino, mtime, size).
-/// (device, inode, mtime, size) of an executable.
-type ExeKey = (u64, u64, i64, u64);
+/// What identifies one version of an executable: (device, inode, size,
+/// mtime, ctime), both times to the nanosecond. Its owner can set the mtime
+/// back after rewriting it; the ctime moves on with every change, that one
+/// included.
+type ExeKey = (u64, u64, u64, (i64, i64), (i64, i64));
 
 #[derive(Default)]
 pub struct Attestor {
@@ -67,7 +69,13 @@ impl Attestor {
         let proc_exe = format!("/proc/{pid}/exe");
         let meta = std::fs::metadata(&proc_exe).ok()?;
         // The file, not its path, decides the hash: hard links share one.
-        let key = (meta.dev(), meta.ino(), meta.mtime(), meta.size());
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            (meta.mtime(), meta.mtime_nsec()),
+            (meta.ctime(), meta.ctime_nsec()),
+        );
         if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
             return Some(h.clone());
         }
@@ -124,6 +132,7 @@ pub fn matches(entry: &[String], caller: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn own_process_yields_uid_gid_path_and_hash() {
@@ -148,6 +157,41 @@ mod tests {
             assert!(s.contains(&"unix:user:root".to_string()));
             assert!(s.contains(&"unix:group:root".to_string()));
         }
+    }
+
+    /// An executable rewritten in place, at the same size, with its mtime
+    /// set back to what it was: its new hash is taken, not the cached one.
+    #[test]
+    fn a_rewritten_executable_with_its_old_mtime_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("sleeper");
+        let original = std::fs::read("/bin/sleep").unwrap();
+        std::fs::write(&exe, &original).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mtime = std::fs::metadata(&exe).unwrap().modified().unwrap();
+        let a = Attestor::default();
+        let hash_of_running = |a: &Attestor| {
+            let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+            let hash = a.exe_hash(child.id() as i32).unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
+            hash
+        };
+        let sha = |b: &[u8]| hex::encode(digest::digest(&digest::SHA256, b));
+        assert_eq!(hash_of_running(&a), sha(&original));
+
+        // The last byte is in the section headers, which running ignores.
+        let mut changed = original.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        std::fs::write(&exe, &changed).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&exe)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&exe).unwrap().modified().unwrap(), mtime);
+        assert_eq!(hash_of_running(&a), sha(&changed));
     }
 
     #[test]
