@@ -43,7 +43,7 @@ type JwtKey = (String, String, Vec<String>);
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Snap>,
     ca: Arc<Mutex<CaClient>>,
-    attestor: Attestor,
+    attestor: Arc<Attestor>,
     jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
     metrics: Arc<Metrics>,
 }
@@ -59,14 +59,25 @@ impl WorkloadApi {
         WorkloadApi {
             snapshots,
             ca,
-            attestor: Attestor::default(),
+            attestor: Arc::default(),
             jwts: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    /// Checks the security header and attests the caller.
-    fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+    /// Checks the security header and attests the caller. Reading `/proc`
+    /// and hashing the caller's executable (a large one takes a while) is
+    /// blocking work: it runs off the threads that serve everyone else.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+        let cred = Self::peer(req)?;
+        let attestor = self.attestor.clone();
+        tokio::task::spawn_blocking(move || attestor.selectors(cred))
+            .await
+            .map_err(|e| Status::internal(format!("attesting the caller failed: {e}")))
+    }
+
+    /// The caller's credentials, once its security header is checked.
+    fn peer<T>(req: &Request<T>) -> Result<PeerCred, Status> {
         let header = req
             .metadata()
             .get("workload.spiffe.io")
@@ -83,11 +94,11 @@ impl WorkloadApi {
             .ok_or_else(|| {
                 Status::permission_denied("cannot determine the caller's credentials")
             })?;
-        Ok(self.attestor.selectors(PeerCred {
+        Ok(PeerCred {
             pid: cred.pid(),
             uid: cred.uid(),
             gid: cred.gid(),
-        }))
+        })
     }
 
     async fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
@@ -109,7 +120,7 @@ impl WorkloadApi {
         method: &'static str,
     ) -> Result<(), Status> {
         let r = async {
-            let selectors = self.caller(req)?;
+            let selectors = self.caller(req).await?;
             let snap = self.snapshot().await?;
             if matching(&snap, &selectors).is_empty() {
                 return Err(no_identity());
@@ -290,7 +301,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let r = async {
-            let selectors = self.caller(&req)?;
+            let selectors = self.caller(&req).await?;
             let snap = self.snapshot().await?;
             // Refuse at once, not inside the stream, when nothing matches.
             if matching(&snap, &selectors).is_empty() {
@@ -329,7 +340,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         let r = async {
-            let selectors = self.caller(&req)?;
+            let selectors = self.caller(&req).await?;
             let body = req.get_ref();
             if body.audience.is_empty() || body.audience.iter().any(|a| a.is_empty()) {
                 return Err(Status::invalid_argument("audience must be specified"));
@@ -382,7 +393,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         let r = async {
-            let selectors = self.caller(&req)?;
+            let selectors = self.caller(&req).await?;
             let body = req.get_ref();
             if body.audience.is_empty() {
                 return Err(Status::invalid_argument("audience must be specified"));
@@ -427,7 +438,7 @@ impl WorkloadApi {
     where
         T: Send + 'static,
     {
-        let selectors = self.caller(req)?;
+        let selectors = self.caller(req).await?;
         let snap = self.snapshot().await?;
         if matching(&snap, &selectors).is_empty() {
             return Err(no_identity());
