@@ -27,6 +27,9 @@ use crate::state::{NodeIdentity, StateDir};
 
 /// Signing requests per batch (the CA accepts up to 1000).
 const SIGN_BATCH: usize = 500;
+/// How long an entry whose signing the CA refused waits before it is asked
+/// for again.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 /// A registration entry as the agent keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +151,10 @@ pub struct Manager {
     /// backing off on their own.
     deferred_until: Option<Instant>,
     deferred_backoff: Backoff,
+    /// Entries whose signing the CA refused: not asked for again before then
+    /// (Unix milliseconds). Otherwise an SVID past its rotation point would
+    /// be asked for on every pass of the loop, a hundred times a second.
+    refused_until: HashMap<String, i64>,
     /// The cache changed since the last published snapshot.
     dirty: bool,
     published: watch::Sender<Option<Arc<Snapshot>>>,
@@ -199,6 +206,7 @@ impl Manager {
                 retry_at: None,
                 deferred_until: None,
                 deferred_backoff: Backoff::default(),
+                refused_until: HashMap::new(),
                 dirty: true,
                 published,
                 policy,
@@ -314,7 +322,12 @@ impl Manager {
         let mut wake = match self.retry_at {
             Some(retry) if retry > Instant::now() => retry,
             _ => {
-                let rotate = self.svids.values().map(|s| s.rotate_at).min().map(at);
+                let rotate = self
+                    .svids
+                    .iter()
+                    .map(|(id, s)| s.rotate_at.max(*self.refused_until.get(id).unwrap_or(&0)))
+                    .min()
+                    .map(at);
                 // Renewal and sync wait while deferred; rotation never does.
                 let other = match self.deferred_until {
                     Some(d) if d > Instant::now() => d,
@@ -529,6 +542,7 @@ impl Manager {
         let due: Vec<Arc<CachedEntry>> = self
             .entries
             .values()
+            .filter(|e| self.refused_until.get(&e.id).is_none_or(|t| now_ms >= *t))
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
                 Some(s) => s.revision != e.revision || now_ms >= s.rotate_at,
@@ -564,11 +578,20 @@ impl Manager {
                 Ok(r) => r.into_inner().results,
                 Err(e) => return Err(self.call_failed(e, true).await),
             };
+            let mut unavailable = None;
             for ((entry, key), r) in batch.iter().zip(keys).zip(results) {
                 if r.code != 0 {
                     tracing::warn!(entry_id = %entry.id, code = r.code, message = %r.message, "CA refused to sign");
+                    self.refused_until.insert(
+                        entry.id.clone(),
+                        unix_now_ms() + REFUSED_RETRY.as_millis() as i64,
+                    );
+                    if r.code == tonic::Code::Unavailable as i32 {
+                        unavailable = Some(r.message);
+                    }
                     continue;
                 }
+                self.refused_until.remove(&entry.id);
                 let Some(leaf) = r.svid_chain.first() else {
                     continue;
                 };
@@ -591,6 +614,12 @@ impl Manager {
                     self.metrics.rotations.inc();
                 }
             }
+            // A replica that cannot sign (its datastore is down) is left for
+            // another, as when a whole call fails.
+            if let Some(message) = unavailable {
+                self.call_failed(tonic::Status::unavailable(message), true)
+                    .await;
+            }
         }
         Ok(())
     }
@@ -599,6 +628,7 @@ impl Manager {
         let now = unix_now();
         let entries = &self.entries;
         let stale = |id: &String, s: &Arc<CachedSvid>| s.expired(now) || !entries.contains_key(id);
+        self.refused_until.retain(|id, _| entries.contains_key(id));
         if self.svids.iter().any(|(id, s)| stale(id, s)) {
             Arc::make_mut(&mut self.svids).retain(|id, s| !stale(id, s));
             self.dirty = true;
