@@ -67,15 +67,18 @@ impl Attestor {
         // Read through /proc/<pid>/exe: it names the very file the process
         // runs, even if the path was replaced since.
         let proc_exe = format!("/proc/{pid}/exe");
-        let meta = std::fs::metadata(&proc_exe).ok()?;
-        // The file, not its path, decides the hash: hard links share one.
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            (meta.mtime(), meta.mtime_nsec()),
-            (meta.ctime(), meta.ctime_nsec()),
-        );
+        let key_now = || {
+            let meta = std::fs::metadata(&proc_exe).ok()?;
+            // The file, not its path, decides the hash: hard links share one.
+            Some((
+                meta.dev(),
+                meta.ino(),
+                meta.size(),
+                (meta.mtime(), meta.mtime_nsec()),
+                (meta.ctime(), meta.ctime_nsec()),
+            ))
+        };
+        let key = key_now()?;
         if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
             return Some(h.clone());
         }
@@ -91,6 +94,14 @@ impl Attestor {
             ctx.update(&buf[..n]);
         }
         let hash = hex::encode(ctx.finish());
+        // Cached only if the file did not change while it was read, and not
+        // within a second of its last change: some kernels keep ctime to a
+        // clock tick, so a change in the same tick would keep the key.
+        let (.., (changed_at, _)) = key;
+        let settled = changed_at < unix_now_secs() - 1;
+        if !settled || key_now() != Some(key) {
+            return Some(hash);
+        }
         let mut cache = self.exe_hashes.lock().ok()?;
         if cache.len() > 4096 {
             cache.clear();
@@ -98,6 +109,12 @@ impl Attestor {
         cache.insert(key, hash.clone());
         Some(hash)
     }
+}
+
+fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The name of id `id` in a passwd- or group-format file.
@@ -169,6 +186,8 @@ mod tests {
         std::fs::write(&exe, &original).unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mtime = std::fs::metadata(&exe).unwrap().modified().unwrap();
+        // Hashes of files changed in the last second are not kept: let it settle.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
         let a = Attestor::default();
         let hash_of_running = |a: &Attestor| {
             let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
@@ -179,6 +198,7 @@ mod tests {
         };
         let sha = |b: &[u8]| hex::encode(digest::digest(&digest::SHA256, b));
         assert_eq!(hash_of_running(&a), sha(&original));
+        assert_eq!(a.exe_hashes.lock().unwrap().len(), 1, "the hash was kept");
 
         // The last byte is in the section headers, which running ignores.
         let mut changed = original.clone();
