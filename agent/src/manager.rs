@@ -322,10 +322,19 @@ impl Manager {
         let mut wake = match self.retry_at {
             Some(retry) if retry > Instant::now() => retry,
             _ => {
+                // An SVID is due at its rotation point, or once the CA's
+                // refusal has waited long enough; an entry without one, at
+                // the latter.
                 let rotate = self
                     .svids
                     .iter()
                     .map(|(id, s)| s.rotate_at.max(*self.refused_until.get(id).unwrap_or(&0)))
+                    .chain(
+                        self.refused_until
+                            .iter()
+                            .filter(|(id, _)| !self.svids.contains_key(*id))
+                            .map(|(_, t)| *t),
+                    )
                     .min()
                     .map(at);
                 // Renewal and sync wait while deferred; rotation never does.
@@ -441,6 +450,8 @@ impl Manager {
                 }
                 match to_cached(e) {
                     Ok(e) => {
+                        // A changed entry is asked for at once, refused or not.
+                        self.refused_until.remove(&e.id);
                         Arc::make_mut(&mut self.entries).insert(e.id.clone(), Arc::new(e));
                         self.dirty = true;
                         self.entries_changed = true;
