@@ -516,12 +516,13 @@ async fn an_entry_given_another_spiffe_id_gets_jwt_svids_for_the_new_one() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
     let parent = agent_id(&ca);
-    // This test process is the workload: uid 0.
+    // This test process is the workload.
     let (old, new) = (
         "spiffe://example.org/old-name",
         "spiffe://example.org/new-name",
     );
-    let entry = ca.register(old, &parent, "unix:uid:0");
+    let uid = format!("unix:uid:{}", my_uid());
+    let entry = ca.register(old, &parent, &uid);
     let client = raw_client(&agent).await;
     let fetch = move || {
         let mut client = client.clone();
@@ -552,7 +553,7 @@ async fn an_entry_given_another_spiffe_id_gets_jwt_svids_for_the_new_one() {
         "--parent-id",
         &parent,
         "--selector",
-        "unix:uid:0",
+        &uid,
     ]);
     let renamed = eventually("the entry's new SPIFFE ID at the agent", || {
         let f = fetch();
