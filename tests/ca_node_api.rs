@@ -311,7 +311,7 @@ on_both_backends! {
 /// An entry's SVID lifetimes are bounded (ten years): a tenant admin's
 /// absurd TTL is refused with a clear error (it used to be stored, and every
 /// signing batch its entry was in then failed, for every workload of that
-/// node), and the CA goes on serving.
+/// node), and the CA goes on serving. A join token's lifetime is bounded too.
 #[test]
 fn entry_lifetimes_over_ten_years_are_refused_and_the_ca_goes_on() {
     let ca = CaProcess::start(&[]);
@@ -337,6 +337,11 @@ fn entry_lifetimes_over_ten_years_are_refused_and_the_ca_goes_on() {
             "{flag}: {stderr}"
         );
     }
+    // Join tokens are bounded too (a year).
+    let out = ca.cli(&["token", "create", "--ttl", "400d"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 400-day join token was accepted");
+    assert!(stderr.contains("ttl 34560000 is over"), "{stderr}");
     // Ten years exactly is fine, and the CA answers as before.
     let out = ca.cli(&[
         "entry",

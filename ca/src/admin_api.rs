@@ -128,6 +128,9 @@ fn optional_id(field: &str, s: &str) -> Result<Option<SpiffeId>, Status> {
         .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
+/// The longest a join token may wait to be used: a year.
+const MAX_JOIN_TOKEN_TTL_SECS: i64 = 365 * 24 * 3600;
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn create_join_token(
@@ -138,6 +141,12 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         if r.ttl < 0 {
             return Err(Status::invalid_argument("ttl must not be negative"));
+        }
+        if r.ttl > MAX_JOIN_TOKEN_TTL_SECS {
+            return Err(Status::invalid_argument(format!(
+                "ttl {} is over {MAX_JOIN_TOKEN_TTL_SECS} seconds (a year)",
+                r.ttl
+            )));
         }
         let ttl = (r.ttl > 0).then(|| Duration::from_secs(r.ttl as u64));
         let (token, agent_id, expires_at) =
