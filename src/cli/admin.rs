@@ -71,7 +71,7 @@ pub enum TokenCommand {
         after_help = "Example:\n  ward token create --ttl 10m\n  ward agent run --join-token $(ward token create --output json | jq -r .token) ..."
     )]
     Create {
-        /// How long the token stays valid (e.g. 10m, 1h). Default: the CA's join_token_ttl.
+        /// How long the token stays valid (e.g. 10m, 1h; at most a year). Default: the CA's join_token_ttl.
         #[arg(long, value_parser = ward_ca::config::parse_duration)]
         ttl: Option<std::time::Duration>,
         /// The tenant whose node the token is for (a tenant admin may create
@@ -123,10 +123,10 @@ pub struct EntryFields {
     /// A selector the workload must show, e.g. unix:uid:1000 (repeat for several).
     #[arg(long = "selector", required = true)]
     selectors: Vec<String>,
-    /// X509-SVID lifetime in seconds (0: the CA default).
+    /// X509-SVID lifetime in seconds (0: the CA default; at most ten years, and never past the CA's own).
     #[arg(long, default_value_t = 0)]
     x509_ttl: i64,
-    /// JWT-SVID lifetime in seconds (0: the CA default).
+    /// JWT-SVID lifetime in seconds (0: the CA default; at most ten years, and never past the CA's own).
     #[arg(long, default_value_t = 0)]
     jwt_ttl: i64,
     /// A DNS name for the certificate (repeat for several).
