@@ -40,7 +40,13 @@ pub fn postgres_for_this_thread() -> bool {
 /// A new database on the server `WARD_TEST_POSTGRES_URL` names; its URL.
 pub fn fresh_postgres_database() -> String {
     let url = std::env::var("WARD_TEST_POSTGRES_URL").expect("WARD_TEST_POSTGRES_URL");
-    let name = format!("ward_e2e_{}_{}", std::process::id(), free_port());
+    // Unique among live processes (pid, and a port this process holds), and
+    // against databases earlier runs left behind (pids and ports recur).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("ward_e2e_{}_{}_{nanos}", std::process::id(), free_port());
     let out = Command::new("psql")
         .arg(&url)
         .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
