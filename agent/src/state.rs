@@ -1,6 +1,6 @@
-//! The agent's persisted identity: node key, node SVID chain, the last trust
-//! bundle and the last policy set, in the data directory (key 0600, every file
-//! written atomically).
+//! The agent's persisted identity: node key and SVID chain (one 0600 file),
+//! the last trust bundle and the last policy set, in the data directory (every
+//! file written atomically).
 //! After a restart the agent renews with this SVID instead of a new join token.
 
 use std::path::{Path, PathBuf};
@@ -78,6 +78,9 @@ impl NodeIdentity {
     }
 }
 
+/// The node key and its SVID chain (PEM), in one file.
+const NODE_FILE: &str = "node.pem";
+
 pub struct StateDir {
     dir: PathBuf,
 }
@@ -101,39 +104,60 @@ impl StateDir {
         self.dir.join(name)
     }
 
-    /// The stored node identity, if any.
+    /// The stored node identity, if any: `node.pem` (key and chain in one
+    /// file), or the `node.key` + `node.crt` pair that older agents wrote.
+    /// A key that is not the leaf's is refused as corrupt.
     pub fn load_identity(&self) -> Result<Option<NodeIdentity>, StateError> {
+        let np = self.path(NODE_FILE);
         let (kp, cp) = (self.path("node.key"), self.path("node.crt"));
-        if !kp.exists() || !cp.exists() {
-            return Ok(None);
-        }
-        let key_pem = std::fs::read_to_string(&kp).map_err(io(&kp))?;
-        let cert_pem = std::fs::read_to_string(&cp).map_err(io(&cp))?;
+        let (key_pem, key_path, cert_pem, cert_path) = match std::fs::read_to_string(&np) {
+            Ok(pem) => (pem.clone(), &np, pem, &np),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !kp.exists() || !cp.exists() {
+                    return Ok(None);
+                }
+                let key = std::fs::read_to_string(&kp).map_err(io(&kp))?;
+                let cert = std::fs::read_to_string(&cp).map_err(io(&cp))?;
+                (key, &kp, cert, &cp)
+            }
+            Err(e) => return Err(io(&np)(e)),
+        };
         let corrupt = |path: &Path, reason: String| StateError::Corrupt {
             path: path.to_owned(),
             reason,
         };
         let key = pem_to_ders("PRIVATE KEY", &key_pem)
-            .map_err(|e| corrupt(&kp, e))?
+            .map_err(|e| corrupt(key_path, e))?
             .pop()
-            .ok_or_else(|| corrupt(&kp, "no PRIVATE KEY block".into()))?;
-        let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(&cp, e))?;
+            .ok_or_else(|| corrupt(key_path, "no PRIVATE KEY block".into()))?;
+        let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(cert_path, e))?;
+        ward_spec::tls::certified_key(&chain, &key).map_err(|e| {
+            corrupt(
+                key_path,
+                format!("the private key and the node SVID do not go together: {e}"),
+            )
+        })?;
         NodeIdentity::from_parts(chain, key)
             .map(Some)
-            .map_err(|e| corrupt(&cp, e))
+            .map_err(|e| corrupt(cert_path, e))
     }
 
-    /// Stores a node identity: the key first, then the chain that names it.
+    /// Stores a node identity: key and chain in one file (0600), replaced
+    /// in one step, so a crash never leaves a key beside another key's
+    /// certificate. The older two-file layout is removed once replaced.
     pub fn save_identity(&self, id: &NodeIdentity) -> Result<(), StateError> {
-        let kp = self.path("node.key");
-        write_atomic(&kp, der_to_pem("PRIVATE KEY", &id.key).as_bytes(), true).map_err(io(&kp))?;
-        let cp = self.path("node.crt");
-        let pem: String = id
-            .chain
-            .iter()
-            .map(|d| der_to_pem("CERTIFICATE", d))
-            .collect();
-        write_atomic(&cp, pem.as_bytes(), false).map_err(io(&cp))
+        let np = self.path(NODE_FILE);
+        let mut pem = der_to_pem("PRIVATE KEY", &id.key);
+        pem.extend(id.chain.iter().map(|d| der_to_pem("CERTIFICATE", d)));
+        write_atomic(&np, pem.as_bytes(), true).map_err(io(&np))?;
+        for old in ["node.crt", "node.key"] {
+            let p = self.path(old);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// A stored file parsed by `parse`; None if it does not exist.
@@ -199,5 +223,72 @@ impl StateDir {
     pub fn save_bundle(&self, bundle: &TrustBundle) -> Result<(), StateError> {
         let p = self.path("bundle.jwks");
         write_atomic(&p, &bundle.to_jwks(), false).map_err(io(&p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use ward_spec::test_util::{leaf_and_key, root};
+
+    const NODE: &str = "spiffe://example.org/spire/agent/join_token/t1";
+
+    fn identity(issuer: &ward_spec::test_util::Issuer) -> NodeIdentity {
+        let (cert, key) = leaf_and_key(NODE, issuer);
+        NodeIdentity::from_parts(vec![cert.to_vec()], key.serialize_der()).unwrap()
+    }
+
+    #[test]
+    fn the_node_identity_is_one_private_file_that_replaces_the_older_pair() {
+        let td = tempfile::tempdir().unwrap();
+        let state = StateDir::open(td.path()).unwrap();
+        let (_, issuer) = root("example.org");
+        let first = identity(&issuer);
+        // What an older agent left: a key and a chain in two files.
+        std::fs::write(
+            td.path().join("node.key"),
+            der_to_pem("PRIVATE KEY", &first.key),
+        )
+        .unwrap();
+        std::fs::write(
+            td.path().join("node.crt"),
+            der_to_pem("CERTIFICATE", &first.chain[0]),
+        )
+        .unwrap();
+        let loaded = state
+            .load_identity()
+            .unwrap()
+            .expect("the older pair loads");
+        assert_eq!((loaded.chain, loaded.key), (first.chain, first.key));
+
+        let second = identity(&issuer);
+        state.save_identity(&second).unwrap();
+        let file = td.path().join(NODE_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!td.path().join("node.key").exists());
+        assert!(!td.path().join("node.crt").exists());
+        let loaded = state.load_identity().unwrap().unwrap();
+        assert_eq!((loaded.chain, loaded.key), (second.chain, second.key));
+        assert_eq!(loaded.spiffe_id.to_string(), NODE);
+    }
+
+    #[test]
+    fn a_key_beside_another_keys_certificate_is_refused_as_corrupt() {
+        let td = tempfile::tempdir().unwrap();
+        let state = StateDir::open(td.path()).unwrap();
+        let (_, issuer) = root("example.org");
+        let (a, b) = (identity(&issuer), identity(&issuer));
+        let mut pem = der_to_pem("PRIVATE KEY", &a.key);
+        pem.push_str(&der_to_pem("CERTIFICATE", &b.chain[0]));
+        std::fs::write(td.path().join(NODE_FILE), pem).unwrap();
+        match state.load_identity() {
+            Err(StateError::Corrupt { path, reason }) => {
+                assert_eq!(path, td.path().join(NODE_FILE));
+                assert!(reason.contains("do not go together"), "{reason}");
+            }
+            other => panic!("expected a corrupt state, got {other:?}"),
+        }
     }
 }

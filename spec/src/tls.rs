@@ -374,6 +374,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     tls13_signature_methods!();
 }
 
+/// An SVID ready for rustls: `chain` is DER, leaf first; `pkcs8` the leaf's
+/// key. Fails if the key does not parse or is not the one the leaf names.
+pub fn certified_key(chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<CertifiedKey, rustls::Error> {
+    let certs = chain
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()));
+    CertifiedKey::from_der(certs, key, &provider())
+}
+
 /// Our own SVID (chain + key), swappable; serves as both client and server
 /// certificate resolver.
 #[derive(Clone)]
@@ -397,18 +408,10 @@ impl Default for SvidResolver {
 
 impl SvidResolver {
     /// Installs a new SVID: `chain` is DER, leaf first; `pkcs8` the leaf's key.
+    /// Refused if the key is not the leaf's.
     pub fn set(&self, chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<(), rustls::Error> {
-        let key = provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                pkcs8.to_vec(),
-            )))?;
-        let certs = chain
-            .iter()
-            .map(|d| CertificateDer::from(d.clone()))
-            .collect();
-        self.current
-            .store(Arc::new(Some(Arc::new(CertifiedKey::new(certs, key)))));
+        let key = certified_key(chain, pkcs8)?;
+        self.current.store(Arc::new(Some(Arc::new(key))));
         Ok(())
     }
 
