@@ -31,6 +31,12 @@ type ExeKey = (u64, u64, u64, (i64, i64), (i64, i64));
 pub struct Attestor {
     /// SHA-256 hex of each executable seen.
     exe_hashes: Mutex<HashMap<ExeKey, String>>,
+    /// Held while an executable is read: one hash at a time, so callers
+    /// of many large executables cannot take every thread and a megabyte
+    /// each, and callers of one wait for its hash instead of reading it again.
+    hashing: Mutex<()>,
+    /// Executables read so far.
+    hashed: std::sync::atomic::AtomicU64,
 }
 
 impl Attestor {
@@ -79,9 +85,16 @@ impl Attestor {
             ))
         };
         let key = key_now()?;
-        if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
-            return Some(h.clone());
+        let cached = || self.exe_hashes.lock().ok()?.get(&key).cloned();
+        if let Some(h) = cached() {
+            return Some(h);
         }
+        let _one_at_a_time = self.hashing.lock().ok()?;
+        if let Some(h) = cached() {
+            return Some(h);
+        }
+        self.hashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Streamed: a large executable is never held in memory whole.
         let mut file = std::fs::File::open(&proc_exe).ok()?;
         let mut ctx = digest::Context::new(&digest::SHA256);
@@ -212,6 +225,39 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::metadata(&exe).unwrap().modified().unwrap(), mtime);
         assert_eq!(hash_of_running(&a), sha(&changed));
+    }
+
+    /// Callers of one large executable, all at once: it is read once.
+    #[test]
+    fn concurrent_callers_of_one_executable_wait_for_a_single_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("sleeper");
+        // 64 MiB of padding after the program: reading it takes a while.
+        let mut bytes = std::fs::read("/bin/sleep").unwrap();
+        bytes.resize(bytes.len() + (64 << 20), 0);
+        std::fs::write(&exe, &bytes).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let a = Attestor::default();
+        let start = std::sync::Barrier::new(8);
+        let hashes: Vec<String> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        a.exe_hash(pid).unwrap()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let want = hex::encode(digest::digest(&digest::SHA256, &bytes));
+        assert!(hashes.iter().all(|h| *h == want));
+        assert_eq!(a.hashed.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]
