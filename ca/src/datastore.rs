@@ -247,8 +247,10 @@ pub trait Datastore: Send + Sync + 'static {
     async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry>;
     /// Replaces every field but `id` and `created_at`.
     async fn update_entry(&self, entry: Entry) -> Result<Entry>;
-    /// Deletes an entry; returns it with `revision` set to the deletion's revision.
-    async fn delete_entry(&self, id: &str) -> Result<Entry>;
+    /// Deletes an entry if it is still at `expected_revision` (the one the
+    /// caller read and authorized against; 0: whatever it is at); returns
+    /// it with `revision` set to the deletion's revision.
+    async fn delete_entry(&self, id: &str, expected_revision: u64) -> Result<Entry>;
     /// The newest entry revision (of any parent).
     async fn entry_revision(&self) -> Result<u64>;
     async fn get_entry(&self, id: &str) -> Result<Option<Entry>>;

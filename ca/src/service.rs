@@ -830,7 +830,7 @@ impl Ca {
     pub async fn delete_entry(&self, caller: &AdminPrincipal, id: &str) -> CaResult<()> {
         let old = self.get_entry(id).await?;
         self.authorize_entry(caller, AdminAction::DeleteEntry, &old, &[])?;
-        let e = self.store.delete_entry(id).await?;
+        let e = self.store.delete_entry(id, old.revision).await?;
         self.entries_changed(e.revision, Some(vec![old.parent_id.to_string()]));
         self.metrics.admin_change("delete_entry");
         tracing::info!(target: "audit", event = "entry_deleted", caller = %principal_name(caller), entry_id = %e.id, spiffe_id = %e.spiffe_id, "deleted an entry");

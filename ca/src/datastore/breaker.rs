@@ -152,8 +152,8 @@ impl Datastore for Breaker {
     async fn update_entry(&self, entry: Entry) -> Result<Entry> {
         guarded!(self.update_entry(entry))
     }
-    async fn delete_entry(&self, id: &str) -> Result<Entry> {
-        guarded!(self.delete_entry(id))
+    async fn delete_entry(&self, id: &str, expected_revision: u64) -> Result<Entry> {
+        guarded!(self.delete_entry(id, expected_revision))
     }
     async fn entry_revision(&self) -> Result<u64> {
         guarded!(self.entry_revision())

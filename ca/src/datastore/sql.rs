@@ -560,21 +560,33 @@ macro_rules! sql_store {
                 Ok(e)
             }
 
-            async fn delete_entry(&self, id: &str) -> Result<Entry> {
+            async fn delete_entry(&self, id: &str, expected_revision: u64) -> Result<Entry> {
                 let mut tx = self.pool.begin().await?;
                 // The counter first, then the row, as every entry writer
                 // takes them (the other order could deadlock with an update).
                 let rev = next_revision(&mut tx).await?;
                 let old = sqlx::query(&format!(
-                    "DELETE FROM entries WHERE id = $1 RETURNING {ENTRY_COLUMNS}"
+                    "DELETE FROM entries WHERE id = $1 AND (revision = $2 OR $2 = 0) RETURNING {ENTRY_COLUMNS}"
                 ))
                 .bind(id)
+                .bind(expected_revision as i64)
                 .fetch_optional(&mut *tx)
                 .await?
                 .as_ref()
                 .map(row_to_entry)
-                .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+                .transpose()?;
+                let Some(old) = old else {
+                    let exists: Option<i64> = sqlx::query_scalar("SELECT revision FROM entries WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    return Err(match exists {
+                        Some(_) => StoreError::Stale(format!(
+                            "entry {id} changed while it was being deleted (it is no longer at revision {expected_revision}); read it again and retry"
+                        )),
+                        None => StoreError::NotFound(format!("entry {id}")),
+                    });
+                };
                 record_change(&mut tx, rev, &old.parent_id, id).await?;
                 announce(&mut tx, $notify, &format!("entries:{rev}:{}", old.parent_id)).await?;
                 tx.commit().await?;

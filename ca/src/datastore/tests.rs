@@ -102,7 +102,7 @@ async fn sync_reports_creates_moves_and_deletes_per_parent_incrementally_on(s: &
     let mut e2 = s.get_entry("e2").await.unwrap().unwrap();
     e2.parent_id = b.clone();
     s.update_entry(e2).await.unwrap();
-    s.delete_entry("e1").await.unwrap();
+    s.delete_entry("e1", 0).await.unwrap();
     let pa = s.sync_entries(&a, p.revision, 100).await.unwrap();
     assert!(pa.entries.is_empty());
     let mut deleted = pa.deleted.clone();
@@ -148,7 +148,7 @@ async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behi
     }
     let none = s.prune_entry_changes(0).await.unwrap();
     assert_eq!(none, PrunedChanges::default(), "nothing is that old");
-    let deleted = s.delete_entry("e1").await.unwrap().revision;
+    let deleted = s.delete_entry("e1", 0).await.unwrap().revision;
 
     // Before pruning, a caller behind the deletion hears of it.
     let behind = s.sync_entries(&a, first.revision, 100).await.unwrap();
@@ -467,6 +467,33 @@ async fn an_update_applies_only_to_the_revision_it_was_made_from() {
     }
 }
 
+#[tokio::test]
+async fn a_delete_applies_only_to_the_revision_it_was_made_from() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let read = s
+            .create_entry(entry("e", "spiffe://td/node"), 1)
+            .await
+            .unwrap();
+        let mut moved = read.clone();
+        moved.parent_id = id("spiffe://td/other");
+        let moved = s.update_entry(moved).await.unwrap();
+        // Made from what was read before the update: refused, the entry stays.
+        let err = s.delete_entry("e", read.revision).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Stale(m) if m.contains("entry e changed")),
+            "{err}"
+        );
+        assert!(s.get_entry("e").await.unwrap().is_some());
+        let gone = s.delete_entry("e", moved.revision).await.unwrap();
+        assert!(gone.revision > moved.revision);
+        assert!(s.get_entry("e").await.unwrap().is_none());
+        let err = s.delete_entry("e", 0).await.unwrap_err();
+        assert!(matches!(&err, StoreError::NotFound(_)), "{err}");
+    }
+}
+
 /// PostgreSQL: an entry update holds the revision counter, uncommitted,
 /// while a bundle delete dissociates the entry; the delete must act on the
 /// entry as the update leaves it, not as it was before.
@@ -723,7 +750,7 @@ async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
                 (Ok(_), Ok(true)) => panic!("round {i}: an entry federates with a deleted bundle"),
                 (Ok(e), _) => {
                     created += 1;
-                    s.delete_entry(&e.id).await.unwrap();
+                    s.delete_entry(&e.id, 0).await.unwrap();
                 }
                 (Err(_), Ok(true)) => deleted += 1,
                 other => panic!("round {i}: {other:?}"),
