@@ -312,6 +312,16 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Stores (or replaces) the bundle of a trust domain we federate with.
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()>;
+    /// Replaces the bundle of `read.trust_domain` with `jwks` only if the
+    /// stored record is still `read` (a bundle refreshed from its endpoint
+    /// must not undo an operator's change made while it was fetched, nor
+    /// bring back a deleted one); false if it is not.
+    async fn refresh_federated_bundle(
+        &self,
+        read: &FederatedBundleRecord,
+        jwks: &[u8],
+        now: i64,
+    ) -> Result<bool>;
     /// Deletes a federated bundle, doing `mode` to the entries that
     /// federate with it, in one transaction (nothing, if there is none).
     async fn delete_federated_bundle(

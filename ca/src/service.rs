@@ -173,6 +173,8 @@ pub struct Federation {
     pub bundle: TrustBundle,
     pub endpoint_url: String,
     pub endpoint_spiffe_id: String,
+    /// The record as stored (a refresh replaces only this).
+    pub stored: FederatedBundleRecord,
 }
 
 /// The stored federations; one whose bundle does not parse is left out, logged.
@@ -185,8 +187,9 @@ async fn load_federated(store: &dyn Datastore) -> CaResult<Vec<Federation>> {
         match parsed {
             Ok(bundle) => out.push(Federation {
                 bundle,
-                endpoint_url: r.endpoint_url,
-                endpoint_spiffe_id: r.endpoint_spiffe_id,
+                endpoint_url: r.endpoint_url.clone(),
+                endpoint_spiffe_id: r.endpoint_spiffe_id.clone(),
+                stored: r,
             }),
             Err(e) => {
                 tracing::error!(trust_domain = r.trust_domain, error = %e, "ignoring a stored federated bundle")
@@ -950,7 +953,8 @@ impl Ca {
     }
 
     /// Stores a bundle fetched from a federation's bundle endpoint if its
-    /// authorities changed; true if they did.
+    /// authorities changed and the federation was not changed or deleted
+    /// meanwhile; true if it was stored.
     pub async fn refresh_federated_bundle(
         &self,
         federation: &Federation,
@@ -968,15 +972,19 @@ impl Ca {
             ));
         }
         ward_spec::tls::RootStore::new(&fetched).map_err(|e| CaError::invalid(e.to_string()))?;
-        let record = FederatedBundleRecord {
-            trust_domain: fetched.trust_domain.to_string(),
-            jwks: fetched.to_jwks(),
-            endpoint_url: federation.endpoint_url.clone(),
-            endpoint_spiffe_id: federation.endpoint_spiffe_id.clone(),
-        };
-        self.store
-            .set_federated_bundle(&record, now().unix_timestamp())
+        let stored = self
+            .store
+            .refresh_federated_bundle(
+                &federation.stored,
+                &fetched.to_jwks(),
+                now().unix_timestamp(),
+            )
             .await?;
+        if !stored {
+            tracing::info!(trust_domain = %fetched.trust_domain, "the federation changed while its bundle was fetched; the next refresh starts from the change");
+            self.reload_federation().await?;
+            return Ok(false);
+        }
         self.reload_federation().await?;
         tracing::info!(target: "audit", event = "federated_bundle_refreshed", trust_domain = %fetched.trust_domain, x509_authorities = fetched.x509_authorities.len(), jwt_authorities = fetched.jwt_authorities.len(), endpoint_url = federation.endpoint_url, "refreshed a federated bundle from its endpoint");
         Ok(true)

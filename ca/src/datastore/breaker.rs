@@ -219,6 +219,14 @@ impl Datastore for Breaker {
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()> {
         guarded!(self.set_federated_bundle(bundle, now))
     }
+    async fn refresh_federated_bundle(
+        &self,
+        read: &FederatedBundleRecord,
+        jwks: &[u8],
+        now: i64,
+    ) -> Result<bool> {
+        guarded!(self.refresh_federated_bundle(read, jwks, now))
+    }
     async fn delete_federated_bundle(
         &self,
         trust_domain: &str,

@@ -992,6 +992,39 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn refresh_federated_bundle(
+                &self,
+                read: &FederatedBundleRecord,
+                jwks: &[u8],
+                now: i64,
+            ) -> Result<bool> {
+                let td = &read.trust_domain;
+                let text = |b: &[u8]| {
+                    String::from_utf8(b.to_vec())
+                        .map_err(|e| StoreError::Corrupt(format!("bundle of {td}: {e}")))
+                };
+                let mut tx = self.pool.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE federated_bundles SET jwks = $2, updated_at = $3
+                     WHERE trust_domain = $1 AND jwks = $4 AND endpoint_url = $5 AND endpoint_spiffe_id = $6",
+                )
+                .bind(td)
+                .bind(text(jwks)?)
+                .bind(now)
+                .bind(text(&read.jwks)?)
+                .bind(&read.endpoint_url)
+                .bind(&read.endpoint_spiffe_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                announce(&mut tx, $notify, &format!("federation:{td}")).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn delete_federated_bundle(
                 &self,
                 trust_domain: &str,

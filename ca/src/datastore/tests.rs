@@ -404,6 +404,56 @@ async fn federated_bundles_on(s: &dyn Datastore) {
 }
 
 #[tokio::test]
+async fn a_refreshed_bundle_replaces_only_the_record_it_was_fetched_for() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let record = |jwks: &str, url: &str| FederatedBundleRecord {
+            trust_domain: "b.test".into(),
+            jwks: jwks.as_bytes().to_vec(),
+            endpoint_url: url.into(),
+            endpoint_spiffe_id: "spiffe://b.test/ward/ca".into(),
+        };
+        let read = record("{\"keys\":[1]}", "https://b");
+        s.set_federated_bundle(&read, 1).await.unwrap();
+        assert!(s
+            .refresh_federated_bundle(&read, b"{\"keys\":[2]}", 2)
+            .await
+            .unwrap());
+        let refreshed = record("{\"keys\":[2]}", "https://b");
+        assert_eq!(
+            s.list_federated_bundles().await.unwrap(),
+            std::slice::from_ref(&refreshed)
+        );
+        // Read before that refresh: refused, the stored record stays.
+        assert!(!s
+            .refresh_federated_bundle(&read, b"{\"keys\":[3]}", 3)
+            .await
+            .unwrap());
+        // The operator points the federation elsewhere meanwhile: refused.
+        let moved = record("{\"keys\":[2]}", "https://b2");
+        s.set_federated_bundle(&moved, 4).await.unwrap();
+        assert!(!s
+            .refresh_federated_bundle(&refreshed, b"{\"keys\":[3]}", 5)
+            .await
+            .unwrap());
+        assert_eq!(
+            s.list_federated_bundles().await.unwrap(),
+            std::slice::from_ref(&moved)
+        );
+        // Deleted meanwhile: not brought back.
+        s.delete_federated_bundle("b.test", BundleDeleteMode::Restrict)
+            .await
+            .unwrap();
+        assert!(!s
+            .refresh_federated_bundle(&moved, b"{\"keys\":[3]}", 6)
+            .await
+            .unwrap());
+        assert!(s.list_federated_bundles().await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
 async fn a_federated_bundle_entries_federate_with_is_kept_until_they_stop() {
     for (name, s) in stores().await {
         println!("backend: {name}");
