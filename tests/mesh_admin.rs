@@ -315,4 +315,92 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
     );
     let stored = ca.cli_json(&["entry", "show", &api_entry]);
     assert_eq!(stored["federates_with"], serde_json::json!([]), "{stored}");
+
+    step(
+        10,
+        "DNS names are the operator's too: acme's admin may keep or drop an entry's, not add one",
+    );
+    let naming = |verb: &str, id: Option<&str>, spiffe_id: &str, selector: &str, names: &[&str]| {
+        let mut args = vec!["entry", verb];
+        args.extend(id);
+        args.extend([
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &parent,
+            "--selector",
+            selector,
+        ]);
+        for n in names {
+            args.extend(["--dns-name", *n]);
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let out = as_admin(naming(
+        "create",
+        None,
+        &web,
+        "unix:uid:2003",
+        &["pay.globex.test"],
+    ));
+    assert!(
+        text(&out).contains("adding DNS names pay.globex.test"),
+        "{}",
+        text(&out)
+    );
+    refused(out, "create_entry");
+    let out = ca.cli(
+        &naming("update", id, &acme, "unix:uid:2002", &["api.acme.test"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_admin(naming(
+        "update",
+        id,
+        &acme,
+        "unix:uid:2004",
+        &["api.acme.test"],
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    refused(
+        as_admin(naming(
+            "update",
+            id,
+            &acme,
+            "unix:uid:2004",
+            &["api.acme.test", "pay.globex.test"],
+        )),
+        "update_entry",
+    );
+    refused(
+        as_admin(naming(
+            "update",
+            id,
+            &renamed,
+            "unix:uid:2004",
+            &["api.acme.test"],
+        )),
+        "update_entry",
+    );
+    let out = as_admin(naming("update", id, &acme, "unix:uid:2004", &[]));
+    assert!(out.status.success(), "{}", text(&out));
+    refused(
+        as_admin(naming(
+            "update",
+            id,
+            &acme,
+            "unix:uid:2004",
+            &["api.acme.test"],
+        )),
+        "update_entry",
+    );
+    let stored = ca.cli_json(&["entry", "show", &api_entry]);
+    assert_eq!(stored["dns_names"], serde_json::json!([]), "{stored}");
+    assert_eq!(
+        stored["selectors"],
+        serde_json::json!(["unix:uid:2004"]),
+        "{stored}"
+    );
 }

@@ -75,6 +75,11 @@ pub struct AdminResource {
     /// Entries: the trust domains this call adds to the entry's federation
     /// (all it lists on create, the new ones on update, none on delete).
     pub federation_added: Vec<String>,
+    /// Entries: the DNS names its X.509 SVIDs carry.
+    pub dns_names: Vec<String>,
+    /// Entries: the DNS names this call gives the entry's SPIFFE ID (as
+    /// `federation_added`).
+    pub dns_names_added: Vec<String>,
 }
 
 /// Who asks for an admin action.
@@ -506,6 +511,7 @@ impl Authorizer {
                         "federates_with".to_owned(),
                         string_set(&resource.federates_with),
                     ),
+                    ("dns_names".to_owned(), string_set(&resource.dns_names)),
                 ]),
             ),
         };
@@ -521,6 +527,10 @@ impl Authorizer {
                 pairs.push((
                     "federation_added".to_owned(),
                     string_set(&resource.federation_added),
+                ));
+                pairs.push((
+                    "dns_names_added".to_owned(),
+                    string_set(&resource.dns_names_added),
                 ));
             }
             let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
@@ -550,6 +560,8 @@ impl Authorizer {
                         "tenant": resource_tenant,
                         "federates_with": resource.federates_with,
                         "federation_added": resource.federation_added,
+                        "dns_names": resource.dns_names,
+                        "dns_names_added": resource.dns_names_added,
                     })
                 } else {
                     serde_json::json!({ "tenant": resource_tenant })

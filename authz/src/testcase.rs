@@ -20,7 +20,8 @@
 //! see bare names) and `federation_added` (those the call adds) in
 //! `context`. Without `federation_added`, a create adds every trust domain
 //! it lists, an update (whose earlier list a case does not know) and a
-//! delete none.
+//! delete none. `dns_names` and `dns_names_added` work the same way for the
+//! DNS names the entry's SVIDs carry.
 
 use std::net::IpAddr;
 
@@ -73,6 +74,13 @@ pub struct CaseContext {
     /// (default: all of `federates_with` for a create, none otherwise).
     #[serde(default)]
     pub federation_added: Option<Vec<String>>,
+    /// Entry actions: the DNS names the entry's SVIDs carry.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// Entry actions: the DNS names the call gives the entry (default as
+    /// `federation_added`).
+    #[serde(default)]
+    pub dns_names_added: Option<Vec<String>>,
 }
 
 fn default_port() -> u16 {
@@ -91,6 +99,8 @@ impl Default for CaseContext {
             now: None,
             federates_with: Vec::new(),
             federation_added: None,
+            dns_names: Vec::new(),
+            dns_names_added: None,
         }
     }
 }
@@ -120,41 +130,47 @@ pub fn decide(
     c: &Case,
     template: &crate::template::IdTemplate,
 ) -> Result<Decision, String> {
+    let ctx = &c.context;
+    let entry_only = !ctx.federates_with.is_empty()
+        || ctx.federation_added.is_some()
+        || !ctx.dns_names.is_empty()
+        || ctx.dns_names_added.is_some();
+    const ENTRY_ONLY: &str =
+        "federates_with, federation_added, dns_names and dns_names_added are for entry actions";
     if c.action == "connect" {
-        if !c.context.federates_with.is_empty() || c.context.federation_added.is_some() {
-            return Err("federates_with and federation_added are for entry actions".into());
+        if entry_only {
+            return Err(ENTRY_ONLY.into());
         }
         let p = SpiffeId::parse(&c.principal).map_err(|e| format!("principal: {e}"))?;
         let r = SpiffeId::parse(&c.resource).map_err(|e| format!("resource: {e}"))?;
         let ctx = ConnectContext {
-            destination_port: c.context.destination_port,
-            source_address: c.context.source_address,
-            at: c.context.now,
+            destination_port: ctx.destination_port,
+            source_address: ctx.source_address,
+            at: ctx.now,
         };
         return Ok(authz.decide_connect(&p, &r, &ctx));
     }
     let action = admin_action(&c.action).ok_or_else(|| format!("unknown action {:?}", c.action))?;
-    let federates_with = trust_domains(&c.context.federates_with)?;
-    let federation_added = match &c.context.federation_added {
-        Some(tds) => trust_domains(tds)?,
-        None => federation_added(action, &federates_with),
-    };
-    if action == AdminAction::CreateJoinToken
-        && !(federates_with.is_empty() && federation_added.is_empty())
-    {
-        return Err("federates_with and federation_added are for entry actions".into());
+    if action == AdminAction::CreateJoinToken && entry_only {
+        return Err(ENTRY_ONLY.into());
     }
-    if action == AdminAction::DeleteEntry && !federation_added.is_empty() {
-        return Err("a delete adds no federation: federation_added must be empty".into());
-    }
-    if let Some(td) = federation_added
-        .iter()
-        .find(|td| !federates_with.contains(td))
-    {
-        return Err(format!(
-            "federation_added names {td}, which federates_with does not list"
-        ));
-    }
+    let federates_with = trust_domains(&ctx.federates_with)?;
+    let federation_added = added(
+        action,
+        ("federates_with", &federates_with),
+        (
+            "federation_added",
+            ctx.federation_added
+                .as_deref()
+                .map(trust_domains)
+                .transpose()?,
+        ),
+    )?;
+    let dns_names_added = added(
+        action,
+        ("dns_names", &ctx.dns_names),
+        ("dns_names_added", ctx.dns_names_added.clone()),
+    )?;
     let principal = if c.principal == "operator" {
         AdminPrincipal::Operator
     } else {
@@ -172,17 +188,34 @@ pub fn decide(
         id,
         federates_with,
         federation_added,
+        dns_names: ctx.dns_names.clone(),
+        dns_names_added,
     };
     Ok(authz.decide_admin(&principal, action, &resource))
 }
 
-/// What a call adds to an entry's federation when a case does not say: a
-/// create adds every trust domain the entry lists.
-fn federation_added(action: AdminAction, federates_with: &[String]) -> Vec<String> {
-    match action {
-        AdminAction::CreateEntry => federates_with.to_vec(),
+/// What a call adds to one of an entry's lists (`all`): what the case
+/// gives, or when it does not say, every item for a create and none
+/// otherwise (an update's earlier list is not known). A delete adds nothing,
+/// and nothing the list lacks can be added.
+fn added(
+    action: AdminAction,
+    (all_name, all): (&str, &[String]),
+    (added_name, given): (&str, Option<Vec<String>>),
+) -> Result<Vec<String>, String> {
+    let added = given.unwrap_or_else(|| match action {
+        AdminAction::CreateEntry => all.to_vec(),
         _ => Vec::new(),
+    });
+    if action == AdminAction::DeleteEntry && !added.is_empty() {
+        return Err(format!("a delete adds nothing: {added_name} must be empty"));
     }
+    if let Some(item) = added.iter().find(|a| !all.contains(a)) {
+        return Err(format!(
+            "{added_name} names {item}, which {all_name} does not list"
+        ));
+    }
+    Ok(added)
 }
 
 /// Trust domain names as policies see them (`spiffe://` taken off).

@@ -163,6 +163,14 @@ pub struct Notice {
     pub federation_version: u64,
 }
 
+/// What an entry call adds: trust domains to its federation, DNS names to
+/// its SVIDs (policies see both in `context`).
+#[derive(Clone, Copy, Default)]
+struct Added<'a> {
+    federation: &'a [TrustDomain],
+    dns_names: &'a [String],
+}
+
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
 pub const JOIN_TOKEN_ATTESTOR: &str = "join_token";
 
@@ -784,12 +792,11 @@ impl Ca {
 
     pub async fn create_entry(&self, caller: &AdminPrincipal, spec: EntrySpec) -> CaResult<Entry> {
         let entry = self.validate_entry(spec)?;
-        self.authorize_entry(
-            caller,
-            AdminAction::CreateEntry,
-            &entry,
-            &entry.federates_with,
-        )?;
+        let added = Added {
+            federation: &entry.federates_with,
+            dns_names: &entry.dns_names,
+        };
+        self.authorize_entry(caller, AdminAction::CreateEntry, &entry, added)?;
         let e = self
             .store
             .create_entry(entry, now().unix_timestamp())
@@ -807,19 +814,26 @@ impl Ca {
         let mut entry = self.validate_entry(spec)?;
         // Both what the entry was and what it becomes must be the caller's.
         let old = self.get_entry(&id).await?;
-        // Federation given to another identity is added federation, even if
-        // the entry listed it before.
-        let added: Vec<TrustDomain> = entry
-            .federates_with
-            .iter()
-            .filter(|td| old.spiffe_id != entry.spiffe_id || !old.federates_with.contains(td))
-            .cloned()
-            .collect();
+        // Federation or a DNS name given to another identity is added, even
+        // if the entry listed it before.
+        fn new_in<T: PartialEq + Clone>(renamed: bool, now: &[T], before: &[T]) -> Vec<T> {
+            now.iter()
+                .filter(|x| renamed || !before.contains(x))
+                .cloned()
+                .collect()
+        }
+        let renamed = old.spiffe_id != entry.spiffe_id;
+        let federation = new_in(renamed, &entry.federates_with, &old.federates_with);
+        let dns_names = new_in(renamed, &entry.dns_names, &old.dns_names);
+        let added = Added {
+            federation: &federation,
+            dns_names: &dns_names,
+        };
         // What was authorized is what is replaced: the store refuses the
         // update if the entry moved on meanwhile.
         entry.revision = old.revision;
-        self.authorize_entry(caller, AdminAction::UpdateEntry, &old, &added)?;
-        self.authorize_entry(caller, AdminAction::UpdateEntry, &entry, &added)?;
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &old, added)?;
+        self.authorize_entry(caller, AdminAction::UpdateEntry, &entry, added)?;
         let e = self.store.update_entry(entry).await?;
         self.entries_changed(
             e.revision,
@@ -832,7 +846,7 @@ impl Ca {
 
     pub async fn delete_entry(&self, caller: &AdminPrincipal, id: &str) -> CaResult<()> {
         let old = self.get_entry(id).await?;
-        self.authorize_entry(caller, AdminAction::DeleteEntry, &old, &[])?;
+        self.authorize_entry(caller, AdminAction::DeleteEntry, &old, Added::default())?;
         let e = self.store.delete_entry(id, old.revision).await?;
         self.entries_changed(e.revision, Some(vec![old.parent_id.to_string()]));
         self.metrics.admin_change("delete_entry");
@@ -1124,20 +1138,22 @@ impl Ca {
         self.admin_policy.tenant_of(id)
     }
 
-    /// `added`: the trust domains the call adds to the entry's federation.
+    /// `added`: what the call adds to the entry (federation, DNS names).
     fn authorize_entry(
         &self,
         caller: &AdminPrincipal,
         action: AdminAction,
         e: &Entry,
-        added: &[TrustDomain],
+        added: Added<'_>,
     ) -> CaResult<()> {
         let names = |tds: &[TrustDomain]| tds.iter().map(|td| td.to_string()).collect();
         let resource = AdminResource {
             tenant: self.tenant_of(&e.spiffe_id),
             id: e.spiffe_id.to_string(),
             federates_with: names(&e.federates_with),
-            federation_added: names(added),
+            federation_added: names(added.federation),
+            dns_names: e.dns_names.clone(),
+            dns_names_added: added.dns_names.to_vec(),
         };
         self.authorize_admin(caller, action, &resource)
     }
@@ -1151,7 +1167,8 @@ impl Ca {
         resource: &AdminResource,
     ) -> CaResult<()> {
         let d = self.admin_policy.decide(caller, action, resource);
-        let federation_added = &resource.federation_added;
+        let (federation_added, dns_names_added) =
+            (&resource.federation_added, &resource.dns_names_added);
         let (tenant, resource) = (resource.tenant.as_str(), resource.id.as_str());
         if d.permitted {
             return Ok(());
@@ -1172,6 +1189,12 @@ impl Ca {
                 federation_added.join(", ")
             ));
         }
+        if !dns_names_added.is_empty() {
+            tenant_text.push_str(&format!(
+                ", adding DNS names {}",
+                dns_names_added.join(", ")
+            ));
+        }
         let message = format!(
             "{} may not {} for {} ({}): {why}",
             principal_name(caller),
@@ -1180,7 +1203,7 @@ impl Ca {
             tenant_text
         );
         self.metrics.refused(action.name());
-        tracing::warn!(target: "audit", event = "refused", method = action.name(), caller = %principal_name(caller), tenant, resource, federation_added = ?federation_added, decision_id = %d.decision_id, policies = ?d.policies, reason = %why, "refused an admin call");
+        tracing::warn!(target: "audit", event = "refused", method = action.name(), caller = %principal_name(caller), tenant, resource, federation_added = ?federation_added, dns_names_added = ?dns_names_added, decision_id = %d.decision_id, policies = ?d.policies, reason = %why, "refused an admin call");
         Err(CaError::new(Code::PermissionDenied, message))
     }
 

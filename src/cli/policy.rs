@@ -110,7 +110,7 @@ pub enum PolicyCommand {
         action: String,
         /// JSON: destination_port, source_address, now (Unix seconds); for
         /// entry actions federates_with and federation_added (lists of trust
-        /// domains).
+        /// domains), dns_names and dns_names_added (lists of DNS names).
         #[arg(long)]
         context: Option<String>,
         #[command(flatten)]
