@@ -102,6 +102,7 @@ on_both_backends! {
             .mint_jwt_svid(MintJwtSvidRequest {
                 entry_id: entry.clone(),
                 audience: vec!["db".into()],
+                spiffe_id: "spiffe://example.org/api".into(),
             })
             .await
             .unwrap()
@@ -140,8 +141,9 @@ on_both_backends! {
         let e = node
             .client
             .mint_jwt_svid(MintJwtSvidRequest {
-                entry_id: entry,
+                entry_id: entry.clone(),
                 audience: vec![],
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -153,10 +155,30 @@ on_both_backends! {
             .mint_jwt_svid(MintJwtSvidRequest {
                 entry_id: foreign,
                 audience: vec!["x".into()],
+                ..Default::default()
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
+
+        // An agent that knows the entry by another SPIFFE ID (it has not
+        // synced a rename yet): refused, naming both.
+        let e = node
+            .client
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: entry,
+                audience: vec!["db".into()],
+                spiffe_id: "spiffe://example.org/old-name".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            e.message().contains("asks for spiffe://example.org/old-name")
+                && e.message().contains("grants spiffe://example.org/api"),
+            "{}",
+            e.message()
+        );
     }
 }
 

@@ -477,6 +477,7 @@ impl WorkloadApi {
                 .mint_jwt_svid(node_pb::MintJwtSvidRequest {
                     entry_id: e.id.clone(),
                     audience: audience.to_vec(),
+                    spiffe_id: e.spiffe_id.to_string(),
                 })
                 .await
                 .map(|r| r.into_inner())

@@ -199,7 +199,10 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let id = caller(&req)?;
         let r = req.into_inner();
-        let (token, expires_at) = self.ca.mint_jwt(&id, &r.entry_id, &r.audience).await?;
+        let (token, expires_at) = self
+            .ca
+            .mint_jwt(&id, &r.entry_id, &r.audience, &r.spiffe_id)
+            .await?;
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
     }
 

@@ -644,12 +644,16 @@ impl Ca {
         Ok(svid)
     }
 
-    /// Mints a JWT-SVID (ES256) for an entry parented to `caller`.
+    /// Mints a JWT-SVID (ES256) for an entry parented to `caller`, if the
+    /// entry still names `expected` (the SPIFFE ID the agent knows it by;
+    /// empty: not checked). An agent behind a rename would otherwise hand
+    /// its workload a token for an identity its cache does not show.
     pub async fn mint_jwt(
         &self,
         caller: &SpiffeId,
         entry_id: &str,
         audience: &[String],
+        expected: &str,
     ) -> CaResult<(String, i64)> {
         self.check_agent(caller, "mint_jwt").await?;
         if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
@@ -666,6 +670,14 @@ impl Ca {
                 return Err(CaError::denied(why));
             }
         };
+        if !expected.is_empty() && expected != entry.spiffe_id.to_string() {
+            let why = format!(
+                "the agent asks for {expected}, entry {entry_id} grants {}",
+                entry.spiffe_id
+            );
+            self.refuse("mint_jwt", Some(caller), &why);
+            return Err(CaError::denied(why));
+        }
         let signer = self.authority.signer();
         let t = now();
         let ttl = match entry.jwt_ttl {
