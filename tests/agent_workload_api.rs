@@ -209,6 +209,74 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
 
+/// Serves a connection to the agent on another socket (tests/py/handoff_relay.py):
+/// `stay` keeps the process that opened it alive, `exit` hands it to a child
+/// and exits. Returns the relay process (or its child, once `ready`).
+fn handoff(agent: &AgentProcess, listen: &std::path::Path, mode: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/handoff_relay.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(&agent.socket)
+        .arg(listen)
+        .arg(mode)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the relay did not start");
+    child
+}
+
+/// A process that opens a connection and exits, leaving it to another
+/// (which may then wait for a privileged process to get the old pid): calls
+/// on it are refused, though the same relay is served while its opener lives.
+#[tokio::test]
+async fn a_connection_whose_opener_has_exited_is_refused() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    ca.register(
+        "spiffe://example.org/relayed",
+        &parent,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = |client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
+        let mut client = client;
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        let first = stream.message().await?.expect("a response");
+        Ok::<_, tonic::Status>(first.svids[0].spiffe_id.clone())
+    };
+
+    let staying = dir.path().join("stay.sock");
+    let mut relay = handoff(&agent, &staying, "stay");
+    let client =
+        SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&staying).await.unwrap());
+    let id = eventually("an SVID through the relay", || fetch(client.clone())).await;
+    assert_eq!(id, "spiffe://example.org/relayed");
+    let _ = relay.kill();
+    let _ = relay.wait();
+
+    let handed = dir.path().join("handed.sock");
+    let mut opener = handoff(&agent, &handed, "exit");
+    opener.wait().unwrap();
+    let client =
+        SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&handed).await.unwrap());
+    let e = fetch(client).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("has exited"), "{}", e.message());
+    let said = "the process that opened the connection has exited";
+    let log = agent.wait_log(|l| l.contains(said));
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+}
+
 /// Reads X509-SVID responses from a stream, recording (time seen, not_after, serial).
 async fn next_svid(stream: &mut tonic::Streaming<X509svidResponse>) -> (i64, i64, String) {
     let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())

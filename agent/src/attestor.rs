@@ -1,17 +1,49 @@
 //! Workload attestation: who is calling on the Workload API socket.
 //!
-//! The kernel tells us the caller's pid, uid and gid (`SO_PEERCRED`, which
-//! tonic exposes for Unix sockets); the rest comes from `/proc/<pid>` and the
-//! system's user and group files. Selectors: `unix:uid:N`, `unix:gid:N` (primary
+//! The kernel tells us the caller's pid, uid and gid (`SO_PEERCRED`); the
+//! rest comes from `/proc/<pid>` and the system's user and group files.
+//! `/proc/<pid>` is opened as the connection is accepted ([`ProcDir`]) and
+//! read only through that handle: once the process that connected has exited,
+//! reads through it fail, even if its pid now belongs to another process, so
+//! a caller cannot hand its connection on and die to be attested as whichever
+//! process gets its pid next. A caller that is gone by the end of attestation
+//! is refused. Selectors: `unix:uid:N`, `unix:gid:N` (primary
 //! and supplementary), `unix:user:NAME`, `unix:group:NAME`, `unix:path:/exe`,
 //! `unix:sha256:HEX` (of the executable, cached by inode and mtime).
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ring::digest;
+
+/// A process's `/proc/<pid>` directory, held open: paths through it reach
+/// that process, or nothing once it has exited.
+#[derive(Debug)]
+pub struct ProcDir(std::fs::File);
+
+impl ProcDir {
+    pub fn open(pid: i32) -> std::io::Result<Self> {
+        std::fs::File::open(format!("/proc/{pid}")).map(ProcDir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.0.as_raw_fd()))
+    }
+
+    /// Whether the process is still running (neither gone nor a zombie).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(self.path("stat"))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    }
+}
 
 /// The caller as the kernel reports it.
 #[derive(Debug, Clone, Copy)]
@@ -40,17 +72,19 @@ pub struct Attestor {
 }
 
 impl Attestor {
-    /// The caller's selectors, sorted, as `unix:KEY:VALUE`.
-    pub fn selectors(&self, cred: PeerCred) -> Vec<String> {
+    /// The caller's selectors, sorted, as `unix:KEY:VALUE`; `proc` is its
+    /// `/proc` directory, opened when it connected (without it, only what
+    /// `cred` says).
+    pub fn selectors(&self, cred: PeerCred, proc: Option<&ProcDir>) -> Vec<String> {
         let mut out = vec![format!("unix:uid:{}", cred.uid)];
         let mut gids = vec![cred.gid];
         if let Some(name) = name_of(Path::new("/etc/passwd"), cred.uid) {
             out.push(format!("unix:user:{name}"));
         }
-        if let Some(pid) = cred.pid {
-            gids.extend(supplementary_groups(pid));
-            if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-                if let Some(hash) = self.exe_hash(pid) {
+        if let Some(proc) = proc {
+            gids.extend(supplementary_groups(proc));
+            if let Ok(exe) = std::fs::read_link(proc.path("exe")) {
+                if let Some(hash) = self.exe_hash(proc) {
                     out.push(format!("unix:sha256:{hash}"));
                 }
                 out.push(format!("unix:path:{}", exe.display()));
@@ -69,10 +103,10 @@ impl Attestor {
         out
     }
 
-    fn exe_hash(&self, pid: i32) -> Option<String> {
+    fn exe_hash(&self, proc: &ProcDir) -> Option<String> {
         // Read through /proc/<pid>/exe: it names the very file the process
         // runs, even if the path was replaced since.
-        let proc_exe = format!("/proc/{pid}/exe");
+        let proc_exe = proc.path("exe");
         let key_now = || {
             let meta = std::fs::metadata(&proc_exe).ok()?;
             // The file, not its path, decides the hash: hard links share one.
@@ -141,8 +175,8 @@ fn name_of(file: &Path, id: u32) -> Option<String> {
     })
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+fn supplementary_groups(proc: &ProcDir) -> Vec<u32> {
+    std::fs::read_to_string(proc.path("status"))
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
@@ -169,11 +203,16 @@ mod tests {
         let a = Attestor::default();
         let me = std::process::id() as i32;
         let meta = std::fs::metadata("/proc/self").unwrap();
-        let s = a.selectors(PeerCred {
-            pid: Some(me),
-            uid: meta.uid(),
-            gid: meta.gid(),
-        });
+        let proc = ProcDir::open(me).unwrap();
+        let s = a.selectors(
+            PeerCred {
+                pid: Some(me),
+                uid: meta.uid(),
+                gid: meta.gid(),
+            },
+            Some(&proc),
+        );
+        assert!(proc.alive());
         assert!(s.contains(&format!("unix:uid:{}", meta.uid())));
         assert!(s.contains(&format!("unix:gid:{}", meta.gid())));
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
@@ -187,6 +226,39 @@ mod tests {
             assert!(s.contains(&"unix:user:root".to_string()));
             assert!(s.contains(&"unix:group:root".to_string()));
         }
+    }
+
+    /// A caller that has exited is read as nothing through the directory it
+    /// was opened with, even once its pid is another process's: only what
+    /// the kernel said when it connected (uid, gid) remains.
+    #[test]
+    fn a_caller_that_has_exited_yields_nothing_from_proc_and_is_not_alive() {
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let proc = ProcDir::open(pid).unwrap();
+        let cred = PeerCred {
+            pid: Some(pid),
+            uid: 4242,
+            gid: 4242,
+        };
+        let a = Attestor::default();
+        assert!(proc.alive());
+        assert!(a
+            .selectors(cred, Some(&proc))
+            .contains(&"unix:path:/usr/bin/sleep".to_string()));
+        child.kill().unwrap();
+        // A zombie is not alive either.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!proc.alive());
+        child.wait().unwrap();
+        assert!(!proc.alive());
+        assert_eq!(
+            a.selectors(cred, Some(&proc)),
+            ["unix:gid:4242", "unix:uid:4242"]
+        );
     }
 
     /// An executable rewritten in place, at the same size, with its mtime
@@ -204,7 +276,8 @@ mod tests {
         let a = Attestor::default();
         let hash_of_running = |a: &Attestor| {
             let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
-            let hash = a.exe_hash(child.id() as i32).unwrap();
+            let proc = ProcDir::open(child.id() as i32).unwrap();
+            let hash = a.exe_hash(&proc).unwrap();
             child.kill().unwrap();
             child.wait().unwrap();
             hash
@@ -239,7 +312,7 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2100));
         let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
-        let pid = child.id() as i32;
+        let proc = ProcDir::open(child.id() as i32).unwrap();
         let a = Attestor::default();
         let start = std::sync::Barrier::new(8);
         let hashes: Vec<String> = std::thread::scope(|s| {
@@ -247,7 +320,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         start.wait();
-                        a.exe_hash(pid).unwrap()
+                        a.exe_hash(&proc).unwrap()
                     })
                 })
                 .collect();

@@ -128,7 +128,10 @@ pub async fn run(
         .add_service(SpiffeWorkloadApiServer::from_arc(api))
         .add_service(PolicyServer::new(policy))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(socket),
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::UnixListenerStream::new(socket),
+                |accepted| accepted.map(workload_api::CallerStream::accept),
+            ),
             wait(stop_rx.clone()),
         );
     let health = axum::serve(health, health_router(snapshots, metrics))

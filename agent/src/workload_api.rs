@@ -10,22 +10,109 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::transport::server::UdsConnectInfo;
+use tonic::transport::server::Connected;
 use tonic::{Code, Request, Response, Status};
 use ward_spec::proto::node::v1 as node_pb;
 use ward_spec::proto::workload as pb;
 use ward_spec::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 
-use crate::attestor::{Attestor, PeerCred};
+use crate::attestor::{Attestor, PeerCred, ProcDir};
 use crate::ca_client::CaClient;
 use crate::manager::{unix_now, CachedEntry, Snapshot};
 use crate::metrics::Metrics;
 
 /// How long a call waits for the agent's first sync after a start.
 const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(15);
+
+/// A Workload API connection, and who opened it as learnt when it was
+/// accepted: the kernel's credentials and the caller's `/proc` directory.
+pub struct CallerStream {
+    io: UnixStream,
+    info: Option<CallerInfo>,
+}
+
+/// Who opened a connection (None: the kernel did not say).
+#[derive(Clone)]
+pub struct CallerInfo {
+    cred: PeerCred,
+    proc: Option<Arc<ProcDir>>,
+}
+
+impl CallerStream {
+    pub fn accept(io: UnixStream) -> Self {
+        let info = io.peer_cred().ok().map(|c| {
+            let proc = c.pid().and_then(|pid| ProcDir::open(pid).ok());
+            CallerInfo {
+                cred: PeerCred {
+                    pid: c.pid(),
+                    uid: c.uid(),
+                    gid: c.gid(),
+                },
+                proc: proc.map(Arc::new),
+            }
+        });
+        CallerStream { io, info }
+    }
+}
+
+impl Connected for CallerStream {
+    type ConnectInfo = Option<CallerInfo>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for CallerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CallerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 type Snap = Option<Arc<Snapshot>>;
 
@@ -69,15 +156,26 @@ impl WorkloadApi {
     /// and hashing the caller's executable (a large one takes a while) is
     /// blocking work: it runs off the threads that serve everyone else.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
-        let cred = Self::peer(req)?;
+        let CallerInfo { cred, proc } = Self::peer(req)?;
         let attestor = self.attestor.clone();
-        tokio::task::spawn_blocking(move || attestor.selectors(cred))
-            .await
-            .map_err(|e| Status::internal(format!("attesting the caller failed: {e}")))
+        tokio::task::spawn_blocking(move || {
+            let selectors = attestor.selectors(cred, proc.as_deref());
+            match proc {
+                Some(p) if !p.alive() => {
+                    tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection has exited");
+                    Err(Status::permission_denied(
+                        "the process that opened this connection has exited",
+                    ))
+                }
+                _ => Ok(selectors),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attesting the caller failed: {e}")))?
     }
 
-    /// The caller's credentials, once its security header is checked.
-    fn peer<T>(req: &Request<T>) -> Result<PeerCred, Status> {
+    /// Who opened the connection, once the security header is checked.
+    fn peer<T>(req: &Request<T>) -> Result<CallerInfo, Status> {
         let header = req
             .metadata()
             .get("workload.spiffe.io")
@@ -87,18 +185,11 @@ impl WorkloadApi {
                 "security header missing from request: set metadata workload.spiffe.io: true",
             ));
         }
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| {
-                Status::permission_denied("cannot determine the caller's credentials")
-            })?;
-        Ok(PeerCred {
-            pid: cred.pid(),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        })
+        req.extensions()
+            .get::<Option<CallerInfo>>()
+            .cloned()
+            .flatten()
+            .ok_or_else(|| Status::permission_denied("cannot determine the caller's credentials"))
     }
 
     async fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
