@@ -226,22 +226,31 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         "pem",
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    // `ward entry VERB [ID] …` with `flag` given once per value.
+    let entry_with = |verb: &str,
+                      id: Option<&str>,
+                      spiffe_id: &str,
+                      selector: &str,
+                      flag: &str,
+                      values: &[&str]| {
+        let mut args = vec!["entry", verb];
+        args.extend(id);
+        args.extend([
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &parent,
+            "--selector",
+            selector,
+        ]);
+        for v in values {
+            args.extend([flag, *v]);
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
     let federating_as =
         |verb: &str, id: Option<&str>, spiffe_id: &str, selector: &str, tds: &[&str]| {
-            let mut args = vec!["entry", verb];
-            args.extend(id);
-            args.extend([
-                "--spiffe-id",
-                spiffe_id,
-                "--parent-id",
-                &parent,
-                "--selector",
-                selector,
-            ]);
-            for td in tds {
-                args.extend(["--federates-with", *td]);
-            }
-            args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+            entry_with(verb, id, spiffe_id, selector, "--federates-with", tds)
         };
     let federating = |verb: &str, id: Option<&str>, spiffe_id: &str, tds: &[&str]| {
         federating_as(verb, id, spiffe_id, "unix:uid:2001", tds)
@@ -321,20 +330,7 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         "DNS names are the operator's too: acme's admin may keep or drop an entry's, not add one",
     );
     let naming = |verb: &str, id: Option<&str>, spiffe_id: &str, selector: &str, names: &[&str]| {
-        let mut args = vec!["entry", verb];
-        args.extend(id);
-        args.extend([
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            &parent,
-            "--selector",
-            selector,
-        ]);
-        for n in names {
-            args.extend(["--dns-name", *n]);
-        }
-        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        entry_with(verb, id, spiffe_id, selector, "--dns-name", names)
     };
     let out = as_admin(naming(
         "create",
