@@ -26,7 +26,8 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .or_else(|| cli.worker_threads());
+        // 0 is left to the proxy's configuration check, which names it.
+        .or_else(|| cli.worker_threads().filter(|n| *n > 0));
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {

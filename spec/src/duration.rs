@@ -3,13 +3,21 @@
 
 use std::time::Duration;
 
+/// The longest duration accepted: a century (longer ones would overflow
+/// the clocks they are added to).
+const MAX_SECS: u64 = 100 * 365 * 86400;
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    let too_large = || format!("{s:?} is too large (at most 100 years)");
     if let Some(ms) = s.strip_suffix("ms") {
-        return ms
+        let ms: u64 = ms
             .parse()
-            .map(Duration::from_millis)
-            .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 10m, 1h)"));
+            .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 10m, 1h)"))?;
+        if ms / 1000 > MAX_SECS {
+            return Err(too_large());
+        }
+        return Ok(Duration::from_millis(ms));
     }
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -27,7 +35,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs(n * mult))
+    match n.checked_mul(mult) {
+        Some(secs) if secs <= MAX_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(too_large()),
+    }
 }
 
 /// Serde adapter: `#[serde(deserialize_with = "ward_spec::duration::deserialize")]`.
@@ -57,5 +68,19 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("abc").is_err());
+        // Overflowing or absurd lengths are refused, not wrapped.
+        for big in [
+            "10000000000000000h",
+            "5124095576030432h",
+            "36501d",
+            "99999999999999ms",
+        ] {
+            let e = parse_duration(big).unwrap_err();
+            assert!(e.contains("too large"), "{big}: {e}");
+        }
+        assert_eq!(
+            parse_duration("36500d").unwrap(),
+            Duration::from_secs(MAX_SECS)
+        );
     }
 }

@@ -132,10 +132,13 @@ impl RunArgs {
             if let Some(p) = self.service_port {
                 i.service_port = Some(p);
             }
-        } else if self.service_port.is_some() {
-            anyhow::bail!(
-                "--service-port needs an inbound (--forward, or [inbound] in the config)"
-            );
+        } else if self.service_port.is_some() || self.inbound_listen.is_some() {
+            let flag = if self.inbound_listen.is_some() {
+                "--inbound-listen"
+            } else {
+                "--service-port"
+            };
+            anyhow::bail!("{flag} needs an inbound (--forward, or [inbound] in the config)");
         }
         c.outbound.extend(self.routes);
         if let Some(listen) = self.connect_listen {

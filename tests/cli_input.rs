@@ -1,0 +1,66 @@
+//! Bad command-line input to `ward`: a clear error naming the problem and
+//! exit status 1, never a panic (101) or a silently different meaning.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Runs `ward ARGS` with nothing to connect to; (exit code, stderr).
+fn ward(args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(ward_bin())
+        .args(args)
+        .env("WARD_ADMIN_SOCKET", dir.path().join("none.sock"))
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_is_named_and_exits_1_without_a_panic() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "proxy",
+                "run",
+                "--forward",
+                "127.0.0.1:9",
+                "--worker-threads",
+                "0",
+            ],
+            "`worker_threads`: must be at least 1",
+        ),
+        (
+            &["proxy", "run", "--inbound-listen", "127.0.0.1:15008"],
+            "--inbound-listen needs an inbound",
+        ),
+        (
+            &["token", "create", "--ttl", "10000000000000000h"],
+            "is too large",
+        ),
+        (
+            &["token", "create", "--ttl", "5124095576030432h"],
+            "is too large",
+        ),
+        (
+            &["proxy", "run", "--drain-timeout", "99999999999999d"],
+            "is too large",
+        ),
+    ];
+    for (args, said) in cases {
+        let (code, err) = ward(args);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.contains(said), "{args:?}: {err}");
+        assert!(
+            matches!(code, Some(1) | Some(2)),
+            "{args:?} exited {code:?}: {err}"
+        );
+    }
+}
