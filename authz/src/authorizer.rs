@@ -128,7 +128,10 @@ fn connect_context(ctx: &ConnectContext, now: i64, exception: bool) -> Result<Co
         static CACHE: std::cell::RefCell<HashMap<Key, Context>> =
             std::cell::RefCell::new(HashMap::new());
     }
-    let key = (ctx.destination_port, ctx.source_address, now, exception);
+    // An IPv4 peer of a dual-stack listener arrives as `::ffff:a.b.c.d`,
+    // which Cedar's `ip()` refuses: policies see the IPv4 address.
+    let source = ctx.source_address.to_canonical();
+    let key = (ctx.destination_port, source, now, exception);
     if let Some(c) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
         return Ok(c);
     }
@@ -139,7 +142,7 @@ fn connect_context(ctx: &ConnectContext, now: i64, exception: bool) -> Result<Co
         ),
         (
             "source_address".to_owned(),
-            RestrictedExpression::new_ip(ctx.source_address.to_string()),
+            RestrictedExpression::new_ip(source.to_string()),
         ),
         ("now".to_owned(), RestrictedExpression::new_long(now)),
         (

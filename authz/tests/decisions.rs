@@ -66,6 +66,36 @@ fn example_policies_validate_and_every_policy_test_case_passes() {
     assert!(total >= 15);
 }
 
+/// A dual-stack listener's IPv4 peers (`::ffff:10.1.2.3`) are decided on
+/// as the IPv4 addresses they are.
+#[test]
+fn an_ipv4_peer_of_a_dual_stack_listener_is_seen_as_ipv4() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "net.cedar",
+        r#"permit (principal, action == Ward::Action::"connect", resource)
+           when { context.source_address.isInRange(ip("10.0.0.0/8")) };"#,
+    )])
+    .unwrap();
+    let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+    let outside: IpAddr = "::ffff:192.168.1.1".parse().unwrap();
+    let decide = |source_address| {
+        a.decide_connect(
+            &w("acme", "web"),
+            &w("acme", "api"),
+            &ConnectContext {
+                destination_port: 80,
+                source_address,
+                at: None,
+            },
+        )
+    };
+    let d = decide(mapped);
+    assert!(d.allowed && d.errors.is_empty(), "{d:?}");
+    let d = decide(outside);
+    assert!(!d.allowed && d.errors.is_empty(), "{d:?}");
+}
+
 #[test]
 fn no_policy_means_deny() {
     let a = authz(Mode::Enforce);
