@@ -65,9 +65,12 @@ impl std::fmt::Debug for NodeIdentity {
 }
 
 impl NodeIdentity {
+    /// Checks the leaf, and that `key` is its key.
     pub fn from_parts(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Result<Self, String> {
         let leaf = chain.first().ok_or("empty SVID chain")?;
         let info = ward_spec::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
+        ward_spec::tls::certified_key(&chain, &key)
+            .map_err(|e| format!("the private key and the node SVID do not go together: {e}"))?;
         Ok(NodeIdentity {
             spiffe_id: info.spiffe_id,
             chain,
@@ -131,12 +134,6 @@ impl StateDir {
             .pop()
             .ok_or_else(|| corrupt(key_path, "no PRIVATE KEY block".into()))?;
         let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(cert_path, e))?;
-        ward_spec::tls::certified_key(&chain, &key).map_err(|e| {
-            corrupt(
-                key_path,
-                format!("the private key and the node SVID do not go together: {e}"),
-            )
-        })?;
         NodeIdentity::from_parts(chain, key)
             .map(Some)
             .map_err(|e| corrupt(cert_path, e))
