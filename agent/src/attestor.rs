@@ -6,8 +6,9 @@
 //! read only through that handle: once the process that connected has exited,
 //! reads through it fail, even if its pid now belongs to another process, so
 //! a caller cannot hand its connection on and die to be attested as whichever
-//! process gets its pid next. A caller that is gone by the end of attestation
-//! is refused. Selectors: `unix:uid:N`, `unix:gid:N` (primary
+//! process gets its pid next. A caller already gone when its connection is
+//! accepted, or gone by the end of attestation, is refused. (A pid reused
+//! between the caller's `connect` and the agent's accept is not detected.) Selectors: `unix:uid:N`, `unix:gid:N` (primary
 //! and supplementary), `unix:user:NAME`, `unix:group:NAME`, `unix:path:/exe`,
 //! `unix:sha256:HEX` (of the executable, cached by inode and mtime).
 
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use ring::digest;
 
@@ -33,15 +34,23 @@ impl ProcDir {
         PathBuf::from(format!("/proc/self/fd/{}/{name}", self.0.as_raw_fd()))
     }
 
-    /// Whether the process is still running (neither gone nor a zombie).
+    /// Whether the process is still running: not gone, and not a zombie
+    /// (a main thread that has exited while others run on counts as running).
     pub fn alive(&self) -> bool {
-        std::fs::read_to_string(self.path("stat"))
-            .ok()
-            .and_then(|s| {
-                let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
-                Some(state != "Z" && state != "X")
-            })
-            .unwrap_or(false)
+        fn running(stat: PathBuf) -> Option<bool> {
+            let s = std::fs::read_to_string(stat).ok()?;
+            let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+            Some(state != "Z" && state != "X")
+        }
+        match running(self.path("stat")) {
+            None => false,
+            Some(true) => true,
+            Some(false) => std::fs::read_dir(self.path("task")).is_ok_and(|tasks| {
+                tasks
+                    .flatten()
+                    .any(|t| running(t.path().join("stat")) == Some(true))
+            }),
+        }
     }
 }
 
@@ -59,16 +68,53 @@ pub struct PeerCred {
 /// included.
 type ExeKey = (u64, u64, u64, (i64, i64), (i64, i64));
 
+/// Executables larger than this get no `unix:sha256` selector: reading one
+/// (a sparse file of terabytes, say) would hold a hashing slot for minutes.
+const MAX_HASHED_EXE: u64 = 2 << 30;
+
+/// Executables read at once, at most: callers of many new executables
+/// cannot take every blocking thread and a megabyte of buffer each.
+const HASH_SLOTS: usize = 2;
+
 #[derive(Default)]
 pub struct Attestor {
     /// SHA-256 hex of each executable seen.
     exe_hashes: Mutex<HashMap<ExeKey, String>>,
-    /// Held while an executable is read: one hash at a time, so callers
-    /// of many large executables cannot take every thread and a megabyte
-    /// each, and callers of one wait for its hash instead of reading it again.
-    hashing: Mutex<()>,
+    /// One lock per executable being read: its other callers wait for its
+    /// hash instead of reading it again.
+    in_flight: Mutex<HashMap<ExeKey, Arc<Mutex<()>>>>,
+    slots: Slots,
     /// Executables read so far.
     hashed: std::sync::atomic::AtomicU64,
+}
+
+/// A counting semaphore for blocking threads.
+#[derive(Default)]
+struct Slots {
+    busy: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn take(&self) -> Option<SlotGuard<'_>> {
+        let mut busy = self.busy.lock().ok()?;
+        while *busy >= HASH_SLOTS {
+            busy = self.freed.wait(busy).ok()?;
+        }
+        *busy += 1;
+        Some(SlotGuard(self))
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.0.busy.lock() {
+            *busy -= 1;
+        }
+        self.0.freed.notify_one();
+    }
 }
 
 impl Attestor {
@@ -123,14 +169,38 @@ impl Attestor {
         if let Some(h) = cached() {
             return Some(h);
         }
-        let _one_at_a_time = self.hashing.lock().ok()?;
-        if let Some(h) = cached() {
-            return Some(h);
+        let (_, _, size, ..) = key;
+        if size > MAX_HASHED_EXE {
+            return None;
         }
+        let gate = self.in_flight.lock().ok()?.entry(key).or_default().clone();
+        let hash = {
+            let _this_file = gate.lock().ok()?;
+            match cached() {
+                Some(h) => Some(h),
+                None => self.read_and_hash(&proc_exe, key, key_now),
+            }
+        };
+        // The last caller of this file out forgets its lock.
+        if let Ok(mut m) = self.in_flight.lock() {
+            if Arc::strong_count(&gate) == 2 {
+                m.remove(&key);
+            }
+        }
+        hash
+    }
+
+    fn read_and_hash(
+        &self,
+        proc_exe: &Path,
+        key: ExeKey,
+        key_now: impl Fn() -> Option<ExeKey>,
+    ) -> Option<String> {
+        let _slot = self.slots.take()?;
         self.hashed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Streamed: a large executable is never held in memory whole.
-        let mut file = std::fs::File::open(&proc_exe).ok()?;
+        let mut file = std::fs::File::open(proc_exe).ok()?;
         let mut ctx = digest::Context::new(&digest::SHA256);
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -332,6 +402,38 @@ mod tests {
         let want = hex::encode(digest::digest(&digest::SHA256, &bytes));
         assert!(hashes.iter().all(|h| *h == want));
         assert_eq!(a.hashed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    /// An executable over the limit (here a sparse one of 3 GiB) is not
+    /// read: its caller gets its path, not a hash.
+    #[test]
+    fn an_executable_over_the_size_limit_gets_no_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("huge");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&exe)
+            .unwrap()
+            .set_len(MAX_HASHED_EXE + (1 << 30))
+            .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+        let proc = ProcDir::open(child.id() as i32).unwrap();
+        let a = Attestor::default();
+        let s = a.selectors(
+            PeerCred {
+                pid: Some(child.id() as i32),
+                uid: 0,
+                gid: 0,
+            },
+            Some(&proc),
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(s.contains(&format!("unix:path:{}", exe.display())), "{s:?}");
+        assert!(!s.iter().any(|s| s.starts_with("unix:sha256:")), "{s:?}");
+        assert_eq!(a.hashed.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]

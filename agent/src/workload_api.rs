@@ -40,20 +40,26 @@ pub struct CallerStream {
 #[derive(Clone)]
 pub struct CallerInfo {
     cred: PeerCred,
+    /// Its `/proc` directory; None if the kernel gave no pid.
     proc: Option<Arc<ProcDir>>,
+    /// The kernel gave a pid, but that process was gone at accept.
+    gone: bool,
 }
 
 impl CallerStream {
     pub fn accept(io: UnixStream) -> Self {
         let info = io.peer_cred().ok().map(|c| {
-            let proc = c.pid().and_then(|pid| ProcDir::open(pid).ok());
+            // 0: the caller is in a pid namespace the agent cannot see into.
+            let pid = c.pid().filter(|p| *p > 0);
+            let proc = pid.map(ProcDir::open);
             CallerInfo {
                 cred: PeerCred {
-                    pid: c.pid(),
+                    pid,
                     uid: c.uid(),
                     gid: c.gid(),
                 },
-                proc: proc.map(Arc::new),
+                gone: matches!(proc, Some(Err(_))),
+                proc: proc.and_then(Result::ok).map(Arc::new),
             }
         });
         CallerStream { io, info }
@@ -156,11 +162,17 @@ impl WorkloadApi {
     /// and hashing the caller's executable (a large one takes a while) is
     /// blocking work: it runs off the threads that serve everyone else.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
-        let CallerInfo { cred, proc } = Self::peer(req)?;
+        let CallerInfo { cred, proc, gone } = Self::peer(req)?;
         let attestor = self.attestor.clone();
         tokio::task::spawn_blocking(move || {
             let selectors = attestor.selectors(cred, proc.as_deref());
             match proc {
+                _ if gone => {
+                    tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection had exited before it was accepted");
+                    Err(Status::permission_denied(
+                        "the process that opened this connection has exited",
+                    ))
+                }
                 Some(p) if !p.alive() => {
                     tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection has exited");
                     Err(Status::permission_denied(
