@@ -472,6 +472,46 @@ async fn an_agent_whose_stored_node_svid_expired_asks_for_a_new_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--join-token"));
 }
 
+/// A stored node identity whose key is not its certificate's (a crash of
+/// an older agent between its two files could leave one): without a token
+/// the agent says to use one; with one, it sets the file aside and attests.
+#[tokio::test]
+async fn a_corrupt_stored_identity_is_set_aside_by_a_new_join_token() {
+    let ca = CaProcess::start(&[]);
+    let mut agent = AgentProcess::start(&ca);
+    agent.kill9();
+    // Only the one-file identity (the older agents' pair is removed).
+    for f in ["node.key", "node.crt"] {
+        std::fs::remove_file(agent.dir.join("data").join(f)).unwrap();
+    }
+    let node = agent.dir.join("data/node.pem");
+    let pem = std::fs::read_to_string(&node).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let cert_start = pem.find("-----BEGIN CERTIFICATE-----").unwrap();
+    std::fs::write(&node, format!("{other}{}", &pem[cert_start..])).unwrap();
+
+    agent.spawn(None);
+    let status = agent.child.as_mut().unwrap().wait().unwrap();
+    assert!(!status.success());
+    let log = agent.wait_log(|l| l.contains("do not go together"));
+    assert!(
+        log.contains("is corrupt") && log.contains("--join-token"),
+        "{log}"
+    );
+
+    agent.spawn(Some(&ca.join_token()));
+    agent.wait_ready();
+    let log = agent.wait_log(|l| l.contains("attested to the CA") && l.contains("moved it aside"));
+    assert!(log.contains("moved it aside"), "{log}");
+    let aside: Vec<_> = std::fs::read_dir(agent.dir.join("data"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("node.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside");
+    assert_eq!(ca.cli_json(&["agent", "list"]).as_array().unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn a_new_entry_reaches_the_agent_in_under_a_second() {
     let ca = CaProcess::start(&[]);

@@ -64,7 +64,22 @@ pub async fn run(
     let mut ca = CaClient::new(cfg.ca_addresses.clone(), roots.clone(), resolver.clone())
         .with_call_timeout(cfg.ca_call_timeout);
 
-    let (node, bundle) = match state.load_identity()? {
+    let stored = match state.load_identity() {
+        Ok(stored) => stored,
+        // A join token starts over: the broken file is kept aside.
+        Err(state::StateError::Corrupt { path, reason }) if cfg.join_token.is_some() => {
+            let aside = path.with_extension(format!("corrupt-{}", unix_now()));
+            std::fs::rename(&path, &aside)
+                .with_context(|| format!("cannot move {} aside", path.display()))?;
+            tracing::warn!(path = %path.display(), aside = %aside.display(), reason, "the stored node identity is corrupt; moved it aside and attesting with the join token");
+            None
+        }
+        Err(e @ state::StateError::Corrupt { .. }) => {
+            bail!("{e}; start the agent with a new join token (--join-token) to attest anew")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (node, bundle) = match stored {
         Some(id) if id.not_after > unix_now() => {
             tracing::info!(spiffe_id = %id.spiffe_id, expires_at = id.not_after, "resuming with the stored node SVID");
             (id, bundle)

@@ -107,52 +107,71 @@ impl StateDir {
         self.dir.join(name)
     }
 
-    /// The stored node identity, if any: `node.pem` (key and chain in one
-    /// file), or the `node.key` + `node.crt` pair that older agents wrote.
-    /// A key that is not the leaf's is refused as corrupt.
+    /// The stored node identity, if any: from `node.pem` (key and chain in
+    /// one file) or the `node.key` + `node.crt` pair that older agents use,
+    /// whichever holds the newer valid one (an older agent run in between
+    /// renews only the pair). A key that is not the leaf's is corrupt.
     pub fn load_identity(&self) -> Result<Option<NodeIdentity>, StateError> {
         let np = self.path(NODE_FILE);
-        let (kp, cp) = (self.path("node.key"), self.path("node.crt"));
-        let (key_pem, key_path, cert_pem, cert_path) = match std::fs::read_to_string(&np) {
-            Ok(pem) => (pem.clone(), &np, pem, &np),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !kp.exists() || !cp.exists() {
-                    return Ok(None);
-                }
-                let key = std::fs::read_to_string(&kp).map_err(io(&kp))?;
-                let cert = std::fs::read_to_string(&cp).map_err(io(&cp))?;
-                (key, &kp, cert, &cp)
-            }
-            Err(e) => return Err(io(&np)(e)),
+        let one = self.read_identity(&np, &np)?;
+        let pair = self.read_identity(&self.path("node.key"), &self.path("node.crt"))?;
+        Ok(match (one, pair) {
+            (None, None) => None,
+            (Some(Ok(a)), Some(Ok(b))) => Some(if b.not_before > a.not_before { b } else { a }),
+            (Some(Ok(id)), _) | (_, Some(Ok(id))) => Some(id),
+            (Some(Err(e)), _) | (None, Some(Err(e))) => return Err(e),
+        })
+    }
+
+    /// The identity in `key_path` and `cert_path` (may be one file); None
+    /// if either is missing.
+    fn read_identity(
+        &self,
+        key_path: &Path,
+        cert_path: &Path,
+    ) -> Result<Option<Result<NodeIdentity, StateError>>, StateError> {
+        let read = |p: &Path| match std::fs::read_to_string(p) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(p)(e)),
+        };
+        let (Some(key_pem), Some(cert_pem)) = (read(key_path)?, read(cert_path)?) else {
+            return Ok(None);
         };
         let corrupt = |path: &Path, reason: String| StateError::Corrupt {
             path: path.to_owned(),
             reason,
         };
-        let key = pem_to_ders("PRIVATE KEY", &key_pem)
-            .map_err(|e| corrupt(key_path, e))?
-            .pop()
-            .ok_or_else(|| corrupt(key_path, "no PRIVATE KEY block".into()))?;
-        let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(cert_path, e))?;
-        NodeIdentity::from_parts(chain, key)
-            .map(Some)
-            .map_err(|e| corrupt(cert_path, e))
+        let parsed = (|| {
+            let key = pem_to_ders("PRIVATE KEY", &key_pem)
+                .map_err(|e| corrupt(key_path, e))?
+                .pop()
+                .ok_or_else(|| corrupt(key_path, "no PRIVATE KEY block".into()))?;
+            let chain = pem_to_ders("CERTIFICATE", &cert_pem).map_err(|e| corrupt(cert_path, e))?;
+            NodeIdentity::from_parts(chain, key).map_err(|e| corrupt(cert_path, e))
+        })();
+        Ok(Some(parsed))
     }
 
     /// Stores a node identity: key and chain in one file (0600), replaced
     /// in one step, so a crash never leaves a key beside another key's
-    /// certificate. The older two-file layout is removed once replaced.
+    /// certificate. Then the same as the older agents' pair of files (key
+    /// first), so that an older agent run after this one finds it; a crash
+    /// between the two leaves a pair that `load_identity` passes over.
     pub fn save_identity(&self, id: &NodeIdentity) -> Result<(), StateError> {
-        let np = self.path(NODE_FILE);
-        let mut pem = der_to_pem("PRIVATE KEY", &id.key);
-        pem.extend(id.chain.iter().map(|d| der_to_pem("CERTIFICATE", d)));
-        write_atomic(&np, pem.as_bytes(), true).map_err(io(&np))?;
-        for old in ["node.crt", "node.key"] {
-            let p = self.path(old);
-            match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
-                _ => {}
-            }
+        let key = der_to_pem("PRIVATE KEY", &id.key);
+        let chain: String = id
+            .chain
+            .iter()
+            .map(|d| der_to_pem("CERTIFICATE", d))
+            .collect();
+        for (name, text, secret) in [
+            (NODE_FILE, format!("{key}{chain}"), true),
+            ("node.key", key, true),
+            ("node.crt", chain, false),
+        ] {
+            let p = self.path(name);
+            write_atomic(&p, text.as_bytes(), secret).map_err(io(&p))?;
         }
         Ok(())
     }
@@ -227,17 +246,28 @@ impl StateDir {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use ward_spec::test_util::{leaf_and_key, root};
+    use ward_spec::test_util::root;
 
     const NODE: &str = "spiffe://example.org/spire/agent/join_token/t1";
 
+    /// A node SVID valid from this second.
     fn identity(issuer: &ward_spec::test_util::Issuer) -> NodeIdentity {
-        let (cert, key) = leaf_and_key(NODE, issuer);
-        NodeIdentity::from_parts(vec![cert.to_vec()], key.serialize_der()).unwrap()
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(NODE.try_into().unwrap())];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = time::OffsetDateTime::now_utc();
+        p.not_after = p.not_before + time::Duration::hours(1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer).unwrap();
+        NodeIdentity::from_parts(vec![cert.der().to_vec()], key.serialize_der()).unwrap()
     }
 
     #[test]
-    fn the_node_identity_is_one_private_file_that_replaces_the_older_pair() {
+    fn the_node_identity_is_one_private_file_and_the_newer_of_it_and_the_older_pair_is_used() {
         let td = tempfile::tempdir().unwrap();
         let state = StateDir::open(td.path()).unwrap();
         let (_, issuer) = root("example.org");
@@ -257,18 +287,47 @@ mod tests {
             .load_identity()
             .unwrap()
             .expect("the older pair loads");
-        assert_eq!((loaded.chain, loaded.key), (first.chain, first.key));
+        assert_eq!((&loaded.chain, &loaded.key), (&first.chain, &first.key));
 
         let second = identity(&issuer);
         state.save_identity(&second).unwrap();
-        let file = td.path().join(NODE_FILE);
-        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert!(!td.path().join("node.key").exists());
-        assert!(!td.path().join("node.crt").exists());
+        let mode = |f: &str| {
+            std::fs::metadata(td.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode(NODE_FILE), mode("node.key")), (0o600, 0o600));
         let loaded = state.load_identity().unwrap().unwrap();
-        assert_eq!((loaded.chain, loaded.key), (second.chain, second.key));
+        assert_eq!((&loaded.chain, &loaded.key), (&second.chain, &second.key));
         assert_eq!(loaded.spiffe_id.to_string(), NODE);
+
+        // An older agent run since renewed only the pair: that one is newer.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let third = identity(&issuer);
+        assert!(third.not_before > second.not_before);
+        std::fs::write(
+            td.path().join("node.key"),
+            der_to_pem("PRIVATE KEY", &third.key),
+        )
+        .unwrap();
+        std::fs::write(
+            td.path().join("node.crt"),
+            der_to_pem("CERTIFICATE", &third.chain[0]),
+        )
+        .unwrap();
+        let loaded = state.load_identity().unwrap().unwrap();
+        assert_eq!(loaded.key, third.key);
+        // A pair cut off mid-write (the key replaced, not yet the chain) is
+        // passed over for the file that is whole.
+        std::fs::write(
+            td.path().join("node.key"),
+            der_to_pem("PRIVATE KEY", &first.key),
+        )
+        .unwrap();
+        let loaded = state.load_identity().unwrap().unwrap();
+        assert_eq!(loaded.key, second.key);
     }
 
     #[test]
