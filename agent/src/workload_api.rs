@@ -601,19 +601,35 @@ impl WorkloadApi {
                 );
                 Ok(token)
             }
-            Err(status) => match cache.get(&key) {
-                // The CA is away: a still-valid cached token is better than none.
-                Some(c) if c.expires_at > now => Ok(c.token.clone()),
-                _ => {
-                    if status.code() == Code::Unavailable {
-                        self.ca.lock().await.failed();
+            Err(status) => {
+                let away = matches!(
+                    status.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                );
+                match cache.get(&key) {
+                    // The CA is away: a still-valid cached token is better than none.
+                    Some(c) if away && c.expires_at > now => Ok(c.token.clone()),
+                    _ => {
+                        // A refusal (the entry was deleted or renamed at the
+                        // CA) ends what was cached for it, and is passed on.
+                        if !away {
+                            cache.remove(&key);
+                            return Err(Status::new(
+                                status.code(),
+                                format!("cannot mint a JWT-SVID: {}", status.message()),
+                            ));
+                        }
+                        drop(cache);
+                        if status.code() == Code::Unavailable {
+                            self.ca.lock().await.failed();
+                        }
+                        Err(Status::unavailable(format!(
+                            "cannot mint a JWT-SVID: {}",
+                            status.message()
+                        )))
                     }
-                    Err(Status::unavailable(format!(
-                        "cannot mint a JWT-SVID: {}",
-                        status.message()
-                    )))
                 }
-            },
+            }
         }
     }
 }
