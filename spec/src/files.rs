@@ -12,21 +12,34 @@ pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    // A new file of an unguessable name: nothing another user put in the
+    // directory beforehand (a file to read the key from later, a symlink to
+    // somewhere else) is opened or followed.
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| io::Error::other("no randomness for a temporary file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        u64::from_ne_bytes(nonce)
+    ));
     let mode = if secret { 0o600 } else { 0o644 };
-    {
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // A stale temp file from a crash may have other permissions.
+        // The mode is the one asked for, whatever the umask.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path)?;
+    written?;
     File::open(dir)?.sync_all()
 }
 
@@ -55,6 +68,27 @@ mod tests {
             fs::read_dir(dir.path()).unwrap().count(),
             1,
             "no temp file left"
+        );
+    }
+
+    /// What another user may have put in the directory under the old,
+    /// fixed temp name (a file of theirs, a symlink) is neither written
+    /// nor followed.
+    #[test]
+    fn files_planted_under_a_temp_name_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join(".k.pem.tmp");
+        fs::write(&planted, b"theirs").unwrap();
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join(".k.pem.0.tmp")).unwrap();
+        let p = dir.path().join("k.pem");
+        write_atomic(&p, b"secret", true).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+        assert_eq!(fs::read(&planted).unwrap(), b"theirs");
+        assert!(!target.exists());
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
         );
     }
 }

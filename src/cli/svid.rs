@@ -137,7 +137,11 @@ pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
                     };
                     std::fs::create_dir_all(dir)?;
                     let pem: String = chain.iter().map(|d| der_to_pem("CERTIFICATE", d)).collect();
-                    std::fs::write(dir.join(format!("svid{suffix}.pem")), pem)?;
+                    ward_spec::files::write_atomic(
+                        &dir.join(format!("svid{suffix}.pem")),
+                        pem.as_bytes(),
+                        false,
+                    )?;
                     ward_spec::files::write_atomic(
                         &dir.join(format!("svid{suffix}.key")),
                         der_to_pem("PRIVATE KEY", &s.x509_svid_key).as_bytes(),
@@ -145,7 +149,11 @@ pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
                     )?;
                     let roots = ward_spec::svid::split_der_chain(&s.bundle)?;
                     let pem: String = roots.iter().map(|d| der_to_pem("CERTIFICATE", d)).collect();
-                    std::fs::write(dir.join(format!("bundle{suffix}.pem")), pem)?;
+                    ward_spec::files::write_atomic(
+                        &dir.join(format!("bundle{suffix}.pem")),
+                        pem.as_bytes(),
+                        false,
+                    )?;
                 }
                 shown.push((s.spiffe_id.clone(), not_after, s.hint.clone()));
             }
