@@ -35,7 +35,15 @@ fn base_port() -> u16 {
 }
 
 impl Up {
+    /// `ward up`, once it is up.
     fn start() -> Up {
+        let up = Up::spawn();
+        up.wait_line("Ctrl-C stops the mesh", Duration::from_secs(120));
+        up
+    }
+
+    /// `ward up`, just started.
+    fn spawn() -> Up {
         let dir = tempfile::tempdir().unwrap();
         let base = base_port();
         let mut child = Command::new(ward_bin())
@@ -55,14 +63,12 @@ impl Up {
                 sink.lock().unwrap().push(line);
             }
         });
-        let up = Up {
+        Up {
             child: Some(child),
             out,
             dir,
             base,
-        };
-        up.wait_line("Ctrl-C stops the mesh", Duration::from_secs(120));
-        up
+        }
     }
 
     fn text(&self) -> String {
@@ -424,10 +430,37 @@ fn ward_up_runs_the_demo_and_follows_policy_pushes_and_rollbacks() {
     }
     assert_eq!(pairs.len(), 3, "{pairs:?}");
 
-    step(8, "Ctrl-C stops every part and frees every port");
+    step(
+        8,
+        "Ctrl-C stops every part, none needing to be killed, and frees every port",
+    );
     let status = up.interrupt();
     assert!(status.success(), "ward up exited with {status}");
     assert!(up.text().contains("Stopped."));
+    assert!(!up.text().contains("did not stop"), "{}", up.text());
+    for offset in [0u16, 1, 2, 10, 11, 12, 13, 14, 21, 31, 41, 51] {
+        let addr = up.port(offset);
+        assert!(
+            std::net::TcpListener::bind(&addr).is_ok(),
+            "{addr} still in use after ward up stopped"
+        );
+    }
+}
+
+/// Ctrl-C while the mesh is still starting (the CA up, the rest on its
+/// way) stops what was started: nothing is left running on its ports.
+#[test]
+fn ctrl_c_during_startup_stops_the_parts_already_started() {
+    let mut up = Up::spawn();
+    up.wait_line("✓ CA", Duration::from_secs(60));
+    let status = up.interrupt();
+    assert!(status.success(), "ward up exited with {status}");
+    assert!(up.text().contains("Stopped."), "{}", up.text());
+    assert!(
+        !up.text().contains("Up in"),
+        "it was already up:\n{}",
+        up.text()
+    );
     for offset in [0u16, 1, 2, 10, 11, 12, 13, 14, 21, 31, 41, 51] {
         let addr = up.port(offset);
         assert!(

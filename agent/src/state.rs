@@ -176,6 +176,19 @@ impl StateDir {
         Ok(())
     }
 
+    /// Removes the stored node identity (both layouts), so the next start
+    /// attests anew with a join token.
+    pub fn forget_identity(&self) -> Result<(), StateError> {
+        for name in [NODE_FILE, "node.key", "node.crt"] {
+            let p = self.path(name);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// A stored file parsed by `parse`; None if it does not exist.
     fn load<T, E: std::fmt::Display>(
         &self,

@@ -16,6 +16,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -175,6 +177,8 @@ impl Ports {
 /// Child processes, stopped in reverse order of start.
 struct Children {
     list: Vec<(String, Child)>,
+    /// Set: stop without waiting for each part to finish.
+    hurry: Arc<AtomicBool>,
 }
 
 impl Children {
@@ -218,14 +222,16 @@ impl Children {
                 let pid = rustix::process::Pid::from_child(&c);
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && !self.hurry.load(Ordering::Relaxed) {
                     if let Ok(Some(_)) = c.try_wait() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 if let Ok(None) = c.try_wait() {
-                    eprintln!("  {name} did not stop in 10 s; killing it");
+                    if !self.hurry.load(Ordering::Relaxed) {
+                        println!("  {name} did not stop in 10 s; killing it");
+                    }
                     let _ = c.kill();
                 }
             }
@@ -240,7 +246,104 @@ impl Drop for Children {
     }
 }
 
+/// Ctrl-C, SIGTERM and SIGHUP (the terminal closing), taken over before the
+/// first part starts: from then on each stops the parts started so far.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.hup.recv() => {}
+        }
+    }
+
+    /// After the first signal: another makes the stop hurry (no waiting
+    /// for each part to drain).
+    fn hurry_on_next(mut self, hurry: Arc<AtomicBool>) {
+        tokio::spawn(async move {
+            self.recv().await;
+            hurry.store(true, Ordering::Relaxed);
+        });
+    }
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let hurry = Arc::new(AtomicBool::new(false));
+    let mut children = Children {
+        list: Vec::new(),
+        hurry: hurry.clone(),
+    };
+    let up = tokio::select! {
+        up = start(&args, &mut children) => Some(up),
+        _ = signals.recv() => None,
+    };
+    let mesh = match up {
+        Some(Ok(mesh)) => mesh,
+        Some(Err(e)) => return Err(e),
+        None => {
+            println!("\nStopping what was started…");
+            signals.hurry_on_next(hurry);
+            children.stop_all();
+            println!("Stopped.");
+            return Ok(());
+        }
+    };
+    if args.once {
+        println!("\nStopping (--once).");
+        signals.hurry_on_next(hurry);
+        children.stop_all();
+        return Ok(());
+    }
+    println!("\nA long-lived stream acme/web → acme/api stays open; policy changes that close or admit it are shown here.");
+    println!("Ctrl-C stops the mesh.\n");
+
+    // 6. Run until a signal, watching the demo stream and the children.
+    let watcher = StreamWatch::start(mesh.ports.route(mesh.web, 0));
+    let result = loop {
+        tokio::select! {
+            _ = signals.recv() => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(what) = children.exited() {
+                    break Err(anyhow::anyhow!("{what}; see the logs in {}/logs", mesh.dir.display()));
+                }
+            }
+        }
+    };
+    println!("\nStopping the mesh…");
+    signals.hurry_on_next(hurry);
+    // The demo stream ends first: acme/api's proxy has nothing to drain.
+    watcher.stop();
+    children.stop_all();
+    println!("Stopped.");
+    result
+}
+
+/// What `start` brought up.
+struct Mesh {
+    dir: PathBuf,
+    ports: Ports,
+    /// acme/web's index in SERVICES.
+    web: usize,
+}
+
+/// Starts every part and makes the demo calls.
+async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
     let started = Instant::now();
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
@@ -262,7 +365,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     check_ports_free(&ports)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let mut children = Children { list: Vec::new() };
     println!(
         "ward up: a local mesh in {} (trust domain {td})",
         dir.display()
@@ -282,7 +384,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .args(["--bind-address", &ports.ca().to_string()])
             .args(["--health-address", &ports.ca_health().to_string()]),
     )?;
-    wait_ready(&mut children, "CA", ports.ca_health(), &logs.join("ca.log"))?;
+    wait_ready(children, "CA", ports.ca_health(), &logs.join("ca.log")).await?;
     progress(
         "CA",
         &format!("{} (node API), admin socket ca/admin.sock", ports.ca()),
@@ -327,10 +429,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // 3. The agent: a join token unless it has a node identity already.
     let step = Instant::now();
     let agent_data = dir.join("agent/data");
-    let stored = ward_agent::state::StateDir::open(&agent_data)
-        .ok()
-        .and_then(|s| s.load_identity().ok().flatten())
-        .filter(|id| id.not_after > time::OffsetDateTime::now_utc().unix_timestamp() + 60);
+    let state = ward_agent::state::StateDir::open(&agent_data).ok();
+    let stored = state
+        .as_ref()
+        .and_then(|s| s.load_identity().ok().flatten());
+    // One about to expire could expire before the agent reads it, or be
+    // resumed though a token was made for a new one: the agent attests anew.
+    let stored = match stored {
+        Some(id) if id.not_after > time::OffsetDateTime::now_utc().unix_timestamp() + 60 => {
+            Some(id)
+        }
+        Some(_) => {
+            if let Some(s) = &state {
+                s.forget_identity()?;
+            }
+            None
+        }
+        None => None,
+    };
     let bundle = ca
         .get_bundle(pb::GetBundleRequest {})
         .await
@@ -371,11 +487,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     children.spawn("agent", &logs.join("agent.log"), &mut agent_cmd)?;
     wait_ready(
-        &mut children,
+        children,
         "agent",
         ports.agent_health(),
         &logs.join("agent.log"),
-    )?;
+    )
+    .await?;
     progress(
         "agent",
         &format!("{agent_id}, Workload API agent/workload.sock"),
@@ -415,6 +532,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .args(["--forward", &ports.app(i).to_string()])
             .args(["--service-port", &s.port.to_string()])
             .args(["--health-address", &ports.proxy_health(i).to_string()])
+            // Stopping waits at most this for open streams, well inside
+            // the 10 s after which a part is killed.
+            .args(["--drain-timeout", "3s"])
             .arg("--decision-log")
             .arg(logs.join(format!("{}.decisions.jsonl", s.file_name())));
         if !s.calls.is_empty() {
@@ -442,11 +562,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for (i, s) in SERVICES.iter().enumerate() {
         let log = logs.join(format!("{}.proxy.log", s.file_name()));
         wait_ready(
-            &mut children,
+            children,
             &format!("{} proxy", s.label()),
             ports.proxy_health(i),
             &log,
-        )?;
+        )
+        .await?;
         progress(
             &s.label(),
             &format!(
@@ -484,8 +605,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("  export WARD_ADMIN_SOCKET={}", admin_socket.display());
     println!("  ward policy history; ward policy push DIR; ward policy rollback VERSION");
+    let active = dir.join("active-policies");
     println!(
-        "  ward policy matrix --workloads {} --port 8080 --port 5432",
+        "  ward policy show --write {}   # the active set's files",
+        active.display()
+    );
+    println!(
+        "  ward policy matrix --policies {} --workloads {} --port 8080 --port 5432",
+        active.display(),
         write_workloads(&dir, &td)?.display()
     );
     println!("\nWhere things are:");
@@ -504,35 +631,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ports.agent_health(),
         ports.proxy_health(wi)
     );
-    if args.once {
-        println!("\nStopping (--once).");
-        children.stop_all();
-        return Ok(());
-    }
-    println!("\nA long-lived stream acme/web → acme/api stays open; policy changes that close or admit it are shown here.");
-    println!("Ctrl-C stops the mesh.\n");
-
-    // 6. Run until Ctrl-C, watching the demo stream and the children.
-    // A plain thread: it ends with the process (the runtime would wait for a
-    // blocking task at shutdown).
-    let addr = ports.route(wi, 0);
-    std::thread::spawn(move || watch_stream(addr));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
-            _ = sigterm.recv() => break Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some(what) = children.exited() {
-                    break Err(anyhow::anyhow!("{what}; see the logs in {}/logs", dir.display()));
-                }
-            }
-        }
-    };
-    println!("\nStopping the mesh…");
-    children.stop_all();
-    println!("Stopped.");
-    result
+    Ok(Mesh {
+        dir,
+        ports,
+        web: wi,
+    })
 }
 
 fn progress(what: &str, detail: &str, since: Instant) {
@@ -629,7 +732,7 @@ async fn ensure_entry(
     Ok(())
 }
 
-fn wait_ready(
+async fn wait_ready(
     children: &mut Children,
     what: &str,
     health: SocketAddr,
@@ -637,7 +740,11 @@ fn wait_ready(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if http_get(health, "/readyz").is_some_and(|(code, _)| code == 200) {
+        let ready = tokio::task::spawn_blocking(move || http_get(health, "/readyz"))
+            .await
+            .ok()
+            .flatten();
+        if ready.is_some_and(|(code, _)| code == 200) {
             return Ok(());
         }
         if let Some(what) = children.exited() {
@@ -647,7 +754,7 @@ fn wait_ready(
                 tail(log)
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!(
         "{what} was not ready after 60 s; its log {} ends with:\n{}",
@@ -695,14 +802,16 @@ async fn demo_call(
         .position(|c| *c == callee)
         .expect("demo calls follow the routes");
     let addr = ports.route(i, j);
+    let decisions = dir
+        .join("logs")
+        .join(format!("{}.decisions.jsonl", to.file_name()));
+    // Lines logged before this call (an earlier run's) are not its decision.
+    let before = std::fs::metadata(&decisions).map_or(0, |m| m.len());
     let answer = tokio::task::spawn_blocking(move || http_get(addr, "/"))
         .await
         .ok()
         .flatten();
-    let decisions = dir
-        .join("logs")
-        .join(format!("{}.decisions.jsonl", to.file_name()));
-    let decision = wait_decision(&decisions, &workload_id(td, from)).await;
+    let decision = wait_decision(&decisions, before, &workload_id(td, from)).await;
     let (verdict, policies) = match &decision {
         Some(d) => (
             d["decision"].as_str().unwrap_or("?").to_uppercase(),
@@ -727,12 +836,14 @@ async fn demo_call(
     format!("{caller:<11} → {callee:<11} {verdict:<5} {policies:<40} {reply}")
 }
 
-/// The newest decision line for `principal`, waiting for the log's flush.
-async fn wait_decision(path: &Path, principal: &str) -> Option<serde_json::Value> {
+/// The newest decision line for `principal` logged past byte `from`,
+/// waiting for the log's flush.
+async fn wait_decision(path: &Path, from: u64, principal: &str) -> Option<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let found = text
+        let text = std::fs::read(path).unwrap_or_default();
+        let added = text.get(from as usize..).unwrap_or_default();
+        let found = String::from_utf8_lossy(added)
             .lines()
             .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -755,16 +866,53 @@ fn write_workloads(dir: &Path, td: &ward_spec::TrustDomain) -> anyhow::Result<Pa
 }
 
 /// Holds a stream acme/web → acme/api open (`GET /stream`) and reports each
-/// time it closes or opens again (tried every second).
-fn watch_stream(addr: SocketAddr) {
+/// time it closes or opens again (tried every second), until stopped.
+struct StreamWatch {
+    stopped: Arc<AtomicBool>,
+    open: Arc<Mutex<Option<TcpStream>>>,
+}
+
+impl StreamWatch {
+    fn start(addr: SocketAddr) -> Self {
+        let watch = StreamWatch {
+            stopped: Arc::default(),
+            open: Arc::default(),
+        };
+        let (stopped, open) = (watch.stopped.clone(), watch.open.clone());
+        // A plain thread: it ends with the process (the runtime would wait
+        // for a blocking task at shutdown).
+        std::thread::spawn(move || watch_stream(addr, &stopped, &open));
+        watch
+    }
+
+    /// Ends the stream and the watching.
+    fn stop(self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        if let Some(s) = self.open.lock().ok().and_then(|mut o| o.take()) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn watch_stream(addr: SocketAddr, stopped: &AtomicBool, open: &Mutex<Option<TcpStream>>) {
     let mut open_since: Option<Instant> = None;
     let mut denied_reported = false;
-    loop {
+    while !stopped.load(Ordering::Relaxed) {
         let opened = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"GET /stream HTTP/1.1\r\nHost: ward\r\n\r\n")?;
+            if let Ok(mut o) = open.lock() {
+                *o = Some(s.try_clone()?);
+            }
             Ok(s)
         });
+        // Stopped while connecting: the stream was not there to shut.
+        if stopped.load(Ordering::Relaxed) {
+            if let Ok(s) = &opened {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            return;
+        }
         if let Ok(mut s) = opened {
             let mut buf = [0u8; 512];
             while let Ok(n) = s.read(&mut buf) {
@@ -777,6 +925,9 @@ fn watch_stream(addr: SocketAddr) {
                     denied_reported = false;
                 }
             }
+        }
+        if stopped.load(Ordering::Relaxed) {
+            return;
         }
         match open_since.take() {
             Some(t) => println!(
