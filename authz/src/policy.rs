@@ -37,7 +37,7 @@ impl fmt::Display for PolicyError {
 }
 
 /// A policy source file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
     pub name: String,
     pub text: String,
@@ -82,9 +82,13 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, PolicyError> {
         column: 0,
         message: m,
     };
+    // An entry that cannot be listed fails the read: a set missing a file
+    // is not the directory's set.
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| err(e.to_string()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+        .map(|e| e.map(|e| e.path()).map_err(|e| err(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
         .collect();
     paths.sort();

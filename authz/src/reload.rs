@@ -1,15 +1,17 @@
-//! Hot reload of a policy directory: the directory is checked every interval;
-//! when any `.cedar` file changed, the whole set is validated and swapped in. A
-//! set that fails validation is reported (log line and counter) and the last
-//! good set stays active.
+//! Hot reload of a policy directory: the directory's `.cedar` files are read
+//! every interval; once they read differently from the active set, and the
+//! same on two reads in a row (a file being written, or a directory being
+//! replaced file by file, is not taken half done), the whole set is
+//! validated and swapped in. A set that fails validation is reported (log
+//! line and counter) and the last good set stays active.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::authorizer::Authorizer;
-use crate::policy::read_dir;
+use crate::policy::{read_dir, PolicyError, SourceFile};
 
 /// Counters a reloader keeps (exported as metrics by whoever runs it).
 #[derive(Debug, Default)]
@@ -18,29 +20,13 @@ pub struct ReloadStats {
     pub rejected: AtomicU64,
 }
 
-/// A fingerprint of the directory: each `.cedar` file's name, size and mtime.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
-        .map(|e| {
-            let m = e.metadata().ok();
-            (
-                e.path(),
-                m.as_ref().map_or(0, |m| m.len()),
-                m.and_then(|m| m.modified().ok()),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// Loads `dir` once; returns whether the set became active.
-pub fn load_dir(authz: &Authorizer, dir: &Path, stats: &ReloadStats) -> bool {
-    let result = read_dir(dir)
+fn load(
+    authz: &Authorizer,
+    dir: &Path,
+    read: Result<Vec<SourceFile>, PolicyError>,
+    stats: &ReloadStats,
+) -> bool {
+    let result = read
         .map_err(|e| vec![e])
         .and_then(|files| authz.load(&files));
     match result {
@@ -59,28 +45,37 @@ pub fn load_dir(authz: &Authorizer, dir: &Path, stats: &ReloadStats) -> bool {
     }
 }
 
-/// Watches `dir` on a background thread until the returned handle is dropped.
-pub fn watch_dir(
+/// Loads `dir` now, then watches it on a background thread until the
+/// returned handle is dropped; the load's outcome comes back with it.
+pub fn load_and_watch(
     authz: Arc<Authorizer>,
     dir: PathBuf,
     every: Duration,
     stats: Arc<ReloadStats>,
-) -> WatchHandle {
+) -> (bool, WatchHandle) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
-    // Taken now, so a change made right after this call is seen as a change.
-    let mut last = fingerprint(&dir);
+    // What was loaded is what later reads are compared with: a change made
+    // right after is seen as a change.
+    let mut last = read_dir(&dir);
+    let loaded = load(&authz, &dir, last.clone(), &stats);
     std::thread::spawn(move || {
+        let mut pending: Option<Result<Vec<SourceFile>, PolicyError>> = None;
         while !s.load(Ordering::Relaxed) {
             std::thread::sleep(every);
-            let now = fingerprint(&dir);
-            if now != last {
+            let now = read_dir(&dir);
+            if now == last {
+                pending = None;
+            } else if pending.as_ref() == Some(&now) {
+                pending = None;
+                load(&authz, &dir, now.clone(), &stats);
                 last = now;
-                load_dir(&authz, &dir, &stats);
+            } else {
+                pending = Some(now);
             }
         }
     });
-    WatchHandle { stop }
+    (loaded, WatchHandle { stop })
 }
 
 pub struct WatchHandle {

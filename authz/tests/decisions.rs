@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ward_authz::policy::{read_dir, read_schema, SourceFile};
-use ward_authz::reload::{load_dir, watch_dir, ReloadStats};
+use ward_authz::reload::{load_and_watch, ReloadStats};
 use ward_authz::testcase::{run, CaseFile};
 use ward_authz::{Authorizer, ConnectContext, IdTemplate, Mode};
 use ward_spec::SpiffeId;
@@ -285,13 +285,13 @@ fn a_watched_directory_reloads_good_sets_and_keeps_the_last_good_one() {
     std::fs::write(&p, r#"@id("deny-all-but-api") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "api" };"#).unwrap();
     let a = Arc::new(authz(Mode::Enforce));
     let stats = Arc::new(ReloadStats::default());
-    assert!(load_dir(&a, dir.path(), &stats));
-    let _watch = watch_dir(
+    let (loaded, _watch) = load_and_watch(
         a.clone(),
         dir.path().to_owned(),
         Duration::from_millis(50),
         stats.clone(),
     );
+    assert!(loaded);
     assert!(
         !a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
             .allowed
@@ -319,6 +319,48 @@ fn a_watched_directory_reloads_good_sets_and_keeps_the_last_good_one() {
         a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
             .allowed,
         "last good set stays"
+    );
+
+    // A rewrite of the same size with the old mtime put back is a change
+    // too: what the files say is compared, not their sizes and times.
+    let db = r#"@id("db-web") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "db" };"#;
+    let web = r#"@id("db-web") permit (principal, action == Ward::Action::"connect", resource) when { resource.service == "web" };"#;
+    assert_ne!(db.len(), web.len());
+    let web = web.replace("\"web\"", "\"web\" ");
+    let db = db.replace("\"db\"", "\"db\"  ");
+    assert_eq!(db.len(), web.len());
+    std::fs::write(&p, &db).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a
+        .decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
+        .allowed
+        || stats.loaded.load(Ordering::Relaxed) < 3
+    {
+        assert!(Instant::now() < deadline, "db-web set not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+    std::fs::write(&p, &web).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a
+        .decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80))
+        .allowed
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a same-size rewrite not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        a.decide_connect(&w("acme", "api"), &w("acme", "web"), &ctx(80))
+            .allowed
     );
 }
 

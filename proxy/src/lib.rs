@@ -67,8 +67,7 @@ pub async fn run(
     let metrics = Arc::new(metrics);
     let authz = Arc::new(authorizer(&cfg)?);
     let _watch = cfg.policy.dir.as_ref().map(|dir| {
-        ward_authz::reload::load_dir(&authz, dir, &metrics.reload_stats);
-        ward_authz::reload::watch_dir(
+        ward_authz::reload::load_and_watch(
             authz.clone(),
             dir.clone(),
             cfg.policy.reload_interval,
