@@ -327,6 +327,9 @@ impl Ca {
                 }
                 self.entries_changed(self.store.entry_revision().await?, None);
                 if let Some(set) = self.store.get_policy_set(None).await? {
+                    // Checked and installed as a push installs: a newer set
+                    // installed meanwhile is never replaced by this one.
+                    let _one = self.policy_writes.lock().await;
                     if set.version > self.policy_version() {
                         match self.admin_policy.validate(&set.files) {
                             Ok(c) => self.admin_policy.install(c),
