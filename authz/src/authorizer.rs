@@ -172,6 +172,9 @@ struct Active {
 
 pub struct Authorizer {
     schema: Schema,
+    /// The schema's actions, if any is in a group (`action in group` reads
+    /// them); None when no action has one, so requests skip the copy.
+    action_groups: Option<Entities>,
     template: IdTemplate,
     trust_domain_attr: bool,
     mode: Mode,
@@ -198,8 +201,13 @@ fn now_unix() -> i64 {
 impl Authorizer {
     /// An authorizer with no policies (so it denies everything) until [`Authorizer::load`].
     pub fn new(schema: Schema, template: IdTemplate, mode: Mode, log: Option<DecisionLog>) -> Self {
+        let action_groups = schema
+            .action_entities()
+            .ok()
+            .filter(|a| a.iter().any(|e| !e.clone().into_inner().2.is_empty()));
         Authorizer {
             schema,
+            action_groups,
             template,
             trust_domain_attr: true,
             mode,
@@ -219,6 +227,12 @@ impl Authorizer {
 
     pub fn schema(&self) -> &Schema {
         &self.schema
+    }
+
+    /// What every request's entities start from: the schema's action
+    /// groups, if it has any.
+    fn base_entities(&self) -> Entities {
+        self.action_groups.clone().unwrap_or_else(Entities::empty)
     }
 
     pub fn mode(&self) -> Mode {
@@ -373,7 +387,7 @@ impl Authorizer {
         let mut errors = Vec::new();
         // `add_entities` repairs the hierarchy only around what it adds; for
         // two entities that is half the cost of `from_entities`.
-        let entities = match Entities::empty().add_entities(ents, None) {
+        let entities = match self.base_entities().add_entities(ents, None) {
             Ok(e) => e,
             Err(e) => {
                 return self.finish(
@@ -524,7 +538,10 @@ impl Authorizer {
         );
         let action_uid = uid(&type_name("Ward::Action"), action.name());
         let result = (|| {
-            let entities = Entities::from_entities(ents, None).map_err(|e| e.to_string())?;
+            let entities = self
+                .base_entities()
+                .add_entities(ents, None)
+                .map_err(|e| e.to_string())?;
             let mut pairs = vec![("now".to_owned(), RestrictedExpression::new_long(now_unix()))];
             if is_entry {
                 pairs.push((

@@ -96,6 +96,32 @@ fn an_ipv4_peer_of_a_dual_stack_listener_is_seen_as_ipv4() {
     assert!(!d.allowed && d.errors.is_empty(), "{d:?}");
 }
 
+/// A schema that puts actions in a group: `action in` the group matches.
+#[test]
+fn a_forbid_on_an_action_group_applies_to_its_actions() {
+    let text = std::fs::read_to_string(policies_dir().join("ward.cedarschema")).unwrap();
+    let grouped = text.replace(
+        "  action connect appliesTo {",
+        "  action all_connects;\n  action connect in [all_connects] appliesTo {",
+    );
+    assert_ne!(text, grouped);
+    let (schema, _) = cedar_policy::Schema::from_cedarschema_str(&grouped).unwrap();
+    let a = Authorizer::new(schema, IdTemplate::default(), Mode::Enforce, None);
+    a.load(&[file(
+        "p.cedar",
+        r#"permit (principal, action == Ward::Action::"connect", resource);
+           forbid (principal, action in Ward::Action::"all_connects", resource)
+           when { resource.service == "db" };"#,
+    )])
+    .unwrap();
+    assert!(
+        a.decide_connect(&w("acme", "web"), &w("acme", "api"), &ctx(80))
+            .allowed
+    );
+    let d = a.decide_connect(&w("acme", "web"), &w("acme", "db"), &ctx(80));
+    assert!(!d.allowed, "the group's forbid did not apply: {d:?}");
+}
+
 #[test]
 fn no_policy_means_deny() {
     let a = authz(Mode::Enforce);
