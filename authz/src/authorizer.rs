@@ -468,6 +468,18 @@ impl Authorizer {
         action: AdminAction,
         resource: &AdminResource,
     ) -> Decision {
+        self.decide_admin_at(principal, action, resource, None)
+    }
+
+    /// [`Authorizer::decide_admin`] as of Unix time `at` (None: now), as
+    /// `ward policy test` asks.
+    pub fn decide_admin_at(
+        &self,
+        principal: &AdminPrincipal,
+        action: AdminAction,
+        resource: &AdminResource,
+        at: Option<i64>,
+    ) -> Decision {
         let start = Instant::now();
         let resource_tenant = resource.tenant.as_str();
         let resource_id = resource.id.as_str();
@@ -542,7 +554,8 @@ impl Authorizer {
                 .base_entities()
                 .add_entities(ents, None)
                 .map_err(|e| e.to_string())?;
-            let mut pairs = vec![("now".to_owned(), RestrictedExpression::new_long(now_unix()))];
+            let now = at.unwrap_or_else(now_unix);
+            let mut pairs = vec![("now".to_owned(), RestrictedExpression::new_long(now))];
             if is_entry {
                 pairs.push((
                     "federation_added".to_owned(),

@@ -191,7 +191,7 @@ pub fn decide(
         dns_names: ctx.dns_names.clone(),
         dns_names_added,
     };
-    Ok(authz.decide_admin(&principal, action, &resource))
+    Ok(authz.decide_admin_at(&principal, action, &resource, ctx.now))
 }
 
 /// What a call adds to one of an entry's lists (`all`): what the case

@@ -122,6 +122,42 @@ fn a_forbid_on_an_action_group_applies_to_its_actions() {
     assert!(!d.allowed, "the group's forbid did not apply: {d:?}");
 }
 
+/// `ward policy test` decides an admin case as of its `now`, as it does a
+/// connection case.
+#[test]
+fn an_admin_case_is_decided_as_of_its_now() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "tokens.cedar",
+        r#"@id("until-1000") permit (principal is Ward::Admin, action == Ward::Action::"create_join_token", resource)
+           when { context.now < 1000 };"#,
+    )])
+    .unwrap();
+    let cases: CaseFile = toml::from_str(
+        r#"
+        [[case]]
+        name = "before"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "create_join_token"
+        resource = "acme"
+        context = { now = 999 }
+        decision = "allow"
+
+        [[case]]
+        name = "after"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "create_join_token"
+        resource = "acme"
+        context = { now = 1000 }
+        decision = "deny"
+        "#,
+    )
+    .unwrap();
+    for r in run(&a, &cases.cases, &IdTemplate::default()) {
+        assert!(r.passed, "{}: {}", r.name, r.detail);
+    }
+}
+
 #[test]
 fn no_policy_means_deny() {
     let a = authz(Mode::Enforce);
