@@ -48,14 +48,8 @@ pub fn parse_workloads(text: &str) -> Result<Vec<SpiffeId>, String> {
 }
 
 /// Evaluates every ordered pair (not a workload to itself) on each port.
-pub fn compute(
-    authz: &Authorizer,
-    template: &IdTemplate,
-    workloads: &[SpiffeId],
-    ports: &[u16],
-) -> Matrix {
+pub fn compute(authz: &Authorizer, workloads: &[SpiffeId], ports: &[u16]) -> Matrix {
     let exceptions = authz.exception_ids();
-    let tenant = |id: &SpiffeId| template.read(id).map(|p| p.tenant);
     let n = workloads.len();
     let mut m = Matrix {
         workloads: workloads.to_vec(),
@@ -79,7 +73,10 @@ pub fn compute(
                 );
                 if d.allowed {
                     m.allowed[i][j] = true;
-                    let (tp, tr) = (tenant(p), tenant(r));
+                    // Tenants as the authorizer sees them: a workload of a
+                    // federated trust domain is in none of ours.
+                    let (pe, re) = authz.connect_entities(p, r);
+                    let (tp, tr) = (pe.tenant, re.tenant);
                     let cross = tp.is_none() || tr.is_none() || tp != tr;
                     m.pairs.push(Allowed {
                         principal: p.clone(),

@@ -158,6 +158,28 @@ fn an_admin_case_is_decided_as_of_its_now() {
     }
 }
 
+/// The matrix counts a federated workload as in none of our tenants, as the
+/// authorizer does: its allow to a same-named tenant here is cross-tenant.
+#[test]
+fn the_matrix_flags_a_federated_workloads_allow_as_cross_tenant() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "open.cedar",
+        r#"permit (principal, action == Ward::Action::"connect", resource);"#,
+    )])
+    .unwrap();
+    let partner = id("spiffe://partner.example/tenant/globex/ns/prod/sa/web");
+    let ours = w("globex", "api");
+    let m = ward_authz::matrix::compute(&a, &[partner.clone(), ours.clone()], &[8080]);
+    let pair = m
+        .pairs
+        .iter()
+        .find(|p| p.principal == partner && p.resource == ours)
+        .expect("the open set allows it");
+    assert!(pair.cross_tenant && !pair.covered_by_exception);
+    assert_eq!(m.violations().count(), 2);
+}
+
 #[test]
 fn no_policy_means_deny() {
     let a = authz(Mode::Enforce);
@@ -463,7 +485,7 @@ mod isolation {
                 .map(|(t, s, ns)| id(&format!("spiffe://example.org/tenant/{}/ns/{ns}/sa/{}", tenants[t % tenants.len()], SERVICES[*s])))
                 .collect();
             let exceptions = a.exception_ids();
-            let m = ward_authz::matrix::compute(&a, &IdTemplate::default(), &workloads, &[8080, 5432]);
+            let m = ward_authz::matrix::compute(&a, &workloads, &[8080, 5432]);
             for pair in &m.pairs {
                 if pair.cross_tenant {
                     prop_assert!(pair.policies.iter().any(|p| exceptions.contains(p)),

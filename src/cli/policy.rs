@@ -409,7 +409,7 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
             let list = ward_authz::matrix::parse_workloads(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
             let ports = if ports.is_empty() { vec![8080] } else { ports };
-            let m = ward_authz::matrix::compute(&authz, &template, &list, &ports);
+            let m = ward_authz::matrix::compute(&authz, &list, &ports);
             let violations: Vec<_> = m.violations().collect();
             match out {
                 Output::Json => print_json(&json!({
