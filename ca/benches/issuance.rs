@@ -67,9 +67,15 @@ async fn fixture() -> Fixture {
         join_token: Duration::from_secs(600),
     };
     let ca = Arc::new(
-        Ca::new(authority, store.clone(), ttls, Arc::new(Metrics::default()))
-            .await
-            .unwrap(),
+        Ca::new(
+            authority,
+            store.clone(),
+            ttls,
+            ward_authz::IdTemplate::default(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap(),
     );
     let agent = td.id("/ward/agent/join_token/bench").unwrap();
     store

@@ -59,6 +59,9 @@ pub struct CaConfig {
     /// default: as each bundle's refresh hint says (5 s to 5 min).
     #[serde(default, deserialize_with = "ward_spec::duration::deserialize_opt")]
     pub federation_refresh_interval: Option<Duration>,
+    /// Which path segments of this trust domain's SPIFFE IDs name the
+    /// tenant, namespace and service (admin policies see the tenant).
+    pub id_template: String,
     pub log_format: LogFormat,
 }
 
@@ -91,6 +94,7 @@ impl Default for CaConfig {
             upstream_key: None,
             federation_address: None,
             federation_refresh_interval: None,
+            id_template: ward_authz::template::DEFAULT_TEMPLATE.into(),
             log_format: LogFormat::Text,
         }
     }
@@ -152,6 +156,12 @@ impl CaConfig {
             return Err(ConfigError::Invalid {
                 key: "ca_ttl",
                 message: "must not exceed root_ttl".into(),
+            });
+        }
+        if let Err(e) = ward_authz::IdTemplate::parse(&self.id_template) {
+            return Err(ConfigError::Invalid {
+                key: "id_template",
+                message: e.to_string(),
             });
         }
         if self.upstream_cert.is_some() != self.upstream_key.is_some() {

@@ -43,9 +43,8 @@ impl AdminPolicy {
     /// Starts from `active` (the stored active set) or the bootstrap set.
     /// A stored set that no longer validates (a schema change) is reported
     /// and the bootstrap set decides instead: remote admins are refused.
-    pub fn new(active: Option<&PolicySetRecord>) -> Self {
-        let template = IdTemplate::parse(ward_authz::template::DEFAULT_TEMPLATE)
-            .expect("the default template parses");
+    /// `template` reads tenants from SPIFFE IDs.
+    pub fn new(active: Option<&PolicySetRecord>, template: IdTemplate) -> Self {
         let authz = Authorizer::new(
             ward_authz::default_schema(),
             template.clone(),
@@ -189,7 +188,7 @@ mod tests {
 
     #[test]
     fn bootstrap_lets_only_the_local_operator_administer() {
-        let p = AdminPolicy::new(None);
+        let p = AdminPolicy::new(None, IdTemplate::default());
         let admin = AdminPrincipal::Admin(
             SpiffeId::parse("spiffe://example.org/tenant/acme/ns/ops/sa/admin").unwrap(),
         );
@@ -205,6 +204,17 @@ mod tests {
     }
 
     #[test]
+    fn tenants_are_read_through_the_configured_template() {
+        let id = SpiffeId::parse("spiffe://example.org/acme/web").unwrap();
+        assert_eq!(
+            AdminPolicy::new(None, IdTemplate::default()).tenant_of(&id),
+            ""
+        );
+        let p = AdminPolicy::new(None, IdTemplate::parse("/{tenant}/{service}").unwrap());
+        assert_eq!(p.tenant_of(&id), "acme");
+    }
+
+    #[test]
     fn a_stored_set_that_does_not_validate_falls_back_to_bootstrap() {
         let bad = PolicySetRecord {
             version: 3,
@@ -217,7 +227,7 @@ mod tests {
             created_at: 0,
             policies: 1,
         };
-        let p = AdminPolicy::new(Some(&bad));
+        let p = AdminPolicy::new(Some(&bad), IdTemplate::default());
         let x = AdminResource {
             id: "x".into(),
             ..Default::default()

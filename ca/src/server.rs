@@ -81,7 +81,9 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
         node_svid: cfg.node_svid_ttl,
         join_token: cfg.join_token_ttl,
     };
-    let ca = Ca::new(authority, store, ttls, metrics)
+    let template = ward_authz::IdTemplate::parse(&cfg.id_template)
+        .map_err(|e| anyhow::anyhow!("id_template: {e}"))?;
+    let ca = Ca::new(authority, store, ttls, template, metrics)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the datastore: {e}"))?;
     let ca = Arc::new(ca);

@@ -236,6 +236,7 @@ impl Ca {
         authority: Arc<Authority>,
         store: Arc<dyn Datastore>,
         ttls: Ttls,
+        template: ward_authz::IdTemplate,
         metrics: Arc<Metrics>,
     ) -> CaResult<Self> {
         let revision = store.entry_revision().await?;
@@ -249,7 +250,7 @@ impl Ca {
         let federations = load_federated(store.as_ref()).await?;
         let federated = federations.iter().map(|f| f.bundle.clone()).collect();
         Ok(Ca {
-            admin_policy: AdminPolicy::new(active.as_ref()),
+            admin_policy: AdminPolicy::new(active.as_ref(), template),
             reads: ReadCache::new(store.clone(), metrics.clone()),
             federated: std::sync::RwLock::new(Arc::new(federated)),
             federations: std::sync::RwLock::new(Arc::new(federations)),

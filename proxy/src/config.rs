@@ -176,6 +176,9 @@ pub struct PolicyConfig {
     pub decision_log: String,
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub reload_interval: Duration,
+    /// Which path segments of this trust domain's SPIFFE IDs name the
+    /// tenant, namespace and service that policies see.
+    pub id_template: String,
 }
 
 impl Default for PolicyConfig {
@@ -186,6 +189,7 @@ impl Default for PolicyConfig {
             mode: "enforce".into(),
             decision_log: "stdout".into(),
             reload_interval: Duration::from_secs(1),
+            id_template: ward_authz::template::DEFAULT_TEMPLATE.into(),
         }
     }
 }
@@ -250,6 +254,9 @@ impl ProxyConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if let Err(e) = ward_authz::IdTemplate::parse(&self.policy.id_template) {
+            return bad("policy.id_template", e.to_string());
+        }
         if self.inbound.is_none() && self.outbound.is_empty() {
             return bad(
                 "inbound",

@@ -291,9 +291,11 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
                 .with_context(|| format!("cannot open the decision log {path}"))?,
         )),
     };
+    let template = IdTemplate::parse(&p.id_template)
+        .map_err(|e| anyhow::anyhow!("policy.id_template: {e}"))?;
     Ok(Authorizer::new(
         schema,
-        IdTemplate::default(),
+        template,
         mode,
         log.map(DecisionLog::buffered),
     ))
@@ -330,4 +332,50 @@ fn health_router(
                 async move { body }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configured ID template decides what policies see as tenant and
+    /// service.
+    #[test]
+    fn policies_read_ids_through_the_configured_template() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            r#"permit (principal, action == Ward::Action::"connect", resource)
+               when { principal.tenant == "acme" && resource.service == "api" };"#,
+        )
+        .unwrap();
+        let mut cfg = ProxyConfig::default();
+        cfg.policy.dir = Some(dir.path().to_owned());
+        cfg.policy.decision_log = "off".into();
+        let id = |s: &str| ward_spec::SpiffeId::parse(s).unwrap();
+        let (web, api) = (
+            id("spiffe://example.org/acme/web"),
+            id("spiffe://example.org/acme/api"),
+        );
+        let ctx = ward_authz::ConnectContext {
+            destination_port: 80,
+            source_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            at: None,
+        };
+        let decide = |cfg: &ProxyConfig| {
+            let a = authorizer(cfg).unwrap();
+            a.load(&ward_authz::policy::read_dir(dir.path()).unwrap())
+                .unwrap();
+            a.decide_connect(&web, &api, &ctx).allowed
+        };
+        assert!(
+            !decide(&cfg),
+            "the default template does not read these IDs"
+        );
+        cfg.policy.id_template = "/{tenant}/{service}".into();
+        assert!(decide(&cfg));
+        cfg.policy.id_template = "/{team}/{service}".into();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("policy.id_template"), "{e}");
+    }
 }

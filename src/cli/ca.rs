@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// How often federated bundles are fetched from their endpoints. Default: each bundle's refresh hint
     #[arg(long, value_parser = duration)]
     federation_refresh_interval: Option<std::time::Duration>,
+    /// Which path segments of this trust domain's SPIFFE IDs name the tenant,
+    /// namespace and service, for admin policies. Default /tenant/{tenant}/ns/{namespace}/sa/{service}
+    #[arg(long)]
+    id_template: Option<String>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -138,6 +142,9 @@ impl ServeArgs {
         }
         if self.federation_refresh_interval.is_some() {
             c.federation_refresh_interval = self.federation_refresh_interval;
+        }
+        if let Some(t) = self.id_template {
+            c.id_template = t;
         }
         if let Some(f) = self.log_format {
             c.log_format = match f.as_str() {

@@ -30,7 +30,8 @@ pub struct PolicySource {
     /// Cedar schema. Default: ward.cedarschema in the policy directory.
     #[arg(long)]
     schema: Option<PathBuf>,
-    /// Workload ID template of the trust domain.
+    /// Workload ID template of the trust domain: the id_template the proxies
+    /// (and the CA, for admin policies) are configured with.
     #[arg(long, default_value = ward_authz::template::DEFAULT_TEMPLATE)]
     template: String,
 }

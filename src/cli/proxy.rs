@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Access log, a JSON line per tunneled stream as it ends: off, stdout, or a file. Default off
     #[arg(long)]
     access_log: Option<String>,
+    /// Which path segments of this trust domain's SPIFFE IDs name the tenant,
+    /// namespace and service that policies see. Default /tenant/{tenant}/ns/{namespace}/sa/{service}
+    #[arg(long)]
+    id_template: Option<String>,
     /// How often the policy directory is checked for changes. Default 1s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     policy_reload_interval: Option<Duration>,
@@ -159,6 +163,7 @@ impl RunArgs {
             decision_log => policy.decision_log,
             access_log => access_log,
             policy_reload_interval => policy.reload_interval,
+            id_template => policy.id_template,
             max_connections => limits.max_connections,
             max_streams_per_connection => limits.max_streams_per_connection,
             handshake_timeout => limits.handshake_timeout,
