@@ -64,3 +64,32 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
         );
     }
 }
+
+/// An upstream root must be of the CA's own trust domain.
+#[test]
+fn an_upstream_root_of_another_trust_domain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = upstream_root(dir.path());
+    let data = dir.path().join("data");
+    let (code, err) = ward(&[
+        "ca",
+        "serve",
+        "--trust-domain",
+        "other.org",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--bind-address",
+        "127.0.0.1:0",
+        "--health-address",
+        "127.0.0.1:0",
+        "--upstream-cert",
+        &cert,
+        "--upstream-key",
+        &key,
+    ]);
+    assert!(
+        err.contains("for trust domain example.org, not other.org"),
+        "{err}"
+    );
+    assert_eq!(code, Some(1), "{err}");
+}

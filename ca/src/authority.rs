@@ -156,7 +156,7 @@ impl Authority {
         let now = OffsetDateTime::now_utc();
         let fresh = state.roots.is_empty();
         if let Some((cert, key)) = &cfg.upstream {
-            adopt_upstream(&mut state, cert, key)?;
+            adopt_upstream(&cfg.trust_domain, &mut state, cert, key, now)?;
         } else if fresh {
             mint_root(&cfg, &mut state, now)?;
         }
@@ -301,10 +301,17 @@ impl Authority {
         let state = self.state.lock().await.clone();
         let mut bundle = TrustBundle::new(self.cfg.trust_domain.clone());
         bundle.refresh_hint = Some(self.cfg.refresh_hint_secs);
-        for r in &state.roots {
-            bundle.x509_authorities.extend(pem_der(&r.cert_pem)?);
-        }
         let now = OffsetDateTime::now_utc();
+        // A root past its end leaves the bundle (verifiers would refuse it).
+        for r in &state.roots {
+            for der in pem_der(&r.cert_pem)? {
+                let (_, not_after) = ward_spec::svid::validity(&der)
+                    .map_err(|e| AuthorityError::Upstream(e.to_string()))?;
+                if at(not_after) > now {
+                    bundle.x509_authorities.push(der);
+                }
+            }
+        }
         for s in state.slots.iter().filter(|s| s.not_after > ts(now)) {
             let pkcs8 = read_key_file(&self.cfg, &s.jwt_key_file)?;
             let pair = EcdsaKeyPair::from_pkcs8(
@@ -393,15 +400,37 @@ fn save_state(cfg: &AuthorityConfig, state: &State) -> Result<()> {
     write_atomic(&path, &json, false).map_err(io_err(&path))
 }
 
-fn adopt_upstream(state: &mut State, cert: &Path, key: &Path) -> Result<()> {
+fn adopt_upstream(
+    td: &TrustDomain,
+    state: &mut State,
+    cert: &Path,
+    key: &Path,
+    now: OffsetDateTime,
+) -> Result<()> {
     let pem = std::fs::read_to_string(cert)
         .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
     let ders = pem_der(&pem)?;
     let first = ders.first().ok_or_else(|| {
         AuthorityError::Upstream(format!("{}: no CERTIFICATE block", cert.display()))
     })?;
-    ward_spec::svid::check_signing_cert(first)
-        .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", cert.display())))?;
+    let bad = |why: String| AuthorityError::Upstream(format!("{}: {why}", cert.display()));
+    match ward_spec::svid::check_signing_cert(first).map_err(|e| bad(e.to_string()))? {
+        Some(named) if &named != td => {
+            return Err(bad(format!(
+                "the certificate is for trust domain {named}, not {td}"
+            )))
+        }
+        _ => {}
+    }
+    let (not_before, not_after) =
+        ward_spec::svid::validity(first).map_err(|e| bad(e.to_string()))?;
+    if now < at(not_before) || at(not_after) <= now {
+        return Err(bad(format!(
+            "the certificate is not valid now (valid {} to {})",
+            at(not_before),
+            at(not_after)
+        )));
+    }
     let key = std::fs::canonicalize(key)
         .map_err(|e| AuthorityError::Upstream(format!("{}: {e}", key.display())))?;
     let rec = RootRec {

@@ -30,14 +30,34 @@ pub enum JwtError {
     Invalid(String),
 }
 
+/// The longest token read: a JWT-SVID is a few hundred bytes; a larger one
+/// is refused before anything in it is decoded.
+pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
 /// Validates `token` for `audience` against `bundle`; returns the subject and all claims.
 pub fn validate(
     token: &str,
     audience: &str,
     bundle: &TrustBundle,
 ) -> Result<(SpiffeId, Value), JwtError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtError::Malformed(format!(
+            "{} bytes, over the {MAX_TOKEN_LEN} a JWT-SVID may have",
+            token.len()
+        )));
+    }
     let header =
         jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    // The JWT-SVID standard: `typ`, if present, is JWT or JOSE.
+    if let Some(typ) = header
+        .typ
+        .as_deref()
+        .filter(|t| *t != "JWT" && *t != "JOSE")
+    {
+        return Err(JwtError::Malformed(format!(
+            "typ {typ:?} (a JWT-SVID's is JWT or JOSE)"
+        )));
+    }
     let alg = header.alg;
     let is_ec = matches!(alg, Algorithm::ES256 | Algorithm::ES384);
     let is_rsa = matches!(
@@ -81,6 +101,9 @@ pub fn validate(
     v.set_audience(&[audience]);
     v.set_required_spec_claims(&["exp", "aud", "sub"]);
     v.leeway = 0;
+    // Not before its `nbf`, and not in its `exp` second.
+    v.validate_nbf = true;
+    v.reject_tokens_expiring_in_less_than = 1;
     let data = jsonwebtoken::decode::<Value>(token, &key, &v)
         .map_err(|e| JwtError::Invalid(e.to_string()))?;
     let sub = data
@@ -104,20 +127,31 @@ pub fn validate_any<'a>(
     bundles: impl IntoIterator<Item = &'a TrustBundle>,
 ) -> Result<(SpiffeId, Value), JwtError> {
     use base64::Engine;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtError::Malformed(format!(
+            "{} bytes, over the {MAX_TOKEN_LEN} a JWT-SVID may have",
+            token.len()
+        )));
+    }
     let payload = token
         .split('.')
         .nth(1)
         .ok_or_else(|| JwtError::Malformed("not a JWS compact serialization".into()))?;
-    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+    // Only `sub` is read (the rest is skipped, not built), and only to choose
+    // the bundle.
+    #[derive(serde::Deserialize)]
+    struct Subject {
+        sub: Option<String>,
+    }
+    let claims: Subject = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| JwtError::Malformed("the payload is not base64url JSON".into()))?;
     let sub = claims
-        .get("sub")
-        .and_then(Value::as_str)
+        .sub
         .ok_or_else(|| JwtError::Subject("missing".into()))?;
-    let id = SpiffeId::parse(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
+    let id = SpiffeId::parse(&sub).map_err(|e| JwtError::Subject(e.to_string()))?;
     let bundle = bundles
         .into_iter()
         .find(|b| id.is_member_of(&b.trust_domain))
@@ -210,6 +244,61 @@ mod tests {
             ),
             Err(JwtError::ForeignSubject(_))
         ));
+    }
+
+    /// Signed by the right key, but not to be taken: before its `nbf`, in
+    /// its `exp` second, of another `typ`, or too large to read.
+    #[test]
+    fn a_token_not_yet_valid_just_expired_of_another_type_or_oversized_fails() {
+        let (b, k) = setup();
+        let now = time_now();
+        let signed = |typ: Option<&str>, claims: serde_json::Value| {
+            let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+            h.kid = Some("k1".into());
+            h.typ = typ.map(str::to_owned);
+            jsonwebtoken::encode(&h, &claims, &k).unwrap()
+        };
+        let sub = "spiffe://example.org/web";
+        let ok = signed(
+            Some("JOSE"),
+            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now + 60, "nbf": now - 1}),
+        );
+        assert!(validate(&ok, "db", &b).is_ok());
+        let early = signed(
+            None,
+            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now + 60, "nbf": now + 3600}),
+        );
+        assert!(matches!(
+            validate(&early, "db", &b),
+            Err(JwtError::Invalid(_))
+        ));
+        let ending = signed(
+            None,
+            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now}),
+        );
+        assert!(matches!(
+            validate(&ending, "db", &b),
+            Err(JwtError::Invalid(_))
+        ));
+        let typed = signed(
+            Some("at+jwt"),
+            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now + 60}),
+        );
+        assert!(matches!(
+            validate(&typed, "db", &b),
+            Err(JwtError::Malformed(_))
+        ));
+        let padding = "x".repeat(MAX_TOKEN_LEN);
+        let huge = signed(
+            None,
+            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now + 60, "pad": padding}),
+        );
+        for r in [validate(&huge, "db", &b), validate_any(&huge, "db", [&b])] {
+            assert!(
+                matches!(&r, Err(JwtError::Malformed(m)) if m.contains("bytes")),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

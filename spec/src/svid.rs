@@ -147,8 +147,10 @@ pub fn check_signing_cert(der: &[u8]) -> Result<Option<TrustDomain>, ProfileErro
             if SpiffeId::parse(uri).is_ok() {
                 return Err(ProfileError::SignerIdHasPath(uri.to_string()));
             }
+            // Exactly one scheme: TrustDomain::new would take a second.
             let td = uri
                 .strip_prefix("spiffe://")
+                .filter(|td| !td.contains("://"))
                 .ok_or(ProfileError::BadSpiffeId(IdError::WrongScheme))?;
             TrustDomain::new(td)
                 .map(Some)

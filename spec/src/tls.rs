@@ -37,9 +37,39 @@ pub struct RootStore {
 
 struct Roots {
     trust_domain: TrustDomain,
-    anchors: Vec<TrustAnchor<'static>>,
+    anchors: Anchors,
     /// Federated trust domains: their members are verified against these.
-    federated: Arc<HashMap<TrustDomain, Vec<TrustAnchor<'static>>>>,
+    federated: Arc<HashMap<TrustDomain, Anchors>>,
+}
+
+/// A bundle's roots as trust anchors, with the window in which each is
+/// valid (webpki checks the dates of the certificates it chains, never an
+/// anchor's: a root past its notAfter would otherwise be trusted for good).
+#[derive(Clone)]
+struct Anchors {
+    anchors: Vec<TrustAnchor<'static>>,
+    /// (notBefore, notAfter) of each, Unix seconds.
+    validity: Vec<(i64, i64)>,
+}
+
+impl Anchors {
+    /// The anchors valid at `now`: all of them, but in the rare moments
+    /// when one is not.
+    fn at(&self, now: UnixTime) -> std::borrow::Cow<'_, [TrustAnchor<'static>]> {
+        let now = now.as_secs() as i64;
+        let valid = |(nb, na): &(i64, i64)| *nb <= now && now <= *na;
+        if self.validity.iter().all(valid) {
+            return std::borrow::Cow::Borrowed(&self.anchors);
+        }
+        std::borrow::Cow::Owned(
+            self.anchors
+                .iter()
+                .zip(&self.validity)
+                .filter(|(_, v)| valid(v))
+                .map(|(a, _)| a.clone())
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,21 +80,22 @@ pub struct BadRoot {
 }
 
 /// The trust anchors of a bundle's X.509 authorities.
-fn anchors(bundle: &TrustBundle) -> Result<Vec<TrustAnchor<'static>>, BadRoot> {
-    bundle
-        .x509_authorities
-        .iter()
-        .enumerate()
-        .map(|(index, der)| {
-            let cert = CertificateDer::from(der.as_slice());
-            webpki::anchor_from_trusted_cert(&cert)
-                .map(|a| a.to_owned())
-                .map_err(|e| BadRoot {
-                    index,
-                    reason: e.to_string(),
-                })
-        })
-        .collect()
+fn anchors(bundle: &TrustBundle) -> Result<Anchors, BadRoot> {
+    let mut out = Anchors {
+        anchors: Vec::new(),
+        validity: Vec::new(),
+    };
+    for (index, der) in bundle.x509_authorities.iter().enumerate() {
+        let bad = |reason: String| BadRoot { index, reason };
+        let cert = CertificateDer::from(der.as_slice());
+        let anchor = webpki::anchor_from_trusted_cert(&cert)
+            .map(|a| a.to_owned())
+            .map_err(|e| bad(e.to_string()))?;
+        out.anchors.push(anchor);
+        out.validity
+            .push(svid::validity(der).map_err(|e| bad(e.to_string()))?);
+    }
+    Ok(out)
 }
 
 impl RootStore {
@@ -79,31 +110,50 @@ impl RootStore {
     }
 
     /// Replaces the roots; handshakes that start afterwards use the new set.
+    /// A bundle of another trust domain is refused.
     pub fn update(&self, bundle: &TrustBundle) -> Result<(), BadRoot> {
-        let current = self.inner.load();
-        self.inner.store(Arc::new(Roots {
-            trust_domain: bundle.trust_domain.clone(),
-            anchors: anchors(bundle)?,
-            federated: current.federated.clone(),
-        }));
-        Ok(())
+        let anchors = anchors(bundle)?;
+        let mut refused = None;
+        self.inner.rcu(|current| {
+            if bundle.trust_domain != current.trust_domain {
+                refused = Some(BadRoot {
+                    index: 0,
+                    reason: format!(
+                        "the bundle is {}'s, not {}'s",
+                        bundle.trust_domain, current.trust_domain
+                    ),
+                });
+                return current.clone();
+            }
+            refused = None;
+            Arc::new(Roots {
+                trust_domain: current.trust_domain.clone(),
+                anchors: anchors.clone(),
+                federated: current.federated.clone(),
+            })
+        });
+        refused.map_or(Ok(()), Err)
     }
 
     /// Replaces the bundles of federated trust domains (our own trust
     /// domain's bundle, if among them, is ignored). Peers of those domains
     /// are then verified against their own domain's roots.
     pub fn set_federated(&self, bundles: &[TrustBundle]) -> Result<(), BadRoot> {
-        let current = self.inner.load();
-        let federated = bundles
-            .iter()
-            .filter(|b| b.trust_domain != current.trust_domain)
-            .map(|b| Ok((b.trust_domain.clone(), anchors(b)?)))
-            .collect::<Result<_, BadRoot>>()?;
-        self.inner.store(Arc::new(Roots {
-            trust_domain: current.trust_domain.clone(),
-            anchors: current.anchors.clone(),
-            federated: Arc::new(federated),
-        }));
+        let ours = self.trust_domain();
+        let federated: Arc<HashMap<TrustDomain, Anchors>> = Arc::new(
+            bundles
+                .iter()
+                .filter(|b| b.trust_domain != ours)
+                .map(|b| Ok((b.trust_domain.clone(), anchors(b)?)))
+                .collect::<Result<_, BadRoot>>()?,
+        );
+        self.inner.rcu(|current| {
+            Arc::new(Roots {
+                trust_domain: current.trust_domain.clone(),
+                anchors: current.anchors.clone(),
+                federated: federated.clone(),
+            })
+        });
         Ok(())
     }
 
@@ -157,11 +207,34 @@ impl RootStore {
                 }
             }
         };
+        // webpki ignores key usage and SPIFFE IDs above the leaf: each
+        // intermediate must be a signing certificate, of the leaf's domain.
+        for der in intermediates {
+            match svid::check_signing_cert(der) {
+                Ok(None) => {}
+                Ok(Some(td)) if &td == leaf.spiffe_id.trust_domain() => {}
+                Ok(Some(td)) => {
+                    return Err(other(format!(
+                        "an intermediate of {} names trust domain {td}",
+                        leaf.spiffe_id
+                    )))
+                }
+                Err(e) => return Err(other(format!("an intermediate of {}: {e}", leaf.spiffe_id))),
+            }
+        }
         let ee = EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let algs = provider().signature_verification_algorithms.all;
-        ee.verify_for_usage(algs, anchors, intermediates, now, usage, None, None)
-            .map_err(pki_error)?;
+        ee.verify_for_usage(
+            algs,
+            &anchors.at(now),
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
         Ok(leaf.spiffe_id)
     }
 }
@@ -554,6 +627,82 @@ mod tests {
         let (other, _) = root("example.org");
         roots.update(&other).unwrap();
         assert!(handshake(&client, &server).is_err());
+    }
+
+    /// A CA certificate for `td` valid in `[from, until]` (relative to now),
+    /// signed by `by` (self-signed when None), and an issuer for it.
+    fn ca(
+        td: &str,
+        from: time::Duration,
+        until: time::Duration,
+        by: Option<&Issuer>,
+    ) -> (Vec<u8>, Issuer) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().unwrap())];
+        let now = time::OffsetDateTime::now_utc();
+        (p.not_before, p.not_after) = (now + from, now + until);
+        let key = KeyPair::generate().unwrap();
+        let cert = match by {
+            Some(i) => p.signed_by(&key, i).unwrap(),
+            None => p.self_signed(&key).unwrap(),
+        };
+        (cert.der().to_vec(), rcgen::Issuer::new(p, key))
+    }
+
+    /// A root past its notAfter is no longer trusted, though webpki checks
+    /// only the dates of what it chains; within its window it was.
+    #[test]
+    fn a_root_is_trusted_only_within_its_validity() {
+        let day = time::Duration::days(1);
+        let (der, issuer) = ca("example.org", -day * 3, -day, None);
+        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![der];
+        let store = RootStore::new(&bundle).unwrap();
+        let cert = leaf("spiffe://example.org/web", &issuer);
+        let e = verify(&store, &cert).unwrap_err();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+        let then: time::OffsetDateTime = time::OffsetDateTime::now_utc() - day * 2;
+        let then = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            then.unix_timestamp() as u64,
+        ));
+        let at_then = store.verify(&cert, &[], then, KeyUsage::client_auth());
+        assert_eq!(at_then.unwrap().to_string(), "spiffe://example.org/web");
+    }
+
+    /// An intermediate must be a signing certificate of the leaf's trust
+    /// domain: one naming another domain is refused.
+    #[test]
+    fn an_intermediate_of_another_trust_domain_is_refused() {
+        let year = time::Duration::days(365);
+        let (root_der, root_issuer) = ca("example.org", -year, year, None);
+        let (mid, mid_issuer) = ca("other.org", -year, year, Some(&root_issuer));
+        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![root_der];
+        let store = RootStore::new(&bundle).unwrap();
+        let cert = leaf("spiffe://example.org/web", &mid_issuer);
+        let e = store
+            .verify(
+                &cert,
+                &[CertificateDer::from(mid)],
+                UnixTime::now(),
+                KeyUsage::client_auth(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names trust domain other.org"), "{e}");
+        // The same chain through an intermediate of example.org passes.
+        let (mid, mid_issuer) = ca("example.org", -year, year, Some(&root_issuer));
+        let cert = leaf("spiffe://example.org/web", &mid_issuer);
+        let ok = store.verify(
+            &cert,
+            &[CertificateDer::from(mid)],
+            UnixTime::now(),
+            KeyUsage::client_auth(),
+        );
+        assert_eq!(ok.unwrap().to_string(), "spiffe://example.org/web");
     }
 
     fn verify(store: &RootStore, cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
