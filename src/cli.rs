@@ -92,6 +92,19 @@ pub enum BundleFormat {
 }
 
 impl Cli {
+    /// Whether this command runs a service (CA, agent, proxy, the mesh),
+    /// not a command that prints and exits.
+    pub fn serves(&self) -> bool {
+        matches!(
+            &self.command,
+            Command::Up(_)
+                | Command::Ca(ca::CaCommand::Serve(_))
+                | Command::Agent(admin::AgentCommand::Run(_))
+                | Command::Proxy(_)
+                | Command::Demo(_)
+        )
+    }
+
     /// Runtime worker threads this command wants (None: one per core).
     pub fn worker_threads(&self) -> Option<usize> {
         match &self.command {

@@ -16,6 +16,15 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if !cli.serves() {
+        // A command whose output goes to a reader that stops early (`| head`)
+        // ends quietly, as Unix tools do, instead of panicking on the write.
+        // (Services keep Rust's default: a closed peer is an error, not death.)
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     raise_open_file_limit();
     keep_freed_heap();
     // WARD_WORKER_THREADS overrides the runtime's worker threads (default: one

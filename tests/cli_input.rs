@@ -93,3 +93,26 @@ fn an_upstream_root_of_another_trust_domain_is_refused() {
     );
     assert_eq!(code, Some(1), "{err}");
 }
+
+/// A reader that stops early (`ward policy test | head -1`) ends the
+/// command quietly, as with any Unix tool, not with a panic.
+#[test]
+fn output_to_a_reader_that_stops_early_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(ward_bin())
+        .args(["policy", "test", "--policies"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+        "{:?}: {err}",
+        out.status
+    );
+}
