@@ -24,6 +24,8 @@
 //! dir = "policies"               # or .cedar files and ward.cedarschema, hot-reloaded
 //! mode = "enforce"               # or "dry-run"
 //! decision_log = "stdout"        # or "off", or a file path
+//! reload_interval = "1s"
+//! id_template = "/tenant/{tenant}/ns/{namespace}/sa/{service}"
 //!
 //! [limits]
 //! max_connections = 100000

@@ -440,6 +440,7 @@ pub enum BundleCommand {
         target: AdminTarget,
     },
     /// List the trust domains we federate with.
+    #[command(after_help = "Example:\n  ward bundle list --output json")]
     List {
         #[command(flatten)]
         target: AdminTarget,

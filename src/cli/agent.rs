@@ -11,7 +11,7 @@ pub struct RunArgs {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Trust domain, e.g. example.org.
+    /// Trust domain. Default example.org
     #[arg(long)]
     trust_domain: Option<String>,
     /// A CA node API address (repeat for several; the agent fails over). Default 127.0.0.1:8081

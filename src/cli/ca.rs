@@ -36,7 +36,7 @@ pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Trust domain, e.g. example.org.
+    /// Trust domain. Default example.org
     #[arg(long)]
     trust_domain: Option<String>,
     /// Data directory (keys, SQLite store, admin socket). Default .ward/ca

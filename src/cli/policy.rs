@@ -132,6 +132,7 @@ pub enum PolicyCommand {
         target: AdminTarget,
     },
     /// The policy set versions stored in the CA, newest (active) first.
+    #[command(after_help = "Example:\n  ward policy history\n  ward policy history --output json")]
     History {
         #[command(flatten)]
         target: AdminTarget,
