@@ -223,6 +223,36 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_ca_restarted_after_its_signing_slot_expired_rotates_before_it_signs() {
+        // A 4 s slot, and no scheduled check for an hour: only the start can
+        // notice that the slot ran out while the CA was down.
+        let mut ca = CaProcess::start(&[
+            "--ca-ttl",
+            "4s",
+            "--rotation-check-interval",
+            "1h",
+        ]);
+        let node = attest(&ca).await;
+        let old_issuer = node.chain[1].clone();
+        ca.kill9();
+        std::thread::sleep(Duration::from_secs(5));
+        ca.spawn();
+        let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/late", &node.id.to_string());
+        let chain = node
+            .sign(&entry, csr(&KeyPair::generate().unwrap(), &[]))
+            .await
+            .unwrap();
+        assert_ne!(serial_of(&chain[1]), serial_of(&old_issuer), "a new slot signs");
+        let now = unix_now();
+        for der in &chain[..2] {
+            let (_, not_after) = ward_spec::svid::validity(der).unwrap();
+            assert!(not_after > now, "issued already expired");
+        }
+    }
+}
+
+on_both_backends! {
     async fn forced_rotation_publishes_the_bundle_first_and_keeps_old_svids_valid() {
         let ca = CaProcess::start(&[]);
         let mut node = attest(&ca).await;

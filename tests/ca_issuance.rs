@@ -338,6 +338,38 @@ on_both_backends! {
         assert!(!out.status.success());
         assert!(err.contains("unknown selector type \"docker\""), "{err}");
 
+        // Entries stay small enough for an agent's sync page.
+        let uids: Vec<String> = (0..33).map(|u| format!("unix:uid:{u}")).collect();
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--parent-id",
+            "spiffe://example.org/n",
+        ];
+        for u in &uids {
+            args.extend(["--selector", u.as_str()]);
+        }
+        let out = ca.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("selectors: 33, at most 32"), "{err}");
+        let long_path = format!("unix:path:/{}", "p".repeat(1100));
+        let out = ca.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--parent-id",
+            "spiffe://example.org/n",
+            "--selector",
+            &long_path,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("a selector's length (bytes)"), "{err}");
+
         // Garbage as the attestation CSR: refused, and the token is not burnt.
         let token = ca.join_token();
         let mut anon = anonymous_client(&ca).await;

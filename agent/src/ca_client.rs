@@ -146,7 +146,9 @@ impl CaClient {
                     }
                     self.connected = Some(idx);
                     self.current = idx;
-                    return Ok(NodeClient::new(ch));
+                    // A sync page of 1,000 entries at the CA's entry limits
+                    // is under 64 MiB (tonic reads 4 MiB by default).
+                    return Ok(NodeClient::new(ch).max_decoding_message_size(64 << 20));
                 }
                 Ok(Err(e)) => errors.push(format!("{addr}: {}", source_chain(&e))),
                 Err(_) => errors.push(format!("{addr}: connect timed out")),

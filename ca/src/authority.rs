@@ -122,6 +122,9 @@ pub struct Authority {
     state: Mutex<State>,
     signer: ArcSwap<Signer>,
     bundle: ArcSwap<TrustBundle>,
+    /// A saved change of the slots whose bundle publication or signer
+    /// reload has not succeeded yet: the next tick tries again.
+    unpublished: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
@@ -174,8 +177,13 @@ impl Authority {
             cfg,
             store,
             state: Mutex::new(state),
+            unpublished: Default::default(),
         });
-        authority.publish_bundle().await?;
+        // After a long stop the active slot may be near or past its end:
+        // the schedule catches up (and publishes) before anything is signed.
+        if !authority.tick(now).await? {
+            authority.publish_bundle().await?;
+        }
         Ok(authority)
     }
 
@@ -196,7 +204,6 @@ impl Authority {
     /// Advances the slot schedule to `now`. Returns true if anything changed.
     pub async fn tick(&self, now: OffsetDateTime) -> Result<bool> {
         let mut state = self.state.lock().await;
-        let mut changed = false;
         let active = state
             .slots
             .iter()
@@ -204,6 +211,14 @@ impl Authority {
             .cloned()
             .ok_or_else(|| AuthorityError::Crypto("no active slot".into()))?;
         let life = active.not_after - active.not_before;
+        // A prepared slot that is itself due to rotate (the CA was down past
+        // its time) is of no use: a fresh one takes its place.
+        let before = state.slots.len();
+        state.slots.retain(|s| {
+            s.status != SlotStatus::Prepared
+                || ts(now) < s.not_after - (s.not_after - s.not_before) / 6
+        });
+        let mut changed = state.slots.len() != before;
         let has_prepared = state.slots.iter().any(|s| s.status == SlotStatus::Prepared);
         if !has_prepared && ts(now) >= active.not_before + life / 2 {
             let id = mint_slot(&self.cfg, &mut state, now, SlotStatus::Prepared)?;
@@ -218,11 +233,16 @@ impl Authority {
             .slots
             .retain(|s| s.status != SlotStatus::Old || s.not_after > ts(now));
         changed |= state.slots.len() != before;
+        use std::sync::atomic::Ordering;
         if changed {
             save_state(&self.cfg, &state)?;
-            drop(state);
+            self.unpublished.store(true, Ordering::SeqCst);
+        }
+        drop(state);
+        if self.unpublished.load(Ordering::SeqCst) {
             self.publish_bundle().await?;
             self.reload_signer().await?;
+            self.unpublished.store(false, Ordering::SeqCst);
         }
         Ok(changed)
     }
@@ -290,7 +310,7 @@ impl Authority {
         }
         let b = TrustBundle::from_jwks(self.cfg.trust_domain.clone(), &jwks)
             .map_err(|e| AuthorityError::Upstream(format!("stored bundle: {e}")))?;
-        self.bundle.store(Arc::new(b));
+        self.keep_newer(b);
         Ok(true)
     }
 
@@ -344,8 +364,21 @@ impl Authority {
                 x509_authorities = merged.x509_authorities.len(), jwt_authorities = merged.jwt_authorities.len(),
                 "published a new trust bundle");
         }
-        self.bundle.store(Arc::new(merged));
+        self.keep_newer(merged);
         Ok(())
+    }
+
+    /// Takes `b` unless a newer bundle (by sequence) is already held: a
+    /// publication and a follow that cross keep the later one.
+    fn keep_newer(&self, b: TrustBundle) {
+        let b = Arc::new(b);
+        self.bundle.rcu(|current| {
+            if b.sequence >= current.sequence {
+                b.clone()
+            } else {
+                current.clone()
+            }
+        });
     }
 }
 

@@ -67,9 +67,15 @@ impl From<StoreError> for CaError {
                     ..CaError::new(Code::Unavailable, "datastore unavailable")
                 }
             }
+            // Two writers raced for one key (two replicas numbering a
+            // policy set, say): the caller may retry.
+            StoreError::Db(sqlx::Error::Database(d)) if d.is_unique_violation() => CaError::new(
+                Code::Aborted,
+                format!("a concurrent change won: {}", d.message()),
+            ),
             other => {
                 tracing::error!(error = %other, "datastore failure");
-                CaError::new(Code::Unavailable, "datastore unavailable")
+                CaError::new(Code::Internal, "datastore failure (logged by the CA)")
             }
         }
     }
@@ -170,6 +176,12 @@ struct Added<'a> {
     federation: &'a [TrustDomain],
     dns_names: &'a [String],
 }
+
+/// At most this many selectors, DNS names, or federated trust domains per
+/// entry, and this many bytes in a selector or the hint: an entry stays
+/// under about 50 KiB, a sync page of 1,000 under the 64 MiB agents read.
+pub const MAX_ENTRY_LIST: usize = 32;
+pub const MAX_ENTRY_TEXT: usize = 1024;
 
 /// The path agents attested by join token get: `/ward/agent/join_token/<id>`.
 pub const JOIN_TOKEN_ATTESTOR: &str = "join_token";
@@ -557,6 +569,19 @@ impl Ca {
     // ----- signing -----
 
     /// Builds and profile-checks a leaf for `id` from the active slot.
+    /// The active slot's signer, unless it has expired (the schedule has
+    /// not caught up): nothing is signed that would be born expired.
+    fn live_signer(&self) -> CaResult<Arc<crate::authority::Signer>> {
+        let signer = self.authority.signer();
+        if signer.not_after <= now() + time::Duration::seconds(1) {
+            return Err(CaError::new(
+                Code::Unavailable,
+                "this CA's signing key has expired; another replica, or this one after its next rotation, signs",
+            ));
+        }
+        Ok(signer)
+    }
+
     pub fn issue(
         &self,
         id: &SpiffeId,
@@ -564,7 +589,7 @@ impl Ca {
         key: &x509::CsrKey,
         ttl: Duration,
     ) -> CaResult<IssuedSvid> {
-        let signer = self.authority.signer();
+        let signer = self.live_signer()?;
         let t = now();
         // Never past the issuer's own expiry.
         let not_after = expiry(t, ttl, signer.not_after);
@@ -682,7 +707,7 @@ impl Ca {
             self.refuse("mint_jwt", Some(caller), &why);
             return Err(CaError::denied(why));
         }
-        let signer = self.authority.signer();
+        let signer = self.live_signer()?;
         let t = now();
         let ttl = match entry.jwt_ttl {
             s if s > 0 => Duration::from_secs(s as u64),
@@ -737,6 +762,23 @@ impl Ca {
         }
         if spec.selectors.is_empty() {
             return Err(CaError::invalid("an entry needs at least one selector"));
+        }
+        // Bounded so that a sync page of 1,000 entries stays within what an
+        // agent reads in one message (see MAX_ENTRY_LIST).
+        let over = |what: &str, n: usize, max: usize| {
+            (n > max).then(|| CaError::invalid(format!("{what}: {n}, at most {max}")))
+        };
+        let limits = [
+            over("selectors", spec.selectors.len(), MAX_ENTRY_LIST),
+            over("dns_names", spec.dns_names.len(), MAX_ENTRY_LIST),
+            over("federates_with", spec.federates_with.len(), MAX_ENTRY_LIST),
+            over("hint (bytes)", spec.hint.len(), MAX_ENTRY_TEXT),
+            spec.selectors
+                .iter()
+                .find_map(|s| over("a selector's length (bytes)", s.len(), MAX_ENTRY_TEXT)),
+        ];
+        if let Some(e) = limits.into_iter().flatten().next() {
+            return Err(e);
         }
         let mut selectors = spec
             .selectors

@@ -138,7 +138,8 @@ sql_store!(
     sqlx::PgConnection,
     Some(MIGRATION_LOCK),
     Some(NOTIFY),
-    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+    "BEGIN"
 );
 
 /// `url` with any password replaced by `***`, for messages.

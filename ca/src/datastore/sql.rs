@@ -122,9 +122,12 @@ pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, 
 /// `$notify` one that tells them of a committed change (`entries:REVISION:PARENTS`,
 /// `policy:VERSION`, `bundle:SEQUENCE`, `agent:SPIFFE_ID`, `federation:TRUST_DOMAIN`), if any;
 /// `$snapshot` one that makes a read transaction see one snapshot throughout,
-/// where that is not the default.
+/// where that is not the default; `$begin` the statement that starts a
+/// writing transaction (SQLite's must take the write lock at once: a
+/// deferred one that reads first fails, not waits, if another connection
+/// commits before it writes).
 macro_rules! sql_store {
-    ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr, $snapshot:expr) => {
+    ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr, $snapshot:expr, $begin:expr) => {
         /// Runs `notify` (a statement taking the payload as `$1`) inside the
         /// writing transaction, so other processes hear of a change exactly
         /// when it commits.
@@ -138,7 +141,7 @@ macro_rules! sql_store {
         impl $store {
             /// Runs the migrations this database has not seen, in one transaction.
             async fn migrate(&self) -> Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let lock: Option<&str> = $lock;
                 if let Some(lock) = lock {
                     sqlx::query(lock).execute(&mut *tx).await?;
@@ -389,7 +392,7 @@ macro_rules! sql_store {
             }
 
             async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let spent: Option<String> = sqlx::query_scalar(
                     "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING agent_id",
                 )
@@ -456,7 +459,7 @@ macro_rules! sql_store {
             }
 
             async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let r = sqlx::query("UPDATE agents SET evicted = TRUE WHERE spiffe_id = $1")
                     .bind(id.to_string())
                     .execute(&mut *tx)
@@ -467,7 +470,7 @@ macro_rules! sql_store {
             }
 
             async fn create_entry(&self, mut e: Entry, now: i64) -> Result<Entry> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 hold_federated_bundles(&mut tx, &e).await?;
                 let rev = next_revision(&mut tx).await?;
                 e.revision = rev;
@@ -502,7 +505,7 @@ macro_rules! sql_store {
             }
 
             async fn update_entry(&self, mut e: Entry) -> Result<Entry> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 hold_federated_bundles(&mut tx, &e).await?;
                 let old = sqlx::query(&format!(
                     "SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
@@ -561,7 +564,7 @@ macro_rules! sql_store {
             }
 
             async fn delete_entry(&self, id: &str, expected_revision: u64) -> Result<Entry> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // The counter first, then the row, as every entry writer
                 // takes them (the other order could deadlock with an update).
                 let rev = next_revision(&mut tx).await?;
@@ -786,7 +789,7 @@ macro_rules! sql_store {
             }
 
             async fn prune_entry_changes(&self, before: i64) -> Result<PrunedChanges> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // Rows an entry's newer change under the same parent supersedes
                 // (left by versions that kept every change).
                 let superseded = sqlx::query(
@@ -854,7 +857,7 @@ macro_rules! sql_store {
                 now: i64,
             ) -> Result<(Vec<u8>, u64)> {
                 let part = std::str::from_utf8(part).map_err(corrupt)?;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // One replica at a time merges (SQLite writers are serialized anyway).
                 let lock: Option<&str> = $lock;
                 if let Some(lock) = lock {
@@ -919,7 +922,7 @@ macro_rules! sql_store {
 
             async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64> {
                 let files = serde_json::to_string(&set.files).map_err(corrupt)?;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policy_sets")
                     .fetch_one(&mut *tx)
                     .await?;
@@ -973,7 +976,7 @@ macro_rules! sql_store {
                 let td = &b.trust_domain;
                 let jwks = std::str::from_utf8(&b.jwks)
                     .map_err(|e| StoreError::Corrupt(format!("bundle of {td}: {e}")))?;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 sqlx::query(
                     "INSERT INTO federated_bundles (trust_domain, jwks, updated_at, endpoint_url, endpoint_spiffe_id)
                      VALUES ($1, $2, $3, $4, $5)
@@ -1003,7 +1006,7 @@ macro_rules! sql_store {
                     String::from_utf8(b.to_vec())
                         .map_err(|e| StoreError::Corrupt(format!("bundle of {td}: {e}")))
                 };
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let n = sqlx::query(
                     "UPDATE federated_bundles SET jwks = $2, updated_at = $3
                      WHERE trust_domain = $1 AND jwks = $4 AND endpoint_url = $5 AND endpoint_spiffe_id = $6",
@@ -1030,7 +1033,7 @@ macro_rules! sql_store {
                 trust_domain: &str,
                 mode: BundleDeleteMode,
             ) -> Result<BundleDeleted> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // Deleted first, so the row is locked before the entries are
                 // read: an entry created concurrently is seen, or refused.
                 let r = sqlx::query("DELETE FROM federated_bundles WHERE trust_domain = $1")

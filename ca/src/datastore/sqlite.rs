@@ -70,5 +70,6 @@ sql_store!(
     sqlx::SqliteConnection,
     None,
     None,
-    None
+    None,
+    "BEGIN IMMEDIATE"
 );
