@@ -23,7 +23,9 @@ pub async fn follow(socket: PathBuf, authz: Arc<Authorizer>, metrics: Arc<Metric
     let mut delay = Duration::from_millis(200);
     let mut outage_logged = false;
     loop {
-        match stream_once(&socket, &authz, &metrics, &mut delay).await {
+        // An outage is logged once, and its end (in `stream_once`) too.
+        let result = stream_once(&socket, &authz, &metrics, &mut delay, &mut outage_logged).await;
+        match result {
             Ok(()) => {}
             Err(e) if !outage_logged => {
                 tracing::warn!(socket = %socket.display(), error = %e, "policy stream from the agent unavailable; keeping the current set and retrying");
@@ -41,6 +43,7 @@ async fn stream_once(
     authz: &Authorizer,
     metrics: &Metrics,
     delay: &mut Duration,
+    outage_logged: &mut bool,
 ) -> Result<(), String> {
     let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
         .await
@@ -61,6 +64,9 @@ async fn stream_once(
             Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
         };
         *delay = Duration::from_millis(200);
+        if std::mem::take(outage_logged) {
+            tracing::info!(socket = %socket.display(), "policy stream from the agent available again");
+        }
         let files: Vec<SourceFile> = set
             .files
             .into_iter()

@@ -170,6 +170,10 @@ fn install(
     let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
     let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
         .map_err(|e| e.to_string())?;
+    // Checked before anything is changed: a response whose key is not its
+    // SVID's changes neither the roots nor the SVID.
+    ward_spec::tls::certified_key(&chain, &svid.x509_svid_key)
+        .map_err(|e| format!("SVID key: {e}"))?;
     let mut bundle = TrustBundle::new(leaf.spiffe_id.trust_domain().clone());
     bundle.x509_authorities =
         ward_spec::svid::split_der_chain(&svid.bundle).map_err(|e| e.to_string())?;

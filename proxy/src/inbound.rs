@@ -110,7 +110,12 @@ async fn connection(
     // that change during the handshake included: the handshake verified the
     // peer against the roots of its start.
     let mut roots_changed = inbound.identity.current.clone();
-    roots_changed.borrow_and_update();
+    // The roots' generation the handshake is checked against: a response
+    // that leaves the roots as they were (an SVID rotation) checks nothing.
+    let mut checked = roots_changed
+        .borrow_and_update()
+        .as_ref()
+        .map(|c| c.roots.generation());
     let handshake = async {
         let mut tls = inbound
             .acceptor
@@ -202,6 +207,11 @@ async fn connection(
                 following = r.is_ok();
                 let current = roots_changed.borrow_and_update().clone();
                 if let (Ok(()), Some(current)) = (r, current) {
+                    let generation = current.roots.generation();
+                    if checked == Some(generation) {
+                        continue;
+                    }
+                    checked = Some(generation);
                     if let Err(e) = chain.verify(&current.roots) {
                         tracing::warn!(%peer, peer_id = %verified.id, error = %e, "closing a connection whose peer is no longer trusted");
                         metrics.handshake_failure(Direction::Inbound, "no_longer_trusted");

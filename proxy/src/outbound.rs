@@ -109,7 +109,7 @@ pub async fn serve_route(
         async move {
             let _slot = slot;
             // Boxed: an open stream's task keeps only what the pump needs.
-            let turn = pool.turn(&route.destination).await;
+            let turn = pool.turn(&route.destination, &route.ids).await;
             let started = Box::pin(start(&pool, &route)).await;
             drop(turn);
             let p = match started {
@@ -124,8 +124,18 @@ pub async fn serve_route(
             // The application's first bytes go out with the request; what
             // comes back is written to it only once the peer has said 200.
             let carried = Carried::default();
+            let wait = pool.answer_timeout();
             let response = async {
-                let r = p.response.await.map_err(crate::pump::h2_io)?;
+                let r = tokio::time::timeout(wait, p.response)
+                    .await
+                    .map_err(|_| {
+                        tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the peer did not answer in {wait:?}"),
+                        )
+                    })?
+                    .map_err(crate::pump::h2_io)?;
                 carried.status.store(r.status().as_u16(), Ordering::Relaxed);
                 accepted(r).map_err(|e| {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
@@ -180,12 +190,21 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
 
 /// Opens a tunnel for `route` and waits for the peer's answer.
 async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
-    let turn = pool.turn(&route.destination).await;
+    let turn = pool.turn(&route.destination, &route.ids).await;
     let p = start(pool, route).await?;
     drop(turn);
-    let recv = p
-        .response
+    let wait = pool.answer_timeout();
+    let recv = tokio::time::timeout(wait, p.response)
         .await
+        .map_err(|_| {
+            OpenError::Connect(
+                route.destination.clone(),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer did not answer the CONNECT in {wait:?}"),
+                ),
+            )
+        })?
         .map_err(|e| OpenError::Http2(route.destination.clone(), e))
         .and_then(accepted)?;
     Ok(Tunnel {

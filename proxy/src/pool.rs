@@ -84,8 +84,9 @@ pub struct Pool {
 /// Tunnels being opened at once, at most.
 const MAX_OPENING: usize = 256;
 
-/// Tunnels being opened at once to one destination, at most.
-const MAX_OPENING_PER_DESTINATION: usize = MAX_OPENING / 4;
+/// Tunnels being opened at once to one destination, at most: sixteen
+/// destinations that never answer are needed to hold every turn.
+const MAX_OPENING_PER_DESTINATION: usize = MAX_OPENING / 16;
 
 /// How long a failed connection attempt answers for the next ones.
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
@@ -183,15 +184,21 @@ impl Pool {
     }
 
     /// A turn to open a tunnel to `destination` (see `opening` and `gates`);
-    /// held until the request is sent. A destination that never answers
-    /// holds a quarter of the turns at most, so the others go on.
+    /// held until the request is sent. None when a pooled connection there
+    /// has room: that stream opens at once, whatever other destinations'
+    /// callers are waiting for. A destination that never answers holds a
+    /// sixteenth of the turns at most, so the others go on.
     pub async fn turn(
         &self,
         destination: &str,
-    ) -> (
+        ids: &[SpiffeId],
+    ) -> Option<(
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::SemaphorePermit<'_>,
-    ) {
+    )> {
+        if self.has_room(destination, ids) {
+            return None;
+        }
         // Looked up by reference: a key is allocated only for a new destination.
         let gate = {
             let mut gates = self.gates.lock().expect("gates lock");
@@ -214,7 +221,33 @@ impl Pool {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        (mine, any)
+        Some((mine, any))
+    }
+
+    /// How long a peer may take to answer a `CONNECT`: its own connect to
+    /// its application (a connect timeout) and its decision, with room to
+    /// spare. A peer that has not answered by then is given up on.
+    pub fn answer_timeout(&self) -> Duration {
+        self.connect_timeout * 2 + Duration::from_secs(1)
+    }
+
+    /// Whether a pooled connection to `destination` (for `ids`, with the
+    /// current SVID) has room for another stream now.
+    fn has_room(&self, destination: &str, ids: &[SpiffeId]) -> bool {
+        let Some(me) = self.identity.usable() else {
+            return false;
+        };
+        let slots = self.slots.lock().expect("pool lock");
+        slots
+            .iter()
+            .filter(|(k, _)| k.destination == destination && k.ids == ids && k.me == me.spiffe_id)
+            .flat_map(|(_, slot)| &slot.conns)
+            .any(|c| {
+                c.generation == me.generation
+                    && !c.closed.load(Ordering::Acquire)
+                    && c.active.load(Ordering::Acquire)
+                        < self.max_streams.min(c.send.current_max_send_streams())
+            })
     }
 
     /// Opens a tunneled stream to `target` through the peer proxy at

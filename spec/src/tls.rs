@@ -37,6 +37,8 @@ pub struct RootStore {
 
 struct Roots {
     trust_domain: TrustDomain,
+    /// Moves on whenever the anchors (ours or a federated domain's) change.
+    generation: u64,
     anchors: Anchors,
     /// Federated trust domains: their members are verified against these.
     federated: Arc<HashMap<TrustDomain, Anchors>>,
@@ -50,6 +52,14 @@ struct Anchors {
     anchors: Vec<TrustAnchor<'static>>,
     /// (notBefore, notAfter) of each, Unix seconds.
     validity: Vec<(i64, i64)>,
+    /// The certificates, to tell a change from a repeat.
+    ders: Vec<Vec<u8>>,
+}
+
+impl PartialEq for Anchors {
+    fn eq(&self, other: &Self) -> bool {
+        self.ders == other.ders
+    }
 }
 
 impl Anchors {
@@ -84,6 +94,7 @@ fn anchors(bundle: &TrustBundle) -> Result<Anchors, BadRoot> {
     let mut out = Anchors {
         anchors: Vec::new(),
         validity: Vec::new(),
+        ders: bundle.x509_authorities.clone(),
     };
     for (index, der) in bundle.x509_authorities.iter().enumerate() {
         let bad = |reason: String| BadRoot { index, reason };
@@ -103,6 +114,7 @@ impl RootStore {
         Ok(RootStore {
             inner: Arc::new(ArcSwap::from_pointee(Roots {
                 trust_domain: bundle.trust_domain.clone(),
+                generation: 0,
                 anchors: anchors(bundle)?,
                 federated: Arc::default(),
             })),
@@ -126,8 +138,12 @@ impl RootStore {
                 return current.clone();
             }
             refused = None;
+            if current.anchors == anchors {
+                return current.clone();
+            }
             Arc::new(Roots {
                 trust_domain: current.trust_domain.clone(),
+                generation: current.generation + 1,
                 anchors: anchors.clone(),
                 federated: current.federated.clone(),
             })
@@ -148,8 +164,12 @@ impl RootStore {
                 .collect::<Result<_, BadRoot>>()?,
         );
         self.inner.rcu(|current| {
+            if *current.federated == *federated {
+                return current.clone();
+            }
             Arc::new(Roots {
                 trust_domain: current.trust_domain.clone(),
+                generation: current.generation + 1,
                 anchors: current.anchors.clone(),
                 federated: federated.clone(),
             })
@@ -166,6 +186,12 @@ impl RootStore {
 
     pub fn trust_domain(&self) -> TrustDomain {
         self.inner.load().trust_domain.clone()
+    }
+
+    /// Changes exactly when the trusted roots do (ours or a federated
+    /// domain's): what was verified at one generation holds until the next.
+    pub fn generation(&self) -> u64 {
+        self.inner.load().generation
     }
 
     /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
