@@ -579,6 +579,43 @@ fn a_destination_that_never_answers_holds_up_only_its_own_route() {
     assert!(!held.lock().unwrap().is_empty());
 }
 
+/// A pooled peer that stops answering (its process is frozen: the kernel
+/// still takes the bytes, nothing reads them) is given up on twice the
+/// connect timeout and a second after the `CONNECT`: the application's
+/// connection is closed, not held open for as long as the peer stays frozen.
+#[test]
+fn a_connect_the_peer_never_answers_is_given_up_after_the_answer_timeout() {
+    let mesh = Mesh::start(&[], &[]);
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &["--connect-timeout", "1s"]);
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    let signal = |sig: &str| {
+        let pid = mesh.api.child.as_ref().unwrap().id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let closed = closed_at_once(&format!("127.0.0.1:{port}"), Duration::from_secs(15));
+    let took = started.elapsed();
+    signal("-CONT");
+    println!("  the unanswered stream was closed after {took:?}");
+    assert!(closed, "the application's connection was held for 15 s");
+    assert!(
+        took >= Duration::from_millis(2_500) && took < Duration::from_secs(10),
+        "closed after {took:?}, the answer timeout is 3 s"
+    );
+    // It went out on the pooled connection, which still serves once the
+    // peer is back.
+    assert_eq!(
+        web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
+        1.0
+    );
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+}
+
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
 fn http_connect(addr: &str, target: &str) -> String {
     use std::io::{Read, Write};

@@ -450,4 +450,60 @@ mod tests {
         ));
         assert!(!matches(&["unix:uid:2000".into()], &caller));
     }
+
+    /// A caller whose main thread has exited while another thread runs on
+    /// (its leader is a zombie) is still there; once its last thread ends
+    /// it is not, reaped or not.
+    #[test]
+    fn a_process_is_alive_while_any_of_its_threads_runs() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        let script = "import ctypes, os, threading\n\
+                      threading.Thread(target=lambda: os.read(0, 1)).start()\n\
+                      print(flush=True)\n\
+                      ctypes.CDLL(None).pthread_exit(None)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let proc = ProcDir::open(child.id() as i32).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let leader_state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+            stat.rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while leader_state() != "Z" {
+            assert!(Instant::now() < deadline, "the main thread did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            proc.alive(),
+            "a zombie leader with a running thread counts as gone"
+        );
+
+        // Its other thread ends: the process has exited, though not reaped yet.
+        drop(child.stdin.take());
+        while proc.alive() {
+            assert!(
+                Instant::now() < deadline,
+                "an exited process still counts as running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait().unwrap();
+        assert!(!proc.alive());
+    }
 }

@@ -578,3 +578,78 @@ fn load_signer(cfg: &AuthorityConfig, state: &State) -> Result<Signer> {
         jwt_key: jsonwebtoken::EncodingKey::from_ec_der(&jwt_pkcs8),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::SqliteStore;
+
+    fn config(dir: &Path, ca_ttl: Duration, root_ttl: Duration) -> AuthorityConfig {
+        AuthorityConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            key_dir: dir.join("keys"),
+            ca_ttl,
+            root_ttl,
+            upstream: None,
+            refresh_hint_secs: 60,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_root_past_its_end_leaves_the_published_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
+        let cfg = config(dir.path(), Duration::seconds(1), Duration::seconds(3));
+        let authority = Authority::open(cfg, store).await.unwrap();
+        let first = authority.bundle().x509_authorities.clone();
+        assert_eq!(first.len(), 1);
+
+        // Past the first root's end: the schedule has minted a successor,
+        // and only the successor is published.
+        tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+        authority.tick(OffsetDateTime::now_utc()).await.unwrap();
+        let now = authority.bundle().x509_authorities.clone();
+        assert_eq!(now.len(), 1, "the expired root is still published");
+        assert_ne!(now[0], first[0]);
+        let (_, not_after) = ward_spec::svid::validity(&now[0]).unwrap();
+        assert!(at(not_after) > OffsetDateTime::now_utc());
+    }
+
+    #[tokio::test]
+    async fn a_slot_change_whose_publication_failed_is_published_by_the_next_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+        let cfg = config(dir.path(), Duration::hours(1), Duration::days(30));
+        let authority = Authority::open(cfg, store).await.unwrap();
+        assert_eq!(authority.bundle().jwt_authorities.len(), 1);
+
+        // The database refuses bundle writes while the next slot is prepared.
+        let mut admin = {
+            use sqlx::ConnectOptions;
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&db)
+                .connect()
+                .await
+                .unwrap()
+        };
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON bundle_parts BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let half_way = OffsetDateTime::now_utc() + Duration::minutes(40);
+        assert!(authority.tick(half_way).await.is_err());
+        assert_eq!(authority.bundle().jwt_authorities.len(), 1);
+
+        // Nothing changes at the next tick, but the prepared slot's key
+        // still reaches the bundle.
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        assert!(!authority.tick(half_way).await.unwrap());
+        assert_eq!(authority.bundle().jwt_authorities.len(), 2);
+    }
+}
