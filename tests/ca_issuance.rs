@@ -267,6 +267,59 @@ on_both_backends! {
     }
 }
 
+/// Renews the node SVID over `node`'s connection with a fresh key.
+async fn renew(node: &mut Node) -> Result<(Vec<Vec<u8>>, KeyPair), tonic::Status> {
+    let key = KeyPair::generate().unwrap();
+    let r = node
+        .client
+        .renew_node_svid(RenewNodeSvidRequest {
+            csr: csr(&key, &[]),
+        })
+        .await?;
+    Ok((r.into_inner().svid_chain, key))
+}
+
+/// `node` presents `svid` on its connections from now on.
+async fn present(node: &mut Node, ca: &CaProcess, svid: &(Vec<Vec<u8>>, KeyPair)) {
+    node.resolver.set(&svid.0, svid.1.serialized_der()).unwrap();
+    node.reconnect(ca).await.unwrap();
+}
+
+on_both_backends! {
+    async fn a_node_svid_superseded_by_a_renewal_its_agent_used_cannot_be_renewed() {
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let a = (node.chain.clone(), KeyPair::try_from(node.key.serialized_der()).unwrap());
+        // Renewals over the first SVID work as long as the agent has not
+        // used what they issued (a lost answer is simply asked again).
+        let _b = renew(&mut node).await.unwrap();
+        let c = renew(&mut node).await.unwrap();
+        // The agent moves to C: C is its current SVID, A is superseded.
+        present(&mut node, &ca, &c).await;
+        let d = renew(&mut node).await.unwrap();
+        present(&mut node, &ca, &a).await;
+        let refused = renew(&mut node).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("is not this agent's current one"),
+            "{}",
+            refused.message()
+        );
+        // Whoever holds D (issued to C's holder) goes on; then C is superseded too.
+        present(&mut node, &ca, &d).await;
+        renew(&mut node).await.unwrap();
+        present(&mut node, &ca, &c).await;
+        assert_eq!(
+            renew(&mut node).await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        let refusal = "is not this agent's current one";
+        let log = ca.wait_log(|l| l.contains(refusal));
+        let line = log.lines().find(|l| l.contains(refusal)).unwrap();
+        assert!(line.contains(&node.id.to_string()), "{line}");
+    }
+}
+
 on_both_backends! {
     async fn expired_node_svid_is_refused() {
         let ca = CaProcess::start(&["--node-svid-ttl", "2s"]);

@@ -83,6 +83,7 @@ async fn fixture() -> Fixture {
             spiffe_id: agent.clone(),
             attestation_type: "join_token".into(),
             serial: "01".into(),
+            new_serial: String::new(),
             expires_at: i64::MAX,
             evicted: false,
             attested_at: 0,

@@ -119,6 +119,25 @@ fn spec_from_pb(e: types::Entry, with_id: bool) -> EntrySpec {
     }
 }
 
+/// A list call's page: the key to start after, and how many (0 means 500,
+/// at most 5,000).
+fn page(token: &str, size: u32) -> (Option<&str>, u32) {
+    let limit = match size {
+        0 => 500,
+        n => n.min(5000),
+    };
+    ((!token.is_empty()).then_some(token), limit)
+}
+
+/// The token of the page after `items`: its last key if the page is full
+/// (there may be more), empty if this was the last page.
+fn next_page<T>(items: &[T], limit: u32, key: impl Fn(&T) -> String) -> String {
+    match items.last() {
+        Some(last) if items.len() == limit as usize => key(last),
+        _ => String::new(),
+    }
+}
+
 fn optional_id(field: &str, s: &str) -> Result<Option<SpiffeId>, Status> {
     if s.is_empty() {
         return Ok(None);
@@ -219,17 +238,9 @@ impl Admin for AdminApi {
             parent_id: optional_id("parent_id", &r.parent_id)?,
             spiffe_id: optional_id("spiffe_id", &r.spiffe_id)?,
         };
-        let limit = match r.page_size {
-            0 => 500,
-            n => n.min(5000),
-        };
-        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let (after, limit) = page(&r.page_token, r.page_size);
         let entries = self.ca.list_entries(&filter, after, limit).await?;
-        let next_page_token = if entries.len() == limit as usize {
-            entries.last().map(|e| e.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&entries, limit, |e| e.id.clone());
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries
                 .iter()
@@ -245,8 +256,12 @@ impl Admin for AdminApi {
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         self.operator_only(&req, "list_agents").await?;
-        let agents = self.ca.list_agents().await?;
+        let r = req.into_inner();
+        let (after, limit) = page(&r.page_token, r.page_size);
+        let agents = self.ca.list_agents(after, limit).await?;
+        let next_page_token = next_page(&agents, limit, |a| a.spiffe_id.to_string());
         Ok(Response::new(pb::ListAgentsResponse {
+            next_page_token,
             agents: agents
                 .into_iter()
                 .map(|a| types::Agent {

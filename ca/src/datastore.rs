@@ -80,8 +80,12 @@ pub struct SigningEntry {
 pub struct AgentRecord {
     pub spiffe_id: SpiffeId,
     pub attestation_type: String,
-    /// Serial number (hex) of the newest node SVID issued to it.
+    /// Serial number (hex) of the node SVID the agent last proved it holds
+    /// (by attesting, or by presenting it to renew).
     pub serial: String,
+    /// Serial number of the node SVID its last renewal issued, until the
+    /// agent presents it (then it becomes `serial`); empty if none.
+    pub new_serial: String,
     pub expires_at: i64,
     pub evicted: bool,
     pub attested_at: i64,
@@ -239,7 +243,11 @@ pub trait Datastore: Send + Sync + 'static {
 
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()>;
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
-    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Stores a renewal's serials and expiry if the agent's record still
+    /// has the serials of `read` and is not evicted; false otherwise.
+    async fn renew_agent(&self, read: &AgentRecord, renewed: &AgentRecord) -> Result<bool>;
+    /// Agents in SPIFFE ID order: at most `limit`, after `after` if given.
+    async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>>;
     /// Marks an agent evicted; false if no such agent.
     async fn evict_agent(&self, id: &SpiffeId) -> Result<bool>;
 

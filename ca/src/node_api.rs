@@ -14,9 +14,10 @@ use ward_spec::SpiffeId;
 use crate::datastore::{Entry, PolicySetRecord};
 use crate::service::{Ca, Notice};
 
-/// The verified SPIFFE ID of the peer of a TLS connection, if it sent a certificate.
+/// The verified SPIFFE ID of the peer of a TLS connection, if it sent a
+/// certificate, and the serial number (hex) of that certificate.
 #[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Option<SpiffeId>);
+pub struct PeerIdentity(pub Option<SpiffeId>, pub String);
 
 pub struct NodeApi {
     pub ca: Arc<Ca>,
@@ -112,7 +113,15 @@ impl Node for NodeApi {
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
         let id = caller(&req)?;
-        let svid = self.ca.renew(&id, &req.into_inner().csr).await?;
+        let presented = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|p| p.1.clone())
+            .unwrap_or_default();
+        let svid = self
+            .ca
+            .renew(&id, &presented, &req.into_inner().csr)
+            .await?;
         Ok(Response::new(pb::RenewNodeSvidResponse {
             svid_chain: svid.chain,
         }))

@@ -360,13 +360,17 @@ async fn accept_tls(
             let _ = tcp.set_nodelay(true);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let id = ward_spec::tls::peer_id(tls.get_ref().1.peer_certificates());
-                    let _ = out
-                        .send(Ok(TlsConn {
-                            inner: tls,
-                            peer: PeerIdentity(id),
-                        }))
-                        .await;
+                    let leaf = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| ward_spec::svid::check_leaf(leaf).ok());
+                    let peer = match leaf {
+                        Some(l) => PeerIdentity(Some(l.spiffe_id), l.serial),
+                        None => PeerIdentity(None, String::new()),
+                    };
+                    let _ = out.send(Ok(TlsConn { inner: tls, peer })).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),

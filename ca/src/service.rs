@@ -506,6 +506,7 @@ impl Ca {
                 spiffe_id: agent_id.clone(),
                 attestation_type: JOIN_TOKEN_ATTESTOR.into(),
                 serial: svid.serial.clone(),
+                new_serial: String::new(),
                 expires_at: svid.expires_at,
                 evicted: false,
                 attested_at: now().unix_timestamp(),
@@ -546,8 +547,45 @@ impl Ca {
         Err(CaError::denied(format!("{caller}: {why}")))
     }
 
-    pub async fn renew(&self, caller: &SpiffeId, csr: &[u8]) -> CaResult<IssuedSvid> {
-        let mut agent = self.check_agent(caller, "renew").await?;
+    /// Renews the node SVID of `caller`, which presented the one of serial
+    /// `presented`. That must be the agent's current node SVID, or the one
+    /// its last renewal issued (which then becomes current): as in SPIRE,
+    /// an SVID superseded by a renewal its holder has since used cannot be
+    /// renewed, so of two holders of one agent identity (a copied key) only
+    /// one keeps it past its SVID's expiry, and the refusal says so.
+    pub async fn renew(
+        &self,
+        caller: &SpiffeId,
+        presented: &str,
+        csr: &[u8],
+    ) -> CaResult<IssuedSvid> {
+        // Read from the database, not the read cache: the serials must be
+        // the ones the conditional write below compares with.
+        let agent = self.store.get_agent(caller).await?;
+        let agent = match agent {
+            Some(a) if !a.evicted => a,
+            other => {
+                let why = if other.is_some() {
+                    "agent has been evicted"
+                } else {
+                    "caller is not an attested agent"
+                };
+                self.refuse("renew", Some(caller), why);
+                return Err(CaError::denied(format!("{caller}: {why}")));
+            }
+        };
+        let current = if presented == agent.serial {
+            agent.serial.clone()
+        } else if !agent.new_serial.is_empty() && presented == agent.new_serial {
+            agent.new_serial.clone()
+        } else {
+            let why = format!(
+                "node SVID {presented} is not this agent's current one ({}): it was superseded by a renewal, or another holder of this identity renewed it",
+                agent.serial
+            );
+            self.refuse("renew", Some(caller), &why);
+            return Err(CaError::denied(why));
+        };
         let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
             self.refuse("renew", Some(caller), &e.to_string());
         })?;
@@ -559,9 +597,18 @@ impl Ca {
             }
         }
         let svid = self.issue(caller, &[], &checked.key, self.ttls.node_svid)?;
-        agent.serial = svid.serial.clone();
-        agent.expires_at = svid.expires_at;
-        self.store.upsert_agent(&agent).await?;
+        let renewed = AgentRecord {
+            serial: current,
+            new_serial: svid.serial.clone(),
+            expires_at: svid.expires_at,
+            ..agent.clone()
+        };
+        if !self.store.renew_agent(&agent, &renewed).await? {
+            return Err(CaError::new(
+                Code::Aborted,
+                format!("{caller}: the agent's record changed during the renewal (evicted, or renewed at the same time); try again"),
+            ));
+        }
         tracing::info!(target: "audit", event = "node_svid_renewed", agent_id = %caller, serial = %svid.serial, expires_at = svid.expires_at, "renewed a node SVID");
         Ok(svid)
     }
@@ -928,8 +975,9 @@ impl Ca {
         Ok(self.store.list_entries(filter, after, limit).await?)
     }
 
-    pub async fn list_agents(&self) -> CaResult<Vec<AgentRecord>> {
-        Ok(self.store.list_agents().await?)
+    /// Agents in SPIFFE ID order, `limit` of them after `after`.
+    pub async fn list_agents(&self, after: Option<&str>, limit: u32) -> CaResult<Vec<AgentRecord>> {
+        Ok(self.store.list_agents(after, limit).await?)
     }
 
     pub async fn evict_agent(&self, id: &str) -> CaResult<()> {

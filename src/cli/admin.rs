@@ -351,12 +351,23 @@ pub async fn agent(cmd: AgentCommand, out: Output) -> anyhow::Result<()> {
         AgentCommand::Run(args) => super::agent::run(*args).await?,
         AgentCommand::List { target } => {
             let mut c = client(&target).await?;
-            let agents = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .map_err(status)?
-                .into_inner()
-                .agents;
+            let mut agents = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_agents(pb::ListAgentsRequest {
+                        page_token,
+                        page_size: 0,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                agents.extend(r.agents);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
             match out {
                 Output::Json => print_json(&json!(agents
                     .iter()

@@ -140,8 +140,12 @@ impl Datastore for Breaker {
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
         guarded!(self.get_agent(id))
     }
-    async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        guarded!(self.list_agents())
+    async fn renew_agent(&self, read: &AgentRecord, renewed: &AgentRecord) -> Result<bool> {
+        guarded!(self.renew_agent(read, renewed))
+    }
+
+    async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>> {
+        guarded!(self.list_agents(after, limit))
     }
     async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
         guarded!(self.evict_agent(id))

@@ -92,6 +92,9 @@ ALTER TABLE entry_changes ADD COLUMN changed_at BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX entry_changes_entry ON entry_changes (entry_id, parent_id);
 INSERT INTO counters (name, value) VALUES ('entry_changes_floor', 0);
 "#,
+    r#"
+ALTER TABLE agents ADD COLUMN new_serial TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 /// The migration that added `entries.federates_with`: entries that existed
@@ -233,6 +236,7 @@ macro_rules! sql_store {
                 spiffe_id: SpiffeId::parse(row.try_get("spiffe_id")?).map_err(corrupt)?,
                 attestation_type: row.try_get("attestation_type")?,
                 serial: row.try_get("serial")?,
+                new_serial: row.try_get("new_serial")?,
                 expires_at: row.try_get("expires_at")?,
                 evicted: row.try_get("evicted")?,
                 attested_at: row.try_get("attested_at")?,
@@ -424,9 +428,9 @@ macro_rules! sql_store {
 
             async fn upsert_agent(&self, a: &AgentRecord) -> Result<()> {
                 sqlx::query(
-                    "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (spiffe_id) DO UPDATE SET serial = $3, expires_at = $4",
+                    "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at, new_serial)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (spiffe_id) DO UPDATE SET serial = $3, expires_at = $4, new_serial = $7",
                 )
                 .bind(a.spiffe_id.to_string())
                 .bind(&a.attestation_type)
@@ -434,9 +438,26 @@ macro_rules! sql_store {
                 .bind(a.expires_at)
                 .bind(a.evicted)
                 .bind(a.attested_at)
+                .bind(&a.new_serial)
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            async fn renew_agent(&self, read: &AgentRecord, renewed: &AgentRecord) -> Result<bool> {
+                let r = sqlx::query(
+                    "UPDATE agents SET serial = $1, new_serial = $2, expires_at = $3
+                     WHERE spiffe_id = $4 AND serial = $5 AND new_serial = $6 AND NOT evicted",
+                )
+                .bind(&renewed.serial)
+                .bind(&renewed.new_serial)
+                .bind(renewed.expires_at)
+                .bind(read.spiffe_id.to_string())
+                .bind(&read.serial)
+                .bind(&read.new_serial)
+                .execute(&self.pool)
+                .await?;
+                Ok(r.rows_affected() > 0)
             }
 
             async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
@@ -449,8 +470,10 @@ macro_rules! sql_store {
                     .transpose()
             }
 
-            async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-                sqlx::query("SELECT * FROM agents ORDER BY spiffe_id")
+            async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>> {
+                sqlx::query("SELECT * FROM agents WHERE spiffe_id > $1 ORDER BY spiffe_id LIMIT $2")
+                    .bind(after.unwrap_or(""))
+                    .bind(limit as i64)
                     .fetch_all(&self.pool)
                     .await?
                     .iter()

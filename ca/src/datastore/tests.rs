@@ -809,3 +809,91 @@ async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
         println!("  {created} creates won, {deleted} deletes won");
     }
 }
+
+#[tokio::test]
+async fn a_renewal_is_stored_only_over_the_serials_it_read() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        let agent = AgentRecord {
+            spiffe_id: id("spiffe://td/ward/agent/join_token/n1"),
+            attestation_type: "join_token".into(),
+            serial: "a1".into(),
+            new_serial: String::new(),
+            expires_at: 100,
+            evicted: false,
+            attested_at: 1,
+        };
+        s.upsert_agent(&agent).await.unwrap();
+        let read = s.get_agent(&agent.spiffe_id).await.unwrap().unwrap();
+        assert_eq!((read.serial.as_str(), read.new_serial.as_str()), ("a1", ""));
+        let renewed = AgentRecord {
+            new_serial: "b2".into(),
+            expires_at: 200,
+            ..read.clone()
+        };
+        assert!(s.renew_agent(&read, &renewed).await.unwrap());
+        let now = s.get_agent(&agent.spiffe_id).await.unwrap().unwrap();
+        assert_eq!(
+            (now.serial.as_str(), now.new_serial.as_str(), now.expires_at),
+            ("a1", "b2", 200)
+        );
+        // A second renewal from the same read (a concurrent one) is not stored.
+        let other = AgentRecord {
+            new_serial: "c3".into(),
+            ..read.clone()
+        };
+        assert!(!s.renew_agent(&read, &other).await.unwrap());
+        assert_eq!(
+            s.get_agent(&agent.spiffe_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .new_serial,
+            "b2"
+        );
+        // Nor is one of an evicted agent.
+        assert!(s.evict_agent(&agent.spiffe_id).await.unwrap());
+        let promoted = AgentRecord {
+            serial: "b2".into(),
+            new_serial: "d4".into(),
+            ..now.clone()
+        };
+        assert!(!s.renew_agent(&now, &promoted).await.unwrap());
+        // Attesting again starts over with no renewal pending.
+        s.upsert_agent(&agent).await.unwrap();
+        let again = s.get_agent(&agent.spiffe_id).await.unwrap().unwrap();
+        assert_eq!(
+            (again.serial.as_str(), again.new_serial.as_str()),
+            ("a1", "")
+        );
+    }
+}
+
+#[tokio::test]
+async fn agents_are_listed_in_pages_in_spiffe_id_order() {
+    for (backend, s) in stores().await {
+        println!("backend: {backend}");
+        for n in ["n3", "n1", "n2"] {
+            s.upsert_agent(&AgentRecord {
+                spiffe_id: id(&format!("spiffe://td/ward/agent/join_token/{n}")),
+                attestation_type: "join_token".into(),
+                serial: n.into(),
+                new_serial: String::new(),
+                expires_at: 100,
+                evicted: false,
+                attested_at: 1,
+            })
+            .await
+            .unwrap();
+        }
+        let serials = |v: Vec<AgentRecord>| v.into_iter().map(|a| a.serial).collect::<Vec<_>>();
+        let first = s.list_agents(None, 2).await.unwrap();
+        let after = first[1].spiffe_id.to_string();
+        assert_eq!(serials(first), ["n1", "n2"]);
+        assert_eq!(
+            serials(s.list_agents(Some(&after), 2).await.unwrap()),
+            ["n3"]
+        );
+        assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 3);
+    }
+}
