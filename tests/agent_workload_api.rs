@@ -446,6 +446,29 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restart"));
 }
 
+/// Each renewal of the node SVID goes over a connection presenting the
+/// newest one, so the CA sees it used (and holds it as the agent's current
+/// SVID): the agent is never refused as holding a superseded one.
+#[tokio::test]
+async fn the_agent_renews_with_its_newest_node_svid_and_is_never_refused() {
+    let ca = CaProcess::start(&["--node-svid-ttl", "3s"]);
+    let _agent = AgentProcess::start(&ca);
+    let serial = || {
+        ca.cli_json(&["agent", "list"])[0]["serial_number"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let attested = serial();
+    assert!(ca.wait_audit_lines("node_svid_renewed", 3) >= 3);
+    assert_ne!(
+        serial(),
+        attested,
+        "the CA never saw a renewed node SVID presented"
+    );
+    assert_eq!(ca.audit_lines("is not this agent's current one"), 0);
+}
+
 #[tokio::test]
 async fn an_agent_whose_stored_node_svid_expired_asks_for_a_new_token() {
     let ca = CaProcess::start(&["--node-svid-ttl", "3s"]);

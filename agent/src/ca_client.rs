@@ -157,6 +157,14 @@ impl CaClient {
         Err(errors.join("; "))
     }
 
+    /// Drops the current connection (not the CA): the next `get` connects
+    /// again, presenting the node SVID the resolver now holds. After each
+    /// renewal, so the CA sees the new SVID used (see `Ca::renew`: an SVID
+    /// superseded by one its agent has presented cannot be renewed).
+    pub fn reconnect(&mut self) {
+        self.client = None;
+    }
+
     /// Drops the current connection after a failed call; the next `get` tries
     /// the next address first.
     pub fn failed(&mut self) {

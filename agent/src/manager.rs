@@ -400,6 +400,7 @@ impl Manager {
             .set(&node.chain, &node.key)
             .map_err(|e| e.to_string())?;
         self.node_renew_at = rotation_point_ms(unix_now(), node.not_after);
+        self.ca.lock().await.reconnect();
         tracing::info!(spiffe_id = %node.spiffe_id, expires_at = node.not_after, "renewed the node SVID");
         self.node = node;
         Ok(())
