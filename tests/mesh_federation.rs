@@ -329,7 +329,14 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut open, &(1u64 << 30).to_be_bytes()).unwrap();
     let reached = app.connections() + 1;
-    assert_eq!(app.wait_connections(reached), reached);
+    assert_eq!(
+        app.wait_connections(reached),
+        reached,
+        "the stream did not reach the application within 20 s\n\
+         web's proxy:\n{}\napi's proxy:\n{}",
+        web.log_text(),
+        api.log_text()
+    );
     federate(&ca2, &api_entry, API, &api_sel, &[]);
     let stopped = Instant::now();
     loop {
