@@ -9,7 +9,7 @@ use common::*;
 use rcgen::KeyPair;
 use tonic::Code;
 use ward_spec::proto::node::v1::{
-    BatchSignX509SvidRequest, RenewNodeSvidRequest, SignX509SvidRequest,
+    BatchSignX509SvidRequest, FetchBundleRequest, RenewNodeSvidRequest, SignX509SvidRequest,
 };
 
 on_both_backends! {
@@ -286,26 +286,39 @@ async fn present(node: &mut Node, ca: &CaProcess, svid: &(Vec<Vec<u8>>, KeyPair)
 }
 
 on_both_backends! {
-    async fn a_node_svid_superseded_by_a_renewal_its_agent_used_cannot_be_renewed() {
+    async fn a_node_svid_superseded_by_one_its_agent_has_used_is_refused() {
         let ca = CaProcess::start(&[]);
         let mut node = attest(&ca).await;
         let a = (node.chain.clone(), KeyPair::try_from(node.key.serialized_der()).unwrap());
+        let bundle = |node: &mut Node| {
+            let mut c = node.client.clone();
+            async move { c.fetch_bundle(FetchBundleRequest {}).await.map(|_| ()) }
+        };
         // Renewals over the first SVID work as long as the agent has not
         // used what they issued (a lost answer is simply asked again).
         let _b = renew(&mut node).await.unwrap();
         let c = renew(&mut node).await.unwrap();
-        // The agent moves to C: C is its current SVID, A is superseded.
+        // The agent's first call with C makes C current: A is superseded,
+        // for every call.
         present(&mut node, &ca, &c).await;
-        let d = renew(&mut node).await.unwrap();
+        bundle(&mut node).await.unwrap();
+        assert_eq!(ca.wait_audit_lines("node_svid_in_use", 1), 1);
         present(&mut node, &ca, &a).await;
-        let refused = renew(&mut node).await.unwrap_err();
+        let refused = bundle(&mut node).await.unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         assert!(
             refused.message().contains("is not this agent's current one"),
             "{}",
             refused.message()
         );
-        // Whoever holds D (issued to C's holder) goes on; then C is superseded too.
+        assert_eq!(
+            renew(&mut node).await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        // A renewal with C issues D; renewing with D makes it current, and
+        // then C is refused too.
+        present(&mut node, &ca, &c).await;
+        let d = renew(&mut node).await.unwrap();
         present(&mut node, &ca, &d).await;
         renew(&mut node).await.unwrap();
         present(&mut node, &ca, &c).await;

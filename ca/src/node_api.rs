@@ -30,6 +30,17 @@ fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
         .ok_or_else(|| Status::unauthenticated("this call needs a node SVID as client certificate"))
 }
 
+/// The caller's SPIFFE ID and the serial number of the node SVID it presented.
+fn caller_svid<T>(req: &Request<T>) -> Result<(SpiffeId, String), Status> {
+    let id = caller(req)?;
+    let serial = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(|p| p.1.clone())
+        .unwrap_or_default();
+    Ok((id, serial))
+}
+
 pub fn policy_set_to_pb(p: &PolicySetRecord) -> types::PolicySet {
     types::PolicySet {
         version: p.version,
@@ -112,12 +123,7 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
-        let id = caller(&req)?;
-        let presented = req
-            .extensions()
-            .get::<PeerIdentity>()
-            .map(|p| p.1.clone())
-            .unwrap_or_default();
+        let (id, presented) = caller_svid(&req)?;
         let svid = self
             .ca
             .renew(&id, &presented, &req.into_inner().csr)
@@ -131,11 +137,11 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::SyncEntriesRequest>,
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
-        let id = caller(&req)?;
+        let (id, presented) = caller_svid(&req)?;
         let r = req.into_inner();
         let page = self
             .ca
-            .sync(&id, r.since_revision, &r.after_entry_id)
+            .sync(&id, &presented, r.since_revision, &r.after_entry_id)
             .await?;
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: page.entries.iter().map(entry_to_pb).collect(),
@@ -206,11 +212,11 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
-        let id = caller(&req)?;
+        let (id, presented) = caller_svid(&req)?;
         let r = req.into_inner();
         let (token, expires_at) = self
             .ca
-            .mint_jwt(&id, &r.entry_id, &r.audience, &r.spiffe_id)
+            .mint_jwt(&id, &presented, &r.entry_id, &r.audience, &r.spiffe_id)
             .await?;
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
     }
@@ -281,8 +287,8 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::FetchPolicyRequest>,
     ) -> Result<Response<pb::FetchPolicyResponse>, Status> {
-        let id = caller(&req)?;
-        self.ca.check_agent(&id, "fetch_policy").await?;
+        let (id, presented) = caller_svid(&req)?;
+        self.ca.check_agent(&id, &presented, "fetch_policy").await?;
         let known = req.into_inner().known_version;
         // The common case, answered from memory: the caller is up to date.
         let current = self.ca.policy_version();
@@ -306,8 +312,8 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::FetchBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
-        let id = caller(&req)?;
-        self.ca.check_agent(&id, "fetch_bundle").await?;
+        let (id, presented) = caller_svid(&req)?;
+        self.ca.check_agent(&id, &presented, "fetch_bundle").await?;
         Ok(Response::new(self.bundle_pb()))
     }
 }

@@ -517,19 +517,99 @@ impl Ca {
         Ok(svid)
     }
 
-    /// Refuses callers that are not attested agents in good standing.
+    /// Refuses callers that are not attested agents in good standing, and
+    /// agents presenting a node SVID a renewal has superseded (see
+    /// [`Ca::renew`]). `presented` is the serial of the caller's node SVID.
     pub async fn check_agent(
         &self,
         caller: &SpiffeId,
+        presented: &str,
         method: &'static str,
     ) -> CaResult<AgentRecord> {
-        let why = match self.reads.get_agent(caller).await? {
-            Some(a) if !a.evicted => return Ok(a),
-            Some(_) => "agent has been evicted",
-            None => "caller is not an attested agent",
+        match self.reads.get_agent(caller).await? {
+            Some(a) if !a.evicted && a.serial == presented => Ok(a),
+            Some(a) if !a.evicted => self.current_agent(caller, presented, Some(a), method).await,
+            other => Err(self.refuse_agent(caller, other.is_some(), method)),
+        }
+    }
+
+    /// The agent's record from the database, once `presented` is its
+    /// current node SVID. That is the one it attested with or last made
+    /// current, or the one its last renewal issued: the first call with
+    /// that one makes it current (as SPIRE does), and the one before can no
+    /// longer be used. Any other is refused. While the database is down,
+    /// the SVID the `cached` record says was issued is let through.
+    async fn current_agent(
+        &self,
+        caller: &SpiffeId,
+        presented: &str,
+        cached: Option<AgentRecord>,
+        method: &'static str,
+    ) -> CaResult<AgentRecord> {
+        let read = match self.store.get_agent(caller).await {
+            Ok(a) => a,
+            Err(e) => {
+                return match cached {
+                    Some(c) if !c.new_serial.is_empty() && c.new_serial == presented => Ok(c),
+                    _ => Err(e.into()),
+                }
+            }
+        };
+        // What the cache held is behind: the next call reads it again.
+        self.reads.forget_agent(&caller.to_string());
+        let a = match read {
+            Some(a) if !a.evicted => a,
+            other => return Err(self.refuse_agent(caller, other.is_some(), method)),
+        };
+        if a.serial == presented {
+            return Ok(a);
+        }
+        if a.new_serial.is_empty() || a.new_serial != presented {
+            return Err(self.superseded(caller, presented, &a, method));
+        }
+        let promoted = AgentRecord {
+            serial: a.new_serial.clone(),
+            new_serial: String::new(),
+            ..a.clone()
+        };
+        if self.store.renew_agent(&a, &promoted).await? {
+            tracing::info!(target: "audit", event = "node_svid_in_use", agent_id = %caller, serial = %presented, "an agent uses its renewed node SVID; the one before can no longer be used");
+            return Ok(promoted);
+        }
+        // Changed meanwhile: another call made it current, the agent renewed
+        // again, or it was evicted.
+        match self.store.get_agent(caller).await? {
+            Some(now) if !now.evicted && now.serial == presented => Ok(now),
+            Some(now) if !now.evicted => Err(self.superseded(caller, presented, &now, method)),
+            other => Err(self.refuse_agent(caller, other.is_some(), method)),
+        }
+    }
+
+    /// Refuses a caller that is evicted (`known`) or not an agent at all.
+    fn refuse_agent(&self, caller: &SpiffeId, known: bool, method: &'static str) -> CaError {
+        let why = if known {
+            "agent has been evicted"
+        } else {
+            "caller is not an attested agent"
         };
         self.refuse(method, Some(caller), why);
-        Err(CaError::denied(format!("{caller}: {why}")))
+        CaError::denied(format!("{caller}: {why}"))
+    }
+
+    /// Refuses a node SVID that is not the agent's current one.
+    fn superseded(
+        &self,
+        caller: &SpiffeId,
+        presented: &str,
+        current: &AgentRecord,
+        method: &'static str,
+    ) -> CaError {
+        let why = format!(
+            "node SVID {presented} is not this agent's current one ({}): it was superseded by a renewal, or another holder of this identity renewed it",
+            current.serial
+        );
+        self.refuse(method, Some(caller), &why);
+        CaError::denied(why)
     }
 
     /// Like [`Ca::check_agent`], reading only the eviction flag.
@@ -548,44 +628,20 @@ impl Ca {
     }
 
     /// Renews the node SVID of `caller`, which presented the one of serial
-    /// `presented`. That must be the agent's current node SVID, or the one
-    /// its last renewal issued (which then becomes current): as in SPIRE,
-    /// an SVID superseded by a renewal its holder has since used cannot be
-    /// renewed, so of two holders of one agent identity (a copied key) only
-    /// one keeps it past its SVID's expiry, and the refusal says so.
+    /// `presented`: that must be its current one (see
+    /// [`Ca::current_agent`]). The new SVID becomes current at the agent's
+    /// first call with it. So of two holders of one agent identity (a copied
+    /// key), the one left with a superseded SVID is refused, which shows
+    /// the copy.
     pub async fn renew(
         &self,
         caller: &SpiffeId,
         presented: &str,
         csr: &[u8],
     ) -> CaResult<IssuedSvid> {
-        // Read from the database, not the read cache: the serials must be
-        // the ones the conditional write below compares with.
-        let agent = self.store.get_agent(caller).await?;
-        let agent = match agent {
-            Some(a) if !a.evicted => a,
-            other => {
-                let why = if other.is_some() {
-                    "agent has been evicted"
-                } else {
-                    "caller is not an attested agent"
-                };
-                self.refuse("renew", Some(caller), why);
-                return Err(CaError::denied(format!("{caller}: {why}")));
-            }
-        };
-        let current = if presented == agent.serial {
-            agent.serial.clone()
-        } else if !agent.new_serial.is_empty() && presented == agent.new_serial {
-            agent.new_serial.clone()
-        } else {
-            let why = format!(
-                "node SVID {presented} is not this agent's current one ({}): it was superseded by a renewal, or another holder of this identity renewed it",
-                agent.serial
-            );
-            self.refuse("renew", Some(caller), &why);
-            return Err(CaError::denied(why));
-        };
+        // From the database, not the read cache: the renewal is written
+        // only over the serials read here.
+        let agent = self.current_agent(caller, presented, None, "renew").await?;
         let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
             self.refuse("renew", Some(caller), &e.to_string());
         })?;
@@ -598,7 +654,6 @@ impl Ca {
         }
         let svid = self.issue(caller, &[], &checked.key, self.ttls.node_svid)?;
         let renewed = AgentRecord {
-            serial: current,
             new_serial: svid.serial.clone(),
             expires_at: svid.expires_at,
             ..agent.clone()
@@ -727,11 +782,12 @@ impl Ca {
     pub async fn mint_jwt(
         &self,
         caller: &SpiffeId,
+        presented: &str,
         entry_id: &str,
         audience: &[String],
         expected: &str,
     ) -> CaResult<(String, i64)> {
-        self.check_agent(caller, "mint_jwt").await?;
+        self.check_agent(caller, presented, "mint_jwt").await?;
         if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
             return Err(CaError::invalid(
                 "a JWT-SVID needs at least one non-empty audience",
@@ -777,8 +833,14 @@ impl Ca {
         Ok((token, exp))
     }
 
-    pub async fn sync(&self, caller: &SpiffeId, since: u64, after: &str) -> CaResult<SyncPage> {
-        self.check_agent(caller, "sync").await?;
+    pub async fn sync(
+        &self,
+        caller: &SpiffeId,
+        presented: &str,
+        since: u64,
+        after: &str,
+    ) -> CaResult<SyncPage> {
+        self.check_agent(caller, presented, "sync").await?;
         Ok(self
             .store
             .sync_entries_after(caller, since, after, 1000)
