@@ -460,7 +460,10 @@ async fn the_agent_renews_with_its_newest_node_svid_and_is_never_refused() {
             .to_owned()
     };
     let attested = serial();
-    assert!(ca.wait_audit_lines("node_svid_renewed", 3) >= 3);
+    // Renewed twice: each renewed SVID was presented (and made current)
+    // before the next renewal, which is what allows that one.
+    assert!(ca.wait_audit_lines("node_svid_renewed", 2) >= 2);
+    assert!(ca.wait_audit_lines("node_svid_in_use", 2) >= 2);
     assert_ne!(
         serial(),
         attested,

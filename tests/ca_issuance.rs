@@ -333,6 +333,51 @@ on_both_backends! {
     }
 }
 
+/// An agent attested by a CA from before serials were tracked: that CA
+/// stored the newest serial it issued (here one whose answer was lost), and
+/// the upgrade marks the agent to take the first node SVID it presents as
+/// its current one; from then on the others are refused as usual.
+#[tokio::test]
+async fn after_the_upgrade_an_agent_first_node_svid_becomes_current() {
+    let ca = CaProcess::start(&[]);
+    let mut node = attest(&ca).await;
+    let a = (
+        node.chain.clone(),
+        KeyPair::try_from(node.key.serialized_der()).unwrap(),
+    );
+    let b = renew(&mut node).await.unwrap();
+    // The row as the upgrade leaves it.
+    let db = ca.data_dir().join("datastore.sqlite3");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+             c.execute(\"UPDATE agents SET serial = 'lost', new_serial = '*'\")\n\
+             c.commit()",
+        ])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A, still held over the first connection, becomes current.
+    renew(&mut node).await.unwrap();
+    assert_eq!(ca.wait_audit_lines("node_svid_in_use", 1), 1);
+    let listed = ca.cli_json(&["agent", "list"]);
+    let current = ward_spec::svid::serial(&a.0[0]).unwrap();
+    assert_eq!(listed[0]["serial_number"], current.as_str(), "{listed}");
+    // B, issued before the upgrade and never used, is refused now.
+    present(&mut node, &ca, &b).await;
+    assert_eq!(
+        renew(&mut node).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+}
+
 on_both_backends! {
     async fn expired_node_svid_is_refused() {
         let ca = CaProcess::start(&["--node-svid-ttl", "2s"]);

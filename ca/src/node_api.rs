@@ -12,12 +12,12 @@ use ward_spec::proto::types::v1 as types;
 use ward_spec::SpiffeId;
 
 use crate::datastore::{Entry, PolicySetRecord};
-use crate::service::{Ca, Notice};
+use crate::service::{Ca, NodeSvid, Notice};
 
 /// The verified SPIFFE ID of the peer of a TLS connection, if it sent a
-/// certificate, and the serial number (hex) of that certificate.
+/// certificate, and that certificate's serial number and expiry.
 #[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Option<SpiffeId>, pub String);
+pub struct PeerIdentity(pub Option<SpiffeId>, pub NodeSvid);
 
 pub struct NodeApi {
     pub ca: Arc<Ca>,
@@ -30,8 +30,8 @@ fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
         .ok_or_else(|| Status::unauthenticated("this call needs a node SVID as client certificate"))
 }
 
-/// The caller's SPIFFE ID and the serial number of the node SVID it presented.
-fn caller_svid<T>(req: &Request<T>) -> Result<(SpiffeId, String), Status> {
+/// The caller's SPIFFE ID and the node SVID it presented.
+fn caller_svid<T>(req: &Request<T>) -> Result<(SpiffeId, NodeSvid), Status> {
     let id = caller(req)?;
     let serial = req
         .extensions()

@@ -184,6 +184,21 @@ impl ReadCache {
             .retain(|_, e| !parents.contains(&e.parent_id.to_string()));
     }
 
+    /// Moves on every forget (see [`ReadCache::remember_agent`]).
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Keeps `a`, read from or written to the database after the cache was
+    /// at `generation`, unless something was forgotten since (a change
+    /// heard of meanwhile may be newer) or changes are not heard of.
+    pub fn remember_agent(&self, a: &AgentRecord, generation: u64) {
+        let mut s = self.lock();
+        if s.generation == generation && self.following.load(Ordering::Relaxed) {
+            s.agents.insert(a.spiffe_id.to_string(), a.clone());
+        }
+    }
+
     /// This agent's standing changed.
     pub fn forget_agent(&self, id: &str) {
         let mut s = self.lock();

@@ -367,8 +367,14 @@ async fn accept_tls(
                         .and_then(|c| c.first())
                         .and_then(|leaf| ward_spec::svid::check_leaf(leaf).ok());
                     let peer = match leaf {
-                        Some(l) => PeerIdentity(Some(l.spiffe_id), l.serial),
-                        None => PeerIdentity(None, String::new()),
+                        Some(l) => PeerIdentity(
+                            Some(l.spiffe_id),
+                            crate::service::NodeSvid {
+                                serial: l.serial,
+                                not_after: l.not_after,
+                            },
+                        ),
+                        None => PeerIdentity(None, Default::default()),
                     };
                     let _ = out.send(Ok(TlsConn { inner: tls, peer })).await;
                 }

@@ -114,6 +114,20 @@ pub struct Ttls {
     pub join_token: Duration,
 }
 
+/// The node SVID a caller presented on its TLS connection.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSvid {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// `new_serial` of agents attested before serials were tracked: the first
+/// node SVID such an agent presents becomes its current one (the CA then
+/// stored the newest serial it issued, whose answer may have been lost).
+const ANY_SERIAL: &str = "*";
+
 /// An issued X509-SVID.
 #[derive(Debug, Clone)]
 pub struct IssuedSvid {
@@ -519,15 +533,15 @@ impl Ca {
 
     /// Refuses callers that are not attested agents in good standing, and
     /// agents presenting a node SVID a renewal has superseded (see
-    /// [`Ca::renew`]). `presented` is the serial of the caller's node SVID.
+    /// [`Ca::current_agent`]).
     pub async fn check_agent(
         &self,
         caller: &SpiffeId,
-        presented: &str,
+        presented: &NodeSvid,
         method: &'static str,
     ) -> CaResult<AgentRecord> {
         match self.reads.get_agent(caller).await? {
-            Some(a) if !a.evicted && a.serial == presented => Ok(a),
+            Some(a) if !a.evicted && a.serial == presented.serial => Ok(a),
             Some(a) if !a.evicted => self.current_agent(caller, presented, Some(a), method).await,
             other => Err(self.refuse_agent(caller, other.is_some(), method)),
         }
@@ -537,50 +551,62 @@ impl Ca {
     /// current node SVID. That is the one it attested with or last made
     /// current, or the one its last renewal issued: the first call with
     /// that one makes it current (as SPIRE does), and the one before can no
-    /// longer be used. Any other is refused. While the database is down,
-    /// the SVID the `cached` record says was issued is let through.
+    /// longer be used. Any other is refused.
+    ///
+    /// While the database is down, the `cached` record decides: an SVID it
+    /// names as issued, or one issued after its newest (a later expiry; the
+    /// TLS layer has verified it is this CA's, for this agent), goes
+    /// through.
     async fn current_agent(
         &self,
         caller: &SpiffeId,
-        presented: &str,
+        presented: &NodeSvid,
         cached: Option<AgentRecord>,
         method: &'static str,
     ) -> CaResult<AgentRecord> {
+        let generation = self.reads.generation();
         let read = match self.store.get_agent(caller).await {
             Ok(a) => a,
             Err(e) => {
                 return match cached {
-                    Some(c) if !c.new_serial.is_empty() && c.new_serial == presented => Ok(c),
+                    Some(c)
+                        if c.new_serial == presented.serial
+                            || presented.not_after > c.expires_at =>
+                    {
+                        Ok(c)
+                    }
                     _ => Err(e.into()),
                 }
             }
         };
-        // What the cache held is behind: the next call reads it again.
-        self.reads.forget_agent(&caller.to_string());
         let a = match read {
             Some(a) if !a.evicted => a,
             other => return Err(self.refuse_agent(caller, other.is_some(), method)),
         };
-        if a.serial == presented {
+        self.reads.remember_agent(&a, generation);
+        if a.serial == presented.serial {
             return Ok(a);
         }
-        if a.new_serial.is_empty() || a.new_serial != presented {
-            return Err(self.superseded(caller, presented, &a, method));
+        if a.new_serial != presented.serial && a.new_serial != ANY_SERIAL {
+            return Err(self.superseded(caller, &presented.serial, &a, method));
         }
         let promoted = AgentRecord {
-            serial: a.new_serial.clone(),
+            serial: presented.serial.clone(),
             new_serial: String::new(),
             ..a.clone()
         };
         if self.store.renew_agent(&a, &promoted).await? {
-            tracing::info!(target: "audit", event = "node_svid_in_use", agent_id = %caller, serial = %presented, "an agent uses its renewed node SVID; the one before can no longer be used");
+            self.reads.remember_agent(&promoted, generation);
+            tracing::info!(target: "audit", event = "node_svid_in_use", agent_id = %caller, serial = %presented.serial, "an agent uses its renewed node SVID; the one before can no longer be used");
             return Ok(promoted);
         }
         // Changed meanwhile: another call made it current, the agent renewed
         // again, or it was evicted.
         match self.store.get_agent(caller).await? {
-            Some(now) if !now.evicted && now.serial == presented => Ok(now),
-            Some(now) if !now.evicted => Err(self.superseded(caller, presented, &now, method)),
+            Some(now) if !now.evicted && now.serial == presented.serial => Ok(now),
+            Some(now) if !now.evicted => {
+                Err(self.superseded(caller, &presented.serial, &now, method))
+            }
             other => Err(self.refuse_agent(caller, other.is_some(), method)),
         }
     }
@@ -627,8 +653,8 @@ impl Ca {
         Err(CaError::denied(format!("{caller}: {why}")))
     }
 
-    /// Renews the node SVID of `caller`, which presented the one of serial
-    /// `presented`: that must be its current one (see
+    /// Renews the node SVID of `caller`, which presented `presented`: that
+    /// must be its current one (see
     /// [`Ca::current_agent`]). The new SVID becomes current at the agent's
     /// first call with it. So of two holders of one agent identity (a copied
     /// key), the one left with a superseded SVID is refused, which shows
@@ -636,11 +662,12 @@ impl Ca {
     pub async fn renew(
         &self,
         caller: &SpiffeId,
-        presented: &str,
+        presented: &NodeSvid,
         csr: &[u8],
     ) -> CaResult<IssuedSvid> {
         // From the database, not the read cache: the renewal is written
         // only over the serials read here.
+        let generation = self.reads.generation();
         let agent = self.current_agent(caller, presented, None, "renew").await?;
         let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
             self.refuse("renew", Some(caller), &e.to_string());
@@ -664,6 +691,7 @@ impl Ca {
                 format!("{caller}: the agent's record changed during the renewal (evicted, or renewed at the same time); try again"),
             ));
         }
+        self.reads.remember_agent(&renewed, generation);
         tracing::info!(target: "audit", event = "node_svid_renewed", agent_id = %caller, serial = %svid.serial, expires_at = svid.expires_at, "renewed a node SVID");
         Ok(svid)
     }
@@ -782,7 +810,7 @@ impl Ca {
     pub async fn mint_jwt(
         &self,
         caller: &SpiffeId,
-        presented: &str,
+        presented: &NodeSvid,
         entry_id: &str,
         audience: &[String],
         expected: &str,
@@ -836,7 +864,7 @@ impl Ca {
     pub async fn sync(
         &self,
         caller: &SpiffeId,
-        presented: &str,
+        presented: &NodeSvid,
         since: u64,
         after: &str,
     ) -> CaResult<SyncPage> {

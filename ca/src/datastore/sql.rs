@@ -92,8 +92,10 @@ ALTER TABLE entry_changes ADD COLUMN changed_at BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX entry_changes_entry ON entry_changes (entry_id, parent_id);
 INSERT INTO counters (name, value) VALUES ('entry_changes_floor', 0);
 "#,
+    // Agents attested before: '*' (`service::ANY_SERIAL`), the first node
+    // SVID each presents becomes its current one.
     r#"
-ALTER TABLE agents ADD COLUMN new_serial TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN new_serial TEXT NOT NULL DEFAULT '*';
 "#,
 ];
 

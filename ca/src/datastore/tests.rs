@@ -731,6 +731,14 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
         .execute(&mut c)
         .await
         .unwrap();
+        // An agent, whose stored serial is the newest one issued to it.
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at)
+             VALUES ('spiffe://td/node', 'join_token', 'ab', 100, FALSE, 1)",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
         for td in ["b.test", "a.test"] {
             sqlx::query("INSERT INTO federated_bundles (trust_domain, jwks, updated_at) VALUES ($1, '{\"keys\":[]}', 1)")
                 .bind(td)
@@ -747,6 +755,12 @@ async fn upgrading_keeps_existing_entries_federating_with_every_bundle_held() {
     assert_eq!(e.revision, 2);
     assert_eq!(s.entry_revision().await.unwrap(), 2);
     let node = SpiffeId::parse("spiffe://td/node").unwrap();
+    // Whatever node SVID that agent presents first becomes its current one.
+    let agent = s.get_agent(&node).await.unwrap().unwrap();
+    assert_eq!(
+        (agent.serial.as_str(), agent.new_serial.as_str()),
+        ("ab", "*")
+    );
     let page = s.sync_entries(&node, 1, 100).await.unwrap();
     assert!(
         format!("{page:?}").contains("\"old\""),
