@@ -644,21 +644,17 @@ impl Ca {
         caller: &SpiffeId,
         method: &'static str,
     ) -> CaResult<()> {
-        let why = match self.reads.agent_in_good_standing(caller).await? {
-            Some(true) => return Ok(()),
-            Some(false) => "agent has been evicted",
-            None => "caller is not an attested agent",
-        };
-        self.refuse(method, Some(caller), why);
-        Err(CaError::denied(format!("{caller}: {why}")))
+        match self.reads.agent_in_good_standing(caller).await? {
+            Some(true) => Ok(()),
+            known => Err(self.refuse_agent(caller, known.is_some(), method)),
+        }
     }
 
     /// Renews the node SVID of `caller`, which presented `presented`: that
-    /// must be its current one (see
-    /// [`Ca::current_agent`]). The new SVID becomes current at the agent's
-    /// first call with it. So of two holders of one agent identity (a copied
-    /// key), the one left with a superseded SVID is refused, which shows
-    /// the copy.
+    /// must be its current one (see [`Ca::current_agent`]). The new SVID
+    /// becomes current at the agent's first call with it. So of two holders
+    /// of one agent identity (a copied key), the one left with a superseded
+    /// SVID is refused, which shows the copy.
     pub async fn renew(
         &self,
         caller: &SpiffeId,
