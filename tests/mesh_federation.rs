@@ -94,15 +94,73 @@ fn federate(ca: &CaProcess, id: &str, spiffe_id: &str, selector: &str, tds: &[&s
     run_ok(ca, &args);
 }
 
-/// A client-side proxy for `web` with one route to `api`; its route port.
-fn web_proxy(agent: &AgentProcess, api_inbound: &str) -> (ProxyProcess, u16) {
+/// A client-side proxy for `web` with one route to `api`, writing its
+/// access log to `access_log`; its route port.
+fn web_proxy(
+    agent: &AgentProcess,
+    api_inbound: &str,
+    access_log: &std::path::Path,
+) -> (ProxyProcess, u16) {
     let port = free_port();
     let route =
         format!("listen=127.0.0.1:{port},destination={api_inbound},id={API},target=api.acme:8080");
+    let log = access_log.to_str().unwrap();
     (
-        ProxyProcess::start(agent, WEB_UID, &["--route", &route]),
+        ProxyProcess::start(agent, WEB_UID, &["--route", &route, "--access-log", log]),
         port,
     )
+}
+
+/// A stream through `web`'s route `port` that has reached the application
+/// and stays open, waiting for the 1 GiB it announced; it has sent `sent`
+/// bytes (8 or more), which tells its access log lines apart.
+fn open_stream(
+    sent: usize,
+    port: u16,
+    app: &AppProcess,
+    web: &ProxyProcess,
+    api: &ProxyProcess,
+) -> std::net::TcpStream {
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut head = (1u64 << 30).to_be_bytes().to_vec();
+    head.resize(sent, 0);
+    std::io::Write::write_all(&mut open, &head).unwrap();
+    let reached = app.connections() + 1;
+    assert_eq!(
+        app.wait_connections(reached),
+        reached,
+        "the stream did not reach the application within 20 s\n\
+         web's proxy:\n{}\napi's proxy:\n{}",
+        web.log_text(),
+        api.log_text()
+    );
+    open
+}
+
+/// Asserts that `open` is closed within 5 s (its tunnel was cut).
+fn assert_cut(mut open: std::net::TcpStream) {
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    match std::io::Read::read_to_end(&mut open, &mut rest) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the open stream outlived trust in its peer: {other:?}"),
+    }
+}
+
+/// Waits until a 1 KiB stream through `port` crosses (`up`) or is refused.
+fn wait_tunnel(port: u16, up: bool, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if (hash_client(port, 1024, 1, 0.0).ok == 1) == up {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -128,6 +186,7 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     let forward = format!("127.0.0.1:{}", app.port);
     let logs = shared_dir();
     let access_log = logs.path().join("api-access.log");
+    let web_access_log = logs.path().join("web-access.log");
     let api = ProxyProcess::start(
         &agent2,
         API_UID,
@@ -147,7 +206,7 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
         2,
         "not federated: web's proxy refuses api's certificate, the application sees nothing",
     );
-    let (web, port) = web_proxy(&agent1, &api_inbound);
+    let (web, port) = web_proxy(&agent1, &api_inbound, &web_access_log);
     let r = hash_client(port, 1024, 1, 0.0);
     assert_eq!(r.ok, 0, "a stream crossed trust domains without federation");
     assert_eq!(app.connections(), 0);
@@ -319,28 +378,44 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
 
     step(
         6,
+        "web stops federating: its proxy closes its open connection to api (whose side still trusts web) and opens none; federating again, tunnels cross again",
+    );
+    let open = open_stream(9, port, &app, &web, &api);
+    federate(&ca1, &web_entry, WEB, &web_sel, &[]);
+    let took = wait_tunnel(port, false, "web's proxy still trusts partner.test");
+    println!("  refused {took:?} after web's entry stopped federating");
+    let said = "closing a connection whose peer is no longer trusted";
+    let log = web.wait_log(|l| l.contains(said));
+    assert!(log.contains(said), "{log}");
+    assert_cut(open);
+    let ended = wait_json_line(&web_access_log, Duration::from_secs(5), |l| {
+        l["bytes_from_app"] == 9
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no access line for the open stream:\n{}",
+            std::fs::read_to_string(&web_access_log).unwrap_or_default()
+        )
+    });
+    assert_eq!(ended["outcome"], "untrusted", "{ended}");
+    assert_eq!(ended["status"], 200, "{ended}");
+    federate(&ca1, &web_entry, WEB, &web_sel, &["spiffe://partner.test"]);
+    let took = wait_tunnel(port, true, "no tunnel once web federates again");
+    println!("  crossing again {took:?} after web's entry federates again");
+
+    step(
+        7,
         "api stops federating: its proxy closes web's open connection and refuses a new one; the bundle, kept while entries federate with it, can then be deleted",
     );
     refused(
         ca2.cli(&["bundle", "delete", "--trust-domain", "example.org"]),
         "2 entries federate with example.org",
     );
-    // A stream open through it, waiting for the 1 GiB it announced.
-    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::io::Write::write_all(&mut open, &(1u64 << 30).to_be_bytes()).unwrap();
-    let reached = app.connections() + 1;
-    assert_eq!(
-        app.wait_connections(reached),
-        reached,
-        "the stream did not reach the application within 20 s\n\
-         web's proxy:\n{}\napi's proxy:\n{}",
-        web.log_text(),
-        api.log_text()
-    );
+    let open = open_stream(8, port, &app, &web, &api);
     federate(&ca2, &api_entry, API, &api_sel, &[]);
     let stopped = Instant::now();
     loop {
-        // web's proxy, with its pooled connection from step 4.
+        // web's proxy, with its pooled connection from step 6.
         let served = app.connections();
         if hash_client(port, 1024, 1, 0.0).ok == 0 {
             assert_eq!(
@@ -368,13 +443,7 @@ fn a_tunnel_across_trust_domains_works_exactly_while_the_cas_federate() {
     assert!(said(&log), "{log}");
     // The open stream was closed with its connection, and api's access log
     // says why (lines are written out every second).
-    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut rest = Vec::new();
-    match std::io::Read::read_to_end(&mut open, &mut rest) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("the open stream outlived trust in its peer: {other:?}"),
-    }
+    assert_cut(open);
     let ended = wait_json_line(&access_log, Duration::from_secs(5), |l| {
         l["bytes_to_app"] == 8 && l["peer_id"] == WEB
     })

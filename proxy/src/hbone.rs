@@ -6,6 +6,9 @@
 use std::io;
 use std::time::Duration;
 
+use rustls::pki_types::{CertificateDer, UnixTime};
+use ward_spec::tls::RootStore;
+
 /// Stream flow-control window: large enough that one stream fills a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Connection flow-control window, shared by its streams.
@@ -22,6 +25,44 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 pub const TLS_BUFFER: usize = 1024 * 1024;
 /// Largest amount h2 buffers for one stream before the writer must wait.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// The certificates a peer presented, and when they were verified: kept
+/// with its connection, so that when the roots change the peer is verified
+/// again, as of its handshake (whether its trust anchors are still trusted,
+/// not whether it has expired since: a connection outlives its peer's
+/// rotations).
+pub struct PeerChain {
+    certs: Vec<CertificateDer<'static>>,
+    verified_at: UnixTime,
+}
+
+impl PeerChain {
+    /// The chain a handshake just verified.
+    pub fn new(certs: Option<&[CertificateDer<'_>]>) -> Self {
+        PeerChain {
+            certs: certs
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
+            verified_at: UnixTime::now(),
+        }
+    }
+
+    /// Verifies a client's chain (we accepted the connection).
+    pub fn verify_client(&self, roots: &RootStore) -> Result<(), rustls::Error> {
+        roots
+            .verify_client_chain(&self.certs, self.verified_at)
+            .map(|_| ())
+    }
+
+    /// Verifies a server's chain (we made the connection).
+    pub fn verify_server(&self, roots: &RootStore) -> Result<(), rustls::Error> {
+        roots
+            .verify_server_chain(&self.certs, self.verified_at)
+            .map(|_| ())
+    }
+}
 
 /// Sets up a socket to or from an application: no Nagle delay, and no
 /// pacing on loopback.

@@ -23,16 +23,14 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
-use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use ward_authz::{Authorizer, ConnectContext};
-use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
 use crate::access_log::{End, StreamLog};
-use crate::hbone;
+use crate::hbone::{self, PeerChain};
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
 use crate::pump::{pump, Carried};
@@ -124,14 +122,7 @@ async fn connection(
         tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
         let certs = tls.get_ref().1.peer_certificates();
         let peer_id = ward_spec::tls::peer_id(certs);
-        let chain = PeerChain {
-            certs: certs
-                .unwrap_or_default()
-                .iter()
-                .map(|c| c.clone().into_owned())
-                .collect(),
-            verified_at: UnixTime::now(),
-        };
+        let chain = PeerChain::new(certs);
         let conn = hbone::server_builder(inbound.max_streams)
             .handshake::<_, Bytes>(tls)
             .await
@@ -212,7 +203,7 @@ async fn connection(
                         continue;
                     }
                     checked = Some(generation);
-                    if let Err(e) = chain.verify(&current.roots) {
+                    if let Err(e) = chain.verify_client(&current.roots) {
                         tracing::warn!(%peer, peer_id = %verified.id, error = %e, "closing a connection whose peer is no longer trusted");
                         metrics.handshake_failure(Direction::Inbound, "no_longer_trusted");
                         verified.untrusted.store(true, Ordering::Release);
@@ -232,23 +223,6 @@ struct VerifiedPeer {
     /// Set before the connection is closed because the peer is no longer
     /// trusted: its streams then end as `untrusted`, not as errors.
     untrusted: AtomicBool,
-}
-
-/// The certificates a peer presented, and when they were verified.
-struct PeerChain {
-    certs: Vec<CertificateDer<'static>>,
-    verified_at: UnixTime,
-}
-
-impl PeerChain {
-    /// Verifies the chain against `roots` as of the handshake: whether its
-    /// trust anchors are still trusted, not whether it has expired since (a
-    /// connection outlives its peer's rotations).
-    fn verify(&self, roots: &RootStore) -> Result<(), rustls::Error> {
-        roots
-            .verify_client_chain(&self.certs, self.verified_at)
-            .map(|_| ())
-    }
 }
 
 struct ActiveGuard(Arc<watch::Sender<usize>>);
@@ -462,7 +436,7 @@ mod tests {
     use crate::identity::Current;
     use tokio_rustls::TlsConnector;
     use ward_spec::test_util::{root, svid};
-    use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier, SvidResolver};
+    use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier, SvidResolver};
 
     const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
     const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";

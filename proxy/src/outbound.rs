@@ -227,6 +227,7 @@ async fn carry(
 ) {
     metrics.stream_opened(Direction::Outbound);
     let result = pump(app, send, recv, first, carried).await;
+    let untrusted = lease.untrusted();
     drop(lease);
     metrics.stream_closed(Direction::Outbound);
     let (to_app, from_app) = carried.totals();
@@ -237,7 +238,11 @@ async fn carry(
         Err(e) => {
             tracing::debug!(error = %e, "outbound stream ended with an error");
             let refused = status != 0 && status != 200;
-            let outcome = if refused { "refused" } else { "error" };
+            let outcome = match (refused, untrusted) {
+                (true, _) => "refused",
+                (false, true) => "untrusted",
+                (false, false) => "error",
+            };
             (outcome, Some(e as &dyn std::fmt::Display))
         }
     };

@@ -8,7 +8,10 @@
 //! usable one is full, and one caller at a time makes it, so a burst of
 //! streams shares one connection. A connection made with an older SVID of
 //! ours takes no new streams; it closes when its last stream ends. Idle
-//! connections close after the idle timeout.
+//! connections close after the idle timeout. When the roots change (a
+//! bundle rotated, a federation ended), each connection's peer chain is
+//! verified again, as of its handshake, and a connection whose peer is no
+//! longer trusted is closed with its streams (as inbound does).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,7 +32,7 @@ use tokio_rustls::TlsConnector;
 use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier};
 use ward_spec::SpiffeId;
 
-use crate::hbone;
+use crate::hbone::{self, PeerChain};
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
 
@@ -45,6 +48,9 @@ struct Conn {
     generation: u64,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// Set before the connection is closed because the peer is no longer
+    /// trusted (the roots changed): its streams then end as `untrusted`.
+    untrusted: Arc<AtomicBool>,
     /// Milliseconds since the pool's start when the last stream ended.
     idle_since: AtomicI64,
 }
@@ -137,6 +143,14 @@ pub fn accepted(response: http::Response<RecvStream>) -> Result<RecvStream, Open
 pub struct Lease {
     conn: Arc<Conn>,
     start: Instant,
+}
+
+impl Lease {
+    /// Whether the stream's connection was closed because the peer is no
+    /// longer trusted.
+    pub fn untrusted(&self) -> bool {
+        self.conn.untrusted.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Lease {
@@ -377,6 +391,13 @@ impl Pool {
             }
         };
         hbone::tunnel_socket(&tcp);
+        // Roots that change from here on get the peer verified again, those
+        // that change during the handshake included (as inbound does).
+        let mut roots_changed = self.identity.current.clone();
+        let mut checked = roots_changed
+            .borrow_and_update()
+            .as_ref()
+            .map(|c| c.roots.generation());
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
@@ -384,6 +405,7 @@ impl Pool {
                 .connect(name, crate::bufio::ReadBuffered::new(tcp))
                 .await?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
+            let chain = PeerChain::new(tls.get_ref().1.peer_certificates());
             let (send, mut connection) = hbone::client_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
@@ -412,39 +434,70 @@ impl Pool {
                 }
             })
             .await?;
-            Ok::<_, io::Error>((send, connection))
+            Ok::<_, io::Error>((send, connection, chain))
         };
-        let (send, connection) = match tokio::time::timeout(self.handshake_timeout, handshake).await
-        {
-            Ok(Ok(x)) => x,
-            Ok(Err(error)) => {
-                let reason = hbone::handshake_failure_reason(&error);
-                self.metrics.handshake_failure(Direction::Outbound, reason);
-                return Err(OpenError::Handshake {
-                    destination: dest,
-                    reason,
-                    error,
-                });
-            }
-            Err(_) => {
-                self.metrics
-                    .handshake_failure(Direction::Outbound, "timeout");
-                return Err(OpenError::Handshake {
-                    destination: dest,
-                    reason: "timeout",
-                    error: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
-                });
-            }
-        };
+        let (send, mut connection, chain) =
+            match tokio::time::timeout(self.handshake_timeout, handshake).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(error)) => {
+                    let reason = hbone::handshake_failure_reason(&error);
+                    self.metrics.handshake_failure(Direction::Outbound, reason);
+                    return Err(OpenError::Handshake {
+                        destination: dest,
+                        reason,
+                        error,
+                    });
+                }
+                Err(_) => {
+                    self.metrics
+                        .handshake_failure(Direction::Outbound, "timeout");
+                    return Err(OpenError::Handshake {
+                        destination: dest,
+                        reason: "timeout",
+                        error: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+                    });
+                }
+            };
         let closed = Arc::new(AtomicBool::new(false));
+        let untrusted = Arc::new(AtomicBool::new(false));
         let metrics = self.metrics.clone();
         metrics.connection_opened(Direction::Outbound);
-        let flag = closed.clone();
+        let (flag, distrusted) = (closed.clone(), untrusted.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(destination = %dest, error = %e, "outbound connection ended");
+            // False once the identity watch has ended (it never does while
+            // the proxy runs): an ended watch would resolve again and again.
+            let mut following = true;
+            loop {
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            tracing::debug!(destination = %dest, error = %e, "outbound connection ended");
+                        }
+                        break;
+                    }
+                    r = roots_changed.changed(), if following => {
+                        following = r.is_ok();
+                        let current = roots_changed.borrow_and_update().clone();
+                        let Some(current) = current.filter(|_| following) else {
+                            continue;
+                        };
+                        let generation = current.roots.generation();
+                        if checked == Some(generation) {
+                            continue;
+                        }
+                        checked = Some(generation);
+                        if let Err(e) = chain.verify_server(&current.roots) {
+                            // Dropping the connection ends its streams.
+                            tracing::warn!(destination = %dest, error = %e, "closing a connection whose peer is no longer trusted");
+                            metrics.handshake_failure(Direction::Outbound, "no_longer_trusted");
+                            distrusted.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
             }
             flag.store(true, Ordering::Release);
+            drop(connection);
             metrics.connection_closed(Direction::Outbound);
         });
         Ok(Arc::new(Conn {
@@ -452,6 +505,7 @@ impl Pool {
             generation,
             active: AtomicUsize::new(0),
             closed,
+            untrusted,
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
         }))
     }
@@ -502,5 +556,128 @@ impl Pool {
     pub fn connections(&self) -> usize {
         let slots = self.slots.lock().expect("pool lock");
         slots.values().map(|s| s.conns.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Current;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use tokio_rustls::TlsAcceptor;
+    use ward_spec::test_util::{root, svid, Issuer};
+    use ward_spec::tls::SpiffeClientVerifier;
+
+    const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
+    const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+
+    /// A peer proxy on loopback presenting `API`'s SVID from `issuer`: it
+    /// answers every `CONNECT` with `200` and holds the stream open.
+    async fn peer(issuer: &Issuer, roots: RootStore) -> std::net::SocketAddr {
+        let config = ward_spec::tls::server_config(
+            svid(API, issuer),
+            SpiffeClientVerifier::new(roots, true),
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = hbone::server_builder(10).handshake::<_, Bytes>(tls).await
+                    else {
+                        return;
+                    };
+                    let mut held = Vec::new();
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        held.push((req, send));
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Whether `recv` stays open, without data, for half a second.
+    async fn still_open(recv: &mut RecvStream) -> bool {
+        tokio::time::timeout(Duration::from_millis(500), recv.data())
+            .await
+            .is_err()
+    }
+
+    /// An open stream goes on through SVID rotations and bundle changes that
+    /// still trust its peer, and ends (as `untrusted`) when the root its
+    /// peer's chain reaches leaves the bundle; new streams then need a new
+    /// handshake, which the peer fails.
+    #[tokio::test]
+    async fn a_stream_ends_when_the_roots_no_longer_trust_its_peer() {
+        let (old_bundle, old_root) = root("example.org");
+        let (new_bundle, _) = root("example.org");
+        let addr = peer(&old_root, RootStore::new(&old_bundle).unwrap()).await;
+        let roots = RootStore::new(&old_bundle).unwrap();
+        let current = |generation| {
+            Some(Current {
+                spiffe_id: SpiffeId::parse(WEB).unwrap(),
+                not_after: crate::identity::unix_now() + 3600,
+                generation,
+                roots: roots.clone(),
+            })
+        };
+        let (identity_tx, identity_rx) = watch::channel(current(1));
+        let identity = Identity {
+            resolver: svid(WEB, &old_root),
+            current: identity_rx,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let d = Duration::from_secs(5);
+        let pool = Pool::new(identity, metrics.clone(), 10, d, d, Duration::from_secs(60));
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let destination = addr.to_string();
+        let pending = pool
+            .start_stream(&destination, &ids, "api.acme:8080")
+            .await
+            .unwrap();
+        let mut recv = accepted(pending.response.await.unwrap()).unwrap();
+
+        // A new SVID under the same roots: nothing to verify again.
+        identity_tx.send(current(2)).unwrap();
+        assert!(still_open(&mut recv).await, "ended by an SVID rotation");
+        // A new root joins the bundle: the peer is verified again, and trusted.
+        let mut both = new_bundle.clone();
+        both.x509_authorities
+            .extend(old_bundle.x509_authorities.iter().cloned());
+        roots.update(&both).unwrap();
+        identity_tx.send(current(3)).unwrap();
+        assert!(
+            still_open(&mut recv).await,
+            "ended while its root was trusted"
+        );
+        assert!(!pending.lease.untrusted());
+
+        // The peer's root leaves the bundle: the stream ends.
+        roots.update(&new_bundle).unwrap();
+        identity_tx.send(current(4)).unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(10), recv.data())
+            .await
+            .expect("the stream of a peer no longer trusted stayed open");
+        assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+        assert!(pending.lease.untrusted());
+        let text = metrics.render(0);
+        assert!(text.contains(r#"reason="no_longer_trusted"} 1"#), "{text}");
+        // A new stream needs a new connection, whose peer is refused.
+        let again = pool.start_stream(&destination, &ids, "api.acme:8080").await;
+        assert!(
+            matches!(again, Err(OpenError::Handshake { .. })),
+            "{:?}",
+            again.err()
+        );
     }
 }

@@ -194,7 +194,6 @@ impl RootStore {
         self.inner.load().generation
     }
 
-    /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
     /// Verifies a client's chain (leaf first) as of `at`.
     pub fn verify_client_chain(
         &self,
@@ -207,6 +206,19 @@ impl RootStore {
         self.verify(leaf, intermediates, at, KeyUsage::client_auth())
     }
 
+    /// Verifies a server's chain (leaf first) as of `at`.
+    pub fn verify_server_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        at: UnixTime,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify(leaf, intermediates, at, KeyUsage::server_auth())
+    }
+
+    /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
