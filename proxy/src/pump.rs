@@ -60,6 +60,11 @@ pub async fn pump(
     let down = tunnel_to_app(recv, w, &carried.to_app);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
+    // The sending half once the application has finished sending: watched
+    // for a reset, which ends the stream even while a write to the
+    // application is blocked (an application that neither reads nor closes
+    // would otherwise hold the stream for good).
+    let mut finished: Option<SendStream<Bytes>> = None;
     while !(up_done && down_done) {
         tokio::select! {
             // The peer's answer first: a refusal (`403` and a reset) ends
@@ -72,19 +77,40 @@ pub async fn pump(
             r = &mut up, if !up_done => {
                 up_done = true;
                 // Dropping the other direction resets the stream and closes the socket.
-                r?;
+                finished = r?;
+            }
+            reset = poll_fn(|cx| finished.as_mut().expect("checked").poll_reset(cx)),
+                if finished.is_some() && !down_done =>
+            {
+                match reset {
+                    // The peer wants nothing more from us, which has all
+                    // been sent: what it sent still goes to the application.
+                    Ok(h2::Reason::NO_ERROR) => finished = None,
+                    Ok(reason) => return Err(reset_error(reason)),
+                    Err(e) => return Err(h2_io(e)),
+                }
             }
         }
     }
     Ok(())
 }
 
+fn reset_error(reason: h2::Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("the stream was reset ({reason})"),
+    )
+}
+
+/// Copies the application's bytes into the stream. On the application's
+/// end of file, ends the stream and returns its sending half (to be watched
+/// for a reset); None if the peer asked for nothing more.
 async fn app_to_tunnel(
     r: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     first: Bytes,
     total: &AtomicU64,
-) -> io::Result<()> {
+) -> io::Result<Option<SendStream<Bytes>>> {
     let n = first.len() as u64;
     send_all(&mut send, first).await?;
     total.fetch_add(n, Ordering::Relaxed);
@@ -100,7 +126,7 @@ async fn app_to_tunnel(
         match read_drained(&r, &mut buf) {
             Ok((0, _)) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok(());
+                return Ok(Some(send));
             }
             Ok((n, drained)) => {
                 send_all(&mut send, buf.split().freeze()).await?;
@@ -108,14 +134,14 @@ async fn app_to_tunnel(
                 if drained {
                     buf = BytesMut::new();
                     if !readable(&r, &mut send).await? {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf = BytesMut::new();
                 if !readable(&r, &mut send).await? {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             Err(e) => {
@@ -136,10 +162,7 @@ async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result
         ready = r.readable() => ready.map(|()| true),
         reset = poll_fn(|cx| send.poll_reset(cx)) => match reset {
             Ok(h2::Reason::NO_ERROR) => Ok(false),
-            Ok(reason) => Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("the stream was reset ({reason})"),
-            )),
+            Ok(reason) => Err(reset_error(reason)),
             Err(e) => Err(h2_io(e)),
         },
     }
@@ -309,6 +332,46 @@ mod tests {
         }
         assert_eq!(carried.totals(), (3, 0));
         ended
+    }
+
+    /// The application has finished sending and reads nothing more, so
+    /// writes to it block; the peer then resets the stream: the stream ends
+    /// at once, in an error, instead of waiting for the application.
+    #[tokio::test]
+    async fn a_reset_ends_a_stream_whose_writes_to_the_application_are_blocked() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        // Small socket buffers, so that a few hundred KiB block the writes.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = sock.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (proxy_side, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&proxy_side)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let carried = std::sync::Arc::new(Carried::default());
+        let c = carried.clone();
+        let pumping = tokio::spawn(async move {
+            pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+        });
+        app.shutdown().await.unwrap();
+        peer_send
+            .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
+            .unwrap();
+        // The writes fill the buffers and block (a write counts once done).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let written = carried.totals().0;
+        assert!(written < 1 << 20, "all of it was written: {written}");
+        assert!(!pumping.is_finished());
+
+        peer_send.send_reset(h2::Reason::CANCEL);
+        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("a stream blocked on the application outlived its reset")
+            .unwrap();
+        let err = ended.expect_err("a cancelled stream ends in an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        drop(app);
     }
 
     /// One read from the application becomes one DATA frame of up to
