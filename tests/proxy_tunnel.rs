@@ -1122,6 +1122,44 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     assert!(api.log_text().contains("drained"));
 }
 
+/// A stream still being set up when SIGTERM arrives (its tunnel waits for
+/// a TLS handshake with a peer that is frozen) is carried through the
+/// drain once the peer answers, and the proxy then exits cleanly.
+#[test]
+fn a_stream_still_being_set_up_is_carried_through_the_drain() {
+    let mesh = Mesh::start(&[], &[]);
+    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &["--drain-timeout", "20s"]);
+    let signal = |sig: &str| {
+        let pid = mesh.api.child.as_ref().unwrap().id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // web has no pooled connection yet: its first stream needs a handshake,
+    // which the frozen peer does not answer.
+    signal("-STOP");
+    let load = std::thread::spawn(move || hash_client(port, 64 * 1024, 1, 0.0));
+    std::thread::sleep(Duration::from_millis(500));
+    let waiter = std::thread::spawn(move || {
+        let status = web.terminate();
+        (status, web)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !waiter.is_finished(),
+        "web's proxy exited with a stream still being set up"
+    );
+    signal("-CONT");
+    let r = load.join().unwrap();
+    assert_clean(&r, 1, 64 * 1024);
+    let (status, web) = waiter.join().unwrap();
+    assert!(status.success(), "{status}");
+    let log = web.log_text();
+    assert!(log.contains("drained"), "{log}");
+}
+
 #[test]
 fn dry_run_lets_denied_streams_through_and_idle_connections_close() {
     // `api` in dry-run mode, every TLS connection closed after 2 s without streams.

@@ -167,11 +167,12 @@ async fn connection(
                 Some(Ok((req, respond))) => {
                     active_tx.send_modify(|n| *n += 1);
                     let guard = ActiveGuard(active_tx.clone());
+                    let task = metrics.stream_task();
                     let inbound = inbound.clone();
                     let verified = verified.clone();
                     tokio::spawn(async move {
                         stream(req, respond, &verified, peer, &inbound).await;
-                        drop(guard);
+                        drop((guard, task));
                     });
                 }
                 Some(Err(e)) => {

@@ -50,7 +50,7 @@ use ward_spec::tls::SpiffeClientVerifier;
 pub use config::ProxyConfig;
 
 use crate::identity::Identity;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::Metrics;
 
 /// The schema used when the policy directory has none (the repository's).
 pub use ward_authz::DEFAULT_SCHEMA;
@@ -245,8 +245,9 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 /// Stops accepting, lets open streams finish until `deadline`, then returns.
 async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline: Duration) {
     let _ = drain.send(true);
-    let open =
-        || metrics.streams_open(Direction::Inbound) + metrics.streams_open(Direction::Outbound);
+    // Streams still being set up (waiting for their tunnel, their
+    // authorization or their application) count as open.
+    let open = || metrics.stream_tasks();
     tracing::info!(open_streams = open(), deadline = ?deadline, "draining");
     let start = Instant::now();
     while open() > 0 && start.elapsed() < deadline {

@@ -43,6 +43,15 @@ struct Series {
     from_app: Counter,
 }
 
+/// A stream being handled (see [`Metrics::stream_task`]).
+pub struct StreamTask(Gauge);
+
+impl Drop for StreamTask {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     inbound: Series,
@@ -61,6 +70,10 @@ pub struct Metrics {
     policy_reloads: Family<Labels, Counter>,
     log_lines_dropped: Family<Labels, Counter>,
     streams_revoked: Counter,
+    /// Streams being handled, from their accept (set-up included: the
+    /// peer's answer, authorization, the connection to the application)
+    /// until they end: what a drain waits for. Not exported.
+    stream_tasks: Gauge,
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
@@ -89,6 +102,7 @@ impl Default for Metrics {
             policy_reloads: Family::default(),
             log_lines_dropped: Family::default(),
             streams_revoked: Counter::default(),
+            stream_tasks: Gauge::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
             access_log: None,
@@ -208,6 +222,17 @@ impl Metrics {
 
     pub fn stream_closed(&self, d: Direction) {
         self.series(d).streams_open.dec();
+    }
+
+    /// Counts a stream from its accept until the guard is dropped.
+    pub fn stream_task(&self) -> StreamTask {
+        self.stream_tasks.inc();
+        StreamTask(self.stream_tasks.clone())
+    }
+
+    /// Streams accepted and not yet ended, set-up included.
+    pub fn stream_tasks(&self) -> i64 {
+        self.stream_tasks.get()
     }
 
     pub fn streams_open(&self, d: Direction) -> i64 {

@@ -20,16 +20,16 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::access_log::{End, StreamLog};
 use crate::config::Route;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, StreamTask};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, Carried};
 
 /// Accepts application connections until `drain` turns true; each is
 /// handled by `handle` in a task of its own, with one of `slots` (shared by
 /// every outbound listener) to hold until it ends; when none is free a new
-/// connection is closed at once, and logged by `over_limit`. (The slot goes
-/// into `handle`'s future: a wrapper future awaiting it would hold that
-/// future twice.)
+/// connection is closed at once, and logged by `over_limit`. The slot, and
+/// the stream's count for the drain, go into `handle`'s future (a wrapper
+/// future awaiting it would hold that future twice).
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
@@ -39,7 +39,7 @@ async fn accept_loop<F, Fut>(
     over_limit: impl Fn(SocketAddr),
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, (OwnedSemaphorePermit, StreamTask)) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut over_limit_logged = false;
@@ -69,7 +69,7 @@ async fn accept_loop<F, Fut>(
         };
         over_limit_logged = false;
         crate::hbone::app_socket(&app);
-        tokio::spawn(handle(app, source, slot));
+        tokio::spawn(handle(app, source, (slot, metrics.stream_task())));
     }
 }
 
@@ -162,6 +162,7 @@ fn not_opened(e: &OpenError) -> End<'_> {
             reason: "timeout", ..
         } => "unreachable",
         OpenError::Handshake { .. } | OpenError::Refused(_) => "refused",
+        OpenError::Untrusted(_) => "untrusted",
         _ => "error",
     };
     let status = match e {
@@ -194,6 +195,7 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     let p = start(pool, route).await?;
     drop(turn);
     let wait = pool.answer_timeout();
+    let lease = p.lease;
     let recv = tokio::time::timeout(wait, p.response)
         .await
         .map_err(|_| {
@@ -205,12 +207,15 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
                 ),
             )
         })?
-        .map_err(|e| OpenError::Http2(route.destination.clone(), e))
+        .map_err(|e| match lease.untrusted() {
+            true => OpenError::Untrusted(route.destination.clone()),
+            false => OpenError::Http2(route.destination.clone(), e),
+        })
         .and_then(accepted)?;
     Ok(Tunnel {
         send: p.send,
         recv,
-        lease: p.lease,
+        lease,
     })
 }
 
