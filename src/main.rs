@@ -11,6 +11,7 @@
 mod cli;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -54,6 +55,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(cli::run(cli));
+    // The tasks still running are dropped with the runtime (a proxy's
+    // streams still open at the drain deadline, whose access log lines say
+    // `cut`); the logs they were the last users of write out what they hold.
+    drop(runtime);
+    ward_spec::linelog::finish_closed(Duration::from_secs(5));
     // Log lines still waiting go out first (a few seconds at most, if
     // stderr is not taking them).
     cli::flush_logs();

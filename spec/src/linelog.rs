@@ -76,10 +76,13 @@ impl LineLog {
             limit,
         });
         let s = shared.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name(format!("{name}-log"))
             .spawn(move || s.write_out(out, interval))
             .expect("cannot start a log writer thread");
+        let mut writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+        writers.retain(|(_, w)| !w.is_finished());
+        writers.push((shared.clone(), writer));
         LineLog { shared }
     }
 
@@ -150,6 +153,27 @@ impl LineLog {
     /// Lines dropped because the destination was not taking them (or failed).
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Every log's shared state and writer thread, for [`finish_closed`].
+type Writers = Vec<(Arc<Shared>, std::thread::JoinHandle<()>)>;
+static WRITERS: Mutex<Writers> = Mutex::new(Vec::new());
+
+/// Waits (`wait` at most) until every log that has been dropped has written
+/// what it held. For the end of a process: lines that tasks dropped at the
+/// runtime's shutdown add (streams cut by it) are written out, not lost with
+/// the process.
+pub fn finish_closed(wait: Duration) {
+    let deadline = Instant::now() + wait;
+    let writers = std::mem::take(&mut *WRITERS.lock().unwrap_or_else(|e| e.into_inner()));
+    for (shared, writer) in writers {
+        if !shared.lock().closed {
+            continue;
+        }
+        while !writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
