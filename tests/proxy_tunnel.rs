@@ -1075,6 +1075,7 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
     let load = std::thread::spawn(move || hash_client(port, 1024 * 1024, 1, 5.0));
     let mut api = mesh.api;
+    let api_health = api.health_addr.clone();
     std::thread::sleep(Duration::from_secs(1));
     let waiter = std::thread::spawn(move || {
         let status = api.terminate();
@@ -1084,6 +1085,13 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     assert!(
         std::net::TcpStream::connect(&mesh.api_inbound).is_err(),
         "the inbound listener still accepts while draining"
+    );
+    // While it drains, it is alive but not ready.
+    assert_eq!(http_get(&api_health, "/healthz").map(|r| r.0), Some(200));
+    let ready = http_get(&api_health, "/readyz");
+    assert!(
+        matches!(&ready, Some((503, body)) if body.contains("draining")),
+        "{ready:?}"
     );
 
     // 3. An in-place restart: a new api proxy takes the address while the old

@@ -50,7 +50,7 @@ use ward_spec::tls::SpiffeClientVerifier;
 pub use config::ProxyConfig;
 
 use crate::identity::Identity;
-use crate::metrics::Metrics;
+use crate::metrics::{Direction, Metrics};
 
 /// The schema used when the policy directory has none (the repository's).
 pub use ward_authz::DEFAULT_SCHEMA;
@@ -103,14 +103,18 @@ pub async fn run(
     let router = health_router(
         identity.clone(),
         listening.clone(),
+        stopping.clone(),
         metrics.clone(),
         authz.clone(),
     );
-    let mut health_stop = drain.clone();
+    // The health server answers until the drain is over (`/healthz` ok,
+    // `/readyz` 503 while draining), so that a liveness probe does not
+    // fail a proxy that is finishing its streams.
+    let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = axum::serve(health, router)
             .with_graceful_shutdown(async move {
-                let _ = health_stop.wait_for(|d| *d).await;
+                let _ = health_stopped.await;
             })
             .await;
     });
@@ -190,6 +194,7 @@ pub async fn run(
     tracing::info!(spiffe_id = %current.spiffe_id, "proxy ready");
 
     let _ = stop_rx.wait_for(|s| *s).await;
+    listening.store(false, Ordering::Release);
     drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
@@ -243,6 +248,10 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 }
 
 /// Stops accepting, lets open streams finish until `deadline`, then returns.
+/// Inbound connections are waited for too: each has told its peer to open
+/// no more streams (GOAWAY) and closes once its peer has seen that and its
+/// streams have ended, so a peer's stream sent meanwhile is refused in a
+/// way it can retry elsewhere, not cut by the process's exit.
 async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline: Duration) {
     let _ = drain.send(true);
     // Streams still being set up (waiting for their tunnel, their
@@ -250,7 +259,9 @@ async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline:
     let open = || metrics.stream_tasks();
     tracing::info!(open_streams = open(), deadline = ?deadline, "draining");
     let start = Instant::now();
-    while open() > 0 && start.elapsed() < deadline {
+    while (open() > 0 || metrics.connections_open(Direction::Inbound) > 0)
+        && start.elapsed() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if open() > 0 {
@@ -305,6 +316,7 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
 fn health_router(
     identity: Identity,
     listening: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     authz: Arc<Authorizer>,
 ) -> axum::Router {
@@ -313,15 +325,18 @@ fn health_router(
         .route(
             "/readyz",
             get(move || {
-                let ready = identity.usable().is_some() && listening.load(Ordering::Acquire);
+                let usable = identity.usable().is_some();
+                let ready = usable && listening.load(Ordering::Acquire);
+                let why = match (stopping.load(Ordering::Acquire), usable) {
+                    (true, _) => "not ready: draining\n",
+                    (false, false) => "not ready: no usable SVID yet\n",
+                    (false, true) => "not ready: not listening yet\n",
+                };
                 async move {
                     if ready {
                         (StatusCode::OK, "ready\n")
                     } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: no usable SVID yet\n",
-                        )
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
                     }
                 }
             }),

@@ -235,6 +235,10 @@ impl Metrics {
         self.stream_tasks.get()
     }
 
+    pub fn connections_open(&self, d: Direction) -> i64 {
+        self.series(d).connections_open.get()
+    }
+
     pub fn streams_open(&self, d: Direction) -> i64 {
         self.series(d).streams_open.get()
     }
