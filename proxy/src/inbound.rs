@@ -15,7 +15,7 @@
 //! (their access log lines say `untrusted`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use ward_authz::{Authorizer, ConnectContext};
+use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
 use crate::access_log::{End, StreamLog};
@@ -110,10 +111,10 @@ async fn connection(
     let mut roots_changed = inbound.identity.current.clone();
     // The roots' generation the handshake is checked against: a response
     // that leaves the roots as they were (an SVID rotation) checks nothing.
-    let mut checked = roots_changed
+    let checked = roots_changed
         .borrow_and_update()
         .as_ref()
-        .map(|c| c.roots.generation());
+        .map_or(UNCHECKED, |c| c.roots.generation());
     let handshake = async {
         let mut tls = inbound
             .acceptor
@@ -153,6 +154,8 @@ async fn connection(
     let verified = Arc::new(VerifiedPeer {
         id: peer_id,
         untrusted: AtomicBool::new(false),
+        chain,
+        checked: AtomicU64::new(checked),
     });
     let (active_tx, mut active_rx) = watch::channel(0usize);
     let active_tx = Arc::new(active_tx);
@@ -160,6 +163,10 @@ async fn connection(
     // False once the identity watch has ended (it never does while the
     // proxy runs): an ended watch would resolve at once, again and again.
     let mut following = true;
+    // One timer, set when the connection becomes idle (the idle timeout) or
+    // is told to close (the close grace); other events leave it running.
+    let timer = tokio::time::sleep(inbound.idle_timeout);
+    tokio::pin!(timer);
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
         tokio::select! {
@@ -181,35 +188,42 @@ async fn connection(
                 }
                 None => break,
             },
-            _ = active_rx.changed() => {}
-            _ = tokio::time::sleep(inbound.idle_timeout), if idle && !shutting_down => {
+            _ = active_rx.changed() => {
+                if *active_rx.borrow() == 0 {
+                    let wait = if shutting_down { hbone::CLOSE_GRACE } else { inbound.idle_timeout };
+                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+            }
+            () = &mut timer, if idle => {
+                if shutting_down {
+                    tracing::debug!(%peer, "the peer did not finish closing; cut off");
+                    break;
+                }
                 tracing::debug!(%peer, "closing idle inbound connection");
                 conn.graceful_shutdown();
                 shutting_down = true;
+                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
             }
             _ = crate::drained(&mut drain), if !shutting_down => {
                 conn.graceful_shutdown();
                 shutting_down = true;
-            }
-            _ = tokio::time::sleep(hbone::CLOSE_GRACE), if idle && shutting_down => {
-                tracing::debug!(%peer, "the peer did not finish closing; cut off");
-                break;
+                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
             }
             r = roots_changed.changed(), if following => {
                 following = r.is_ok();
                 let current = roots_changed.borrow_and_update().clone();
                 if let (Ok(()), Some(current)) = (r, current) {
                     let generation = current.roots.generation();
-                    if checked == Some(generation) {
+                    if verified.checked.load(Ordering::Acquire) == generation {
                         continue;
                     }
-                    checked = Some(generation);
-                    if let Err(e) = chain.verify_client(&current.roots) {
+                    if let Err(e) = verified.chain.verify_client(&current.roots) {
                         tracing::warn!(%peer, peer_id = %verified.id, error = %e, "closing a connection whose peer is no longer trusted");
                         metrics.handshake_failure(Direction::Inbound, "no_longer_trusted");
                         verified.untrusted.store(true, Ordering::Release);
                         break;
                     }
+                    verified.checked.store(generation, Ordering::Release);
                 }
             }
         }
@@ -224,6 +238,31 @@ struct VerifiedPeer {
     /// Set before the connection is closed because the peer is no longer
     /// trusted: its streams then end as `untrusted`, not as errors.
     untrusted: AtomicBool,
+    /// Its certificates, verified again when the roots change.
+    chain: PeerChain,
+    /// The roots' generation it was last verified against.
+    checked: AtomicU64,
+}
+
+/// No roots' generation: the peer is verified at the first chance.
+const UNCHECKED: u64 = u64::MAX;
+
+impl VerifiedPeer {
+    /// Whether the peer is still trusted by `roots`. Streams ask this before
+    /// they are admitted, so that none gets through in the moment between a
+    /// change of the roots and its connection's check (which closes it).
+    fn trusted_by(&self, roots: &RootStore) -> bool {
+        if self.untrusted.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.checked.load(Ordering::Acquire) == roots.generation()
+            || self.chain.verify_client(roots).is_ok()
+        {
+            return true;
+        }
+        self.untrusted.store(true, Ordering::Release);
+        false
+    }
 }
 
 struct ActiveGuard(Arc<watch::Sender<usize>>);
@@ -275,7 +314,7 @@ async fn stream(
     );
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
-    let (app, send, body, port) = match Box::pin(admit(req, respond, peer_id, peer, inbound)).await
+    let (app, send, body, port) = match Box::pin(admit(req, respond, verified, peer, inbound)).await
     {
         Ok(admitted) => admitted,
         Err((status, outcome)) => {
@@ -325,10 +364,11 @@ const CANCELLED: Refusal = (None, "cancelled");
 async fn admit(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    peer_id: &SpiffeId,
+    verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
+    let peer_id = &verified.id;
     let metrics = &inbound.metrics;
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
@@ -343,6 +383,9 @@ async fn admit(
     let Some(me) = inbound.identity.usable() else {
         return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
     };
+    if !verified.trusted_by(&me.roots) {
+        return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
+    }
     let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     if !decision.permitted {
@@ -371,6 +414,10 @@ async fn admit(
             return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
+    if verified.untrusted.load(Ordering::Acquire) {
+        // Its connection is being closed: the application's is closed unused.
+        return Err((None, "untrusted"));
+    }
     hbone::app_socket(&app);
     let ok = Response::builder()
         .status(StatusCode::OK)
@@ -437,7 +484,7 @@ mod tests {
     use crate::identity::Current;
     use tokio_rustls::TlsConnector;
     use ward_spec::test_util::{root, svid};
-    use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier, SvidResolver};
+    use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier, SvidResolver};
 
     const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
     const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
@@ -454,11 +501,13 @@ mod tests {
     }
 
     /// The inbound side of `API`, with the SVID in `resolver`, following
-    /// `identity` and `policy_epoch`; no policies (every stream is denied).
+    /// `identity` and `policy_epoch`, closing connections idle for
+    /// `idle_timeout`; no policies (every stream is denied).
     fn inbound(
         resolver: SvidResolver,
         identity: watch::Receiver<Option<Current>>,
         policy_epoch: watch::Receiver<u64>,
+        idle_timeout: Duration,
     ) -> Arc<Inbound> {
         let roots = identity.borrow().as_ref().unwrap().roots.clone();
         let verifier = ward_spec::tls::SpiffeClientVerifier::new(roots, true);
@@ -485,7 +534,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             max_streams: 10,
             handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout,
             connect_timeout: Duration::from_secs(5),
             policy_epoch,
         })
@@ -502,7 +551,7 @@ mod tests {
         assert!(expired.not_after < crate::identity::unix_now());
         let (_identity_tx, identity) = watch::channel(Some(expired));
         let (epoch_tx, epoch) = watch::channel(0);
-        let inbound = inbound(svid(API, &root), identity, epoch);
+        let inbound = inbound(svid(API, &root), identity, epoch, Duration::from_secs(60));
         let mut seen = inbound.policy_epoch.clone();
         seen.borrow_and_update();
         let web = SpiffeId::parse(WEB).unwrap();
@@ -532,7 +581,12 @@ mod tests {
         let roots = RootStore::new(&old_bundle).unwrap();
         let resolver = svid(API, &old_root);
         let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
-        let inbound = inbound(resolver, identity_rx, watch::channel(0).1);
+        let inbound = inbound(
+            resolver,
+            identity_rx,
+            watch::channel(0).1,
+            Duration::from_secs(60),
+        );
         let metrics = inbound.metrics.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -577,5 +631,101 @@ mod tests {
             .unwrap();
         let text = metrics.render(0);
         assert!(text.contains(r#"reason="no_longer_trusted"} 1"#), "{text}");
+    }
+
+    /// A peer's TLS client config (`WEB`, from `issuer`, expecting `API`).
+    fn peer_client(issuer: &ward_spec::test_util::Issuer, roots: &RootStore) -> TlsConnector {
+        let cfg = ward_spec::tls::client_config(
+            Some(svid(WEB, issuer)),
+            SpiffeServerVerifier::new(
+                roots.clone(),
+                PeerPolicy::OneOf(vec![SpiffeId::parse(API).unwrap()]),
+            ),
+        );
+        TlsConnector::from(Arc::new(cfg))
+    }
+
+    /// An idle connection is closed after the idle timeout even while
+    /// identity updates (SVID rotations) keep arriving more often than that:
+    /// they do not restart its timer.
+    #[tokio::test]
+    async fn an_idle_connection_closes_on_time_through_frequent_svid_rotations() {
+        let (bundle, root) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let inbound = inbound(
+            svid(API, &root),
+            identity_rx,
+            watch::channel(0).1,
+            Duration::from_millis(1500),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_drain_tx, drain_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            connection(tcp, peer, inbound, drain_rx).await;
+        });
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let tls = peer_client(&root, &roots)
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        let (_client, conn) = crate::hbone::client_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap();
+        let opened = std::time::Instant::now();
+        let rotations = tokio::spawn(async move {
+            for generation in 2.. {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if identity_tx
+                    .send(Some(current(0, generation, &roots)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("an idle connection stayed open through SVID rotations")
+            .ok();
+        rotations.abort();
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+            "closed after {took:?}, the idle timeout is 1.5 s"
+        );
+    }
+
+    /// A stream asks whether its peer is still trusted before it is
+    /// admitted: roots whose change the connection has not yet checked are
+    /// checked then, and a peer they no longer trust is refused (and marked
+    /// untrusted, for its connection's other streams).
+    #[test]
+    fn a_stream_is_not_admitted_from_a_peer_the_roots_no_longer_trust() {
+        let (old_bundle, old_root) = root("example.org");
+        let (new_bundle, _) = root("example.org");
+        let roots = RootStore::new(&old_bundle).unwrap();
+        let (leaf, _) = ward_spec::test_util::leaf_and_key(WEB, &old_root);
+        let verified = VerifiedPeer {
+            id: SpiffeId::parse(WEB).unwrap(),
+            untrusted: AtomicBool::new(false),
+            chain: PeerChain::new(Some(&[leaf])),
+            checked: AtomicU64::new(roots.generation()),
+        };
+        assert!(verified.trusted_by(&roots));
+        // A root joins: checked again, still trusted.
+        let mut both = new_bundle.clone();
+        both.x509_authorities
+            .extend(old_bundle.x509_authorities.iter().cloned());
+        roots.update(&both).unwrap();
+        assert!(verified.trusted_by(&roots));
+        assert!(!verified.untrusted.load(Ordering::Acquire));
+        // The peer's root leaves.
+        roots.update(&new_bundle).unwrap();
+        assert!(!verified.trusted_by(&roots));
+        assert!(verified.untrusted.load(Ordering::Acquire));
     }
 }
