@@ -98,6 +98,19 @@ fn summary(p: &PolicySetRecord, active: bool) -> pb::PolicySetSummary {
     }
 }
 
+/// A page of the policy history (newest first). The newest version is the
+/// active one: it heads the first page.
+fn policy_page(sets: &[PolicySetRecord], first_page: bool, limit: u32) -> pb::ListPoliciesResponse {
+    pb::ListPoliciesResponse {
+        versions: sets
+            .iter()
+            .enumerate()
+            .map(|(i, p)| summary(p, first_page && i == 0))
+            .collect(),
+        next_page_token: next_page(sets, limit, |p| p.version.to_string()),
+    }
+}
+
 fn spec_from_pb(e: types::Entry, with_id: bool) -> EntrySpec {
     EntrySpec {
         id: (with_id || !e.id.is_empty())
@@ -396,14 +409,17 @@ impl Admin for AdminApi {
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         self.operator_only(&req, "list_policies").await?;
-        let all = self.ca.list_policies().await?;
-        let active = all.first().map(|p| p.version);
-        Ok(Response::new(pb::ListPoliciesResponse {
-            versions: all
-                .iter()
-                .map(|p| summary(p, Some(p.version) == active))
-                .collect(),
-        }))
+        let r = req.into_inner();
+        let (token, limit) = page(&r.page_token, r.page_size);
+        let before = token
+            .map(|t| {
+                t.parse::<u64>().map_err(|_| {
+                    Status::invalid_argument(format!("page_token {t:?} is not one this CA gave"))
+                })
+            })
+            .transpose()?;
+        let sets = self.ca.list_policies(before, limit).await?;
+        Ok(Response::new(policy_page(&sets, before.is_none(), limit)))
     }
 
     async fn rollback_policy(
@@ -428,5 +444,41 @@ impl Admin for AdminApi {
                 "policy set version {v} does not exist"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(version: u64) -> PolicySetRecord {
+        PolicySetRecord {
+            version,
+            files: vec![("a.cedar".into(), "// a".into())],
+            digest: format!("d{version}"),
+            comment: String::new(),
+            created_at: 1,
+            policies: 0,
+        }
+    }
+
+    /// The history comes in pages, newest first: the first page's first
+    /// version is the active one and no other is; a full page names the
+    /// next one's start, the last page none.
+    #[test]
+    fn the_policy_history_is_paged_and_marks_only_the_newest_active() {
+        let first = policy_page(&[set(5), set(4)], true, 2);
+        let active: Vec<(u64, bool)> = first
+            .versions
+            .iter()
+            .map(|v| (v.version, v.active))
+            .collect();
+        assert_eq!(active, [(5, true), (4, false)]);
+        assert_eq!(first.next_page_token, "4");
+        let (token, limit) = page(&first.next_page_token, 2);
+        assert_eq!((token, limit), (Some("4"), 2));
+        let last = policy_page(&[set(3)], false, 2);
+        assert!(!last.versions[0].active);
+        assert_eq!(last.next_page_token, "");
     }
 }

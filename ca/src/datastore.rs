@@ -315,8 +315,12 @@ pub trait Datastore: Send + Sync + 'static {
     async fn add_policy_set(&self, set: &PolicySetRecord) -> Result<u64>;
     /// One version, or the newest (active) one when `version` is `None`.
     async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>>;
-    /// Every version, newest first.
-    async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>>;
+    /// Versions older than `before` (all if None), newest first, at most `limit`.
+    async fn list_policy_sets(
+        &self,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<PolicySetRecord>>;
 
     /// Stores (or replaces) the bundle of a trust domain we federate with.
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()>;

@@ -1316,8 +1316,13 @@ impl Ca {
         Ok(self.store.get_policy_set(version).await?)
     }
 
-    pub async fn list_policies(&self) -> CaResult<Vec<PolicySetRecord>> {
-        Ok(self.store.list_policy_sets().await?)
+    /// Versions older than `before` (all if None), newest first, at most `limit`.
+    pub async fn list_policies(
+        &self,
+        before: Option<u64>,
+        limit: u32,
+    ) -> CaResult<Vec<PolicySetRecord>> {
+        Ok(self.store.list_policy_sets(before, limit).await?)
     }
 
     /// The active policy set version (0: none pushed).

@@ -218,22 +218,33 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
         }
         PolicyCommand::History { target } => {
             let mut c = admin::client(&target).await?;
-            let r = c
-                .list_policies(admin_pb::ListPoliciesRequest {})
-                .await
-                .map_err(admin::status)?
-                .into_inner();
+            let mut versions = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_policies(admin_pb::ListPoliciesRequest {
+                        page_token,
+                        page_size: 0,
+                    })
+                    .await
+                    .map_err(admin::status)?
+                    .into_inner();
+                versions.extend(r.versions);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
             match out {
-                Output::Json => print_json(&json!(r
-                    .versions
+                Output::Json => print_json(&json!(versions
                     .iter()
                     .map(summary_json)
                     .collect::<Vec<_>>())),
                 Output::Human => {
-                    if r.versions.is_empty() {
+                    if versions.is_empty() {
                         println!("No policy set has been pushed yet (`ward policy push DIR`).");
                     }
-                    for s in &r.versions {
+                    for s in &versions {
                         println!(
                             "{} {:>4}  {}  {:>3} policies  {:>3} files  {}  {}",
                             if s.active { "*" } else { " " },

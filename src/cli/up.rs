@@ -400,7 +400,10 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
     // 2. The demo policy set, unless one is stored already.
     let step = Instant::now();
     let history = ca
-        .list_policies(pb::ListPoliciesRequest {})
+        .list_policies(pb::ListPoliciesRequest {
+            page_token: String::new(),
+            page_size: 1,
+        })
         .await
         .map_err(admin::status)?
         .into_inner();

@@ -217,8 +217,12 @@ impl Datastore for Breaker {
     async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>> {
         guarded!(self.get_policy_set(version))
     }
-    async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
-        guarded!(self.list_policy_sets())
+    async fn list_policy_sets(
+        &self,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<PolicySetRecord>> {
+        guarded!(self.list_policy_sets(before, limit))
     }
     async fn set_federated_bundle(&self, bundle: &FederatedBundleRecord, now: i64) -> Result<()> {
         guarded!(self.set_federated_bundle(bundle, now))

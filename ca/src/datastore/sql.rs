@@ -986,10 +986,19 @@ macro_rules! sql_store {
                 row.as_ref().map(row_to_policy_set).transpose()
             }
 
-            async fn list_policy_sets(&self) -> Result<Vec<PolicySetRecord>> {
-                let rows = sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC")
-                    .fetch_all(&self.pool)
-                    .await?;
+            async fn list_policy_sets(
+                &self,
+                before: Option<u64>,
+                limit: u32,
+            ) -> Result<Vec<PolicySetRecord>> {
+                let before = before.map_or(i64::MAX, |v| v.min(i64::MAX as u64) as i64);
+                let rows = sqlx::query(
+                    "SELECT * FROM policy_sets WHERE version < $1 ORDER BY version DESC LIMIT $2",
+                )
+                .bind(before)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
                 rows.iter().map(row_to_policy_set).collect()
             }
 

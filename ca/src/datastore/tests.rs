@@ -351,14 +351,15 @@ async fn policy_sets_on(s: &dyn Datastore) {
         vec![("a.cedar".to_string(), "// one".to_string())]
     );
     assert_eq!(s.get_policy_set(Some(3)).await.unwrap(), None);
-    let all: Vec<u64> = s
-        .list_policy_sets()
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.version)
-        .collect();
-    assert_eq!(all, vec![2, 1]);
+    let versions = |v: Vec<PolicySetRecord>| v.iter().map(|p| p.version).collect::<Vec<_>>();
+    assert_eq!(
+        versions(s.list_policy_sets(None, 10).await.unwrap()),
+        [2, 1]
+    );
+    // In pages: the newest first, then those older than the page's last.
+    assert_eq!(versions(s.list_policy_sets(None, 1).await.unwrap()), [2]);
+    assert_eq!(versions(s.list_policy_sets(Some(2), 1).await.unwrap()), [1]);
+    assert!(s.list_policy_sets(Some(1), 1).await.unwrap().is_empty());
 }
 
 #[tokio::test]
