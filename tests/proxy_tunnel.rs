@@ -31,6 +31,16 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// Sends `sig` (`-STOP`, `-CONT`) to the server-side proxy.
+    fn signal_api(&self, sig: &str) {
+        let pid = self.api.child.as_ref().unwrap().id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     fn start(ca_flags: &[&str], api_flags: &[&str]) -> Mesh {
         Self::start_with(ca_flags, api_flags, false)
     }
@@ -588,14 +598,7 @@ fn a_connect_the_peer_never_answers_is_given_up_after_the_answer_timeout() {
     let mesh = Mesh::start(&[], &[]);
     let (web, port) = mesh.client_proxy(WEB_UID, API, &["--connect-timeout", "1s"]);
     assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
-    let signal = |sig: &str| {
-        let pid = mesh.api.child.as_ref().unwrap().id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let signal = |sig: &str| mesh.signal_api(sig);
     signal("-STOP");
     let started = Instant::now();
     let closed = closed_at_once(&format!("127.0.0.1:{port}"), Duration::from_secs(15));
@@ -1137,14 +1140,7 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
 fn a_stream_still_being_set_up_is_carried_through_the_drain() {
     let mesh = Mesh::start(&[], &[]);
     let (mut web, port) = mesh.client_proxy(WEB_UID, API, &["--drain-timeout", "20s"]);
-    let signal = |sig: &str| {
-        let pid = mesh.api.child.as_ref().unwrap().id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let signal = |sig: &str| mesh.signal_api(sig);
     // web has no pooled connection yet: its first stream needs a handshake,
     // which the frozen peer does not answer.
     signal("-STOP");

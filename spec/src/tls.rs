@@ -200,10 +200,7 @@ impl RootStore {
         chain: &[CertificateDer<'_>],
         at: UnixTime,
     ) -> Result<SpiffeId, rustls::Error> {
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or(rustls::Error::NoCertificatesPresented)?;
-        self.verify(leaf, intermediates, at, KeyUsage::client_auth())
+        self.verify_chain(chain, at, KeyUsage::client_auth())
     }
 
     /// Verifies a server's chain (leaf first) as of `at`.
@@ -212,10 +209,19 @@ impl RootStore {
         chain: &[CertificateDer<'_>],
         at: UnixTime,
     ) -> Result<SpiffeId, rustls::Error> {
+        self.verify_chain(chain, at, KeyUsage::server_auth())
+    }
+
+    fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        at: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or(rustls::Error::NoCertificatesPresented)?;
-        self.verify(leaf, intermediates, at, KeyUsage::server_auth())
+        self.verify(leaf, intermediates, at, usage)
     }
 
     /// Verifies a peer chain for `usage` at `now` and returns the peer's SPIFFE ID.
