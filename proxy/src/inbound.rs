@@ -167,8 +167,18 @@ async fn connection(
     // is told to close (the close grace); other events leave it running.
     let timer = tokio::time::sleep(inbound.idle_timeout);
     tokio::pin!(timer);
+    let mut was_idle = true;
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
+        if idle && !was_idle {
+            let wait = if shutting_down {
+                hbone::CLOSE_GRACE
+            } else {
+                inbound.idle_timeout
+            };
+            timer.as_mut().reset(tokio::time::Instant::now() + wait);
+        }
+        was_idle = idle;
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
@@ -188,12 +198,8 @@ async fn connection(
                 }
                 None => break,
             },
-            _ = active_rx.changed() => {
-                if *active_rx.borrow() == 0 {
-                    let wait = if shutting_down { hbone::CLOSE_GRACE } else { inbound.idle_timeout };
-                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
-                }
-            }
+            // Wakes the loop, which sets the timer when the count reaches 0.
+            _ = active_rx.changed() => {}
             () = &mut timer, if idle => {
                 if shutting_down {
                     tracing::debug!(%peer, "the peer did not finish closing; cut off");
@@ -250,18 +256,12 @@ const UNCHECKED: u64 = u64::MAX;
 impl VerifiedPeer {
     /// Whether the peer is still trusted by `roots`. Streams ask this before
     /// they are admitted, so that none gets through in the moment between a
-    /// change of the roots and its connection's check (which closes it).
+    /// change of the roots and its connection's check (which closes it; the
+    /// connection alone decides that, so a refusal here marks nothing).
     fn trusted_by(&self, roots: &RootStore) -> bool {
-        if self.untrusted.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.checked.load(Ordering::Acquire) == roots.generation()
-            || self.chain.verify_client(roots).is_ok()
-        {
-            return true;
-        }
-        self.untrusted.store(true, Ordering::Release);
-        false
+        !self.untrusted.load(Ordering::Acquire)
+            && (self.checked.load(Ordering::Acquire) == roots.generation()
+                || self.chain.verify_client(roots).is_ok())
     }
 }
 
@@ -701,8 +701,8 @@ mod tests {
 
     /// A stream asks whether its peer is still trusted before it is
     /// admitted: roots whose change the connection has not yet checked are
-    /// checked then, and a peer they no longer trust is refused (and marked
-    /// untrusted, for its connection's other streams).
+    /// checked then, and a peer they no longer trust is refused; whether the
+    /// connection closes is its own check's to say (roots may change back).
     #[test]
     fn a_stream_is_not_admitted_from_a_peer_the_roots_no_longer_trust() {
         let (old_bundle, old_root) = root("example.org");
@@ -726,6 +726,13 @@ mod tests {
         // The peer's root leaves.
         roots.update(&new_bundle).unwrap();
         assert!(!verified.trusted_by(&roots));
-        assert!(verified.untrusted.load(Ordering::Acquire));
+        assert!(!verified.trusted_by(&roots));
+        assert!(!verified.untrusted.load(Ordering::Acquire));
+        // It comes back: trusted again.
+        roots.update(&old_bundle).unwrap();
+        assert!(verified.trusted_by(&roots));
+        // Once its connection has found it untrusted, it stays so.
+        verified.untrusted.store(true, Ordering::Release);
+        assert!(!verified.trusted_by(&roots));
     }
 }

@@ -264,10 +264,12 @@ async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline:
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if open() > 0 {
+    let connections = metrics.connections_open(Direction::Inbound);
+    if open() > 0 || connections > 0 {
         tracing::warn!(
             open_streams = open(),
-            "drain deadline reached; closing open streams"
+            inbound_connections = connections,
+            "drain deadline reached; closing open streams and connections"
         );
     } else {
         tracing::info!("drained");
