@@ -826,3 +826,134 @@ fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
         "B signed nothing"
     );
 }
+
+/// A TCP relay to `upstream` that can turn into a black hole: it then cuts
+/// the connections it carries and accepts new ones without ever answering,
+/// as an address does whose process hangs, or a load balancer without a
+/// backend.
+struct Relay {
+    addr: String,
+    black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    carried: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(upstream: &str) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let relay = Relay {
+            addr,
+            black_hole: Default::default(),
+            carried: Default::default(),
+        };
+        let (black_hole, carried) = (relay.black_hole.clone(), relay.carried.clone());
+        let upstream = upstream.to_owned();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if black_hole.load(Ordering::SeqCst) {
+                    held.push(conn);
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let mut c = carried.lock().unwrap();
+                c.push(conn.try_clone().unwrap());
+                c.push(up.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    /// From now on nothing through the relay is answered.
+    fn black_hole(&self) {
+        self.black_hole
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.carried.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn an_agent_leaves_a_replica_address_that_accepts_but_never_answers() {
+    let Some(db) = fresh_database() else { return };
+
+    step(
+        1,
+        "two replicas; the agent reaches A through a relay, and knows B; 20 s SVIDs",
+    );
+    let root_dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_replicas(&db, root_dir.path());
+    let relay = Relay::start(&a.node_addr);
+    let token = a.join_token();
+    let mut agent = AgentProcess::prepare(vec![relay.addr.clone(), b.node_addr.clone()]);
+    std::fs::write(
+        agent.dir.join("bundle.pem"),
+        a.cli(&["bundle", "show"]).stdout,
+    )
+    .unwrap();
+    agent.spawn(Some(&token));
+    agent.wait_ready();
+    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    create_entry(&a, &node, "short", "20");
+    wait_until("the first SVID", Duration::from_secs(10), || {
+        !served(&agent).is_empty()
+    });
+
+    step(
+        2,
+        "the relay cuts the agent's connection and then takes new ones without answering: a reconnection there never completes",
+    );
+    relay.black_hole();
+    let cut = Instant::now();
+    let cut_at = served(&agent)[0].1;
+
+    step(
+        3,
+        "for 25 s the workload asks every 200 ms: always a valid SVID, the next ones from B, within 15 s (a reconnection gets 5 s)",
+    );
+    let mut expiries = std::collections::BTreeSet::new();
+    let mut moved = None;
+    let until = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < until {
+        let now = unix_now();
+        let svids = served(&agent);
+        assert_eq!(svids.len(), 1, "the workload got no SVID at {now}");
+        assert!(svids[0].1 > now, "served an expired SVID at {now}");
+        expiries.insert(svids[0].1);
+        if moved.is_none() && agent.log_text().contains("failed over to another CA") {
+            moved = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        expiries.iter().filter(|&&e| e > cut_at).count() >= 1,
+        "no rotation after the relay went silent: {expiries:?}"
+    );
+    let moved = moved.unwrap_or_else(|| panic!("never failed over:\n{}", agent.log_text()));
+    println!("  failed over {moved:?} after the relay went silent");
+    assert!(
+        moved < Duration::from_secs(15),
+        "failed over only {moved:?} after the relay went silent"
+    );
+    assert!(
+        b.wait_audit_lines("x509_svid_issued", 1) >= 1,
+        "B signed nothing"
+    );
+}

@@ -14,6 +14,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// stay with it for signing (another replica shares the same database).
 pub const DATASTORE_UNAVAILABLE: &str = "ward-datastore-unavailable";
 
+/// How long a TCP connection and TLS handshake to an API may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A channel to `addr` (`host:port`) over TLS with `config`. The server's
 /// identity is checked by the config's verifier (its SPIFFE ID), not by name.
 pub async fn tls_channel(
@@ -36,7 +39,7 @@ pub async fn tls_channel_with_timeout(
     let connector = tower::service_fn(move |_: Uri| {
         let target = target.clone();
         let config = config.clone();
-        async move {
+        let connect = async move {
             let tcp = tokio::net::TcpStream::connect(&target).await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from("ward.invalid").expect("static name is valid");
@@ -44,6 +47,20 @@ pub async fn tls_channel_with_timeout(
                 .connect(name, tcp)
                 .await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
+        };
+        // Bounded, reconnections included: a channel reconnects while a
+        // call waits for it to be ready, which no call timeout covers, and
+        // an address that accepts but never answers (a frozen process, a
+        // load balancer without a backend) would hold that call for good.
+        async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no TLS connection within {CONNECT_TIMEOUT:?}"),
+                    )
+                })?
         }
     });
     let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))?
