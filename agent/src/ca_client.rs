@@ -2,7 +2,7 @@
 //! CA addresses with failover, and the back-off DESIGN.md prescribes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use ward_spec::proto::node::v1::node_client::NodeClient;
@@ -46,6 +46,9 @@ pub fn jitter(d: Duration, frac: f64) -> Duration {
     d.mul_f64(1.0 + frac * (2.0 * u - 1.0))
 }
 
+/// How long an attempt to connect that reached no CA answers for the next.
+const DOWN_HOLD: Duration = Duration::from_secs(2);
+
 pub struct CaClient {
     addresses: Vec<String>,
     current: usize,
@@ -57,6 +60,11 @@ pub struct CaClient {
     connected: Option<usize>,
     /// The last attempt to connect reached no CA.
     unreachable: bool,
+    /// After an attempt that reached no CA, `get` fails at once until then
+    /// (with that attempt's error), so that callers queued on this client
+    /// (JWT mints that would serve a cached token) do not each wait out
+    /// the connect timeouts of every address.
+    down_until: Option<(Instant, String)>,
     /// Calls without an answer for this long fail.
     call_timeout: Duration,
 }
@@ -76,6 +84,7 @@ impl CaClient {
             client: None,
             connected: None,
             unreachable: false,
+            down_until: None,
             call_timeout: Duration::from_secs(15),
         }
     }
@@ -104,8 +113,17 @@ impl CaClient {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
+        if let Some((until, why)) = &self.down_until {
+            if Instant::now() < *until {
+                return Err(format!("{why} (moments ago; not tried again yet)"));
+            }
+        }
         let c = self.connect(true).await;
         self.unreachable = c.is_err();
+        self.down_until = c
+            .as_ref()
+            .err()
+            .map(|e| (Instant::now() + DOWN_HOLD, e.clone()));
         let c = c?;
         self.client = Some(c.clone());
         Ok(c)
@@ -183,4 +201,53 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_spec::test_util::{root, svid};
+
+    /// An address that accepts connections and never answers: the first
+    /// `get` gives up after the connect timeout; the next ones, moments
+    /// later, fail at once instead of waiting again; after the hold, one
+    /// tries again.
+    #[tokio::test]
+    async fn after_an_attempt_that_reached_no_ca_the_next_ones_fail_at_once_for_a_moment() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().collect();
+            drop(held);
+        });
+        let (bundle, issuer) = root("example.org");
+        let mut client = CaClient::new(
+            vec![addr],
+            RootStore::new(&bundle).unwrap(),
+            svid("spiffe://example.org/ward/agent/x", &issuer),
+        );
+        let slow = |took: Duration| took >= Duration::from_secs(4);
+        let start = Instant::now();
+        let first = client.get().await.map(|_| ()).unwrap_err();
+        assert!(slow(start.elapsed()), "{:?}: {first}", start.elapsed());
+        assert!(client.unreachable());
+
+        let start = Instant::now();
+        let second = client.get().await.map(|_| ()).unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(second.contains("not tried again yet"), "{second}");
+
+        tokio::time::sleep(DOWN_HOLD).await;
+        let start = Instant::now();
+        client.get().await.map(|_| ()).unwrap_err();
+        assert!(
+            slow(start.elapsed()),
+            "not tried again: {:?}",
+            start.elapsed()
+        );
+    }
 }
