@@ -7,8 +7,10 @@
 //! reads through it fail, even if its pid now belongs to another process, so
 //! a caller cannot hand its connection on and die to be attested as whichever
 //! process gets its pid next. A caller already gone when its connection is
-//! accepted, or gone by the end of attestation, is refused. (A pid reused
-//! between the caller's `connect` and the agent's accept is not detected.) Selectors: `unix:uid:N`, `unix:gid:N` (primary
+//! accepted, or gone by the end of attestation, is refused, and so is one
+//! that has executed another program since its connection was accepted.
+//! (A pid reused, or a program executed, between the caller's `connect` and
+//! the agent's accept is not detected.) Selectors: `unix:uid:N`, `unix:gid:N` (primary
 //! and supplementary), `unix:user:NAME`, `unix:group:NAME`, `unix:path:/exe`,
 //! `unix:sha256:HEX` (of the executable, cached by inode and mtime).
 
@@ -23,15 +25,34 @@ use ring::digest;
 /// A process's `/proc/<pid>` directory, held open: paths through it reach
 /// that process, or nothing once it has exited.
 #[derive(Debug)]
-pub struct ProcDir(std::fs::File);
+pub struct ProcDir {
+    dir: std::fs::File,
+    /// The program it ran when opened: its executable's (device, inode).
+    program: Option<(u64, u64)>,
+}
 
 impl ProcDir {
     pub fn open(pid: i32) -> std::io::Result<Self> {
-        std::fs::File::open(format!("/proc/{pid}")).map(ProcDir)
+        let dir = std::fs::File::open(format!("/proc/{pid}"))?;
+        let mut proc = ProcDir { dir, program: None };
+        proc.program = proc.program_now();
+        Ok(proc)
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.0.as_raw_fd()))
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.dir.as_raw_fd()))
+    }
+
+    fn program_now(&self) -> Option<(u64, u64)> {
+        let meta = std::fs::metadata(self.path("exe")).ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
+
+    /// Whether the process still runs the program it ran when this was
+    /// opened: one that has executed another since (keeping the connection,
+    /// or handing it to a child) is not attested as that other program.
+    pub fn same_program(&self) -> bool {
+        self.program_now() == self.program
     }
 
     /// Whether the process is still running: not gone, and not a zombie
@@ -267,6 +288,33 @@ pub fn matches(entry: &[String], caller: &[String]) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// A process that executes another program after its `/proc` directory
+    /// was opened no longer counts as the same program; one that does not,
+    /// does.
+    #[test]
+    fn a_process_that_executes_another_program_is_not_the_same_program() {
+        let mut execs = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.3; exec sleep 5"])
+            .spawn()
+            .unwrap();
+        let mut stays = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let (a, b) = (
+            ProcDir::open(execs.id() as i32).unwrap(),
+            ProcDir::open(stays.id() as i32).unwrap(),
+        );
+        assert!(a.program.is_some());
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        assert!(!a.same_program(), "sh executed sleep");
+        assert!(b.same_program());
+        for c in [&mut execs, &mut stays] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 
     #[test]
     fn own_process_yields_uid_gid_path_and_hash() {

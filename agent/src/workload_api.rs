@@ -128,6 +128,87 @@ struct CachedJwt {
     refresh_at: i64,
 }
 
+/// JWT-SVIDs kept for reuse, at most.
+const MAX_CACHED_JWTS: usize = 4096;
+
+/// Attestations running at once, at most (each on a blocking thread).
+const ATTESTING: usize = 8;
+/// Attestations of one uid's callers running at once, at most.
+const ATTESTING_PER_UID: usize = 2;
+
+/// Turns to attest a caller, taken before a blocking thread is: callers
+/// waiting for one wait as futures (a cancelled call gives up its place), so
+/// a user flooding the socket with calls whose executables take long to hash
+/// holds a few blocking threads, not the pool that signing keys are made on,
+/// and at most two of the turns every other user's callers share.
+struct AttestTurns {
+    any: Arc<tokio::sync::Semaphore>,
+    per_uid: Arc<std::sync::Mutex<PerUid>>,
+}
+
+type PerUid = HashMap<u32, Arc<tokio::sync::Semaphore>>;
+
+impl Default for AttestTurns {
+    fn default() -> Self {
+        AttestTurns {
+            any: Arc::new(tokio::sync::Semaphore::new(ATTESTING)),
+            per_uid: Arc::default(),
+        }
+    }
+}
+
+/// A turn, held by the blocking attestation until it is done.
+struct AttestTurn {
+    uid: u32,
+    per_uid: Arc<std::sync::Mutex<PerUid>>,
+    mine: Option<tokio::sync::OwnedSemaphorePermit>,
+    _any: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AttestTurns {
+    async fn take(&self, uid: u32) -> AttestTurn {
+        let mine = {
+            let mut m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(uid)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ATTESTING_PER_UID)))
+                .clone()
+        };
+        // Held as the turn's (a dropped future gives its place up).
+        let mine = mine.acquire_owned().await.expect("never closed");
+        let any = self
+            .any
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        AttestTurn {
+            uid,
+            per_uid: self.per_uid.clone(),
+            mine: Some(mine),
+            _any: any,
+        }
+    }
+
+    /// Uids with turns taken or waited for (for tests).
+    #[cfg(test)]
+    fn uids(&self) -> usize {
+        self.per_uid.lock().unwrap().len()
+    }
+}
+
+impl Drop for AttestTurn {
+    /// The last of a uid's turns out forgets its semaphore.
+    fn drop(&mut self) {
+        let mine = self.mine.take().expect("held until dropped");
+        let mut m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        let last = m.get(&self.uid).is_some_and(|s| Arc::strong_count(s) == 2);
+        drop(mine);
+        if last {
+            m.remove(&self.uid);
+        }
+    }
+}
+
 /// A cached JWT-SVID's key: (entry ID, its SPIFFE ID, audience). An entry
 /// given another SPIFFE ID gets a token of its own, not the one minted for
 /// the old ID.
@@ -137,6 +218,7 @@ pub struct WorkloadApi {
     snapshots: watch::Receiver<Snap>,
     ca: Arc<Mutex<CaClient>>,
     attestor: Arc<Attestor>,
+    turns: AttestTurns,
     jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
     metrics: Arc<Metrics>,
 }
@@ -153,6 +235,7 @@ impl WorkloadApi {
             snapshots,
             ca,
             attestor: Arc::default(),
+            turns: AttestTurns::default(),
             jwts: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -164,7 +247,9 @@ impl WorkloadApi {
     async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
         let CallerInfo { cred, proc, gone } = Self::peer(req)?;
         let attestor = self.attestor.clone();
+        let turn = self.turns.take(cred.uid).await;
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let selectors = attestor.selectors(cred, proc.as_deref());
             match proc {
                 _ if gone => {
@@ -177,6 +262,12 @@ impl WorkloadApi {
                     tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection has exited");
                     Err(Status::permission_denied(
                         "the process that opened this connection has exited",
+                    ))
+                }
+                Some(p) if !p.same_program() => {
+                    tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection has executed another program since");
+                    Err(Status::permission_denied(
+                        "the process that opened this connection has executed another program since",
                     ))
                 }
                 _ => Ok(selectors),
@@ -445,8 +536,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             let body = req.get_ref();
-            if body.audience.is_empty() || body.audience.iter().any(|a| a.is_empty()) {
-                return Err(Status::invalid_argument("audience must be specified"));
+            if let Some(why) = ward_spec::jwt::audience_problem(&body.audience) {
+                return Err(Status::invalid_argument(format!("audience: {why}")));
             }
             let snap = self.snapshot().await?;
             let mut entries = matching(&snap, &selectors);
@@ -591,6 +682,11 @@ impl WorkloadApi {
             Ok(m) => {
                 let token = m.token.clone();
                 cache.retain(|_, c| c.expires_at > now);
+                if cache.len() >= MAX_CACHED_JWTS {
+                    // Callers asking for ever new audiences: start over
+                    // rather than grow (each token is minted again).
+                    cache.clear();
+                }
                 cache.insert(
                     key,
                     CachedJwt {
@@ -631,5 +727,49 @@ impl WorkloadApi {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod turn_tests {
+    use super::*;
+
+    /// Whether `take` gets a turn within 100 ms.
+    async fn gets_one(turns: &AttestTurns, uid: u32) -> Option<AttestTurn> {
+        tokio::time::timeout(Duration::from_millis(100), turns.take(uid))
+            .await
+            .ok()
+    }
+
+    /// One uid's callers hold two turns at most, and all callers eight; a
+    /// waiting caller gets a turn as one is given back; the last of a uid's
+    /// turns out forgets that uid.
+    #[tokio::test]
+    async fn attestations_take_turns_two_per_uid_and_eight_in_all() {
+        let turns = AttestTurns::default();
+        let mut flood = vec![
+            gets_one(&turns, 1000).await.unwrap(),
+            gets_one(&turns, 1000).await.unwrap(),
+        ];
+        assert!(
+            gets_one(&turns, 1000).await.is_none(),
+            "a third turn for one uid"
+        );
+        let mut others = Vec::new();
+        for uid in 1..=6 {
+            others.push(gets_one(&turns, uid).await.expect("another uid waited"));
+        }
+        assert!(gets_one(&turns, 7).await.is_none(), "a ninth turn in all");
+        others.pop();
+        assert!(
+            gets_one(&turns, 7).await.is_some(),
+            "a turn given back went to no one"
+        );
+        flood.pop();
+        let third = gets_one(&turns, 1000)
+            .await
+            .expect("the uid's turn was not given back");
+        drop((flood, others, third));
+        assert_eq!(turns.uids(), 0, "uids without turns are remembered");
     }
 }

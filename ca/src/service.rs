@@ -812,10 +812,8 @@ impl Ca {
         expected: &str,
     ) -> CaResult<(String, i64)> {
         self.check_agent(caller, presented, "mint_jwt").await?;
-        if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
-            return Err(CaError::invalid(
-                "a JWT-SVID needs at least one non-empty audience",
-            ));
+        if let Some(why) = ward_spec::jwt::audience_problem(audience) {
+            return Err(CaError::invalid(format!("a JWT-SVID's audience: {why}")));
         }
         let entry = match self.reads.get_entry(entry_id).await? {
             Some(e) if &e.parent_id == caller => e,

@@ -34,6 +34,33 @@ pub enum JwtError {
 /// is refused before anything in it is decoded.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 
+/// Audiences a JWT-SVID may be minted for, at most.
+pub const MAX_AUDIENCES: usize = 32;
+/// The longest audience, in bytes.
+pub const MAX_AUDIENCE_LEN: usize = 1024;
+
+/// Why an audience list cannot be minted for, if it cannot: none, an empty
+/// one, or more or longer ones than a token should carry (each is repeated
+/// in the token, the caches that hold it and the audit log).
+pub fn audience_problem(audience: &[String]) -> Option<String> {
+    if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
+        return Some("at least one non-empty audience is needed".into());
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Some(format!(
+            "{} audiences; at most {MAX_AUDIENCES}",
+            audience.len()
+        ));
+    }
+    if let Some(a) = audience.iter().find(|a| a.len() > MAX_AUDIENCE_LEN) {
+        return Some(format!(
+            "an audience of {} bytes; at most {MAX_AUDIENCE_LEN}",
+            a.len()
+        ));
+    }
+    None
+}
+
 /// Validates `token` for `audience` against `bundle`; returns the subject and all claims.
 pub fn validate(
     token: &str,
@@ -165,6 +192,23 @@ mod tests {
     use crate::bundle::JwtAuthority;
     use crate::TrustDomain;
     use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    /// Audiences are refused when there are none, one is empty, there are
+    /// more than 32, or one is longer than 1 KiB; the reason says which.
+    #[test]
+    fn audiences_are_bounded_in_number_and_length() {
+        let n = |k: usize, len: usize| vec!["a".repeat(len); k];
+        assert_eq!(audience_problem(&n(1, 1)), None);
+        assert_eq!(audience_problem(&n(MAX_AUDIENCES, MAX_AUDIENCE_LEN)), None);
+        assert!(audience_problem(&[]).unwrap().contains("at least one"));
+        assert!(audience_problem(&n(1, 0)).unwrap().contains("non-empty"));
+        assert!(audience_problem(&n(MAX_AUDIENCES + 1, 1))
+            .unwrap()
+            .contains("33 audiences"));
+        assert!(audience_problem(&n(1, MAX_AUDIENCE_LEN + 1))
+            .unwrap()
+            .contains("1025 bytes"));
+    }
 
     fn setup() -> (TrustBundle, jsonwebtoken::EncodingKey) {
         let rng = ring::rand::SystemRandom::new();
