@@ -128,6 +128,13 @@ struct CachedJwt {
     refresh_at: i64,
 }
 
+/// Whether the CA refused a call because the node SVID it came with has been
+/// superseded (see `Ca::check_agent`).
+fn superseded(s: &Status) -> bool {
+    s.code() == Code::PermissionDenied
+        && s.message().contains(ward_spec::grpc::SUPERSEDED_NODE_SVID)
+}
+
 /// JWT-SVIDs kept for reuse, at most.
 const MAX_CACHED_JWTS: usize = 4096;
 
@@ -659,7 +666,7 @@ impl WorkloadApi {
                 return Ok(c.token.clone());
             }
         }
-        let minted = async {
+        let mint = || async {
             let mut client = self
                 .ca
                 .lock()
@@ -675,8 +682,14 @@ impl WorkloadApi {
                 })
                 .await
                 .map(|r| r.into_inner())
+        };
+        let mut minted = mint().await;
+        // Sent on the connection made with the node SVID a renewal has just
+        // replaced, the moment a call on the new connection made the new one
+        // current: the client now holds the new connection, so once more.
+        if matches!(&minted, Err(s) if superseded(s)) {
+            minted = mint().await;
         }
-        .await;
         let mut cache = self.jwts.lock().await;
         match minted {
             Ok(m) => {

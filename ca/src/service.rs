@@ -631,7 +631,8 @@ impl Ca {
         method: &'static str,
     ) -> CaError {
         let why = format!(
-            "node SVID {presented} is not this agent's current one ({}): it was superseded by a renewal, or another holder of this identity renewed it",
+            "node SVID {presented} {} ({}): it was superseded by a renewal, or another holder of this identity renewed it",
+            ward_spec::grpc::SUPERSEDED_NODE_SVID,
             current.serial
         );
         self.refuse(method, Some(caller), &why);

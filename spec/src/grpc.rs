@@ -14,6 +14,11 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// stay with it for signing (another replica shares the same database).
 pub const DATASTORE_UNAVAILABLE: &str = "ward-datastore-unavailable";
 
+/// Words of the `PERMISSION_DENIED` message a CA refuses a call with when
+/// the node SVID it came with has been superseded by a renewal its agent
+/// has used: the agent then tries once more on its new connection.
+pub const SUPERSEDED_NODE_SVID: &str = "is not this agent's current one";
+
 /// How long a TCP connection and TLS handshake to an API may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
