@@ -9,7 +9,8 @@ use common::*;
 use rcgen::KeyPair;
 use tonic::Code;
 use ward_spec::proto::node::v1::{
-    BatchSignX509SvidRequest, FetchBundleRequest, RenewNodeSvidRequest, SignX509SvidRequest,
+    BatchSignX509SvidRequest, FetchBundleRequest, MintJwtSvidRequest, RenewNodeSvidRequest,
+    SignX509SvidRequest, WatchChangesRequest,
 };
 
 on_both_backends! {
@@ -190,6 +191,26 @@ on_both_backends! {
         assert_eq!(r.results[0].code, Code::InvalidArgument as i32);
         assert_eq!(r.results[1].code, 0);
         assert_eq!(r.results[1].svid_chain.len(), 2);
+
+        // An entry ID no entry can have (here 1 MiB) is refused as such,
+        // and neither its answer nor the log repeats it whole.
+        let huge = "x".repeat(1 << 20);
+        let e = node.sign(&huge, csr(&key, &[])).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("entry id must be"), "{}", &e.message()[..200.min(e.message().len())]);
+        assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+        let mut c = node.client.clone();
+        let e = c
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: huge.clone(),
+                audience: vec!["a".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+        assert!(!ca.log_text().contains(&huge[..4096]));
     }
 }
 
@@ -289,11 +310,20 @@ on_both_backends! {
     async fn a_node_svid_superseded_by_one_its_agent_has_used_is_refused() {
         let ca = CaProcess::start(&[]);
         let mut node = attest(&ca).await;
+        let entry = ca.create_entry("spiffe://example.org/web", &node.id.to_string());
+        let key = KeyPair::generate().unwrap();
         let a = (node.chain.clone(), KeyPair::try_from(node.key.serialized_der()).unwrap());
         let bundle = |node: &mut Node| {
             let mut c = node.client.clone();
             async move { c.fetch_bundle(FetchBundleRequest {}).await.map(|_| ()) }
         };
+        // The superseded SVID's holder signs nothing and hears no changes.
+        let assert_refused = |r: Result<(), tonic::Status>, what: &str| {
+            let e = r.expect_err(what);
+            assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+            assert!(e.message().contains("is not this agent's current one"), "{what}: {e:?}");
+        };
+        node.sign(&entry, csr(&key, &[])).await.unwrap();
         // Renewals over the first SVID work as long as the agent has not
         // used what they issued (a lost answer is simply asked again).
         let _b = renew(&mut node).await.unwrap();
@@ -315,6 +345,29 @@ on_both_backends! {
             renew(&mut node).await.unwrap_err().code(),
             Code::PermissionDenied
         );
+        assert_refused(
+            node.sign(&entry, csr(&key, &[])).await.map(|_| ()),
+            "an X509-SVID signed",
+        );
+        let mut client = node.client.clone();
+        assert_refused(
+            client.batch_sign_x509_svid(BatchSignX509SvidRequest {
+                requests: vec![SignX509SvidRequest {
+                    entry_id: entry.clone(),
+                    csr: csr(&key, &[]),
+                }],
+            })
+            .await
+            .map(|_| ()),
+            "a batch signed",
+        );
+        assert_refused(
+            client.watch_changes(WatchChangesRequest {}).await.map(|_| ()),
+            "changes watched",
+        );
+        // With C, signing works.
+        present(&mut node, &ca, &c).await;
+        node.sign(&entry, csr(&key, &[])).await.unwrap();
         // A renewal with C issues D; renewing with D makes it current, and
         // then C is refused too.
         present(&mut node, &ca, &c).await;
@@ -385,13 +438,15 @@ on_both_backends! {
         let (_, not_after) = ward_spec::svid::validity(&node.chain[0]).unwrap();
         // Valid now: a fresh handshake and a renewal work.
         node.reconnect(&ca).await.unwrap();
+        let mut held = node.client.clone();
+        held.fetch_bundle(FetchBundleRequest {}).await.unwrap();
         node.client
             .renew_node_svid(RenewNodeSvidRequest {
                 csr: csr(&node.key, &[]),
             })
             .await
             .unwrap();
-        // Wait out the original SVID, then present it on a new connection.
+        // Wait out the original SVID ...
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -399,6 +454,11 @@ on_both_backends! {
         std::thread::sleep(std::time::Duration::from_secs(
             (not_after - now + 2).max(0) as u64
         ));
+        // ... the connection made with it serves no more calls ...
+        let late = held.fetch_bundle(FetchBundleRequest {}).await.unwrap_err();
+        assert_eq!(late.code(), Code::Unauthenticated, "{late:?}");
+        assert!(late.message().contains("has expired"), "{}", late.message());
+        // ... and a new connection presenting it is refused.
         let result = match node.reconnect(&ca).await {
             Err(e) => Err(e),
             Ok(()) => node

@@ -20,7 +20,7 @@ use rcgen::{CertificateSigningRequestParams, KeyPair, SanType};
 use ward_ca::authority::{Authority, AuthorityConfig};
 use ward_ca::datastore::{AgentRecord, Datastore, SqliteStore};
 use ward_ca::metrics::Metrics;
-use ward_ca::service::{Ca, EntrySpec, Ttls};
+use ward_ca::service::{Ca, EntrySpec, NodeSvid, Ttls};
 use ward_spec::{SpiffeId, TrustDomain};
 
 const BATCH: usize = 100;
@@ -28,6 +28,8 @@ const BATCH: usize = 100;
 struct Fixture {
     ca: Arc<Ca>,
     agent: SpiffeId,
+    /// The node SVID the agent presents (its current one).
+    svid: NodeSvid,
     requests: Vec<(String, Vec<u8>)>,
     _dir: tempfile::TempDir,
 }
@@ -119,6 +121,10 @@ async fn fixture() -> Fixture {
     Fixture {
         ca,
         agent,
+        svid: NodeSvid {
+            serial: "01".into(),
+            not_after: i64::MAX,
+        },
         requests,
         _dir: dir,
     }
@@ -172,7 +178,7 @@ fn issuance(c: &mut Criterion) {
     g.bench_function("ward_sign_batch_100", |b| {
         b.iter(|| {
             let results = rt
-                .block_on(fx.ca.sign_batch(&fx.agent, fx.requests.clone()))
+                .block_on(fx.ca.sign_batch(&fx.agent, &fx.svid, fx.requests.clone()))
                 .unwrap();
             assert!(results.iter().all(|r| r.is_ok()));
             std::hint::black_box(results);
@@ -185,7 +191,7 @@ fn issuance(c: &mut Criterion) {
     parts.throughput(Throughput::Elements(BATCH as u64));
     parts.sample_size(30);
     let leaves: Vec<Vec<u8>> = rt
-        .block_on(fx.ca.sign_batch(&fx.agent, fx.requests.clone()))
+        .block_on(fx.ca.sign_batch(&fx.agent, &fx.svid, fx.requests.clone()))
         .unwrap()
         .into_iter()
         .map(|r| r.unwrap().chain.remove(0))
@@ -202,7 +208,7 @@ fn issuance(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 fx.ca
-                    .check_agent_standing(&fx.agent, "bench")
+                    .check_agent_standing(&fx.agent, &fx.svid, "bench")
                     .await
                     .unwrap();
                 std::hint::black_box(fx.ca.store.signing_entries(&fx.agent, &ids).await.unwrap());

@@ -75,6 +75,14 @@ pub struct SigningEntry {
     pub x509_ttl: i64,
 }
 
+/// What the signing path checks of an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStanding {
+    pub evicted: bool,
+    /// Its current node SVID's serial.
+    pub serial: String,
+}
+
 /// A node agent the CA has attested.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
@@ -202,8 +210,9 @@ pub enum StoreChange {
     Policy(u64),
     /// The published bundle moved to this sequence.
     Bundle(u64),
-    /// This agent's standing changed (it was evicted).
-    Agent(String),
+    /// This agent changed: evicted (no serials), or attested or renewed
+    /// (its serial and new serial as now stored).
+    Agent(String, Option<(String, String)>),
     /// A federated bundle was set or deleted.
     Federation,
     /// Notices stopped (the connection was lost): until `Resync`, changes
@@ -267,8 +276,9 @@ pub trait Datastore: Send + Sync + 'static {
     /// The entries among `ids` parented to `parent`, narrowed to what signing needs.
     async fn signing_entries(&self, parent: &SpiffeId, ids: &[String])
         -> Result<Vec<SigningEntry>>;
-    /// Whether `id` is an attested agent that is not evicted.
-    async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>>;
+    /// Whether `id` is evicted, and its current node SVID serial (None:
+    /// not an attested agent); the narrow read of the signing path.
+    async fn agent_standing(&self, id: &SpiffeId) -> Result<Option<AgentStanding>>;
     /// Entries ordered by id, after `after_id`, at most `limit`.
     async fn list_entries(
         &self,

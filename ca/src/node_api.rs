@@ -23,22 +23,22 @@ pub struct NodeApi {
     pub ca: Arc<Ca>,
 }
 
-fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
-    req.extensions()
-        .get::<PeerIdentity>()
-        .and_then(|p| p.0.clone())
-        .ok_or_else(|| Status::unauthenticated("this call needs a node SVID as client certificate"))
-}
-
-/// The caller's SPIFFE ID and the node SVID it presented.
+/// The caller's SPIFFE ID and the node SVID it presented, which must not
+/// have expired since its connection's handshake (a connection outlives the
+/// certificate it was made with; its calls do not).
 fn caller_svid<T>(req: &Request<T>) -> Result<(SpiffeId, NodeSvid), Status> {
-    let id = caller(req)?;
-    let serial = req
-        .extensions()
-        .get::<PeerIdentity>()
-        .map(|p| p.1.clone())
-        .unwrap_or_default();
-    Ok((id, serial))
+    let Some(PeerIdentity(Some(id), svid)) = req.extensions().get::<PeerIdentity>() else {
+        return Err(Status::unauthenticated(
+            "this call needs a node SVID as client certificate",
+        ));
+    };
+    if svid.not_after <= time::OffsetDateTime::now_utc().unix_timestamp() {
+        return Err(Status::unauthenticated(format!(
+            "the node SVID this connection was made with (serial {}) has expired: connect again with the current one",
+            svid.serial
+        )));
+    }
+    Ok((id.clone(), svid.clone()))
 }
 
 pub fn policy_set_to_pb(p: &PolicySetRecord) -> types::PolicySet {
@@ -157,9 +157,12 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::SignX509SvidRequest>,
     ) -> Result<Response<pb::SignX509SvidResponse>, Status> {
-        let id = caller(&req)?;
+        let (id, presented) = caller_svid(&req)?;
         let r = req.into_inner();
-        let mut results = self.ca.sign_batch(&id, vec![(r.entry_id, r.csr)]).await?;
+        let mut results = self
+            .ca
+            .sign_batch(&id, &presented, vec![(r.entry_id, r.csr)])
+            .await?;
         let svid = results.pop().expect("one result per request")?;
         Ok(Response::new(pb::SignX509SvidResponse {
             svid_chain: svid.chain,
@@ -172,7 +175,7 @@ impl Node for NodeApi {
         req: Request<pb::BatchSignX509SvidRequest>,
     ) -> Result<Response<pb::BatchSignX509SvidResponse>, Status> {
         const MAX_BATCH: usize = 1000;
-        let id = caller(&req)?;
+        let (id, presented) = caller_svid(&req)?;
         let requests = req.into_inner().requests;
         if requests.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -183,7 +186,7 @@ impl Node for NodeApi {
         let pairs: Vec<(String, Vec<u8>)> =
             requests.into_iter().map(|r| (r.entry_id, r.csr)).collect();
         let ids: Vec<String> = pairs.iter().map(|(id, _)| id.clone()).collect();
-        let results = self.ca.sign_batch(&id, pairs).await?;
+        let results = self.ca.sign_batch(&id, &presented, pairs).await?;
         Ok(Response::new(pb::BatchSignX509SvidResponse {
             results: results
                 .into_iter()
@@ -230,8 +233,10 @@ impl Node for NodeApi {
         req: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
-        let id = caller(&req)?;
-        self.ca.check_agent_standing(&id, "watch_changes").await?;
+        let (id, presented) = caller_svid(&req)?;
+        self.ca
+            .check_agent_standing(&id, &presented, "watch_changes")
+            .await?;
         // A notice at once; then one per change of the bundle or the policy
         // set, and one per entry change under this agent (or when changes
         // may have been missed), never for other agents' entries.

@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use ward_spec::SpiffeId;
 
-use crate::datastore::{unavailable, AgentRecord, Datastore, Entry, SigningEntry, StoreError};
+use crate::datastore::{
+    unavailable, AgentRecord, AgentStanding, Datastore, Entry, SigningEntry, StoreError,
+};
 use crate::metrics::Metrics;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -103,19 +105,26 @@ impl ReadCache {
     }
 
     /// Whether `id` is an attested agent that is not evicted (None: unknown).
-    pub async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
+    pub async fn agent_standing(&self, id: &SpiffeId) -> Result<Option<AgentStanding>> {
         let key = id.to_string();
+        let standing = |a: &AgentRecord| AgentStanding {
+            evicted: a.evicted,
+            serial: a.serial.clone(),
+        };
         if !self.lock().agents.contains_key(&key) {
             // The full record once per agent, kept for an outage; then the
             // narrow query, which keeps the hot path cheap.
-            return Ok(self.get_agent(id).await?.map(|a| !a.evicted));
+            return Ok(self.get_agent(id).await?.as_ref().map(standing));
         }
         self.read(
-            |s| s.agents.get(&key).map(|a| Some(!a.evicted)),
-            self.store.agent_in_good_standing(id),
-            |s, standing| {
-                if let (Some(a), Some(false)) = (s.agents.get_mut(&key), standing) {
-                    a.evicted = true;
+            |s| s.agents.get(&key).map(|a| Some(standing(a))),
+            self.store.agent_standing(id),
+            |s, read| match (s.agents.get(&key), read) {
+                // Evicted, or its serials changed: the full record is read
+                // again next time.
+                (Some(a), Some(r)) if a.evicted == r.evicted && a.serial == r.serial => {}
+                _ => {
+                    s.agents.remove(&key);
                 }
             },
         )
@@ -199,11 +208,20 @@ impl ReadCache {
         }
     }
 
-    /// This agent's standing changed.
-    pub fn forget_agent(&self, id: &str) {
+    /// An agent changed. A record that already has the serials the change
+    /// stored (this replica made it) is kept; any other is forgotten.
+    pub fn forget_agent(&self, id: &str, serials: Option<(String, String)>) {
         let mut s = self.lock();
-        s.generation += 1;
-        s.agents.remove(id);
+        let current = match (s.agents.get(id), &serials) {
+            (Some(a), Some((serial, new_serial))) => {
+                !a.evicted && &a.serial == serial && &a.new_serial == new_serial
+            }
+            _ => false,
+        };
+        if !current {
+            s.generation += 1;
+            s.agents.remove(id);
+        }
     }
 
     /// Changes may have been missed.
@@ -258,5 +276,53 @@ impl ReadCache {
             },
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::SqliteStore;
+
+    fn agent(serial: &str, new_serial: &str) -> AgentRecord {
+        AgentRecord {
+            spiffe_id: SpiffeId::parse("spiffe://td/ward/agent/join_token/a").unwrap(),
+            attestation_type: "join_token".into(),
+            serial: serial.into(),
+            new_serial: new_serial.into(),
+            expires_at: 100,
+            evicted: false,
+            attested_at: 1,
+        }
+    }
+
+    /// A change notice for an agent keeps the record this replica holds if
+    /// it has the serials the change stored (this replica made it), and
+    /// forgets it otherwise, or when the notice names no serials (an
+    /// eviction).
+    #[tokio::test]
+    async fn an_agent_notice_forgets_the_record_unless_it_is_the_one_stored() {
+        let store: Arc<dyn Datastore> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let cache = ReadCache::new(store, Arc::new(Metrics::default()));
+        cache.follow(true);
+        let id = "spiffe://td/ward/agent/join_token/a";
+        let held = |c: &ReadCache| c.lock().agents.get(id).map(|a| a.serial.clone());
+        cache.remember_agent(&agent("b", ""), cache.generation());
+        assert_eq!(held(&cache).as_deref(), Some("b"));
+        cache.forget_agent(id, Some(("b".into(), "".into())));
+        assert_eq!(
+            held(&cache).as_deref(),
+            Some("b"),
+            "the stored record was forgotten"
+        );
+        cache.forget_agent(id, Some(("c".into(), "".into())));
+        assert_eq!(
+            held(&cache),
+            None,
+            "a record older than the change was kept"
+        );
+        cache.remember_agent(&agent("c", ""), cache.generation());
+        cache.forget_agent(id, None);
+        assert_eq!(held(&cache), None, "kept through an eviction");
     }
 }

@@ -332,7 +332,7 @@ impl Ca {
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
-            StoreChange::Agent(id) => self.reads.forget_agent(&id),
+            StoreChange::Agent(id, serials) => self.reads.forget_agent(&id, serials),
             StoreChange::Federation => self.reload_federation().await?,
             StoreChange::Bundle(_) => self.follow_bundle().await?,
             StoreChange::Lost => {
@@ -643,10 +643,17 @@ impl Ca {
     pub async fn check_agent_standing(
         &self,
         caller: &SpiffeId,
+        presented: &NodeSvid,
         method: &'static str,
     ) -> CaResult<()> {
-        match self.reads.agent_in_good_standing(caller).await? {
-            Some(true) => Ok(()),
+        match self.reads.agent_standing(caller).await? {
+            Some(s) if !s.evicted && s.serial == presented.serial => Ok(()),
+            // Another serial (a renewal's, to be made current, or one
+            // superseded): the full check decides.
+            Some(s) if !s.evicted => self
+                .check_agent(caller, presented, method)
+                .await
+                .map(|_| ()),
             known => Err(self.refuse_agent(caller, known.is_some(), method)),
         }
     }
@@ -743,14 +750,21 @@ impl Ca {
     pub async fn sign_batch(
         &self,
         caller: &SpiffeId,
+        presented: &NodeSvid,
         requests: Vec<(String, Vec<u8>)>,
     ) -> CaResult<Vec<CaResult<IssuedSvid>>> {
-        self.check_agent_standing(caller, "sign").await?;
-        let ids: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+        self.check_agent_standing(caller, presented, "sign").await?;
+        let ids: Vec<String> = requests
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| valid_entry_id(id))
+            .cloned()
+            .collect();
         let view = self.reads.signing_entries(caller, &ids).await?;
         Ok(requests
             .iter()
             .map(|(entry_id, csr)| match view.entries.get(entry_id) {
+                _ if !valid_entry_id(entry_id) => Err(bad_entry_id(entry_id)),
                 None if view.from_cache => Err(CaError::new(
                     Code::Unavailable,
                     format!("entry {entry_id:?} is not known here while the datastore is down"),
@@ -815,6 +829,15 @@ impl Ca {
         self.check_agent(caller, presented, "mint_jwt").await?;
         if let Some(why) = ward_spec::jwt::audience_problem(audience) {
             return Err(CaError::invalid(format!("a JWT-SVID's audience: {why}")));
+        }
+        if !valid_entry_id(entry_id) {
+            return Err(bad_entry_id(entry_id));
+        }
+        if expected.len() > MAX_SPIFFE_ID_LEN {
+            return Err(CaError::invalid(format!(
+                "the SPIFFE ID asked for is {} bytes; at most {MAX_SPIFFE_ID_LEN}",
+                expected.len()
+            )));
         }
         let entry = match self.reads.get_entry(entry_id).await? {
             Some(e) if &e.parent_id == caller => e,
@@ -953,15 +976,8 @@ impl Ca {
         federates_with.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         federates_with.dedup();
         if let Some(id) = &spec.id {
-            if id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(CaError::invalid(
-                    "entry id must be 1-64 characters of [A-Za-z0-9_-]",
-                ));
+            if !valid_entry_id(id) {
+                return Err(CaError::invalid(ENTRY_ID_RULE));
             }
         }
         Ok(Entry {
@@ -1070,7 +1086,7 @@ impl Ca {
         if !self.store.evict_agent(&id).await? {
             return Err(CaError::new(Code::NotFound, format!("no agent {id}")));
         }
-        self.reads.forget_agent(&id.to_string());
+        self.reads.forget_agent(&id.to_string(), None);
         self.metrics.admin_change("evict_agent");
         tracing::info!(target: "audit", event = "agent_evicted", agent_id = %id, "evicted an agent");
         Ok(())
@@ -1459,6 +1475,26 @@ pub fn principal_name(p: &AdminPrincipal) -> String {
         AdminPrincipal::Operator => "the local operator".into(),
         AdminPrincipal::Admin(id) => id.to_string(),
     }
+}
+
+/// The longest SPIFFE ID (the SPIFFE specification's limit).
+const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// What an entry ID may be.
+const ENTRY_ID_RULE: &str = "entry id must be 1-64 characters of [A-Za-z0-9_-]";
+
+fn valid_entry_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An entry ID an agent sent that cannot be one: refused before it is
+/// looked up or logged (it may be megabytes).
+fn bad_entry_id(id: &str) -> CaError {
+    CaError::invalid(format!("{ENTRY_ID_RULE}, not {}", trunc(id)))
 }
 
 fn trunc(s: &str) -> String {

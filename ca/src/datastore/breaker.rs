@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use ward_spec::{SpiffeId, TrustDomain};
 
 use super::{
-    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    AgentRecord, AgentStanding, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
     FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,
     StoreChange, StoreError, SyncPage, TokenUse,
 };
@@ -175,8 +175,8 @@ impl Datastore for Breaker {
     ) -> Result<Vec<SigningEntry>> {
         guarded!(self.signing_entries(parent, ids))
     }
-    async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
-        guarded!(self.agent_in_good_standing(id))
+    async fn agent_standing(&self, id: &SpiffeId) -> Result<Option<AgentStanding>> {
+        guarded!(self.agent_standing(id))
     }
     async fn list_entries(
         &self,

@@ -15,7 +15,7 @@ use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
 use super::{
-    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    AgentRecord, AgentStanding, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
     FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,
     StoreChange, StoreError, SyncPage, TokenUse,
 };
@@ -113,8 +113,8 @@ async fn subscribe_notices(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-/// `entries:REV:PARENT PARENT…`, `policy:V`, `bundle:SEQ`, `agent:ID`,
-/// `federation:TD`.
+/// `entries:REV:PARENT PARENT…`, `policy:V`, `bundle:SEQ`, `agent:ID` or
+/// `agent:ID SERIAL NEW_SERIAL`, `federation:TD`.
 fn parse_notice(payload: &str) -> Option<StoreChange> {
     match payload.split_once(':')? {
         ("entries", v) => {
@@ -126,7 +126,15 @@ fn parse_notice(payload: &str) -> Option<StoreChange> {
         }
         ("policy", v) => v.parse().ok().map(StoreChange::Policy),
         ("bundle", v) => v.parse().ok().map(StoreChange::Bundle),
-        ("agent", v) => Some(StoreChange::Agent(v.to_owned())),
+        ("agent", v) => {
+            let mut parts = v.split(' ');
+            let id = parts.next()?.to_owned();
+            let serials = match (parts.next(), parts.next()) {
+                (Some(s), Some(n)) => Some((s.to_owned(), n.to_owned())),
+                _ => None,
+            };
+            Some(StoreChange::Agent(id, serials))
+        }
         ("federation", _) => Some(StoreChange::Federation),
         _ => None,
     }
@@ -159,6 +167,22 @@ pub fn redacted(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_notices_carry_the_serials_stored_if_any() {
+        let id = "spiffe://td/ward/agent/join_token/a";
+        assert_eq!(
+            parse_notice(&format!("agent:{id} 0a1b *")),
+            Some(StoreChange::Agent(
+                id.into(),
+                Some(("0a1b".into(), "*".into()))
+            ))
+        );
+        assert_eq!(
+            parse_notice(&format!("agent:{id}")),
+            Some(StoreChange::Agent(id.into(), None))
+        );
+    }
 
     #[test]
     fn a_change_to_many_parents_is_told_in_notices_that_fit_and_name_them_all() {

@@ -136,6 +136,11 @@ macro_rules! sql_store {
         /// Runs `notify` (a statement taking the payload as `$1`) inside the
         /// writing transaction, so other processes hear of a change exactly
         /// when it commits.
+        /// An agent's change notice, with its serials as now stored.
+        fn agent_notice(a: &AgentRecord) -> String {
+            format!("agent:{} {} {}", a.spiffe_id, a.serial, a.new_serial)
+        }
+
         async fn announce(tx: &mut $conn, notify: Option<&str>, payload: &str) -> Result<()> {
             if let Some(sql) = notify {
                 sqlx::query(sql).bind(payload).execute(tx).await?;
@@ -429,6 +434,7 @@ macro_rules! sql_store {
             }
 
             async fn upsert_agent(&self, a: &AgentRecord) -> Result<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
                 sqlx::query(
                     "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at, new_serial)
                      VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -441,12 +447,15 @@ macro_rules! sql_store {
                 .bind(a.evicted)
                 .bind(a.attested_at)
                 .bind(&a.new_serial)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                announce(&mut tx, $notify, &agent_notice(a)).await?;
+                tx.commit().await?;
                 Ok(())
             }
 
             async fn renew_agent(&self, read: &AgentRecord, renewed: &AgentRecord) -> Result<bool> {
+                let mut tx = self.pool.begin_with($begin).await?;
                 let r = sqlx::query(
                     "UPDATE agents SET serial = $1, new_serial = $2, expires_at = $3
                      WHERE spiffe_id = $4 AND serial = $5 AND new_serial = $6 AND NOT evicted",
@@ -457,8 +466,14 @@ macro_rules! sql_store {
                 .bind(read.spiffe_id.to_string())
                 .bind(&read.serial)
                 .bind(&read.new_serial)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                // Other replicas forget what they hold of the agent (the one
+                // that renewed keeps the record it holds, which matches).
+                if r.rows_affected() > 0 {
+                    announce(&mut tx, $notify, &agent_notice(renewed)).await?;
+                }
+                tx.commit().await?;
                 Ok(r.rows_affected() > 0)
             }
 
@@ -694,13 +709,13 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
-            async fn agent_in_good_standing(&self, id: &SpiffeId) -> Result<Option<bool>> {
-                let evicted: Option<bool> =
-                    sqlx::query_scalar("SELECT evicted FROM agents WHERE spiffe_id = $1")
+            async fn agent_standing(&self, id: &SpiffeId) -> Result<Option<AgentStanding>> {
+                let row: Option<(bool, String)> =
+                    sqlx::query_as("SELECT evicted, serial FROM agents WHERE spiffe_id = $1")
                         .bind(id.to_string())
                         .fetch_optional(&self.pool)
                         .await?;
-                Ok(evicted.map(|e| !e))
+                Ok(row.map(|(evicted, serial)| AgentStanding { evicted, serial }))
             }
 
             async fn list_entries(

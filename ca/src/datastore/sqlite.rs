@@ -11,7 +11,7 @@ use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
 use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
 use super::{
-    AgentRecord, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
+    AgentRecord, AgentStanding, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
     FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,
     StoreError, SyncPage, TokenUse,
 };
