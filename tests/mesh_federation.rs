@@ -121,11 +121,13 @@ fn open_stream(
     web: &ProxyProcess,
     api: &ProxyProcess,
 ) -> std::net::TcpStream {
+    // Counted before the stream opens: through a pooled connection it may
+    // reach the application before this line would run.
+    let reached = app.connections() + 1;
     let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut head = (1u64 << 30).to_be_bytes().to_vec();
     head.resize(sent, 0);
     std::io::Write::write_all(&mut open, &head).unwrap();
-    let reached = app.connections() + 1;
     assert_eq!(
         app.wait_connections(reached),
         reached,

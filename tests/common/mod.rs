@@ -897,7 +897,11 @@ impl ProxyProcess {
         let child = Command::new(ward_bin())
             .args(&self.args)
             .args(["--health-address", &self.health_addr])
-            .env("WARD_LOG", "info")
+            // WARD_TEST_PROXY_LOG (e.g. `info,ward_proxy=debug`) to look into a failure.
+            .env(
+                "WARD_LOG",
+                std::env::var("WARD_TEST_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .uid(self.uid)
             .gid(self.uid)
             .current_dir("/")
