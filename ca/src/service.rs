@@ -493,10 +493,12 @@ impl Ca {
 
     /// Spends a join token and issues the node SVID.
     pub async fn attest(&self, token: &str, csr: &[u8]) -> CaResult<IssuedSvid> {
-        // Check the CSR first: a malformed request must not burn the token.
+        // Check the CSR first: a malformed request must not burn the token;
+        // nor a CA that cannot sign now (its key expired).
         let checked = check_csr(csr, self.trust_domain()).inspect_err(|e| {
             self.refuse("attest", None, &e.to_string());
         })?;
+        self.live_signer()?;
         let agent_id = match self
             .store
             .use_join_token(&hash_token(token), now().unix_timestamp())
@@ -761,17 +763,29 @@ impl Ca {
             .cloned()
             .collect();
         let view = self.reads.signing_entries(caller, &ids).await?;
-        Ok(requests
-            .iter()
-            .map(|(entry_id, csr)| match view.entries.get(entry_id) {
-                _ if !valid_entry_id(entry_id) => Err(bad_entry_id(entry_id)),
-                None if view.from_cache => Err(CaError::new(
-                    Code::Unavailable,
-                    format!("entry {entry_id:?} is not known here while the datastore is down"),
-                )),
-                entry => self.sign_one(caller, entry, entry_id, csr),
-            })
-            .collect())
+        let sign_all = || {
+            requests
+                .iter()
+                .map(|(entry_id, csr)| match view.entries.get(entry_id) {
+                    _ if !valid_entry_id(entry_id) => Err(bad_entry_id(entry_id)),
+                    None if view.from_cache => Err(CaError::new(
+                        Code::Unavailable,
+                        format!("entry {entry_id:?} is not known here while the datastore is down"),
+                    )),
+                    entry => self.sign_one(caller, entry, entry_id, csr),
+                })
+                .collect()
+        };
+        // A large batch is CPU work for tens of milliseconds (a CSR check
+        // and a signature each): the runtime's other tasks (handshakes, other
+        // agents' calls) move to another thread meanwhile.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        Ok(if requests.len() >= BLOCKING_BATCH && multi_thread {
+            tokio::task::block_in_place(sign_all)
+        } else {
+            sign_all()
+        })
     }
 
     fn sign_one(
@@ -1476,6 +1490,10 @@ pub fn principal_name(p: &AdminPrincipal) -> String {
         AdminPrincipal::Admin(id) => id.to_string(),
     }
 }
+
+/// Batches of this many signing requests or more are signed off the
+/// runtime's worker (see `Ca::sign_batch`).
+const BLOCKING_BATCH: usize = 32;
 
 /// The longest SPIFFE ID (the SPIFFE specification's limit).
 const MAX_SPIFFE_ID_LEN: usize = 2048;
