@@ -51,8 +51,14 @@ fn two_replicas(db: &str, dir: &Path) -> (CaProcess, CaProcess) {
 /// An agent that knows A and B and attaches to A (with extra `ward agent
 /// run` flags); its node SPIFFE ID.
 fn agent_attached_to(a: &CaProcess, b: &CaProcess, extra: &[&str]) -> (AgentProcess, String) {
+    agent_at(a, vec![a.node_addr.clone(), b.node_addr.clone()], extra)
+}
+
+/// An agent attested through `a`'s join token that knows the CAs at `addrs`
+/// (the first attests it); its node SPIFFE ID.
+fn agent_at(a: &CaProcess, addrs: Vec<String>, extra: &[&str]) -> (AgentProcess, String) {
     let token = a.join_token();
-    let mut agent = AgentProcess::prepare(vec![a.node_addr.clone(), b.node_addr.clone()]);
+    let mut agent = AgentProcess::prepare(addrs);
     agent.extra = extra.iter().map(|s| s.to_string()).collect();
     std::fs::write(
         agent.dir.join("bundle.pem"),
@@ -794,16 +800,7 @@ fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
         3,
         "for 16 s the workload asks every 200 ms: always a valid SVID, the next ones from B",
     );
-    let mut expiries = std::collections::BTreeSet::new();
-    let until = Instant::now() + Duration::from_secs(16);
-    while Instant::now() < until {
-        let now = unix_now();
-        let svids = served(&agent);
-        assert_eq!(svids.len(), 1, "the workload got no SVID at {now}");
-        assert!(svids[0].1 > now, "served an expired SVID at {now}");
-        expiries.insert(svids[0].1);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let expiries = always_served(&agent, Duration::from_secs(16), || {});
     signal("-CONT");
     assert!(
         expiries.iter().filter(|&&e| e > frozen_at).count() >= 1,
@@ -825,6 +822,28 @@ fn an_agent_leaves_a_frozen_replica_when_its_calls_time_out() {
         b.wait_audit_lines("x509_svid_issued", 1) >= 1,
         "B signed nothing"
     );
+}
+
+/// Asks the agent for the workload's SVID every 200 ms for `how_long`
+/// (calling `each` after each answer): one must be served every time, and
+/// it must not have expired. Returns the expiries seen.
+fn always_served(
+    agent: &AgentProcess,
+    how_long: Duration,
+    mut each: impl FnMut(),
+) -> std::collections::BTreeSet<i64> {
+    let mut expiries = std::collections::BTreeSet::new();
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        let now = unix_now();
+        let svids = served(agent);
+        assert_eq!(svids.len(), 1, "the workload got no SVID at {now}");
+        assert!(svids[0].1 > now, "served an expired SVID at {now}");
+        expiries.insert(svids[0].1);
+        each();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    expiries
 }
 
 /// A TCP relay to `upstream` that can turn into a black hole: it then cuts
@@ -898,19 +917,7 @@ fn an_agent_leaves_a_replica_address_that_accepts_but_never_answers() {
     let root_dir = tempfile::tempdir().unwrap();
     let (a, b) = two_replicas(&db, root_dir.path());
     let relay = Relay::start(&a.node_addr);
-    let token = a.join_token();
-    let mut agent = AgentProcess::prepare(vec![relay.addr.clone(), b.node_addr.clone()]);
-    std::fs::write(
-        agent.dir.join("bundle.pem"),
-        a.cli(&["bundle", "show"]).stdout,
-    )
-    .unwrap();
-    agent.spawn(Some(&token));
-    agent.wait_ready();
-    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (agent, node) = agent_at(&a, vec![relay.addr.clone(), b.node_addr.clone()], &[]);
     create_entry(&a, &node, "short", "20");
     wait_until("the first SVID", Duration::from_secs(10), || {
         !served(&agent).is_empty()
@@ -928,20 +935,12 @@ fn an_agent_leaves_a_replica_address_that_accepts_but_never_answers() {
         3,
         "for 25 s the workload asks every 200 ms: always a valid SVID, the next ones from B, within 15 s (a reconnection gets 5 s)",
     );
-    let mut expiries = std::collections::BTreeSet::new();
     let mut moved = None;
-    let until = Instant::now() + Duration::from_secs(25);
-    while Instant::now() < until {
-        let now = unix_now();
-        let svids = served(&agent);
-        assert_eq!(svids.len(), 1, "the workload got no SVID at {now}");
-        assert!(svids[0].1 > now, "served an expired SVID at {now}");
-        expiries.insert(svids[0].1);
+    let expiries = always_served(&agent, Duration::from_secs(25), || {
         if moved.is_none() && agent.log_text().contains("failed over to another CA") {
             moved = Some(cut.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     assert!(
         expiries.iter().filter(|&&e| e > cut_at).count() >= 1,
         "no rotation after the relay went silent: {expiries:?}"
