@@ -231,6 +231,45 @@ fn handoff(agent: &AgentProcess, listen: &std::path::Path, mode: &str) -> std::p
     child
 }
 
+/// An agent the CA evicts says so, once, as a refusal (not as the CA being
+/// away), and keeps serving its cached SVIDs.
+#[tokio::test]
+async fn an_evicted_agent_says_the_ca_refuses_it_and_keeps_serving_its_cache() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    ca.register(
+        "spiffe://example.org/cached",
+        &parent,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let client = raw_client(&agent).await;
+    let fetch = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        let first = stream.message().await?.expect("a response");
+        Ok::<_, tonic::Status>(first.svids[0].spiffe_id.clone())
+    };
+    eventually("an SVID", || fetch(client.clone())).await;
+    let out = ca.cli(&["agent", "evict", &parent]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = "the CA refuses this agent";
+    let log = agent.wait_log(|l| l.contains(said));
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+    assert!(log.contains("evicted"), "{log}");
+    assert!(!log.contains("CA unreachable"), "{log}");
+    assert_eq!(
+        fetch(client.clone()).await.unwrap(),
+        "spiffe://example.org/cached"
+    );
+}
+
 /// A process that opens a connection and exits, leaving it to another
 /// (which may then wait for a privileged process to get the old pid): calls
 /// on it are refused, though the same relay is served while its opener lives.

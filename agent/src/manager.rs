@@ -305,11 +305,14 @@ impl Manager {
             }
             Err(e) => {
                 self.metrics.ca_error(what);
-                if self.ca_up {
+                if self.ca_up && e.starts_with(REFUSED) {
+                    tracing::error!(error = %e, what, "the CA refuses this agent; serving cached SVIDs until they expire, and retrying with back-off (an evicted agent needs a new join token)");
+                    self.ca_up = false;
+                } else if self.ca_up {
                     tracing::warn!(error = %e, "CA unreachable; serving cached SVIDs and retrying with back-off");
                     self.ca_up = false;
                 } else {
-                    tracing::debug!(error = %e, what, "CA still unreachable");
+                    tracing::debug!(error = %e, what, "CA still unreachable or refusing");
                 }
                 false
             }
@@ -377,7 +380,16 @@ impl Manager {
         {
             self.ca.lock().await.failed();
         }
-        format!("{}: {}", e.code(), e.message())
+        let refused = matches!(
+            e.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        );
+        format!(
+            "{}{}: {}",
+            if refused { REFUSED } else { "" },
+            e.code(),
+            e.message()
+        )
     }
 
     async fn renew_node(&mut self) -> Result<(), String> {
@@ -714,6 +726,11 @@ pub fn csr_for(key: &KeyPair, id: &SpiffeId) -> Result<Vec<u8>, String> {
         .der()
         .to_vec())
 }
+
+/// How an error the CA refused the agent with begins (as `call_failed`
+/// words it): the agent is evicted, unknown, or its node SVID superseded or
+/// expired, not the CA away.
+const REFUSED: &str = "refused by the CA: ";
 
 /// Keeps a change stream open to the CA and forwards a wake-up per notice.
 pub async fn watch_notices(ca: Arc<Mutex<CaClient>>, out: mpsc::Sender<()>) {
