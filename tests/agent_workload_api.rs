@@ -231,6 +231,18 @@ fn handoff(agent: &AgentProcess, listen: &std::path::Path, mode: &str) -> std::p
     child
 }
 
+/// The SPIFFE ID of the first X509-SVID the Workload API streams to `client`.
+async fn first_svid_id(
+    mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>,
+) -> Result<String, tonic::Status> {
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("a response");
+    Ok(first.svids[0].spiffe_id.clone())
+}
+
 /// An agent the CA evicts says so, once, as a refusal (not as the CA being
 /// away), and keeps serving its cached SVIDs.
 #[tokio::test]
@@ -244,15 +256,7 @@ async fn an_evicted_agent_says_the_ca_refuses_it_and_keeps_serving_its_cache() {
         &format!("unix:uid:{}", my_uid()),
     );
     let client = raw_client(&agent).await;
-    let fetch = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
-        let mut stream = client
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await?
-            .into_inner();
-        let first = stream.message().await?.expect("a response");
-        Ok::<_, tonic::Status>(first.svids[0].spiffe_id.clone())
-    };
-    eventually("an SVID", || fetch(client.clone())).await;
+    eventually("an SVID", || first_svid_id(client.clone())).await;
     let out = ca.cli(&["agent", "evict", &parent]);
     assert!(
         out.status.success(),
@@ -265,7 +269,7 @@ async fn an_evicted_agent_says_the_ca_refuses_it_and_keeps_serving_its_cache() {
     assert!(log.contains("evicted"), "{log}");
     assert!(!log.contains("CA unreachable"), "{log}");
     assert_eq!(
-        fetch(client.clone()).await.unwrap(),
+        first_svid_id(client).await.unwrap(),
         "spiffe://example.org/cached"
     );
 }
@@ -284,15 +288,7 @@ async fn a_connection_whose_opener_has_exited_is_refused() {
         &format!("unix:uid:{}", my_uid()),
     );
     let dir = tempfile::tempdir().unwrap();
-    let fetch = |client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
-        let mut client = client;
-        let mut stream = client
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await?
-            .into_inner();
-        let first = stream.message().await?.expect("a response");
-        Ok::<_, tonic::Status>(first.svids[0].spiffe_id.clone())
-    };
+    let fetch = first_svid_id;
 
     let staying = dir.path().join("stay.sock");
     let mut relay = handoff(&agent, &staying, "stay");

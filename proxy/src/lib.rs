@@ -256,18 +256,21 @@ async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline:
     let _ = drain.send(true);
     // Streams still being set up (waiting for their tunnel, their
     // authorization or their application) count as open.
-    let open = || metrics.stream_tasks();
-    tracing::info!(open_streams = open(), deadline = ?deadline, "draining");
+    let left = || {
+        (
+            metrics.stream_tasks(),
+            metrics.connections_open(Direction::Inbound),
+        )
+    };
+    tracing::info!(open_streams = left().0, deadline = ?deadline, "draining");
     let start = Instant::now();
-    while (open() > 0 || metrics.connections_open(Direction::Inbound) > 0)
-        && start.elapsed() < deadline
-    {
+    while left() != (0, 0) && start.elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let connections = metrics.connections_open(Direction::Inbound);
-    if open() > 0 || connections > 0 {
+    let (streams, connections) = left();
+    if (streams, connections) != (0, 0) {
         tracing::warn!(
-            open_streams = open(),
+            open_streams = streams,
             inbound_connections = connections,
             "drain deadline reached; closing open streams and connections"
         );

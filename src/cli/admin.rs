@@ -60,6 +60,25 @@ async fn remote_client(addr: &str, workload_socket: &str) -> anyhow::Result<Admi
     Ok(AdminClient::new(ch))
 }
 
+/// Every item of a paged listing: `page(token)` asks for one page and
+/// returns its items and the next page's token (empty after the last).
+pub async fn all_pages<T, F, Fut>(mut page: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await.map_err(status)?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
@@ -283,26 +302,21 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
             spiffe_id,
             target,
         } => {
-            let mut c = client(&target).await?;
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let r = c
-                    .list_entries(pb::ListEntriesRequest {
-                        parent_id: parent_id.clone().unwrap_or_default(),
-                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
-                        page_token,
-                        page_size: 0,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                all.extend(r.entries);
-                if r.next_page_token.is_empty() {
-                    break;
+            let c = client(&target).await?;
+            let all = all_pages(|page_token| {
+                let mut c = c.clone();
+                let req = pb::ListEntriesRequest {
+                    parent_id: parent_id.clone().unwrap_or_default(),
+                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                    page_token,
+                    page_size: 0,
+                };
+                async move {
+                    let r = c.list_entries(req).await?.into_inner();
+                    Ok((r.entries, r.next_page_token))
                 }
-                page_token = r.next_page_token;
-            }
+            })
+            .await?;
             match out {
                 Output::Json => print_json(&json!(all.iter().map(entry_json).collect::<Vec<_>>())),
                 Output::Human => {
@@ -350,24 +364,19 @@ pub async fn agent(cmd: AgentCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Run(args) => super::agent::run(*args).await?,
         AgentCommand::List { target } => {
-            let mut c = client(&target).await?;
-            let mut agents = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let r = c
-                    .list_agents(pb::ListAgentsRequest {
+            let c = client(&target).await?;
+            let agents = all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListAgentsRequest {
                         page_token,
                         page_size: 0,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                agents.extend(r.agents);
-                if r.next_page_token.is_empty() {
-                    break;
+                    };
+                    let r = c.list_agents(req).await?.into_inner();
+                    Ok((r.agents, r.next_page_token))
                 }
-                page_token = r.next_page_token;
-            }
+            })
+            .await?;
             match out {
                 Output::Json => print_json(&json!(agents
                     .iter()

@@ -217,24 +217,19 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
             }
         }
         PolicyCommand::History { target } => {
-            let mut c = admin::client(&target).await?;
-            let mut versions = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let r = c
-                    .list_policies(admin_pb::ListPoliciesRequest {
+            let c = admin::client(&target).await?;
+            let versions = admin::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = admin_pb::ListPoliciesRequest {
                         page_token,
                         page_size: 0,
-                    })
-                    .await
-                    .map_err(admin::status)?
-                    .into_inner();
-                versions.extend(r.versions);
-                if r.next_page_token.is_empty() {
-                    break;
+                    };
+                    let r = c.list_policies(req).await?.into_inner();
+                    Ok((r.versions, r.next_page_token))
                 }
-                page_token = r.next_page_token;
-            }
+            })
+            .await?;
             match out {
                 Output::Json => print_json(&json!(versions
                     .iter()
