@@ -18,6 +18,14 @@ fn agent_id(ca: &CaProcess) -> String {
         .to_owned()
 }
 
+/// Registers `id` under the (only) agent for this test process's uid, the
+/// workload in these tests; returns the agent's ID.
+fn register_self(ca: &CaProcess, id: &str) -> String {
+    let parent = agent_id(ca);
+    ca.register(id, &parent, &format!("unix:uid:{}", my_uid()));
+    parent
+}
+
 /// Our own raw client (no header added unless asked).
 async fn raw_client(agent: &AgentProcess) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&agent.socket).await.unwrap())
@@ -58,9 +66,8 @@ fn verify_with_openssl(dir: &std::path::Path, chain_pem: &str, bundle_pem: &str)
 async fn independent_clients_get_verifiable_svids_and_validate_each_others_jwts() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
     let id = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
-    ca.register(id, &parent, &format!("unix:uid:{}", my_uid()));
+    register_self(&ca, id);
 
     // The Rust `spiffe` crate.
     let client = eventually("spiffe crate X509-SVID", || async {
@@ -249,12 +256,7 @@ async fn first_svid_id(
 async fn an_evicted_agent_says_the_ca_refuses_it_and_keeps_serving_its_cache() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
-    ca.register(
-        "spiffe://example.org/cached",
-        &parent,
-        &format!("unix:uid:{}", my_uid()),
-    );
+    let parent = register_self(&ca, "spiffe://example.org/cached");
     let client = raw_client(&agent).await;
     eventually("an SVID", || first_svid_id(client.clone())).await;
     let out = ca.cli(&["agent", "evict", &parent]);
@@ -281,12 +283,7 @@ async fn an_evicted_agent_says_the_ca_refuses_it_and_keeps_serving_its_cache() {
 async fn a_connection_whose_opener_has_exited_is_refused() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
-    ca.register(
-        "spiffe://example.org/relayed",
-        &parent,
-        &format!("unix:uid:{}", my_uid()),
-    );
+    register_self(&ca, "spiffe://example.org/relayed");
     let dir = tempfile::tempdir().unwrap();
     let fetch = first_svid_id;
 
@@ -331,12 +328,7 @@ async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry(
     // The node SVID is short too: the agent must renew it while it streams.
     let ca = CaProcess::start(&["--x509-svid-ttl", "10s", "--node-svid-ttl", "10s"]);
     let agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
-    ca.register(
-        "spiffe://example.org/short",
-        &parent,
-        &format!("unix:uid:{}", my_uid()),
-    );
+    register_self(&ca, "spiffe://example.org/short");
     let mut stream = eventually("stream", || async {
         let mut c = raw_client(&agent).await;
         c.fetch_x509svid(with_header(X509svidRequest {}))
@@ -384,12 +376,7 @@ async fn with_a_10s_ttl_a_streaming_client_gets_a_fresh_svid_before_each_expiry(
 async fn with_the_ca_stopped_cached_svids_keep_flowing_and_rotation_resumes_after() {
     let mut ca = CaProcess::start(&["--x509-svid-ttl", "16s"]);
     let agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
-    ca.register(
-        "spiffe://example.org/steady",
-        &parent,
-        &format!("unix:uid:{}", my_uid()),
-    );
+    register_self(&ca, "spiffe://example.org/steady");
     let mut stream = eventually("stream", || async {
         let mut c = raw_client(&agent).await;
         c.fetch_x509svid(with_header(X509svidRequest {}))
@@ -445,12 +432,7 @@ async fn with_the_ca_stopped_cached_svids_keep_flowing_and_rotation_resumes_afte
 async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     let ca = CaProcess::start(&[]);
     let mut agent = AgentProcess::start(&ca);
-    let parent = agent_id(&ca);
-    ca.register(
-        "spiffe://example.org/restart",
-        &parent,
-        &format!("unix:uid:{}", my_uid()),
-    );
+    let parent = register_self(&ca, "spiffe://example.org/restart");
     eventually("first fetch", || async {
         let out = agent.svid_cli(&["fetch"], None);
         if out.status.success() {
