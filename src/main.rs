@@ -75,8 +75,8 @@ fn main() -> ExitCode {
 /// A proxy's buffers come and go with its traffic: read buffers (256 KiB
 /// from an application, 64 KiB from a TLS socket) while a socket has data,
 /// up to 1 MiB of TLS records a connection has not yet written, and up to a
-/// connection's flow-control window (16 MiB) of received data waiting for a
-/// slow application, all freed once drained. By default glibc gives freed
+/// stream's flow-control window (4 MiB) of received data waiting for a slow
+/// application, all freed once drained. By default glibc gives freed
 /// memory at the top of the heap back to the kernel once 128 KiB or more of
 /// it is free, and the next burst faults fresh zeroed pages in again: at
 /// full tunnel throughput that cost up to a fifth of a proxy's CPU

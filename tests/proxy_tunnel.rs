@@ -42,12 +42,19 @@ impl Mesh {
     }
 
     fn start(ca_flags: &[&str], api_flags: &[&str]) -> Mesh {
-        Self::start_with(ca_flags, api_flags, false)
+        Self::start_with(ca_flags, api_flags, false, None)
     }
 
     /// `api_stdout_unread`: the server-side proxy's standard output is a
     /// pipe nobody reads (see [`ProxyProcess::start_stdout_unread`]).
-    fn start_with(ca_flags: &[&str], api_flags: &[&str], api_stdout_unread: bool) -> Mesh {
+    /// `forward`: the application the server-side proxy forwards to, if not
+    /// the hash app.
+    fn start_with(
+        ca_flags: &[&str],
+        api_flags: &[&str],
+        api_stdout_unread: bool,
+        forward: Option<&str>,
+    ) -> Mesh {
         let ca = CaProcess::start(ca_flags);
         let agent = AgentProcess::start(&ca);
         let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
@@ -60,7 +67,7 @@ impl Mesh {
         let policies = policy_copy();
         let app = AppProcess::start();
         let api_inbound = format!("127.0.0.1:{}", free_port());
-        let forward = format!("127.0.0.1:{}", app.port);
+        let forward = forward.map_or_else(|| format!("127.0.0.1:{}", app.port), str::to_owned);
         let policy_dir = policies.path().to_str().unwrap().to_owned();
         let mut flags = vec![
             "--inbound-listen",
@@ -372,7 +379,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
 fn logs_whose_destination_stalls_do_not_stall_the_proxy_and_lose_nothing_once_it_is_read() {
     // The server-side proxy writes its decision log and its access log to
     // standard output, a pipe nobody reads: it fills after some 64 KiB.
-    let mut mesh = Mesh::start_with(&[], &["--access-log", "stdout"], true);
+    let mut mesh = Mesh::start_with(&[], &["--access-log", "stdout"], true, None);
     let (_web, web_port) = mesh.client_proxy(WEB_UID, API, &[]);
     // 1,000 streams one after another, each a 1-byte exchange: about 1 MB of
     // log lines, 15 times what the pipe holds.
@@ -1265,6 +1272,83 @@ fn closed_at_once(addr: &str, within: Duration) -> bool {
 /// TLS connections, and every stream is answered (h2 would otherwise hold a
 /// third `CONNECT` back, unanswered, until one of the others ended; the
 /// connection is made before the peer's settings say how many it takes).
+/// Applications that stop reading hold up only their own streams: eight
+/// connections, carried by one pooled tunnel connection, whose ends both
+/// write 16 MiB and read nothing fill their streams' windows both ways; a
+/// new stream on the same connection still goes both ways at once. (Were the
+/// connection's window shared with less room than all its streams' windows,
+/// four such streams would stop every other on it, as one stalled TCP
+/// connection never stops another.)
+#[test]
+fn applications_that_stop_reading_hold_up_only_their_own_streams() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const STALLED: usize = 8;
+    const EACH: usize = 16 << 20;
+    // The server application: its first connections write and never read,
+    // the rest echo.
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forward = app.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for s in app.incoming() {
+            let mut s = s.unwrap();
+            if counted.fetch_add(1, Ordering::SeqCst) < STALLED {
+                std::thread::spawn(move || {
+                    let _ = s.write_all(&vec![1u8; EACH]);
+                    std::thread::park();
+                });
+            } else {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let mesh = Mesh::start_with(&[], &[], false, Some(&forward));
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // The client applications: the same, the other way.
+    for _ in 0..STALLED {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::thread::spawn(move || {
+            let _ = c.write_all(&vec![2u8; EACH]);
+            std::thread::park();
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.load(Ordering::SeqCst) < STALLED {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled streams never opened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Time for the stalled streams to fill every window and buffer they have.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let mut probe = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let sent: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    probe.write_all(&sent).unwrap();
+    let mut echoed = vec![0u8; sent.len()];
+    probe
+        .read_exact(&mut echoed)
+        .expect("a new stream on the connection the stalled streams use went nowhere");
+    assert!(echoed == sent, "the echo differs from what was sent");
+    // All of it over the one pooled connection.
+    assert_eq!(
+        web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
+        1.0
+    );
+}
+
 #[test]
 fn a_peer_that_takes_fewer_streams_per_connection_gets_a_new_connection_when_full() {
     let mesh = Mesh::start(&[], &["--max-streams-per-connection", "2"]);

@@ -11,8 +11,17 @@ use ward_spec::tls::RootStore;
 
 /// Stream flow-control window: large enough that one stream fills a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// Connection flow-control window, shared by its streams.
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Connection flow-control window for a connection of up to `max_streams`
+/// streams: room for every stream's window, so that a stream whose
+/// application stops reading holds up only itself. (A shared window with room
+/// for four streams' windows let four such streams stop every other stream on
+/// the connection, where one stalled TCP connection never stops another.) What
+/// a connection may hold unread stays bounded by its streams' windows; past
+/// 511 streams a connection, HTTP/2's largest window is the bound.
+pub fn connection_window(max_streams: u32) -> u32 {
+    const LARGEST: u32 = (1 << 31) - 1;
+    STREAM_WINDOW.saturating_mul(max_streams).min(LARGEST)
+}
 /// Largest HTTP/2 frame we accept. A bulk stream's DATA frames carry one
 /// read from the application each (`pump`'s 256 KiB): fewer, larger frames
 /// and socket writes. Against 64 KiB frames a tunneled stream went from
@@ -128,7 +137,7 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 pub fn server_builder(max_streams: u32) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(max_streams)
         .max_send_buffer_size(MAX_SEND_BUFFER);
@@ -137,12 +146,12 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
 
 /// A client's streams wait for the peer's settings (h2 counts the streams the
 /// peer takes as none until they arrive): the pool then knows how many
-/// streams a connection may carry.
-pub fn client_builder() -> h2::client::Builder {
+/// streams a connection may carry (at most `max_streams`).
+pub fn client_builder(max_streams: u32) -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_max_send_streams(0)
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         // A proxy never accepts pushed streams.

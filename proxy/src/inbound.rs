@@ -617,7 +617,7 @@ mod tests {
         roots.update(&new_bundle).unwrap();
         identity_tx.send(Some(current(0, 2, &roots))).unwrap();
         // ... and only then the HTTP/2 preface.
-        let (_client, conn) = crate::hbone::client_builder()
+        let (_client, conn) = crate::hbone::client_builder(10)
             .handshake::<_, Bytes>(tls)
             .await
             .unwrap();
@@ -671,7 +671,7 @@ mod tests {
             .connect(name, TcpStream::connect(addr).await.unwrap())
             .await
             .unwrap();
-        let (_client, conn) = crate::hbone::client_builder()
+        let (_client, conn) = crate::hbone::client_builder(10)
             .handshake::<_, Bytes>(tls)
             .await
             .unwrap();

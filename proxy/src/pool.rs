@@ -408,10 +408,11 @@ impl Pool {
                 .await?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
             let chain = PeerChain::new(tls.get_ref().1.peer_certificates());
-            let (send, mut connection) = hbone::client_builder()
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(crate::pump::h2_io)?;
+            let (send, mut connection) =
+                hbone::client_builder(u32::try_from(self.max_streams).unwrap_or(u32::MAX))
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(crate::pump::h2_io)?;
             // The peer's settings (how many streams it takes) follow its
             // handshake at once. They are awaited here, so that the callers
             // queued for this connection are given no more streams than the

@@ -256,7 +256,7 @@ mod tests {
                 .unwrap();
             (send, req.into_body())
         });
-        let (mut client, conn) = crate::hbone::client_builder()
+        let (mut client, conn) = crate::hbone::client_builder(10)
             .handshake::<_, Bytes>(client_io)
             .await
             .unwrap();
