@@ -5,6 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rcgen::KeyPair;
@@ -300,7 +301,7 @@ on_both_backends! {
                 .is_err(),
             "a notice for an entry under another agent"
         );
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         ca.create_entry("spiffe://example.org/pushed", &node.id.to_string());
         let next = tokio::time::timeout(std::time::Duration::from_secs(1), stream.message())
             .await
@@ -381,5 +382,80 @@ fn entry_lifetimes_over_ten_years_are_refused_and_the_ca_goes_on() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Anyone who can reach the node API can open a TLS connection without a
+/// client certificate (agents attest over one): the CA holds at most
+/// `--max-unauthenticated-connections` of them (more are closed right after
+/// their handshake, and it says so once) and closes each after
+/// `--unauthenticated-timeout`, while agents with node SVIDs are served on.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_a_certificate_are_limited_in_number_and_time() {
+    let ca = CaProcess::start(&[
+        "--unauthenticated-timeout",
+        "4s",
+        "--max-unauthenticated-connections",
+        "3",
+    ]);
+    let mut node = attest(&ca).await;
+    let open = || metric_value(&ca.health_addr, "ward_ca_node_unauthenticated_connections");
+    // The attestation's own connection goes once its client is dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the attestation's connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let opened = Instant::now();
+    let mut held: Vec<_> = (0..3).map(|_| anonymous_tls(&ca)).collect();
+    assert_eq!(open(), 3.0);
+    let mut fourth = anonymous_tls(&ca);
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(2)),
+        "a connection beyond the limit was kept"
+    );
+    for c in &mut held {
+        assert!(
+            !closed_within(c, Duration::from_millis(200)),
+            "a connection within the limit was closed early"
+        );
+    }
+    // Agents are served meanwhile, and attesting waits for nobody: a
+    // connection with a certificate does not count.
+    node.client
+        .fetch_bundle(FetchBundleRequest {})
+        .await
+        .expect("an agent was refused while the limit was reached");
+    for c in &mut held {
+        assert!(
+            closed_within(c, Duration::from_secs(10)),
+            "a connection without a certificate outlived its timeout"
+        );
+    }
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_secs(3),
+        "closed after {lived:?}, before the 4 s timeout"
+    );
+    // Places are given back: attesting works again.
+    attest(&ca).await;
+    let closed = |reason: &str| {
+        metric_value(
+            &ca.health_addr,
+            &format!("ward_ca_node_connections_closed_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(closed("unauthenticated_limit"), 1.0);
+    assert_eq!(closed("unauthenticated_timeout"), 3.0);
+    let log = ca.log_text();
+    assert_eq!(
+        log.matches("node API connections without a client certificate are at their limit")
+            .count(),
+        1,
+        "the limit is logged once: {log}"
     );
 }

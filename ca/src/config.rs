@@ -63,6 +63,13 @@ pub struct CaConfig {
     /// tenant, namespace and service (admin policies see the tenant).
     pub id_template: String,
     pub log_format: LogFormat,
+    /// How long a node API connection whose client presented no certificate
+    /// (an agent attesting with a join token, which needs one call) stays open.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub unauthenticated_timeout: Duration,
+    /// How many such connections may be open at once; more are closed as soon
+    /// as their handshake is done.
+    pub max_unauthenticated_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -96,6 +103,8 @@ impl Default for CaConfig {
             federation_refresh_interval: None,
             id_template: ward_authz::template::DEFAULT_TEMPLATE.into(),
             log_format: LogFormat::Text,
+            unauthenticated_timeout: Duration::from_secs(30),
+            max_unauthenticated_connections: 1024,
         }
     }
 }
@@ -143,6 +152,7 @@ impl CaConfig {
             ("join_token_ttl", self.join_token_ttl),
             ("rotation_check_interval", self.rotation_check_interval),
             ("entry_change_retention", self.entry_change_retention),
+            ("unauthenticated_timeout", self.unauthenticated_timeout),
         ];
         for (key, d) in positive {
             if d.is_zero() {
@@ -151,6 +161,12 @@ impl CaConfig {
                     message: "must be greater than zero".into(),
                 });
             }
+        }
+        if self.max_unauthenticated_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_unauthenticated_connections",
+                message: "must be at least 1 (agents attest over such a connection)".into(),
+            });
         }
         if self.ca_ttl > self.root_ttl {
             return Err(ConfigError::Invalid {

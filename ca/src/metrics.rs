@@ -14,6 +14,9 @@ pub struct Metrics {
     refused: Family<Labels, Counter>,
     attestations: Family<Labels, Counter>,
     admin_changes: Family<Labels, Counter>,
+    node_connections_closed: Family<Labels, Counter>,
+    /// Node API connections open without a client certificate.
+    pub unauthenticated_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub bundle_sequence: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub signing_ca_expiry: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub datastore_up: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -27,6 +30,8 @@ impl Default for Metrics {
         let refused = Family::<Labels, Counter>::default();
         let attestations = Family::<Labels, Counter>::default();
         let admin_changes = Family::<Labels, Counter>::default();
+        let node_connections_closed = Family::<Labels, Counter>::default();
+        let unauthenticated_connections = Gauge::default();
         let bundle_sequence = Gauge::default();
         let signing_ca_expiry = Gauge::default();
         let datastore_up = Gauge::default();
@@ -42,6 +47,16 @@ impl Default for Metrics {
             "admin_changes",
             "Admin changes, by operation",
             admin_changes.clone(),
+        );
+        registry.register(
+            "node_connections_closed",
+            "Node API connections the CA closed, by reason",
+            node_connections_closed.clone(),
+        );
+        registry.register(
+            "node_unauthenticated_connections",
+            "Node API connections open without a client certificate",
+            unauthenticated_connections.clone(),
         );
         registry.register(
             "bundle_sequence",
@@ -69,6 +84,8 @@ impl Default for Metrics {
             refused,
             attestations,
             admin_changes,
+            node_connections_closed,
+            unauthenticated_connections,
             bundle_sequence,
             signing_ca_expiry,
             datastore_up,
@@ -87,6 +104,11 @@ impl Metrics {
     pub fn attestation(&self, outcome: &'static str) {
         self.attestations
             .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+    pub fn node_connection_closed(&self, reason: &'static str) {
+        self.node_connections_closed
+            .get_or_create(&vec![("reason", reason)])
             .inc();
     }
     pub fn cache_read(&self) {

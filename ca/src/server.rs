@@ -123,7 +123,20 @@ pub async fn serve(
         SpiffeClientVerifier::new(roots.clone(), false),
     ));
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(accept_tls(node_listener, tls, conn_tx, stop_rx.clone()));
+    let unauthenticated = Unauthenticated {
+        timeout: cfg.unauthenticated_timeout,
+        limit: cfg.max_unauthenticated_connections,
+        permits: Arc::new(Semaphore::new(cfg.max_unauthenticated_connections)),
+        at_limit: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        metrics: ca.metrics.clone(),
+    };
+    tokio::spawn(accept_tls(
+        node_listener,
+        tls,
+        conn_tx,
+        unauthenticated,
+        stop_rx.clone(),
+    ));
 
     // Agents and remote admins share the mutual-TLS port.
     let node = tonic::transport::Server::builder()
@@ -330,10 +343,89 @@ fn publish_gauges(ca: &Ca) {
         .set(ca.authority.signer().not_after.unix_timestamp());
 }
 
+/// What a node API connection whose client presented no certificate may
+/// hold: it can only attest (one call), so it gets a short life, and only so
+/// many are open at once (anyone who can reach the port can open one).
+#[derive(Clone)]
+struct Unauthenticated {
+    timeout: Duration,
+    limit: usize,
+    permits: Arc<Semaphore>,
+    /// Whether the last one was refused for the limit (logged once per spell).
+    at_limit: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Unauthenticated {
+    /// A place for one more connection, or None (logged once until one is
+    /// given again).
+    fn admit(&self, addr: std::net::SocketAddr) -> Option<UnauthenticatedSlot> {
+        use std::sync::atomic::Ordering;
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                if self.at_limit.swap(false, Ordering::Relaxed) {
+                    tracing::info!("node API connections without a certificate are admitted again");
+                }
+                self.metrics.unauthenticated_connections.inc();
+                Some(UnauthenticatedSlot {
+                    _permit: permit,
+                    deadline: Box::pin(tokio::time::sleep(self.timeout)),
+                    expired: false,
+                    metrics: self.metrics.clone(),
+                })
+            }
+            Err(_) => {
+                self.metrics.node_connection_closed("unauthenticated_limit");
+                if !self.at_limit.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%addr, limit = self.limit, "node API connections without a client certificate are at their limit (max_unauthenticated_connections): closing new ones until some end");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A connection without a client certificate: its place among those
+/// allowed, and when it is closed.
+struct UnauthenticatedSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    expired: bool,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl UnauthenticatedSlot {
+    /// An error once the connection's time is up (which closes it).
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if !self.expired && self.deadline.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        if !self.expired {
+            self.expired = true;
+            self.metrics
+                .node_connection_closed("unauthenticated_timeout");
+            tracing::debug!(
+                "closed a node API connection without a client certificate: its time is up"
+            );
+        }
+        Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "a connection without a client certificate is closed after unauthenticated_timeout",
+        ))
+    }
+}
+
+impl Drop for UnauthenticatedSlot {
+    fn drop(&mut self) {
+        self.metrics.unauthenticated_connections.dec();
+    }
+}
+
 async fn accept_tls(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     out: tokio::sync::mpsc::Sender<io::Result<TlsConn>>,
+    unauthenticated: Unauthenticated,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -355,6 +447,7 @@ async fn accept_tls(
         };
         let acceptor = acceptor.clone();
         let out = out.clone();
+        let unauthenticated = unauthenticated.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
@@ -366,29 +459,54 @@ async fn accept_tls(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|leaf| ward_spec::svid::check_leaf(leaf).ok());
-                    let peer = match leaf {
-                        Some(l) => PeerIdentity(
-                            Some(l.spiffe_id),
-                            crate::service::NodeSvid {
-                                serial: l.serial,
-                                not_after: l.not_after,
-                            },
+                    let (peer, slot) = match leaf {
+                        Some(l) => (
+                            PeerIdentity(
+                                Some(l.spiffe_id),
+                                crate::service::NodeSvid {
+                                    serial: l.serial,
+                                    not_after: l.not_after,
+                                },
+                            ),
+                            None,
                         ),
-                        None => PeerIdentity(None, Default::default()),
+                        None => match unauthenticated.admit(addr) {
+                            Some(slot) => (PeerIdentity(None, Default::default()), Some(slot)),
+                            // Dropped: closed.
+                            None => return,
+                        },
                     };
-                    let _ = out.send(Ok(TlsConn { inner: tls, peer })).await;
+                    let _ = out
+                        .send(Ok(TlsConn {
+                            inner: tls,
+                            peer,
+                            unauthenticated: slot,
+                        }))
+                        .await;
                 }
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    unauthenticated
+                        .metrics
+                        .node_connection_closed("handshake_failed");
+                    tracing::debug!(%addr, error = %e, "TLS handshake failed")
+                }
+                Err(_) => {
+                    unauthenticated
+                        .metrics
+                        .node_connection_closed("handshake_timeout");
+                    tracing::debug!(%addr, "TLS handshake timed out")
+                }
             }
         });
     }
 }
 
-/// A TLS connection and the verified identity of its peer.
+/// A TLS connection and the verified identity of its peer (and, for a peer
+/// without a certificate, its place among those allowed and its deadline).
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     peer: PeerIdentity,
+    unauthenticated: Option<UnauthenticatedSlot>,
 }
 
 impl Connected for TlsConn {
@@ -404,7 +522,15 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(e) = this
+            .unauthenticated
+            .as_mut()
+            .and_then(|s| s.poll_expired(cx))
+        {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -414,7 +540,15 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(e) = this
+            .unauthenticated
+            .as_mut()
+            .and_then(|s| s.poll_expired(cx))
+        {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)

@@ -99,6 +99,14 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// How long a node API connection without a client certificate (an
+    /// agent attesting with a join token) stays open. Default 30s
+    #[arg(long, value_parser = duration)]
+    unauthenticated_timeout: Option<std::time::Duration>,
+    /// How many node API connections without a client certificate may be
+    /// open at once; more are closed after their handshake. Default 1024
+    #[arg(long)]
+    max_unauthenticated_connections: Option<usize>,
 }
 
 impl ServeArgs {
@@ -125,7 +133,9 @@ impl ServeArgs {
             node_svid_ttl,
             join_token_ttl,
             rotation_check_interval,
-            entry_change_retention
+            entry_change_retention,
+            unauthenticated_timeout,
+            max_unauthenticated_connections
         );
         if self.admin_socket.is_some() {
             c.admin_socket = self.admin_socket;

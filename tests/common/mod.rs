@@ -538,6 +538,52 @@ pub async fn anonymous_client(ca: &CaProcess) -> NodeClient<tonic::transport::Ch
     NodeClient::new(ch)
 }
 
+/// A TLS connection to the node API without a client certificate, its
+/// handshake done and nothing more said.
+pub fn anonymous_tls(
+    ca: &CaProcess,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+    let mut conn = rustls::ClientConnection::new(tls_config(&ca.bundle(), None), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(&ca.node_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Whether the peer closes `tls` (an end of file, a reset or an alert)
+/// within `within`; false if it is still open then.
+pub fn closed_within(
+    tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    within: Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut b = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        tls.sock.set_read_timeout(Some(left)).unwrap();
+        match tls.read(&mut b) {
+            Ok(0) => return true,
+            // The server's HTTP/2 settings.
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
 /// Attests with a fresh join token and returns an mTLS client with the node SVID.
 pub async fn attest(ca: &CaProcess) -> Node {
     attest_with(ca, &ca.join_token()).await.unwrap()
