@@ -516,6 +516,15 @@ impl Connected for TlsConn {
     }
 }
 
+impl TlsConn {
+    /// An error once a connection without a client certificate has had its time.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.unauthenticated
+            .as_mut()
+            .and_then(|s| s.poll_expired(cx))
+    }
+}
+
 impl AsyncRead for TlsConn {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -523,11 +532,7 @@ impl AsyncRead for TlsConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(e) = this
-            .unauthenticated
-            .as_mut()
-            .and_then(|s| s.poll_expired(cx))
-        {
+        if let Some(e) = this.expired(cx) {
             return Poll::Ready(Err(e));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -541,11 +546,7 @@ impl AsyncWrite for TlsConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(e) = this
-            .unauthenticated
-            .as_mut()
-            .and_then(|s| s.poll_expired(cx))
-        {
+        if let Some(e) = this.expired(cx) {
             return Poll::Ready(Err(e));
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
