@@ -1267,11 +1267,6 @@ fn closed_at_once(addr: &str, within: Duration) -> bool {
     }
 }
 
-/// The peer takes 2 streams per connection, this proxy would put 100 on
-/// one: three application connections at once to a fresh proxy get two
-/// TLS connections, and every stream is answered (h2 would otherwise hold a
-/// third `CONNECT` back, unanswered, until one of the others ended; the
-/// connection is made before the peer's settings say how many it takes).
 /// Applications that stop reading hold up only their own streams: eight
 /// connections, carried by one pooled tunnel connection, whose ends both
 /// write 16 MiB and read nothing fill their streams' windows both ways; a
@@ -1349,6 +1344,11 @@ fn applications_that_stop_reading_hold_up_only_their_own_streams() {
     );
 }
 
+/// The peer takes 2 streams per connection, this proxy would put 100 on
+/// one: three application connections at once to a fresh proxy get two
+/// TLS connections, and every stream is answered (h2 would otherwise hold a
+/// third `CONNECT` back, unanswered, until one of the others ended; the
+/// connection is made before the peer's settings say how many it takes).
 #[test]
 fn a_peer_that_takes_fewer_streams_per_connection_gets_a_new_connection_when_full() {
     let mesh = Mesh::start(&[], &["--max-streams-per-connection", "2"]);

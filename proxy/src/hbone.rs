@@ -27,6 +27,11 @@ pub fn connection_window(max_streams: u32) -> u32 {
 /// and socket writes. Against 64 KiB frames a tunneled stream went from
 /// 10.5 to 11.4 Gbit/s (held bench tunnels side by side, BENCHMARKS.md).
 pub const MAX_FRAME: u32 = 256 * 1024;
+/// Framing overhead of small DATA frames a connection may hold unread (h2
+/// closes a connection whose peer sends more: a flood of tiny frames costs
+/// memory beyond the bytes the windows count). What h2 derives from a 16 MiB
+/// connection window; it would grow with the larger windows above.
+pub const DATA_FRAME_BUDGET: usize = 8 * 1024 * 1024;
 /// Unsent TLS bytes rustls may hold for one connection. tokio-rustls hands
 /// what rustls holds to the socket after every write, and rustls takes in
 /// plaintext only up to this limit: at rustls's default (64 KiB) a frame
@@ -140,7 +145,8 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
         .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(max_streams)
-        .max_send_buffer_size(MAX_SEND_BUFFER);
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .data_frame_budget(DATA_FRAME_BUDGET);
     b
 }
 
@@ -154,6 +160,7 @@ pub fn client_builder(max_streams: u32) -> h2::client::Builder {
         .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(MAX_SEND_BUFFER)
+        .data_frame_budget(DATA_FRAME_BUDGET)
         // A proxy never accepts pushed streams.
         .enable_push(false);
     b
