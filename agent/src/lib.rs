@@ -203,9 +203,15 @@ async fn attest(
         };
         match attempt {
             Ok(r) => break r.into_inner(),
-            Err((tonic::Code::Unavailable, e)) => {
+            // The CA did not answer (unreachable, or it closed the
+            // connection: e.g. at its limit of connections without a
+            // certificate): try again. Any answer it gave is final.
+            Err((
+                code @ (tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled),
+                e,
+            )) => {
                 let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "CA unreachable for attestation");
+                tracing::warn!(?code, error = %e, retry_in = ?d, "CA unreachable for attestation");
                 tokio::time::sleep(d).await;
             }
             Err((code, msg)) => bail!("attestation refused ({code:?}): {msg}"),

@@ -351,7 +351,8 @@ struct Unauthenticated {
     timeout: Duration,
     limit: usize,
     permits: Arc<Semaphore>,
-    /// Whether the last one was refused for the limit (logged once per spell).
+    /// Whether one was refused for the limit and fewer than half the places
+    /// have been free since (the limit is logged once per spell).
     at_limit: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -363,7 +364,11 @@ impl Unauthenticated {
         use std::sync::atomic::Ordering;
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                if self.at_limit.swap(false, Ordering::Relaxed) {
+                // Admitted again once half the places are free: a flood that
+                // keeps them taken is logged once, not at every place freed.
+                if self.permits.available_permits() >= self.limit / 2
+                    && self.at_limit.swap(false, Ordering::Relaxed)
+                {
                     tracing::info!("node API connections without a certificate are admitted again");
                 }
                 self.metrics.unauthenticated_connections.inc();
