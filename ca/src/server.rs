@@ -358,8 +358,8 @@ struct Unauthenticated {
 }
 
 impl Unauthenticated {
-    /// A place for one more connection, or None (logged once until one is
-    /// given again).
+    /// A place for one more connection, or None (logged once per spell at
+    /// the limit).
     fn admit(&self, addr: std::net::SocketAddr) -> Option<UnauthenticatedSlot> {
         use std::sync::atomic::Ordering;
         match self.permits.clone().try_acquire_owned() {
