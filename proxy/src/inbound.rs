@@ -299,10 +299,13 @@ async fn stream(
     inbound: &Inbound,
 ) {
     let peer_id = &verified.id;
-    // The policy epoch is taken before the decision: a set that changes
-    // while the stream is admitted gets it decided again.
+    // The set's version is taken before the decision: a set that changes
+    // while the stream is admitted gets it decided again, and one that the
+    // decision already used (the epoch follows the authorizer a moment
+    // late) does not.
     let mut epoch = inbound.policy_epoch.clone();
     epoch.borrow_and_update();
+    let decided = inbound.authz.version();
     let metrics = &inbound.metrics;
     let log = StreamLog::start(
         metrics,
@@ -329,7 +332,7 @@ async fn stream(
     let result = tokio::select! {
         r = pump(app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
         // Dropping the pump resets the stream and closes the application's socket.
-        () = revoked(&mut epoch, peer_id, peer, port, inbound) => Ok("revoked"),
+        () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
     };
     metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();
@@ -447,16 +450,23 @@ fn decide(
     )
 }
 
-/// Resolves when a new policy set no longer permits an open stream (the
+/// Resolves when a set newer than version `decided` (the one the stream was
+/// admitted under, or an older one) no longer permits an open stream (the
 /// decision is logged like any other); pending for as long as sets allow it.
 async fn revoked(
     epoch: &mut watch::Receiver<u64>,
+    mut decided: u64,
     peer_id: &SpiffeId,
     peer: SocketAddr,
     port: u16,
     inbound: &Inbound,
 ) {
     while epoch.changed().await.is_ok() {
+        let version = *epoch.borrow_and_update();
+        if version <= decided {
+            continue;
+        }
+        decided = version;
         // Decided for the SPIFFE ID this proxy has, even if its SVID has
         // expired meanwhile (the stream goes on): a change must not be lost.
         let Some(me) = inbound
@@ -542,7 +552,8 @@ mod tests {
 
     /// A policy change while this proxy's SVID has expired (the agent is
     /// away) still gets open streams decided again: one the new set denies
-    /// is closed.
+    /// is closed. The set the stream was admitted under, reported by the
+    /// epoch after the admission, is not decided again.
     #[tokio::test]
     async fn a_policy_change_while_the_svid_has_expired_still_closes_denied_streams() {
         let (bundle, root) = root("example.org");
@@ -556,8 +567,20 @@ mod tests {
         seen.borrow_and_update();
         let web = SpiffeId::parse(WEB).unwrap();
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let revoking = revoked(&mut seen, &web, peer, 9, &inbound);
+        let revoking = revoked(&mut seen, 1, &web, peer, 9, &inbound);
+        tokio::pin!(revoking);
         epoch_tx.send(1).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut revoking)
+                .await
+                .is_err(),
+            "the stream was closed for the set it was admitted under"
+        );
+        assert!(inbound
+            .metrics
+            .render(0)
+            .contains("ward_proxy_streams_revoked_total 0"));
+        epoch_tx.send(2).unwrap();
         tokio::time::timeout(Duration::from_secs(10), revoking)
             .await
             .expect("the new policy set was never applied to the open stream");
