@@ -9,11 +9,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::ward_bin;
+use common::{free_ports, ward_bin};
 
 fn step(n: u32, what: &str) {
     println!("step {n}: {what}");
@@ -27,12 +26,14 @@ struct Up {
     base: u16,
 }
 
-/// Each test of this binary gets its own block of ports.
+/// Each `ward up` gets its own block of ports (it uses base + 0..=70),
+/// reserved against every other test as [`free_port`]'s are.
 fn base_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let block = NEXT.fetch_add(1, Ordering::Relaxed);
-    20_000 + (std::process::id() % 50) as u16 * 200 + block * 100
+    free_ports(80)
 }
+
+/// What the output reads once `ward up` has closed its standard output.
+const EXITED: &str = "(standard output closed)";
 
 impl Up {
     /// `ward up`, once it is up.
@@ -62,6 +63,7 @@ impl Up {
                 println!("  | {line}");
                 sink.lock().unwrap().push(line);
             }
+            sink.lock().unwrap().push(EXITED.to_owned());
         });
         Up {
             child: Some(child),
@@ -83,7 +85,7 @@ impl Up {
                 return l.clone();
             }
             assert!(
-                Instant::now() < deadline,
+                Instant::now() < deadline && !self.text().ends_with(EXITED),
                 "`ward up` never printed {needle:?}; it printed:\n{}",
                 self.text()
             );

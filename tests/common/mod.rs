@@ -148,6 +148,11 @@ pub fn ward_bin() -> &'static str {
 ///   other test processes (nextest runs each test in one), and a counter
 ///   against other tests in this one.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// `len` consecutive loopback ports (as [`free_port`]); returns the first.
+pub fn free_ports(len: u32) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Mutex;
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -169,15 +174,13 @@ pub fn free_port() -> u16 {
         (e_high + 1, 65_536)
     };
     assert!(
-        high > low + 1000,
+        high > low + 1000 + len,
         "no room for test ports outside the ephemeral range {e_low}-{e_high}"
     );
     // A lock file per port; without the directory, only the bind check.
     let dir = std::env::temp_dir().join("ward-test-ports");
     let _ = std::fs::create_dir_all(&dir);
-    let start = std::process::id().wrapping_mul(7919);
-    for _ in 0..high - low {
-        let port = low + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % (high - low);
+    let claim = |port: u32| {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -187,12 +190,22 @@ pub fn free_port() -> u16 {
         if lock.as_ref().is_some_and(|l| l.try_lock().is_err())
             || TcpListener::bind(("127.0.0.1", port as u16)).is_err()
         {
-            continue;
+            return None;
         }
-        HELD.lock().unwrap().extend(lock);
-        return port as u16;
+        Some(lock)
+    };
+    let start = std::process::id().wrapping_mul(7919);
+    let span = high - low - len;
+    for _ in 0..span {
+        let first = low + start.wrapping_add(NEXT.fetch_add(len, Ordering::Relaxed)) % span;
+        // Dropping the locks of a block that is not wholly free releases them.
+        let Some(locks) = (first..first + len).map(claim).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        HELD.lock().unwrap().extend(locks.into_iter().flatten());
+        return first as u16;
     }
-    panic!("no free loopback port in {low}..{high}");
+    panic!("no {len} free loopback ports in {low}..{high}");
 }
 
 /// A running `ward ca serve`, killed on drop.
