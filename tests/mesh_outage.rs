@@ -53,7 +53,7 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
         "a CA, an agent and the repository's policies pushed to the CA",
     );
     let mut ca = CaProcess::start(&[]);
-    let agent = AgentProcess::start(&ca);
+    let mut agent = AgentProcess::start(&ca);
     let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
         .as_str()
         .unwrap()
@@ -90,6 +90,22 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
 
     step(
         3,
+        "the agent restarts (-9): api's proxy follows it again and does not load the set it has a second time",
+    );
+    agent.kill9();
+    agent.spawn(None);
+    agent.wait_ready();
+    api.wait_log(|l| l.contains("policy stream from the agent available again"));
+    assert_eq!(
+        api.metric("ward_proxy_policy_reloads_total{result=\"loaded\"}"),
+        1.0
+    );
+    eventually(Duration::from_secs(10), "web reaches api again", || {
+        hash_client(port, 1024, 1, 0.0).ok == 1
+    });
+
+    step(
+        4,
         "the CA is killed (-9): new streams, old connections and the policy set keep working",
     );
     ca.kill9();
@@ -107,7 +123,7 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
     );
 
     step(
-        4,
+        5,
         "the CA restarts on the same data: the agent reconnects by itself",
     );
     ca.spawn();
@@ -124,7 +140,7 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
     println!("  the agent served an entry created after the restart within {took:?}");
 
     step(
-        5,
+        6,
         "a policy pushed after the restart reaches the proxies: web → api is refused",
     );
     let freeze = tempfile::tempdir().unwrap();
@@ -153,7 +169,7 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
     assert!(denied >= 1);
 
     step(
-        6,
+        7,
         "nothing acknowledged was lost: entries, the agent and both policy versions",
     );
     let listed = ca.cli_json(&["entry", "list"]);

@@ -3,7 +3,8 @@
 //! each version is validated and swapped into the authorizer. A set that does
 //! not validate here is reported and the previous one stays active. If the
 //! agent goes away the current set stays and the stream is reopened with
-//! backoff.
+//! backoff; the set a reopened stream starts with is loaded only if it
+//! differs from the active one.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -22,9 +23,18 @@ use crate::metrics::Metrics;
 pub async fn follow(socket: PathBuf, authz: Arc<Authorizer>, metrics: Arc<Metrics>) {
     let mut delay = Duration::from_millis(200);
     let mut outage_logged = false;
+    let mut active = None;
     loop {
         // An outage is logged once, and its end (in `stream_once`) too.
-        let result = stream_once(&socket, &authz, &metrics, &mut delay, &mut outage_logged).await;
+        let result = stream_once(
+            &socket,
+            &authz,
+            &metrics,
+            &mut delay,
+            &mut outage_logged,
+            &mut active,
+        )
+        .await;
         match result {
             Ok(()) => {}
             Err(e) if !outage_logged => {
@@ -44,6 +54,7 @@ async fn stream_once(
     metrics: &Metrics,
     delay: &mut Duration,
     outage_logged: &mut bool,
+    active: &mut Option<Vec<ward_spec::proto::types::v1::PolicyFile>>,
 ) -> Result<(), String> {
     let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
         .await
@@ -67,18 +78,29 @@ async fn stream_once(
         if std::mem::take(outage_logged) {
             tracing::info!(socket = %socket.display(), "policy stream from the agent available again");
         }
+        // A reopened stream starts with the set that is most often active
+        // already: loading it again would have every open stream decided
+        // again (and logged) for nothing.
+        if active.as_ref() == Some(&set.files) {
+            tracing::debug!(
+                version = set.version,
+                "the policy set from the control plane is already active"
+            );
+            continue;
+        }
         let files: Vec<SourceFile> = set
             .files
-            .into_iter()
+            .iter()
             .map(|f| SourceFile {
-                name: f.name,
-                text: f.text,
+                name: f.name.clone(),
+                text: f.text.clone(),
             })
             .collect();
         match authz.load(&files) {
             Ok(_) => {
                 metrics.reload_stats.loaded.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(version = set.version, digest = %set.digest, "policy set from the control plane active");
+                *active = Some(set.files);
             }
             Err(errors) => {
                 metrics

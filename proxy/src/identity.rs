@@ -7,7 +7,8 @@
 //! generation number that the connection pool uses to stop putting new streams
 //! on connections made with an older SVID. If the agent goes away, the last
 //! SVID keeps being used (until it expires) and the stream is reopened with
-//! backoff; the outage is logged once.
+//! backoff; the outage is logged once. A response equal to the one installed
+//! (what a reopened stream starts with, if nothing changed) changes nothing.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -85,11 +86,17 @@ async fn watch_svids(
 ) {
     let mut delay = Duration::from_millis(200);
     let mut outage_logged = false;
-    let mut generation = 0u64;
+    let mut svids = Svids {
+        resolver,
+        tx,
+        metrics,
+        generation: 0,
+        installed: None,
+    };
     loop {
-        let before = generation;
-        let result = stream_once(&socket, &resolver, &tx, &metrics, &mut generation).await;
-        if generation > before {
+        let mut delivered = false;
+        let result = stream_once(&socket, &mut svids, &mut delivered).await;
+        if delivered {
             // The stream delivered before it failed: start the backoff afresh.
             delay = Duration::from_millis(200);
             if outage_logged {
@@ -103,7 +110,7 @@ async fn watch_svids(
                 outage_logged = true;
             }
         }
-        if tx.is_closed() {
+        if svids.tx.is_closed() {
             return;
         }
         tokio::time::sleep(delay).await;
@@ -111,12 +118,11 @@ async fn watch_svids(
     }
 }
 
+/// Follows one stream; `delivered` is set once a response came.
 async fn stream_once(
     socket: &std::path::Path,
-    resolver: &SvidResolver,
-    tx: &watch::Sender<Option<Current>>,
-    metrics: &Metrics,
-    generation: &mut u64,
+    svids: &mut Svids,
+    delivered: &mut bool,
 ) -> Result<(), String> {
     let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
         .await
@@ -136,17 +142,45 @@ async fn stream_once(
             Ok(None) => return Err("the agent closed the stream".into()),
             Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
         };
+        *delivered = true;
+        svids.receive(resp);
+    }
+}
+
+/// Where the Workload API's responses go, across its streams.
+struct Svids {
+    resolver: SvidResolver,
+    tx: watch::Sender<Option<Current>>,
+    metrics: Arc<Metrics>,
+    generation: u64,
+    /// The last response installed, from this stream or an earlier one.
+    installed: Option<pb::X509svidResponse>,
+}
+
+impl Svids {
+    fn receive(&mut self, resp: pb::X509svidResponse) {
+        // What a reopened stream starts with is most often what is
+        // installed: a new generation would move every pooled connection's
+        // new streams to new connections for nothing.
+        if self.installed.as_ref() == Some(&resp) {
+            tracing::debug!("the Workload API sent the SVID and bundles already installed");
+            return;
+        }
         // Not inside the `match`: the borrow would live through `tx.send`.
-        let previous = tx.borrow().clone();
-        match install(&resp, resolver, previous.as_ref()) {
+        let previous = self.tx.borrow().clone();
+        match install(&resp, &self.resolver, previous.as_ref()) {
             Ok((spiffe_id, not_after, roots)) => {
-                *generation += 1;
-                metrics.svid_not_after.store(not_after, Ordering::Relaxed);
-                tracing::info!(%spiffe_id, expires_at = not_after, generation = *generation, "SVID installed");
-                let _ = tx.send(Some(Current {
+                self.installed = Some(resp);
+                self.generation += 1;
+                let generation = self.generation;
+                self.metrics
+                    .svid_not_after
+                    .store(not_after, Ordering::Relaxed);
+                tracing::info!(%spiffe_id, expires_at = not_after, generation, "SVID installed");
+                let _ = self.tx.send(Some(Current {
                     spiffe_id,
                     not_after,
-                    generation: *generation,
+                    generation,
                     roots,
                 }));
             }
@@ -224,4 +258,57 @@ fn install(
         .set(&chain, &svid.x509_svid_key)
         .map_err(|e| format!("SVID key: {e}"))?;
     Ok((leaf.spiffe_id, leaf.not_after, roots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_spec::test_util::{leaf_and_key, root, Issuer};
+
+    const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
+
+    /// A Workload API response with a new SVID for `API` from `issuer`.
+    fn response(issuer: &Issuer, bundle: &TrustBundle) -> pb::X509svidResponse {
+        let (cert, key) = leaf_and_key(API, issuer);
+        pb::X509svidResponse {
+            svids: vec![pb::X509svid {
+                spiffe_id: API.into(),
+                x509_svid: cert.to_vec(),
+                x509_svid_key: key.serialize_der(),
+                bundle: bundle.x509_authorities.concat(),
+                hint: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A reopened stream starts with the response already installed: it
+    /// changes nothing (no new generation, so the pool keeps its
+    /// connections); a new SVID is a new generation.
+    #[test]
+    fn the_response_already_installed_is_not_a_new_generation() {
+        let (bundle, issuer) = root("example.org");
+        let (tx, mut rx) = watch::channel(None);
+        let mut svids = Svids {
+            resolver: SvidResolver::default(),
+            tx,
+            metrics: Arc::new(Metrics::default()),
+            generation: 0,
+            installed: None,
+        };
+        let first = response(&issuer, &bundle);
+        svids.receive(first.clone());
+        let generation = |rx: &mut watch::Receiver<Option<Current>>| {
+            rx.borrow_and_update().as_ref().map(|c| c.generation)
+        };
+        assert_eq!(generation(&mut rx), Some(1));
+        svids.receive(first);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same response was announced again"
+        );
+        svids.receive(response(&issuer, &bundle));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(generation(&mut rx), Some(2));
+    }
 }
