@@ -596,34 +596,109 @@ fn a_destination_that_never_answers_holds_up_only_its_own_route() {
     assert!(!held.lock().unwrap().is_empty());
 }
 
-/// A pooled peer that stops answering (its process is frozen: the kernel
-/// still takes the bytes, nothing reads them) is given up on twice the
-/// connect timeout and a second after the `CONNECT`: the application's
-/// connection is closed, not held open for as long as the peer stays frozen.
+/// A pooled connection whose peer stops answering (here a relay between the
+/// proxies stops forwarding: the kernel still acknowledges the bytes, as it
+/// does for a frozen peer, and nothing comes back, as from a node that lost
+/// power) is given up on twice the connect timeout and a second after the
+/// `CONNECT`: the application's connection is closed, not held open, and
+/// the connection takes no new streams: the next one gets a new connection.
 #[test]
 fn a_connect_the_peer_never_answers_is_given_up_after_the_answer_timeout() {
     let mesh = Mesh::start(&[], &[]);
-    let (web, port) = mesh.client_proxy(WEB_UID, API, &["--connect-timeout", "1s"]);
+    let relay = Relay::start(&mesh.api_inbound);
+    let port = free_port();
+    let route = format!(
+        "listen=127.0.0.1:{port},destination=127.0.0.1:{},id={API},target=api.acme:8080",
+        relay.port
+    );
+    let web = ProxyProcess::start(
+        &mesh.agent,
+        WEB_UID,
+        &["--route", &route, "--connect-timeout", "1s"],
+    );
     assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
-    let signal = |sig: &str| mesh.signal_api(sig);
-    signal("-STOP");
+    relay.black_hole_open_connections();
     let started = Instant::now();
     let closed = closed_at_once(&format!("127.0.0.1:{port}"), Duration::from_secs(15));
     let took = started.elapsed();
-    signal("-CONT");
     println!("  the unanswered stream was closed after {took:?}");
     assert!(closed, "the application's connection was held for 15 s");
     assert!(
         took >= Duration::from_millis(2_500) && took < Duration::from_secs(10),
         "closed after {took:?}, the answer timeout is 3 s"
     );
-    // It went out on the pooled connection, which still serves once the
-    // peer is back.
+    // The next stream goes out on a new connection, which serves.
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
     assert_eq!(
         web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
-        1.0
+        2.0
     );
-    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    assert!(web
+        .log_text()
+        .contains("a CONNECT was not answered in time; its connection takes no new streams"));
+}
+
+/// A TCP relay that can stop forwarding on the connections open so far
+/// without closing them (new ones are forwarded).
+struct Relay {
+    port: u16,
+    /// Connections numbered below this forward nothing more.
+    black_holed_below: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    fn start(upstream: &str) -> Relay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let black_holed_below = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (below, count, upstream) = (
+            black_holed_below.clone(),
+            accepted.clone(),
+            upstream.to_owned(),
+        );
+        std::thread::spawn(move || {
+            for (n, down) in listener.incoming().enumerate() {
+                let Ok(down) = down else { return };
+                count.store(n + 1, Ordering::SeqCst);
+                let up = std::net::TcpStream::connect(&upstream).unwrap();
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let below = below.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(len @ 1..) = from.read(&mut buf) {
+                            // Held, never forwarded, while the sockets stay open.
+                            while below.load(Ordering::SeqCst) > n {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            if to.write_all(&buf[..len]).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            black_holed_below,
+            accepted,
+        }
+    }
+
+    fn black_hole_open_connections(&self) {
+        use std::sync::atomic::Ordering;
+        let open = self.accepted.load(Ordering::SeqCst);
+        assert!(open > 0);
+        self.black_holed_below.store(open, Ordering::SeqCst);
+    }
 }
 
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.

@@ -125,15 +125,26 @@ fn paces_on_loopback(peer: std::net::IpAddr, congestion: &[u8]) -> bool {
 /// TCP keepalive on a tunnel's socket: a peer whose node went away (no
 /// FIN, no RST) is found out within about a minute (30 s idle, then 3
 /// probes 10 s apart), and its streams, sockets and pool slot are freed.
+/// Keepalive probes are sent only while nothing sent is unacknowledged; the
+/// user timeout covers the other case (data sent and never acknowledged:
+/// without it the kernel retransmits for about 15 minutes).
 fn keepalive(tcp: &tokio::net::TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
         .with_retries(3);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&ka)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(USER_TIMEOUT)))
+    {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
 }
+
+/// How long data sent on a tunnel's socket may go unacknowledged before the
+/// connection is given up: as long as keepalive takes to give up an idle one.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a connection told to close (GOAWAY) may take to finish once it
 /// has no streams: a peer that never answers is cut off then.
@@ -238,6 +249,19 @@ mod tests {
             .unwrap();
         unpaced_on_loopback(&reno);
         assert_eq!(congestion(&reno), b"reno");
+    }
+
+    /// A tunnel's socket gives up a peer that stops acknowledging, whether
+    /// idle (keepalive) or with data in flight (user timeout).
+    #[tokio::test]
+    async fn tunnel_sockets_give_up_a_silent_peer_within_a_minute() {
+        let (client, _server) = loopback_pair().await;
+        tunnel_socket(&client);
+        let sock = socket2::SockRef::from(&client);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(USER_TIMEOUT <= Duration::from_secs(60));
     }
 
     #[test]

@@ -125,11 +125,13 @@ pub async fn serve_route(
             // comes back is written to it only once the peer has said 200.
             let carried = Carried::default();
             let wait = pool.answer_timeout();
+            let retire = p.lease.retire_handle();
             let response = async {
                 let r = tokio::time::timeout(wait, p.response)
                     .await
                     .map_err(|_| {
                         tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
+                        retire.retire(&route.destination);
                         std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!("the peer did not answer in {wait:?}"),
@@ -199,6 +201,7 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     let recv = tokio::time::timeout(wait, p.response)
         .await
         .map_err(|_| {
+            lease.retire_handle().retire(&route.destination);
             OpenError::Connect(
                 route.destination.clone(),
                 std::io::Error::new(

@@ -153,6 +153,28 @@ impl Lease {
     pub fn untrusted(&self) -> bool {
         self.conn.untrusted.load(Ordering::Acquire)
     }
+
+    /// What takes the stream's connection out of use when the peer leaves
+    /// its `CONNECT` unanswered.
+    pub fn retire_handle(&self) -> Retire {
+        Retire(self.conn.closed.clone())
+    }
+}
+
+/// Takes a connection out of use for new streams; its open streams go on.
+/// For a connection whose peer left a `CONNECT` unanswered past the answer
+/// timeout: a peer that went away without a word (power lost, a partition)
+/// still has its TCP connection open for as long as the kernel retransmits,
+/// and a stalled one may never answer; new streams go to a new connection
+/// (or fail fast if the peer cannot be reached).
+pub struct Retire(Arc<AtomicBool>);
+
+impl Retire {
+    pub fn retire(&self, destination: &str) {
+        if !self.0.swap(true, Ordering::AcqRel) {
+            tracing::warn!(%destination, "a CONNECT was not answered in time; its connection takes no new streams");
+        }
+    }
 }
 
 impl Drop for Lease {
