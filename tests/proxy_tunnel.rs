@@ -844,6 +844,114 @@ fn fetch_svid(agent: &AgentProcess, uid: u32) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
     (chain, key, not_after)
 }
 
+/// A connection whose client certificate expires is told to close
+/// (HTTP/2 GOAWAY) when it does: a handshake is not a licence to open
+/// streams for good.
+#[test]
+fn a_connection_whose_peer_certificate_expires_takes_no_new_streams() {
+    let mesh = Mesh::start(&[], &[]);
+    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    mesh._ca.cli_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/tenant/acme/ns/prod/sa/cron",
+        "--parent-id",
+        &node,
+        "--selector",
+        "unix:uid:1004",
+        "--x509-ttl",
+        "4",
+    ]);
+    let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
+    let (_, mut tls) = tls_session(&mesh.api_inbound, Some((chain, key))).expect("accepted");
+    assert!(
+        unix_now() <= not_after,
+        "the SVID expired before the test could use it"
+    );
+    // Everything the server sends from here on; a GOAWAY without debug data
+    // is the frame header `00 00 08 07 00 00 00 00 00`.
+    let goaway = [0u8, 0, 8, 7, 0, 0, 0, 0, 0];
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got.windows(goaway.len()).any(|w| w == goaway) {
+        assert!(
+            Instant::now() < deadline,
+            "no GOAWAY 20 s after the peer's certificate was issued"
+        );
+        match tls.read(&mut buf) {
+            Ok(0) => panic!("closed without a GOAWAY"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        unix_now() > not_after,
+        "GOAWAY before the certificate expired"
+    );
+    let line = mesh
+        .api
+        .wait_log(|l| l.contains("the peer's certificate has expired"));
+    assert!(line.contains("cron"), "{line}");
+}
+
+/// A pooled connection whose peer's certificate has expired takes no new
+/// streams: the next stream gets a new connection (and the peer's current
+/// SVID), though this side's own SVID has not changed.
+#[test]
+fn a_pooled_connection_whose_peer_certificate_expires_is_not_given_new_streams() {
+    let mesh = Mesh::start(&[], &[]);
+    let ca = &mesh._ca;
+    let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let entries = ca.cli_json(&["entry", "list"]);
+    let api_entry = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == API)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // api's SVIDs now live 6 s (web's an hour).
+    let selector = format!("unix:uid:{API_UID}");
+    ca.cli_json(&[
+        "entry",
+        "update",
+        &api_entry,
+        "--spiffe-id",
+        API,
+        "--parent-id",
+        &node,
+        "--selector",
+        &selector,
+        "--x509-ttl",
+        "6",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.api.metric("ward_proxy_svid_expiry_seconds") > 6.0 {
+        assert!(Instant::now() < deadline, "api never got its 6 s SVID");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    let outbound = "ward_proxy_connections_total{direction=\"outbound\"}";
+    assert_eq!(web.metric(outbound), 1.0);
+    // The certificate api presented has expired 7 s on.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    assert_eq!(web.metric(outbound), 2.0);
+}
+
 #[test]
 fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
     let mesh = Mesh::start(&[], &[]);

@@ -44,23 +44,44 @@ pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// with its connection, so that when the roots change the peer is verified
 /// again, as of its handshake (whether its trust anchors are still trusted,
 /// not whether it has expired since: a connection outlives its peer's
-/// rotations).
+/// rotations). Once the first of them expires the connection takes no new
+/// streams; its open ones go on.
 pub struct PeerChain {
     certs: Vec<CertificateDer<'static>>,
     verified_at: UnixTime,
+    expires_at: i64,
 }
 
 impl PeerChain {
     /// The chain a handshake just verified.
     pub fn new(certs: Option<&[CertificateDer<'_>]>) -> Self {
+        let certs: Vec<_> = certs
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        // A chain the handshake verified parses; one that does not counts
+        // as expired.
+        let expires_at = certs
+            .iter()
+            .map(|c| ward_spec::svid::validity(c).map_or(i64::MIN, |(_, not_after)| not_after))
+            .min()
+            .unwrap_or(i64::MIN);
         PeerChain {
-            certs: certs
-                .unwrap_or_default()
-                .iter()
-                .map(|c| c.clone().into_owned())
-                .collect(),
+            certs,
             verified_at: UnixTime::now(),
+            expires_at,
         }
+    }
+
+    /// Unix seconds: the last second all its certificates are valid.
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    /// Whether one of its certificates has expired.
+    pub fn expired(&self) -> bool {
+        crate::identity::unix_now() > self.expires_at
     }
 
     /// Verifies a client's chain (we accepted the connection).

@@ -168,6 +168,11 @@ async fn connection(
     let timer = tokio::time::sleep(inbound.idle_timeout);
     tokio::pin!(timer);
     let mut was_idle = true;
+    // When the peer's certificate expires the connection is told to close
+    // (GOAWAY): its open streams go on, new ones need a new handshake.
+    let expiry =
+        tokio::time::sleep_until(until_unix(verified.chain.expires_at().saturating_add(1)));
+    tokio::pin!(expiry);
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
         if idle && !was_idle {
@@ -210,6 +215,17 @@ async fn connection(
                 shutting_down = true;
                 timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
             }
+            () = &mut expiry, if !shutting_down => {
+                if !verified.chain.expired() {
+                    // The wait is capped (see `until_unix`): wait on.
+                    expiry.as_mut().reset(until_unix(verified.chain.expires_at().saturating_add(1)));
+                    continue;
+                }
+                tracing::info!(%peer, peer_id = %verified.id, "the peer's certificate has expired; its connection takes no new streams");
+                conn.graceful_shutdown();
+                shutting_down = true;
+                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+            }
             _ = crate::drained(&mut drain), if !shutting_down => {
                 conn.graceful_shutdown();
                 shutting_down = true;
@@ -235,6 +251,15 @@ async fn connection(
         }
     }
     metrics.connection_closed(Direction::Inbound);
+}
+
+/// Unix second `at` as a deadline (now if it has passed), at most a day
+/// away: a timer that far out is set again when it fires.
+fn until_unix(at: i64) -> tokio::time::Instant {
+    let wait = at
+        .saturating_sub(crate::identity::unix_now())
+        .clamp(0, 24 * 3600);
+    tokio::time::Instant::now() + Duration::from_secs(wait as u64)
 }
 
 /// A connection's peer, shared with its streams.
@@ -388,6 +413,9 @@ async fn admit(
     };
     if !verified.trusted_by(&me.roots) {
         return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
+    }
+    if verified.chain.expired() {
+        return refuse(&mut respond, StatusCode::FORBIDDEN, "expired");
     }
     let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);

@@ -53,6 +53,24 @@ struct Conn {
     untrusted: Arc<AtomicBool>,
     /// Milliseconds since the pool's start when the last stream ended.
     idle_since: AtomicI64,
+    /// Unix seconds: once the peer's certificate has expired the connection
+    /// takes no new streams (its open ones go on), as the peer would refuse
+    /// them.
+    peer_expires_at: i64,
+}
+
+impl Conn {
+    /// Whether it may take new streams (room aside).
+    fn usable(&self, generation: u64) -> bool {
+        if self.closed.load(Ordering::Acquire) || self.generation != generation {
+            return false;
+        }
+        if crate::identity::unix_now() > self.peer_expires_at {
+            self.closed.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
 }
 
 #[derive(Default)]
@@ -281,8 +299,7 @@ impl Pool {
             .filter(|(k, _)| k.destination == destination && k.ids == ids && k.me == me.spiffe_id)
             .flat_map(|(_, slot)| &slot.conns)
             .any(|c| {
-                c.generation == me.generation
-                    && !c.closed.load(Ordering::Acquire)
+                c.usable(me.generation)
                     && c.active.load(Ordering::Acquire)
                         < self.max_streams.min(c.send.current_max_send_streams())
             })
@@ -379,7 +396,7 @@ impl Pool {
         let slots = self.slots.lock().expect("pool lock");
         let slot = slots.get(key)?;
         for c in &slot.conns {
-            if c.generation != generation || c.closed.load(Ordering::Acquire) {
+            if !c.usable(generation) {
                 continue;
             }
             let room = self.max_streams.min(c.send.current_max_send_streams());
@@ -483,6 +500,7 @@ impl Pool {
                     });
                 }
             };
+        let peer_expires_at = chain.expires_at();
         let closed = Arc::new(AtomicBool::new(false));
         let untrusted = Arc::new(AtomicBool::new(false));
         let metrics = self.metrics.clone();
@@ -532,6 +550,7 @@ impl Pool {
             closed,
             untrusted,
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
+            peer_expires_at,
         }))
     }
 
