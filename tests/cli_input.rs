@@ -53,6 +53,35 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             &["proxy", "run", "--drain-timeout", "99999999999999d"],
             "is too large",
         ),
+        (
+            &[
+                "proxy",
+                "run",
+                "--route",
+                "listen=127.0.0.1:9,destination=10.0.0.2:15008,id=spiffe://example.org/api,target=db",
+            ],
+            "`outbound.target`: route 0: \"db\" has no port",
+        ),
+        (
+            &[
+                "proxy",
+                "run",
+                "--route",
+                "destination=10.0.0.2:15008,id=spiffe://example.org/api",
+            ],
+            "nothing can reach it",
+        ),
+        (
+            &[
+                "proxy",
+                "run",
+                "--forward",
+                "127.0.0.1:9",
+                "--policy-dir",
+                "/nonexistent/policies",
+            ],
+            "`policy.dir`: /nonexistent/policies: no such directory",
+        ),
     ];
     for (args, said) in cases {
         let (code, err) = ward(args);
@@ -63,6 +92,52 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             "{args:?} exited {code:?}: {err}"
         );
     }
+}
+
+/// A listen address in use is an error at start, before the proxy waits
+/// for its SVID (here it would wait for good: there is no agent).
+#[test]
+fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let health = format!("127.0.0.1:{}", free_port());
+    let route = format!("listen={addr},destination=10.0.0.2:15008,id=spiffe://example.org/api");
+    let mut child = Command::new(ward_bin())
+        .args([
+            "proxy",
+            "run",
+            "--health-address",
+            &health,
+            "--route",
+            &route,
+        ])
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the proxy did not exit: it waits for its SVID with {addr} in use");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on {addr} (route to 10.0.0.2:15008)"
+        )),
+        "{err}"
+    );
 }
 
 /// An upstream root must be of the CA's own trust domain.

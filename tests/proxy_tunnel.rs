@@ -596,6 +596,50 @@ fn a_destination_that_never_answers_holds_up_only_its_own_route() {
     assert!(!held.lock().unwrap().is_empty());
 }
 
+/// A proxy that takes inbound tunnels is not ready while it has no policy
+/// set (every stream would be denied): here none has been pushed to the CA.
+/// Once one is, the proxy gets it through its agent and is ready.
+#[test]
+fn an_inbound_proxy_is_not_ready_until_it_has_a_policy_set() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ca.register(API, &node, &format!("unix:uid:{API_UID}"));
+    let inbound = format!("127.0.0.1:{}", free_port());
+    let api = ProxyProcess::spawn(
+        &agent,
+        API_UID,
+        &["--inbound-listen", &inbound, "--forward", "127.0.0.1:9"],
+    );
+    let readyz = || http_get(&api.health_addr, "/readyz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match readyz() {
+            Some((503, body)) if body.contains("no policy set yet") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "never said it waits for a policy set: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It has its SVID and listens meanwhile.
+    assert!(api.log_text().contains("SVID installed"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(readyz().map(|(code, _)| code), Some(503));
+
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    assert!(ca.cli(&["policy", "push", policies]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz().map(|(code, _)| code) != Some(200) {
+        assert!(Instant::now() < deadline, "not ready: {:?}", readyz());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A pooled connection whose peer stops answering (here a relay between the
 /// proxies stops forwarding: the kernel still acknowledges the bytes, as it
 /// does for a frozen peer, and nothing comes back, as from a node that lost

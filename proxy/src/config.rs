@@ -100,6 +100,17 @@ impl Inbound {
     }
 }
 
+/// Checks `HOST:PORT` (a tunnel's destination, or the target it names).
+fn host_port(s: &str) -> Result<(), &'static str> {
+    let a: http::uri::Authority = s.parse().map_err(|_| "is not host:port")?;
+    match a.port_u16() {
+        _ if a.host().is_empty() || a.as_str().contains('@') => Err("is not host:port"),
+        None => Err("has no port (host:port)"),
+        Some(0) => Err("has port 0"),
+        Some(_) => Ok(()),
+    }
+}
+
 fn default_inbound_listen() -> SocketAddr {
     "0.0.0.0:15008".parse().expect("valid")
 }
@@ -271,11 +282,16 @@ impl ProxyConfig {
             }
         }
         for (i, r) in self.outbound.iter().enumerate() {
-            if r.destination.is_empty() || !r.destination.contains(':') {
+            if let Err(e) = host_port(&r.destination) {
                 return bad(
                     "outbound.destination",
-                    format!("route {i}: {:?} is not host:port", r.destination),
+                    format!("route {i}: {:?} {e}", r.destination),
                 );
+            }
+            if let Some(t) = &r.target {
+                if let Err(e) = host_port(t) {
+                    return bad("outbound.target", format!("route {i}: {t:?} {e}"));
+                }
             }
             if r.ids.is_empty() {
                 return bad(
@@ -284,6 +300,45 @@ impl ProxyConfig {
                         "route {i} to {}: list the SPIFFE IDs the destination may present",
                         r.destination
                     ),
+                );
+            }
+            if r.listen.is_none() && self.connect.is_none() {
+                return bad(
+                    "outbound.listen",
+                    format!(
+                        "route {i} to {}: nothing can reach it: give it a listen address, or configure [connect]",
+                        r.destination
+                    ),
+                );
+            }
+        }
+        // Every address this proxy listens on, once (a wildcard address
+        // takes its port on every address).
+        let mut listens: Vec<(&str, SocketAddr)> = vec![("health_address", self.health_address)];
+        listens.extend(self.inbound.iter().map(|i| ("inbound.listen", i.listen)));
+        listens.extend(
+            self.outbound
+                .iter()
+                .filter_map(|r| Some(("outbound.listen", r.listen?))),
+        );
+        listens.extend(self.connect.iter().map(|c| ("connect.listen", c.listen)));
+        for (i, (key, a)) in listens.iter().enumerate() {
+            if let Some((other, _)) = listens[..i].iter().find(|(_, b)| {
+                a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            }) {
+                return bad(
+                    key,
+                    format!("{a} is also {other}: each listener needs its own address"),
+                );
+            }
+        }
+        if let Some(dir) = &self.policy.dir {
+            if !dir.is_dir() {
+                return bad(
+                    "policy.dir",
+                    format!("{}: no such directory", dir.display()),
                 );
             }
         }
@@ -327,9 +382,12 @@ mod tests {
     fn a_full_file_parses_and_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("proxy.toml");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).unwrap();
         std::fs::write(
             &p,
-            r#"
+            format!(
+                r#"
             workload_api_socket = "/run/ward/workload.sock"
             [inbound]
             forward = "127.0.0.1:8080"
@@ -338,11 +396,13 @@ mod tests {
             destination = "10.0.0.2:15008"
             ids = ["spiffe://example.org/tenant/acme/ns/prod/sa/api"]
             [policy]
-            dir = "policies"
+            dir = "{}"
             mode = "dry-run"
             [limits]
             idle_timeout = "30s"
             "#,
+                policies.display()
+            ),
         )
         .unwrap();
         let c = ProxyConfig::from_file(&p).unwrap();
@@ -367,6 +427,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("outbound.ids"), "{e}");
+    }
+
+    /// Routes nobody can reach or that name no port, listeners that
+    /// collide, a policy directory that is not there: refused at start,
+    /// each naming its key.
+    #[test]
+    fn mistakes_in_routes_and_listeners_are_refused_with_their_key() {
+        let base = || {
+            ProxyConfig {
+            outbound: vec![Route::parse_flag(
+                "listen=127.0.0.1:9001,destination=10.0.0.2:15008,id=spiffe://example.org/api,target=api:8080",
+            )
+            .unwrap()],
+            ..ProxyConfig::default()
+        }
+        };
+        base().validate().unwrap();
+        let refused = |c: ProxyConfig, key: &str, says: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{e}");
+        };
+        for (destination, says) in [
+            ("10.0.0.2:notaport", "port"),
+            ("10.0.0.2", "has no port"),
+            (":15008", "is not host:port"),
+            ("10.0.0.2:0", "port 0"),
+            ("http://10.0.0.2:15008/x", "is not host:port"),
+        ] {
+            let mut c = base();
+            c.outbound[0].destination = destination.into();
+            refused(c, "outbound.destination", says);
+        }
+        for (target, says) in [("db", "has no port"), ("http://x/y", "is not host:port")] {
+            let mut c = base();
+            c.outbound[0].target = Some(target.into());
+            refused(c, "outbound.target", says);
+        }
+        let mut c = base();
+        c.outbound[0].listen = None;
+        refused(c, "outbound.listen", "nothing can reach it");
+        let mut c = base();
+        c.outbound[0].listen = None;
+        c.connect = Some(ConnectListener {
+            listen: "127.0.0.1:9100".parse().unwrap(),
+        });
+        c.validate().unwrap();
+        let mut c = base();
+        c.outbound.push(c.outbound[0].clone());
+        refused(
+            c,
+            "outbound.listen",
+            "127.0.0.1:9001 is also outbound.listen",
+        );
+        let mut c = base();
+        c.inbound = Some(Inbound {
+            listen: "0.0.0.0:9001".parse().unwrap(),
+            forward: "127.0.0.1:8080".into(),
+            service_port: None,
+        });
+        refused(c, "outbound.listen", "is also inbound.listen");
+        let mut c = base();
+        c.policy.dir = Some("/nonexistent/ward-policies".into());
+        refused(c, "policy.dir", "no such directory");
     }
 
     #[test]

@@ -95,6 +95,28 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
+    let inbound_socket = cfg
+        .inbound
+        .as_ref()
+        .map(|i| reserve(i.listen, "inbound"))
+        .transpose()?;
+    let mut route_sockets = Vec::new();
+    for r in &cfg.outbound {
+        let what = format!("route to {}", r.destination);
+        route_sockets.push(r.listen.map(|a| reserve(a, &what)).transpose()?);
+    }
+    let connect_socket = cfg
+        .connect
+        .as_ref()
+        .map(|c| reserve(c.listen, "HTTP CONNECT"))
+        .transpose()?;
+    let outbound_listens = cfg.outbound.iter().filter_map(|r| r.listen);
+    for addr in outbound_listens.chain(cfg.connect.as_ref().map(|c| c.listen)) {
+        if !addr.ip().to_canonical().is_loopback() {
+            tracing::warn!(listen = %addr, "an outbound listener on an address other hosts can reach: whoever reaches it tunnels as this workload");
+        }
+    }
+
     let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
     let listening = Arc::new(AtomicBool::new(false));
     let health = TcpListener::bind(cfg.health_address)
@@ -102,6 +124,7 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {} (health)", cfg.health_address))?;
     let router = health_router(
         identity.clone(),
+        cfg.inbound.is_some() && cfg.policy.mode == "enforce",
         listening.clone(),
         stopping.clone(),
         metrics.clone(),
@@ -133,11 +156,10 @@ pub async fn run(
         cfg.limits.idle_timeout,
     );
 
-    if let Some(inb) = &cfg.inbound {
+    if let (Some(inb), Some(socket)) = (&cfg.inbound, inbound_socket) {
         let verifier = SpiffeClientVerifier::new(current.roots.clone(), true);
         let tls = ward_spec::tls::server_config(identity.resolver.clone(), verifier);
-        let listener = bind(inb.listen)
-            .with_context(|| format!("cannot listen on {} (inbound)", inb.listen))?;
+        let listener = listen(socket, "inbound")?;
         let state = Arc::new(inbound::Inbound {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             forward: inb.forward.clone(),
@@ -162,10 +184,9 @@ pub async fn run(
     let routes: Vec<Arc<config::Route>> = cfg.outbound.iter().cloned().map(Arc::new).collect();
     // Application connections to every outbound listener, at most.
     let app_slots = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections));
-    for r in &routes {
-        if let Some(addr) = r.listen {
-            let listener = bind(addr)
-                .with_context(|| format!("cannot listen on {addr} (route to {})", r.destination))?;
+    for (r, socket) in routes.iter().zip(route_sockets) {
+        if let (Some(addr), Some(socket)) = (r.listen, socket) {
+            let listener = listen(socket, &format!("route to {}", r.destination))?;
             tracing::info!(listen = %addr, destination = %r.destination, target = r.target(), "route listening");
             tokio::spawn(outbound::serve_route(
                 listener,
@@ -177,9 +198,8 @@ pub async fn run(
             ));
         }
     }
-    if let Some(c) = &cfg.connect {
-        let listener = bind(c.listen)
-            .with_context(|| format!("cannot listen on {} (HTTP CONNECT)", c.listen))?;
+    if let (Some(c), Some(socket)) = (&cfg.connect, connect_socket) {
+        let listener = listen(socket, "HTTP CONNECT")?;
         tracing::info!(listen = %c.listen, "HTTP CONNECT listening");
         tokio::spawn(outbound::serve_connect(
             listener,
@@ -228,18 +248,32 @@ fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<u64> {
     rx
 }
 
-/// A listener with a deep accept queue (the kernel caps it at
+/// An address taken at start: bound, not listening (a connection to it is
+/// refused) until [`listen`], so that an address in use is an error at
+/// once, not once the SVID arrives.
+fn reserve(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpSocket> {
+    let bound = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    bound().with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Listens with a deep accept queue (the kernel caps it at
 /// `net.core.somaxconn`): a burst of connections waits in the queue instead
 /// of having its SYNs dropped and retried a second or more later.
-fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(65_535)
+fn listen(socket: tokio::net::TcpSocket, what: &str) -> anyhow::Result<TcpListener> {
+    let addr = socket.local_addr();
+    socket.listen(65_535).with_context(|| match addr {
+        Ok(a) => format!("cannot listen on {a} ({what})"),
+        Err(_) => format!("cannot listen ({what})"),
+    })
 }
 
 /// Resolves once `drain` turns true (or its sender is gone).
@@ -318,24 +352,34 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
     ))
 }
 
+/// `/readyz` is 200 once the proxy has a usable SVID, listens, and (if it
+/// takes inbound tunnels and enforces policy) has a policy set: before one,
+/// every inbound stream would be denied.
 fn health_router(
     identity: Identity,
+    needs_policy: bool,
     listening: Arc<AtomicBool>,
     stopping: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     authz: Arc<Authorizer>,
 ) -> axum::Router {
+    let authz_ready = authz.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
                 let usable = identity.usable().is_some();
-                let ready = usable && listening.load(Ordering::Acquire);
-                let why = match (stopping.load(Ordering::Acquire), usable) {
-                    (true, _) => "not ready: draining\n",
-                    (false, false) => "not ready: no usable SVID yet\n",
-                    (false, true) => "not ready: not listening yet\n",
+                let policy = !needs_policy || authz_ready.version() > 0;
+                let ready = usable && policy && listening.load(Ordering::Acquire);
+                let why = if stopping.load(Ordering::Acquire) {
+                    "not ready: draining\n"
+                } else if !usable {
+                    "not ready: no usable SVID yet\n"
+                } else if !policy {
+                    "not ready: no policy set yet (every inbound stream would be denied)\n"
+                } else {
+                    "not ready: not listening yet\n"
                 };
                 async move {
                     if ready {
