@@ -596,6 +596,49 @@ fn a_destination_that_never_answers_holds_up_only_its_own_route() {
     assert!(!held.lock().unwrap().is_empty());
 }
 
+/// A reset travels through the tunnel: the server application resets its
+/// connection midway through its answer, and the client application gets
+/// what came and then a reset, not an end of file that would pass the cut
+/// answer off as whole. A route whose tunnel is refused resets the
+/// application's connection too.
+#[test]
+fn a_reset_reaches_the_other_application_as_a_reset() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forward = server.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in server.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.write_all(&[7u8; 1000]);
+                std::thread::sleep(Duration::from_millis(500));
+                // Linger zero: closing sends a RST.
+                socket2::SockRef::from(&conn)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            });
+        }
+    });
+    let mesh = Mesh::start_with(&[], &[], false, Some(&forward));
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let read_all = |port: u16| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        (got.len(), r.map_err(|e| e.kind()))
+    };
+    assert_eq!(
+        read_all(port),
+        (1000, Err(std::io::ErrorKind::ConnectionReset))
+    );
+    // db may not call api: its route's connection is reset.
+    let (_db, db_port) = mesh.client_proxy(DB_UID, API, &[]);
+    assert_eq!(
+        read_all(db_port),
+        (0, Err(std::io::ErrorKind::ConnectionReset))
+    );
+}
+
 /// A proxy that takes inbound tunnels is not ready while it has no policy
 /// set (every stream would be denied): here none has been pushed to the CA.
 /// Once one is, the proxy gets it through its agent and is ready.

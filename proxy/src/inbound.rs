@@ -355,10 +355,15 @@ async fn stream(
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
     let result = tokio::select! {
-        r = pump(app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
-        // Dropping the pump resets the stream and closes the application's socket.
+        r = pump(&app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
+        // Dropping the pump resets the stream; the application's
+        // connection is reset too.
         () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
     };
+    if matches!(result, Ok("revoked")) {
+        crate::pump::reset_on_close(&app);
+    }
+    drop(app);
     metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();
     metrics.bytes(Direction::Inbound, to_app, from_app);

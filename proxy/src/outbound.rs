@@ -117,7 +117,8 @@ pub async fn serve_route(
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
                     StreamLog::end(log, not_opened(&e));
-                    // Closing the application's connection is all it learns.
+                    // Resetting the application's connection is all it learns.
+                    crate::pump::reset_on_close(&app);
                     return;
                 }
             };
@@ -234,7 +235,8 @@ async fn carry(
     log: Option<Box<StreamLog>>,
 ) {
     metrics.stream_opened(Direction::Outbound);
-    let result = pump(app, send, recv, first, carried).await;
+    let result = pump(&app, send, recv, first, carried).await;
+    drop(app);
     let untrusted = lease.untrusted();
     drop(lease);
     metrics.stream_closed(Direction::Outbound);

@@ -7,7 +7,10 @@
 //! from the application waits for stream capacity before it is sent, and
 //! received data is released to the peer's window only once it is written to
 //! the application. An end of stream becomes a TCP half-close and the other way
-//! round; an error on either side resets the stream and closes the socket.
+//! round; an error on either side resets the stream, and the application's
+//! connection is reset too (a TCP RST, not a FIN): what it received was cut
+//! short, and an application that reads until the end must not take it
+//! for the whole.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -15,8 +18,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// The largest read from the application in one go: one HTTP/2 frame
@@ -47,17 +49,39 @@ impl Carried {
 /// from `app` (bytes an HTTP CONNECT client sent after its request head).
 /// `recv` yields the stream's incoming half; application bytes flow out
 /// while it is still pending (an outbound `CONNECT` not yet answered), but
-/// nothing is written to the application before it resolves.
+/// nothing is written to the application before it resolves. On an error
+/// `app` is set to be reset when it is closed (see [`reset_on_close`]).
 pub async fn pump(
-    app: TcpStream,
+    app: &TcpStream,
     send: SendStream<Bytes>,
     recv: impl Future<Output = io::Result<RecvStream>>,
     first: Bytes,
     carried: &Carried,
 ) -> io::Result<()> {
-    let (r, w) = app.into_split();
-    let up = app_to_tunnel(r, send, first, &carried.from_app);
-    let down = tunnel_to_app(recv, w, &carried.to_app);
+    let result = carry_both_ways(app, send, recv, first, carried).await;
+    if result.is_err() {
+        reset_on_close(app);
+    }
+    result
+}
+
+/// Makes closing `app` send a TCP RST (linger zero): for a connection whose
+/// stream ended in an error, or was never opened.
+pub fn reset_on_close(app: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(app).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER");
+    }
+}
+
+async fn carry_both_ways(
+    app: &TcpStream,
+    send: SendStream<Bytes>,
+    recv: impl Future<Output = io::Result<RecvStream>>,
+    first: Bytes,
+    carried: &Carried,
+) -> io::Result<()> {
+    let up = app_to_tunnel(app, send, first, &carried.from_app);
+    let down = tunnel_to_app(recv, app, &carried.to_app);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     // The sending half once the application has finished sending: watched
@@ -76,7 +100,7 @@ pub async fn pump(
             }
             r = &mut up, if !up_done => {
                 up_done = true;
-                // Dropping the other direction resets the stream and closes the socket.
+                // Dropping the other direction resets the stream.
                 finished = r?;
             }
             reset = poll_fn(|cx| finished.as_mut().expect("checked").poll_reset(cx)),
@@ -106,7 +130,7 @@ fn reset_error(reason: h2::Reason) -> io::Error {
 /// end of file, ends the stream and returns its sending half (to be watched
 /// for a reset); None if the peer asked for nothing more.
 async fn app_to_tunnel(
-    r: OwnedReadHalf,
+    r: &TcpStream,
     mut send: SendStream<Bytes>,
     first: Bytes,
     total: &AtomicU64,
@@ -123,7 +147,7 @@ async fn app_to_tunnel(
         if buf.capacity() - buf.len() < READ_CHUNK / 16 {
             buf.reserve(READ_CHUNK);
         }
-        match read_drained(&r, &mut buf) {
+        match read_drained(r, &mut buf) {
             Ok((0, _)) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(Some(send));
@@ -133,14 +157,14 @@ async fn app_to_tunnel(
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
-                    if !readable(&r, &mut send).await? {
+                    if !readable(r, &mut send).await? {
                         return Ok(None);
                     }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf = BytesMut::new();
-                if !readable(&r, &mut send).await? {
+                if !readable(r, &mut send).await? {
                     return Ok(None);
                 }
             }
@@ -157,7 +181,7 @@ async fn app_to_tunnel(
 /// stream is reset otherwise or its connection ends. (An application whose
 /// peer has finished sending may stay silent for good: its stream must still
 /// end with the tunnel.)
-async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<bool> {
+async fn readable(r: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<bool> {
     tokio::select! {
         ready = r.readable() => ready.map(|()| true),
         reset = poll_fn(|cx| send.poll_reset(cx)) => match reset {
@@ -173,10 +197,10 @@ async fn readable(r: &OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result
 /// (`drained`), so the next wait goes straight to the poller instead of
 /// spending a system call on a read that would block (what tokio's own
 /// `poll_read` does for short reads).
-fn read_drained(r: &OwnedReadHalf, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
+fn read_drained(r: &TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
     let room = buf.capacity() - buf.len();
     let mut got = 0;
-    match r.as_ref().try_io(Interest::READABLE, || {
+    match r.try_io(Interest::READABLE, || {
         got = r.try_read_buf(buf)?;
         if got > 0 && got < room {
             Err(io::ErrorKind::WouldBlock.into())
@@ -209,17 +233,29 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
 
 async fn tunnel_to_app(
     recv: impl Future<Output = io::Result<RecvStream>>,
-    mut w: OwnedWriteHalf,
+    w: &TcpStream,
     total: &AtomicU64,
 ) -> io::Result<()> {
     let mut recv = recv.await?;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
-        w.write_all(&chunk).await?;
+        write_all(w, &chunk).await?;
         total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(chunk.len());
     }
-    w.shutdown().await
+    socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write)
+}
+
+/// Writes all of `data` to the application as its socket takes it.
+async fn write_all(w: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match w.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 pub fn h2_io(e: h2::Error) -> io::Error {
@@ -296,6 +332,37 @@ mod tests {
             .expect("a stream the peer stops without error ends cleanly");
     }
 
+    /// The peer resets a stream before its end: the application gets what
+    /// came, then a reset (ECONNRESET), not an end of file that would pass
+    /// the cut stream off as whole.
+    #[tokio::test]
+    async fn a_stream_reset_midway_resets_the_application_connection() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let c = std::sync::Arc::new(Carried::default());
+        let pumping = tokio::spawn(async move {
+            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+        });
+        peer_send
+            .send_data(Bytes::from_static(b"partial"), false)
+            .unwrap();
+        let mut got = [0u8; 7];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"partial");
+        peer_send.send_reset(h2::Reason::CANCEL);
+        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived its reset")
+            .unwrap();
+        assert!(ended.is_err());
+        let mut rest = Vec::new();
+        let err = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest))
+            .await
+            .expect("the application's connection stayed open")
+            .expect_err("an end of file: the cut stream passes for whole");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+    }
+
     /// How a stream ends that the peer resets with `reason` after it has
     /// finished sending, while the application stays silent.
     async fn silent_stream_reset(reason: h2::Reason) -> io::Result<()> {
@@ -304,7 +371,7 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         let pumping = tokio::spawn(async move {
-            pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
         });
         peer_send
             .send_data(Bytes::from_static(b"bye"), true)
@@ -352,7 +419,7 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         let pumping = tokio::spawn(async move {
-            pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
         });
         app.shutdown().await.unwrap();
         peer_send
@@ -404,7 +471,7 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         tokio::spawn(async move {
-            let _ = pump(proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await;
+            let _ = pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await;
         });
         let frames = tokio::time::timeout(Duration::from_secs(10), async {
             let (mut frames, mut total) = (Vec::new(), 0);
