@@ -213,6 +213,12 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
     // 1. Through the HTTP CONNECT listener the application sees the peer's 403.
     let reply = http_connect(&connect, "api.acme:8080");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // (A plain HTTP request through the listener is told it takes CONNECT.)
+    let reply = http_request(&connect, "GET", "http://api.acme:8080/");
+    assert!(
+        reply.starts_with("HTTP/1.1 405") && reply.contains("\r\nAllow: CONNECT\r\n"),
+        "{reply}"
+    );
     assert_eq!(
         mesh.app.connections(),
         0,
@@ -790,10 +796,15 @@ impl Relay {
 
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
 fn http_connect(addr: &str, target: &str) -> String {
+    http_request(addr, "CONNECT", target)
+}
+
+/// Sends `METHOD target` to an HTTP proxy listener; returns the reply head.
+fn http_request(addr: &str, method: &str, target: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    write!(s, "{method} {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -1408,6 +1419,48 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     let (status, api) = waiter.join().unwrap();
     assert!(status.success(), "{status}");
     assert!(api.log_text().contains("drained"));
+}
+
+/// SIGTERM drains (here up to a minute, with a stream open); a second
+/// SIGTERM cuts the drain short and the proxy exits at once.
+#[test]
+fn a_second_sigterm_cuts_the_drain_short() {
+    let mesh = Mesh::start(&[], &["--drain-timeout", "60s"]);
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // An open stream: a request for 1 GiB whose first bytes are sent.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
+    open.write_all(&[0u8; 4096]).unwrap();
+    assert_eq!(mesh.app.wait_connections(1), 1);
+    mesh.signal_api("-TERM");
+    let mut api = mesh.api;
+    std::thread::sleep(Duration::from_secs(1));
+    let child = api.child.as_mut().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the proxy exited though a stream was open"
+    );
+    let pid = child.id().to_string();
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still draining 5 s after the second SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let log = api.log_text();
+    assert!(log.contains("drain cut short by a second signal"), "{log}");
+    drop(open);
 }
 
 /// A stream still being set up when SIGTERM arrives (its tunnel waits for

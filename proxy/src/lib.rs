@@ -55,10 +55,13 @@ use crate::metrics::{Direction, Metrics};
 /// The schema used when the policy directory has none (the repository's).
 pub use ward_authz::DEFAULT_SCHEMA;
 
-/// Runs the proxy until `shutdown` resolves, then drains.
+/// Runs the proxy until `shutdown` resolves, then drains until the drain
+/// deadline, or until `cut` resolves (a second signal: the operator wants
+/// it gone now).
 pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    cut: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let mut metrics = Metrics::default();
@@ -215,7 +218,7 @@ pub async fn run(
 
     let _ = stop_rx.wait_for(|s| *s).await;
     listening.store(false, Ordering::Release);
-    drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout).await;
+    drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout, cut).await;
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
     let access = metrics.access_log.clone();
@@ -286,8 +289,14 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 /// no more streams (GOAWAY) and closes once its peer has seen that and its
 /// streams have ended, so a peer's stream sent meanwhile is refused in a
 /// way it can retry elsewhere, not cut by the process's exit.
-async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline: Duration) {
+async fn drain_streams(
+    drain: &watch::Sender<bool>,
+    metrics: &Metrics,
+    deadline: Duration,
+    cut: impl Future<Output = ()>,
+) {
     let _ = drain.send(true);
+    tokio::pin!(cut);
     // Streams still being set up (waiting for their tunnel, their
     // authorization or their application) count as open.
     let left = || {
@@ -298,15 +307,27 @@ async fn drain_streams(drain: &watch::Sender<bool>, metrics: &Metrics, deadline:
     };
     tracing::info!(open_streams = left().0, deadline = ?deadline, "draining");
     let start = Instant::now();
+    let mut cut_short = false;
     while left() != (0, 0) && start.elapsed() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = &mut cut => {
+                cut_short = true;
+                break;
+            }
+        }
     }
     let (streams, connections) = left();
     if (streams, connections) != (0, 0) {
+        let why = if cut_short {
+            "drain cut short by a second signal; closing open streams and connections"
+        } else {
+            "drain deadline reached; closing open streams and connections"
+        };
         tracing::warn!(
             open_streams = streams,
             inbound_connections = connections,
-            "drain deadline reached; closing open streams and connections"
+            "{why}"
         );
     } else {
         tracing::info!("drained");

@@ -353,7 +353,13 @@ async fn http_connect(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "CONNECT" {
-        let _ = reply(&mut app, "405 Method Not Allowed").await;
+        // A client sending plain HTTP through a proxy (`GET http://…`) is
+        // told what this listener takes (curl: `-p`/`--proxytunnel`).
+        let _ = reply(
+            &mut app,
+            "405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0",
+        )
+        .await;
         StreamLog::end(
             log,
             End::empty(405, "error", Some(&"not a CONNECT request")),

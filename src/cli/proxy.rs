@@ -70,7 +70,8 @@ pub struct RunArgs {
     /// How often the policy directory is checked for changes. Default 1s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     policy_reload_interval: Option<Duration>,
-    /// Inbound TLS connections open at once. Default 100000
+    /// Connections open at once, each way: inbound TLS connections, and
+    /// application connections to the outbound listeners. Default 100000
     #[arg(long)]
     max_connections: Option<usize>,
     /// Tunneled streams per TLS connection. Default 100
@@ -183,7 +184,22 @@ pub async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
         ProxyCommand::Run(args) => {
             let cfg = args.into_config()?;
             super::init_logging(cfg.log_format == "json");
-            ward_proxy::run(cfg, super::ca::shutdown_signal()).await
+            // SIGTERM or Ctrl-C drains; a second one cuts the drain short.
+            let (count, signals) = tokio::sync::watch::channel(0u32);
+            tokio::spawn(async move {
+                loop {
+                    super::ca::shutdown_signal().await;
+                    count.send_modify(|n| *n += 1);
+                }
+            });
+            let (mut first, mut second) = (signals.clone(), signals);
+            let shutdown = async move {
+                let _ = first.wait_for(|n| *n >= 1).await;
+            };
+            let cut = async move {
+                let _ = second.wait_for(|n| *n >= 2).await;
+            };
+            ward_proxy::run(cfg, shutdown, cut).await
         }
     }
 }
