@@ -92,17 +92,23 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
         3,
         "the agent restarts (-9): api's proxy follows it again and does not load the set it has a second time",
     );
+    let back = "policy stream from the agent available again";
+    let reopened = || api.log_text().matches(back).count();
+    let before = reopened();
     agent.kill9();
     agent.spawn(None);
     agent.wait_ready();
-    api.wait_log(|l| l.contains("policy stream from the agent available again"));
-    assert_eq!(
-        api.metric("ward_proxy_policy_reloads_total{result=\"loaded\"}"),
-        1.0
+    eventually(
+        Duration::from_secs(20),
+        "api's proxy reopens its policy stream",
+        || reopened() > before,
     );
+    let loaded = "ward_proxy_policy_reloads_total{result=\"loaded\"}";
+    assert_eq!(api.metric(loaded), 1.0);
     eventually(Duration::from_secs(10), "web reaches api again", || {
         hash_client(port, 1024, 1, 0.0).ok == 1
     });
+    assert_eq!(api.metric(loaded), 1.0);
 
     step(
         4,

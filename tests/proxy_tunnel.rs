@@ -720,16 +720,62 @@ fn a_connect_the_peer_never_answers_is_given_up_after_the_answer_timeout() {
         took >= Duration::from_millis(2_500) && took < Duration::from_secs(10),
         "closed after {took:?}, the answer timeout is 3 s"
     );
-    // The next stream goes out on a new connection, which serves.
+    // Nor does it answer a PING: the connection is retired, and the next
+    // stream goes out on a new connection, which serves.
+    let retired =
+        "a CONNECT and a PING were not answered in time; the connection takes no new streams";
+    assert!(web.wait_log(|l| l.contains(retired)).contains(retired));
     assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
     assert_eq!(
         web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
         2.0
     );
-    assert!(web
-        .log_text()
-        .contains("a CONNECT was not answered in time; its connection takes no new streams"));
 }
+
+/// A peer slow to answer a `CONNECT` (its application takes longer to
+/// accept than this side waits) but alive answers the PING that follows:
+/// its pooled connection keeps taking streams.
+#[test]
+fn a_peer_slow_to_answer_but_alive_keeps_its_pooled_connection() {
+    // An application whose accept queue is full: connecting to it hangs.
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let _queued: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    let forward = stuck_addr.to_string();
+    let mesh = Mesh::start_with(&[], &["--connect-timeout", "8s"], false, Some(&forward));
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &["--connect-timeout", "1s"]);
+    let started = Instant::now();
+    assert!(closed_at_once(
+        &format!("127.0.0.1:{port}"),
+        Duration::from_secs(15)
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(2_500));
+    // Past the PING's timeout (2 s), a second stream goes out on the same
+    // connection.
+    std::thread::sleep(Duration::from_secs(3));
+    let second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        web.metric("ward_proxy_connections_total{direction=\"outbound\"}"),
+        1.0
+    );
+    assert!(!web.log_text().contains("were not answered in time"));
+    drop(second);
+}
+
 
 /// A TCP relay that can stop forwarding on the connections open so far
 /// without closing them (new ones are forwarded).
@@ -1422,7 +1468,8 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
 }
 
 /// SIGTERM drains (here up to a minute, with a stream open); a second
-/// SIGTERM cuts the drain short and the proxy exits at once.
+/// SIGTERM cuts the drain short and the proxy exits at once; the stream it
+/// cut reaches the client application as a reset.
 #[test]
 fn a_second_sigterm_cuts_the_drain_short() {
     let mesh = Mesh::start(&[], &["--drain-timeout", "60s"]);
@@ -1460,7 +1507,12 @@ fn a_second_sigterm_cuts_the_drain_short() {
     assert!(status.success(), "{status}");
     let log = api.log_text();
     assert!(log.contains("drain cut short by a second signal"), "{log}");
-    drop(open);
+    // The cut stream reaches the client application as a reset.
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = open.read_to_end(&mut rest).map_err(|e| e.kind());
+    assert_eq!(read, Err(std::io::ErrorKind::ConnectionReset));
 }
 
 /// A stream still being set up when SIGTERM arrives (its tunnel waits for

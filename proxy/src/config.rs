@@ -100,6 +100,21 @@ impl Inbound {
     }
 }
 
+/// Whether listening on `a` and on `b` cannot both succeed: the same port
+/// (not 0: the kernel picks one) on the same address, or with a wildcard
+/// address of the same family, or with the IPv6 wildcard (which takes IPv4
+/// too unless the system makes IPv6 sockets IPv6-only).
+fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let v6_wildcard = |s: &SocketAddr| s.is_ipv6() && s.ip().is_unspecified();
+    a.ip() == b.ip()
+        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+        || v6_wildcard(a)
+        || v6_wildcard(b)
+}
+
 /// Checks `HOST:PORT` (a tunnel's destination, or the target it names).
 fn host_port(s: &str) -> Result<(), &'static str> {
     let a: http::uri::Authority = s.parse().map_err(|_| "is not host:port")?;
@@ -312,8 +327,7 @@ impl ProxyConfig {
                 );
             }
         }
-        // Every address this proxy listens on, once (a wildcard address
-        // takes its port on every address).
+        // Every address this proxy listens on, once.
         let mut listens: Vec<(&str, SocketAddr)> = vec![("health_address", self.health_address)];
         listens.extend(self.inbound.iter().map(|i| ("inbound.listen", i.listen)));
         listens.extend(
@@ -323,11 +337,7 @@ impl ProxyConfig {
         );
         listens.extend(self.connect.iter().map(|c| ("connect.listen", c.listen)));
         for (i, (key, a)) in listens.iter().enumerate() {
-            if let Some((other, _)) = listens[..i].iter().find(|(_, b)| {
-                a.port() != 0
-                    && a.port() == b.port()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-            }) {
+            if let Some((other, _)) = listens[..i].iter().find(|(_, b)| clash(a, b)) {
                 return bad(
                     key,
                     format!("{a} is also {other}: each listener needs its own address"),
@@ -487,6 +497,12 @@ mod tests {
             service_port: None,
         });
         refused(c, "outbound.listen", "is also inbound.listen");
+        let listen = |a: &str, b: &str| clash(&a.parse().unwrap(), &b.parse().unwrap());
+        assert!(!listen("0.0.0.0:15008", "[::1]:15008"));
+        assert!(!listen("127.0.0.1:15008", "127.0.0.2:15008"));
+        assert!(!listen("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(listen("[::]:15008", "127.0.0.1:15008"));
+        assert!(listen("[::1]:15008", "[::]:15008"));
         let mut c = base();
         c.policy.dir = Some("/nonexistent/ward-policies".into());
         refused(c, "policy.dir", "no such directory");

@@ -44,8 +44,8 @@ pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// with its connection, so that when the roots change the peer is verified
 /// again, as of its handshake (whether its trust anchors are still trusted,
 /// not whether it has expired since: a connection outlives its peer's
-/// rotations). Once the first of them expires the connection takes no new
-/// streams; its open ones go on.
+/// rotations). Once its leaf expires the connection takes no new streams;
+/// its open ones go on.
 pub struct PeerChain {
     certs: Vec<CertificateDer<'static>>,
     verified_at: UnixTime,
@@ -60,13 +60,14 @@ impl PeerChain {
             .iter()
             .map(|c| c.clone().into_owned())
             .collect();
-        // A chain the handshake verified parses; one that does not counts
-        // as expired.
+        // The leaf's expiry (the CA never issues one that outlives its
+        // signers; other certificates the peer sent may not be on the
+        // verified path). A leaf the handshake verified parses; one that
+        // does not counts as expired.
         let expires_at = certs
-            .iter()
-            .map(|c| ward_spec::svid::validity(c).map_or(i64::MIN, |(_, not_after)| not_after))
-            .min()
-            .unwrap_or(i64::MIN);
+            .first()
+            .and_then(|c| ward_spec::svid::validity(c).ok())
+            .map_or(i64::MIN, |(_, not_after)| not_after);
         PeerChain {
             certs,
             verified_at: UnixTime::now(),
@@ -74,12 +75,12 @@ impl PeerChain {
         }
     }
 
-    /// Unix seconds: the last second all its certificates are valid.
+    /// Unix seconds: the last second its leaf certificate is valid.
     pub fn expires_at(&self) -> i64 {
         self.expires_at
     }
 
-    /// Whether one of its certificates has expired.
+    /// Whether its leaf certificate has expired.
     pub fn expired(&self) -> bool {
         crate::identity::unix_now() > self.expires_at
     }

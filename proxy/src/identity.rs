@@ -185,6 +185,9 @@ impl Svids {
                 }));
             }
             Err(e) => {
+                // It may have changed the roots before it failed: the
+                // installed response, sent again, is installed again.
+                self.installed = None;
                 tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID")
             }
         }

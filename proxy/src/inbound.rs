@@ -34,7 +34,7 @@ use crate::access_log::{End, StreamLog};
 use crate::hbone::{self, PeerChain};
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
-use crate::pump::{pump, Carried};
+use crate::pump::{pump, AppConn, Carried};
 
 pub struct Inbound {
     pub acceptor: TlsAcceptor,
@@ -354,15 +354,13 @@ async fn stream(
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
+    let mut app = AppConn::new(app);
     let result = tokio::select! {
-        r = pump(&app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
-        // Dropping the pump resets the stream; the application's
-        // connection is reset too.
+        r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
+        // Dropping the pump resets the stream, and the application's
+        // connection unless the stream's end had reached it.
         () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
     };
-    if matches!(result, Ok("revoked")) {
-        crate::pump::reset_on_close(&app);
-    }
     drop(app);
     metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();

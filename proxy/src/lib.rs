@@ -252,8 +252,10 @@ fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<u64> {
 }
 
 /// An address taken at start: bound, not listening (a connection to it is
-/// refused) until [`listen`], so that an address in use is an error at
-/// once, not once the SVID arrives.
+/// refused) until [`listen`], so that an address already in use is an error
+/// at once, not once the SVID arrives. (Best effort: with SO_REUSEADDR,
+/// another program that sets it too may still bind it meanwhile, and then
+/// `listen` fails.)
 fn reserve(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpSocket> {
     let bound = || {
         let socket = if addr.is_ipv4() {

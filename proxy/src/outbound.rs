@@ -22,7 +22,7 @@ use crate::access_log::{End, StreamLog};
 use crate::config::Route;
 use crate::metrics::{Direction, Metrics, StreamTask};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
-use crate::pump::{pump, Carried};
+use crate::pump::{pump, AppConn, Carried};
 
 /// Accepts application connections until `drain` turns true; each is
 /// handled by `handle` in a task of its own, with one of `slots` (shared by
@@ -108,6 +108,8 @@ pub async fn serve_route(
         );
         async move {
             let _slot = slot;
+            // Reset when closed before its stream's end reached it.
+            let app = AppConn::new(app);
             // Boxed: an open stream's task keeps only what the pump needs.
             let turn = pool.turn(&route.destination, &route.ids).await;
             let started = Box::pin(start(&pool, &route)).await;
@@ -117,8 +119,7 @@ pub async fn serve_route(
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
                     StreamLog::end(log, not_opened(&e));
-                    // Resetting the application's connection is all it learns.
-                    crate::pump::reset_on_close(&app);
+                    // The reset of its connection is all the application learns.
                     return;
                 }
             };
@@ -132,7 +133,7 @@ pub async fn serve_route(
                     .await
                     .map_err(|_| {
                         tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
-                        retire.retire(&route.destination);
+                        retire.unless_alive(&route.destination);
                         std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!("the peer did not answer in {wait:?}"),
@@ -202,7 +203,7 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
     let recv = tokio::time::timeout(wait, p.response)
         .await
         .map_err(|_| {
-            lease.retire_handle().retire(&route.destination);
+            lease.retire_handle().unless_alive(&route.destination);
             OpenError::Connect(
                 route.destination.clone(),
                 std::io::Error::new(
@@ -225,7 +226,7 @@ async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
 
 #[allow(clippy::too_many_arguments)]
 async fn carry(
-    app: TcpStream,
+    mut app: AppConn,
     send: h2::SendStream<Bytes>,
     recv: impl std::future::Future<Output = std::io::Result<h2::RecvStream>>,
     lease: Lease,
@@ -235,7 +236,7 @@ async fn carry(
     log: Option<Box<StreamLog>>,
 ) {
     metrics.stream_opened(Direction::Outbound);
-    let result = pump(&app, send, recv, first, carried).await;
+    let result = pump(&mut app, send, recv, first, carried).await;
     drop(app);
     let untrusted = lease.untrusted();
     drop(lease);
@@ -389,6 +390,7 @@ async fn http_connect(
             let recv = std::future::ready(Ok(t.recv));
             let carried = Carried::default();
             carried.status.store(200, Ordering::Relaxed);
+            let app = AppConn::new(app);
             carry(app, t.send, recv, t.lease, first, metrics, &carried, log).await;
         }
         Err(e) => {

@@ -53,6 +53,8 @@ struct Conn {
     untrusted: Arc<AtomicBool>,
     /// Milliseconds since the pool's start when the last stream ended.
     idle_since: AtomicI64,
+    /// Pings the peer (see [`Retire`]); one at a time.
+    ping: tokio::sync::Mutex<Option<h2::PingPong>>,
     /// Unix seconds: once the peer's certificate has expired the connection
     /// takes no new streams (its open ones go on), as the peer would refuse
     /// them.
@@ -173,25 +175,46 @@ impl Lease {
     }
 
     /// What takes the stream's connection out of use when the peer leaves
-    /// its `CONNECT` unanswered.
+    /// its `CONNECT` unanswered and does not answer a PING either.
     pub fn retire_handle(&self) -> Retire {
-        Retire(self.conn.closed.clone())
+        Retire(self.conn.clone())
     }
 }
 
-/// Takes a connection out of use for new streams; its open streams go on.
 /// For a connection whose peer left a `CONNECT` unanswered past the answer
 /// timeout: a peer that went away without a word (power lost, a partition)
-/// still has its TCP connection open for as long as the kernel retransmits,
-/// and a stalled one may never answer; new streams go to a new connection
-/// (or fail fast if the peer cannot be reached).
-pub struct Retire(Arc<AtomicBool>);
+/// keeps its TCP connection open for as long as the kernel retransmits (or
+/// for good, if something between still acknowledges), and a frozen one
+/// never answers. A PING tells those from a peer that is only slow to
+/// connect to its application: one that does not answer it within
+/// [`PING_TIMEOUT`] gets no new streams on that connection (its open ones
+/// go on); new streams get a new connection, or fail fast if the peer
+/// cannot be reached.
+pub struct Retire(Arc<Conn>);
+
+/// How long a peer has to answer a PING before its connection is retired.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Retire {
-    pub fn retire(&self, destination: &str) {
-        if !self.0.swap(true, Ordering::AcqRel) {
-            tracing::warn!(%destination, "a CONNECT was not answered in time; its connection takes no new streams");
-        }
+    /// Checks the peer in the background.
+    pub fn unless_alive(self, destination: &str) {
+        let destination = destination.to_owned();
+        tokio::spawn(async move {
+            let conn = self.0;
+            let pong = async {
+                let mut ping = conn.ping.lock().await;
+                match ping.as_mut() {
+                    Some(p) => p.ping(h2::Ping::opaque()).await.is_ok(),
+                    None => false,
+                }
+            };
+            let alive = tokio::time::timeout(PING_TIMEOUT, pong)
+                .await
+                .unwrap_or(false);
+            if !alive && !conn.closed.swap(true, Ordering::AcqRel) {
+                tracing::warn!(%destination, "a CONNECT and a PING were not answered in time; the connection takes no new streams");
+            }
+        });
     }
 }
 
@@ -501,6 +524,7 @@ impl Pool {
                 }
             };
         let peer_expires_at = chain.expires_at();
+        let ping = connection.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
         let untrusted = Arc::new(AtomicBool::new(false));
         let metrics = self.metrics.clone();
@@ -550,6 +574,7 @@ impl Pool {
             closed,
             untrusted,
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
+            ping: tokio::sync::Mutex::new(ping),
             peer_expires_at,
         }))
     }

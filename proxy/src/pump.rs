@@ -7,14 +7,15 @@
 //! from the application waits for stream capacity before it is sent, and
 //! received data is released to the peer's window only once it is written to
 //! the application. An end of stream becomes a TCP half-close and the other way
-//! round; an error on either side resets the stream, and the application's
-//! connection is reset too (a TCP RST, not a FIN): what it received was cut
-//! short, and an application that reads until the end must not take it
-//! for the whole.
+//! round; an error on either side resets the stream, and unless the
+//! stream's end had reached the application its connection is reset too (a
+//! TCP RST, not a FIN, see [`AppConn`]): an application that reads until
+//! the end must not take what was cut short for the whole.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -45,36 +46,69 @@ impl Carried {
     }
 }
 
+/// An application's connection, reset (TCP RST, not FIN) when it is closed
+/// before the application received the whole stream: whatever cut it short
+/// (an error, a revocation, a tunnel refused or never opened, the drain's
+/// deadline, the proxy's exit), the application must not take what it got
+/// for the whole.
+pub struct AppConn {
+    tcp: TcpStream,
+    /// The application got all it was going to (the stream's end, or an
+    /// answer of the proxy's own): closing is an end, not a cut.
+    complete: bool,
+}
+
+impl AppConn {
+    pub fn new(tcp: TcpStream) -> Self {
+        AppConn {
+            tcp,
+            complete: false,
+        }
+    }
+
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        &mut self.tcp
+    }
+
+    /// The proxy answered the application itself (an HTTP status on the
+    /// CONNECT listener): closing it is an end.
+    pub fn answered(&mut self) {
+        self.complete = true;
+    }
+}
+
+impl Drop for AppConn {
+    fn drop(&mut self) {
+        if !self.complete {
+            // Linger zero: the close sends a RST.
+            if let Err(e) = socket2::SockRef::from(&self.tcp).set_linger(Some(Duration::ZERO)) {
+                tracing::debug!(error = %e, "cannot set SO_LINGER");
+            }
+        }
+    }
+}
+
 /// Runs a tunneled stream to its end. `first` is sent before anything read
 /// from `app` (bytes an HTTP CONNECT client sent after its request head).
 /// `recv` yields the stream's incoming half; application bytes flow out
 /// while it is still pending (an outbound `CONNECT` not yet answered), but
-/// nothing is written to the application before it resolves. On an error
-/// `app` is set to be reset when it is closed (see [`reset_on_close`]).
+/// nothing is written to the application before it resolves. Once the
+/// stream's end has reached the application, `app` counts as complete, even
+/// if the other direction then fails.
 pub async fn pump(
-    app: &TcpStream,
+    app: &mut AppConn,
     send: SendStream<Bytes>,
     recv: impl Future<Output = io::Result<RecvStream>>,
     first: Bytes,
     carried: &Carried,
 ) -> io::Result<()> {
-    let result = carry_both_ways(app, send, recv, first, carried).await;
-    if result.is_err() {
-        reset_on_close(app);
-    }
-    result
-}
-
-/// Makes closing `app` send a TCP RST (linger zero): for a connection whose
-/// stream ended in an error, or was never opened.
-pub fn reset_on_close(app: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(app).set_linger(Some(std::time::Duration::ZERO)) {
-        tracing::debug!(error = %e, "cannot set SO_LINGER");
-    }
+    let AppConn { tcp, complete } = app;
+    carry_both_ways(tcp, complete, send, recv, first, carried).await
 }
 
 async fn carry_both_ways(
     app: &TcpStream,
+    complete: &mut bool,
     send: SendStream<Bytes>,
     recv: impl Future<Output = io::Result<RecvStream>>,
     first: Bytes,
@@ -97,6 +131,7 @@ async fn carry_both_ways(
             r = &mut down, if !down_done => {
                 down_done = true;
                 r?;
+                *complete = true;
             }
             r = &mut up, if !up_done => {
                 up_done = true;
@@ -136,7 +171,9 @@ async fn app_to_tunnel(
     total: &AtomicU64,
 ) -> io::Result<Option<SendStream<Bytes>>> {
     let n = first.len() as u64;
-    send_all(&mut send, first).await?;
+    if !sent(&mut send, first).await? {
+        return Ok(None);
+    }
     total.fetch_add(n, Ordering::Relaxed);
     // One allocation serves several reads (each read's bytes are split off
     // and sent); it is dropped whenever the application has nothing more to
@@ -149,11 +186,16 @@ async fn app_to_tunnel(
         }
         match read_drained(r, &mut buf) {
             Ok((0, _)) => {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok(Some(send));
+                return match send.send_data(Bytes::new(), true) {
+                    Ok(()) => Ok(Some(send)),
+                    Err(_) if stopped_without_error(&mut send) => Ok(None),
+                    Err(e) => Err(h2_io(e)),
+                };
             }
             Ok((n, drained)) => {
-                send_all(&mut send, buf.split().freeze()).await?;
+                if !sent(&mut send, buf.split().freeze()).await? {
+                    return Ok(None);
+                }
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
@@ -212,6 +254,27 @@ fn read_drained(r: &TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> 
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok((got, true)),
         Err(e) => Err(e),
     }
+}
+
+/// Sends `data` (see [`send_all`]); false if the peer has asked for nothing
+/// more (a reset with `NO_ERROR`, as a server that answered and closed
+/// before reading all of a request sends): the upload ends there, and what
+/// the peer sent still goes to the application.
+async fn sent(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<bool> {
+    match send_all(send, data).await {
+        Ok(()) => Ok(true),
+        Err(_) if stopped_without_error(send) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the peer has reset the stream with `NO_ERROR`.
+fn stopped_without_error(send: &mut SendStream<Bytes>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        send.poll_reset(&mut cx),
+        std::task::Poll::Ready(Ok(h2::Reason::NO_ERROR))
+    )
 }
 
 /// Sends `data` as the stream's capacity allows.
@@ -341,7 +404,14 @@ mod tests {
         let (proxy_side, mut app) = app_pair().await;
         let c = std::sync::Arc::new(Carried::default());
         let pumping = tokio::spawn(async move {
-            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+            pump(
+                &mut AppConn::new(proxy_side),
+                send,
+                async { Ok(recv) },
+                Bytes::new(),
+                &c,
+            )
+            .await
         });
         peer_send
             .send_data(Bytes::from_static(b"partial"), false)
@@ -363,6 +433,63 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     }
 
+    /// The peer's whole answer has reached the application's socket (the
+    /// application has not read it yet) when the stream fails the other way
+    /// (the peer resets it, the application not having finished sending):
+    /// the application still reads the whole answer and an end of file; a
+    /// reset would have thrown away what it had not read. (Bytes the
+    /// application sent that nobody read make the kernel reset the
+    /// connection on close whatever the proxy does, as they would with the
+    /// peer itself.)
+    #[tokio::test]
+    async fn a_stream_whose_end_reached_the_application_is_closed_not_reset() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        // A small window on the application's side and a large send buffer
+        // on the proxy's: the answer waits in the proxy's socket.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = sock.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (proxy_side, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&proxy_side)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
+        let c = std::sync::Arc::new(Carried::default());
+        let c2 = c.clone();
+        let pumping = tokio::spawn(async move {
+            pump(
+                &mut AppConn::new(proxy_side),
+                send,
+                async { Ok(recv) },
+                Bytes::new(),
+                &c2,
+            )
+            .await
+        });
+        let answer = Bytes::from(vec![5u8; 256 * 1024]);
+        peer_send.send_data(answer.clone(), true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.totals().0 < answer.len() as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the answer never reached the socket"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        peer_send.send_reset(h2::Reason::CANCEL);
+        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived its reset")
+            .unwrap();
+        assert!(ended.is_err());
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut got))
+            .await
+            .expect("no end of file")
+            .expect("the whole answer and an end of file, not a reset");
+        assert_eq!(got.len(), answer.len());
+    }
+
     /// How a stream ends that the peer resets with `reason` after it has
     /// finished sending, while the application stays silent.
     async fn silent_stream_reset(reason: h2::Reason) -> io::Result<()> {
@@ -371,7 +498,14 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         let pumping = tokio::spawn(async move {
-            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+            pump(
+                &mut AppConn::new(proxy_side),
+                send,
+                async { Ok(recv) },
+                Bytes::new(),
+                &c,
+            )
+            .await
         });
         peer_send
             .send_data(Bytes::from_static(b"bye"), true)
@@ -419,7 +553,14 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         let pumping = tokio::spawn(async move {
-            pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await
+            pump(
+                &mut AppConn::new(proxy_side),
+                send,
+                async { Ok(recv) },
+                Bytes::new(),
+                &c,
+            )
+            .await
         });
         app.shutdown().await.unwrap();
         peer_send
@@ -471,7 +612,14 @@ mod tests {
         let carried = std::sync::Arc::new(Carried::default());
         let c = carried.clone();
         tokio::spawn(async move {
-            let _ = pump(&proxy_side, send, async { Ok(recv) }, Bytes::new(), &c).await;
+            let _ = pump(
+                &mut AppConn::new(proxy_side),
+                send,
+                async { Ok(recv) },
+                Bytes::new(),
+                &c,
+            )
+            .await;
         });
         let frames = tokio::time::timeout(Duration::from_secs(10), async {
             let (mut frames, mut total) = (Vec::new(), 0);

@@ -187,8 +187,20 @@ pub async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
             // SIGTERM or Ctrl-C drains; a second one cuts the drain short.
             let (count, signals) = tokio::sync::watch::channel(0u32);
             tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    tracing::warn!("cannot watch for signals; SIGTERM will not drain");
+                    return std::future::pending().await;
+                };
                 loop {
-                    super::ca::shutdown_signal().await;
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    tracing::info!("shutting down");
                     count.send_modify(|n| *n += 1);
                 }
             });
