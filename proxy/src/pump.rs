@@ -102,18 +102,11 @@ pub async fn pump(
     first: Bytes,
     carried: &Carried,
 ) -> io::Result<()> {
+    // One future, not one awaiting another: each would hold its own copy of
+    // the arguments (an outbound stream's `recv` holds a timer), and an
+    // idle stream's task is mostly this future.
     let AppConn { tcp, complete } = app;
-    carry_both_ways(tcp, complete, send, recv, first, carried).await
-}
-
-async fn carry_both_ways(
-    app: &TcpStream,
-    complete: &mut bool,
-    send: SendStream<Bytes>,
-    recv: impl Future<Output = io::Result<RecvStream>>,
-    first: Bytes,
-    carried: &Carried,
-) -> io::Result<()> {
+    let app: &TcpStream = tcp;
     let up = app_to_tunnel(app, send, first, &carried.from_app);
     let down = tunnel_to_app(recv, app, &carried.to_app);
     tokio::pin!(up, down);
@@ -171,7 +164,8 @@ async fn app_to_tunnel(
     total: &AtomicU64,
 ) -> io::Result<Option<SendStream<Bytes>>> {
     let n = first.len() as u64;
-    if !sent(&mut send, first).await? {
+    let sent = send_all(&mut send, first).await;
+    if !still_sending(&mut send, sent)? {
         return Ok(None);
     }
     total.fetch_add(n, Ordering::Relaxed);
@@ -193,7 +187,8 @@ async fn app_to_tunnel(
                 };
             }
             Ok((n, drained)) => {
-                if !sent(&mut send, buf.split().freeze()).await? {
+                let sent = send_all(&mut send, buf.split().freeze()).await;
+                if !still_sending(&mut send, sent)? {
                     return Ok(None);
                 }
                 total.fetch_add(n as u64, Ordering::Relaxed);
@@ -225,7 +220,9 @@ async fn app_to_tunnel(
 /// end with the tunnel.)
 async fn readable(r: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<bool> {
     tokio::select! {
-        ready = r.readable() => ready.map(|()| true),
+        // Polled, not `readable()`: that future (with its waiter) would be
+        // part of every idle stream's.
+        ready = poll_fn(|cx| r.poll_read_ready(cx)) => ready.map(|()| true),
         reset = poll_fn(|cx| send.poll_reset(cx)) => match reset {
             Ok(h2::Reason::NO_ERROR) => Ok(false),
             Ok(reason) => Err(reset_error(reason)),
@@ -256,12 +253,14 @@ fn read_drained(r: &TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> 
     }
 }
 
-/// Sends `data` (see [`send_all`]); false if the peer has asked for nothing
-/// more (a reset with `NO_ERROR`, as a server that answered and closed
-/// before reading all of a request sends): the upload ends there, and what
-/// the peer sent still goes to the application.
-async fn sent(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<bool> {
-    match send_all(send, data).await {
+/// Whether the upload goes on after a send that ended in `sent`: false if
+/// the peer has asked for nothing more (a reset with `NO_ERROR`, as a server
+/// that answered and closed before reading all of a request sends); what the
+/// peer sent still goes to the application. (Not an async wrapper around
+/// [`send_all`]: that would hold a second copy of the data in every idle
+/// stream's future.)
+fn still_sending(send: &mut SendStream<Bytes>, sent: io::Result<()>) -> io::Result<bool> {
+    match sent {
         Ok(()) => Ok(true),
         Err(_) if stopped_without_error(send) => Ok(false),
         Err(e) => Err(e),
@@ -309,14 +308,20 @@ async fn tunnel_to_app(
     socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write)
 }
 
-/// Writes all of `data` to the application as its socket takes it.
+/// Writes all of `data` to the application as its socket takes it. It
+/// polls for readiness rather than awaiting `writable()`, whose future
+/// (with its waiter) would be part of every stream's, idle ones too.
 async fn write_all(w: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        match w.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.writable().await?,
-            Err(e) => return Err(e),
-        }
+        let n = poll_fn(|cx| loop {
+            std::task::ready!(w.poll_write_ready(cx))?;
+            match w.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return std::task::Poll::Ready(r),
+            }
+        })
+        .await?;
+        data = &data[n..];
     }
     Ok(())
 }
@@ -370,6 +375,25 @@ mod tests {
         ((send, recv), server.await.unwrap())
     }
 
+    /// Runs the pump on the proxy's end of an application connection;
+    /// returns its task and what it carried.
+    fn spawn_pump(
+        proxy_side: TcpStream,
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    ) -> (
+        tokio::task::JoinHandle<io::Result<()>>,
+        std::sync::Arc<Carried>,
+    ) {
+        let carried = std::sync::Arc::new(Carried::default());
+        let c = carried.clone();
+        let task = tokio::spawn(async move {
+            let mut app = AppConn::new(proxy_side);
+            pump(&mut app, send, async { Ok(recv) }, Bytes::new(), &c).await
+        });
+        (task, carried)
+    }
+
     /// An application connection: (the proxy's end, the application's end).
     async fn app_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -402,17 +426,7 @@ mod tests {
     async fn a_stream_reset_midway_resets_the_application_connection() {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
         let (proxy_side, mut app) = app_pair().await;
-        let c = std::sync::Arc::new(Carried::default());
-        let pumping = tokio::spawn(async move {
-            pump(
-                &mut AppConn::new(proxy_side),
-                send,
-                async { Ok(recv) },
-                Bytes::new(),
-                &c,
-            )
-            .await
-        });
+        let (pumping, _) = spawn_pump(proxy_side, send, recv);
         peer_send
             .send_data(Bytes::from_static(b"partial"), false)
             .unwrap();
@@ -454,18 +468,7 @@ mod tests {
         socket2::SockRef::from(&proxy_side)
             .set_send_buffer_size(1 << 20)
             .unwrap();
-        let c = std::sync::Arc::new(Carried::default());
-        let c2 = c.clone();
-        let pumping = tokio::spawn(async move {
-            pump(
-                &mut AppConn::new(proxy_side),
-                send,
-                async { Ok(recv) },
-                Bytes::new(),
-                &c2,
-            )
-            .await
-        });
+        let (pumping, c) = spawn_pump(proxy_side, send, recv);
         let answer = Bytes::from(vec![5u8; 256 * 1024]);
         peer_send.send_data(answer.clone(), true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -495,18 +498,7 @@ mod tests {
     async fn silent_stream_reset(reason: h2::Reason) -> io::Result<()> {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
         let (proxy_side, mut app) = app_pair().await;
-        let carried = std::sync::Arc::new(Carried::default());
-        let c = carried.clone();
-        let pumping = tokio::spawn(async move {
-            pump(
-                &mut AppConn::new(proxy_side),
-                send,
-                async { Ok(recv) },
-                Bytes::new(),
-                &c,
-            )
-            .await
-        });
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
         peer_send
             .send_data(Bytes::from_static(b"bye"), true)
             .unwrap();
@@ -550,18 +542,7 @@ mod tests {
         socket2::SockRef::from(&proxy_side)
             .set_send_buffer_size(4096)
             .unwrap();
-        let carried = std::sync::Arc::new(Carried::default());
-        let c = carried.clone();
-        let pumping = tokio::spawn(async move {
-            pump(
-                &mut AppConn::new(proxy_side),
-                send,
-                async { Ok(recv) },
-                Bytes::new(),
-                &c,
-            )
-            .await
-        });
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
         app.shutdown().await.unwrap();
         peer_send
             .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
@@ -609,18 +590,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
-        let carried = std::sync::Arc::new(Carried::default());
-        let c = carried.clone();
-        tokio::spawn(async move {
-            let _ = pump(
-                &mut AppConn::new(proxy_side),
-                send,
-                async { Ok(recv) },
-                Bytes::new(),
-                &c,
-            )
-            .await;
-        });
+        let (_pumping, carried) = spawn_pump(proxy_side, send, recv);
         let frames = tokio::time::timeout(Duration::from_secs(10), async {
             let (mut frames, mut total) = (Vec::new(), 0);
             while total < 256 * 1024 {
