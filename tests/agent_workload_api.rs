@@ -12,10 +12,7 @@ use ward_spec::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiCli
 use ward_spec::proto::workload::{X509svidRequest, X509svidResponse};
 
 fn agent_id(ca: &CaProcess) -> String {
-    ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    ca.first_agent()
 }
 
 /// Registers `id` under the (only) agent for this test process's uid, the

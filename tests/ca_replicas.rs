@@ -67,10 +67,7 @@ fn agent_at(a: &CaProcess, addrs: Vec<String>, extra: &[&str]) -> (AgentProcess,
     .unwrap();
     agent.spawn(Some(&token));
     agent.wait_ready();
-    let node = a.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = a.first_agent();
     (agent, node)
 }
 
@@ -176,10 +173,7 @@ fn an_entry_created_through_one_replica_reaches_an_agent_of_the_other_within_a_s
     std::fs::write(agent.dir.join("bundle.pem"), &bundle_a).unwrap();
     agent.spawn(Some(&token));
     agent.wait_ready();
-    let node = b.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = b.first_agent();
 
     step(
         4,

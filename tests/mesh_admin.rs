@@ -63,10 +63,7 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
     );
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
-    let parent = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let parent = ca.first_agent();
     let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
     // A set that does not validate is refused with every error, and nothing is stored.
     let broken = tempfile::tempdir().unwrap();

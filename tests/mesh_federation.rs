@@ -50,10 +50,7 @@ when { principal.trust_domain == "example.org" && principal.service == "web" && 
 }
 
 fn node_of(ca: &CaProcess) -> String {
-    ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    ca.first_agent()
 }
 
 /// `ca`'s bundle as a PEM file in `dir`.

@@ -54,10 +54,7 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
     );
     let mut ca = CaProcess::start(&[]);
     let mut agent = AgentProcess::start(&ca);
-    let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = ca.first_agent();
     let mut entries = vec![];
     for (id, uid) in [(WEB, WEB_UID), (API, API_UID)] {
         entries.push(ca.register(id, &node, &format!("unix:uid:{uid}")));

@@ -57,10 +57,7 @@ impl Mesh {
     ) -> Mesh {
         let ca = CaProcess::start(ca_flags);
         let agent = AgentProcess::start(&ca);
-        let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let node = ca.first_agent();
         for (id, uid) in [(WEB, WEB_UID), (API, API_UID), (DB, DB_UID)] {
             ca.register(id, &node, &format!("unix:uid:{uid}"));
         }
@@ -652,10 +649,7 @@ fn a_reset_reaches_the_other_application_as_a_reset() {
 fn an_inbound_proxy_is_not_ready_until_it_has_a_policy_set() {
     let ca = CaProcess::start(&[]);
     let agent = AgentProcess::start(&ca);
-    let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = ca.first_agent();
     ca.register(API, &node, &format!("unix:uid:{API_UID}"));
     let inbound = format!("127.0.0.1:{}", free_port());
     let api = ProxyProcess::spawn(
@@ -776,7 +770,6 @@ fn a_peer_slow_to_answer_but_alive_keeps_its_pooled_connection() {
     drop(second);
 }
 
-
 /// A TCP relay that can stop forwarding on the connections open so far
 /// without closing them (new ones are forwarded).
 struct Relay {
@@ -838,6 +831,23 @@ impl Relay {
         assert!(open > 0);
         self.black_holed_below.store(open, Ordering::SeqCst);
     }
+}
+
+/// Registers `cron` (uid 1004) on `node` with X509-SVIDs that live `ttl` seconds.
+fn register_cron(mesh: &Mesh, node: &str, ttl: u32) {
+    let ttl = ttl.to_string();
+    mesh._ca.cli_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/tenant/acme/ns/prod/sa/cron",
+        "--parent-id",
+        node,
+        "--selector",
+        "unix:uid:1004",
+        "--x509-ttl",
+        &ttl,
+    ]);
 }
 
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
@@ -994,22 +1004,8 @@ fn fetch_svid(agent: &AgentProcess, uid: u32) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
 #[test]
 fn a_connection_whose_peer_certificate_expires_takes_no_new_streams() {
     let mesh = Mesh::start(&[], &[]);
-    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    mesh._ca.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/tenant/acme/ns/prod/sa/cron",
-        "--parent-id",
-        &node,
-        "--selector",
-        "unix:uid:1004",
-        "--x509-ttl",
-        "4",
-    ]);
+    let node = mesh._ca.first_agent();
+    register_cron(&mesh, &node, 4);
     let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
     let (_, mut tls) = tls_session(&mesh.api_inbound, Some((chain, key))).expect("accepted");
     assert!(
@@ -1052,10 +1048,7 @@ fn a_connection_whose_peer_certificate_expires_takes_no_new_streams() {
 fn a_pooled_connection_whose_peer_certificate_expires_is_not_given_new_streams() {
     let mesh = Mesh::start(&[], &[]);
     let ca = &mesh._ca;
-    let node = ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = ca.first_agent();
     let entries = ca.cli_json(&["entry", "list"]);
     let api_entry = entries
         .as_array()
@@ -1160,22 +1153,8 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
         pem_file_ders(&mesh._ca.data_dir().join("keys/root-0.key"), "PRIVATE KEY").remove(0);
     assert!(tls_probe(&inbound, Some((vec![root], root_key))).is_err());
     // 5. An expired SVID of our own trust domain (a 2-second entry).
-    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    mesh._ca.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/tenant/acme/ns/prod/sa/cron",
-        "--parent-id",
-        &node,
-        "--selector",
-        "unix:uid:1004",
-        "--x509-ttl",
-        "2",
-    ]);
+    let node = mesh._ca.first_agent();
+    register_cron(&mesh, &node, 2);
     let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
     while unix_now() <= not_after + 1 {
         std::thread::sleep(Duration::from_millis(200));
@@ -1394,10 +1373,7 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     // Its SVID arrives once it is registered.
-    let node = mesh._ca.cli_json(&["agent", "list"])[0]["spiffe_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = mesh._ca.first_agent();
     mesh._ca.register(
         "spiffe://example.org/tenant/acme/ns/prod/sa/web2",
         &node,

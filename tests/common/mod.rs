@@ -344,6 +344,14 @@ impl CaProcess {
     }
 
     /// Registers an entry with one selector; returns its ID.
+    /// The SPIFFE ID of the first agent attested to this CA.
+    pub fn first_agent(&self) -> String {
+        self.cli_json(&["agent", "list"])[0]["spiffe_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     pub fn register(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
         self.cli_json(&[
             "entry",
