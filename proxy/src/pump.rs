@@ -394,6 +394,20 @@ mod tests {
         (task, carried)
     }
 
+    /// An application connection whose application end receives into
+    /// `app_receive` bytes and whose proxy end sends from `proxy_send`.
+    async fn app_pair_buffered(app_receive: u32, proxy_send: usize) -> (TcpStream, TcpStream) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(app_receive).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = sock.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (proxy_side, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&proxy_side)
+            .set_send_buffer_size(proxy_send)
+            .unwrap();
+        (proxy_side, app)
+    }
+
     /// An application connection: (the proxy's end, the application's end).
     async fn app_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -460,14 +474,7 @@ mod tests {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
         // A small window on the application's side and a large send buffer
         // on the proxy's: the answer waits in the proxy's socket.
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = sock.connect(listener.local_addr().unwrap()).await.unwrap();
-        let (proxy_side, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&proxy_side)
-            .set_send_buffer_size(1 << 20)
-            .unwrap();
+        let (proxy_side, mut app) = app_pair_buffered(4096, 1 << 20).await;
         let (pumping, c) = spawn_pump(proxy_side, send, recv);
         let answer = Bytes::from(vec![5u8; 256 * 1024]);
         peer_send.send_data(answer.clone(), true).unwrap();
@@ -534,14 +541,7 @@ mod tests {
     async fn a_reset_ends_a_stream_whose_writes_to_the_application_are_blocked() {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
         // Small socket buffers, so that a few hundred KiB block the writes.
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = sock.connect(listener.local_addr().unwrap()).await.unwrap();
-        let (proxy_side, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&proxy_side)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
         let (pumping, carried) = spawn_pump(proxy_side, send, recv);
         app.shutdown().await.unwrap();
         peer_send
