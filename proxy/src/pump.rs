@@ -394,6 +394,20 @@ mod tests {
         (task, carried)
     }
 
+    /// Resets the stream from the peer's side with `reason`; returns how the
+    /// pump ended (it must, within 10 s).
+    async fn reset_and_wait(
+        peer_send: &mut SendStream<Bytes>,
+        reason: h2::Reason,
+        pumping: tokio::task::JoinHandle<io::Result<()>>,
+    ) -> io::Result<()> {
+        peer_send.send_reset(reason);
+        tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived its reset")
+            .unwrap()
+    }
+
     /// An application connection whose application end receives into
     /// `app_receive` bytes and whose proxy end sends from `proxy_send`.
     async fn app_pair_buffered(app_receive: u32, proxy_send: usize) -> (TcpStream, TcpStream) {
@@ -447,11 +461,7 @@ mod tests {
         let mut got = [0u8; 7];
         app.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"partial");
-        peer_send.send_reset(h2::Reason::CANCEL);
-        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("the stream outlived its reset")
-            .unwrap();
+        let ended = reset_and_wait(&mut peer_send, h2::Reason::CANCEL, pumping).await;
         assert!(ended.is_err());
         let mut rest = Vec::new();
         let err = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest))
@@ -486,11 +496,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        peer_send.send_reset(h2::Reason::CANCEL);
-        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("the stream outlived its reset")
-            .unwrap();
+        let ended = reset_and_wait(&mut peer_send, h2::Reason::CANCEL, pumping).await;
         assert!(ended.is_err());
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut got))
@@ -516,11 +522,7 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"bye");
 
-        peer_send.send_reset(reason);
-        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("the stream outlived its reset")
-            .unwrap();
+        let ended = reset_and_wait(&mut peer_send, reason, pumping).await;
         // The application's connection is closed: writing to it fails soon.
         let deadline = Instant::now() + Duration::from_secs(10);
         while app.write_all(b"x").await.is_ok() {
@@ -553,11 +555,7 @@ mod tests {
         assert!(written < 1 << 20, "all of it was written: {written}");
         assert!(!pumping.is_finished());
 
-        peer_send.send_reset(h2::Reason::CANCEL);
-        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("a stream blocked on the application outlived its reset")
-            .unwrap();
+        let ended = reset_and_wait(&mut peer_send, h2::Reason::CANCEL, pumping).await;
         let err = ended.expect_err("a cancelled stream ends in an error");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         drop(app);
