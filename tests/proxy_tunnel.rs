@@ -1747,9 +1747,9 @@ fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
         closed_at_once(&mesh.api_inbound, Duration::from_secs(2)),
         "a connection beyond max_connections was kept"
     );
-    let over = mesh.api.metric(
-        "ward_proxy_handshake_failures_total{direction=\"inbound\",reason=\"over_connection_limit\"}",
-    );
+    let over = mesh
+        .api
+        .metric("ward_proxy_refused_total{direction=\"inbound\",reason=\"over_connection_limit\"}");
     assert!(over >= 1.0, "over_connection_limit counted {over}");
 
     // 4. The pooled connection inside the limit still carries new streams.
@@ -1777,7 +1777,7 @@ fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
     );
     assert!(
         small.metric(
-            "ward_proxy_handshake_failures_total{direction=\"outbound\",reason=\"over_connection_limit\"}"
+            "ward_proxy_refused_total{direction=\"outbound\",reason=\"over_connection_limit\"}"
         ) >= 1.0
     );
     drop(open);

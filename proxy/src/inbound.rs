@@ -77,7 +77,7 @@ pub async fn serve(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             inbound
                 .metrics
-                .handshake_failure(Direction::Inbound, "over_connection_limit");
+                .refused(Direction::Inbound, "over_connection_limit");
             if !over_limit_logged {
                 tracing::warn!(
                     max_connections,

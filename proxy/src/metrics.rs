@@ -65,6 +65,7 @@ pub struct Metrics {
     streams: Family<Labels, Counter>,
     bytes: Family<Labels, Counter>,
     handshake_failures: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
     decisions: Family<Labels, Counter>,
     svid_expiry: Gauge,
     policy_reloads: Family<Labels, Counter>,
@@ -97,6 +98,7 @@ impl Default for Metrics {
             streams: Family::default(),
             bytes: Family::default(),
             handshake_failures: Family::default(),
+            refused: Family::default(),
             decisions: Family::default(),
             svid_expiry: Gauge::default(),
             policy_reloads: Family::default(),
@@ -124,7 +126,7 @@ impl Default for Metrics {
         );
         registry.register(
             "streams",
-            "Tunneled streams opened, by direction",
+            "Tunneled streams opened, by direction (outbound: each CONNECT sent; inbound: each one admitted, denied ones are counted in authorization_decisions)",
             m.streams.clone(),
         );
         registry.register(
@@ -136,6 +138,11 @@ impl Default for Metrics {
             "handshake_failures",
             "TLS or HTTP/2 handshakes that failed, by direction and reason",
             m.handshake_failures.clone(),
+        );
+        registry.register(
+            "refused",
+            "Connections closed as soon as accepted (inbound: from peers, before any handshake; outbound: from applications), by direction and reason",
+            m.refused.clone(),
         );
         registry.register(
             "authorization_decisions",
@@ -252,6 +259,13 @@ impl Metrics {
 
     pub fn handshake_failure(&self, d: Direction, reason: &'static str) {
         self.handshake_failures
+            .get_or_create(&vec![("direction", d.label()), ("reason", reason)])
+            .inc();
+    }
+
+    /// A connection closed as soon as it was accepted.
+    pub fn refused(&self, d: Direction, reason: &'static str) {
+        self.refused
             .get_or_create(&vec![("direction", d.label()), ("reason", reason)])
             .inc();
     }

@@ -56,7 +56,7 @@ async fn accept_loop<F, Fut>(
             _ = crate::drained(&mut drain) => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.handshake_failure(Direction::Outbound, "over_connection_limit");
+            metrics.refused(Direction::Outbound, "over_connection_limit");
             if !over_limit_logged {
                 tracing::warn!(
                     listener = what,
