@@ -599,14 +599,17 @@ mod tests {
     async fn a_root_past_its_end_leaves_the_published_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
-        let cfg = config(dir.path(), Duration::seconds(1), Duration::seconds(3));
+        // Slots of 2 s, not 1: this replica's bundle part is kept until its
+        // slot's end in whole seconds, so a 1 s slot opened late in a second
+        // could leave the bundle before the first look at it.
+        let cfg = config(dir.path(), Duration::seconds(2), Duration::seconds(5));
         let authority = Authority::open(cfg, store).await.unwrap();
         let first = authority.bundle().x509_authorities.clone();
         assert_eq!(first.len(), 1);
 
         // Past the first root's end: the schedule has minted a successor,
         // and only the successor is published.
-        tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5_500)).await;
         authority.tick(OffsetDateTime::now_utc()).await.unwrap();
         let now = authority.bundle().x509_authorities.clone();
         assert_eq!(now.len(), 1, "the expired root is still published");
