@@ -105,6 +105,15 @@ impl Cli {
         )
     }
 
+    /// `--worker-threads` if given on the command line (it beats
+    /// `WARD_WORKER_THREADS`, which beats the config file).
+    pub fn worker_threads_flag(&self) -> Option<usize> {
+        match &self.command {
+            Command::Proxy(proxy::ProxyCommand::Run(args)) => args.worker_threads_flag(),
+            _ => None,
+        }
+    }
+
     /// Runtime worker threads this command wants (None: one per core).
     pub fn worker_threads(&self) -> Option<usize> {
         match &self.command {

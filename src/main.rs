@@ -28,15 +28,21 @@ fn main() -> ExitCode {
     }
     raise_open_file_limit();
     keep_freed_heap();
-    // WARD_WORKER_THREADS overrides the runtime's worker threads (default: one
-    // per core; `ward proxy run` asks for its `worker_threads`). One thread
-    // means a current-thread runtime: every task on the main thread, no
-    // cross-thread wake-ups.
-    let threads = std::env::var("WARD_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
+    // The runtime's worker threads: `--worker-threads`, else
+    // WARD_WORKER_THREADS, else what the command asks for (one per core;
+    // `ward proxy run` its config file's `worker_threads`, default 1). One
+    // thread means a current-thread runtime: every task on the main thread,
+    // no cross-thread wake-ups. 0 is left to the proxy's configuration
+    // check, which names it.
+    let threads = cli
+        .worker_threads_flag()
         .filter(|n| *n > 0)
-        // 0 is left to the proxy's configuration check, which names it.
+        .or_else(|| {
+            std::env::var("WARD_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+        })
         .or_else(|| cli.worker_threads().filter(|n| *n > 0));
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),

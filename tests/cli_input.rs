@@ -1,5 +1,6 @@
-//! Bad command-line input to `ward`: a clear error naming the problem and
-//! exit status 1, never a panic (101) or a silently different meaning.
+//! Command-line input to `ward`: bad input gets a clear error naming the
+//! problem and exit status 1, never a panic (101) or a silently different
+//! meaning; a flag wins over the environment.
 
 mod common;
 
@@ -137,6 +138,52 @@ fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
             "cannot listen on {addr} (route to 10.0.0.2:15008)"
         )),
         "{err}"
+    );
+}
+
+/// `--worker-threads` wins over `WARD_WORKER_THREADS`: the runtime's worker
+/// threads are counted in `/proc` while the proxy waits for its SVID.
+#[test]
+fn the_worker_threads_flag_wins_over_the_environment() {
+    let threads = |flag: Option<&str>| {
+        let dir = tempfile::tempdir().unwrap();
+        let health = format!("127.0.0.1:{}", free_port());
+        let route = format!(
+            "listen=127.0.0.1:{},destination=10.0.0.2:15008,id=spiffe://example.org/api",
+            free_port()
+        );
+        let mut cmd = Command::new(ward_bin());
+        cmd.args([
+            "proxy",
+            "run",
+            "--health-address",
+            &health,
+            "--route",
+            &route,
+        ])
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .env("WARD_WORKER_THREADS", "4")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if let Some(n) = flag {
+            cmd.args(["--worker-threads", n]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let n = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .count();
+        assert!(child.try_wait().unwrap().is_none(), "the proxy exited");
+        let _ = child.kill();
+        let _ = child.wait();
+        n
+    };
+    let (env_only, flag_too) = (threads(None), threads(Some("1")));
+    // The environment's 4 workers against the flag's single-thread runtime.
+    assert!(
+        flag_too + 3 <= env_only,
+        "threads with --worker-threads 1: {flag_too}, with WARD_WORKER_THREADS=4 alone: {env_only}"
     );
 }
 

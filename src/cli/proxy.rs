@@ -98,6 +98,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// `--worker-threads` as given on the command line.
+    pub fn worker_threads_flag(&self) -> Option<usize> {
+        self.worker_threads
+    }
+
     /// The worker threads this run asks for (flag, else config file, else the
     /// default), read before the runtime starts.
     pub fn worker_threads(&self) -> usize {
