@@ -160,6 +160,8 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     // Each exchange: an 8-byte length, then the payload.
     let payload = 1 + 64 * 1024 + 100 * 1024 * 1024 + 100 * 1024 * 1024;
     assert_eq!(to_app as u64, payload + 103 * 8);
+    let ended_ok = "ward_proxy_streams_ended_total{direction=\"inbound\",outcome=\"ok\"}";
+    assert_eq!(mesh.api.metric(ended_ok), 103.0);
 
     // 4. Every stream has a decision log line naming the policy that allowed it.
     let lines = mesh.api.wait_decisions(103);
@@ -230,6 +232,24 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
             .metric("ward_proxy_authorization_decisions_total{decision=\"deny\"}"),
         1.0
     );
+    // Both ends count how the stream ended, access log or not (counted
+    // right after the answer: waited for, up to 5 s).
+    let ended = |p: &ProxyProcess, d: &str, outcome: &str, want: f64| {
+        let name =
+            format!("ward_proxy_streams_ended_total{{direction=\"{d}\",outcome=\"{outcome}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = p.metric(&name);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(ended(&mesh.api, "inbound", "denied", 1.0), 1.0);
+    assert_eq!(ended(&db, "outbound", "refused", 1.0), 1.0);
+    // (the plain HTTP request)
+    assert_eq!(ended(&db, "outbound", "error", 1.0), 1.0);
 
     // 2. Allow db → api in the watched directory; new streams get through.
     std::fs::write(

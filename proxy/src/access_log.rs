@@ -128,9 +128,15 @@ impl StreamLog {
         }))
     }
 
-    /// Writes the line of a stream that ended as `end` says (nothing if
-    /// there is no log).
-    pub fn end(this: Option<Box<StreamLog>>, end: End<'_>) {
+    /// Counts a stream that ended as `end` says (metric `streams_ended`,
+    /// by outcome) and writes its line, if there is a log.
+    pub fn end(
+        metrics: &Metrics,
+        direction: Direction,
+        this: Option<Box<StreamLog>>,
+        end: End<'_>,
+    ) {
+        metrics.stream_ended(direction, end.outcome);
         if let Some(mut s) = this {
             s.write(&end);
         }

@@ -4,6 +4,7 @@
 //! workload_api_socket = ".ward/agent/workload.sock"
 //! health_address = "127.0.0.1:15020"
 //! worker_threads = 1
+//! log_format = "text"            # or "json"
 //! access_log = "off"             # or "stdout", or a file: a JSON line per stream as it ends
 //!
 //! [inbound]                      # tunnels to this workload

@@ -347,7 +347,12 @@ async fn stream(
         Ok(admitted) => admitted,
         Err((status, outcome)) => {
             let status = status.map_or(0, |s| s.as_u16());
-            StreamLog::end(log, End::empty(status, outcome, None));
+            StreamLog::end(
+                metrics,
+                Direction::Inbound,
+                log,
+                End::empty(status, outcome, None),
+            );
             return;
         }
     };
@@ -380,7 +385,7 @@ async fn stream(
         error,
         bytes: Some((to_app, from_app)),
     };
-    StreamLog::end(log, end);
+    StreamLog::end(metrics, Direction::Inbound, log, end);
 }
 
 /// Why a stream was not admitted: the status it was answered (none if the

@@ -66,6 +66,7 @@ pub struct Metrics {
     bytes: Family<Labels, Counter>,
     handshake_failures: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
+    streams_ended: Family<Labels, Counter>,
     decisions: Family<Labels, Counter>,
     svid_expiry: Gauge,
     policy_reloads: Family<Labels, Counter>,
@@ -99,6 +100,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             handshake_failures: Family::default(),
             refused: Family::default(),
+            streams_ended: Family::default(),
             decisions: Family::default(),
             svid_expiry: Gauge::default(),
             policy_reloads: Family::default(),
@@ -126,7 +128,7 @@ impl Default for Metrics {
         );
         registry.register(
             "streams",
-            "Tunneled streams opened, by direction (outbound: each CONNECT sent; inbound: each one admitted, denied ones are counted in authorization_decisions)",
+            "Tunneled streams carried, by direction (inbound: each one admitted; outbound: a route's from its CONNECT on, an HTTP CONNECT client's once the peer answered)",
             m.streams.clone(),
         );
         registry.register(
@@ -138,6 +140,11 @@ impl Default for Metrics {
             "handshake_failures",
             "TLS or HTTP/2 handshakes that failed, by direction and reason",
             m.handshake_failures.clone(),
+        );
+        registry.register(
+            "streams_ended",
+            "Streams ended, by direction and outcome (as the access log's: ok, denied, refused, revoked, untrusted, expired, cancelled, unreachable, error)",
+            m.streams_ended.clone(),
         );
         registry.register(
             "refused",
@@ -260,6 +267,13 @@ impl Metrics {
     pub fn handshake_failure(&self, d: Direction, reason: &'static str) {
         self.handshake_failures
             .get_or_create(&vec![("direction", d.label()), ("reason", reason)])
+            .inc();
+    }
+
+    /// A stream (or an application connection that never became one) ended.
+    pub fn stream_ended(&self, d: Direction, outcome: &'static str) {
+        self.streams_ended
+            .get_or_create(&vec![("direction", d.label()), ("outcome", outcome)])
             .inc();
     }
 

@@ -93,7 +93,7 @@ pub async fn serve_route(
             &r.destination,
             Some(r.target()),
         );
-        StreamLog::end(log, refused_over_limit());
+        StreamLog::end(&m2, Direction::Outbound, log, refused_over_limit());
     };
     accept_loop(listener, "outbound route", slots, m, drain, over_limit, move |app, source, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
@@ -118,7 +118,7 @@ pub async fn serve_route(
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
-                    StreamLog::end(log, not_opened(&e));
+                    StreamLog::end(&metrics, Direction::Outbound, log, not_opened(&e));
                     // The reset of its connection is all the application learns.
                     return;
                 }
@@ -263,7 +263,7 @@ async fn carry(
         error,
         bytes: Some((to_app, from_app)),
     };
-    StreamLog::end(log, end);
+    StreamLog::end(metrics, Direction::Outbound, log, end);
 }
 
 /// The HTTP CONNECT listener: `CONNECT host:port HTTP/1.1` picks the route.
@@ -279,7 +279,7 @@ pub async fn serve_connect(
     let m2 = metrics.clone();
     let over_limit = move |source| {
         let log = StreamLog::start(&m2, Direction::Outbound, source, None, "", None);
-        StreamLog::end(log, refused_over_limit());
+        StreamLog::end(&m2, Direction::Outbound, log, refused_over_limit());
     };
     accept_loop(
         listener,
@@ -336,6 +336,8 @@ async fn http_connect(
         Ok(Ok(None)) => {
             let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
             StreamLog::end(
+                metrics,
+                Direction::Outbound,
                 log,
                 End::empty(431, "error", Some(&"request head too large")),
             );
@@ -343,7 +345,12 @@ async fn http_connect(
         }
         Ok(Err(())) | Err(_) => {
             let why = "no CONNECT request head (closed, or not within 10 s)";
-            StreamLog::end(log, End::empty(0, "error", Some(&why)));
+            StreamLog::end(
+                metrics,
+                Direction::Outbound,
+                log,
+                End::empty(0, "error", Some(&why)),
+            );
             return;
         }
     };
@@ -362,6 +369,8 @@ async fn http_connect(
         )
         .await;
         StreamLog::end(
+            metrics,
+            Direction::Outbound,
             log,
             End::empty(405, "error", Some(&"not a CONNECT request")),
         );
@@ -375,6 +384,8 @@ async fn http_connect(
         let _ = reply(&mut app, "403 Forbidden").await;
         StreamLog::set_route(&mut log, "", target);
         StreamLog::end(
+            metrics,
+            Direction::Outbound,
             log,
             End::empty(403, "denied", Some(&"no route names this target")),
         );
@@ -384,7 +395,12 @@ async fn http_connect(
     match open(pool, route).await {
         Ok(t) => {
             if let Err(e) = reply(&mut app, "200 Connection established").await {
-                StreamLog::end(log, End::empty(200, "error", Some(&e)));
+                StreamLog::end(
+                    metrics,
+                    Direction::Outbound,
+                    log,
+                    End::empty(200, "error", Some(&e)),
+                );
                 return;
             }
             let recv = std::future::ready(Ok(t.recv));
@@ -402,7 +418,7 @@ async fn http_connect(
                 }
             };
             let _ = reply(&mut app, &status).await;
-            StreamLog::end(log, not_opened(&e));
+            StreamLog::end(metrics, Direction::Outbound, log, not_opened(&e));
         }
     }
 }
