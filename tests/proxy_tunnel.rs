@@ -363,6 +363,16 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(denied["status"], 403);
     assert_eq!(denied["outcome"], "denied");
     assert_eq!(denied["bytes_to_app"], 0);
+    // Each inbound line names the decision, as the decision log does.
+    let decisions = mesh.api.wait_decisions(2);
+    for (line, principal) in [(ok, WEB), (denied, DB)] {
+        let decision = decisions
+            .iter()
+            .find(|d| d["principal"] == principal)
+            .expect("a decision line");
+        assert!(line["decision_id"].is_string(), "{line}");
+        assert_eq!(line["decision_id"], decision["decision_id"], "{line}");
+    }
 
     let web = lines(&web_log, 1);
     assert_eq!(web.len(), 1, "{web:?}");
@@ -372,6 +382,8 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(web[0]["outcome"], "ok");
     assert_eq!(web[0]["destination"], mesh.api_inbound);
     assert_eq!(web[0]["target"], "api.acme:8080");
+    // The peer proxy's ID, as its certificate named it.
+    assert_eq!(web[0]["peer_id"], API);
     assert_eq!(web[0]["bytes_from_app"], request);
     assert_eq!(web[0]["bytes_to_app"], response);
     assert!(web[0]["duration_ms"].as_f64().unwrap() > 0.0);
@@ -384,6 +396,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(web[1]["status"], 403);
     assert_eq!(web[1]["outcome"], "denied");
     assert_eq!(web[1]["target"], "nowhere.test:1");
+    assert_eq!(web[1]["peer_id"], serde_json::Value::Null);
     let mut open = std::net::TcpStream::connect(("127.0.0.1", web_port)).unwrap();
     std::io::Write::write_all(&mut open, &(1u64 << 30).to_be_bytes()).unwrap();
     assert_eq!(mesh.app.wait_connections(2), 2);
@@ -396,6 +409,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(db.len(), 1, "{db:?}");
     assert_eq!(db[0]["status"], 403);
     assert_eq!(db[0]["outcome"], "refused");
+    assert_eq!(db[0]["peer_id"], API);
 }
 
 #[test]

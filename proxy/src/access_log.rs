@@ -95,8 +95,11 @@ pub struct StreamLog {
     direction: Direction,
     /// Inbound: the peer proxy's address; outbound: the application's.
     source: SocketAddr,
-    /// Inbound: the peer's verified SPIFFE ID.
+    /// The peer proxy's verified SPIFFE ID (outbound: once a connection
+    /// is chosen).
     peer_id: Option<SpiffeId>,
+    /// Inbound: the authorization's id, as in the decision log.
+    decision_id: Option<String>,
     /// Inbound: the local application; outbound: the peer proxy.
     destination: String,
     /// Outbound: the `CONNECT` target.
@@ -121,6 +124,7 @@ impl StreamLog {
             direction,
             source,
             peer_id: peer_id.cloned(),
+            decision_id: None,
             destination: destination.to_owned(),
             target: target.map(str::to_owned),
             started: Instant::now(),
@@ -150,6 +154,20 @@ impl StreamLog {
         }
     }
 
+    /// Outbound streams learn their peer once a connection is chosen.
+    pub fn set_peer(this: &mut Option<Box<StreamLog>>, peer_id: Option<&SpiffeId>) {
+        if let Some(s) = this {
+            s.peer_id = peer_id.cloned();
+        }
+    }
+
+    /// Inbound streams: the decision that admitted or denied them.
+    pub fn set_decision(this: &mut Option<Box<StreamLog>>, decision_id: &str) {
+        if let Some(s) = this {
+            s.decision_id = Some(decision_id.to_owned());
+        }
+    }
+
     fn write(&mut self, end: &End<'_>) {
         self.written = true;
         let time = time::OffsetDateTime::now_utc()
@@ -161,6 +179,7 @@ impl StreamLog {
             "direction": self.direction.label(),
             "source": self.source.to_string(),
             "peer_id": self.peer_id.as_ref().map(|id| id.to_string()),
+            "decision_id": self.decision_id,
             "destination": self.destination,
             "target": self.target,
             "status": end.status,

@@ -332,7 +332,7 @@ async fn stream(
     epoch.borrow_and_update();
     let decided = inbound.authz.version();
     let metrics = &inbound.metrics;
-    let log = StreamLog::start(
+    let mut log = StreamLog::start(
         metrics,
         Direction::Inbound,
         peer,
@@ -342,20 +342,20 @@ async fn stream(
     );
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
-    let (app, send, body, port) = match Box::pin(admit(req, respond, verified, peer, inbound)).await
-    {
-        Ok(admitted) => admitted,
-        Err((status, outcome)) => {
-            let status = status.map_or(0, |s| s.as_u16());
-            StreamLog::end(
-                metrics,
-                Direction::Inbound,
-                log,
-                End::empty(status, outcome, None),
-            );
-            return;
-        }
-    };
+    let (app, send, body, port) =
+        match Box::pin(admit(req, respond, verified, peer, inbound, &mut log)).await {
+            Ok(admitted) => admitted,
+            Err((status, outcome)) => {
+                let status = status.map_or(0, |s| s.as_u16());
+                StreamLog::end(
+                    metrics,
+                    Direction::Inbound,
+                    log,
+                    End::empty(status, outcome, None),
+                );
+                return;
+            }
+        };
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
@@ -403,6 +403,7 @@ async fn admit(
     verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
+    log: &mut Option<Box<StreamLog>>,
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
     let metrics = &inbound.metrics;
@@ -427,6 +428,7 @@ async fn admit(
     }
     let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
+    StreamLog::set_decision(log, &decision.decision_id);
     if !decision.permitted {
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
         return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");

@@ -98,7 +98,7 @@ pub async fn serve_route(
     accept_loop(listener, "outbound route", slots, m, drain, over_limit, move |app, source, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         // Made here, not in the task: a stream's task holds only the box.
-        let log = StreamLog::start(
+        let mut log = StreamLog::start(
             &metrics,
             Direction::Outbound,
             source,
@@ -123,6 +123,7 @@ pub async fn serve_route(
                     return;
                 }
             };
+            StreamLog::set_peer(&mut log, p.lease.peer_id());
             // The application's first bytes go out with the request; what
             // comes back is written to it only once the peer has said 200.
             let carried = Carried::default();
@@ -394,6 +395,7 @@ async fn http_connect(
     StreamLog::set_route(&mut log, &route.destination, route.target());
     match open(pool, route).await {
         Ok(t) => {
+            StreamLog::set_peer(&mut log, t.lease.peer_id());
             if let Err(e) = reply(&mut app, "200 Connection established").await {
                 StreamLog::end(
                     metrics,

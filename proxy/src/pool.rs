@@ -59,6 +59,8 @@ struct Conn {
     /// takes no new streams (its open ones go on), as the peer would refuse
     /// them.
     peer_expires_at: i64,
+    /// The SPIFFE ID the peer's verified certificate names.
+    peer_id: Option<SpiffeId>,
 }
 
 impl Conn {
@@ -172,6 +174,11 @@ impl Lease {
     /// longer trusted.
     pub fn untrusted(&self) -> bool {
         self.conn.untrusted.load(Ordering::Acquire)
+    }
+
+    /// The SPIFFE ID the peer proxy presented (one the route expects).
+    pub fn peer_id(&self) -> Option<&SpiffeId> {
+        self.conn.peer_id.as_ref()
     }
 
     /// What takes the stream's connection out of use when the peer leaves
@@ -469,7 +476,8 @@ impl Pool {
                 .connect(name, crate::bufio::ReadBuffered::new(tcp))
                 .await?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
-            let chain = PeerChain::new(tls.get_ref().1.peer_certificates());
+            let certs = tls.get_ref().1.peer_certificates();
+            let chain = (PeerChain::new(certs), ward_spec::tls::peer_id(certs));
             let (send, mut connection) =
                 hbone::client_builder(u32::try_from(self.max_streams).unwrap_or(u32::MAX))
                     .handshake::<_, Bytes>(tls)
@@ -523,6 +531,7 @@ impl Pool {
                     });
                 }
             };
+        let (chain, peer_id) = chain;
         let peer_expires_at = chain.expires_at();
         let ping = connection.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
@@ -576,6 +585,7 @@ impl Pool {
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
             ping: tokio::sync::Mutex::new(ping),
             peer_expires_at,
+            peer_id,
         }))
     }
 
