@@ -15,6 +15,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -299,25 +300,103 @@ async fn tunnel_to_app(
     total: &AtomicU64,
 ) -> io::Result<()> {
     let mut recv = recv.await?;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        write_all(w, &chunk).await?;
+    // What was taken out of h2 while a write to the application waited;
+    // none while the stream is idle.
+    let mut held: Option<Box<Held>> = None;
+    loop {
+        let chunk = match held.as_mut().and_then(|h| h.next()) {
+            Some(chunk) => chunk,
+            None => {
+                if let Some(end) = held.take().and_then(|h| h.end) {
+                    end.map_err(h2_io)?;
+                    break;
+                }
+                match recv.data().await {
+                    Some(chunk) => chunk.map_err(h2_io)?,
+                    None => break,
+                }
+            }
+        };
+        write_all(w, &chunk, &mut recv, &mut held).await?;
         total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        // The peer may send more once it is written (not before: what is
+        // held is bounded by the stream's window).
         let _ = recv.flow_control().release_capacity(chunk.len());
     }
     socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write)
 }
 
-/// Writes all of `data` to the application as its socket takes it. It
+/// DATA frames smaller than this count against their connection's budget
+/// while h2 holds them (h2's flood guard: past the budget it closes the
+/// connection, every stream on it); handed over, they no longer count.
+const SMALL_FRAME: usize = 256;
+
+/// What a stream received while its application did not take what came
+/// before: the small frames copied together, so that h2 does not hold them
+/// (an application that stops reading a stream of small messages would
+/// otherwise use up the budget of the whole connection, and the other
+/// streams on it would be closed with it), then at most one large frame
+/// as it came, then the stream's end if it came. Taken in that order.
+#[derive(Default)]
+struct Held {
+    small: BytesMut,
+    large: Option<Bytes>,
+    end: Option<Result<(), h2::Error>>,
+}
+
+impl Held {
+    /// Takes what h2 holds for the stream, up to its first large frame or
+    /// its end; `held` is made when there is something to hold.
+    fn pull(held: &mut Option<Box<Held>>, recv: &mut RecvStream, cx: &mut Context<'_>) {
+        loop {
+            if held
+                .as_ref()
+                .is_some_and(|h| h.large.is_some() || h.end.is_some())
+            {
+                return;
+            }
+            let got = match recv.poll_data(cx) {
+                Poll::Pending => return,
+                Poll::Ready(got) => got,
+            };
+            let h = held.get_or_insert_with(Box::default);
+            match got {
+                Some(Ok(b)) if b.len() < SMALL_FRAME => h.small.extend_from_slice(&b),
+                Some(Ok(b)) => h.large = Some(b),
+                Some(Err(e)) => h.end = Some(Err(e)),
+                None => h.end = Some(Ok(())),
+            }
+        }
+    }
+
+    /// The next bytes to write to the application, in the order received.
+    fn next(&mut self) -> Option<Bytes> {
+        if !self.small.is_empty() {
+            return Some(std::mem::take(&mut self.small).freeze());
+        }
+        self.large.take()
+    }
+}
+
+/// Writes all of `data` to the application as its socket takes it; while
+/// the socket is full, takes what arrives on the stream into `held`. It
 /// polls for readiness rather than awaiting `writable()`, whose future
 /// (with its waiter) would be part of every stream's, idle ones too.
-async fn write_all(w: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(
+    w: &TcpStream,
+    mut data: &[u8],
+    recv: &mut RecvStream,
+    held: &mut Option<Box<Held>>,
+) -> io::Result<()> {
     while !data.is_empty() {
         let n = poll_fn(|cx| loop {
-            std::task::ready!(w.poll_write_ready(cx))?;
+            if w.poll_write_ready(cx)?.is_pending() {
+                Held::pull(held, recv, cx);
+                return Poll::Pending;
+            }
             match w.try_write(data) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return std::task::Poll::Ready(r),
+                r => return Poll::Ready(r),
             }
         })
         .await?;
@@ -559,6 +638,57 @@ mod tests {
         let err = ended.expect_err("a cancelled stream ends in an error");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         drop(app);
+    }
+
+    /// An application that stops reading a stream of small messages: what
+    /// arrives meanwhile (more small DATA frames than the connection's
+    /// budget lets h2 hold, within the stream's window) waits in the pump,
+    /// not in h2, so the connection, and every other stream on it, lives
+    /// on; once the application reads, it gets every byte in order.
+    #[tokio::test]
+    async fn small_frames_for_an_application_that_stopped_reading_do_not_close_the_connection() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        app.shutdown().await.unwrap();
+        // 60,000 frames of 10 bytes: 600,000 bytes (the window is 4 MiB),
+        // 14.8 MB of framing overhead against the budget's 8 MiB.
+        const FRAMES: usize = 60_000;
+        let frame = |i: usize| Bytes::from(format!("{:>10}", i % 10_000_000_000));
+        let sent = FRAMES * 10;
+        const { assert!(FRAMES * (SMALL_FRAME - 10) > crate::hbone::DATA_FRAME_BUDGET) };
+        for i in 0..FRAMES {
+            peer_send.send_data(frame(i), false).unwrap();
+            if i % 500 == 0 {
+                // Let the connection carry them as they come.
+                tokio::task::yield_now().await;
+            }
+        }
+        peer_send.send_data(Bytes::new(), true).unwrap();
+        // They all arrive while the application reads nothing: its writes
+        // block, and the stream goes on.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let written = carried.totals().0 as usize;
+        assert!(written < sent, "all of it was written: {written}");
+        assert!(
+            !pumping.is_finished(),
+            "the stream ended: {:?}",
+            pumping.await
+        );
+
+        let mut got = Vec::with_capacity(sent);
+        tokio::time::timeout(Duration::from_secs(20), app.read_to_end(&mut got))
+            .await
+            .expect("the stream's end never reached the application")
+            .unwrap();
+        let want: Vec<u8> = (0..FRAMES).flat_map(|i| frame(i).to_vec()).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes arrived out of order or changed");
+        tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     /// One read from the application becomes one DATA frame of up to
