@@ -444,6 +444,8 @@ async fn admit(
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
     };
     let app = match connected {
+        // Reset by the peer, or its connection closed under the stream.
+        None if verified.untrusted.load(Ordering::Acquire) => return Err((None, "untrusted")),
         None => return Err(CANCELLED),
         Some(Ok(Ok(s))) => s,
         Some(Ok(Err(e))) => {
@@ -458,6 +460,20 @@ async fn admit(
     if verified.untrusted.load(Ordering::Acquire) {
         // Its connection is being closed: the application's is closed unused.
         return Err((None, "untrusted"));
+    }
+    // The roots may have changed, or the peer's certificate expired, while
+    // the application was being connected: checked again before the answer
+    // lets the peer's bytes through (the application's connection is
+    // closed unused).
+    if !inbound
+        .identity
+        .usable()
+        .is_some_and(|me| verified.trusted_by(&me.roots))
+    {
+        return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
+    }
+    if verified.chain.expired() {
+        return refuse(&mut respond, StatusCode::FORBIDDEN, "expired");
     }
     hbone::app_socket(&app);
     let ok = Response::builder()
