@@ -208,16 +208,20 @@ impl Retire {
         let destination = destination.to_owned();
         tokio::spawn(async move {
             let conn = self.0;
-            let pong = async {
-                let mut ping = conn.ping.lock().await;
-                match ping.as_mut() {
-                    Some(p) => p.ping(h2::Ping::opaque()).await.is_ok(),
-                    None => false,
-                }
+            // One PING at a time; each gets its full time once it is sent
+            // (a check queued behind another must not retire a peer that
+            // just answered, for the time it spent waiting).
+            let mut ping = conn.ping.lock().await;
+            if conn.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let alive = match ping.as_mut() {
+                Some(p) => tokio::time::timeout(PING_TIMEOUT, p.ping(h2::Ping::opaque()))
+                    .await
+                    .is_ok_and(|pong| pong.is_ok()),
+                None => false,
             };
-            let alive = tokio::time::timeout(PING_TIMEOUT, pong)
-                .await
-                .unwrap_or(false);
+            drop(ping);
             if !alive && !conn.closed.swap(true, Ordering::AcqRel) {
                 tracing::warn!(%destination, "a CONNECT and a PING were not answered in time; the connection takes no new streams");
             }
