@@ -97,28 +97,34 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
 
 /// A listen address in use is an error at start, before the proxy waits
 /// for its SVID (here it would wait for good: there is no agent).
+/// `ward proxy run` with one route listening on `listen` and a Workload
+/// API socket that does not exist (it waits for its SVID for good), and
+/// the directory that socket would be in.
+fn proxy_without_agent(listen: &str) -> (Command, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let health = format!("127.0.0.1:{}", free_port());
+    let route = format!("listen={listen},destination=10.0.0.2:15008,id=spiffe://example.org/api");
+    let mut cmd = Command::new(ward_bin());
+    cmd.args([
+        "proxy",
+        "run",
+        "--health-address",
+        &health,
+        "--route",
+        &route,
+    ])
+    .arg("--socket")
+    .arg(dir.path().join("none.sock"))
+    .stdin(std::process::Stdio::null());
+    (cmd, dir)
+}
+
 #[test]
 fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let health = format!("127.0.0.1:{}", free_port());
-    let route = format!("listen={addr},destination=10.0.0.2:15008,id=spiffe://example.org/api");
-    let mut child = Command::new(ward_bin())
-        .args([
-            "proxy",
-            "run",
-            "--health-address",
-            &health,
-            "--route",
-            &route,
-        ])
-        .arg("--socket")
-        .arg(dir.path().join("none.sock"))
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut cmd, _dir) = proxy_without_agent(&addr);
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -146,26 +152,9 @@ fn a_proxy_whose_listen_address_is_taken_exits_at_once_naming_it() {
 #[test]
 fn the_worker_threads_flag_wins_over_the_environment() {
     let threads = |flag: Option<&str>| {
-        let dir = tempfile::tempdir().unwrap();
-        let health = format!("127.0.0.1:{}", free_port());
-        let route = format!(
-            "listen=127.0.0.1:{},destination=10.0.0.2:15008,id=spiffe://example.org/api",
-            free_port()
-        );
-        let mut cmd = Command::new(ward_bin());
-        cmd.args([
-            "proxy",
-            "run",
-            "--health-address",
-            &health,
-            "--route",
-            &route,
-        ])
-        .arg("--socket")
-        .arg(dir.path().join("none.sock"))
-        .env("WARD_WORKER_THREADS", "4")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        let (mut cmd, _dir) = proxy_without_agent(&format!("127.0.0.1:{}", free_port()));
+        cmd.env("WARD_WORKER_THREADS", "4")
+            .stderr(std::process::Stdio::null());
         if let Some(n) = flag {
             cmd.args(["--worker-threads", n]);
         }
