@@ -745,16 +745,16 @@ fn main() {
     // Only the rows of the phases that ran.
     if phase("throughput") {
         println!(
-        "| single-stream throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} × the better peer (goal ≥ 1.3) |",
-        gbps[d], gbps[s], gbps[h], gbps[w], gbps[w] / better_peer
-    );
+            "| single-stream throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} × the better peer (goal ≥ 1.3) |",
+            gbps[d], gbps[s], gbps[h], gbps[w], gbps[w] / better_peer
+        );
         println!(
-        "| CPU per GB carried, both tunnel processes (median round) | – | {:.3} s | {:.3} s | {:.3} s | {:.2} × the more frugal peer's |",
-        cpu_per_gb[s],
-        cpu_per_gb[h],
-        cpu_per_gb[w],
-        cpu_per_gb[w] / cpu_per_gb[s].min(cpu_per_gb[h])
-    );
+            "| CPU per GB carried, both tunnel processes (median round) | – | {:.3} s | {:.3} s | {:.3} s | {:.2} × the more frugal peer's |",
+            cpu_per_gb[s],
+            cpu_per_gb[h],
+            cpu_per_gb[w],
+            cpu_per_gb[w] / cpu_per_gb[s].min(cpu_per_gb[h])
+        );
     }
     if phase("rr") {
         println!(
@@ -773,10 +773,10 @@ fn main() {
         );
         let added = |i: usize| (rr[i].0 - rr[d].0, rr[i].1 - rr[d].1);
         println!(
-        "| p50 / p99 added over direct | – | {} / {} | {} / {} | {} / {} | p99 added {:.3} ms (goal ≤ 0.2 ms and below both peers) |",
-        us(added(s).0), us(added(s).1), us(added(h).0), us(added(h).1), us(added(w).0), us(added(w).1),
-        added(w).1 / 1000.0
-    );
+            "| p50 / p99 added over direct | – | {} / {} | {} / {} | {} / {} | p99 added {:.3} ms (goal ≤ 0.2 ms and below both peers) |",
+            us(added(s).0), us(added(s).1), us(added(h).0), us(added(h).1), us(added(w).0), us(added(w).1),
+            added(w).1 / 1000.0
+        );
         // Round by round: in how many rounds was Ward's p99 below the peer's?
         let below = |peer: usize| {
             let pairs = round_p99[w].iter().zip(&round_p99[peer]);
@@ -793,9 +793,9 @@ fn main() {
     }
     if phase("cps") {
         println!(
-        "| new connections per second ({cps_clients} clients) | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} × stunnel4 (goal ≥ 5) |",
-        cps[d], cps[s], cps[h], cps[w], cps[w] / cps[s]
-    );
+            "| new connections per second ({cps_clients} clients) | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} × stunnel4 (goal ≥ 5) |",
+            cps[d], cps[s], cps[h], cps[w], cps[w] / cps[s]
+        );
     }
     if !phase("rss") {
         drop(ward);
