@@ -198,5 +198,10 @@ fn with_the_ca_stopped_traffic_continues_and_after_a_restart_nothing_is_lost() {
         .collect();
     assert_eq!(versions, vec![2, 1]);
     assert_eq!(history[0]["comment"], "freeze");
+    // api's proxy says which of them it runs.
+    let dump = api.config_dump();
+    assert_eq!(dump["policy"]["source"], "control plane", "{dump}");
+    assert_eq!(dump["policy"]["control_plane_version"], 2, "{dump}");
+    assert_eq!(dump["policy"]["control_plane_digest"], history[0]["digest"]);
     assert_eq!(history[0]["active"], true);
 }

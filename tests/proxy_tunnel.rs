@@ -163,7 +163,34 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     let ended_ok = "ward_proxy_streams_ended_total{direction=\"inbound\",outcome=\"ok\"}";
     assert_eq!(mesh.api.metric(ended_ok), 103.0);
 
-    // 4. Every stream has a decision log line naming the policy that allowed it.
+    // 4. Each proxy's /config_dump says what it runs with: its identity,
+    //    its route with the pooled connection (no stream open now), its
+    //    policy source and version.
+    let dump = web.config_dump();
+    assert_eq!(dump["identity"]["spiffe_id"], WEB, "{dump}");
+    assert_eq!(dump["identity"]["trust_domain"], "example.org");
+    assert!(dump["identity"]["svid_expires_at"].is_string(), "{dump}");
+    let route = &dump["outbound"][0];
+    assert_eq!(route["destination"], mesh.api_inbound, "{dump}");
+    assert_eq!(route["ids"], serde_json::json!([API]));
+    assert_eq!(route["connections"], 1, "{dump}");
+    assert_eq!(route["streams"], 0, "{dump}");
+    assert_eq!(dump["inbound"], serde_json::Value::Null);
+    assert_eq!(dump["draining"], false);
+    let dump = mesh.api.config_dump();
+    assert_eq!(dump["identity"]["spiffe_id"], API, "{dump}");
+    assert_eq!(
+        dump["inbound"]["forward"],
+        format!("127.0.0.1:{}", mesh.app.port)
+    );
+    assert!(dump["policy"]["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("directory "));
+    assert!(dump["policy"]["version"].as_u64().unwrap() >= 1, "{dump}");
+    assert_eq!(dump["policy"]["mode"], "enforce");
+
+    // 5. Every stream has a decision log line naming the policy that allowed it.
     let lines = mesh.api.wait_decisions(103);
     assert_eq!(lines.len(), 103);
     assert!(lines.iter().all(|l| l["decision"] == "allow"
@@ -171,7 +198,7 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
         && l["resource"] == API
         && l["policies"][0] == "acme-web-to-api"));
 
-    // 5. The tunnel's TCP connection has keepalive on at both ends (so a
+    // 6. The tunnel's TCP connection has keepalive on at both ends (so a
     //    peer whose node vanished is found out): `ss` shows its timer (or,
     //    while a segment is in flight, the retransmission timer instead).
     let inbound_port = mesh.api_inbound.rsplit_once(':').unwrap().1;
@@ -191,6 +218,12 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
         assert!(Instant::now() < deadline, "no keepalive timer:\n{sockets}");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // 7. A stream held open is counted on its route in /config_dump.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
+    assert_eq!(mesh.app.wait_connections(104), 104);
+    assert_eq!(web.config_dump()["outbound"][0]["streams"], 1);
 }
 
 #[test]

@@ -18,9 +18,15 @@ use ward_spec::proto::agent::v1 as pb;
 use ward_spec::proto::agent::v1::policy_client::PolicyClient;
 
 use crate::metrics::Metrics;
+use crate::status::Status;
 
 /// Follows the agent's policy stream for as long as the process runs.
-pub async fn follow(socket: PathBuf, authz: Arc<Authorizer>, metrics: Arc<Metrics>) {
+pub async fn follow(
+    socket: PathBuf,
+    authz: Arc<Authorizer>,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+) {
     let mut delay = Duration::from_millis(200);
     let mut outage_logged = false;
     let mut active = None;
@@ -30,6 +36,7 @@ pub async fn follow(socket: PathBuf, authz: Arc<Authorizer>, metrics: Arc<Metric
             &socket,
             &authz,
             &metrics,
+            &status,
             &mut delay,
             &mut outage_logged,
             &mut active,
@@ -52,6 +59,7 @@ async fn stream_once(
     socket: &std::path::Path,
     authz: &Authorizer,
     metrics: &Metrics,
+    status: &Status,
     delay: &mut Duration,
     outage_logged: &mut bool,
     active: &mut Option<Vec<ward_spec::proto::types::v1::PolicyFile>>,
@@ -81,7 +89,12 @@ async fn stream_once(
         // A reopened stream starts with the set that is most often active
         // already: loading it again would have every open stream decided
         // again (and logged) for nothing.
+        let origin = || {
+            *status.control_plane_policy.lock().expect("status lock") =
+                Some((set.version, set.digest.clone()));
+        };
         if active.as_ref() == Some(&set.files) {
+            origin();
             tracing::debug!(
                 version = set.version,
                 "the policy set from the control plane is already active"
@@ -100,6 +113,7 @@ async fn stream_once(
             Ok(_) => {
                 metrics.reload_stats.loaded.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(version = set.version, digest = %set.digest, "policy set from the control plane active");
+                origin();
                 *active = Some(set.files);
             }
             Err(errors) => {

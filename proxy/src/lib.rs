@@ -12,7 +12,7 @@
 //! workload, and answers `403` or connects the stream to its application. The
 //! bytes of each stream are carried by [`pump`] with HTTP/2 flow control as
 //! back-pressure. [`metrics`] and the health endpoints are served on their own
-//! port; SIGTERM drains: listeners close, connections stop taking streams, and
+//! port (with [`status`]'s `/config_dump`); SIGTERM drains: listeners close, connections stop taking streams, and
 //! open streams get until the drain deadline to finish.
 //!
 //! The HTTP/2 layer is `h2` (hyper's HTTP/2 implementation) used directly, so
@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod pump;
+pub mod status;
 
 use std::future::Future;
 use std::io::Write;
@@ -77,19 +78,27 @@ pub async fn run(
             metrics.reload_stats.clone(),
         )
     });
+    // Open inbound streams are decided again whenever the active set changes.
+    let policy_epoch = policy_epoch(authz.clone());
+
+    let (drain_tx, drain) = watch::channel(false);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
+    let status = Arc::new(status::Status::new(
+        &cfg,
+        identity.clone(),
+        authz.clone(),
+        stopping.clone(),
+    ));
     if cfg.policy.dir.is_none() {
         tracing::info!("policy from the control plane (through the agent); until it arrives every inbound stream is denied");
         tokio::spawn(agent_policy::follow(
             cfg.workload_api_socket.clone(),
             authz.clone(),
             metrics.clone(),
+            status.clone(),
         ));
     }
-    // Open inbound streams are decided again whenever the active set changes.
-    let policy_epoch = policy_epoch(authz.clone());
-
-    let (drain_tx, drain) = watch::channel(false);
-    let stopping = Arc::new(AtomicBool::new(false));
     let stop_flag = stopping.clone();
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -120,7 +129,6 @@ pub async fn run(
         }
     }
 
-    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
     let listening = Arc::new(AtomicBool::new(false));
     let health = TcpListener::bind(cfg.health_address)
         .await
@@ -132,6 +140,7 @@ pub async fn run(
         stopping.clone(),
         metrics.clone(),
         authz.clone(),
+        status.clone(),
     );
     // The health server answers until the drain is over (`/healthz` ok,
     // `/readyz` 503 while draining), so that a liveness probe does not
@@ -158,6 +167,7 @@ pub async fn run(
         cfg.limits.handshake_timeout,
         cfg.limits.idle_timeout,
     );
+    let _ = status.pool.set(pool.clone());
 
     if let (Some(inb), Some(socket)) = (&cfg.inbound, inbound_socket) {
         let verifier = SpiffeClientVerifier::new(current.roots.clone(), true);
@@ -385,6 +395,7 @@ fn health_router(
     stopping: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     authz: Arc<Authorizer>,
+    status: Arc<status::Status>,
 ) -> axum::Router {
     let authz_ready = authz.clone();
     axum::Router::new()
@@ -418,6 +429,20 @@ fn health_router(
             get(move || {
                 let body = metrics.render(authz.log_dropped());
                 async move { body }
+            }),
+        )
+        .route(
+            "/config_dump",
+            get(move || {
+                let mut body =
+                    serde_json::to_string_pretty(&status.dump()).expect("a JSON value serializes");
+                body.push('\n');
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                }
             }),
         )
 }

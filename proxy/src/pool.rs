@@ -238,7 +238,49 @@ impl Drop for Lease {
     }
 }
 
+/// A destination's pooled connections (those still taking streams) and the
+/// streams they carry, for `/config_dump`.
+pub struct Pooled {
+    pub destination: String,
+    pub ids: Vec<SpiffeId>,
+    pub connections: usize,
+    pub streams: usize,
+}
+
 impl Pool {
+    /// The pooled connections per destination and expected IDs.
+    pub fn summary(&self) -> Vec<Pooled> {
+        let slots = self.slots.lock().expect("pool lock");
+        let mut out: Vec<Pooled> = Vec::new();
+        for (key, slot) in slots.iter() {
+            let open = slot
+                .conns
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Acquire));
+            let (connections, streams) = open.fold((0, 0), |(n, s), c| {
+                (n + 1, s + c.active.load(Ordering::Acquire))
+            });
+            // One entry per destination and IDs, whichever of our SVIDs
+            // made the connections.
+            match out
+                .iter_mut()
+                .find(|p| p.destination == key.destination && p.ids == key.ids)
+            {
+                Some(p) => {
+                    p.connections += connections;
+                    p.streams += streams;
+                }
+                None => out.push(Pooled {
+                    destination: key.destination.clone(),
+                    ids: key.ids.clone(),
+                    connections,
+                    streams,
+                }),
+            }
+        }
+        out
+    }
+
     pub fn new(
         identity: Identity,
         metrics: Arc<Metrics>,

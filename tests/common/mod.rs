@@ -1025,6 +1025,13 @@ impl ProxyProcess {
         metric_value(&self.health_addr, name)
     }
 
+    /// `GET /config_dump`, parsed.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = http_get(&self.health_addr, "/config_dump").expect("no answer");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("/config_dump is not JSON")
+    }
+
     /// SIGTERM; returns the exit status once the process has stopped.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
