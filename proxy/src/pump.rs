@@ -332,29 +332,26 @@ async fn tunnel_to_app(
 const SMALL_FRAME: usize = 256;
 
 /// What a stream received while its application did not take what came
-/// before: the small frames copied together, so that h2 does not hold them
+/// before, in the order received: the frames as they came, except that
+/// small ones in a row are copied together, so that h2 does not hold them
 /// (an application that stops reading a stream of small messages would
 /// otherwise use up the budget of the whole connection, and the other
-/// streams on it would be closed with it), then at most one large frame
-/// as it came, then the stream's end if it came. Taken in that order.
+/// streams on it would be closed with it); then the stream's end, if it
+/// came. Bounded by the stream's window: none of it is released to the
+/// peer before it is written.
 #[derive(Default)]
 struct Held {
+    pieces: std::collections::VecDeque<Bytes>,
+    /// Small frames received after the last of `pieces`.
     small: BytesMut,
-    large: Option<Bytes>,
     end: Option<Result<(), h2::Error>>,
 }
 
 impl Held {
-    /// Takes what h2 holds for the stream, up to its first large frame or
-    /// its end; `held` is made when there is something to hold.
+    /// Takes all that h2 holds for the stream; `held` is made when there
+    /// is something to hold.
     fn pull(held: &mut Option<Box<Held>>, recv: &mut RecvStream, cx: &mut Context<'_>) {
-        loop {
-            if held
-                .as_ref()
-                .is_some_and(|h| h.large.is_some() || h.end.is_some())
-            {
-                return;
-            }
+        while held.as_ref().is_none_or(|h| h.end.is_none()) {
             let got = match recv.poll_data(cx) {
                 Poll::Pending => return,
                 Poll::Ready(got) => got,
@@ -362,7 +359,13 @@ impl Held {
             let h = held.get_or_insert_with(Box::default);
             match got {
                 Some(Ok(b)) if b.len() < SMALL_FRAME => h.small.extend_from_slice(&b),
-                Some(Ok(b)) => h.large = Some(b),
+                Some(Ok(b)) => {
+                    if !h.small.is_empty() {
+                        let small = std::mem::take(&mut h.small).freeze();
+                        h.pieces.push_back(small);
+                    }
+                    h.pieces.push_back(b);
+                }
                 Some(Err(e)) => h.end = Some(Err(e)),
                 None => h.end = Some(Ok(())),
             }
@@ -371,10 +374,13 @@ impl Held {
 
     /// The next bytes to write to the application, in the order received.
     fn next(&mut self) -> Option<Bytes> {
+        if let Some(piece) = self.pieces.pop_front() {
+            return Some(piece);
+        }
         if !self.small.is_empty() {
             return Some(std::mem::take(&mut self.small).freeze());
         }
-        self.large.take()
+        None
     }
 }
 
@@ -641,8 +647,9 @@ mod tests {
     }
 
     /// An application that stops reading a stream of small messages: what
-    /// arrives meanwhile (more small DATA frames than the connection's
-    /// budget lets h2 hold, within the stream's window) waits in the pump,
+    /// arrives meanwhile (a large DATA frame, then more small ones than the
+    /// connection's budget lets h2 hold, within the stream's window) waits
+    /// in the pump,
     /// not in h2, so the connection, and every other stream on it, lives
     /// on; once the application reads, it gets every byte in order.
     #[tokio::test]
@@ -651,13 +658,21 @@ mod tests {
         let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
         let (pumping, carried) = spawn_pump(proxy_side, send, recv);
         app.shutdown().await.unwrap();
-        // 60,000 frames of 10 bytes: 600,000 bytes (the window is 4 MiB),
-        // 14.8 MB of framing overhead against the budget's 8 MiB.
-        const FRAMES: usize = 60_000;
+        // 80,000 frames of 10 bytes: 800,000 bytes (the window is 4 MiB),
+        // 19.7 MB of framing overhead against the budget's 8 MiB (14.8 MB
+        // after the large one).
+        const FRAMES: usize = 80_000;
+        const LARGE_AT: usize = 20_000;
         let frame = |i: usize| Bytes::from(format!("{:>10}", i % 10_000_000_000));
         let sent = FRAMES * 10;
-        const { assert!(FRAMES * (SMALL_FRAME - 10) > crate::hbone::DATA_FRAME_BUDGET) };
+        const { assert!((FRAMES - LARGE_AT) * (SMALL_FRAME - 10) > crate::hbone::DATA_FRAME_BUDGET) };
+        // A large frame among them, once the writes have blocked: the
+        // small ones behind it are taken out too.
+        let large = Bytes::from(vec![b'L'; 300]);
         for i in 0..FRAMES {
+            if i == LARGE_AT {
+                peer_send.send_data(large.clone(), false).unwrap();
+            }
             peer_send.send_data(frame(i), false).unwrap();
             if i % 500 == 0 {
                 // Let the connection carry them as they come.
@@ -669,7 +684,7 @@ mod tests {
         // block, and the stream goes on.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let written = carried.totals().0 as usize;
-        assert!(written < sent, "all of it was written: {written}");
+        assert!(written < 300 + sent, "all of it was written: {written}");
         assert!(
             !pumping.is_finished(),
             "the stream ended: {:?}",
@@ -681,7 +696,11 @@ mod tests {
             .await
             .expect("the stream's end never reached the application")
             .unwrap();
-        let want: Vec<u8> = (0..FRAMES).flat_map(|i| frame(i).to_vec()).collect();
+        let small = |r: std::ops::Range<usize>| r.flat_map(|i| frame(i).to_vec());
+        let want: Vec<u8> = small(0..LARGE_AT)
+            .chain(large.iter().copied())
+            .chain(small(LARGE_AT..FRAMES))
+            .collect();
         assert_eq!(got.len(), want.len());
         assert!(got == want, "the bytes arrived out of order or changed");
         tokio::time::timeout(Duration::from_secs(10), pumping)
