@@ -174,7 +174,12 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(route["destination"], mesh.api_inbound, "{dump}");
     assert_eq!(route["ids"], serde_json::json!([API]));
     assert_eq!(route["connections"], 1, "{dump}");
-    assert_eq!(route["streams"], 0, "{dump}");
+    // (The last streams end as the proxy handles the application's close.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while web.config_dump()["outbound"][0]["streams"] != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(web.config_dump()["outbound"][0]["streams"], 0);
     assert_eq!(dump["inbound"], serde_json::Value::Null);
     assert_eq!(dump["draining"], false);
     let dump = mesh.api.config_dump();
@@ -363,7 +368,12 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
             "1s",
         ],
     );
-    let (_db, db_port) = mesh.client_proxy(DB_UID, API, &["--access-log", &db_log]);
+    let db_connect = format!("127.0.0.1:{}", free_port());
+    let (_db, db_port) = mesh.client_proxy(
+        DB_UID,
+        API,
+        &["--access-log", &db_log, "--connect-listen", &db_connect],
+    );
 
     let r = hash_client(web_port, 4096, 1, 0.0);
     assert_clean(&r, 1, 4096);
@@ -443,6 +453,13 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(db[0]["status"], 403);
     assert_eq!(db[0]["outcome"], "refused");
     assert_eq!(db[0]["peer_id"], API);
+    // The same refusal through the HTTP CONNECT listener names the peer too.
+    assert!(http_connect(&db_connect, "api.acme:8080").starts_with("HTTP/1.1 403"));
+    let db = lines(&db_log, 2);
+    assert_eq!(db.len(), 2, "{db:?}");
+    assert_eq!(db[1]["status"], 403);
+    assert_eq!(db[1]["outcome"], "refused");
+    assert_eq!(db[1]["peer_id"], API);
 }
 
 #[test]

@@ -194,11 +194,17 @@ async fn start(pool: &Pool, route: &Route) -> Result<PendingTunnel, OpenError> {
     }
 }
 
-/// Opens a tunnel for `route` and waits for the peer's answer.
-async fn open(pool: &Pool, route: &Route) -> Result<Tunnel, OpenError> {
+/// Opens a tunnel for `route` and waits for the peer's answer; the
+/// stream's access line gets the peer's ID once a connection is chosen.
+async fn open(
+    pool: &Pool,
+    route: &Route,
+    log: &mut Option<Box<StreamLog>>,
+) -> Result<Tunnel, OpenError> {
     let turn = pool.turn(&route.destination, &route.ids).await;
     let p = start(pool, route).await?;
     drop(turn);
+    StreamLog::set_peer(log, p.lease.peer_id());
     let wait = pool.answer_timeout();
     let lease = p.lease;
     let recv = tokio::time::timeout(wait, p.response)
@@ -393,9 +399,8 @@ async fn http_connect(
         return;
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
-    match open(pool, route).await {
+    match open(pool, route, &mut log).await {
         Ok(t) => {
-            StreamLog::set_peer(&mut log, t.lease.peer_id());
             if let Err(e) = reply(&mut app, "200 Connection established").await {
                 StreamLog::end(
                     metrics,
