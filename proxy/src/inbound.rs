@@ -465,11 +465,10 @@ async fn admit(
     // the application was being connected: checked again before the answer
     // lets the peer's bytes through (the application's connection is
     // closed unused).
-    if !inbound
-        .identity
-        .usable()
-        .is_some_and(|me| verified.trusted_by(&me.roots))
-    {
+    let Some(me) = inbound.identity.usable() else {
+        return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
+    };
+    if !verified.trusted_by(&me.roots) {
         return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
     }
     if verified.chain.expired() {

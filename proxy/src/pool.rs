@@ -248,15 +248,22 @@ pub struct Pooled {
 }
 
 impl Pool {
-    /// The pooled connections per destination and expected IDs.
+    /// The pooled connections that take new streams, per destination and
+    /// expected IDs.
     pub fn summary(&self) -> Vec<Pooled> {
+        let generation = self
+            .identity
+            .current
+            .borrow()
+            .as_ref()
+            .map(|c| c.generation);
         let slots = self.slots.lock().expect("pool lock");
         let mut out: Vec<Pooled> = Vec::new();
         for (key, slot) in slots.iter() {
             let open = slot
                 .conns
                 .iter()
-                .filter(|c| !c.closed.load(Ordering::Acquire));
+                .filter(|c| generation.is_some_and(|g| c.usable(g)));
             let (connections, streams) = open.fold((0, 0), |(n, s), c| {
                 (n + 1, s + c.active.load(Ordering::Acquire))
             });

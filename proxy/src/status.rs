@@ -1,7 +1,8 @@
 //! `GET /config_dump` on the health port: what this proxy runs with, as a
 //! JSON document (as ztunnel's and Envoy's admin endpoints): its SPIFFE ID
 //! and when its SVID expires, the trust domains it trusts, its listeners and
-//! routes with the pooled connections and streams each route has open, its
+//! routes with the pooled connections (those taking new streams) to each
+//! route's destination and the streams they carry, its
 //! policy source, mode and active version (and, when the policy comes from
 //! the control plane, that set's version and digest), its limits, and
 //! whether it is draining. Nothing secret: no key, no token.
@@ -65,7 +66,6 @@ impl Status {
                 "id_template": cfg.policy.id_template,
             },
             "access_log": cfg.access_log,
-            "worker_threads": cfg.worker_threads,
         });
         Status {
             config,
@@ -104,6 +104,7 @@ impl Status {
             }),
             None => Value::Null,
         };
+        // Per destination and IDs: routes that share both share these.
         let pooled = self.pool.get().map(|p| p.summary()).unwrap_or_default();
         doc["outbound"] = self
             .routes
@@ -134,6 +135,10 @@ impl Status {
             doc["policy"]["control_plane_digest"] = json!(digest);
         }
         doc["draining"] = json!(self.stopping.load(Ordering::Acquire));
+        // As the runtime runs (the flag, WARD_WORKER_THREADS or the file).
+        doc["worker_threads"] = json!(tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .ok());
         doc
     }
 }
