@@ -83,6 +83,14 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             ],
             "`policy.dir`: /nonexistent/policies: no such directory",
         ),
+        (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--inbound-port", "admin=127.0.0.1:9"],
+            "\"admin\" is not a port",
+        ),
+        (
+            &["proxy", "run", "--inbound-port", "9090=127.0.0.1:9090"],
+            "--inbound-port needs an inbound",
+        ),
     ];
     for (args, said) in cases {
         let (code, err) = ward(args);

@@ -231,6 +231,68 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(web.config_dump()["outbound"][0]["streams"], 1);
 }
 
+/// A workload with more than one port: a `CONNECT` naming a listed port
+/// goes to that port's application and policies see that port; any other
+/// port goes to `--forward`, seen as the service port. A rule on a port
+/// then holds for that port only.
+#[test]
+fn a_listed_inbound_port_reaches_its_own_application_and_policies_see_it() {
+    let admin = AppProcess::start();
+    let listed = format!("9090=127.0.0.1:{}", admin.port);
+    let mesh = Mesh::start(&[], &["--inbound-port", &listed]);
+    let ports = [free_port(), free_port(), free_port()];
+    let routes: Vec<String> = ports
+        .iter()
+        .zip(["api.acme:9090", "api.acme:8080", "api.acme:7777"])
+        .map(|(port, target)| {
+            format!(
+                "--route=listen=127.0.0.1:{port},destination={},id={API},target={target}",
+                mesh.api_inbound
+            )
+        })
+        .collect();
+    let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let _web = ProxyProcess::start(&mesh.agent, WEB_UID, &routes);
+
+    // 1. 9090 reaches its own application; 8080 and an unlisted port the
+    //    forward one. Policies saw 9090 and 8080 (for both).
+    for port in ports {
+        assert_clean(&hash_client(port, 4096, 1, 0.0), 1, 4096);
+    }
+    assert_eq!(admin.wait_connections(1), 1);
+    assert_eq!(mesh.app.wait_connections(2), 2);
+    let lines = mesh.api.wait_decisions(3);
+    let mut seen: Vec<u64> = lines
+        .iter()
+        .map(|l| l["context"]["destination_port"].as_u64().unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![8080, 8080, 9090], "{lines:?}");
+    let dump = mesh.api.config_dump();
+    assert_eq!(dump["inbound"]["ports"][0]["port"], 9090, "{dump}");
+
+    // 2. A rule on port 9090 holds for it alone.
+    std::fs::write(
+        mesh.policies.path().join("no-admin-port.cedar"),
+        r#"@id("no-admin-port")
+forbid (principal, action == Ward::Action::"connect", resource)
+when { context.destination_port == 9090 };
+"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hash_client(ports[0], 1024, 1, 0.0).ok == 1 {
+        assert!(Instant::now() < deadline, "port 9090 still allowed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = admin.connections();
+    assert_eq!(hash_client(ports[0], 1024, 1, 0.0).ok, 0);
+    assert_eq!(admin.connections(), before, "a denied stream reached it");
+    for port in &ports[1..] {
+        assert_clean(&hash_client(*port, 1024, 1, 0.0), 1, 1024);
+    }
+}
+
 #[test]
 fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() {
     let mesh = Mesh::start(&[], &[]);

@@ -12,6 +12,10 @@
 //! forward = "127.0.0.1:8080"     # the local application
 //! service_port = 8080            # the port policies see (default: forward's)
 //!
+//! [[inbound.ports]]              # a port with an application of its own
+//! port = 9090                    # a CONNECT naming it goes to forward below,
+//! forward = "127.0.0.1:9090"     # and policies see this port
+//!
 //! [[outbound]]                   # tunnels from this workload
 //! listen = "127.0.0.1:9001"      # the application connects here…
 //! destination = "10.0.0.2:15008" # …and is tunneled to this peer proxy,
@@ -81,6 +85,41 @@ pub struct Inbound {
     /// the port of `forward`.
     #[serde(default)]
     pub service_port: Option<u16>,
+    /// Ports with an application of their own: a `CONNECT` naming one of
+    /// these goes to its address, and policies see that port. Any other
+    /// port goes to `forward`, seen as `service_port`.
+    #[serde(default)]
+    pub ports: Vec<InboundPort>,
+}
+
+/// One more port of the workload (`[[inbound.ports]]`, `--inbound-port
+/// PORT=HOST:PORT`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPort {
+    /// The port a `CONNECT` names (`:authority`), and policies see.
+    pub port: u16,
+    /// Where its streams go.
+    pub forward: String,
+}
+
+impl std::str::FromStr for InboundPort {
+    type Err = String;
+
+    /// `PORT=HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (port, forward) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: give PORT=HOST:PORT"))?;
+        let port = port
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        Ok(InboundPort {
+            port,
+            forward: forward.trim().to_owned(),
+        })
+    }
 }
 
 impl Inbound {
@@ -296,6 +335,20 @@ impl ProxyConfig {
             if let Err(message) = inb.service_port() {
                 return bad("inbound.service_port", message);
             }
+            for (i, p) in inb.ports.iter().enumerate() {
+                if p.port == 0 {
+                    return bad("inbound.ports", format!("port entry {i}: port 0"));
+                }
+                if let Err(e) = host_port(&p.forward) {
+                    return bad(
+                        "inbound.ports",
+                        format!("port {}: forward {:?} {e}", p.port, p.forward),
+                    );
+                }
+                if inb.ports[..i].iter().any(|q| q.port == p.port) {
+                    return bad("inbound.ports", format!("port {} is listed twice", p.port));
+                }
+            }
         }
         for (i, r) in self.outbound.iter().enumerate() {
             if let Err(e) = host_port(&r.destination) {
@@ -496,8 +549,36 @@ mod tests {
             listen: "0.0.0.0:9001".parse().unwrap(),
             forward: "127.0.0.1:8080".into(),
             service_port: None,
+            ports: Vec::new(),
         });
         refused(c, "outbound.listen", "is also inbound.listen");
+        // More ports of the workload: each a port once, with an address.
+        let with_ports = |ports: &[&str]| {
+            let mut c = base();
+            c.inbound = Some(Inbound {
+                listen: "0.0.0.0:15008".parse().unwrap(),
+                forward: "127.0.0.1:8080".into(),
+                service_port: None,
+                ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
+            });
+            c
+        };
+        with_ports(&["9090=127.0.0.1:9090", "9091=[::1]:9091"])
+            .validate()
+            .unwrap();
+        refused(
+            with_ports(&["9090=127.0.0.1:9090", "9090=127.0.0.1:9099"]),
+            "inbound.ports",
+            "port 9090 is listed twice",
+        );
+        refused(
+            with_ports(&["9090=127.0.0.1"]),
+            "inbound.ports",
+            "port 9090: forward \"127.0.0.1\" has no port",
+        );
+        refused(with_ports(&["0=127.0.0.1:9"]), "inbound.ports", "port 0");
+        assert!("9090".parse::<InboundPort>().is_err());
+        assert!("http=127.0.0.1:9".parse::<InboundPort>().is_err());
         let listen = |a: &str, b: &str| clash(&a.parse().unwrap(), &b.parse().unwrap());
         assert!(!listen("0.0.0.0:15008", "[::1]:15008"));
         assert!(!listen("127.0.0.1:15008", "127.0.0.2:15008"));

@@ -41,6 +41,8 @@ pub struct Inbound {
     pub forward: String,
     /// The port policies see as `destination_port` (what `forward` serves).
     pub service_port: u16,
+    /// Ports with an application of their own: (port, address).
+    pub ports: Vec<(u16, String)>,
     pub authz: Arc<Authorizer>,
     pub identity: Identity,
     pub metrics: Arc<Metrics>,
@@ -50,6 +52,19 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     /// Changes when the active policy set does: open streams are decided again.
     pub policy_epoch: watch::Receiver<u64>,
+}
+
+impl Inbound {
+    /// Where a stream whose `CONNECT` names `port` goes, and the port
+    /// policies see: a listed port's own address and that port, any other
+    /// port `forward` and the service port (so naming another port cannot
+    /// dodge a rule).
+    fn target(&self, port: u16) -> (&str, u16) {
+        match self.ports.iter().find(|(p, _)| *p == port) {
+            Some((p, forward)) => (forward, *p),
+            None => (&self.forward, self.service_port),
+        }
+    }
 }
 
 /// Accepts connections until `drain` turns true.
@@ -332,30 +347,41 @@ async fn stream(
     epoch.borrow_and_update();
     let decided = inbound.authz.version();
     let metrics = &inbound.metrics;
+    let named = req.uri().authority().and_then(|a| a.port_u16());
+    let (forward, port) = inbound.target(named.unwrap_or(0));
     let mut log = StreamLog::start(
         metrics,
         Direction::Inbound,
         peer,
         Some(peer_id),
-        &inbound.forward,
+        forward,
         None,
     );
     // Admission runs in its own allocation, freed before the long-lived part:
     // an open stream keeps only what the pump needs.
-    let (app, send, body, port) =
-        match Box::pin(admit(req, respond, verified, peer, inbound, &mut log)).await {
-            Ok(admitted) => admitted,
-            Err((status, outcome)) => {
-                let status = status.map_or(0, |s| s.as_u16());
-                StreamLog::end(
-                    metrics,
-                    Direction::Inbound,
-                    log,
-                    End::empty(status, outcome, None),
-                );
-                return;
-            }
-        };
+    let (app, send, body, port) = match Box::pin(admit(
+        req,
+        respond,
+        verified,
+        peer,
+        inbound,
+        (forward, port),
+        &mut log,
+    ))
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err((status, outcome)) => {
+            let status = status.map_or(0, |s| s.as_u16());
+            StreamLog::end(
+                metrics,
+                Direction::Inbound,
+                log,
+                End::empty(status, outcome, None),
+            );
+            return;
+        }
+    };
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
@@ -403,6 +429,7 @@ async fn admit(
     verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
+    (forward, port): (&str, u16),
     log: &mut Option<Box<StreamLog>>,
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
@@ -414,9 +441,6 @@ async fn admit(
     if parts.uri.authority().and_then(|a| a.port_u16()).is_none() {
         return refuse(&mut respond, StatusCode::BAD_REQUEST, "error");
     }
-    // Every stream reaches `forward`, whatever port the peer names: policies
-    // see the port this proxy serves, so naming another cannot dodge a rule.
-    let port = inbound.service_port;
     let Some(me) = inbound.identity.usable() else {
         return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
     };
@@ -433,10 +457,7 @@ async fn admit(
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
         return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
     }
-    let connect = tokio::time::timeout(
-        inbound.connect_timeout,
-        TcpStream::connect(&inbound.forward),
-    );
+    let connect = tokio::time::timeout(inbound.connect_timeout, TcpStream::connect(forward));
     // A peer that gives up meanwhile (resets the stream) stops the connect:
     // the application does not see a connection nobody will use.
     let connected = tokio::select! {
@@ -449,11 +470,11 @@ async fn admit(
         None => return Err(CANCELLED),
         Some(Ok(Ok(s))) => s,
         Some(Ok(Err(e))) => {
-            tracing::warn!(forward = %inbound.forward, error = %e, "cannot reach the application");
+            tracing::warn!(forward, error = %e, "cannot reach the application");
             return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
         }
         Some(Err(_)) => {
-            tracing::warn!(forward = %inbound.forward, "connecting to the application timed out");
+            tracing::warn!(forward, "connecting to the application timed out");
             return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
@@ -584,6 +605,7 @@ mod tests {
             acceptor,
             forward: "127.0.0.1:9".into(),
             service_port: 9,
+            ports: Vec::new(),
             authz: Arc::new(Authorizer::new(
                 schema,
                 ward_authz::IdTemplate::default(),

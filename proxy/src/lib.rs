@@ -177,6 +177,11 @@ pub async fn run(
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             forward: inb.forward.clone(),
             service_port: inb.service_port().map_err(anyhow::Error::msg)?,
+            ports: inb
+                .ports
+                .iter()
+                .map(|p| (p.port, p.forward.clone()))
+                .collect(),
             authz: authz.clone(),
             identity: identity.clone(),
             metrics: metrics.clone(),

@@ -47,6 +47,10 @@ impl Status {
                 "listen": i.listen.to_string(),
                 "forward": i.forward,
                 "service_port": i.service_port().ok(),
+                "ports": i.ports.iter().map(|p| json!({
+                    "port": p.port,
+                    "forward": p.forward,
+                })).collect::<Vec<_>>(),
             })),
             "connect": cfg.connect.as_ref().map(|c| json!({ "listen": c.listen.to_string() })),
             "limits": {

@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// (whatever port the peer names). Default: the port of --forward.
     #[arg(long)]
     service_port: Option<u16>,
+    /// A port with an application of its own: PORT=HOST:PORT (repeatable).
+    /// A CONNECT naming PORT goes to HOST:PORT and policies see PORT; other
+    /// ports go to --forward, seen as --service-port.
+    #[arg(long = "inbound-port")]
+    inbound_ports: Vec<ward_proxy::config::InboundPort>,
     /// An outbound route: listen=ADDR,destination=HOST:PORT,id=SPIFFE_ID[,id=…][,target=HOST:PORT] (repeatable).
     #[arg(long = "route", value_parser = Route::parse_flag)]
     routes: Vec<Route>,
@@ -130,10 +135,13 @@ impl RunArgs {
             let service_port = self
                 .service_port
                 .or(c.inbound.as_ref().and_then(|i| i.service_port));
+            let mut ports = c.inbound.map(|i| i.ports).unwrap_or_default();
+            ports.extend(self.inbound_ports);
             c.inbound = Some(Inbound {
                 listen,
                 forward,
                 service_port,
+                ports,
             });
         } else if let Some(i) = c.inbound.as_mut() {
             if let Some(listen) = self.inbound_listen {
@@ -142,11 +150,17 @@ impl RunArgs {
             if let Some(p) = self.service_port {
                 i.service_port = Some(p);
             }
-        } else if self.service_port.is_some() || self.inbound_listen.is_some() {
+            i.ports.extend(self.inbound_ports);
+        } else if self.service_port.is_some()
+            || self.inbound_listen.is_some()
+            || !self.inbound_ports.is_empty()
+        {
             let flag = if self.inbound_listen.is_some() {
                 "--inbound-listen"
-            } else {
+            } else if self.service_port.is_some() {
                 "--service-port"
+            } else {
+                "--inbound-port"
             };
             anyhow::bail!("{flag} needs an inbound (--forward, or [inbound] in the config)");
         }
