@@ -345,6 +345,17 @@ impl ProxyConfig {
                         format!("port {}: forward {:?} {e}", p.port, p.forward),
                     );
                 }
+                if inb.service_port() == Ok(p.port) {
+                    // Policies could not tell its streams from those of any
+                    // port not listed, which reach `forward` seen as it.
+                    return bad(
+                        "inbound.ports",
+                        format!(
+                            "port {} is the service port (of inbound.forward): use another",
+                            p.port
+                        ),
+                    );
+                }
                 if inb.ports[..i].iter().any(|q| q.port == p.port) {
                     return bad("inbound.ports", format!("port {} is listed twice", p.port));
                 }
@@ -577,6 +588,11 @@ mod tests {
             "port 9090: forward \"127.0.0.1\" has no port",
         );
         refused(with_ports(&["0=127.0.0.1:9"]), "inbound.ports", "port 0");
+        refused(
+            with_ports(&["8080=127.0.0.1:9"]),
+            "inbound.ports",
+            "port 8080 is the service port",
+        );
         assert!("9090".parse::<InboundPort>().is_err());
         assert!("http=127.0.0.1:9".parse::<InboundPort>().is_err());
         let listen = |a: &str, b: &str| clash(&a.parse().unwrap(), &b.parse().unwrap());
