@@ -239,7 +239,10 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
 fn a_listed_inbound_port_reaches_its_own_application_and_policies_see_it() {
     let admin = AppProcess::start();
     let listed = format!("9090=127.0.0.1:{}", admin.port);
-    let mesh = Mesh::start(&[], &["--inbound-port", &listed]);
+    let logs = shared_dir();
+    let access = logs.path().join("api.log");
+    let access_flag = format!("--access-log={}", access.display());
+    let mesh = Mesh::start(&[], &["--inbound-port", &listed, &access_flag]);
     let ports = [free_port(), free_port(), free_port()];
     let routes: Vec<String> = ports
         .iter()
@@ -270,6 +273,20 @@ fn a_listed_inbound_port_reaches_its_own_application_and_policies_see_it() {
     assert_eq!(seen, vec![8080, 8080, 9090], "{lines:?}");
     let dump = mesh.api.config_dump();
     assert_eq!(dump["inbound"]["ports"][0]["port"], 9090, "{dump}");
+    // The access log names where each stream went.
+    let lines = wait_json_lines(&access, 3, Duration::from_secs(5), |_| true);
+    let mut went: Vec<String> = lines
+        .iter()
+        .map(|l| l["destination"].as_str().unwrap().to_owned())
+        .collect();
+    went.sort();
+    let mut want = vec![
+        format!("127.0.0.1:{}", admin.port),
+        format!("127.0.0.1:{}", mesh.app.port),
+        format!("127.0.0.1:{}", mesh.app.port),
+    ];
+    want.sort();
+    assert_eq!(went, want, "{lines:?}");
 
     // 2. A rule on port 9090 holds for it alone.
     std::fs::write(

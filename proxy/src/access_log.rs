@@ -154,6 +154,13 @@ impl StreamLog {
         }
     }
 
+    /// Inbound streams to a listed port of their own go to its address.
+    pub fn set_destination(this: &mut Option<Box<StreamLog>>, destination: &str) {
+        if let Some(s) = this {
+            s.destination = destination.to_owned();
+        }
+    }
+
     /// Outbound streams learn their peer once a connection is chosen.
     pub fn set_peer(this: &mut Option<Box<StreamLog>>, peer_id: Option<&SpiffeId>) {
         if let Some(s) = this {

@@ -347,41 +347,32 @@ async fn stream(
     epoch.borrow_and_update();
     let decided = inbound.authz.version();
     let metrics = &inbound.metrics;
-    let named = req.uri().authority().and_then(|a| a.port_u16());
-    let (forward, port) = inbound.target(named.unwrap_or(0));
     let mut log = StreamLog::start(
         metrics,
         Direction::Inbound,
         peer,
         Some(peer_id),
-        forward,
+        &inbound.forward,
         None,
     );
     // Admission runs in its own allocation, freed before the long-lived part:
-    // an open stream keeps only what the pump needs.
-    let (app, send, body, port) = match Box::pin(admit(
-        req,
-        respond,
-        verified,
-        peer,
-        inbound,
-        (forward, port),
-        &mut log,
-    ))
-    .await
-    {
-        Ok(admitted) => admitted,
-        Err((status, outcome)) => {
-            let status = status.map_or(0, |s| s.as_u16());
-            StreamLog::end(
-                metrics,
-                Direction::Inbound,
-                log,
-                End::empty(status, outcome, None),
-            );
-            return;
-        }
-    };
+    // an open stream keeps only what the pump needs. (`req` is not even
+    // looked at here: a local borrowed in this future stays in it for the
+    // stream's life, moved or not.)
+    let (app, send, body, port) =
+        match Box::pin(admit(req, respond, verified, peer, inbound, &mut log)).await {
+            Ok(admitted) => admitted,
+            Err((status, outcome)) => {
+                let status = status.map_or(0, |s| s.as_u16());
+                StreamLog::end(
+                    metrics,
+                    Direction::Inbound,
+                    log,
+                    End::empty(status, outcome, None),
+                );
+                return;
+            }
+        };
     metrics.stream_opened(Direction::Inbound);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
@@ -429,7 +420,6 @@ async fn admit(
     verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
-    (forward, port): (&str, u16),
     log: &mut Option<Box<StreamLog>>,
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
@@ -438,19 +428,18 @@ async fn admit(
     if parts.method != Method::CONNECT {
         return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "error");
     }
-    if parts.uri.authority().and_then(|a| a.port_u16()).is_none() {
+    let Some(named) = parts.uri.authority().and_then(|a| a.port_u16()) else {
         return refuse(&mut respond, StatusCode::BAD_REQUEST, "error");
-    }
-    let Some(me) = inbound.identity.usable() else {
-        return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
     };
-    if !verified.trusted_by(&me.roots) {
-        return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
+    let (forward, port) = inbound.target(named);
+    if forward != inbound.forward {
+        StreamLog::set_destination(log, forward);
     }
-    if verified.chain.expired() {
-        return refuse(&mut respond, StatusCode::FORBIDDEN, "expired");
-    }
-    let decision = decide(inbound, peer_id, &me.spiffe_id, peer, port);
+    let me = match admissible(inbound, verified, |me| me.spiffe_id.clone()) {
+        Ok(me) => me,
+        Err((status, outcome)) => return refuse(&mut respond, status, outcome),
+    };
+    let decision = decide(inbound, peer_id, &me, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     StreamLog::set_decision(log, &decision.decision_id);
     if !decision.permitted {
@@ -486,14 +475,8 @@ async fn admit(
     // the application was being connected: checked again before the answer
     // lets the peer's bytes through (the application's connection is
     // closed unused).
-    let Some(me) = inbound.identity.usable() else {
-        return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "error");
-    };
-    if !verified.trusted_by(&me.roots) {
-        return refuse(&mut respond, StatusCode::FORBIDDEN, "untrusted");
-    }
-    if verified.chain.expired() {
-        return refuse(&mut respond, StatusCode::FORBIDDEN, "expired");
+    if let Err((status, outcome)) = admissible(inbound, verified, |_| ()) {
+        return refuse(&mut respond, status, outcome);
     }
     hbone::app_socket(&app);
     let ok = Response::builder()
@@ -503,6 +486,30 @@ async fn admit(
     // The peer may have reset the stream just now.
     let send = respond.send_response(ok, false).map_err(|_| CANCELLED)?;
     Ok((app, send, body, port))
+}
+
+/// Whether a stream may be admitted as far as identities go: this proxy
+/// has a usable SVID (`then` takes what it needs of it, without a copy of
+/// the rest: every admission allocates less) and the peer is still trusted
+/// by its roots and its certificate has not expired; else the status and
+/// outcome to refuse it with.
+fn admissible<T>(
+    inbound: &Inbound,
+    verified: &VerifiedPeer,
+    then: impl FnOnce(&crate::identity::Current) -> T,
+) -> Result<T, (StatusCode, &'static str)> {
+    let current = inbound.identity.current.borrow();
+    let me = current
+        .as_ref()
+        .filter(|c| c.not_after > crate::identity::unix_now())
+        .ok_or((StatusCode::SERVICE_UNAVAILABLE, "error"))?;
+    if !verified.trusted_by(&me.roots) {
+        return Err((StatusCode::FORBIDDEN, "untrusted"));
+    }
+    if verified.chain.expired() {
+        return Err((StatusCode::FORBIDDEN, "expired"));
+    }
+    Ok(then(me))
 }
 
 /// May `peer_id`, connecting from `peer`, open a stream to port `port` of `me`?
