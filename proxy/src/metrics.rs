@@ -41,7 +41,24 @@ struct Series {
     streams: Counter,
     to_app: Counter,
     from_app: Counter,
+    /// `streams_ended` by outcome, made at start (a stream's end then
+    /// takes no lookup or allocation).
+    ended: Vec<(&'static str, Counter)>,
 }
+
+/// The outcomes a stream ends with (the access log's).
+const OUTCOMES: [&str; 10] = [
+    "ok",
+    "denied",
+    "refused",
+    "revoked",
+    "untrusted",
+    "expired",
+    "cancelled",
+    "unreachable",
+    "error",
+    "cut",
+];
 
 /// A stream being handled (see [`Metrics::stream_task`]).
 pub struct StreamTask(Gauge);
@@ -195,6 +212,13 @@ impl Default for Metrics {
                 streams: get(&m.streams, l),
                 to_app: get(&m.bytes, with_flow("to_app")),
                 from_app: get(&m.bytes, with_flow("from_app")),
+                ended: OUTCOMES
+                    .iter()
+                    .map(|&o| {
+                        let l = vec![("direction", d.label()), ("outcome", o)];
+                        (o, get(&m.streams_ended, l))
+                    })
+                    .collect(),
             }
         };
         let decision = |d: &'static str| get(&m.decisions, vec![("decision", d)]);
@@ -272,9 +296,16 @@ impl Metrics {
 
     /// A stream (or an application connection that never became one) ended.
     pub fn stream_ended(&self, d: Direction, outcome: &'static str) {
-        self.streams_ended
-            .get_or_create(&vec![("direction", d.label()), ("outcome", outcome)])
-            .inc();
+        match self.series(d).ended.iter().find(|(o, _)| *o == outcome) {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None => {
+                self.streams_ended
+                    .get_or_create(&vec![("direction", d.label()), ("outcome", outcome)])
+                    .inc();
+            }
+        }
     }
 
     /// A connection closed as soon as it was accepted.
