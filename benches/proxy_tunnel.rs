@@ -757,20 +757,10 @@ fn main() {
         );
     }
     if phase("rr") {
-        println!(
-            "| 1 KiB request/response p50 | {} | {} | {} | {} | |",
-            us(rr[d].0),
-            us(rr[s].0),
-            us(rr[h].0),
-            us(rr[w].0)
-        );
-        println!(
-            "| 1 KiB request/response p99 | {} | {} | {} | {} | |",
-            us(rr[d].1),
-            us(rr[s].1),
-            us(rr[h].1),
-            us(rr[w].1)
-        );
+        for (name, p99) in [("p50", false), ("p99", true)] {
+            let [dd, ss, hh, ww] = [d, s, h, w].map(|i| us(if p99 { rr[i].1 } else { rr[i].0 }));
+            println!("| 1 KiB request/response {name} | {dd} | {ss} | {hh} | {ww} | |");
+        }
         let added = |i: usize| (rr[i].0 - rr[d].0, rr[i].1 - rr[d].1);
         println!(
             "| p50 / p99 added over direct | – | {} / {} | {} / {} | {} / {} | p99 added {:.3} ms (goal ≤ 0.2 ms and below both peers) |",
