@@ -274,7 +274,8 @@ pub struct Limits {
     /// TCP accept to a finished TLS and HTTP/2 handshake.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub handshake_timeout: Duration,
-    /// A TLS connection without streams for this long is closed.
+    /// A TLS connection without streams for this long is closed (inbound,
+    /// counted from the last admitted stream: denied ones do not count).
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub idle_timeout: Duration,
     /// Connecting to a peer proxy or to the local application.

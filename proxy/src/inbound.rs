@@ -7,7 +7,9 @@
 //! certificate; resource: this workload; context: the port asked for and the
 //! peer's address). A denied stream gets `403` and the application never sees
 //! it; an allowed one gets a fresh TCP connection to the application and `200`.
-//! A connection without streams for the idle timeout is closed; on drain,
+//! A connection without streams for the idle timeout is closed (a stream
+//! that was not admitted does not restart that clock: a peer cannot hold a
+//! connection slot with denied streams); on drain,
 //! connections stop taking streams (GOAWAY) and close when theirs are done.
 //! When the roots change (a bundle rotated, a federation ended), each
 //! connection's peer chain is verified again, as of its handshake, and a
@@ -169,6 +171,7 @@ async fn connection(
     let verified = Arc::new(VerifiedPeer {
         id: peer_id,
         untrusted: AtomicBool::new(false),
+        served: AtomicBool::new(false),
         chain,
         checked: AtomicU64::new(checked),
     });
@@ -178,8 +181,11 @@ async fn connection(
     // False once the identity watch has ended (it never does while the
     // proxy runs): an ended watch would resolve at once, again and again.
     let mut following = true;
-    // One timer, set when the connection becomes idle (the idle timeout) or
-    // is told to close (the close grace); other events leave it running.
+    // One timer, set when the connection becomes idle after serving a stream
+    // (the idle timeout) or is told to close (the close grace); other events
+    // leave it running. Streams that were not admitted (denied, refused,
+    // cancelled) leave it too: the idle timeout counts from the last
+    // admitted stream's end (or the handshake).
     let timer = tokio::time::sleep(inbound.idle_timeout);
     tokio::pin!(timer);
     let mut was_idle = true;
@@ -191,12 +197,16 @@ async fn connection(
     loop {
         let idle = *active_rx.borrow_and_update() == 0;
         if idle && !was_idle {
-            let wait = if shutting_down {
-                hbone::CLOSE_GRACE
-            } else {
-                inbound.idle_timeout
-            };
-            timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            let served = verified.served.swap(false, Ordering::AcqRel);
+            if shutting_down {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+            } else if served {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + inbound.idle_timeout);
+            }
         }
         was_idle = idle;
         tokio::select! {
@@ -224,6 +234,11 @@ async fn connection(
                 if shutting_down {
                     tracing::debug!(%peer, "the peer did not finish closing; cut off");
                     break;
+                }
+                // A stream admitted and ended between two turns of this loop.
+                if verified.served.swap(false, Ordering::AcqRel) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + inbound.idle_timeout);
+                    continue;
                 }
                 tracing::debug!(%peer, "closing idle inbound connection");
                 conn.graceful_shutdown();
@@ -284,6 +299,9 @@ struct VerifiedPeer {
     /// Set before the connection is closed because the peer is no longer
     /// trusted: its streams then end as `untrusted`, not as errors.
     untrusted: AtomicBool,
+    /// Set when a stream is admitted: the idle timeout restarts when the
+    /// connection next has no streams.
+    served: AtomicBool,
     /// Its certificates, verified again when the roots change.
     chain: PeerChain,
     /// The roots' generation it was last verified against.
@@ -374,6 +392,7 @@ async fn stream(
             }
         };
     metrics.stream_opened(Direction::Inbound);
+    verified.served.store(true, Ordering::Release);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
     let mut app = AppConn::new(app);
@@ -750,6 +769,161 @@ mod tests {
         TlsConnector::from(Arc::new(cfg))
     }
 
+    /// `inbound` serving one connection, from a peer (`WEB`, from `issuer`)
+    /// whose HTTP/2 client and connection are returned.
+    async fn connected_peer(
+        inbound: Arc<Inbound>,
+        issuer: &ward_spec::test_util::Issuer,
+        roots: &RootStore,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_drain_tx, drain_rx) = watch::channel(false);
+            let (tcp, peer) = listener.accept().await.unwrap();
+            connection(tcp, peer, inbound, drain_rx).await;
+        });
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let tls = peer_client(issuer, roots)
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        crate::hbone::client_builder(10)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap()
+    }
+
+    /// Asks `client` for a stream every `every`, `times` times or until
+    /// the connection takes no more; the statuses answered.
+    fn ask_every(
+        mut client: h2::client::SendRequest<Bytes>,
+        every: Duration,
+        times: usize,
+    ) -> tokio::task::JoinHandle<Vec<StatusCode>> {
+        tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for _ in 0..times {
+                tokio::time::sleep(every).await;
+                let Ok(ready) = client.ready().await else {
+                    break;
+                };
+                client = ready;
+                let req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri("127.0.0.1:9")
+                    .body(())
+                    .unwrap();
+                let Ok((response, _)) = client.send_request(req, true) else {
+                    break;
+                };
+                match response.await {
+                    Ok(r) => answered.push(r.status()),
+                    Err(_) => break,
+                }
+            }
+            answered
+        })
+    }
+
+    /// Streams that are not admitted (here denied: no policy permits
+    /// anything) do not restart the idle timeout: a peer asking for one
+    /// more often than that cannot hold its connection, and a connection
+    /// slot, open.
+    #[tokio::test]
+    async fn denied_streams_do_not_keep_a_connection_open() {
+        let (bundle, root) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let inbound = inbound(
+            svid(API, &root),
+            identity_rx,
+            watch::channel(0).1,
+            Duration::from_millis(1500),
+        );
+        let metrics = inbound.metrics.clone();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        let opened = std::time::Instant::now();
+        // A denied stream every 300 ms, for up to 12 s.
+        let asking = ask_every(client, Duration::from_millis(300), 40);
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("denied streams kept an idle connection open")
+            .ok();
+        let took = opened.elapsed();
+        let answered = asking.await.unwrap();
+        assert!(answered.len() >= 3, "only {answered:?} were answered");
+        assert!(
+            answered.iter().all(|s| *s == StatusCode::FORBIDDEN),
+            "{answered:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+            "closed after {took:?}, the idle timeout is 1.5 s"
+        );
+        let text = metrics.render(0);
+        let denied = answered.len();
+        assert!(
+            text.contains(&format!(
+                r#"ward_proxy_authorization_decisions_total{{decision="deny"}} {denied}"#
+            )),
+            "{text}"
+        );
+    }
+
+    /// Admitted streams do restart it: streams every 300 ms keep a
+    /// connection with a 1 s idle timeout open; it closes once they stop.
+    #[tokio::test]
+    async fn admitted_streams_keep_a_connection_open() {
+        let (bundle, root) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let mut inbound = inbound(
+            svid(API, &root),
+            identity_rx,
+            watch::channel(0).1,
+            Duration::from_millis(1000),
+        );
+        // Dry run admits every stream; the application takes each
+        // connection and closes it.
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = app.local_addr().unwrap().to_string();
+        serving.authz = Arc::new(Authorizer::new(
+            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap(),
+            ward_authz::IdTemplate::default(),
+            ward_authz::Mode::DryRun,
+            None,
+        ));
+        tokio::spawn(async move {
+            while let Ok((app_conn, _)) = app.accept().await {
+                drop(app_conn);
+            }
+        });
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        let conn = tokio::spawn(conn);
+        // (The connection ends when the peer drops its last handle.)
+        let _held = client.clone();
+        let answered = ask_every(client, Duration::from_millis(300), 10)
+            .await
+            .unwrap();
+        assert_eq!(answered, vec![StatusCode::OK; 10]);
+        assert!(
+            !conn.is_finished(),
+            "the connection closed while streams were being admitted"
+        );
+        let stopped = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("an idle connection stayed open")
+            .unwrap()
+            .ok();
+        assert!(stopped.elapsed() < Duration::from_secs(4));
+    }
+
     /// An idle connection is closed after the idle timeout even while
     /// identity updates (SVID rotations) keep arriving more often than that:
     /// they do not restart its timer.
@@ -764,22 +938,7 @@ mod tests {
             watch::channel(0).1,
             Duration::from_millis(1500),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_drain_tx, drain_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            let (tcp, peer) = listener.accept().await.unwrap();
-            connection(tcp, peer, inbound, drain_rx).await;
-        });
-        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
-        let tls = peer_client(&root, &roots)
-            .connect(name, TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
-        let (_client, conn) = crate::hbone::client_builder(10)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .unwrap();
+        let (_client, conn) = connected_peer(inbound, &root, &roots).await;
         let opened = std::time::Instant::now();
         let rotations = tokio::spawn(async move {
             for generation in 2.. {
@@ -817,6 +976,7 @@ mod tests {
         let verified = VerifiedPeer {
             id: SpiffeId::parse(WEB).unwrap(),
             untrusted: AtomicBool::new(false),
+            served: AtomicBool::new(false),
             chain: PeerChain::new(Some(&[leaf])),
             checked: AtomicU64::new(roots.generation()),
         };

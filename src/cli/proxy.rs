@@ -85,7 +85,8 @@ pub struct RunArgs {
     /// TLS + HTTP/2 handshake timeout. Default 10s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     handshake_timeout: Option<Duration>,
-    /// Close TLS connections without streams after this long. Default 5m
+    /// Close TLS connections without streams after this long (inbound:
+    /// streams that were not admitted do not count). Default 5m
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Timeout for connecting to a peer proxy or the application. Default 5s
