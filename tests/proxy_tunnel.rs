@@ -94,10 +94,20 @@ impl Mesh {
 
     /// A client-side proxy as `uid` with one route to `api`; returns it and the route port.
     fn client_proxy(&self, uid: u32, expect: &str, extra: &[&str]) -> (ProxyProcess, u16) {
+        self.client_proxy_to(uid, expect, &self.api_inbound, extra)
+    }
+
+    /// [`Mesh::client_proxy`] with the route's destination given.
+    fn client_proxy_to(
+        &self,
+        uid: u32,
+        expect: &str,
+        destination: &str,
+        extra: &[&str],
+    ) -> (ProxyProcess, u16) {
         let port = free_port();
         let route = format!(
-            "listen=127.0.0.1:{port},destination={},id={expect},target=api.acme:8080",
-            self.api_inbound
+            "listen=127.0.0.1:{port},destination={destination},id={expect},target=api.acme:8080"
         );
         let mut args = vec!["--route", route.as_str()];
         args.extend_from_slice(extra);
@@ -174,6 +184,8 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(route["destination"], mesh.api_inbound, "{dump}");
     assert_eq!(route["ids"], serde_json::json!([API]));
     assert_eq!(route["connections"], 1, "{dump}");
+    assert_eq!(route["endpoints"][0]["address"], mesh.api_inbound, "{dump}");
+    assert_eq!(route["endpoints"][0]["connections"], 1, "{dump}");
     // (The last streams end as the proxy handles the application's close.)
     let deadline = Instant::now() + Duration::from_secs(5);
     while web.config_dump()["outbound"][0]["streams"] != 0 && Instant::now() < deadline {
@@ -448,9 +460,12 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
         ],
     );
     let db_connect = format!("127.0.0.1:{}", free_port());
-    let (_db, db_port) = mesh.client_proxy(
+    // db names api's proxy by host name: its lines say where that led.
+    let by_name = mesh.api_inbound.replace("127.0.0.1", "localhost");
+    let (_db, db_port) = mesh.client_proxy_to(
         DB_UID,
         API,
+        &by_name,
         &["--access-log", &db_log, "--connect-listen", &db_connect],
     );
 
@@ -504,8 +519,9 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(web[0]["outcome"], "ok");
     assert_eq!(web[0]["destination"], mesh.api_inbound);
     assert_eq!(web[0]["target"], "api.acme:8080");
-    // The peer proxy's ID, as its certificate named it.
+    // The peer proxy's ID, as its certificate named it, and its address.
     assert_eq!(web[0]["peer_id"], API);
+    assert_eq!(web[0]["peer_address"], mesh.api_inbound);
     assert_eq!(web[0]["bytes_from_app"], request);
     assert_eq!(web[0]["bytes_to_app"], response);
     assert!(web[0]["duration_ms"].as_f64().unwrap() > 0.0);
@@ -532,6 +548,8 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     assert_eq!(db[0]["status"], 403);
     assert_eq!(db[0]["outcome"], "refused");
     assert_eq!(db[0]["peer_id"], API);
+    assert_eq!(db[0]["destination"], by_name);
+    assert_eq!(db[0]["peer_address"], mesh.api_inbound);
     // The same refusal through the HTTP CONNECT listener names the peer too.
     assert!(http_connect(&db_connect, "api.acme:8080").starts_with("HTTP/1.1 403"));
     let db = lines(&db_log, 2);

@@ -98,6 +98,9 @@ pub struct StreamLog {
     /// The peer proxy's verified SPIFFE ID (outbound: once a connection
     /// is chosen).
     peer_id: Option<SpiffeId>,
+    /// Outbound: the address the destination resolved to, of the chosen
+    /// connection.
+    peer_address: Option<SocketAddr>,
     /// Inbound: the authorization's id, as in the decision log.
     decision_id: Option<String>,
     /// Inbound: the local application; outbound: the peer proxy.
@@ -124,6 +127,7 @@ impl StreamLog {
             direction,
             source,
             peer_id: peer_id.cloned(),
+            peer_address: None,
             decision_id: None,
             destination: destination.to_owned(),
             target: target.map(str::to_owned),
@@ -162,9 +166,14 @@ impl StreamLog {
     }
 
     /// Outbound streams learn their peer once a connection is chosen.
-    pub fn set_peer(this: &mut Option<Box<StreamLog>>, peer_id: Option<&SpiffeId>) {
+    pub fn set_peer(
+        this: &mut Option<Box<StreamLog>>,
+        peer_id: Option<&SpiffeId>,
+        address: SocketAddr,
+    ) {
         if let Some(s) = this {
             s.peer_id = peer_id.cloned();
+            s.peer_address = Some(address);
         }
     }
 
@@ -186,6 +195,7 @@ impl StreamLog {
             "direction": self.direction.label(),
             "source": self.source.to_string(),
             "peer_id": self.peer_id.as_ref().map(|id| id.to_string()),
+            "peer_address": self.peer_address.map(|a| a.to_string()),
             "decision_id": self.decision_id,
             "destination": self.destination,
             "target": self.target,

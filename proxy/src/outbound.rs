@@ -123,7 +123,7 @@ pub async fn serve_route(
                     return;
                 }
             };
-            StreamLog::set_peer(&mut log, p.lease.peer_id());
+            StreamLog::set_peer(&mut log, p.lease.peer_id(), p.lease.address());
             // The application's first bytes go out with the request; what
             // comes back is written to it only once the peer has said 200.
             let carried = Carried::default();
@@ -204,7 +204,7 @@ async fn open(
     let turn = pool.turn(&route.destination, &route.ids).await;
     let p = start(pool, route).await?;
     drop(turn);
-    StreamLog::set_peer(log, p.lease.peer_id());
+    StreamLog::set_peer(log, p.lease.peer_id(), p.lease.address());
     let wait = pool.answer_timeout();
     let lease = p.lease;
     let recv = tokio::time::timeout(wait, p.response)

@@ -1,7 +1,8 @@
 //! Outbound connection pool.
 //!
-//! Connections are keyed by (our SPIFFE ID, the peer's address, the IDs the
-//! peer may present) and carry up to `max_streams` tunneled streams each, or
+//! Connections are keyed by (our SPIFFE ID, the destination, the address it
+//! resolved to, the IDs the peer may present) and carry up to `max_streams`
+//! tunneled streams each, or
 //! as many as the peer allows if that is fewer (its HTTP/2
 //! `SETTINGS_MAX_CONCURRENT_STREAMS`: h2 would hold further streams back
 //! until one ends, unanswered); a new connection is made only when every
@@ -12,10 +13,20 @@
 //! bundle rotated, a federation ended), each connection's peer chain is
 //! verified again, as of its handshake, and a connection whose peer is no
 //! longer trusted is closed with its streams (as inbound does).
+//!
+//! A destination named by host name is looked up again every
+//! [`DNS_REFRESH`] (the last addresses stay in use while a lookup fails),
+//! and each new stream goes to the address with the fewest open streams
+//! (ties taken in turn), as Envoy's least-request balancing does: a
+//! replicated service behind one name shares the load. An address whose
+//! connection attempt failed is tried last for a while (doubling with each
+//! failure, up to [`FAILURE_BACKOFF_MAX`]), and a stream that cannot reach
+//! one address goes on to the next, within twice the connect timeout.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +51,7 @@ use crate::metrics::{Direction, Metrics};
 struct Key {
     me: SpiffeId,
     destination: String,
+    address: SocketAddr,
     ids: Vec<SpiffeId>,
 }
 
@@ -61,6 +73,19 @@ struct Conn {
     peer_expires_at: i64,
     /// The SPIFFE ID the peer's verified certificate names.
     peer_id: Option<SpiffeId>,
+    /// The address it was made to.
+    address: SocketAddr,
+}
+
+impl Key {
+    /// The destination, and the address it resolved to if that differs.
+    fn name(&self) -> String {
+        if self.destination.parse() == Ok(self.address) {
+            self.destination.clone()
+        } else {
+            format!("{} ({})", self.destination, self.address)
+        }
+    }
 }
 
 impl Conn {
@@ -87,7 +112,54 @@ struct Slot {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// When and why the last connection attempt failed: callers queued
     /// behind it fail at once for a moment instead of each dialling again.
-    failed: Option<(Instant, String)>,
+    failed: Option<Failure>,
+}
+
+struct Failure {
+    at: Instant,
+    why: String,
+    /// Attempts in a row that failed.
+    count: u32,
+}
+
+impl Failure {
+    /// How long the address is tried after the others.
+    fn backoff(&self) -> Duration {
+        (FAILURE_HOLD * 2u32.saturating_pow(self.count.saturating_sub(1))).min(FAILURE_BACKOFF_MAX)
+    }
+}
+
+/// Looks a host name (`host:port`) up.
+pub type Lookup = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The system's resolver (`getaddrinfo`, on Tokio's blocking threads).
+fn system_lookup() -> Lookup {
+    Arc::new(|host| Box::pin(async move { Ok(tokio::net::lookup_host(host).await?.collect()) }))
+}
+
+/// A host name's addresses and when they were looked up.
+struct Resolved {
+    addresses: Arc<[SocketAddr]>,
+    at: Instant,
+}
+
+/// A destination's addresses: an IP address needs no lookup.
+enum Addresses {
+    One(SocketAddr),
+    Many(Arc<[SocketAddr]>),
+}
+
+impl Addresses {
+    fn as_slice(&self) -> &[SocketAddr] {
+        match self {
+            Addresses::One(a) => std::slice::from_ref(a),
+            Addresses::Many(all) => all,
+        }
+    }
 }
 
 pub struct Pool {
@@ -107,6 +179,12 @@ pub struct Pool {
     /// Per destination, tunnels being opened at once: a destination that
     /// never answers holds at most this share of `opening`.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    lookup: Lookup,
+    dns_refresh: Duration,
+    /// Host-name destinations' addresses; one lookup at a time for each.
+    resolved: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Resolved>>>>>,
+    /// Turns the choice between equally loaded addresses.
+    rotation: AtomicUsize,
 }
 
 /// Tunnels being opened at once, at most.
@@ -118,6 +196,13 @@ const MAX_OPENING_PER_DESTINATION: usize = MAX_OPENING / 16;
 
 /// How long a failed connection attempt answers for the next ones.
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
+
+/// The longest an address that keeps failing is tried after the others.
+pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How often a host-name destination is looked up again (Envoy's default
+/// DNS refresh rate).
+pub const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +264,11 @@ impl Lease {
     /// The SPIFFE ID the peer proxy presented (one the route expects).
     pub fn peer_id(&self) -> Option<&SpiffeId> {
         self.conn.peer_id.as_ref()
+    }
+
+    /// The address the stream's connection was made to.
+    pub fn address(&self) -> SocketAddr {
+        self.conn.address
     }
 
     /// What takes the stream's connection out of use when the peer leaves
@@ -245,6 +335,14 @@ pub struct Pooled {
     pub ids: Vec<SpiffeId>,
     pub connections: usize,
     pub streams: usize,
+    /// The same per address the destination resolved to.
+    pub endpoints: Vec<Endpoint>,
+}
+
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub connections: usize,
+    pub streams: usize,
 }
 
 impl Pool {
@@ -267,23 +365,44 @@ impl Pool {
             let (connections, streams) = open.fold((0, 0), |(n, s), c| {
                 (n + 1, s + c.active.load(Ordering::Acquire))
             });
+            if connections == 0 {
+                continue;
+            }
             // One entry per destination and IDs, whichever of our SVIDs
             // made the connections.
-            match out
-                .iter_mut()
-                .find(|p| p.destination == key.destination && p.ids == key.ids)
+            let i = match out
+                .iter()
+                .position(|p| p.destination == key.destination && p.ids == key.ids)
             {
-                Some(p) => {
-                    p.connections += connections;
-                    p.streams += streams;
+                Some(i) => i,
+                None => {
+                    out.push(Pooled {
+                        destination: key.destination.clone(),
+                        ids: key.ids.clone(),
+                        connections: 0,
+                        streams: 0,
+                        endpoints: Vec::new(),
+                    });
+                    out.len() - 1
                 }
-                None => out.push(Pooled {
-                    destination: key.destination.clone(),
-                    ids: key.ids.clone(),
+            };
+            let p = &mut out[i];
+            p.connections += connections;
+            p.streams += streams;
+            match p.endpoints.iter_mut().find(|e| e.address == key.address) {
+                Some(e) => {
+                    e.connections += connections;
+                    e.streams += streams;
+                }
+                None => p.endpoints.push(Endpoint {
+                    address: key.address,
                     connections,
                     streams,
                 }),
             }
+        }
+        for p in &mut out {
+            p.endpoints.sort_by_key(|e| e.address);
         }
         out
     }
@@ -296,6 +415,27 @@ impl Pool {
         handshake_timeout: Duration,
         idle_timeout: Duration,
     ) -> Arc<Pool> {
+        Pool::with_lookup(
+            identity,
+            metrics,
+            max_streams,
+            (connect_timeout, handshake_timeout, idle_timeout),
+            system_lookup(),
+            DNS_REFRESH,
+        )
+    }
+
+    /// A pool whose host names are looked up by `lookup`, again every
+    /// `dns_refresh`; `timeouts` are connect, handshake and idle.
+    pub fn with_lookup(
+        identity: Identity,
+        metrics: Arc<Metrics>,
+        max_streams: usize,
+        timeouts: (Duration, Duration, Duration),
+        lookup: Lookup,
+        dns_refresh: Duration,
+    ) -> Arc<Pool> {
+        let (connect_timeout, handshake_timeout, idle_timeout) = timeouts;
         let pool = Arc::new(Pool {
             identity,
             metrics,
@@ -307,6 +447,10 @@ impl Pool {
             start: Instant::now(),
             opening: tokio::sync::Semaphore::new(MAX_OPENING),
             gates: Mutex::new(HashMap::new()),
+            lookup,
+            dns_refresh,
+            resolved: Mutex::new(HashMap::new()),
+            rotation: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -401,45 +545,35 @@ impl Pool {
         target: &str,
     ) -> Result<PendingTunnel, OpenError> {
         let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
-        let key = Key {
-            me: me.spiffe_id.clone(),
-            destination: destination.to_owned(),
-            ids: ids.to_vec(),
-        };
-        let conn = match self.lease(&key, me.generation) {
-            Some(c) => c,
-            None => {
-                let connecting = {
-                    let mut slots = self.slots.lock().expect("pool lock");
-                    slots.entry(key.clone()).or_default().connecting.clone()
-                };
-                let _one_at_a_time = connecting.lock().await;
-                match self.lease(&key, me.generation) {
-                    Some(c) => c,
-                    None => {
-                        if let Some(why) = self.recent_failure(&key) {
-                            return Err(OpenError::Connect(
-                                destination.to_owned(),
-                                io::Error::other(why),
-                            ));
-                        }
-                        let made = self.connect(&key, me.generation, &me.roots).await;
-                        let mut slots = self.slots.lock().expect("pool lock");
-                        let slot = slots.entry(key).or_default();
-                        let conn = match made {
-                            Ok(c) => c,
-                            Err(e) => {
-                                slot.failed = Some((Instant::now(), e.to_string()));
-                                return Err(e);
-                            }
-                        };
-                        slot.failed = None;
-                        conn.active.fetch_add(1, Ordering::AcqRel);
-                        slot.conns.push(conn.clone());
-                        conn
-                    }
-                }
+        let addresses = self.addresses(destination).await?;
+        let order = self.order(&me.spiffe_id, me.generation, destination, ids, &addresses);
+        let started = Instant::now();
+        let mut failure = None;
+        let mut conn = None;
+        for (i, &address) in order.as_slice().iter().enumerate() {
+            // Further addresses only within twice the connect timeout (one
+            // that never answers takes one of them).
+            if i > 0 && started.elapsed() >= self.connect_timeout * 2 {
+                break;
             }
+            let key = Key {
+                me: me.spiffe_id.clone(),
+                destination: destination.to_owned(),
+                address,
+                ids: ids.to_vec(),
+            };
+            match self.conn_for(key, me.generation, &me.roots).await {
+                Ok(c) => {
+                    conn = Some(c);
+                    break;
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let conn = match (conn, failure) {
+            (Some(c), _) => c,
+            (None, Some(e)) => return Err(e),
+            (None, None) => unreachable!("a destination has at least one address"),
         };
         let lease = Lease {
             conn: conn.clone(),
@@ -466,12 +600,162 @@ impl Pool {
         })
     }
 
+    /// A pooled connection for `key` with room for one more stream
+    /// (counted), or a new one.
+    async fn conn_for(
+        &self,
+        key: Key,
+        generation: u64,
+        roots: &RootStore,
+    ) -> Result<Arc<Conn>, OpenError> {
+        if let Some(c) = self.lease(&key, generation) {
+            return Ok(c);
+        }
+        let connecting = {
+            let mut slots = self.slots.lock().expect("pool lock");
+            slots.entry(key.clone()).or_default().connecting.clone()
+        };
+        let _one_at_a_time = connecting.lock().await;
+        if let Some(c) = self.lease(&key, generation) {
+            return Ok(c);
+        }
+        if let Some(why) = self.recent_failure(&key) {
+            return Err(OpenError::Connect(key.name(), io::Error::other(why)));
+        }
+        let made = self.connect(&key, generation, roots).await;
+        let mut slots = self.slots.lock().expect("pool lock");
+        let slot = slots.entry(key).or_default();
+        match made {
+            Ok(conn) => {
+                slot.failed = None;
+                conn.active.fetch_add(1, Ordering::AcqRel);
+                slot.conns.push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                let count = slot.failed.as_ref().map_or(0, |f| f.count) + 1;
+                slot.failed = Some(Failure {
+                    at: Instant::now(),
+                    why: e.to_string(),
+                    count,
+                });
+                Err(e)
+            }
+        }
+    }
+
     /// Why the last attempt to connect for `key` failed, if that was moments ago.
     fn recent_failure(&self, key: &Key) -> Option<String> {
         let slots = self.slots.lock().expect("pool lock");
-        let (at, why) = slots.get(key)?.failed.as_ref()?;
-        (at.elapsed() < FAILURE_HOLD)
-            .then(|| format!("{why} ({} ms ago)", at.elapsed().as_millis()))
+        let failed = slots.get(key)?.failed.as_ref()?;
+        (failed.at.elapsed() < FAILURE_HOLD).then(|| {
+            format!(
+                "{} ({} ms ago)",
+                failed.why,
+                failed.at.elapsed().as_millis()
+            )
+        })
+    }
+
+    /// The addresses `destination` (`host:port`) stands for: an IP address
+    /// as it is, a host name's as last looked up (again once that is
+    /// [`DNS_REFRESH`] old; while a lookup fails, the last ones).
+    async fn addresses(&self, destination: &str) -> Result<Addresses, OpenError> {
+        if let Ok(address) = destination.parse() {
+            return Ok(Addresses::One(address));
+        }
+        let cell = {
+            let mut resolved = self.resolved.lock().expect("resolved lock");
+            match resolved.get(destination) {
+                Some(c) => c.clone(),
+                None => resolved.entry(destination.to_owned()).or_default().clone(),
+            }
+        };
+        let mut cached = cell.lock().await;
+        if let Some(r) = cached
+            .as_ref()
+            .filter(|r| r.at.elapsed() < self.dns_refresh)
+        {
+            return Ok(Addresses::Many(r.addresses.clone()));
+        }
+        let looked_up =
+            tokio::time::timeout(self.connect_timeout, (self.lookup)(destination.to_owned()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out"))
+                })
+                .and_then(|mut found| {
+                    found.sort();
+                    found.dedup();
+                    if found.is_empty() {
+                        return Err(io::Error::other("the name has no address"));
+                    }
+                    Ok(found)
+                });
+        match (looked_up, cached.as_mut()) {
+            (Ok(found), _) => {
+                let addresses: Arc<[SocketAddr]> = found.into();
+                *cached = Some(Resolved {
+                    addresses: addresses.clone(),
+                    at: Instant::now(),
+                });
+                Ok(Addresses::Many(addresses))
+            }
+            (Err(e), Some(last)) => {
+                tracing::warn!(%destination, error = %e, "looking the destination up failed; its last addresses stay in use");
+                last.at = Instant::now();
+                Ok(Addresses::Many(last.addresses.clone()))
+            }
+            (Err(e), None) => Err(OpenError::Connect(destination.to_owned(), e)),
+        }
+    }
+
+    /// `addresses` in the order a new stream tries them: those whose last
+    /// connection attempt failed within its backoff last, then the fewest
+    /// open streams (for `me`'s current SVID and `ids`) first, ties taken
+    /// in turn.
+    fn order(
+        &self,
+        me: &SpiffeId,
+        generation: u64,
+        destination: &str,
+        ids: &[SpiffeId],
+        addresses: &Addresses,
+    ) -> Addresses {
+        let Addresses::Many(all) = addresses else {
+            return Addresses::One(addresses.as_slice()[0]);
+        };
+        if all.len() == 1 {
+            return Addresses::One(all[0]);
+        }
+        // (failed a moment ago, open streams) per address.
+        let mut load = vec![(false, 0usize); all.len()];
+        {
+            let slots = self.slots.lock().expect("pool lock");
+            for (key, slot) in slots.iter() {
+                if key.destination != destination || key.ids != ids || key.me != *me {
+                    continue;
+                }
+                let Some(i) = all.iter().position(|a| *a == key.address) else {
+                    continue;
+                };
+                load[i].0 = slot
+                    .failed
+                    .as_ref()
+                    .is_some_and(|f| f.at.elapsed() < f.backoff());
+                load[i].1 += slot
+                    .conns
+                    .iter()
+                    .filter(|c| c.usable(generation))
+                    .map(|c| c.active.load(Ordering::Acquire))
+                    .sum::<usize>();
+            }
+        }
+        let n = all.len();
+        let first = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (load[i].0, load[i].1, (i + n - first) % n));
+        Addresses::Many(order.into_iter().map(|i| all[i]).collect())
     }
 
     /// A usable connection for `key` with room for one more stream, counted.
@@ -502,8 +786,9 @@ impl Pool {
         generation: u64,
         roots: &RootStore,
     ) -> Result<Arc<Conn>, OpenError> {
-        let dest = key.destination.clone();
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&dest)).await
+        let dest = key.name();
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(key.address))
+            .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(OpenError::Connect(dest, e)),
@@ -639,6 +924,7 @@ impl Pool {
             ping: tokio::sync::Mutex::new(ping),
             peer_expires_at,
             peer_id,
+            address: key.address,
         }))
     }
 
@@ -681,7 +967,15 @@ impl Pool {
                 c.generation == generation && now - c.idle_since.load(Ordering::Relaxed) < idle_ms
             });
         }
-        slots.retain(|_, s| !s.conns.is_empty() || Arc::strong_count(&s.connecting) > 1);
+        // A slot without connections stays while someone is connecting or
+        // its failure still orders its address last.
+        slots.retain(|_, s| {
+            !s.conns.is_empty()
+                || Arc::strong_count(&s.connecting) > 1
+                || s.failed
+                    .as_ref()
+                    .is_some_and(|f| f.at.elapsed() < f.backoff())
+        });
     }
 
     /// Connections in the pool (for tests and metrics).
@@ -707,6 +1001,16 @@ mod tests {
     /// A peer proxy on loopback presenting `API`'s SVID from `issuer`: it
     /// answers every `CONNECT` with `200` and holds the stream open.
     async fn peer(issuer: &Issuer, roots: RootStore) -> std::net::SocketAddr {
+        counted_peer(issuer, roots).await.0
+    }
+
+    /// [`peer`], with the count of `CONNECT`s it has answered.
+    async fn counted_peer(
+        issuer: &Issuer,
+        roots: RootStore,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let answered = Arc::new(AtomicUsize::new(0));
+        let counter = answered.clone();
         let config = ward_spec::tls::server_config(
             svid(API, issuer),
             SpiffeClientVerifier::new(roots, true),
@@ -717,6 +1021,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
+                let counter = counter.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -730,12 +1035,123 @@ mod tests {
                         let send = respond
                             .send_response(http::Response::new(()), false)
                             .unwrap();
+                        counter.fetch_add(1, Ordering::AcqRel);
                         held.push((req, send));
                     }
                 });
             }
         });
-        addr
+        (addr, answered)
+    }
+
+    /// A pool for `WEB` (SVID from `issuer`) whose host names `lookup`
+    /// resolves, again every `refresh`.
+    fn pool_with(
+        issuer: &Issuer,
+        roots: &RootStore,
+        lookup: Lookup,
+        refresh: Duration,
+    ) -> Arc<Pool> {
+        let (identity_tx, identity_rx) = watch::channel(Some(Current {
+            spiffe_id: SpiffeId::parse(WEB).unwrap(),
+            not_after: crate::identity::unix_now() + 3600,
+            generation: 1,
+            roots: roots.clone(),
+        }));
+        // The identity never changes.
+        std::mem::forget(identity_tx);
+        let identity = Identity {
+            resolver: svid(WEB, issuer),
+            current: identity_rx,
+        };
+        let d = Duration::from_secs(5);
+        Pool::with_lookup(
+            identity,
+            Arc::new(Metrics::default()),
+            10,
+            (d, d, Duration::from_secs(60)),
+            lookup,
+            refresh,
+        )
+    }
+
+    /// A lookup answering what `answer` holds at the time (an empty list:
+    /// a failed lookup), counting its calls in `calls`.
+    fn lookup_of(answer: Arc<Mutex<Vec<SocketAddr>>>, calls: Arc<AtomicUsize>) -> Lookup {
+        Arc::new(move |_host| {
+            calls.fetch_add(1, Ordering::AcqRel);
+            let found = answer.lock().unwrap().clone();
+            Box::pin(async move {
+                if found.is_empty() {
+                    return Err(io::Error::other("no such host"));
+                }
+                Ok(found)
+            })
+        })
+    }
+
+    /// Streams to a host name with two addresses are spread over both (the
+    /// fewest open streams first), one pooled connection each; the name is
+    /// looked up once for all of them.
+    #[tokio::test]
+    async fn streams_to_a_name_are_spread_over_its_addresses() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (a, to_a) = counted_peer(&issuer, roots.clone()).await;
+        let (b, to_b) = counted_peer(&issuer, roots.clone()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = lookup_of(Arc::new(Mutex::new(vec![a, b])), calls.clone());
+        let pool = pool_with(&issuer, &roots, lookup, Duration::from_secs(60));
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let p = pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            let recv = accepted(p.response.await.unwrap()).unwrap();
+            held.push((p.send, recv, p.lease));
+        }
+        assert_eq!(
+            (to_a.load(Ordering::Acquire), to_b.load(Ordering::Acquire)),
+            (5, 5)
+        );
+        assert_eq!(calls.load(Ordering::Acquire), 1);
+        let summary = pool.summary();
+        assert_eq!(summary.len(), 1);
+        assert_eq!((summary[0].connections, summary[0].streams), (2, 10));
+        let mut expected = vec![(a, 1, 5), (b, 1, 5)];
+        expected.sort();
+        let endpoints: Vec<_> = summary[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.connections, e.streams))
+            .collect();
+        assert_eq!(endpoints, expected);
+        // Three of b's streams end: the next three go to b, now the less loaded.
+        let mut ended = 0;
+        held.retain(|(_, _, lease)| {
+            let end = lease.conn.address == b && ended < 3;
+            ended += usize::from(end);
+            !end
+        });
+        assert_eq!(ended, 3);
+        for _ in 0..3 {
+            let p = pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            assert_eq!(p.lease.conn.address, b);
+            held.push((
+                p.send,
+                accepted(p.response.await.unwrap()).unwrap(),
+                p.lease,
+            ));
+        }
+        assert_eq!(
+            (to_a.load(Ordering::Acquire), to_b.load(Ordering::Acquire)),
+            (5, 8)
+        );
     }
 
     /// Whether `recv` stays open, without data, for half a second.
@@ -743,6 +1159,132 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(500), recv.data())
             .await
             .is_err()
+    }
+
+    /// An address whose handshake fails (here a listener that closes every
+    /// connection at once) costs the first stream a try and no stream after
+    /// it, until its backoff (1 s, then 2 s) has passed: every stream gets
+    /// through the other address.
+    #[tokio::test]
+    async fn an_address_that_fails_is_tried_last_for_a_while() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (good, answered) = counted_peer(&issuer, roots.clone()).await;
+        let bad_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bad = bad_listener.local_addr().unwrap();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counter = tries.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = bad_listener.accept().await {
+                counter.fetch_add(1, Ordering::AcqRel);
+                drop(tcp);
+            }
+        });
+        let lookup = lookup_of(
+            Arc::new(Mutex::new(vec![bad, good])),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let pool = pool_with(&issuer, &roots, lookup, Duration::from_secs(60));
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let mut held = Vec::new();
+        let open = |n: usize| {
+            let pool = pool.clone();
+            let ids = ids.clone();
+            async move {
+                let mut streams = Vec::new();
+                for _ in 0..n {
+                    let p = pool
+                        .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                        .await
+                        .expect("a stream did not get through the good address");
+                    assert_eq!(p.lease.conn.address, good);
+                    streams.push((p.send, p.lease));
+                }
+                streams
+            }
+        };
+        held.extend(open(6).await);
+        assert_eq!(
+            tries.load(Ordering::Acquire),
+            1,
+            "the bad address was tried again at once"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        held.extend(open(3).await);
+        assert_eq!(
+            tries.load(Ordering::Acquire),
+            2,
+            "the bad address was not tried again after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        held.extend(open(1).await);
+        assert_eq!(
+            tries.load(Ordering::Acquire),
+            2,
+            "the backoff did not double"
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        held.extend(open(1).await);
+        assert_eq!(
+            tries.load(Ordering::Acquire),
+            3,
+            "the bad address was not tried again after 2 s"
+        );
+        // Every stream reached the good peer, over one connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(answered.load(Ordering::Acquire), 11);
+        assert_eq!(
+            pool.connections(),
+            2,
+            "one for the streams, one more made after they filled it"
+        );
+        drop(held);
+    }
+
+    /// A name is looked up again once its addresses are `refresh` old: new
+    /// streams go to the new address. While a lookup fails the last
+    /// addresses stay in use.
+    #[tokio::test]
+    async fn a_name_is_looked_up_again_and_a_failed_lookup_keeps_the_last_addresses() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (a, to_a) = counted_peer(&issuer, roots.clone()).await;
+        let (b, to_b) = counted_peer(&issuer, roots.clone()).await;
+        let answer = Arc::new(Mutex::new(vec![a]));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = lookup_of(answer.clone(), calls.clone());
+        let pool = pool_with(&issuer, &roots, lookup, Duration::from_millis(300));
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let open = || async {
+            let p = pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            let address = p.lease.conn.address;
+            let _stream = accepted(p.response.await.unwrap()).unwrap();
+            address
+        };
+        assert_eq!(open().await, a);
+        assert_eq!(open().await, a);
+        assert_eq!(calls.load(Ordering::Acquire), 1);
+        *answer.lock().unwrap() = vec![b];
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(open().await, b);
+        assert_eq!(calls.load(Ordering::Acquire), 2);
+        // The lookup fails from now on: b stays in use, looked up each 300 ms.
+        answer.lock().unwrap().clear();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(open().await, b);
+        assert_eq!(open().await, b);
+        assert_eq!(calls.load(Ordering::Acquire), 3);
+        assert_eq!(
+            (to_a.load(Ordering::Acquire), to_b.load(Ordering::Acquire)),
+            (2, 3)
+        );
+        // A name that never resolved is an error naming it.
+        let never = pool.start_stream("nowhere.test:15008", &ids, "x:1").await;
+        let e = never.err().expect("a name without addresses gave a stream");
+        assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
     }
 
     /// An open stream goes on through a bundle change that still trusts its

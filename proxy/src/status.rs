@@ -2,7 +2,8 @@
 //! JSON document (as ztunnel's and Envoy's admin endpoints): its SPIFFE ID
 //! and when its SVID expires, the trust domains it trusts, its listeners and
 //! routes with the pooled connections (those taking new streams) to each
-//! route's destination and the streams they carry, its
+//! route's destination (in all and per address it resolved to) and the
+//! streams they carry, its
 //! policy source, mode and active version (and, when the policy comes from
 //! the control plane, that set's version and digest), its limits, and
 //! whether it is draining. Nothing secret: no key, no token.
@@ -114,10 +115,22 @@ impl Status {
             .routes
             .iter()
             .map(|r| {
-                let (connections, streams) = pooled
+                let pool = pooled
                     .iter()
-                    .find(|p| p.destination == r.destination && p.ids == r.ids)
-                    .map_or((0, 0), |p| (p.connections, p.streams));
+                    .find(|p| p.destination == r.destination && p.ids == r.ids);
+                let (connections, streams) = pool.map_or((0, 0), |p| (p.connections, p.streams));
+                let endpoints: Vec<Value> = pool
+                    .map(|p| p.endpoints.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "address": e.address.to_string(),
+                            "connections": e.connections,
+                            "streams": e.streams,
+                        })
+                    })
+                    .collect();
                 json!({
                     "listen": r.listen.map(|a| a.to_string()),
                     "destination": r.destination,
@@ -125,6 +138,7 @@ impl Status {
                     "target": r.target(),
                     "connections": connections,
                     "streams": streams,
+                    "endpoints": endpoints,
                 })
             })
             .collect();
