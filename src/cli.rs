@@ -150,7 +150,8 @@ pub fn init_logging(json: bool) {
 
 /// [`init_logging`], writing to `out` (stderr, or a test's stand-in).
 fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{reload, EnvFilter};
     let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = STDERR_LOG.set(LineLog::with_limit(
@@ -159,14 +160,26 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
         std::time::Duration::from_secs(1),
         STDERR_LIMIT,
     ));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // The filter can be replaced while the process runs (`/logging`).
+    let (filter, handle) = reload::Layer::new(filter);
+    ward_spec::log_level::install(Box::new(move |new| {
+        if let Some(new) = new {
+            let parsed =
+                EnvFilter::try_new(new).map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
+            handle.reload(parsed).map_err(|e| e.to_string())?;
+        }
+        handle
+            .with_current(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    }));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(|| EventText(Vec::new()));
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().flatten_event(true).init();
+        registry.with(fmt.json().flatten_event(true)).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
     // A panic's message goes straight to stderr (Rust's default hook), and a
     // panic on the main thread ends the process: the lines logged before it

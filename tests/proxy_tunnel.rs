@@ -22,7 +22,7 @@ const API_UID: u32 = 1002;
 const DB_UID: u32 = 1003;
 
 struct Mesh {
-    _ca: CaProcess,
+    ca: CaProcess,
     agent: AgentProcess,
     policies: tempfile::TempDir,
     app: AppProcess,
@@ -83,7 +83,7 @@ impl Mesh {
             ProxyProcess::start(&agent, API_UID, &flags)
         };
         Mesh {
-            _ca: ca,
+            ca,
             agent,
             policies,
             app,
@@ -342,7 +342,7 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
     let reply = http_connect(&connect, "api.acme:8080");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
     // (A plain HTTP request through the listener is told it takes CONNECT.)
-    let reply = http_request(&connect, "GET", "http://api.acme:8080/");
+    let reply = http_proxy_request(&connect, "GET", "http://api.acme:8080/");
     assert!(
         reply.starts_with("HTTP/1.1 405") && reply.contains("\r\nAllow: CONNECT\r\n"),
         "{reply}"
@@ -1017,7 +1017,7 @@ impl Relay {
 /// Registers `cron` (uid 1004) on `node` with X509-SVIDs that live `ttl` seconds.
 fn register_cron(mesh: &Mesh, node: &str, ttl: u32) {
     let ttl = ttl.to_string();
-    mesh._ca.cli_json(&[
+    mesh.ca.cli_json(&[
         "entry",
         "create",
         "--spiffe-id",
@@ -1033,11 +1033,11 @@ fn register_cron(mesh: &Mesh, node: &str, ttl: u32) {
 
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
 fn http_connect(addr: &str, target: &str) -> String {
-    http_request(addr, "CONNECT", target)
+    http_proxy_request(addr, "CONNECT", target)
 }
 
 /// Sends `METHOD target` to an HTTP proxy listener; returns the reply head.
-fn http_request(addr: &str, method: &str, target: &str) -> String {
+fn http_proxy_request(addr: &str, method: &str, target: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -1185,7 +1185,7 @@ fn fetch_svid(agent: &AgentProcess, uid: u32) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
 #[test]
 fn a_connection_whose_peer_certificate_expires_takes_no_new_streams() {
     let mesh = Mesh::start(&[], &[]);
-    let node = mesh._ca.first_agent();
+    let node = mesh.ca.first_agent();
     register_cron(&mesh, &node, 4);
     let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
     let (_, mut tls) = tls_session(&mesh.api_inbound, Some((chain, key))).expect("accepted");
@@ -1228,7 +1228,7 @@ fn a_connection_whose_peer_certificate_expires_takes_no_new_streams() {
 #[test]
 fn a_pooled_connection_whose_peer_certificate_expires_is_not_given_new_streams() {
     let mesh = Mesh::start(&[], &[]);
-    let ca = &mesh._ca;
+    let ca = &mesh.ca;
     let node = ca.first_agent();
     let entries = ca.cli_json(&["entry", "list"]);
     let api_entry = entries
@@ -1329,12 +1329,12 @@ fn peers_without_an_expected_valid_svid_are_refused_before_any_byte_flows() {
     );
     assert!(tls_probe(&inbound, Some(foreign)).is_err());
     // 4. A CA certificate as the leaf: our own trust domain's root, with its key.
-    let root = mesh._ca.bundle().x509_authorities[0].clone();
+    let root = mesh.ca.bundle().x509_authorities[0].clone();
     let root_key =
-        pem_file_ders(&mesh._ca.data_dir().join("keys/root-0.key"), "PRIVATE KEY").remove(0);
+        pem_file_ders(&mesh.ca.data_dir().join("keys/root-0.key"), "PRIVATE KEY").remove(0);
     assert!(tls_probe(&inbound, Some((vec![root], root_key))).is_err());
     // 5. An expired SVID of our own trust domain (a 2-second entry).
-    let node = mesh._ca.first_agent();
+    let node = mesh.ca.first_agent();
     register_cron(&mesh, &node, 2);
     let (chain, key, not_after) = fetch_svid(&mesh.agent, 1004);
     while unix_now() <= not_after + 1 {
@@ -1554,8 +1554,8 @@ fn no_listener_until_the_svid_arrives_sigterm_drains_open_streams_and_a_restarte
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     // Its SVID arrives once it is registered.
-    let node = mesh._ca.first_agent();
-    mesh._ca.register(
+    let node = mesh.ca.first_agent();
+    mesh.ca.register(
         "spiffe://example.org/tenant/acme/ns/prod/sa/web2",
         &node,
         "unix:uid:1005",
@@ -1964,4 +1964,46 @@ fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
     drop(open);
     std::thread::sleep(Duration::from_millis(300));
     assert_clean(&hash_client(small_port, 1024, 1, 0.0), 1, 1024);
+}
+
+/// `/logging` on a health port says the log filter in force and, posted
+/// `?level=FILTER`, replaces it while the process runs: a debug line the
+/// proxy did not write before (a new inbound connection) appears after. A
+/// filter that does not parse is refused by name and changes nothing. The
+/// CA and the agent answer it too.
+#[test]
+fn the_log_filter_changes_at_run_time_through_logging() {
+    let mesh = Mesh::start(&[], &[]);
+    let health = mesh.api.health_addr.clone();
+    assert_eq!(
+        http_get(&health, "/logging"),
+        Some((200, "info\n".to_owned()))
+    );
+    // A first connection, at info: no debug line for it.
+    let (_web, web_port) = mesh.client_proxy(WEB_UID, API, &[]);
+    assert_clean(&hash_client(web_port, 1024, 1, 0.0), 1, 1024);
+
+    let (code, body) = http_request(&health, "POST", "/logging?level=ward_proxy%3Dloud").unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("ward_proxy=loud"), "{body}");
+    let (code, body) = http_request(&health, "POST", "/logging").unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(http_get(&health, "/logging").unwrap().1, "info\n");
+    let (code, body) =
+        http_request(&health, "POST", "/logging?level=info%2Cward_proxy%3Ddebug").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ward_proxy=debug,info\n"));
+    // Lines reach the log in order: none about the first connection.
+    let log = mesh.api.wait_log(|l| l.contains("log filter changed"));
+    assert!(log.contains("log filter changed"), "{log}");
+    assert!(!log.contains("inbound connection"), "{log}");
+
+    // Another peer's connection, now at debug.
+    let (_db, db_port) = mesh.client_proxy(DB_UID, API, &[]);
+    assert_eq!(hash_client(db_port, 1024, 1, 0.0).ok, 0);
+    let log = mesh.api.wait_log(|l| l.contains("inbound connection"));
+    assert!(log.contains("inbound connection"), "{log}");
+
+    for health in [&mesh.ca.health_addr, &mesh.agent.health_addr] {
+        assert_eq!(http_get(health, "/logging").map(|r| r.0), Some(200));
+    }
 }

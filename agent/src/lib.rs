@@ -264,6 +264,7 @@ fn health_router(
 ) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/logging", ward_spec::log_level::route())
         .route(
             "/readyz",
             get(move || {

@@ -569,6 +569,7 @@ fn health_router(ca: Arc<Ca>) -> axum::Router {
     let metrics = ca.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/logging", ward_spec::log_level::route())
         .route(
             "/readyz",
             get(move || {

@@ -405,6 +405,7 @@ fn health_router(
     let authz_ready = authz.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/logging", ward_spec::log_level::route())
         .route(
             "/readyz",
             get(move || {

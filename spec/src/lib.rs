@@ -6,7 +6,8 @@
 //! bundles travel as SPIFFE JWKS documents ([`bundle`]), and every mutual-TLS
 //! endpoint verifies its peer with the SPIFFE verifiers in [`tls`]. The gRPC
 //! node and admin APIs are generated from `proto/` into [`proto`]. Decision
-//! and access logs are written off the serving threads by [`linelog`].
+//! and access logs are written off the serving threads by [`linelog`]; the
+//! process's log filter is changed at run time through [`log_level`].
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -17,6 +18,7 @@ pub mod grpc;
 pub mod id;
 pub mod jwt;
 pub mod linelog;
+pub mod log_level;
 pub mod proto;
 pub mod selector;
 pub mod svid;

@@ -1,0 +1,66 @@
+//! The process's log filter, changed while it runs: `GET /logging` on each
+//! component's health port says the filter in force, `POST
+//! /logging?level=FILTER` replaces it (a `WARD_LOG` filter such as `debug`
+//! or `info,ward_proxy=debug`), as the admin endpoints of Envoy, ztunnel and
+//! Linkerd's proxy do. The `ward` binary installs the hook that does it when
+//! it sets up its log; a process without one answers that it cannot.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use axum::extract::Query;
+use axum::http::StatusCode;
+use axum::routing::{get, MethodRouter};
+
+/// Sets the filter (if given) and returns the one in force, or says why not.
+pub type Hook = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+static HOOK: OnceLock<Hook> = OnceLock::new();
+
+/// Installs the process's hook (the first one stays).
+pub fn install(hook: Hook) {
+    let _ = HOOK.set(hook);
+}
+
+/// `/logging` for a component's health router.
+pub fn route() -> MethodRouter {
+    get(|| async { reply(read()) }).post(|Query(q): Query<HashMap<String, String>>| async move {
+        reply(post(q.get("level").map(String::as_str)))
+    })
+}
+
+fn reply((status, body): (u16, String)) -> (StatusCode, String) {
+    (StatusCode::from_u16(status).expect("a valid status"), body)
+}
+
+/// `GET /logging`: the filter in force. (HTTP status, body.)
+pub fn read() -> (u16, String) {
+    change(None)
+}
+
+/// `POST /logging?level=FILTER`: the filter replaced by `level` (the query
+/// value, decoded). (HTTP status, body.)
+pub fn post(level: Option<&str>) -> (u16, String) {
+    match level {
+        Some(level) => change(Some(level)),
+        None => (
+            400,
+            "POST /logging needs ?level=FILTER (e.g. debug, or info,ward_proxy=debug)\n".into(),
+        ),
+    }
+}
+
+fn change(level: Option<&str>) -> (u16, String) {
+    let Some(hook) = HOOK.get() else {
+        return (501, "this process's log filter cannot be changed\n".into());
+    };
+    match hook(level) {
+        Ok(now) => {
+            if let Some(level) = level {
+                tracing::info!(filter = %level, "log filter changed");
+            }
+            (200, format!("{now}\n"))
+        }
+        Err(e) => (400, format!("{e}\n")),
+    }
+}
