@@ -39,6 +39,11 @@ pub const DATA_FRAME_BUDGET: usize = 8 * 1024 * 1024;
 pub const TLS_BUFFER: usize = 1024 * 1024;
 /// Largest amount h2 buffers for one stream before the writer must wait.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Largest header list (decoded) either end takes: a `CONNECT` and its
+/// answer need a few hundred bytes. h2's default, 16 MiB, let any peer that
+/// completes a handshake (a denied one included) make the connection hold
+/// megabytes of an unfinished header block.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The certificates a peer presented, and when they were verified: kept
 /// with its connection, so that when the roots change the peer is verified
@@ -178,6 +183,7 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
         .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(max_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .data_frame_budget(DATA_FRAME_BUDGET);
     b
@@ -192,6 +198,7 @@ pub fn client_builder(max_streams: u32) -> h2::client::Builder {
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .data_frame_budget(DATA_FRAME_BUDGET)
         // A proxy never accepts pushed streams.

@@ -874,6 +874,48 @@ mod tests {
         );
     }
 
+    /// A `CONNECT` whose headers are larger than [`hbone::MAX_HEADER_LIST`]
+    /// is refused before it is decided (h2's default limit, 16 MiB, let a
+    /// peer hold that much in one header block); one of ordinary size on
+    /// the same connection still is.
+    #[tokio::test]
+    async fn oversized_headers_are_refused() {
+        let (bundle, root) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let inbound = inbound(
+            svid(API, &root),
+            identity_rx,
+            watch::channel(0).1,
+            Duration::from_secs(60),
+        );
+        let metrics = inbound.metrics.clone();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        let connect = |extra: usize| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri("127.0.0.1:9")
+                .header("x-padding", "a".repeat(extra))
+                .body(())
+                .unwrap()
+        };
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client.send_request(connect(32 * 1024), true).unwrap();
+        assert_eq!(
+            response.await.unwrap().status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client.send_request(connect(100), true).unwrap();
+        assert_eq!(response.await.unwrap().status(), StatusCode::FORBIDDEN);
+        let text = metrics.render(0);
+        assert!(
+            text.contains(r#"ward_proxy_authorization_decisions_total{decision="deny"} 1"#),
+            "{text}"
+        );
+    }
+
     /// Admitted streams do restart it: streams every 300 ms keep a
     /// connection with a 1 s idle timeout open; it closes once they stop.
     #[tokio::test]
