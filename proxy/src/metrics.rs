@@ -98,6 +98,9 @@ pub struct Metrics {
     pub reload_stats: Arc<ReloadStats>,
     /// One line per stream as it ends, if configured.
     pub access_log: Option<Arc<AccessLog>>,
+    /// One render at a time: each brings counters kept elsewhere up to
+    /// date by adding the difference, which two at once would add twice.
+    rendering: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -127,6 +130,7 @@ impl Default for Metrics {
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
             access_log: None,
+            rendering: std::sync::Mutex::new(()),
         };
         registry.register(
             "connections_open",
@@ -330,6 +334,7 @@ impl Metrics {
 
     /// The metrics text; `decision_log_dropped` is the authorizer's count.
     pub fn render(&self, decision_log_dropped: u64) -> String {
+        let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         let not_after = self.svid_not_after.load(Ordering::Relaxed);
         if not_after > 0 {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
