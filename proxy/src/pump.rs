@@ -27,6 +27,14 @@ use tokio::net::TcpStream;
 /// ([`crate::hbone::MAX_FRAME`]).
 const READ_CHUNK: usize = crate::hbone::MAX_FRAME as usize;
 
+/// Reads shorter than this that empty the application's socket are copied
+/// out of the read buffer before they go to h2. As a slice, each would keep
+/// the buffer's whole allocation (`READ_CHUNK`) for as long as h2 holds it,
+/// and h2 holds up to [`crate::hbone::MAX_SEND_BUFFER`] for a peer slow to
+/// read: small messages would cost 256 KiB each. A longer read fills at
+/// least a quarter of its allocation.
+const COPY_BELOW: usize = READ_CHUNK / 4;
+
 /// Bytes carried by one stream, counted as they go: a stream that ends in
 /// an error, or is cut off, still tells what it carried. `status` is the
 /// `CONNECT` answer once known (for the access log).
@@ -188,7 +196,14 @@ async fn app_to_tunnel(
                 };
             }
             Ok((n, drained)) => {
-                let sent = send_all(&mut send, buf.split().freeze()).await;
+                let chunk = if drained && n < COPY_BELOW {
+                    let copy = Bytes::copy_from_slice(&buf);
+                    buf.clear();
+                    copy
+                } else {
+                    buf.split().freeze()
+                };
+                let sent = send_all(&mut send, chunk).await;
                 if !still_sending(&mut send, sent)? {
                     return Ok(None);
                 }
@@ -432,14 +447,35 @@ mod tests {
         (SendStream<Bytes>, RecvStream),
         (SendStream<Bytes>, RecvStream),
     ) {
-        let (client_io, server_io) = tokio::io::duplex(4 << 20);
+        tunnel_with(4 << 20, false).await
+    }
+
+    /// [`tunnel`] over a pipe of `pipe` bytes; a `stalled` server reads
+    /// nothing more once it has answered.
+    async fn tunnel_with(
+        pipe: usize,
+        stalled: bool,
+    ) -> (
+        (SendStream<Bytes>, RecvStream),
+        (SendStream<Bytes>, RecvStream),
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(pipe);
         let server = tokio::spawn(async move {
             let mut conn = crate::hbone::server_builder(10)
                 .handshake::<_, Bytes>(server_io)
                 .await
                 .unwrap();
             let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            if stalled {
+                // Long enough to send the answer, then no more.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_millis(300), conn.accept()).await;
+                    let _held = conn;
+                    std::future::pending::<()>().await
+                });
+            } else {
+                tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            }
             let send = respond
                 .send_response(http::Response::new(()), false)
                 .unwrap();
@@ -708,6 +744,56 @@ mod tests {
             .unwrap()
             .unwrap()
             .unwrap();
+    }
+
+    /// This process's virtual memory, in KiB.
+    fn vm_size_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// An application sending small messages one at a time to a peer that
+    /// has stopped reading: h2 holds up to a megabyte of them for the
+    /// stream, and each must cost about its own size. Sent as a slice of
+    /// the read buffer, each kept that buffer's whole allocation (256 KiB):
+    /// gigabytes for one stream's megabyte.
+    #[tokio::test]
+    async fn small_messages_to_a_peer_that_stopped_reading_cost_their_size() {
+        let ((send, recv), _peer) = tunnel_with(64 * 1024, true).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (proxy_side, mut app) = app_pair().await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        let before = vm_size_kib();
+        const MESSAGES: usize = 12_000;
+        for i in 0..MESSAGES {
+            app.write_all(&[(i % 251) as u8; 100]).await.unwrap();
+            // The pump reads each before the next is sent (mostly).
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // h2 takes them until its megabyte for the stream is full.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let taken = carried.totals().1;
+            if taken == last || Instant::now() > deadline {
+                break;
+            }
+            last = taken;
+        }
+        assert!(
+            last >= crate::hbone::MAX_SEND_BUFFER as u64 / 2,
+            "the pump took only {last} bytes"
+        );
+        let grown = vm_size_kib().saturating_sub(before);
+        assert!(
+            grown < 256 * 1024,
+            "memory grew by {grown} KiB for {last} bytes held"
+        );
+        assert!(!pumping.is_finished());
     }
 
     /// One read from the application becomes one DATA frame of up to
