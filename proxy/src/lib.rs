@@ -233,7 +233,7 @@ pub async fn run(
 
     let _ = stop_rx.wait_for(|s| *s).await;
     listening.store(false, Ordering::Release);
-    drain_streams(&drain_tx, &metrics, cfg.limits.drain_timeout, cut).await;
+    drain_streams(&drain_tx, &metrics, &pool, cfg.limits.drain_timeout, cut).await;
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
     let access = metrics.access_log.clone();
@@ -305,10 +305,14 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 /// Inbound connections are waited for too: each has told its peer to open
 /// no more streams (GOAWAY) and closes once its peer has seen that and its
 /// streams have ended, so a peer's stream sent meanwhile is refused in a
-/// way it can retry elsewhere, not cut by the process's exit.
+/// way it can retry elsewhere, not cut by the process's exit. Once no
+/// stream is left the pool's connections are closed, and waited for: a
+/// stream's last bytes may still be queued in its connection (the peer
+/// slow to read) when the stream is done, and leaving then would lose them.
 async fn drain_streams(
     drain: &watch::Sender<bool>,
     metrics: &Metrics,
+    pool: &pool::Pool,
     deadline: Duration,
     cut: impl Future<Output = ()>,
 ) {
@@ -320,12 +324,19 @@ async fn drain_streams(
         (
             metrics.stream_tasks(),
             metrics.connections_open(Direction::Inbound),
+            metrics.connections_open(Direction::Outbound),
         )
     };
     tracing::info!(open_streams = left().0, deadline = ?deadline, "draining");
     let start = Instant::now();
     let mut cut_short = false;
-    while left() != (0, 0) && start.elapsed() < deadline {
+    let mut pool_closed = false;
+    while left() != (0, 0, 0) && start.elapsed() < deadline {
+        if left().0 == 0 && !pool_closed {
+            pool.close();
+            pool_closed = true;
+            continue;
+        }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
             () = &mut cut => {
@@ -334,8 +345,8 @@ async fn drain_streams(
             }
         }
     }
-    let (streams, connections) = left();
-    if (streams, connections) != (0, 0) {
+    let (streams, connections, outbound) = left();
+    if (streams, connections, outbound) != (0, 0, 0) {
         let why = if cut_short {
             "drain cut short by a second signal; closing open streams and connections"
         } else {
@@ -344,6 +355,7 @@ async fn drain_streams(
         tracing::warn!(
             open_streams = streams,
             inbound_connections = connections,
+            outbound_connections = outbound,
             "{why}"
         );
     } else {

@@ -185,6 +185,8 @@ pub struct Pool {
     resolved: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Resolved>>>>>,
     /// Turns the choice between equally loaded addresses.
     rotation: AtomicUsize,
+    /// Set by [`Pool::close`]: no connection is made from then on.
+    closing: AtomicBool,
 }
 
 /// Tunnels being opened at once, at most.
@@ -451,6 +453,7 @@ impl Pool {
             dns_refresh,
             resolved: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -621,6 +624,12 @@ impl Pool {
         }
         if let Some(why) = self.recent_failure(&key) {
             return Err(OpenError::Connect(key.name(), io::Error::other(why)));
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(OpenError::Connect(
+                key.name(),
+                io::Error::other("the proxy is stopping"),
+            ));
         }
         let made = self.connect(&key, generation, roots).await;
         let mut slots = self.slots.lock().expect("pool lock");
@@ -978,6 +987,21 @@ impl Pool {
         });
     }
 
+    /// Closes the pool (when the proxy stops, once no stream is left): its
+    /// connections take no new streams and are let go, so that each closes
+    /// (GOAWAY) once what it has queued is written and its streams are
+    /// done; no new one is made.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let mut slots = self.slots.lock().expect("pool lock");
+        for slot in slots.values() {
+            for c in &slot.conns {
+                c.closed.store(true, Ordering::Release);
+            }
+        }
+        slots.clear();
+    }
+
     /// Connections in the pool (for tests and metrics).
     pub fn connections(&self) -> usize {
         let slots = self.slots.lock().expect("pool lock");
@@ -1285,6 +1309,87 @@ mod tests {
         let never = pool.start_stream("nowhere.test:15008", &ids, "x:1").await;
         let e = never.err().expect("a name without addresses gave a stream");
         assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
+    }
+
+    /// A drain closes the pool's connections once no stream is left, and
+    /// returns only once they have closed: a stream's last bytes, still
+    /// queued in its connection when the stream ended (here the peer waits
+    /// before it reads), reach the peer before the proxy would exit.
+    #[tokio::test]
+    async fn a_drain_waits_for_pooled_connections_to_deliver_what_they_hold() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        // The peer: answers one stream, waits, then reads it to its end.
+        let config = ward_spec::tls::server_config(
+            svid(API, &issuer),
+            SpiffeClientVerifier::new(roots.clone(), true),
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let mut conn = hbone::server_builder(10)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            // It has nothing to say: its half of the stream ends at once.
+            respond
+                .send_response(http::Response::new(()), true)
+                .unwrap();
+            let mut body = req.into_body();
+            let reading = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut got = 0;
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    got += chunk.len();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                got
+            };
+            tokio::spawn(async move { std::future::poll_fn(|cx| conn.poll_closed(cx)).await });
+            reading.await
+        });
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let p = pool
+            .start_stream(&addr.to_string(), &ids, "api.acme:8080")
+            .await
+            .unwrap();
+        let mut recv = accepted(p.response.await.unwrap()).unwrap();
+        assert!(recv.data().await.is_none(), "the peer's half did not end");
+        // 2 MiB and the stream's end, queued; the stream is done with.
+        let mut send = p.send;
+        crate::pump::send_all(&mut send, Bytes::from(vec![7u8; 2 << 20]))
+            .await
+            .unwrap();
+        send.send_data(Bytes::new(), true).unwrap();
+        drop((send, recv, p.lease));
+        let metrics = pool.metrics.clone();
+        assert_eq!(metrics.connections_open(Direction::Outbound), 1);
+        let (drain, _) = watch::channel(false);
+        crate::drain_streams(
+            &drain,
+            &metrics,
+            &pool,
+            Duration::from_secs(10),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(
+            metrics.connections_open(Direction::Outbound),
+            0,
+            "the drain ended with a pooled connection open"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, 2 << 20);
+        assert_eq!(pool.connections(), 0);
     }
 
     /// An open stream goes on through a bundle change that still trusts its
