@@ -332,17 +332,18 @@ async fn drain_streams(
     let mut cut_short = false;
     let mut pool_closed = false;
     while left() != (0, 0, 0) && start.elapsed() < deadline {
-        if left().0 == 0 && !pool_closed {
-            pool.close();
-            pool_closed = true;
-            continue;
-        }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
             () = &mut cut => {
                 cut_short = true;
                 break;
             }
+        }
+        // (After a first tick: a connection accepted as the drain began
+        // has its stream counted by then.)
+        if left().0 == 0 && !pool_closed {
+            pool.close();
+            pool_closed = true;
         }
     }
     let (streams, connections, outbound) = left();

@@ -15,13 +15,15 @@
 //! longer trusted is closed with its streams (as inbound does).
 //!
 //! A destination named by host name is looked up again every
-//! [`DNS_REFRESH`] (the last addresses stay in use while a lookup fails),
+//! [`DNS_REFRESH`], in the background (the last addresses stay in use
+//! meanwhile, and while a lookup fails),
 //! and each new stream goes to the address with the fewest open streams
 //! (ties taken in turn), as Envoy's least-request balancing does: a
 //! replicated service behind one name shares the load. An address whose
 //! connection attempt failed is tried last for a while (doubling with each
 //! failure, up to [`FAILURE_BACKOFF_MAX`]), and a stream that cannot reach
-//! one address goes on to the next, within twice the connect timeout.
+//! one address goes on to the next while a connect and a handshake could
+//! still be made within their timeouts.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -141,10 +143,61 @@ fn system_lookup() -> Lookup {
     Arc::new(|host| Box::pin(async move { Ok(tokio::net::lookup_host(host).await?.collect()) }))
 }
 
+/// What is known of a host-name destination.
+#[derive(Default)]
+struct Name {
+    resolved: Option<Resolved>,
+    /// When and why its first lookup last failed.
+    failed: Option<(Instant, String)>,
+}
+
 /// A host name's addresses and when they were looked up.
 struct Resolved {
     addresses: Arc<[SocketAddr]>,
     at: Instant,
+    /// A lookup is running in the background.
+    refreshing: bool,
+}
+
+/// `destination`'s addresses, sorted, within `timeout`.
+async fn look_up(
+    lookup: &Lookup,
+    destination: &str,
+    timeout: Duration,
+) -> io::Result<Arc<[SocketAddr]>> {
+    let mut found = tokio::time::timeout(timeout, lookup(destination.to_owned()))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out")))?;
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        return Err(io::Error::other("the name has no address"));
+    }
+    Ok(found.into())
+}
+
+/// Looks a name up again, in the background: new addresses replace the
+/// last ones; a failure keeps them (and is tried again after the refresh
+/// interval).
+async fn refresh(
+    name: Arc<tokio::sync::Mutex<Name>>,
+    lookup: Lookup,
+    destination: String,
+    timeout: Duration,
+) {
+    let found = look_up(&lookup, &destination, timeout).await;
+    let mut name = name.lock().await;
+    let Some(r) = name.resolved.as_mut() else {
+        return;
+    };
+    r.refreshing = false;
+    r.at = Instant::now();
+    match found {
+        Ok(addresses) => r.addresses = addresses,
+        Err(e) => {
+            tracing::warn!(%destination, error = %e, "looking the destination up failed; its last addresses stay in use");
+        }
+    }
 }
 
 /// A destination's addresses: an IP address needs no lookup.
@@ -182,7 +235,7 @@ pub struct Pool {
     lookup: Lookup,
     dns_refresh: Duration,
     /// Host-name destinations' addresses; one lookup at a time for each.
-    resolved: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Resolved>>>>>,
+    resolved: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Name>>>>,
     /// Turns the choice between equally loaded addresses.
     rotation: AtomicUsize,
     /// Set by [`Pool::close`]: no connection is made from then on.
@@ -554,9 +607,9 @@ impl Pool {
         let mut failure = None;
         let mut conn = None;
         for (i, &address) in order.as_slice().iter().enumerate() {
-            // Further addresses only within twice the connect timeout (one
-            // that never answers takes one of them).
-            if i > 0 && started.elapsed() >= self.connect_timeout * 2 {
+            // Further addresses while a connect and a handshake could still
+            // be made in time: one whose peer never answers takes one try.
+            if i > 0 && started.elapsed() >= self.connect_timeout + self.handshake_timeout {
                 break;
             }
             let key = Key {
@@ -570,7 +623,11 @@ impl Pool {
                     conn = Some(c);
                     break;
                 }
-                Err(e) => failure = Some(e),
+                // The first address's failure says most: later ones are
+                // those that failed a moment ago, or more loaded.
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
         let conn = match (conn, failure) {
@@ -667,8 +724,12 @@ impl Pool {
     }
 
     /// The addresses `destination` (`host:port`) stands for: an IP address
-    /// as it is, a host name's as last looked up (again once that is
-    /// [`DNS_REFRESH`] old; while a lookup fails, the last ones).
+    /// as it is; a host name's as last looked up. Its first lookup is
+    /// waited for (one for all callers; a failed one answers the callers of
+    /// the next second at once); later ones, once the addresses are
+    /// [`DNS_REFRESH`] old, run in the background while the last addresses
+    /// stay in use (also while lookups fail), so a slow resolver holds up
+    /// no stream.
     async fn addresses(&self, destination: &str) -> Result<Addresses, OpenError> {
         if let Ok(address) = destination.parse() {
             return Ok(Addresses::One(address));
@@ -680,49 +741,53 @@ impl Pool {
                 None => resolved.entry(destination.to_owned()).or_default().clone(),
             }
         };
-        let mut cached = cell.lock().await;
-        if let Some(r) = cached
-            .as_ref()
-            .filter(|r| r.at.elapsed() < self.dns_refresh)
-        {
+        let mut name = cell.lock().await;
+        if let Some(r) = name.resolved.as_mut() {
+            if r.at.elapsed() >= self.dns_refresh && !r.refreshing {
+                r.refreshing = true;
+                tokio::spawn(refresh(
+                    cell.clone(),
+                    self.lookup.clone(),
+                    destination.to_owned(),
+                    self.connect_timeout,
+                ));
+            }
             return Ok(Addresses::Many(r.addresses.clone()));
         }
-        let looked_up =
-            tokio::time::timeout(self.connect_timeout, (self.lookup)(destination.to_owned()))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out"))
-                })
-                .and_then(|mut found| {
-                    found.sort();
-                    found.dedup();
-                    if found.is_empty() {
-                        return Err(io::Error::other("the name has no address"));
-                    }
-                    Ok(found)
-                });
-        match (looked_up, cached.as_mut()) {
-            (Ok(found), _) => {
-                let addresses: Arc<[SocketAddr]> = found.into();
-                *cached = Some(Resolved {
+        if let Some((at, why)) = name
+            .failed
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FAILURE_HOLD)
+        {
+            return Err(OpenError::Connect(
+                destination.to_owned(),
+                io::Error::other(format!("{why} ({} ms ago)", at.elapsed().as_millis())),
+            ));
+        }
+        match look_up(&self.lookup, destination, self.connect_timeout).await {
+            Ok(addresses) => {
+                name.failed = None;
+                name.resolved = Some(Resolved {
                     addresses: addresses.clone(),
                     at: Instant::now(),
+                    refreshing: false,
                 });
                 Ok(Addresses::Many(addresses))
             }
-            (Err(e), Some(last)) => {
-                tracing::warn!(%destination, error = %e, "looking the destination up failed; its last addresses stay in use");
-                last.at = Instant::now();
-                Ok(Addresses::Many(last.addresses.clone()))
+            Err(e) => {
+                name.failed = Some((Instant::now(), e.to_string()));
+                Err(OpenError::Connect(destination.to_owned(), e))
             }
-            (Err(e), None) => Err(OpenError::Connect(destination.to_owned(), e)),
         }
     }
 
     /// `addresses` in the order a new stream tries them: those whose last
-    /// connection attempt failed within its backoff last, then the fewest
-    /// open streams (for `me`'s current SVID and `ids`) first, ties taken
-    /// in turn.
+    /// connection attempt failed within its backoff last, and after those
+    /// with room those being dialled (so that while one caller tries an
+    /// address that may not answer, the others are not held up behind it);
+    /// then the fewest open streams (for `me`'s current SVID and `ids`)
+    /// first, ties taken in turn. (A stream may so make a connection to an
+    /// address without its caller's turn: one per address at a time.)
     fn order(
         &self,
         me: &SpiffeId,
@@ -737,8 +802,9 @@ impl Pool {
         if all.len() == 1 {
             return Addresses::One(all[0]);
         }
-        // (failed a moment ago, open streams) per address.
-        let mut load = vec![(false, 0usize); all.len()];
+        // (failed a moment ago, being dialled without room, open streams)
+        // per address.
+        let mut load = vec![(false, false, 0usize); all.len()];
         {
             let slots = self.slots.lock().expect("pool lock");
             for (key, slot) in slots.iter() {
@@ -752,10 +818,13 @@ impl Pool {
                     .failed
                     .as_ref()
                     .is_some_and(|f| f.at.elapsed() < f.backoff());
-                load[i].1 += slot
-                    .conns
-                    .iter()
-                    .filter(|c| c.usable(generation))
+                let usable = slot.conns.iter().filter(|c| c.usable(generation));
+                let room = usable.clone().any(|c| {
+                    c.active.load(Ordering::Acquire)
+                        < self.max_streams.min(c.send.current_max_send_streams())
+                });
+                load[i].1 = Arc::strong_count(&slot.connecting) > 1 && !room;
+                load[i].2 += usable
                     .map(|c| c.active.load(Ordering::Acquire))
                     .sum::<usize>();
             }
@@ -763,7 +832,7 @@ impl Pool {
         let n = all.len();
         let first = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| (load[i].0, load[i].1, (i + n - first) % n));
+        order.sort_by_key(|&i| (load[i].0, load[i].1, load[i].2, (i + n - first) % n));
         Addresses::Many(order.into_iter().map(|i| all[i]).collect())
     }
 
@@ -977,13 +1046,13 @@ impl Pool {
             });
         }
         // A slot without connections stays while someone is connecting or
-        // its failure still orders its address last.
+        // its failure may still count (its backoff doubles with the next).
         slots.retain(|_, s| {
             !s.conns.is_empty()
                 || Arc::strong_count(&s.connecting) > 1
                 || s.failed
                     .as_ref()
-                    .is_some_and(|f| f.at.elapsed() < f.backoff())
+                    .is_some_and(|f| f.at.elapsed() < FAILURE_BACKOFF_MAX)
         });
     }
 
@@ -1102,10 +1171,21 @@ mod tests {
     /// A lookup answering what `answer` holds at the time (an empty list:
     /// a failed lookup), counting its calls in `calls`.
     fn lookup_of(answer: Arc<Mutex<Vec<SocketAddr>>>, calls: Arc<AtomicUsize>) -> Lookup {
+        slow_lookup_of(answer, calls, Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// [`lookup_of`], each lookup taking `delay_ms`.
+    fn slow_lookup_of(
+        answer: Arc<Mutex<Vec<SocketAddr>>>,
+        calls: Arc<AtomicUsize>,
+        delay_ms: Arc<AtomicUsize>,
+    ) -> Lookup {
         Arc::new(move |_host| {
             calls.fetch_add(1, Ordering::AcqRel);
             let found = answer.lock().unwrap().clone();
+            let delay = Duration::from_millis(delay_ms.load(Ordering::Acquire) as u64);
             Box::pin(async move {
+                tokio::time::sleep(delay).await;
                 if found.is_empty() {
                     return Err(io::Error::other("no such host"));
                 }
@@ -1265,19 +1345,78 @@ mod tests {
         drop(held);
     }
 
-    /// A name is looked up again once its addresses are `refresh` old: new
-    /// streams go to the new address. While a lookup fails the last
-    /// addresses stay in use.
+    /// An address being dialled is tried after addresses with room: while
+    /// one stream waits on a peer that accepts TCP but never answers TLS,
+    /// the others go at once to the address that answers; the waiting one
+    /// gets there too once its handshake times out.
     #[tokio::test]
-    async fn a_name_is_looked_up_again_and_a_failed_lookup_keeps_the_last_addresses() {
+    async fn streams_do_not_queue_behind_a_dial_to_an_address_that_never_answers() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (good, _) = counted_peer(&issuer, roots.clone()).await;
+        // Accepts connections (the kernel does) and never reads them.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen = silent.local_addr().unwrap();
+        let answer = Arc::new(Mutex::new(vec![good]));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = lookup_of(answer.clone(), calls.clone());
+        let refresh = Duration::from_millis(500);
+        let pool = pool_with(&issuer, &roots, lookup, refresh);
+        let ids = Arc::new(vec![SpiffeId::parse(API).unwrap()]);
+        let open = |pool: Arc<Pool>, ids: Arc<Vec<SpiffeId>>| async move {
+            let started = Instant::now();
+            let p = pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            let address = p.lease.conn.address;
+            (address, started.elapsed(), p)
+        };
+        let (first, _, _held) = open(pool.clone(), ids.clone()).await;
+        assert_eq!(first, good);
+        // The name now also has the silent address (least loaded: first).
+        *answer.lock().unwrap() = vec![frozen, good];
+        tokio::time::sleep(refresh + Duration::from_millis(100)).await;
+        let (_, _, _h) = open(pool.clone(), ids.clone()).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while calls.load(Ordering::Acquire) < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let waiting = tokio::spawn(open(pool.clone(), ids.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the silent address was not tried");
+        for _ in 0..3 {
+            let (address, took, _h) = open(pool.clone(), ids.clone()).await;
+            assert_eq!(address, good);
+            assert!(took < Duration::from_secs(2), "a stream waited {took:?}");
+        }
+        let (address, took, _h) = tokio::time::timeout(Duration::from_secs(15), waiting)
+            .await
+            .expect("the stream that tried the silent address never went on")
+            .unwrap();
+        assert_eq!(address, good);
+        assert!(took >= Duration::from_secs(4), "{took:?}");
+        drop(silent);
+    }
+
+    /// A name is looked up again, in the background, once its addresses
+    /// are `refresh` old: new streams then go to the new address. A lookup
+    /// that is slow holds up no stream, and while lookups fail the last
+    /// addresses stay in use. A name whose first lookup fails is an error
+    /// naming it, and answers the next second's callers without a lookup.
+    #[tokio::test]
+    async fn a_name_is_looked_up_again_in_the_background() {
         let (bundle, issuer) = root("example.org");
         let roots = RootStore::new(&bundle).unwrap();
         let (a, to_a) = counted_peer(&issuer, roots.clone()).await;
         let (b, to_b) = counted_peer(&issuer, roots.clone()).await;
         let answer = Arc::new(Mutex::new(vec![a]));
         let calls = Arc::new(AtomicUsize::new(0));
-        let lookup = lookup_of(answer.clone(), calls.clone());
-        let pool = pool_with(&issuer, &roots, lookup, Duration::from_millis(300));
+        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
+        let refresh = Duration::from_secs(1);
+        let pool = pool_with(&issuer, &roots, lookup, refresh);
         let ids = vec![SpiffeId::parse(API).unwrap()];
         let open = || async {
             let p = pool
@@ -1288,27 +1427,59 @@ mod tests {
             let _stream = accepted(p.response.await.unwrap()).unwrap();
             address
         };
+        let counted = calls.clone();
+        let lookups = move |n: usize| {
+            let calls = counted.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while calls.load(Ordering::Acquire) < n && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                calls.load(Ordering::Acquire)
+            }
+        };
         assert_eq!(open().await, a);
         assert_eq!(open().await, a);
-        assert_eq!(calls.load(Ordering::Acquire), 1);
+        assert_eq!(lookups(1).await, 1);
+
+        // The name moves to b; the next lookup takes 3 s.
         *answer.lock().unwrap() = vec![b];
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        delay_ms.store(3000, Ordering::Release);
+        tokio::time::sleep(refresh + Duration::from_millis(100)).await;
+        let started = Instant::now();
+        assert_eq!(open().await, a, "served from the last addresses");
+        assert_eq!(open().await, a);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "streams waited for the lookup: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(lookups(2).await, 2);
+        tokio::time::sleep(Duration::from_millis(3500)).await;
         assert_eq!(open().await, b);
-        assert_eq!(calls.load(Ordering::Acquire), 2);
-        // The lookup fails from now on: b stays in use, looked up each 300 ms.
+
+        // Lookups fail from now on: b stays in use.
+        delay_ms.store(0, Ordering::Release);
         answer.lock().unwrap().clear();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(refresh + Duration::from_millis(100)).await;
         assert_eq!(open().await, b);
+        assert_eq!(lookups(3).await, 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(open().await, b);
-        assert_eq!(calls.load(Ordering::Acquire), 3);
         assert_eq!(
             (to_a.load(Ordering::Acquire), to_b.load(Ordering::Acquire)),
-            (2, 3)
+            (4, 3)
         );
-        // A name that never resolved is an error naming it.
-        let never = pool.start_stream("nowhere.test:15008", &ids, "x:1").await;
-        let e = never.err().expect("a name without addresses gave a stream");
-        assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
+
+        // A name that never resolved is an error naming it; asked again at
+        // once, the same error without another lookup.
+        let before = calls.load(Ordering::Acquire);
+        for _ in 0..2 {
+            let never = pool.start_stream("nowhere.test:15008", &ids, "x:1").await;
+            let e = never.err().expect("a name without addresses gave a stream");
+            assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
+        }
+        assert_eq!(calls.load(Ordering::Acquire), before + 1);
     }
 
     /// A drain closes the pool's connections once no stream is left, and
