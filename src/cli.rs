@@ -164,8 +164,14 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
     let (filter, handle) = reload::Layer::new(filter);
     ward_spec::log_level::install(Box::new(move |new| {
         if let Some(new) = new {
-            let parsed =
-                EnvFilter::try_new(new).map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
+            if new.contains("audit") {
+                return Err(
+                    "the audit target's level cannot be changed while the process runs".into(),
+                );
+            }
+            // Audit lines are kept whatever the filter.
+            let parsed = EnvFilter::try_new(format!("{new},audit=info"))
+                .map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
             handle.reload(parsed).map_err(|e| e.to_string())?;
         }
         handle

@@ -1989,12 +1989,27 @@ fn the_log_filter_changes_at_run_time_through_logging() {
     let (code, body) = http_request(&health, "POST", "/logging").unwrap();
     assert_eq!(code, 400, "{body}");
     assert_eq!(http_get(&health, "/logging").unwrap().1, "info\n");
+    // The audit target stays as it is; a browser's cross-site request is refused.
+    let (code, body) = http_request(&health, "POST", "/logging?level=audit%3Doff").unwrap();
+    assert_eq!(code, 400, "{body}");
+    let mut page = std::net::TcpStream::connect(&health).unwrap();
+    std::io::Write::write_all(
+        &mut page,
+        b"POST /logging?level=debug HTTP/1.0\r\nOrigin: http://example.com\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut page, &mut reply).unwrap();
+    assert!(reply.split_whitespace().nth(1) == Some("403"), "{reply}");
     let (code, body) =
         http_request(&health, "POST", "/logging?level=info%2Cward_proxy%3Ddebug").unwrap();
-    assert_eq!((code, body.as_str()), (200, "ward_proxy=debug,info\n"));
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "ward_proxy=debug,audit=info,info\n")
+    );
     // Lines reach the log in order: none about the first connection.
-    let log = mesh.api.wait_log(|l| l.contains("log filter changed"));
-    assert!(log.contains("log filter changed"), "{log}");
+    let log = mesh.api.wait_log(|l| l.contains("changing the log filter"));
+    assert!(log.contains("changing the log filter"), "{log}");
     assert!(!log.contains("inbound connection"), "{log}");
 
     // Another peer's connection, now at debug.

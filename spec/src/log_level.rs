@@ -3,13 +3,16 @@
 //! /logging?level=FILTER` replaces it (a `WARD_LOG` filter such as `debug`
 //! or `info,ward_proxy=debug`), as the admin endpoints of Envoy, ztunnel and
 //! Linkerd's proxy do. The `ward` binary installs the hook that does it when
-//! it sets up its log; a process without one answers that it cannot.
+//! it sets up its log; a process without one answers that it cannot. Audit
+//! lines (target `audit`) stay at `info` whatever the new filter says, and a
+//! request a browser sent for another site's page (it has an `Origin`) is
+//! refused: a page must not be able to change what a CA records.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use axum::extract::Query;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, MethodRouter};
 
 /// Sets the filter (if given) and returns the one in force, or says why not.
@@ -24,9 +27,17 @@ pub fn install(hook: Hook) {
 
 /// `/logging` for a component's health router.
 pub fn route() -> MethodRouter {
-    get(|| async { reply(read()) }).post(|Query(q): Query<HashMap<String, String>>| async move {
-        reply(post(q.get("level").map(String::as_str)))
-    })
+    get(|| async { reply(read()) }).post(
+        |headers: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+            if headers.contains_key(axum::http::header::ORIGIN) {
+                return reply((
+                    403,
+                    "a browser's cross-site request may not change the log filter\n".into(),
+                ));
+            }
+            reply(post(q.get("level").map(String::as_str)))
+        },
+    )
 }
 
 fn reply((status, body): (u16, String)) -> (StatusCode, String) {
@@ -54,13 +65,15 @@ fn change(level: Option<&str>) -> (u16, String) {
     let Some(hook) = HOOK.get() else {
         return (501, "this process's log filter cannot be changed\n".into());
     };
+    if let Some(level) = level {
+        // Logged under the filter in force, before the new one may hide it.
+        tracing::info!(asked = %level, "changing the log filter");
+    }
     match hook(level) {
-        Ok(now) => {
-            if let Some(level) = level {
-                tracing::info!(filter = %level, "log filter changed");
-            }
-            (200, format!("{now}\n"))
+        Ok(now) => (200, format!("{now}\n")),
+        Err(e) => {
+            tracing::info!(error = %e, "the log filter was not changed");
+            (400, format!("{e}\n"))
         }
-        Err(e) => (400, format!("{e}\n")),
     }
 }
