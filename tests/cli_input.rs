@@ -91,6 +91,10 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             &["proxy", "run", "--inbound-port", "9090=127.0.0.1:9090"],
             "--inbound-port needs an inbound",
         ),
+        (
+            &["proxy", "run", "--proxy-protocol"],
+            "--proxy-protocol needs an inbound",
+        ),
     ];
     for (args, said) in cases {
         let (code, err) = ward(args);

@@ -2022,3 +2022,65 @@ fn the_log_filter_changes_at_run_time_through_logging() {
         assert_eq!(http_get(health, "/logging").map(|r| r.0), Some(200));
     }
 }
+
+/// With `--proxy-protocol` the application learns who called: each
+/// connection to it starts with a PROXY protocol v2 header (read here by
+/// an independent parser, the `ppp` crate) naming the peer proxy's address,
+/// the port the stream asked for, the caller's SPIFFE ID (TLV 0xE0) and
+/// the decision that admitted it (TLV 0x05, as in the decision log); the
+/// stream's own bytes follow unchanged, both ways.
+#[test]
+fn with_proxy_protocol_the_application_learns_the_callers_spiffe_id() {
+    use std::io::{Read, Write};
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_addr = app.local_addr().unwrap().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = app.accept().unwrap();
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).unwrap();
+        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+        s.read_exact(&mut rest).unwrap();
+        let bytes = [&head[..], &rest[..]].concat();
+        let header = ppp::v2::Header::try_from(&bytes[..]).expect("not a PROXY v2 header");
+        let tlvs: Vec<(u8, Vec<u8>)> = header
+            .tlvs()
+            .map(|t| {
+                let t = t.expect("a TLV does not parse");
+                (t.kind, t.value.to_vec())
+            })
+            .collect();
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(b"world").unwrap();
+        tx.send((header.addresses, tlvs, hello)).unwrap();
+    });
+    let mesh = Mesh::start_with(&[], &["--proxy-protocol"], false, Some(&app_addr));
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut reply = [0u8; 5];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"world");
+
+    let (addresses, tlvs, hello) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(&hello, b"hello");
+    let ppp::v2::Addresses::IPv4(a) = addresses else {
+        panic!("not IPv4 addresses: {addresses:?}");
+    };
+    // From web's proxy, to api's inbound address and the port asked for.
+    assert_eq!(a.source_address, std::net::Ipv4Addr::LOCALHOST);
+    assert_eq!(a.destination_address, std::net::Ipv4Addr::LOCALHOST);
+    assert_eq!(a.destination_port, 8080);
+    assert_eq!(tlvs.len(), 2, "{tlvs:?}");
+    assert_eq!(tlvs[0], (0xE0, WEB.as_bytes().to_vec()));
+    let decisions = mesh
+        .api
+        .wait_decisions_where(1, |d| d["principal"] == WEB && d["decision"] == "allow");
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    let decision_id = decisions[0]["decision_id"].as_str().unwrap();
+    assert_eq!(tlvs[1], (0x05, decision_id.as_bytes().to_vec()));
+}

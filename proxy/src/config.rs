@@ -11,6 +11,7 @@
 //! listen = "0.0.0.0:15008"
 //! forward = "127.0.0.1:8080"     # the local application
 //! service_port = 8080            # the port policies see (default: forward's)
+//! proxy_protocol = false         # a PROXY v2 header (caller's SPIFFE ID) to the application
 //!
 //! [[inbound.ports]]              # a port with an application of its own
 //! port = 9090                    # a CONNECT naming it goes to forward below,
@@ -90,6 +91,11 @@ pub struct Inbound {
     /// port goes to `forward`, seen as `service_port`.
     #[serde(default)]
     pub ports: Vec<InboundPort>,
+    /// Each connection to the application starts with a PROXY protocol v2
+    /// header: the peer proxy's address, the port asked for, the peer's
+    /// SPIFFE ID (TLV 0xE0) and the admitting decision's id (TLV 0x05).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// One more port of the workload (`[[inbound.ports]]`, `--inbound-port
@@ -562,6 +568,7 @@ mod tests {
             forward: "127.0.0.1:8080".into(),
             service_port: None,
             ports: Vec::new(),
+            proxy_protocol: false,
         });
         refused(c, "outbound.listen", "is also inbound.listen");
         // More ports of the workload: each a port once, with an address.
@@ -572,6 +579,7 @@ mod tests {
                 forward: "127.0.0.1:8080".into(),
                 service_port: None,
                 ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
+                proxy_protocol: false,
             });
             c
         };

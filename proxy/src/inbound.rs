@@ -52,6 +52,9 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Each connection to the application starts with a PROXY protocol v2
+    /// header ([`crate::proxy_protocol`]).
+    pub proxy_protocol: bool,
     /// Changes when the active policy set does: open streams are decided again.
     pub policy_epoch: watch::Receiver<u64>,
 }
@@ -121,6 +124,10 @@ async fn connection(
     mut drain: watch::Receiver<bool>,
 ) {
     hbone::tunnel_socket(&tcp);
+    // The address the peer reached (a PROXY protocol header's destination).
+    let local = tcp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let metrics = &inbound.metrics;
     // Roots that change from here on get the peer verified again, those
     // that change during the handshake included: the handshake verified the
@@ -172,6 +179,7 @@ async fn connection(
         id: peer_id,
         untrusted: AtomicBool::new(false),
         served: AtomicBool::new(false),
+        local,
         chain,
         checked: AtomicU64::new(checked),
     });
@@ -302,6 +310,8 @@ struct VerifiedPeer {
     /// Set when a stream is admitted: the idle timeout restarts when the
     /// connection next has no streams.
     served: AtomicBool,
+    /// This proxy's address the peer connected to.
+    local: SocketAddr,
     /// Its certificates, verified again when the roots change.
     chain: PeerChain,
     /// The roots' generation it was last verified against.
@@ -472,7 +482,7 @@ async fn admit(
         r = connect => Some(r),
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
     };
-    let app = match connected {
+    let mut app = match connected {
         // Reset by the peer, or its connection closed under the stream.
         None if verified.untrusted.load(Ordering::Acquire) => return Err((None, "untrusted")),
         None => return Err(CANCELLED),
@@ -498,6 +508,26 @@ async fn admit(
         return refuse(&mut respond, status, outcome);
     }
     hbone::app_socket(&app);
+    if inbound.proxy_protocol {
+        let header = crate::proxy_protocol::header(
+            peer,
+            SocketAddr::new(verified.local.ip(), named),
+            &peer_id.to_string(),
+            &decision.decision_id,
+        );
+        let wrote = tokio::time::timeout(
+            inbound.connect_timeout,
+            tokio::io::AsyncWriteExt::write_all(&mut app, &header),
+        )
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            tracing::warn!(
+                forward,
+                "the application did not take the PROXY protocol header"
+            );
+            return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
+        }
+    }
     let ok = Response::builder()
         .status(StatusCode::OK)
         .body(())
@@ -647,6 +677,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
             connect_timeout: Duration::from_secs(5),
+            proxy_protocol: false,
             policy_epoch,
         })
     }
@@ -1019,6 +1050,7 @@ mod tests {
             id: SpiffeId::parse(WEB).unwrap(),
             untrusted: AtomicBool::new(false),
             served: AtomicBool::new(false),
+            local: "127.0.0.1:15008".parse().unwrap(),
             chain: PeerChain::new(Some(&[leaf])),
             checked: AtomicU64::new(roots.generation()),
         };

@@ -9,7 +9,8 @@
 //! the [`pool`], to a peer proxy that must present one of the route's SPIFFE
 //! IDs. At the peer, the [`inbound`] HBONE listener (port 15008) verifies our
 //! certificate, asks `ward-authz` whether our SPIFFE ID may connect to its
-//! workload, and answers `403` or connects the stream to its application. The
+//! workload, and answers `403` or connects the stream to its application
+//! (starting that connection with a [`proxy_protocol`] header if asked). The
 //! bytes of each stream are carried by [`pump`] with HTTP/2 flow control as
 //! back-pressure. [`metrics`] and the health endpoints are served on their own
 //! port (with [`status`]'s `/config_dump`); SIGTERM drains: listeners close, connections stop taking streams, and
@@ -30,6 +31,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod pump;
 pub mod status;
 
@@ -189,6 +191,7 @@ pub async fn run(
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,
+            proxy_protocol: inb.proxy_protocol,
             policy_epoch: policy_epoch.clone(),
         });
         tracing::info!(listen = %inb.listen, forward = %inb.forward, service_port = state.service_port, "inbound listening");

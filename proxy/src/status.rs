@@ -48,6 +48,7 @@ impl Status {
                 "listen": i.listen.to_string(),
                 "forward": i.forward,
                 "service_port": i.service_port().ok(),
+                "proxy_protocol": i.proxy_protocol,
                 "ports": i.ports.iter().map(|p| json!({
                     "port": p.port,
                     "forward": p.forward,

@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// ports go to --forward, seen as --service-port.
     #[arg(long = "inbound-port")]
     inbound_ports: Vec<ward_proxy::config::InboundPort>,
+    /// Start each connection to the application with a PROXY protocol v2
+    /// header: the peer proxy's address, the port asked for, the peer's
+    /// SPIFFE ID (TLV 0xE0) and the decision's id (TLV 0x05).
+    #[arg(long)]
+    proxy_protocol: bool,
     /// An outbound route: listen=ADDR,destination=HOST:PORT,id=SPIFFE_ID[,id=…][,target=HOST:PORT] (repeatable).
     #[arg(long = "route", value_parser = Route::parse_flag)]
     routes: Vec<Route>,
@@ -136,6 +141,8 @@ impl RunArgs {
             let service_port = self
                 .service_port
                 .or(c.inbound.as_ref().and_then(|i| i.service_port));
+            let proxy_protocol =
+                self.proxy_protocol || c.inbound.as_ref().is_some_and(|i| i.proxy_protocol);
             let mut ports = c.inbound.map(|i| i.ports).unwrap_or_default();
             ports.extend(self.inbound_ports);
             c.inbound = Some(Inbound {
@@ -143,6 +150,7 @@ impl RunArgs {
                 forward,
                 service_port,
                 ports,
+                proxy_protocol,
             });
         } else if let Some(i) = c.inbound.as_mut() {
             if let Some(listen) = self.inbound_listen {
@@ -152,14 +160,18 @@ impl RunArgs {
                 i.service_port = Some(p);
             }
             i.ports.extend(self.inbound_ports);
+            i.proxy_protocol |= self.proxy_protocol;
         } else if self.service_port.is_some()
             || self.inbound_listen.is_some()
             || !self.inbound_ports.is_empty()
+            || self.proxy_protocol
         {
             let flag = if self.inbound_listen.is_some() {
                 "--inbound-listen"
             } else if self.service_port.is_some() {
                 "--service-port"
+            } else if self.proxy_protocol {
+                "--proxy-protocol"
             } else {
                 "--inbound-port"
             };
