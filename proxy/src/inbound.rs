@@ -800,6 +800,29 @@ mod tests {
         TlsConnector::from(Arc::new(cfg))
     }
 
+    /// The inbound side of `API` under a fresh root (no policies: every
+    /// stream is denied), closing connections idle for `idle_timeout`; with
+    /// that root, its roots and the identity watch's sender.
+    fn fresh_inbound(
+        idle_timeout: Duration,
+    ) -> (
+        Arc<Inbound>,
+        ward_spec::test_util::Issuer,
+        RootStore,
+        watch::Sender<Option<Current>>,
+    ) {
+        let (bundle, root) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
+        let inbound = inbound(
+            svid(API, &root),
+            identity_rx,
+            watch::channel(0).1,
+            idle_timeout,
+        );
+        (inbound, root, roots, identity_tx)
+    }
+
     /// `inbound` serving one connection, from a peer (`WEB`, from `issuer`)
     /// whose HTTP/2 client and connection are returned.
     async fn connected_peer(
@@ -866,15 +889,7 @@ mod tests {
     /// slot, open.
     #[tokio::test]
     async fn denied_streams_do_not_keep_a_connection_open() {
-        let (bundle, root) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
-        let inbound = inbound(
-            svid(API, &root),
-            identity_rx,
-            watch::channel(0).1,
-            Duration::from_millis(1500),
-        );
+        let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_millis(1500));
         let metrics = inbound.metrics.clone();
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         let opened = std::time::Instant::now();
@@ -911,15 +926,7 @@ mod tests {
     /// the same connection still is.
     #[tokio::test]
     async fn oversized_headers_are_refused() {
-        let (bundle, root) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
-        let inbound = inbound(
-            svid(API, &root),
-            identity_rx,
-            watch::channel(0).1,
-            Duration::from_secs(60),
-        );
+        let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
         let metrics = inbound.metrics.clone();
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         tokio::spawn(conn);
@@ -951,15 +958,7 @@ mod tests {
     /// connection with a 1 s idle timeout open; it closes once they stop.
     #[tokio::test]
     async fn admitted_streams_keep_a_connection_open() {
-        let (bundle, root) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (_identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
-        let mut inbound = inbound(
-            svid(API, &root),
-            identity_rx,
-            watch::channel(0).1,
-            Duration::from_millis(1000),
-        );
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_millis(1000));
         // Dry run admits every stream; the application takes each
         // connection and closes it.
         let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1002,15 +1001,7 @@ mod tests {
     /// they do not restart its timer.
     #[tokio::test]
     async fn an_idle_connection_closes_on_time_through_frequent_svid_rotations() {
-        let (bundle, root) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (identity_tx, identity_rx) = watch::channel(Some(current(0, 1, &roots)));
-        let inbound = inbound(
-            svid(API, &root),
-            identity_rx,
-            watch::channel(0).1,
-            Duration::from_millis(1500),
-        );
+        let (inbound, root, roots, identity_tx) = fresh_inbound(Duration::from_millis(1500));
         let (_client, conn) = connected_peer(inbound, &root, &roots).await;
         let opened = std::time::Instant::now();
         let rotations = tokio::spawn(async move {

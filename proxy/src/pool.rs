@@ -1307,33 +1307,17 @@ mod tests {
                 streams
             }
         };
-        held.extend(open(6).await);
-        assert_eq!(
-            tries.load(Ordering::Acquire),
-            1,
-            "the bad address was tried again at once"
-        );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        held.extend(open(3).await);
-        assert_eq!(
-            tries.load(Ordering::Acquire),
-            2,
-            "the bad address was not tried again after 1 s"
-        );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        held.extend(open(1).await);
-        assert_eq!(
-            tries.load(Ordering::Acquire),
-            2,
-            "the backoff did not double"
-        );
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        held.extend(open(1).await);
-        assert_eq!(
-            tries.load(Ordering::Acquire),
-            3,
-            "the bad address was not tried again after 2 s"
-        );
+        // (wait first, streams opened, tries of the bad address by then)
+        for (wait_ms, streams, tries_then, why) in [
+            (0, 6, 1, "the bad address was tried again at once"),
+            (1100, 3, 2, "the bad address was not tried again after 1 s"),
+            (1100, 1, 2, "the backoff did not double"),
+            (1000, 1, 3, "the bad address was not tried again after 2 s"),
+        ] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            held.extend(open(streams).await);
+            assert_eq!(tries.load(Ordering::Acquire), tries_then, "{why}");
+        }
         // Every stream reached the good peer, over one connection.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(answered.load(Ordering::Acquire), 11);
