@@ -2007,6 +2007,17 @@ fn the_log_filter_changes_at_run_time_through_logging() {
         (code, body.as_str()),
         (200, "ward_proxy=debug,audit=info,info\n")
     );
+    // What GET shows may be posted back.
+    let (code, body) = http_request(
+        &health,
+        "POST",
+        "/logging?level=ward_proxy%3Ddebug%2Caudit%3Dinfo%2Cinfo",
+    )
+    .unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "ward_proxy=debug,audit=info,info\n")
+    );
     // Lines reach the log in order: none about the first connection.
     let log = mesh.api.wait_log(|l| l.contains("changing the log filter"));
     assert!(log.contains("changing the log filter"), "{log}");
@@ -2026,7 +2037,7 @@ fn the_log_filter_changes_at_run_time_through_logging() {
 /// With `--proxy-protocol` the application learns who called: each
 /// connection to it starts with a PROXY protocol v2 header (read here by
 /// an independent parser, the `ppp` crate) naming the peer proxy's address,
-/// the port the stream asked for, the caller's SPIFFE ID (TLV 0xE0) and
+/// the port the stream asked for, the caller's SPIFFE ID (TLV 0xE1) and
 /// the decision that admitted it (TLV 0x05, as in the decision log); the
 /// stream's own bytes follow unchanged, both ways.
 #[test]
@@ -2076,7 +2087,7 @@ fn with_proxy_protocol_the_application_learns_the_callers_spiffe_id() {
     assert_eq!(a.destination_address, std::net::Ipv4Addr::LOCALHOST);
     assert_eq!(a.destination_port, 8080);
     assert_eq!(tlvs.len(), 2, "{tlvs:?}");
-    assert_eq!(tlvs[0], (0xE0, WEB.as_bytes().to_vec()));
+    assert_eq!(tlvs[0], (0xE1, WEB.as_bytes().to_vec()));
     let decisions = mesh
         .api
         .wait_decisions_where(1, |d| d["principal"] == WEB && d["decision"] == "allow");

@@ -93,7 +93,7 @@ pub struct Inbound {
     pub ports: Vec<InboundPort>,
     /// Each connection to the application starts with a PROXY protocol v2
     /// header: the peer proxy's address, the port asked for, the peer's
-    /// SPIFFE ID (TLV 0xE0) and the admitting decision's id (TLV 0x05).
+    /// SPIFFE ID (TLV 0xE1) and the admitting decision's id (TLV 0x05).
     #[serde(default)]
     pub proxy_protocol: bool,
 }

@@ -8,6 +8,12 @@
 //! as the destination, and two TLVs: [`TLV_SPIFFE_ID`] with the peer's
 //! verified SPIFFE ID, and `PP2_TYPE_UNIQUE_ID` with the `decision_id` of
 //! the authorization that admitted the stream (as in the decision log).
+//!
+//! The header is only as trustworthy as the path to the application: any
+//! process that can connect to the application can send one of its own. An
+//! application that acts on it must accept connections from its proxy
+//! alone (a loopback address only the pod's network namespace reaches, a
+//! firewall rule, or a check of the source address).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -25,8 +31,9 @@ const TCP6: u8 = 0x21;
 pub const TLV_UNIQUE_ID: u8 = 0x05;
 
 /// The peer's SPIFFE ID, in the range the specification leaves to
-/// applications (`PP2_TYPE_MIN_CUSTOM`).
-pub const TLV_SPIFFE_ID: u8 = 0xE0;
+/// applications (`PP2_TYPE_MIN_CUSTOM` to `PP2_TYPE_MAX_CUSTOM`); not
+/// `0xE0`, which Google Cloud's Private Service Connect uses for its own.
+pub const TLV_SPIFFE_ID: u8 = 0xE1;
 
 /// The header for a connection from `source` to `destination`, by the peer
 /// `spiffe_id`, admitted by decision `decision_id`.
@@ -39,9 +46,10 @@ pub fn header(
     let mut out = Vec::with_capacity(16 + 36 + 6 + spiffe_id.len() + decision_id.len());
     out.extend_from_slice(&SIGNATURE);
     out.push(V2_PROXY);
-    // Both addresses in one family: an IPv4 one next to an IPv6 one is
-    // written as IPv4-mapped IPv6.
-    let (family, addresses) = match (source.ip(), destination.ip()) {
+    // Both addresses in one family: IPv4-mapped IPv6 addresses (what a
+    // dual-stack listener sees) as IPv4, and an IPv4 one next to an IPv6
+    // one as IPv4-mapped IPv6.
+    let (family, addresses) = match (source.ip().to_canonical(), destination.ip().to_canonical()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (TCP4, [&s.octets()[..], &d.octets()[..]].concat()),
         (s, d) => (TCP6, [&v6(s)[..], &v6(d)[..]].concat()),
     };
@@ -113,6 +121,21 @@ mod tests {
                 (TLV_SPIFFE_ID, WEB.as_bytes().to_vec()),
                 (TLV_UNIQUE_ID, b"0193a1b2-decision".to_vec()),
             ]
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_of_a_dual_stack_listener_are_written_as_ipv4() {
+        let bytes = header(
+            "[::ffff:10.0.0.7]:40312".parse().unwrap(),
+            "[::ffff:10.0.0.9]:8080".parse().unwrap(),
+            WEB,
+            "d",
+        );
+        let (addresses, _) = parsed(&bytes);
+        assert_eq!(
+            addresses,
+            ppp::v2::IPv4::new([10, 0, 0, 7], [10, 0, 0, 9], 40312, 8080).into()
         );
     }
 

@@ -49,7 +49,7 @@ pub struct RunArgs {
     inbound_ports: Vec<ward_proxy::config::InboundPort>,
     /// Start each connection to the application with a PROXY protocol v2
     /// header: the peer proxy's address, the port asked for, the peer's
-    /// SPIFFE ID (TLV 0xE0) and the decision's id (TLV 0x05).
+    /// SPIFFE ID (TLV 0xE1) and the decision's id (TLV 0x05).
     #[arg(long)]
     proxy_protocol: bool,
     /// An outbound route: listen=ADDR,destination=HOST:PORT,id=SPIFFE_ID[,id=…][,target=HOST:PORT] (repeatable).
