@@ -164,13 +164,8 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
     let (filter, handle) = reload::Layer::new(filter);
     ward_spec::log_level::install(Box::new(move |new| {
         if let Some(new) = new {
-            if new.contains("audit") {
-                return Err(
-                    "the audit target's level cannot be changed while the process runs".into(),
-                );
-            }
-            // Audit lines are kept whatever the filter.
-            let parsed = EnvFilter::try_new(format!("{new},audit=info"))
+            let directives = audit_kept(new)?;
+            let parsed = EnvFilter::try_new(&directives)
                 .map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
             handle.reload(parsed).map_err(|e| e.to_string())?;
         }
@@ -197,6 +192,28 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
         }
         report(info);
     }));
+}
+
+/// A log filter set at run time, with `audit=info` added: audit lines are
+/// kept whatever it says. `audit=info` itself (as `/logging` shows the
+/// filter) may be given; any other directive for the `audit` target, or
+/// one with span or field filters (which would outrank it), is refused.
+fn audit_kept(filter: &str) -> Result<String, String> {
+    let mut kept = Vec::new();
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if directive == "audit=info" {
+            continue;
+        }
+        let target = directive.split(['=', '[']).next().unwrap_or_default();
+        if target == "audit" || directive.contains('[') {
+            return Err(format!(
+                "{directive:?}: the audit target stays at info (and span or field filters are not taken at run time)"
+            ));
+        }
+        kept.push(directive);
+    }
+    kept.push("audit=info");
+    Ok(kept.join(","))
 }
 
 /// How long a panic waits for stderr to take the lines logged before it.
@@ -239,6 +256,27 @@ impl Drop for EventText {
 
 #[cfg(test)]
 mod tests {
+    /// What `/logging` is given keeps audit lines at info; the filter it
+    /// shows may be given back; directives that would outrank `audit=info`
+    /// are refused by name.
+    #[test]
+    fn a_run_time_log_filter_keeps_audit_lines() {
+        use super::audit_kept;
+        assert_eq!(audit_kept("debug").unwrap(), "debug,audit=info");
+        assert_eq!(
+            audit_kept("ward_proxy=debug,audit=info,info").unwrap(),
+            "ward_proxy=debug,info,audit=info"
+        );
+        assert_eq!(
+            audit_kept("off, auditor=debug").unwrap(),
+            "off,auditor=debug,audit=info"
+        );
+        for refused in ["audit=off", "info,audit", "audit[span]=off", "[span]=off"] {
+            let e = audit_kept(refused).unwrap_err();
+            assert!(e.contains("audit target"), "{refused}: {e}");
+        }
+    }
+
     /// Set in the child process of [`lines_logged_before_a_panic_reach_stderr_before_its_message`].
     const CHILD: &str = "WARD_TEST_PANICKING_CHILD";
 

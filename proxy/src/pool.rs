@@ -1052,7 +1052,7 @@ impl Pool {
                 || Arc::strong_count(&s.connecting) > 1
                 || s.failed
                     .as_ref()
-                    .is_some_and(|f| f.at.elapsed() < FAILURE_BACKOFF_MAX)
+                    .is_some_and(|f| f.at.elapsed() < f.backoff() + FAILURE_BACKOFF_MAX)
         });
     }
 
