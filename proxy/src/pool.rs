@@ -155,8 +155,10 @@ struct Name {
 struct Resolved {
     addresses: Arc<[SocketAddr]>,
     at: Instant,
-    /// A lookup is running in the background.
-    refreshing: bool,
+    /// When the lookup running in the background started. One that has
+    /// run past twice its timeout (its task ended without a word, as a
+    /// panic would) no longer holds the next one back.
+    refreshing: Option<Instant>,
 }
 
 /// `destination`'s addresses, sorted, within `timeout`.
@@ -190,7 +192,7 @@ async fn refresh(
     let Some(r) = name.resolved.as_mut() else {
         return;
     };
-    r.refreshing = false;
+    r.refreshing = None;
     r.at = Instant::now();
     match found {
         Ok(addresses) => r.addresses = addresses,
@@ -743,8 +745,11 @@ impl Pool {
         };
         let mut name = cell.lock().await;
         if let Some(r) = name.resolved.as_mut() {
-            if r.at.elapsed() >= self.dns_refresh && !r.refreshing {
-                r.refreshing = true;
+            let running = r
+                .refreshing
+                .is_some_and(|since| since.elapsed() < self.connect_timeout * 2);
+            if r.at.elapsed() >= self.dns_refresh && !running {
+                r.refreshing = Some(Instant::now());
                 tokio::spawn(refresh(
                     cell.clone(),
                     self.lookup.clone(),
@@ -770,7 +775,7 @@ impl Pool {
                 name.resolved = Some(Resolved {
                     addresses: addresses.clone(),
                     at: Instant::now(),
-                    refreshing: false,
+                    refreshing: None,
                 });
                 Ok(Addresses::Many(addresses))
             }
