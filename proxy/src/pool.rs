@@ -91,6 +91,17 @@ impl Key {
 }
 
 impl Conn {
+    /// How many streams it may carry: `max_streams`, or fewer if the peer
+    /// takes fewer.
+    fn room(&self, max_streams: usize) -> usize {
+        max_streams.min(self.send.current_max_send_streams())
+    }
+
+    /// Whether it carries fewer streams than it may.
+    fn has_room(&self, max_streams: usize) -> bool {
+        self.active.load(Ordering::Acquire) < self.room(max_streams)
+    }
+
     /// Whether it may take new streams (room aside).
     fn usable(&self, generation: u64) -> bool {
         if self.closed.load(Ordering::Acquire) || self.generation != generation {
@@ -583,11 +594,7 @@ impl Pool {
             .iter()
             .filter(|(k, _)| k.destination == destination && k.ids == ids && k.me == me.spiffe_id)
             .flat_map(|(_, slot)| &slot.conns)
-            .any(|c| {
-                c.usable(me.generation)
-                    && c.active.load(Ordering::Acquire)
-                        < self.max_streams.min(c.send.current_max_send_streams())
-            })
+            .any(|c| c.usable(me.generation) && c.has_room(self.max_streams))
     }
 
     /// Opens a tunneled stream to `target` through the peer proxy at
@@ -824,10 +831,7 @@ impl Pool {
                     .as_ref()
                     .is_some_and(|f| f.at.elapsed() < f.backoff());
                 let usable = slot.conns.iter().filter(|c| c.usable(generation));
-                let room = usable.clone().any(|c| {
-                    c.active.load(Ordering::Acquire)
-                        < self.max_streams.min(c.send.current_max_send_streams())
-                });
+                let room = usable.clone().any(|c| c.has_room(self.max_streams));
                 load[i].1 = Arc::strong_count(&slot.connecting) > 1 && !room;
                 load[i].2 += usable
                     .map(|c| c.active.load(Ordering::Acquire))
@@ -849,7 +853,7 @@ impl Pool {
             if !c.usable(generation) {
                 continue;
             }
-            let room = self.max_streams.min(c.send.current_max_send_streams());
+            let room = c.room(self.max_streams);
             let taken = c
                 .active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
