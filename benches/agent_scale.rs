@@ -49,7 +49,7 @@ fn start_agent(
         .arg("--socket-path")
         .arg(&socket)
         .args(["--health-address", &health])
-        .env("WARD_LOG", "warn")
+        .env("WARD_LOG", "warn,audit=off")
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
         .unwrap();
@@ -139,7 +139,7 @@ async fn main() {
             ])
             .arg("--data-dir")
             .arg(dir.join("ca"))
-            .env("WARD_LOG", "warn")
+            .env("WARD_LOG", "warn,audit=off")
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),

@@ -88,7 +88,7 @@ fn start_replica(dir: &std::path::Path, name: &str, db: &str, cert: &str, key: &
             "--upstream-key",
             key,
         ])
-        .env("WARD_LOG", "warn")
+        .env("WARD_LOG", "warn,audit=off")
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
         .unwrap();

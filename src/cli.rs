@@ -152,7 +152,8 @@ pub fn init_logging(json: bool) {
 fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{reload, EnvFilter};
-    let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (start, problem) = start_filter(std::env::var("WARD_LOG").ok().as_deref());
+    let filter = EnvFilter::new(start);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = STDERR_LOG.set(LineLog::with_limit(
         "stderr",
@@ -182,6 +183,9 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
     } else {
         registry.with(fmt).init();
     }
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
     // A panic's message goes straight to stderr (Rust's default hook), and a
     // panic on the main thread ends the process: the lines logged before it
     // are written out first, so they are not lost and come before it.
@@ -192,6 +196,34 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
         }
         report(info);
     }));
+}
+
+/// The log filter a process starts with: `WARD_LOG`, with `audit=info`
+/// added unless it names the `audit` target itself (`WARD_LOG=warn` keeps
+/// audit lines; `WARD_LOG=warn,audit=off` is how to leave them out). A
+/// filter that does not parse is replaced by `info` (with audit lines), and
+/// the second value says why, for a warning once logging is up.
+fn start_filter(env: Option<&str>) -> (String, Option<String>) {
+    let Some(given) = env.map(str::trim).filter(|e| !e.is_empty()) else {
+        return ("info".into(), None);
+    };
+    let names_audit = given
+        .split(',')
+        .any(|d| d.trim().split(['=', '[']).next() == Some("audit"));
+    let filter = if names_audit {
+        given.to_owned()
+    } else {
+        format!("{given},audit=info")
+    };
+    match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(_) => (filter, None),
+        Err(e) => (
+            "info".into(),
+            Some(format!(
+                "WARD_LOG={given:?} is not a log filter ({e}); logging at info"
+            )),
+        ),
+    }
 }
 
 /// A log filter set at run time, with `audit=info` added: audit lines are
@@ -275,6 +307,66 @@ mod tests {
             let e = audit_kept(refused).unwrap_err();
             assert!(e.contains("audit target"), "{refused}: {e}");
         }
+    }
+
+    /// `WARD_LOG` at start keeps audit lines unless it names the audit
+    /// target; one that does not parse falls back to `info`, saying why.
+    #[test]
+    fn a_start_log_filter_keeps_audit_lines_unless_it_names_them() {
+        use super::start_filter;
+        assert_eq!(start_filter(None), ("info".into(), None));
+        assert_eq!(start_filter(Some(" ")), ("info".into(), None));
+        assert_eq!(start_filter(Some("warn")), ("warn,audit=info".into(), None));
+        assert_eq!(
+            start_filter(Some("ward_ca=debug,warn")),
+            ("ward_ca=debug,warn,audit=info".into(), None)
+        );
+        for named in ["warn,audit=off", "audit=debug", "warn,audit[x]=off"] {
+            assert_eq!(start_filter(Some(named)), (named.into(), None));
+        }
+        let (filter, problem) = start_filter(Some("ward_ca=loud"));
+        assert_eq!(filter, "info");
+        let problem = problem.expect("a filter that does not parse is reported");
+        assert!(problem.contains("WARD_LOG=\"ward_ca=loud\""), "{problem}");
+    }
+
+    /// Set in the child process of [`a_quiet_start_filter_still_writes_audit_lines`].
+    const AUDIT_CHILD: &str = "WARD_TEST_AUDIT_CHILD";
+
+    /// A process started with `WARD_LOG=warn` writes its audit lines (and
+    /// not its other info lines); a filter that does not parse is warned of.
+    #[test]
+    fn a_quiet_start_filter_still_writes_audit_lines() {
+        if std::env::var_os(AUDIT_CHILD).is_some() {
+            super::init_logging_to(false, Box::new(std::io::stderr()));
+            tracing::info!(target: "audit", event = "test_event", "an audit line");
+            tracing::info!("an ordinary info line");
+            super::flush_logs();
+            return;
+        }
+        let child = |filter: &str| {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "cli::tests::a_quiet_start_filter_still_writes_audit_lines",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(AUDIT_CHILD, "1")
+                .env("WARD_LOG", filter)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        let quiet = child("warn");
+        assert!(quiet.contains("an audit line"), "{quiet}");
+        assert!(!quiet.contains("an ordinary info line"), "{quiet}");
+        let silenced = child("warn,audit=off");
+        assert!(!silenced.contains("an audit line"), "{silenced}");
+        let bad = child("ward=loud");
+        assert!(bad.contains("is not a log filter"), "{bad}");
+        assert!(bad.contains("an ordinary info line"), "{bad}");
     }
 
     /// Set in the child process of [`lines_logged_before_a_panic_reach_stderr_before_its_message`].
