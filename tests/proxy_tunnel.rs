@@ -1672,6 +1672,53 @@ fn a_second_sigterm_cuts_the_drain_short() {
     assert_eq!(read, Err(std::io::ErrorKind::ConnectionReset));
 }
 
+/// While a proxy drains, its outbound routes still take the application's
+/// new connections (it may call out as it finishes its own requests), and
+/// the proxy exits once those streams are done too.
+#[test]
+fn outbound_routes_still_take_connections_while_the_proxy_drains() {
+    let mesh = Mesh::start(&[], &[]);
+    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &["--drain-timeout", "20s"]);
+    // An open stream: a request for 1 GiB whose first bytes are sent.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
+    open.write_all(&[0u8; 4096]).unwrap();
+    assert_eq!(mesh.app.wait_connections(1), 1);
+    let pid = web.child.as_ref().unwrap().id().to_string();
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let ready = http_get(&web.health_addr, "/readyz");
+    assert!(
+        matches!(&ready, Some((503, body)) if body.contains("draining")),
+        "{ready:?}"
+    );
+    // Draining, and a new connection to the route is tunneled.
+    let r = hash_client(port, 64 * 1024, 2, 0.0);
+    assert_clean(&r, 2, 64 * 1024);
+    // The open stream ends; the drain is over and the proxy exits.
+    drop(open);
+    let child = web.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still draining 10 s after the last stream ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let log = web.log_text();
+    assert!(log.contains("drained"), "{log}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
 /// A stream still being set up when SIGTERM arrives (its tunnel waits for
 /// a TLS handshake with a peer that is frozen) is carried through the
 /// drain once the peer answers, and the proxy then exits cleanly.

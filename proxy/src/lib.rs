@@ -13,8 +13,11 @@
 //! (starting that connection with a [`proxy_protocol`] header if asked). The
 //! bytes of each stream are carried by [`pump`] with HTTP/2 flow control as
 //! back-pressure. [`metrics`] and the health endpoints are served on their own
-//! port (with [`status`]'s `/config_dump`); SIGTERM drains: listeners close, connections stop taking streams, and
-//! open streams get until the drain deadline to finish.
+//! port (with [`status`]'s `/config_dump`); SIGTERM drains: the inbound
+//! listener closes, inbound connections stop taking streams, and open streams
+//! get until the drain deadline to finish, while the outbound listeners go on
+//! taking the application's connections (it may still call out as it
+//! finishes its own requests).
 //!
 //! The HTTP/2 layer is `h2` (hyper's HTTP/2 implementation) used directly, so
 //! that an idle tunneled stream holds no buffers and data moves as `Bytes`
@@ -84,6 +87,8 @@ pub async fn run(
     let policy_epoch = policy_epoch(authz.clone());
 
     let (drain_tx, drain) = watch::channel(false);
+    // Outbound listeners close when the drain is over, not when it starts.
+    let (exit_tx, exit) = watch::channel(false);
     let stopping = Arc::new(AtomicBool::new(false));
     let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
     let status = Arc::new(status::Status::new(
@@ -215,7 +220,7 @@ pub async fn run(
                 pool.clone(),
                 metrics.clone(),
                 app_slots.clone(),
-                drain.clone(),
+                exit.clone(),
             ));
         }
     }
@@ -228,7 +233,7 @@ pub async fn run(
             pool.clone(),
             metrics.clone(),
             app_slots.clone(),
-            drain.clone(),
+            exit.clone(),
         ));
     }
     listening.store(true, Ordering::Release);
@@ -237,6 +242,7 @@ pub async fn run(
     let _ = stop_rx.wait_for(|s| *s).await;
     listening.store(false, Ordering::Release);
     drain_streams(&drain_tx, &metrics, &pool, cfg.limits.drain_timeout, cut).await;
+    let _ = exit_tx.send(true);
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
     let access = metrics.access_log.clone();
@@ -304,8 +310,11 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
-/// Stops accepting, lets open streams finish until `deadline`, then returns.
-/// Inbound connections are waited for too: each has told its peer to open
+/// Stops accepting inbound connections, lets open streams finish until
+/// `deadline`, then returns. Outbound listeners accept meanwhile (as Istio's
+/// sidecar drains inbound only): an application finishing its requests may
+/// still need to call out, and its new streams are waited for like the
+/// others. Inbound connections are waited for too: each has told its peer to open
 /// no more streams (GOAWAY) and closes once its peer has seen that and its
 /// streams have ended, so a peer's stream sent meanwhile is refused in a
 /// way it can retry elsewhere, not cut by the process's exit. Once no

@@ -24,7 +24,8 @@ use crate::metrics::{Direction, Metrics, StreamTask};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, AppConn, Carried};
 
-/// Accepts application connections until `drain` turns true; each is
+/// Accepts application connections until `exit` turns true (when the
+/// proxy's drain is over); each is
 /// handled by `handle` in a task of its own, with one of `slots` (shared by
 /// every outbound listener) to hold until it ends; when none is free a new
 /// connection is closed at once, and logged by `over_limit`. The slot, and
@@ -35,7 +36,7 @@ async fn accept_loop<F, Fut>(
     what: &'static str,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    mut drain: watch::Receiver<bool>,
+    mut exit: watch::Receiver<bool>,
     over_limit: impl Fn(SocketAddr),
     handle: F,
 ) where
@@ -53,7 +54,7 @@ async fn accept_loop<F, Fut>(
                     continue;
                 }
             },
-            _ = crate::drained(&mut drain) => return,
+            _ = crate::drained(&mut exit) => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.refused(Direction::Outbound, "over_connection_limit");
@@ -73,14 +74,14 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// Serves one route's listener until `drain` turns true.
+/// Serves one route's listener until `exit` turns true (the drain is over).
 pub async fn serve_route(
     listener: TcpListener,
     route: Arc<Route>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
-    drain: watch::Receiver<bool>,
+    exit: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
     let (r, m2) = (route.clone(), metrics.clone());
@@ -95,7 +96,7 @@ pub async fn serve_route(
         );
         StreamLog::end(&m2, Direction::Outbound, log, refused_over_limit());
     };
-    accept_loop(listener, "outbound route", slots, m, drain, over_limit, move |app, source, slot| {
+    accept_loop(listener, "outbound route", slots, m, exit, over_limit, move |app, source, slot| {
         let (route, pool, metrics) = (route.clone(), pool.clone(), metrics.clone());
         // Made here, not in the task: a stream's task holds only the box.
         let mut log = StreamLog::start(
@@ -280,7 +281,7 @@ pub async fn serve_connect(
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
-    drain: watch::Receiver<bool>,
+    exit: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
     let m2 = metrics.clone();
@@ -293,7 +294,7 @@ pub async fn serve_connect(
         "HTTP CONNECT",
         slots,
         m,
-        drain,
+        exit,
         over_limit,
         move |app, source, slot| {
             let (routes, pool, metrics) = (routes.clone(), pool.clone(), metrics.clone());
