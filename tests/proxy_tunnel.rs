@@ -172,6 +172,25 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(to_app as u64, payload + 103 * 8);
     let ended_ok = "ward_proxy_streams_ended_total{direction=\"inbound\",outcome=\"ok\"}";
     assert_eq!(mesh.api.metric(ended_ok), 103.0);
+    // The same by peer, and each stream's set-up and duration.
+    let from_web = format!("direction=\"inbound\",peer_id=\"{WEB}\"");
+    let by_web = mesh
+        .api
+        .metric(&format!("ward_proxy_peer_streams_total{{{from_web}}}"));
+    assert_eq!(by_web, 103.0);
+    let to_app_by_web = mesh.api.metric(&format!(
+        "ward_proxy_peer_bytes_total{{{from_web},flow=\"to_app\"}}"
+    ));
+    assert_eq!(to_app_by_web as u64, payload + 103 * 8);
+    for h in [
+        "stream_setup_seconds_count",
+        "stream_duration_seconds_count",
+    ] {
+        let n = mesh
+            .api
+            .metric(&format!("ward_proxy_{h}{{direction=\"inbound\"}}"));
+        assert_eq!(n, 103.0, "{h}");
+    }
 
     // 4. Each proxy's /config_dump says what it runs with: its identity,
     //    its route with the pooled connection (no stream open now), its
@@ -192,6 +211,11 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(web.config_dump()["outbound"][0]["streams"], 0);
+    let to_api = format!("direction=\"outbound\",peer_id=\"{API}\"");
+    let streams_to_api = web.metric(&format!("ward_proxy_peer_streams_total{{{to_api}}}"));
+    assert_eq!(streams_to_api, 103.0);
+    let set_up = web.metric("ward_proxy_stream_setup_seconds_count{direction=\"outbound\"}");
+    assert_eq!(set_up, 103.0);
     assert_eq!(dump["inbound"], serde_json::Value::Null);
     assert_eq!(dump["draining"], false);
     let dump = mesh.api.config_dump();

@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -367,6 +367,7 @@ async fn stream(
     inbound: &Inbound,
 ) {
     let peer_id = &verified.id;
+    let began = Instant::now();
     // The set's version is taken before the decision: a set that changes
     // while the stream is admitted gets it decided again, and one that the
     // decision already used (the epoch follows the authorizer a moment
@@ -402,6 +403,8 @@ async fn stream(
             }
         };
     metrics.stream_opened(Direction::Inbound);
+    let opened = Instant::now();
+    metrics.stream_set_up(Direction::Inbound, opened - began);
     verified.served.store(true, Ordering::Release);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
@@ -413,9 +416,13 @@ async fn stream(
         () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
     };
     drop(app);
-    metrics.stream_closed(Direction::Inbound);
     let (to_app, from_app) = carried.totals();
-    metrics.bytes(Direction::Inbound, to_app, from_app);
+    metrics.stream_closed(
+        Direction::Inbound,
+        Some(peer_id),
+        (to_app, from_app),
+        opened.elapsed(),
+    );
     let (outcome, error) = match &result {
         Ok(outcome) => (*outcome, None),
         // The connection was closed under it: its peer is no longer trusted.

@@ -1,18 +1,42 @@
 //! Prometheus metrics of the proxy.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use ward_authz::reload::ReloadStats;
+use ward_spec::SpiffeId;
 
 use crate::access_log::AccessLog;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels with a peer's SPIFFE ID.
+type PeerLabels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// The most peers a direction's per-peer series name; the streams of any
+/// further peer are counted as `peer_id="other"` (a label per peer would
+/// otherwise grow without bound in a large mesh).
+pub const PEERS_MAX: usize = 1000;
+
+/// `stream_setup_seconds`: from 0.5 ms (a pooled tunnel) to 10 s (the
+/// handshake and answer timeouts).
+const SETUP_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// `stream_duration_seconds`: from a request of a few milliseconds to a
+/// connection held for an hour or more.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+];
 
 /// Which way a connection or stream goes, seen from this proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +65,7 @@ struct Series {
     streams: Counter,
     to_app: Counter,
     from_app: Counter,
+    peers: Arc<Mutex<Peers>>,
     /// `streams_ended` by outcome, made at start (a stream's end then
     /// takes no lookup or allocation).
     ended: Vec<(&'static str, Counter)>,
@@ -59,6 +84,23 @@ const OUTCOMES: [&str; 10] = [
     "error",
     "cut",
 ];
+
+/// A direction's per-peer series: by the peer's SPIFFE ID (at most
+/// [`PEERS_MAX`]), then `other`.
+#[derive(Default)]
+struct Peers {
+    named: HashMap<SpiffeId, PeerSeries>,
+    other: Option<PeerSeries>,
+    capped_logged: bool,
+}
+
+/// One peer's series in one direction.
+#[derive(Clone, Default)]
+struct PeerSeries {
+    streams: Counter,
+    to_app: Counter,
+    from_app: Counter,
+}
 
 /// A stream being handled (see [`Metrics::stream_task`]).
 pub struct StreamTask(Gauge);
@@ -81,6 +123,13 @@ pub struct Metrics {
     streams_open: Family<Labels, Gauge>,
     streams: Family<Labels, Counter>,
     bytes: Family<Labels, Counter>,
+    peer_streams: Family<PeerLabels, Counter>,
+    peer_bytes: Family<PeerLabels, Counter>,
+    stream_setup: Histograms,
+    stream_duration: Histograms,
+    /// The two histograms' series, by direction (`Direction as usize`).
+    setup: [Histogram; 2],
+    duration: [Histogram; 2],
     handshake_failures: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
     streams_ended: Family<Labels, Counter>,
@@ -106,6 +155,16 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("ward_proxy");
+        let histograms = |new: fn() -> Histogram| {
+            let f: Histograms = Family::new_with_constructor(new);
+            let by_direction = [Direction::Inbound, Direction::Outbound].map(|d| {
+                let h = f.get_or_create(&vec![("direction", d.label())]).clone();
+                h
+            });
+            (f, by_direction)
+        };
+        let (stream_setup, setup) = histograms(|| Histogram::new(SETUP_BUCKETS));
+        let (stream_duration, duration) = histograms(|| Histogram::new(DURATION_BUCKETS));
         let m = Metrics {
             registry: Registry::default(),
             inbound: Series::default(),
@@ -118,6 +177,12 @@ impl Default for Metrics {
             streams_open: Family::default(),
             streams: Family::default(),
             bytes: Family::default(),
+            peer_streams: Family::default(),
+            peer_bytes: Family::default(),
+            stream_setup,
+            stream_duration,
+            setup,
+            duration,
             handshake_failures: Family::default(),
             refused: Family::default(),
             streams_ended: Family::default(),
@@ -156,6 +221,26 @@ impl Default for Metrics {
             "bytes",
             "Application bytes carried, by direction and flow (to_app or from_app)",
             m.bytes.clone(),
+        );
+        registry.register(
+            "peer_streams",
+            "Streams carried, by direction and the peer proxy's SPIFFE ID, counted as they end (past 1000 peers a direction, further ones as peer_id=\"other\")",
+            m.peer_streams.clone(),
+        );
+        registry.register(
+            "peer_bytes",
+            "Application bytes carried, by direction, the peer proxy's SPIFFE ID and flow, counted as streams end",
+            m.peer_bytes.clone(),
+        );
+        registry.register(
+            "stream_setup_seconds",
+            "Time to set a stream up, by direction (outbound: from the application's connection, or its CONNECT request, to the peer's 200, the tunnel's connection and handshake included; inbound: from the peer's CONNECT to the application's connection, authorization included)",
+            m.stream_setup.clone(),
+        );
+        registry.register(
+            "stream_duration_seconds",
+            "How long carried streams lasted, from their set-up to their end, by direction",
+            m.stream_duration.clone(),
         );
         registry.register(
             "handshake_failures",
@@ -216,6 +301,7 @@ impl Default for Metrics {
                 streams: get(&m.streams, l),
                 to_app: get(&m.bytes, with_flow("to_app")),
                 from_app: get(&m.bytes, with_flow("from_app")),
+                peers: Arc::default(),
                 ended: OUTCOMES
                     .iter()
                     .map(|&o| {
@@ -262,8 +348,82 @@ impl Metrics {
         s.streams_open.inc();
     }
 
-    pub fn stream_closed(&self, d: Direction) {
-        self.series(d).streams_open.dec();
+    /// A stream was set up (outbound: the peer said 200; inbound: the
+    /// application took its connection) `took` after it began.
+    pub fn stream_set_up(&self, d: Direction, took: Duration) {
+        self.setup[d as usize].observe(took.as_secs_f64());
+    }
+
+    /// A carried stream ended after `lived`, having written `to_app` bytes
+    /// to the application and read `from_app` from it, with `peer` (the
+    /// peer proxy's verified ID) at the other end.
+    pub fn stream_closed(
+        &self,
+        d: Direction,
+        peer: Option<&SpiffeId>,
+        (to_app, from_app): (u64, u64),
+        lived: Duration,
+    ) {
+        let s = self.series(d);
+        s.streams_open.dec();
+        s.to_app.inc_by(to_app);
+        s.from_app.inc_by(from_app);
+        self.duration[d as usize].observe(lived.as_secs_f64());
+        let p = self.peer_series(d, peer);
+        p.streams.inc();
+        p.to_app.inc_by(to_app);
+        p.from_app.inc_by(from_app);
+    }
+
+    /// `peer`'s series in direction `d`, made on its first stream; past
+    /// [`PEERS_MAX`] peers (or without an ID), the `other` series.
+    fn peer_series(&self, d: Direction, peer: Option<&SpiffeId>) -> PeerSeries {
+        let s = self.series(d);
+        let mut peers = s.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peer.and_then(|p| peers.named.get(p)) {
+            return p.clone();
+        }
+        let named = match peer {
+            Some(p) if peers.named.len() < PEERS_MAX => Some(p),
+            Some(_) if !peers.capped_logged => {
+                peers.capped_logged = true;
+                tracing::warn!(
+                    direction = d.label(),
+                    "per-peer metrics name {PEERS_MAX} peers already; further peers are counted as peer_id=\"other\""
+                );
+                None
+            }
+            _ => None,
+        };
+        if let (None, Some(other)) = (named, &peers.other) {
+            return other.clone();
+        }
+        let id = named.map_or_else(|| "other".to_owned(), |p| p.to_string());
+        let label = |flow: Option<&'static str>| {
+            let mut l = vec![("direction", d.label().to_owned()), ("peer_id", id.clone())];
+            l.extend(flow.map(|f| ("flow", f.to_owned())));
+            l
+        };
+        // One statement per series (see `get` in `Default`).
+        let streams = self.peer_streams.get_or_create(&label(None)).clone();
+        let to_app = self
+            .peer_bytes
+            .get_or_create(&label(Some("to_app")))
+            .clone();
+        let from_app = self
+            .peer_bytes
+            .get_or_create(&label(Some("from_app")))
+            .clone();
+        let series = PeerSeries {
+            streams,
+            to_app,
+            from_app,
+        };
+        match named {
+            Some(p) => peers.named.insert(p.clone(), series.clone()),
+            None => peers.other.replace(series.clone()),
+        };
+        series
     }
 
     /// Counts a stream from its accept until the guard is dropped.
@@ -283,13 +443,6 @@ impl Metrics {
 
     pub fn streams_open(&self, d: Direction) -> i64 {
         self.series(d).streams_open.get()
-    }
-
-    /// `to_app`: bytes written to the application; `from_app`: read from it.
-    pub fn bytes(&self, d: Direction, to_app: u64, from_app: u64) {
-        let s = self.series(d);
-        s.to_app.inc_by(to_app);
-        s.from_app.inc_by(from_app);
     }
 
     pub fn handshake_failure(&self, d: Direction, reason: &'static str) {
@@ -359,5 +512,132 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Streams are counted by peer as they end, with their bytes, and
+    /// their set-up and duration go into the direction's histograms.
+    #[test]
+    fn streams_are_counted_by_peer_with_their_bytes_and_durations() {
+        let m = Metrics::default();
+        let (a, b) = (
+            SpiffeId::parse("spiffe://example.org/a").unwrap(),
+            SpiffeId::parse("spiffe://example.org/b").unwrap(),
+        );
+        let ms = Duration::from_millis;
+        for (peer, bytes, lived) in [
+            (&a, (10, 1), ms(2)),
+            (&a, (5, 0), ms(200)),
+            (&b, (7, 3), ms(7000)),
+        ] {
+            m.stream_opened(Direction::Inbound);
+            m.stream_set_up(Direction::Inbound, ms(3));
+            m.stream_closed(Direction::Inbound, Some(peer), bytes, lived);
+        }
+        m.stream_opened(Direction::Outbound);
+        m.stream_closed(Direction::Outbound, None, (1, 1), ms(1));
+        let text = m.render(0);
+        let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("no {s} in:\n{text}"));
+        let peer = |d: &str, id: &str| format!("{{direction=\"{d}\",peer_id=\"{id}\"");
+        let a_in = peer("inbound", "spiffe://example.org/a");
+        assert_eq!(v(&format!("ward_proxy_peer_streams_total{a_in}}}")), 2.0);
+        assert_eq!(
+            v(&format!(
+                "ward_proxy_peer_bytes_total{a_in},flow=\"to_app\"}}"
+            )),
+            15.0
+        );
+        assert_eq!(
+            v(&format!(
+                "ward_proxy_peer_bytes_total{a_in},flow=\"from_app\"}}"
+            )),
+            1.0
+        );
+        let b_in = peer("inbound", "spiffe://example.org/b");
+        assert_eq!(v(&format!("ward_proxy_peer_streams_total{b_in}}}")), 1.0);
+        let other = peer("outbound", "other");
+        assert_eq!(v(&format!("ward_proxy_peer_streams_total{other}}}")), 1.0);
+        // The totals, as before.
+        assert_eq!(
+            v("ward_proxy_bytes_total{direction=\"inbound\",flow=\"to_app\"}"),
+            22.0
+        );
+        assert_eq!(v("ward_proxy_streams_open{direction=\"inbound\"}"), 0.0);
+        // Durations 2 ms, 200 ms and 7 s: one by 5 ms, two by 0.5 s, three by 10 s.
+        let d = "ward_proxy_stream_duration_seconds";
+        assert_eq!(v(&format!("{d}_count{{direction=\"inbound\"}}")), 3.0);
+        assert_eq!(
+            v(&format!("{d}_bucket{{le=\"0.005\",direction=\"inbound\"}}")),
+            1.0
+        );
+        assert_eq!(
+            v(&format!("{d}_bucket{{le=\"0.5\",direction=\"inbound\"}}")),
+            2.0
+        );
+        assert_eq!(
+            v(&format!("{d}_bucket{{le=\"5.0\",direction=\"inbound\"}}")),
+            2.0
+        );
+        assert_eq!(
+            v(&format!("{d}_bucket{{le=\"10.0\",direction=\"inbound\"}}")),
+            3.0
+        );
+        assert_eq!(v(&format!("{d}_count{{direction=\"outbound\"}}")), 1.0);
+        let s = "ward_proxy_stream_setup_seconds";
+        assert_eq!(v(&format!("{s}_count{{direction=\"inbound\"}}")), 3.0);
+        assert_eq!(
+            v(&format!(
+                "{s}_bucket{{le=\"0.0025\",direction=\"inbound\"}}"
+            )),
+            0.0
+        );
+        assert_eq!(
+            v(&format!("{s}_bucket{{le=\"0.005\",direction=\"inbound\"}}")),
+            3.0
+        );
+        assert_eq!(v(&format!("{s}_count{{direction=\"outbound\"}}")), 0.0);
+    }
+
+    /// Past [`PEERS_MAX`] peers a direction, further peers share `other`:
+    /// the series stay bounded however many workloads call.
+    #[test]
+    fn per_peer_series_are_bounded() {
+        let m = Metrics::default();
+        let extra = 5;
+        for i in 0..PEERS_MAX + extra {
+            let id = SpiffeId::parse(&format!("spiffe://example.org/w{i}")).unwrap();
+            m.stream_opened(Direction::Outbound);
+            m.stream_closed(Direction::Outbound, Some(&id), (1, 0), Duration::ZERO);
+        }
+        // A peer named before the cap keeps its own series.
+        let first = SpiffeId::parse("spiffe://example.org/w0").unwrap();
+        m.stream_opened(Direction::Outbound);
+        m.stream_closed(Direction::Outbound, Some(&first), (1, 0), Duration::ZERO);
+        let text = m.render(0);
+        let named = text
+            .lines()
+            .filter(|l| l.starts_with("ward_proxy_peer_streams_total{"))
+            .count();
+        assert_eq!(named, PEERS_MAX + 1, "the named peers and other");
+        let series = |id: &str| {
+            let s =
+                format!("ward_proxy_peer_streams_total{{direction=\"outbound\",peer_id=\"{id}\"}}");
+            value(&text, &s)
+        };
+        assert_eq!(series("other"), Some(extra as f64));
+        assert_eq!(series("spiffe://example.org/w0"), Some(2.0));
+        assert_eq!(
+            series(&format!("spiffe://example.org/w{}", PEERS_MAX)),
+            None
+        );
     }
 }

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -107,6 +107,7 @@ pub async fn serve_route(
             &route.destination,
             Some(route.target()),
         );
+        let began = Instant::now();
         async move {
             let _slot = slot;
             // Reset when closed before its stream's end reached it.
@@ -143,10 +144,12 @@ pub async fn serve_route(
                     })?
                     .map_err(crate::pump::h2_io)?;
                 carried.status.store(r.status().as_u16(), Ordering::Relaxed);
-                accepted(r).map_err(|e| {
+                let recv = accepted(r).map_err(|e| {
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-                })
+                })?;
+                metrics.stream_set_up(Direction::Outbound, began.elapsed());
+                Ok(recv)
             };
             carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, log).await;
         }
@@ -244,13 +247,18 @@ async fn carry(
     log: Option<Box<StreamLog>>,
 ) {
     metrics.stream_opened(Direction::Outbound);
+    let opened = Instant::now();
     let result = pump(&mut app, send, recv, first, carried).await;
     drop(app);
     let untrusted = lease.untrusted();
-    drop(lease);
-    metrics.stream_closed(Direction::Outbound);
     let (to_app, from_app) = carried.totals();
-    metrics.bytes(Direction::Outbound, to_app, from_app);
+    metrics.stream_closed(
+        Direction::Outbound,
+        lease.peer_id(),
+        (to_app, from_app),
+        opened.elapsed(),
+    );
+    drop(lease);
     let status = carried.status.load(Ordering::Relaxed);
     let (outcome, error) = match &result {
         Ok(()) => ("ok", None),
@@ -400,8 +408,10 @@ async fn http_connect(
         return;
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
+    let began = Instant::now();
     match open(pool, route, &mut log).await {
         Ok(t) => {
+            metrics.stream_set_up(Direction::Outbound, began.elapsed());
             if let Err(e) = reply(&mut app, "200 Connection established").await {
                 StreamLog::end(
                     metrics,
