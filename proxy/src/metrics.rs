@@ -607,6 +607,36 @@ mod tests {
         assert_eq!(v(&format!("{s}_count{{direction=\"outbound\"}}")), 0.0);
     }
 
+    /// Renders at once (scrapes from several clients, on several worker
+    /// threads) bring the reload counter up to date once: each adds what it
+    /// is behind by, which two at once would both add.
+    #[test]
+    fn renders_at_once_count_reloads_once() {
+        let m = Arc::new(Metrics::default());
+        let loaded = "ward_proxy_policy_reloads_total{result=\"loaded\"}";
+        for round in 1..=5000u64 {
+            m.reload_stats.loaded.fetch_add(1, Ordering::Relaxed);
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let renders: Vec<_> = (0..4)
+                .map(|_| {
+                    let (m, start) = (m.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        m.render(0)
+                    })
+                })
+                .collect();
+            for r in renders {
+                r.join().unwrap();
+            }
+            assert_eq!(
+                value(&m.render(0), loaded),
+                Some(round as f64),
+                "round {round}"
+            );
+        }
+    }
+
     /// Past [`PEERS_MAX`] peers a direction, further peers share `other`:
     /// the series stay bounded however many workloads call.
     #[test]

@@ -1154,6 +1154,17 @@ mod tests {
         lookup: Lookup,
         refresh: Duration,
     ) -> Arc<Pool> {
+        pool_timed(issuer, roots, lookup, refresh, Duration::from_secs(5))
+    }
+
+    /// [`pool_with`], with connect and handshake timeouts of `timeout`.
+    fn pool_timed(
+        issuer: &Issuer,
+        roots: &RootStore,
+        lookup: Lookup,
+        refresh: Duration,
+        timeout: Duration,
+    ) -> Arc<Pool> {
         let (identity_tx, identity_rx) = watch::channel(Some(Current {
             spiffe_id: SpiffeId::parse(WEB).unwrap(),
             not_after: crate::identity::unix_now() + 3600,
@@ -1166,12 +1177,11 @@ mod tests {
             resolver: svid(WEB, issuer),
             current: identity_rx,
         };
-        let d = Duration::from_secs(5);
         Pool::with_lookup(
             identity,
             Arc::new(Metrics::default()),
             10,
-            (d, d, Duration::from_secs(60)),
+            (timeout, timeout, Duration::from_secs(60)),
             lookup,
             refresh,
         )
@@ -1391,6 +1401,55 @@ mod tests {
         assert_eq!(address, good);
         assert!(took >= Duration::from_secs(4), "{took:?}");
         drop(silent);
+    }
+
+    /// A background lookup whose task ended without a word (here it
+    /// panics) holds the name's next lookup back for twice the lookup's
+    /// timeout at most: the name is not stuck on its last addresses.
+    #[tokio::test]
+    async fn a_lookup_that_never_reported_back_does_not_stop_the_next() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:15008".parse().unwrap(),
+            "192.0.2.2:15008".parse().unwrap(),
+        );
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let lookup: Lookup = Arc::new(move |_host| {
+            let n = counted.fetch_add(1, Ordering::AcqRel) + 1;
+            Box::pin(async move {
+                match n {
+                    1 => Ok(vec![a]),
+                    2 => panic!("the test's lookup ends without a word"),
+                    _ => Ok(vec![b]),
+                }
+            })
+        });
+        let (refresh, timeout) = (Duration::from_millis(50), Duration::from_secs(1));
+        let pool = pool_timed(&issuer, &roots, lookup, refresh, timeout);
+        let name = "api.peers.test:15008";
+        let addresses = || async { pool.addresses(name).await.unwrap().as_slice().to_vec() };
+        assert_eq!(addresses().await, [a]);
+        tokio::time::sleep(refresh * 2).await;
+        // Stale: a background lookup starts, and its task panics.
+        assert_eq!(addresses().await, [a]);
+        tokio::time::sleep(refresh * 2).await;
+        assert_eq!(addresses().await, [a]);
+        assert_eq!(
+            calls.load(Ordering::Acquire),
+            2,
+            "the lookup is still taken to run"
+        );
+        // Past twice the timeout, the next stale use starts another.
+        tokio::time::sleep(timeout * 2).await;
+        assert_eq!(addresses().await, [a]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while addresses().await != [b] && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(addresses().await, [b]);
+        assert_eq!(calls.load(Ordering::Acquire), 3);
     }
 
     /// A name is looked up again, in the background, once its addresses
