@@ -200,7 +200,8 @@ fn init_logging_to(json: bool, out: Box<dyn std::io::Write + Send>) {
 
 /// The log filter a process starts with: `WARD_LOG`, with `audit=info`
 /// added unless it names the `audit` target itself (`WARD_LOG=warn` keeps
-/// audit lines; `WARD_LOG=warn,audit=off` is how to leave them out). A
+/// audit lines; `WARD_LOG=warn,audit=off` is how to leave them out) or is
+/// a level that keeps them anyway (`info`, `debug`, `trace`). A
 /// filter that does not parse is replaced by `info` (with audit lines), and
 /// the second value says why, for a warning once logging is up.
 fn start_filter(env: Option<&str>) -> (String, Option<String>) {
@@ -210,7 +211,9 @@ fn start_filter(env: Option<&str>) -> (String, Option<String>) {
     let names_audit = given
         .split(',')
         .any(|d| d.trim().split(['=', '[']).next() == Some("audit"));
-    let filter = if names_audit {
+    // A lone level of info or finer keeps audit lines as it is.
+    let keeps_audit = ["info", "debug", "trace"].contains(&given.to_ascii_lowercase().as_str());
+    let filter = if names_audit || keeps_audit {
         given.to_owned()
     } else {
         format!("{given},audit=info")
@@ -317,6 +320,7 @@ mod tests {
         assert_eq!(start_filter(None), ("info".into(), None));
         assert_eq!(start_filter(Some(" ")), ("info".into(), None));
         assert_eq!(start_filter(Some("warn")), ("warn,audit=info".into(), None));
+        assert_eq!(start_filter(Some("debug")), ("debug".into(), None));
         assert_eq!(
             start_filter(Some("ward_ca=debug,warn")),
             ("ward_ca=debug,warn,audit=info".into(), None)

@@ -1696,36 +1696,61 @@ fn a_second_sigterm_cuts_the_drain_short() {
     assert_eq!(read, Err(std::io::ErrorKind::ConnectionReset));
 }
 
-/// While a proxy drains, its outbound routes still take the application's
-/// new connections (it may call out as it finishes its own requests), and
-/// the proxy exits once those streams are done too.
+/// While a proxy drains its inbound side, its outbound routes still take
+/// its application's new connections (the application may call out as it
+/// finishes the requests it was sent); once the inbound side is done they
+/// close and the proxy exits.
 #[test]
-fn outbound_routes_still_take_connections_while_the_proxy_drains() {
-    let mesh = Mesh::start(&[], &[]);
-    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &["--drain-timeout", "20s"]);
-    // An open stream: a request for 1 GiB whose first bytes are sent.
+fn outbound_routes_take_connections_while_the_inbound_side_drains() {
+    let db_inbound = format!("127.0.0.1:{}", free_port());
+    let route_port = free_port();
+    let route = format!(
+        "listen=127.0.0.1:{route_port},destination={db_inbound},id={DB},target=db.acme:5432"
+    );
+    let mesh = Mesh::start(&[], &["--drain-timeout", "20s", "--route", &route]);
+    let forward = format!("127.0.0.1:{}", mesh.app.port);
+    let policy_dir = mesh.policies.path().to_str().unwrap().to_owned();
+    let _db = ProxyProcess::start(
+        &mesh.agent,
+        DB_UID,
+        &[
+            "--inbound-listen",
+            &db_inbound,
+            "--forward",
+            &forward,
+            "--service-port",
+            "5432",
+            "--policy-dir",
+            &policy_dir,
+        ],
+    );
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // An open inbound stream on api: web's request for 1 GiB.
     let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
     open.write_all(&[0u8; 4096]).unwrap();
     assert_eq!(mesh.app.wait_connections(1), 1);
-    let pid = web.child.as_ref().unwrap().id().to_string();
-    let terminated = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(terminated.success());
+    assert_clean(&hash_client(route_port, 1024, 1, 0.0), 1, 1024);
+
+    mesh.signal_api("-TERM");
     std::thread::sleep(Duration::from_millis(500));
-    let ready = http_get(&web.health_addr, "/readyz");
+    let ready = http_get(&mesh.api.health_addr, "/readyz");
     assert!(
         matches!(&ready, Some((503, body)) if body.contains("draining")),
         "{ready:?}"
     );
-    // Draining, and a new connection to the route is tunneled.
-    let r = hash_client(port, 64 * 1024, 2, 0.0);
-    assert_clean(&r, 2, 64 * 1024);
-    // The open stream ends; the drain is over and the proxy exits.
+    assert!(
+        std::net::TcpStream::connect(&mesh.api_inbound).is_err(),
+        "the inbound listener still accepts while draining"
+    );
+    // Draining: api's application calls db.
+    assert_clean(&hash_client(route_port, 64 * 1024, 2, 0.0), 2, 64 * 1024);
+
+    // The inbound stream ends: the drain goes on to the outbound side and
+    // the proxy exits.
     drop(open);
-    let child = web.child.as_mut().unwrap();
+    let mut api = mesh.api;
+    let child = api.child.as_mut().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -1738,9 +1763,9 @@ fn outbound_routes_still_take_connections_while_the_proxy_drains() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    let log = web.log_text();
+    let log = api.log_text();
     assert!(log.contains("drained"), "{log}");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", route_port)).is_err());
 }
 
 /// A stream still being set up when SIGTERM arrives (its tunnel waits for

@@ -222,7 +222,7 @@ async fn connection(
                 Some(Ok((req, respond))) => {
                     active_tx.send_modify(|n| *n += 1);
                     let guard = ActiveGuard(active_tx.clone());
-                    let task = metrics.stream_task();
+                    let task = metrics.stream_task(Direction::Inbound);
                     let inbound = inbound.clone();
                     let verified = verified.clone();
                     tokio::spawn(async move {

@@ -15,9 +15,9 @@
 //! back-pressure. [`metrics`] and the health endpoints are served on their own
 //! port (with [`status`]'s `/config_dump`); SIGTERM drains: the inbound
 //! listener closes, inbound connections stop taking streams, and open streams
-//! get until the drain deadline to finish, while the outbound listeners go on
-//! taking the application's connections (it may still call out as it
-//! finishes its own requests).
+//! get until the drain deadline to finish; the outbound listeners go on
+//! taking the application's connections until the inbound side is done (it
+//! may still call out as it finishes the requests it was sent).
 //!
 //! The HTTP/2 layer is `h2` (hyper's HTTP/2 implementation) used directly, so
 //! that an idle tunneled stream holds no buffers and data moves as `Bytes`
@@ -236,13 +236,23 @@ pub async fn run(
             exit.clone(),
         ));
     }
+    // The outbound listeners hold the only receivers left: the drain
+    // knows they have stopped once all are gone.
+    drop(exit);
     listening.store(true, Ordering::Release);
     tracing::info!(spiffe_id = %current.spiffe_id, "proxy ready");
 
     let _ = stop_rx.wait_for(|s| *s).await;
     listening.store(false, Ordering::Release);
-    drain_streams(&drain_tx, &metrics, &pool, cfg.limits.drain_timeout, cut).await;
-    let _ = exit_tx.send(true);
+    drain_streams(
+        &drain_tx,
+        &exit_tx,
+        &metrics,
+        &pool,
+        cfg.limits.drain_timeout,
+        cut,
+    )
+    .await;
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
     let access = metrics.access_log.clone();
@@ -310,40 +320,56 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
-/// Stops accepting inbound connections, lets open streams finish until
-/// `deadline`, then returns. Outbound listeners accept meanwhile (as Istio's
-/// sidecar drains inbound only): an application finishing its requests may
-/// still need to call out, and its new streams are waited for like the
-/// others. Inbound connections are waited for too: each has told its peer to open
-/// no more streams (GOAWAY) and closes once its peer has seen that and its
-/// streams have ended, so a peer's stream sent meanwhile is refused in a
-/// way it can retry elsewhere, not cut by the process's exit. Once no
-/// stream is left the pool's connections are closed, and waited for: a
-/// stream's last bytes may still be queued in its connection (the peer
-/// slow to read) when the stream is done, and leaving then would lose them.
+/// Drains, in turn, until `deadline` (or `cut`):
+/// 1. Inbound: the listener closes and each inbound connection tells its
+///    peer to open no more streams (GOAWAY); the drain waits for their
+///    streams to end and for them to close (once the peer has seen the
+///    GOAWAY), so a peer's stream sent meanwhile is refused in a way it can
+///    retry elsewhere, not cut by the process's exit. The outbound
+///    listeners go on accepting meanwhile (as Istio's sidecar drains inbound
+///    only): an application finishing the requests it was sent may still
+///    need to call out.
+/// 2. Outbound: `exit` closes the outbound listeners, and the drain waits
+///    for them to stop (every receiver of `exit` dropped), then for every
+///    stream, set-up included, to end.
+/// 3. The pool's connections are closed, and waited for: a stream's last
+///    bytes may still be queued in its connection (the peer slow to read)
+///    when the stream is done, and leaving then would lose them.
 async fn drain_streams(
     drain: &watch::Sender<bool>,
+    exit: &watch::Sender<bool>,
     metrics: &Metrics,
     pool: &pool::Pool,
     deadline: Duration,
     cut: impl Future<Output = ()>,
 ) {
+    #[derive(PartialEq)]
+    enum Phase {
+        Inbound,
+        Listeners,
+        Streams,
+        Pool,
+    }
     let _ = drain.send(true);
     tokio::pin!(cut);
     // Streams still being set up (waiting for their tunnel, their
     // authorization or their application) count as open.
+    let streams =
+        || metrics.stream_tasks(Direction::Inbound) + metrics.stream_tasks(Direction::Outbound);
     let left = || {
         (
-            metrics.stream_tasks(),
+            streams(),
             metrics.connections_open(Direction::Inbound),
             metrics.connections_open(Direction::Outbound),
         )
     };
-    tracing::info!(open_streams = left().0, deadline = ?deadline, "draining");
+    tracing::info!(open_streams = streams(), deadline = ?deadline, "draining");
     let start = Instant::now();
     let mut cut_short = false;
-    let mut pool_closed = false;
-    while left() != (0, 0, 0) && start.elapsed() < deadline {
+    let mut phase = Phase::Inbound;
+    while start.elapsed() < deadline {
+        // (Checked after a tick: a connection accepted as the drain began
+        // has its stream counted by then.)
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
             () = &mut cut => {
@@ -351,13 +377,25 @@ async fn drain_streams(
                 break;
             }
         }
-        // (After a first tick: a connection accepted as the drain began
-        // has its stream counted by then.)
-        if left().0 == 0 && !pool_closed {
+        if phase == Phase::Inbound
+            && metrics.stream_tasks(Direction::Inbound) == 0
+            && metrics.connections_open(Direction::Inbound) == 0
+        {
+            let _ = exit.send(true);
+            phase = Phase::Listeners;
+        }
+        if phase == Phase::Listeners && exit.is_closed() {
+            phase = Phase::Streams;
+        }
+        if phase == Phase::Streams && streams() == 0 {
             pool.close();
-            pool_closed = true;
+            phase = Phase::Pool;
+        }
+        if phase == Phase::Pool && left() == (0, 0, 0) {
+            break;
         }
     }
+    let _ = exit.send(true);
     let (streams, connections, outbound) = left();
     if (streams, connections, outbound) != (0, 0, 0) {
         let why = if cut_short {

@@ -141,7 +141,7 @@ pub struct Metrics {
     /// Streams being handled, from their accept (set-up included: the
     /// peer's answer, authorization, the connection to the application)
     /// until they end: what a drain waits for. Not exported.
-    stream_tasks: Gauge,
+    stream_tasks: [Gauge; 2],
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
@@ -191,7 +191,7 @@ impl Default for Metrics {
             policy_reloads: Family::default(),
             log_lines_dropped: Family::default(),
             streams_revoked: Counter::default(),
-            stream_tasks: Gauge::default(),
+            stream_tasks: Default::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
             access_log: None,
@@ -427,14 +427,15 @@ impl Metrics {
     }
 
     /// Counts a stream from its accept until the guard is dropped.
-    pub fn stream_task(&self) -> StreamTask {
-        self.stream_tasks.inc();
-        StreamTask(self.stream_tasks.clone())
+    pub fn stream_task(&self, d: Direction) -> StreamTask {
+        let g = &self.stream_tasks[d as usize];
+        g.inc();
+        StreamTask(g.clone())
     }
 
     /// Streams accepted and not yet ended, set-up included.
-    pub fn stream_tasks(&self) -> i64 {
-        self.stream_tasks.get()
+    pub fn stream_tasks(&self, d: Direction) -> i64 {
+        self.stream_tasks[d as usize].get()
     }
 
     pub fn connections_open(&self, d: Direction) -> i64 {

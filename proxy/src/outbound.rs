@@ -70,7 +70,11 @@ async fn accept_loop<F, Fut>(
         };
         over_limit_logged = false;
         crate::hbone::app_socket(&app);
-        tokio::spawn(handle(app, source, (slot, metrics.stream_task())));
+        tokio::spawn(handle(
+            app,
+            source,
+            (slot, metrics.stream_task(Direction::Outbound)),
+        ));
     }
 }
 

@@ -1594,8 +1594,10 @@ mod tests {
         let metrics = pool.metrics.clone();
         assert_eq!(metrics.connections_open(Direction::Outbound), 1);
         let (drain, _) = watch::channel(false);
+        let (exit, _) = watch::channel(false);
         crate::drain_streams(
             &drain,
+            &exit,
             &metrics,
             &pool,
             Duration::from_secs(10),
@@ -1613,6 +1615,77 @@ mod tests {
             .unwrap();
         assert_eq!(got, 2 << 20);
         assert_eq!(pool.connections(), 0);
+    }
+
+    /// The drain's order: while the inbound side is still draining (here an
+    /// inbound connection not yet closed, with no stream open) the outbound
+    /// listeners stay open and the pool takes new streams; once it is done,
+    /// the listeners are told to close, and after they have stopped the
+    /// pool is closed and the drain ends.
+    #[tokio::test]
+    async fn the_pool_takes_streams_until_the_inbound_side_has_drained() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (addr, answered) = counted_peer(&issuer, roots.clone()).await;
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let metrics = pool.metrics.clone();
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let open = || async {
+            let p = pool
+                .start_stream(&addr.to_string(), &ids, "api.acme:8080")
+                .await?;
+            let response = p
+                .response
+                .await
+                .map_err(|e| OpenError::Http2(String::new(), e))?;
+            accepted(response).map(drop)
+        };
+        metrics.connection_opened(Direction::Inbound);
+        let (drain, _) = watch::channel(false);
+        let (exit, mut listener) = watch::channel(false);
+        let drained = {
+            let (pool, metrics) = (pool.clone(), metrics.clone());
+            tokio::spawn(async move {
+                crate::drain_streams(
+                    &drain,
+                    &exit,
+                    &metrics,
+                    &pool,
+                    Duration::from_secs(10),
+                    std::future::pending(),
+                )
+                .await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!*listener.borrow(), "outbound listeners told to close");
+        open()
+            .await
+            .expect("a stream while the inbound side drains");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        open().await.expect("a stream after a pause with none open");
+        assert_eq!(answered.load(Ordering::Acquire), 2);
+        // The inbound side is done: the listeners are told to close, and
+        // the drain waits for them (the receiver) to stop.
+        metrics.connection_closed(Direction::Inbound);
+        tokio::time::timeout(Duration::from_secs(2), listener.wait_for(|x| *x))
+            .await
+            .expect("the listeners were not told to close")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !drained.is_finished(),
+            "the drain ended with a listener open"
+        );
+        drop(listener);
+        tokio::time::timeout(Duration::from_secs(5), drained)
+            .await
+            .expect("the drain did not end")
+            .unwrap();
+        assert!(
+            open().await.is_err(),
+            "the pool takes streams after the drain"
+        );
     }
 
     /// An open stream goes on through a bundle change that still trusts its
