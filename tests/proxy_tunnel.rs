@@ -352,8 +352,9 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
     // `db` may not call `api` under the example policies.
     let port = free_port();
     let connect = format!("127.0.0.1:{port}");
+    let route_port = free_port();
     let route = format!(
-        "destination={},id={API},target=api.acme:8080",
+        "listen=127.0.0.1:{route_port},destination={},id={API},target=api.acme:8080",
         mesh.api_inbound
     );
     let db = ProxyProcess::start(
@@ -403,6 +404,23 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
     assert_eq!(ended(&db, "outbound", "refused", 1.0), 1.0);
     // (the plain HTTP request)
     assert_eq!(ended(&db, "outbound", "error", 1.0), 1.0);
+    // Through the route's listener: the stream is counted from its CONNECT
+    // on, but a refused one was carried to no peer and took no time.
+    let r = hash_client(route_port, 1024, 1, 0.0);
+    assert_eq!(r.ok, 0, "{:?}", r.errors);
+    assert_eq!(ended(&db, "outbound", "refused", 2.0), 2.0);
+    let streams = db.metric("ward_proxy_streams_total{direction=\"outbound\"}");
+    assert_eq!(streams, 1.0);
+    let to_api = format!("direction=\"outbound\",peer_id=\"{API}\"");
+    let carried = db.metric(&format!("ward_proxy_peer_streams_total{{{to_api}}}"));
+    assert_eq!(carried, 0.0);
+    for h in [
+        "stream_setup_seconds_count",
+        "stream_duration_seconds_count",
+    ] {
+        let n = db.metric(&format!("ward_proxy_{h}{{direction=\"outbound\"}}"));
+        assert_eq!(n, 0.0, "{h}");
+    }
 
     // 2. Allow db → api in the watched directory; new streams get through.
     std::fs::write(

@@ -417,7 +417,8 @@ async fn stream(
     };
     drop(app);
     let (to_app, from_app) = carried.totals();
-    metrics.stream_closed(
+    metrics.stream_closed(Direction::Inbound, (to_app, from_app));
+    metrics.stream_carried(
         Direction::Inbound,
         Some(peer_id),
         (to_app, from_app),

@@ -224,12 +224,12 @@ impl Default for Metrics {
         );
         registry.register(
             "peer_streams",
-            "Streams carried, by direction and the peer proxy's SPIFFE ID, counted as they end (past 1000 peers a direction, further ones as peer_id=\"other\")",
+            "Streams set up (inbound: admitted; outbound: answered 200), by direction and the peer proxy's SPIFFE ID, counted as they end (past 1000 peers a direction, further ones as peer_id=\"other\")",
             m.peer_streams.clone(),
         );
         registry.register(
             "peer_bytes",
-            "Application bytes carried, by direction, the peer proxy's SPIFFE ID and flow, counted as streams end",
+            "Application bytes carried by streams set up, by direction, the peer proxy's SPIFFE ID and flow, counted as streams end",
             m.peer_bytes.clone(),
         );
         registry.register(
@@ -239,7 +239,7 @@ impl Default for Metrics {
         );
         registry.register(
             "stream_duration_seconds",
-            "How long carried streams lasted, from their set-up to their end, by direction",
+            "How long streams lasted from their set-up (inbound: admission; outbound: the peer's 200) to their end, by direction",
             m.stream_duration.clone(),
         );
         registry.register(
@@ -354,20 +354,26 @@ impl Metrics {
         self.setup[d as usize].observe(took.as_secs_f64());
     }
 
-    /// A carried stream ended after `lived`, having written `to_app` bytes
-    /// to the application and read `from_app` from it, with `peer` (the
-    /// peer proxy's verified ID) at the other end.
-    pub fn stream_closed(
+    /// A stream counted by [`Metrics::stream_opened`] ended, having
+    /// written `to_app` bytes to the application and read `from_app` from
+    /// it.
+    pub fn stream_closed(&self, d: Direction, (to_app, from_app): (u64, u64)) {
+        let s = self.series(d);
+        s.streams_open.dec();
+        s.to_app.inc_by(to_app);
+        s.from_app.inc_by(from_app);
+    }
+
+    /// A stream that was set up (inbound: admitted; outbound: answered
+    /// 200) ended, `lived` after its set-up, with `peer` (the peer proxy's
+    /// verified ID) at the other end: its peer's series and its duration.
+    pub fn stream_carried(
         &self,
         d: Direction,
         peer: Option<&SpiffeId>,
         (to_app, from_app): (u64, u64),
         lived: Duration,
     ) {
-        let s = self.series(d);
-        s.streams_open.dec();
-        s.to_app.inc_by(to_app);
-        s.from_app.inc_by(from_app);
         self.duration[d as usize].observe(lived.as_secs_f64());
         let p = self.peer_series(d, peer);
         p.streams.inc();
@@ -542,10 +548,12 @@ mod tests {
         ] {
             m.stream_opened(Direction::Inbound);
             m.stream_set_up(Direction::Inbound, ms(3));
-            m.stream_closed(Direction::Inbound, Some(peer), bytes, lived);
+            m.stream_closed(Direction::Inbound, bytes);
+            m.stream_carried(Direction::Inbound, Some(peer), bytes, lived);
         }
         m.stream_opened(Direction::Outbound);
-        m.stream_closed(Direction::Outbound, None, (1, 1), ms(1));
+        m.stream_closed(Direction::Outbound, (1, 1));
+        m.stream_carried(Direction::Outbound, None, (1, 1), ms(1));
         let text = m.render(0);
         let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("no {s} in:\n{text}"));
         let peer = |d: &str, id: &str| format!("{{direction=\"{d}\",peer_id=\"{id}\"");
@@ -647,12 +655,12 @@ mod tests {
         for i in 0..PEERS_MAX + extra {
             let id = SpiffeId::parse(&format!("spiffe://example.org/w{i}")).unwrap();
             m.stream_opened(Direction::Outbound);
-            m.stream_closed(Direction::Outbound, Some(&id), (1, 0), Duration::ZERO);
+            m.stream_carried(Direction::Outbound, Some(&id), (1, 0), Duration::ZERO);
         }
         // A peer named before the cap keeps its own series.
         let first = SpiffeId::parse("spiffe://example.org/w0").unwrap();
         m.stream_opened(Direction::Outbound);
-        m.stream_closed(Direction::Outbound, Some(&first), (1, 0), Duration::ZERO);
+        m.stream_carried(Direction::Outbound, Some(&first), (1, 0), Duration::ZERO);
         let text = m.render(0);
         let named = text
             .lines()

@@ -152,6 +152,7 @@ pub async fn serve_route(
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
                 })?;
+                let _ = carried.set_up.set(Instant::now());
                 metrics.stream_set_up(Direction::Outbound, began.elapsed());
                 Ok(recv)
             };
@@ -251,17 +252,21 @@ async fn carry(
     log: Option<Box<StreamLog>>,
 ) {
     metrics.stream_opened(Direction::Outbound);
-    let opened = Instant::now();
     let result = pump(&mut app, send, recv, first, carried).await;
     drop(app);
     let untrusted = lease.untrusted();
     let (to_app, from_app) = carried.totals();
-    metrics.stream_closed(
-        Direction::Outbound,
-        lease.peer_id(),
-        (to_app, from_app),
-        opened.elapsed(),
-    );
+    metrics.stream_closed(Direction::Outbound, (to_app, from_app));
+    // Streams the peer answered 200 (a route's stream is counted from its
+    // CONNECT on, refused or not).
+    if let Some(set_up) = carried.set_up.get() {
+        metrics.stream_carried(
+            Direction::Outbound,
+            lease.peer_id(),
+            (to_app, from_app),
+            set_up.elapsed(),
+        );
+    }
     drop(lease);
     let status = carried.status.load(Ordering::Relaxed);
     let (outcome, error) = match &result {
@@ -415,7 +420,6 @@ async fn http_connect(
     let began = Instant::now();
     match open(pool, route, &mut log).await {
         Ok(t) => {
-            metrics.stream_set_up(Direction::Outbound, began.elapsed());
             if let Err(e) = reply(&mut app, "200 Connection established").await {
                 StreamLog::end(
                     metrics,
@@ -428,6 +432,8 @@ async fn http_connect(
             let recv = std::future::ready(Ok(t.recv));
             let carried = Carried::default();
             carried.status.store(200, Ordering::Relaxed);
+            let _ = carried.set_up.set(Instant::now());
+            metrics.stream_set_up(Direction::Outbound, began.elapsed());
             let app = AppConn::new(app);
             carry(app, t.send, recv, t.lease, first, metrics, &carried, log).await;
         }

@@ -37,12 +37,14 @@ const COPY_BELOW: usize = READ_CHUNK / 4;
 
 /// Bytes carried by one stream, counted as they go: a stream that ends in
 /// an error, or is cut off, still tells what it carried. `status` is the
-/// `CONNECT` answer once known (for the access log).
+/// `CONNECT` answer once known (for the access log), and `set_up` when the
+/// stream was (outbound: when the peer said 200).
 #[derive(Debug, Default)]
 pub struct Carried {
     pub to_app: AtomicU64,
     pub from_app: AtomicU64,
     pub status: AtomicU16,
+    pub set_up: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Carried {
