@@ -1786,6 +1786,55 @@ fn outbound_routes_take_connections_while_the_inbound_side_drains() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", route_port)).is_err());
 }
 
+/// `POST /quitquitquit` on the health port drains and stops the proxy as
+/// SIGTERM does (Istio's endpoint, for a Job whose work is done); a
+/// browser's cross-site request (with an `Origin`) is refused.
+#[test]
+fn quitquitquit_drains_and_stops_the_proxy() {
+    let mesh = Mesh::start(&[], &[]);
+    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    let health = web.health_addr.clone();
+    assert_eq!(
+        http_get(&health, "/quitquitquit").map(|r| r.0),
+        Some(405),
+        "GET"
+    );
+    let mut browser = std::net::TcpStream::connect(&health).unwrap();
+    write!(
+        browser,
+        "POST /quitquitquit HTTP/1.0\r\nHost: x\r\nOrigin: http://evil.test\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    browser.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 403") || answer.starts_with("HTTP/1.1 403"),
+        "{answer}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http_get(&health, "/readyz").map(|r| r.0), Some(200));
+
+    let answer = http_request(&health, "POST", "/quitquitquit");
+    assert_eq!(answer, Some((200, "draining\n".to_owned())));
+    let child = web.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 10 s after /quitquitquit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let log = web.log_text();
+    assert!(log.contains("asked on /quitquitquit"), "{log}");
+    assert!(log.contains("drained"), "{log}");
+}
+
 /// A stream still being set up when SIGTERM arrives (its tunnel waits for
 /// a TLS handshake with a peer that is frozen) is carried through the
 /// drain once the peer answers, and the proxy then exits cleanly.

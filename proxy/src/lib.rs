@@ -108,8 +108,16 @@ pub async fn run(
     }
     let stop_flag = stopping.clone();
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    // `POST /quitquitquit` drains as SIGTERM does.
+    let quit = Arc::new(tokio::sync::Notify::new());
+    let quit_asked = quit.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = quit_asked.notified() => {
+                tracing::info!("shutting down: asked on /quitquitquit");
+            }
+        }
         stop_flag.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
     });
@@ -148,6 +156,7 @@ pub async fn run(
         metrics.clone(),
         authz.clone(),
         status.clone(),
+        quit,
     );
     // The health server answers until the drain is over (`/healthz` ok,
     // `/readyz` 503 while draining), so that a liveness probe does not
@@ -464,10 +473,25 @@ fn health_router(
     metrics: Arc<Metrics>,
     authz: Arc<Authorizer>,
     status: Arc<status::Status>,
+    quit: Arc<tokio::sync::Notify>,
 ) -> axum::Router {
     let authz_ready = authz.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/quitquitquit",
+            axum::routing::post(move |headers: axum::http::HeaderMap| async move {
+                // As `/logging`: a page in a browser may not stop the proxy.
+                if headers.contains_key(axum::http::header::ORIGIN) {
+                    return (
+                        StatusCode::FORBIDDEN,
+                        "a browser's cross-site request may not stop the proxy\n",
+                    );
+                }
+                quit.notify_one();
+                (StatusCode::OK, "draining\n")
+            }),
+        )
         .route("/logging", ward_spec::log_level::route())
         .route(
             "/readyz",
