@@ -156,8 +156,8 @@ pub async fn run(
         metrics.clone(),
         authz.clone(),
         status.clone(),
-        quit,
-    );
+    )
+    .route("/quitquitquit", quit_route(quit));
     // The health server answers until the drain is over (`/healthz` ok,
     // `/readyz` 503 while draining), so that a liveness probe does not
     // fail a proxy that is finishing its streams.
@@ -462,6 +462,21 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
     ))
 }
 
+/// `POST /quitquitquit`: drains, as SIGTERM does.
+fn quit_route(quit: Arc<tokio::sync::Notify>) -> axum::routing::MethodRouter {
+    axum::routing::post(move |headers: axum::http::HeaderMap| async move {
+        // As `/logging`: a page in a browser may not stop the proxy.
+        if headers.contains_key(axum::http::header::ORIGIN) {
+            return (
+                StatusCode::FORBIDDEN,
+                "a browser's cross-site request may not stop the proxy\n",
+            );
+        }
+        quit.notify_one();
+        (StatusCode::OK, "draining\n")
+    })
+}
+
 /// `/readyz` is 200 once the proxy has a usable SVID, listens, and (if it
 /// takes inbound tunnels and enforces policy) has a policy set: before one,
 /// every inbound stream would be denied.
@@ -473,25 +488,10 @@ fn health_router(
     metrics: Arc<Metrics>,
     authz: Arc<Authorizer>,
     status: Arc<status::Status>,
-    quit: Arc<tokio::sync::Notify>,
 ) -> axum::Router {
     let authz_ready = authz.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/quitquitquit",
-            axum::routing::post(move |headers: axum::http::HeaderMap| async move {
-                // As `/logging`: a page in a browser may not stop the proxy.
-                if headers.contains_key(axum::http::header::ORIGIN) {
-                    return (
-                        StatusCode::FORBIDDEN,
-                        "a browser's cross-site request may not stop the proxy\n",
-                    );
-                }
-                quit.notify_one();
-                (StatusCode::OK, "draining\n")
-            }),
-        )
         .route("/logging", ward_spec::log_level::route())
         .route(
             "/readyz",
