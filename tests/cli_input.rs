@@ -95,6 +95,22 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             &["proxy", "run", "--proxy-protocol"],
             "--proxy-protocol needs an inbound",
         ),
+        (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--policy-reload-interval", "0s"],
+            "`policy.reload_interval`: must be greater than zero",
+        ),
+        (
+            &["proxy", "run", "--forward", "http://127.0.0.1:8080"],
+            "`inbound.forward`: \"http://127.0.0.1:8080\" is not host:port",
+        ),
+        (
+            &["proxy", "run", "--forward", "app", "--service-port", "8080"],
+            "`inbound.forward`: \"app\" has no port",
+        ),
+        (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--socket", "tcp://127.0.0.1:8081"],
+            "`workload_api_socket`: \"tcp://127.0.0.1:8081\": only a Unix socket",
+        ),
     ];
     for (args, said) in cases {
         let (code, err) = ward(args);

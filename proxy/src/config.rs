@@ -139,7 +139,7 @@ impl Inbound {
             .and_then(|(_, p)| p.parse().ok())
             .ok_or_else(|| {
                 format!(
-                    "inbound.forward {:?} has no port: give HOST:PORT, or set inbound.service_port",
+                    "inbound.forward {:?} has no port: give HOST:PORT",
                     self.forward
                 )
             })
@@ -339,6 +339,9 @@ impl ProxyConfig {
             );
         }
         if let Some(inb) = &self.inbound {
+            if let Err(e) = host_port(&inb.forward) {
+                return bad("inbound.forward", format!("{:?} {e}", inb.forward));
+            }
             if let Err(message) = inb.service_port() {
                 return bad("inbound.service_port", message);
             }
@@ -435,6 +438,7 @@ impl ProxyConfig {
             return bad("limits", "limits must be greater than zero".into());
         }
         for (key, d) in [
+            ("policy.reload_interval", self.policy.reload_interval),
             ("limits.handshake_timeout", l.handshake_timeout),
             ("limits.idle_timeout", l.idle_timeout),
             ("limits.connect_timeout", l.connect_timeout),

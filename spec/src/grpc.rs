@@ -78,6 +78,27 @@ pub async fn tls_channel_with_timeout(
     endpoint.connect_with_connector(connector).await
 }
 
+/// The socket path a Workload API address names: `unix:///run/x.sock`,
+/// `unix:/run/x.sock` (both forms go-spiffe takes), or a bare path (Ward's
+/// defaults are relative, `unix://.ward/…` too). Any other scheme (the
+/// SPIFFE spec's `tcp://`) is refused by name: Ward serves the Workload
+/// API on a Unix socket only.
+pub fn socket_path(address: &str) -> Result<PathBuf, String> {
+    let path = match address.strip_prefix("unix:") {
+        Some(rest) => rest.strip_prefix("//").unwrap_or(rest),
+        None if address.contains("://") => {
+            return Err(format!(
+                "{address:?}: only a Unix socket (unix:///path, or a path) is supported"
+            ))
+        }
+        None => address,
+    };
+    if path.is_empty() {
+        return Err(format!("{address:?}: no socket path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
 /// A channel over the Unix socket at `path`.
 pub async fn unix_channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::transport::Error> {
     let path = path.into();
@@ -91,4 +112,32 @@ pub async fn unix_channel(path: impl Into<PathBuf>) -> Result<Channel, tonic::tr
     Endpoint::from_static("http://[::1]:1")
         .connect_with_connector(connector)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::socket_path;
+    use std::path::PathBuf;
+
+    /// The address forms go-spiffe takes, and a bare path; another scheme
+    /// or no path is refused by name.
+    #[test]
+    fn workload_api_addresses_name_their_socket() {
+        for (address, path) in [
+            ("unix:///run/ward/workload.sock", "/run/ward/workload.sock"),
+            ("unix:/run/ward/workload.sock", "/run/ward/workload.sock"),
+            (
+                "unix://.ward/agent/workload.sock",
+                ".ward/agent/workload.sock",
+            ),
+            (".ward/agent/workload.sock", ".ward/agent/workload.sock"),
+            ("/run/ward/workload.sock", "/run/ward/workload.sock"),
+        ] {
+            assert_eq!(socket_path(address), Ok(PathBuf::from(path)), "{address}");
+        }
+        for bad in ["tcp://127.0.0.1:8081", "unix://", "unix:", "http://x/y"] {
+            let e = socket_path(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 }

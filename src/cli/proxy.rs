@@ -132,8 +132,16 @@ impl RunArgs {
             None => ProxyConfig::default(),
         };
         if let Some(s) = self.workload_api_socket {
-            c.workload_api_socket = PathBuf::from(s.strip_prefix("unix://").unwrap_or(&s));
+            c.workload_api_socket = PathBuf::from(s);
         }
+        // Either source may say `unix:///path` or `unix:/path`.
+        c.workload_api_socket = ward_spec::grpc::socket_path(
+            &c.workload_api_socket.to_string_lossy(),
+        )
+        .map_err(|message| ward_proxy::config::ConfigError::Invalid {
+            key: "workload_api_socket",
+            message,
+        })?;
         if let Some(forward) = self.forward {
             let listen = self
                 .inbound_listen

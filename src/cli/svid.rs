@@ -76,14 +76,10 @@ fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
 }
 
 async fn client(target: &WorkloadTarget) -> anyhow::Result<Client> {
-    let path = target
-        .socket
-        .strip_prefix("unix://")
-        .unwrap_or(&target.socket)
-        .to_owned();
-    let ch = ward_spec::grpc::unix_channel(&path)
+    let path = ward_spec::grpc::socket_path(&target.socket).map_err(anyhow::Error::msg)?;
+    let ch = ward_spec::grpc::unix_channel(path.clone())
         .await
-        .with_context(|| format!("cannot reach the Workload API at {path} (is `ward agent run` running? set SPIFFE_ENDPOINT_SOCKET or --socket)"))?;
+        .with_context(|| format!("cannot reach the Workload API at {} (is `ward agent run` running? set SPIFFE_ENDPOINT_SOCKET or --socket)", path.display()))?;
     Ok(SpiffeWorkloadApiClient::with_interceptor(
         ch,
         add_header as fn(_) -> _,
