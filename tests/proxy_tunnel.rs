@@ -363,9 +363,14 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
         &["--route", &route, "--connect-listen", &connect],
     );
 
-    // 1. Through the HTTP CONNECT listener the application sees the peer's 403.
+    // 1. Through the HTTP CONNECT listener the application sees the peer's
+    //    403, and why.
     let reply = http_connect(&connect, "api.acme:8080");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(
+        reply.contains("\r\nward-proxy-error: the peer refused the stream: 403 Forbidden\r\n"),
+        "{reply}"
+    );
     // (A plain HTTP request through the listener is told it takes CONNECT.)
     let reply = http_proxy_request(&connect, "GET", "http://api.acme:8080/");
     assert!(
@@ -401,14 +406,15 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
         }
     };
     assert_eq!(ended(&mesh.api, "inbound", "denied", 1.0), 1.0);
-    assert_eq!(ended(&db, "outbound", "refused", 1.0), 1.0);
+    // (a peer's 403 is its policy's denial, at this end too)
+    assert_eq!(ended(&db, "outbound", "denied", 1.0), 1.0);
     // (the plain HTTP request)
     assert_eq!(ended(&db, "outbound", "error", 1.0), 1.0);
     // Through the route's listener: the stream is counted from its CONNECT
     // on, but a refused one was carried to no peer and took no time.
     let r = hash_client(route_port, 1024, 1, 0.0);
     assert_eq!(r.ok, 0, "{:?}", r.errors);
-    assert_eq!(ended(&db, "outbound", "refused", 2.0), 2.0);
+    assert_eq!(ended(&db, "outbound", "denied", 2.0), 2.0);
     let streams = db.metric("ward_proxy_streams_total{direction=\"outbound\"}");
     assert_eq!(streams, 1.0);
     let to_api = format!("direction=\"outbound\",peer_id=\"{API}\"");
@@ -570,7 +576,12 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
 
     // An HTTP CONNECT to a target no route names is refused by the proxy
     // itself; a stream still open when the proxy stops is logged as cut.
-    assert!(http_connect(&connect, "nowhere.test:1").starts_with("HTTP/1.1 403"));
+    let reply = http_connect(&connect, "nowhere.test:1");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(
+        reply.contains("\r\nward-proxy-error: no route names this target\r\n"),
+        "{reply}"
+    );
     let web = lines(&web_log, 2);
     assert_eq!(web.len(), 2, "{web:?}");
     assert_eq!(web[1]["status"], 403);
@@ -588,7 +599,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     let db = lines(&db_log, 1);
     assert_eq!(db.len(), 1, "{db:?}");
     assert_eq!(db[0]["status"], 403);
-    assert_eq!(db[0]["outcome"], "refused");
+    assert_eq!(db[0]["outcome"], "denied");
     assert_eq!(db[0]["peer_id"], API);
     assert_eq!(db[0]["destination"], by_name);
     assert_eq!(db[0]["peer_address"], mesh.api_inbound);
@@ -597,7 +608,7 @@ fn the_access_log_has_a_line_per_stream_with_its_peer_outcome_and_bytes() {
     let db = lines(&db_log, 2);
     assert_eq!(db.len(), 2, "{db:?}");
     assert_eq!(db[1]["status"], 403);
-    assert_eq!(db[1]["outcome"], "refused");
+    assert_eq!(db[1]["outcome"], "denied");
     assert_eq!(db[1]["peer_id"], API);
 }
 
@@ -1076,6 +1087,62 @@ fn register_cron(mesh: &Mesh, node: &str, ttl: u32) {
 /// Sends `CONNECT target` to an HTTP CONNECT listener; returns the reply head.
 fn http_connect(addr: &str, target: &str) -> String {
     http_proxy_request(addr, "CONNECT", target)
+}
+
+/// An HTTP CONNECT client whose tunnel cannot be opened is told why: 502
+/// when the destination refuses the connection, 504 when it does not
+/// answer the TLS handshake in time, with the reason in `ward-proxy-error`;
+/// the access log's outcome is `unreachable` either way.
+#[test]
+fn http_connect_failures_say_why() {
+    let mesh = Mesh::start(&[], &[]);
+    // A port nothing listens on, and a listener that never speaks TLS.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let connect = format!("127.0.0.1:{}", free_port());
+    let route = |d: &str, t: &str| format!("destination={d},id={API},target={t}");
+    let (to_closed, to_silent) = (
+        route(&closed, "closed.test:1"),
+        route(&silent_addr, "silent.test:1"),
+    );
+    let web = ProxyProcess::start(
+        &mesh.agent,
+        WEB_UID,
+        &[
+            "--route",
+            &to_closed,
+            "--route",
+            &to_silent,
+            "--connect-listen",
+            &connect,
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    let reply = http_connect(&connect, "closed.test:1");
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(
+        reply.contains(&format!("\r\nward-proxy-error: cannot connect to {closed}")),
+        "{reply}"
+    );
+    let started = Instant::now();
+    let reply = http_connect(&connect, "silent.test:1");
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    assert!(
+        reply.contains("\r\nward-proxy-error: TLS handshake with"),
+        "{reply}"
+    );
+    assert!(reply.contains("(timeout)"), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let unreachable =
+        "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
+    assert_eq!(web.metric(unreachable), 2.0);
+    drop(silent);
 }
 
 /// Sends `METHOD target` to an HTTP proxy listener; returns the reply head.

@@ -168,6 +168,16 @@ fn refused_over_limit() -> End<'static> {
     End::empty(0, "refused", Some(&"over the proxy's max_connections"))
 }
 
+/// The outcome of a stream the peer answered `status` (not 200): its
+/// policy's denial, its application out of reach, or another refusal.
+fn answered(status: u16) -> &'static str {
+    match status {
+        403 => "denied",
+        502..=504 => "unreachable",
+        _ => "refused",
+    }
+}
+
 /// The access log's end of a stream whose tunnel could not be opened.
 fn not_opened(e: &OpenError) -> End<'_> {
     let outcome = match e {
@@ -175,7 +185,8 @@ fn not_opened(e: &OpenError) -> End<'_> {
         OpenError::Handshake {
             reason: "timeout", ..
         } => "unreachable",
-        OpenError::Handshake { .. } | OpenError::Refused(_) => "refused",
+        OpenError::Handshake { .. } => "refused",
+        OpenError::Refused(status) => answered(status.as_u16()),
         OpenError::Untrusted(_) => "untrusted",
         _ => "error",
     };
@@ -275,7 +286,7 @@ async fn carry(
             tracing::debug!(error = %e, "outbound stream ended with an error");
             let refused = status != 0 && status != 200;
             let outcome = match (refused, untrusted) {
-                (true, _) => "refused",
+                (true, _) => answered(status),
                 (false, true) => "untrusted",
                 (false, false) => "error",
             };
@@ -359,7 +370,12 @@ async fn http_connect(
     let head_end = match head {
         Ok(Ok(Some(i))) => i,
         Ok(Ok(None)) => {
-            let _ = reply(&mut app, "431 Request Header Fields Too Large").await;
+            let _ = reply(
+                &mut app,
+                "431 Request Header Fields Too Large",
+                Some("request head too large"),
+            )
+            .await;
             StreamLog::end(
                 metrics,
                 Direction::Outbound,
@@ -391,6 +407,7 @@ async fn http_connect(
         let _ = reply(
             &mut app,
             "405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0",
+            Some("not a CONNECT request"),
         )
         .await;
         StreamLog::end(
@@ -406,7 +423,12 @@ async fn http_connect(
         .find(|r| r.target() == target || r.destination == target)
     else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
-        let _ = reply(&mut app, "403 Forbidden").await;
+        let _ = reply(
+            &mut app,
+            "403 Forbidden",
+            Some("no route names this target"),
+        )
+        .await;
         StreamLog::set_route(&mut log, "", target);
         StreamLog::end(
             metrics,
@@ -420,7 +442,7 @@ async fn http_connect(
     let began = Instant::now();
     match open(pool, route, &mut log).await {
         Ok(t) => {
-            if let Err(e) = reply(&mut app, "200 Connection established").await {
+            if let Err(e) = reply(&mut app, "200 Connection established", None).await {
                 StreamLog::end(
                     metrics,
                     Direction::Outbound,
@@ -442,10 +464,14 @@ async fn http_connect(
                 OpenError::Refused(status) => status.to_string(),
                 _ => {
                     tracing::warn!(target, error = %e, "outbound tunnel not opened");
-                    "502 Bad Gateway".to_owned()
+                    if timed_out(&e) {
+                        "504 Gateway Timeout".to_owned()
+                    } else {
+                        "502 Bad Gateway".to_owned()
+                    }
                 }
             };
-            let _ = reply(&mut app, &status).await;
+            let _ = reply(&mut app, &status, Some(&e.to_string())).await;
             StreamLog::end(metrics, Direction::Outbound, log, not_opened(&e));
         }
     }
@@ -455,7 +481,36 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
-async fn reply(app: &mut TcpStream, status: &str) -> std::io::Result<()> {
-    app.write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
-        .await
+/// Whether opening a tunnel failed for want of an answer in time.
+fn timed_out(e: &OpenError) -> bool {
+    match e {
+        OpenError::Connect(_, io) => io.kind() == std::io::ErrorKind::TimedOut,
+        OpenError::Handshake { reason, .. } => *reason == "timeout",
+        _ => false,
+    }
+}
+
+/// Answers an HTTP CONNECT client. An answer other than 200 (this proxy's
+/// own, or the peer proxy's refusal passed on) says why in a
+/// `ward-proxy-error` header, as Linkerd's proxies do with
+/// `l5d-proxy-error`.
+async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\n");
+    if let Some(why) = error {
+        // One line of printable text.
+        let why: String = why
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    ' '
+                }
+            })
+            .take(256)
+            .collect();
+        head.push_str(&format!("ward-proxy-error: {why}\r\n"));
+    }
+    head.push_str("\r\n");
+    app.write_all(head.as_bytes()).await
 }
