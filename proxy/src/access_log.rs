@@ -193,7 +193,8 @@ impl StreamLog {
             "time": time,
             "log": "access",
             "direction": self.direction.label(),
-            "source": self.source.to_string(),
+            // (An IPv4 peer of a dual-stack listener as IPv4.)
+            "source": SocketAddr::new(self.source.ip().to_canonical(), self.source.port()).to_string(),
             "peer_id": self.peer_id.as_ref().map(|id| id.to_string()),
             "peer_address": self.peer_address.map(|a| a.to_string()),
             "decision_id": self.decision_id,
@@ -220,5 +221,43 @@ impl Drop for StreamLog {
                 bytes: None,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 peer reaching a dual-stack listener (`[::]`) is logged as
+    /// IPv4, as policies and PROXY protocol headers see it.
+    #[test]
+    fn an_ipv4_mapped_source_is_logged_as_ipv4() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let mut metrics = Metrics::default();
+        metrics.access_log = AccessLog::open(path.to_str().unwrap()).unwrap();
+        for source in ["[::ffff:10.0.0.1]:4000", "[2001:db8::1]:4000"] {
+            let log = StreamLog::start(
+                &metrics,
+                Direction::Inbound,
+                source.parse().unwrap(),
+                None,
+                "127.0.0.1:8080",
+                None,
+            );
+            StreamLog::end(
+                &metrics,
+                Direction::Inbound,
+                log,
+                End::empty(403, "denied", None),
+            );
+        }
+        metrics.access_log.as_ref().unwrap().flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let sources: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"].to_string())
+            .collect();
+        assert_eq!(sources, ["\"10.0.0.1:4000\"", "\"[2001:db8::1]:4000\""]);
     }
 }
