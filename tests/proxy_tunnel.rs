@@ -1853,6 +1853,55 @@ fn outbound_routes_take_connections_while_the_inbound_side_drains() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", route_port)).is_err());
 }
 
+/// With `--drain-delay`, SIGTERM first makes the proxy not ready while it
+/// goes on serving everything (new inbound connections and streams too);
+/// the drain starts once the delay is over.
+#[test]
+fn a_drain_delay_keeps_serving_while_not_ready() {
+    let mesh = Mesh::start(&[], &["--drain-delay", "5s"]);
+    let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    mesh.signal_api("-TERM");
+    let signalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let ready = http_get(&mesh.api.health_addr, "/readyz");
+    assert!(
+        matches!(&ready, Some((503, body)) if body.contains("draining")),
+        "{ready:?}"
+    );
+    // Still serving: a new stream over web's pooled connection, and a new
+    // connection to the inbound listener.
+    assert_clean(&hash_client(port, 64 * 1024, 2, 0.0), 2, 64 * 1024);
+    assert!(std::net::TcpStream::connect(&mesh.api_inbound).is_ok());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let mut api = mesh.api;
+    let child = api.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 15 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(5),
+        "exited {:?} after SIGTERM, within the delay",
+        signalled.elapsed()
+    );
+    let log = api.log_text();
+    assert!(log.contains("serving on for the drain delay"), "{log}");
+    assert!(log.contains("drained"), "{log}");
+}
+
 /// `POST /quitquitquit` on the health port drains and stops the proxy as
 /// SIGTERM does (Istio's endpoint, for a Job whose work is done); a
 /// browser's cross-site request (with an `Origin`) is refused.

@@ -39,6 +39,7 @@
 //! handshake_timeout = "10s"
 //! idle_timeout = "5m"
 //! connect_timeout = "5s"
+//! drain_delay = "0s"              # before the drain: not ready, still serving
 //! drain_timeout = "30s"
 //! ```
 
@@ -287,6 +288,12 @@ pub struct Limits {
     /// Connecting to a peer proxy or to the local application.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub connect_timeout: Duration,
+    /// On SIGTERM, before the drain: how long the proxy goes on serving
+    /// everything, inbound included, while `/readyz` says it is draining
+    /// (for the platform to stop sending it connections first, as Istio's
+    /// minimum drain duration and Linkerd's wait before exit).
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub drain_delay: Duration,
     /// On SIGTERM: how long open streams may finish before they are closed.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub drain_timeout: Duration,
@@ -300,6 +307,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
+            drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }
     }

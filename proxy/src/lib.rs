@@ -253,15 +253,27 @@ pub async fn run(
 
     let _ = stop_rx.wait_for(|s| *s).await;
     listening.store(false, Ordering::Release);
-    drain_streams(
-        &drain_tx,
-        &exit_tx,
-        &metrics,
-        &pool,
-        cfg.limits.drain_timeout,
-        cut,
-    )
-    .await;
+    tokio::pin!(cut);
+    let delay = cfg.limits.drain_delay;
+    let mut cut_in_delay = false;
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "not ready; serving on for the drain delay before draining"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut cut => cut_in_delay = true,
+        }
+    }
+    let timeout = cfg.limits.drain_timeout;
+    if cut_in_delay {
+        // (`cut` has resolved: it may not be polled again.)
+        let now = std::future::ready(());
+        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, timeout, now).await;
+    } else {
+        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, timeout, cut).await;
+    }
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
     let access = metrics.access_log.clone();

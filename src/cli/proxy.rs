@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Timeout for connecting to a peer proxy or the application. Default 5s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     connect_timeout: Option<Duration>,
+    /// On SIGTERM, how long to go on serving everything, not ready, before
+    /// the drain starts (for the platform to stop sending connections
+    /// first). Default 0s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    drain_delay: Option<Duration>,
     /// On SIGTERM, how long open streams may finish. Default 30s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     drain_timeout: Option<Duration>,
@@ -211,6 +216,7 @@ impl RunArgs {
             handshake_timeout => limits.handshake_timeout,
             idle_timeout => limits.idle_timeout,
             connect_timeout => limits.connect_timeout,
+            drain_delay => limits.drain_delay,
             drain_timeout => limits.drain_timeout,
             log_format => log_format,
             worker_threads => worker_threads,
