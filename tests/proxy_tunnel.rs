@@ -33,12 +33,7 @@ struct Mesh {
 impl Mesh {
     /// Sends `sig` (`-STOP`, `-CONT`) to the server-side proxy.
     fn signal_api(&self, sig: &str) {
-        let pid = self.api.child.as_ref().unwrap().id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
+        self.api.signal(sig);
     }
 
     fn start(ca_flags: &[&str], api_flags: &[&str]) -> Mesh {
@@ -1753,23 +1748,8 @@ fn a_second_sigterm_cuts_the_drain_short() {
         child.try_wait().unwrap().is_none(),
         "the proxy exited though a stream was open"
     );
-    let pid = child.id().to_string();
-    let terminated = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(terminated.success());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still draining 5 s after the second SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    api.signal("-TERM");
+    let status = api.wait_exit(Duration::from_secs(5), "the second SIGTERM");
     assert!(status.success(), "{status}");
     let log = api.log_text();
     assert!(log.contains("drain cut short by a second signal"), "{log}");
@@ -1835,18 +1815,7 @@ fn outbound_routes_take_connections_while_the_inbound_side_drains() {
     // the proxy exits.
     drop(open);
     let mut api = mesh.api;
-    let child = api.child.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still draining 10 s after the last stream ended"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = api.wait_exit(Duration::from_secs(10), "the last stream ended");
     assert!(status.success(), "{status}");
     let log = api.log_text();
     assert!(log.contains("drained"), "{log}");
@@ -1879,18 +1848,7 @@ fn a_drain_delay_keeps_serving_while_not_ready() {
         signalled.elapsed()
     );
     let mut api = mesh.api;
-    let child = api.child.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 15 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = api.wait_exit(Duration::from_secs(15), "SIGTERM");
     assert!(status.success(), "{status}");
     assert!(
         signalled.elapsed() >= Duration::from_secs(5),
@@ -1933,18 +1891,7 @@ fn quitquitquit_drains_and_stops_the_proxy() {
 
     let answer = http_request(&health, "POST", "/quitquitquit");
     assert_eq!(answer, Some((200, "draining\n".to_owned())));
-    let child = web.child.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 10 s after /quitquitquit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = web.wait_exit(Duration::from_secs(10), "/quitquitquit");
     assert!(status.success(), "{status}");
     let log = web.log_text();
     assert!(log.contains("asked on /quitquitquit"), "{log}");

@@ -1593,17 +1593,8 @@ mod tests {
         drop((send, recv, p.lease));
         let metrics = pool.metrics.clone();
         assert_eq!(metrics.connections_open(Direction::Outbound), 1);
-        let (drain, _) = watch::channel(false);
         let (exit, _) = watch::channel(false);
-        crate::drain_streams(
-            &drain,
-            &exit,
-            &metrics,
-            &pool,
-            Duration::from_secs(10),
-            std::future::pending(),
-        )
-        .await;
+        drain(&pool, exit).await;
         assert_eq!(
             metrics.connections_open(Direction::Outbound),
             0,
@@ -1615,6 +1606,23 @@ mod tests {
             .unwrap();
         assert_eq!(got, 2 << 20);
         assert_eq!(pool.connections(), 0);
+    }
+
+    /// The proxy's drain (up to 10 s), of `pool` and its metrics, telling
+    /// the outbound listeners to close through `exit`.
+    async fn drain(pool: &Pool, exit: watch::Sender<bool>) {
+        let (drain, _) = watch::channel(false);
+        let timeout = Duration::from_secs(10);
+        let metrics = &pool.metrics;
+        crate::drain_streams(
+            &drain,
+            &exit,
+            metrics,
+            pool,
+            timeout,
+            std::future::pending(),
+        )
+        .await;
     }
 
     /// The drain's order: while the inbound side is still draining (here an
@@ -1641,21 +1649,10 @@ mod tests {
             accepted(response).map(drop)
         };
         metrics.connection_opened(Direction::Inbound);
-        let (drain, _) = watch::channel(false);
         let (exit, mut listener) = watch::channel(false);
         let drained = {
-            let (pool, metrics) = (pool.clone(), metrics.clone());
-            tokio::spawn(async move {
-                crate::drain_streams(
-                    &drain,
-                    &exit,
-                    &metrics,
-                    &pool,
-                    Duration::from_secs(10),
-                    std::future::pending(),
-                )
-                .await;
-            })
+            let pool = pool.clone();
+            tokio::spawn(async move { drain(&pool, exit).await })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!*listener.borrow(), "outbound listeners told to close");

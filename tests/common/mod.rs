@@ -1041,6 +1041,30 @@ impl ProxyProcess {
         serde_json::from_str(&body).expect("/config_dump is not JSON")
     }
 
+    /// Sends `sig` (`-TERM`, `-STOP`, …) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let sent = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(sent.success(), "kill {sig} {pid}");
+    }
+
+    /// The exit status once the process has stopped, which it must within
+    /// `within` (`what` says after what, for the failure's message).
+    pub fn wait_exit(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running {within:?} after {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM; returns the exit status once the process has stopped.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
