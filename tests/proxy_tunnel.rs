@@ -363,7 +363,9 @@ fn a_denied_principal_gets_403_and_a_policy_edit_lets_it_in_without_a_restart() 
     let reply = http_connect(&connect, "api.acme:8080");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
     assert!(
-        reply.contains("\r\nward-proxy-error: the peer refused the stream: 403 Forbidden\r\n"),
+        reply.contains(
+            "\r\nward-proxy-error: the peer refused the stream: 403 Forbidden (denied)\r\n"
+        ),
         "{reply}"
     );
     // (A plain HTTP request through the listener is told it takes CONNECT.)
@@ -1134,9 +1136,12 @@ fn http_connect_failures_say_why() {
         "{:?}",
         started.elapsed()
     );
+    // At once again: answered from the failure just seen, still a timeout.
+    let reply = http_connect(&connect, "silent.test:1");
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
     let unreachable =
         "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
-    assert_eq!(web.metric(unreachable), 2.0);
+    assert_eq!(web.metric(unreachable), 3.0);
     drop(silent);
 }
 
@@ -1759,6 +1764,38 @@ fn a_second_sigterm_cuts_the_drain_short() {
     let mut rest = Vec::new();
     let read = open.read_to_end(&mut rest).map_err(|e| e.kind());
     assert_eq!(read, Err(std::io::ErrorKind::ConnectionReset));
+}
+
+/// While a proxy without inbound drains, its outbound routes still take
+/// the application's new connections as long as one of its streams is open
+/// (it may call out as it finishes its work); the proxy exits once those
+/// streams are done too.
+#[test]
+fn outbound_routes_still_take_connections_while_the_proxy_drains() {
+    let mesh = Mesh::start(&[], &[]);
+    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &["--drain-timeout", "20s"]);
+    // An open stream: a request for 1 GiB whose first bytes are sent.
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
+    open.write_all(&[0u8; 4096]).unwrap();
+    assert_eq!(mesh.app.wait_connections(1), 1);
+    web.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    let ready = http_get(&web.health_addr, "/readyz");
+    assert!(
+        matches!(&ready, Some((503, body)) if body.contains("draining")),
+        "{ready:?}"
+    );
+    // Draining, and a new connection to the route is tunneled.
+    let r = hash_client(port, 64 * 1024, 2, 0.0);
+    assert_clean(&r, 2, 64 * 1024);
+    // The open stream ends; the drain is over and the proxy exits.
+    drop(open);
+    let status = web.wait_exit(Duration::from_secs(10), "the last stream ended");
+    assert!(status.success(), "{status}");
+    let log = web.log_text();
+    assert!(log.contains("drained"), "{log}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 
 /// While a proxy drains its inbound side, its outbound routes still take

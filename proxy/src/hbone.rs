@@ -9,6 +9,11 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use ward_spec::tls::RootStore;
 
+/// The response header in which a proxy says why it did not answer 200
+/// (its access log's outcome: `denied`, `untrusted`, …; to HTTP CONNECT
+/// clients, a sentence), as Linkerd's `l5d-proxy-error`.
+pub const ERROR_HEADER: &str = "ward-proxy-error";
+
 /// Stream flow-control window: large enough that one stream fills a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Connection flow-control window for a connection of up to `max_streams`

@@ -347,13 +347,15 @@ fn refuse<T>(
     status: StatusCode,
     outcome: &'static str,
 ) -> Result<T, Refusal> {
-    respond_status(respond, status);
+    respond_status(respond, status, outcome);
     Err((Some(status), outcome))
 }
 
-fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+/// Answers `status`, saying why (`outcome`) in [`hbone::ERROR_HEADER`].
+fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode, outcome: &'static str) {
     let resp = Response::builder()
         .status(status)
+        .header(hbone::ERROR_HEADER, outcome)
         .body(())
         .expect("a status-only response is valid");
     let _ = respond.send_response(resp, true);

@@ -16,8 +16,8 @@
 //! port (with [`status`]'s `/config_dump`); SIGTERM drains: the inbound
 //! listener closes, inbound connections stop taking streams, and open streams
 //! get until the drain deadline to finish; the outbound listeners go on
-//! taking the application's connections until the inbound side is done (it
-//! may still call out as it finishes the requests it was sent).
+//! taking the application's connections until the inbound side is done and
+//! no stream is open (it may still call out as it finishes its work).
 //!
 //! The HTTP/2 layer is `h2` (hyper's HTTP/2 implementation) used directly, so
 //! that an idle tunneled stream holds no buffers and data moves as `Bytes`
@@ -61,9 +61,9 @@ use crate::metrics::{Direction, Metrics};
 /// The schema used when the policy directory has none (the repository's).
 pub use ward_authz::DEFAULT_SCHEMA;
 
-/// Runs the proxy until `shutdown` resolves, then drains until the drain
-/// deadline, or until `cut` resolves (a second signal: the operator wants
-/// it gone now).
+/// Runs the proxy until `shutdown` resolves (or `POST /quitquitquit`),
+/// waits out the drain delay, then drains until the drain deadline, or
+/// until `cut` resolves (a second signal: the operator wants it gone now).
 pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -87,7 +87,8 @@ pub async fn run(
     let policy_epoch = policy_epoch(authz.clone());
 
     let (drain_tx, drain) = watch::channel(false);
-    // Outbound listeners close when the drain is over, not when it starts.
+    // Outbound listeners close once the drain has no stream left, not when
+    // it starts (see `drain_streams`).
     let (exit_tx, exit) = watch::channel(false);
     let stopping = Arc::new(AtomicBool::new(false));
     let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
@@ -163,6 +164,7 @@ pub async fn run(
     // fail a proxy that is finishing its streams.
     let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
+        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(health, router)
             .with_graceful_shutdown(async move {
                 let _ = health_stopped.await;
@@ -347,9 +349,9 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 ///    streams to end and for them to close (once the peer has seen the
 ///    GOAWAY), so a peer's stream sent meanwhile is refused in a way it can
 ///    retry elsewhere, not cut by the process's exit. The outbound
-///    listeners go on accepting meanwhile (as Istio's sidecar drains inbound
-///    only): an application finishing the requests it was sent may still
-///    need to call out.
+///    listeners go on accepting meanwhile, and until no outbound stream is
+///    open either (as Istio's sidecar drains inbound only): an application
+///    finishing its work may still need to call out.
 /// 2. Outbound: `exit` closes the outbound listeners, and the drain waits
 ///    for them to stop (every receiver of `exit` dropped), then for every
 ///    stream, set-up included, to end.
@@ -399,7 +401,7 @@ async fn drain_streams(
             }
         }
         if phase == Phase::Inbound
-            && metrics.stream_tasks(Direction::Inbound) == 0
+            && streams() == 0
             && metrics.connections_open(Direction::Inbound) == 0
         {
             let _ = exit.send(true);
@@ -474,19 +476,31 @@ fn authorizer(cfg: &ProxyConfig) -> anyhow::Result<Authorizer> {
     ))
 }
 
-/// `POST /quitquitquit`: drains, as SIGTERM does.
+/// `POST /quitquitquit`: drains, as SIGTERM does. Only from this host
+/// (as Istio's): the health port may listen where other workloads reach it,
+/// for probes.
 fn quit_route(quit: Arc<tokio::sync::Notify>) -> axum::routing::MethodRouter {
-    axum::routing::post(move |headers: axum::http::HeaderMap| async move {
-        // As `/logging`: a page in a browser may not stop the proxy.
-        if headers.contains_key(axum::http::header::ORIGIN) {
-            return (
-                StatusCode::FORBIDDEN,
-                "a browser's cross-site request may not stop the proxy\n",
-            );
-        }
-        quit.notify_one();
-        (StatusCode::OK, "draining\n")
-    })
+    use axum::extract::ConnectInfo;
+    axum::routing::post(
+        move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+              headers: axum::http::HeaderMap| async move {
+            if !peer.ip().to_canonical().is_loopback() {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "only a request from this host may stop the proxy\n",
+                );
+            }
+            // As `/logging`: a page in a browser may not stop the proxy.
+            if headers.contains_key(axum::http::header::ORIGIN) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "a browser's cross-site request may not stop the proxy\n",
+                );
+            }
+            quit.notify_one();
+            (StatusCode::OK, "draining\n")
+        },
+    )
 }
 
 /// `/readyz` is 200 once the proxy has a usable SVID, listens, and (if it
@@ -555,6 +569,34 @@ fn health_router(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/quitquitquit` stops the proxy when asked from this host, by a
+    /// request that is not a browser's; from elsewhere it is refused.
+    #[tokio::test]
+    async fn quitquitquit_is_taken_from_this_host_only() {
+        use axum::extract::ConnectInfo;
+        use tower::ServiceExt;
+        let quit = Arc::new(tokio::sync::Notify::new());
+        let app = axum::Router::new().route("/quitquitquit", quit_route(quit.clone()));
+        let ask = |from: &str, origin: bool| {
+            let mut req = axum::http::Request::post("/quitquitquit");
+            if origin {
+                req = req.header("origin", "http://evil.test");
+            }
+            let mut req = req.body(axum::body::Body::empty()).unwrap();
+            let from: std::net::SocketAddr = from.parse().unwrap();
+            req.extensions_mut().insert(ConnectInfo(from));
+            let app = app.clone();
+            async move { app.oneshot(req).await.unwrap().status() }
+        };
+        assert_eq!(ask("10.0.0.5:4000", false).await, StatusCode::FORBIDDEN);
+        assert_eq!(ask("127.0.0.1:4000", true).await, StatusCode::FORBIDDEN);
+        let asked = tokio::time::timeout(Duration::from_millis(100), quit.notified());
+        assert!(asked.await.is_err(), "a refused request stopped the proxy");
+        assert_eq!(ask("[::ffff:127.0.0.1]:4000", false).await, StatusCode::OK);
+        let asked = tokio::time::timeout(Duration::from_secs(1), quit.notified());
+        asked.await.expect("the proxy was not told to stop");
+    }
 
     /// The configured ID template decides what policies see as tenant and
     /// service.

@@ -25,7 +25,7 @@ use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, AppConn, Carried};
 
 /// Accepts application connections until `exit` turns true (when the
-/// proxy's drain is over); each is
+/// proxy's drain has no stream left); each is
 /// handled by `handle` in a task of its own, with one of `slots` (shared by
 /// every outbound listener) to hold until it ends; when none is free a new
 /// connection is closed at once, and logged by `over_limit`. The slot, and
@@ -78,7 +78,7 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// Serves one route's listener until `exit` turns true (the drain is over).
+/// Serves one route's listener until `exit` turns true.
 pub async fn serve_route(
     listener: TcpListener,
     route: Arc<Route>,
@@ -149,6 +149,9 @@ pub async fn serve_route(
                     .map_err(crate::pump::h2_io)?;
                 carried.status.store(r.status().as_u16(), Ordering::Relaxed);
                 let recv = accepted(r).map_err(|e| {
+                    if let OpenError::Refused(_, why) = e {
+                        let _ = carried.refusal.set(why);
+                    }
                     tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
                 })?;
@@ -168,12 +171,13 @@ fn refused_over_limit() -> End<'static> {
     End::empty(0, "refused", Some(&"over the proxy's max_connections"))
 }
 
-/// The outcome of a stream the peer answered `status` (not 200): its
-/// policy's denial, its application out of reach, or another refusal.
-fn answered(status: u16) -> &'static str {
-    match status {
-        403 => "denied",
-        502..=504 => "unreachable",
+/// The outcome of a stream the peer answered `status` (not 200), saying
+/// `why`: its policy's denial, its application out of reach, or another
+/// refusal (the peer no longer trusts this proxy, for one).
+fn answered(status: u16, why: &str) -> &'static str {
+    match (status, why) {
+        (403, "denied") => "denied",
+        (_, "unreachable") | (502 | 504, _) => "unreachable",
         _ => "refused",
     }
 }
@@ -186,12 +190,12 @@ fn not_opened(e: &OpenError) -> End<'_> {
             reason: "timeout", ..
         } => "unreachable",
         OpenError::Handshake { .. } => "refused",
-        OpenError::Refused(status) => answered(status.as_u16()),
+        OpenError::Refused(status, why) => answered(status.as_u16(), why),
         OpenError::Untrusted(_) => "untrusted",
         _ => "error",
     };
     let status = match e {
-        OpenError::Refused(s) => s.as_u16(),
+        OpenError::Refused(s, _) => s.as_u16(),
         _ => 0,
     };
     End::empty(status, outcome, Some(e))
@@ -286,7 +290,7 @@ async fn carry(
             tracing::debug!(error = %e, "outbound stream ended with an error");
             let refused = status != 0 && status != 200;
             let outcome = match (refused, untrusted) {
-                (true, _) => answered(status),
+                (true, _) => answered(status, carried.refusal.get().copied().unwrap_or("")),
                 (false, true) => "untrusted",
                 (false, false) => "error",
             };
@@ -461,10 +465,10 @@ async fn http_connect(
         }
         Err(e) => {
             let status = match &e {
-                OpenError::Refused(status) => status.to_string(),
+                OpenError::Refused(status, _) => status.to_string(),
                 _ => {
                     tracing::warn!(target, error = %e, "outbound tunnel not opened");
-                    if timed_out(&e) {
+                    if e.timed_out() {
                         "504 Gateway Timeout".to_owned()
                     } else {
                         "502 Bad Gateway".to_owned()
@@ -479,15 +483,6 @@ async fn http_connect(
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// Whether opening a tunnel failed for want of an answer in time.
-fn timed_out(e: &OpenError) -> bool {
-    match e {
-        OpenError::Connect(_, io) => io.kind() == std::io::ErrorKind::TimedOut,
-        OpenError::Handshake { reason, .. } => *reason == "timeout",
-        _ => false,
-    }
 }
 
 /// Answers an HTTP CONNECT client. An answer other than 200 (this proxy's
@@ -513,4 +508,24 @@ async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::i
     }
     head.push_str("\r\n");
     app.write_all(head.as_bytes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::answered;
+
+    /// A peer's 403 is a denial only when the peer says its policy denied
+    /// the stream (it answers 403 too when it no longer trusts this proxy's
+    /// certificate); 502 and 504 say its application is out of reach.
+    #[test]
+    fn a_peers_answer_says_how_the_stream_ended() {
+        assert_eq!(answered(403, "denied"), "denied");
+        assert_eq!(answered(403, "untrusted"), "refused");
+        assert_eq!(answered(403, "expired"), "refused");
+        assert_eq!(answered(403, ""), "refused");
+        assert_eq!(answered(502, "unreachable"), "unreachable");
+        assert_eq!(answered(504, ""), "unreachable");
+        assert_eq!(answered(503, "error"), "refused");
+        assert_eq!(answered(405, "error"), "refused");
+    }
 }

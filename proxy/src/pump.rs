@@ -37,14 +37,17 @@ const COPY_BELOW: usize = READ_CHUNK / 4;
 
 /// Bytes carried by one stream, counted as they go: a stream that ends in
 /// an error, or is cut off, still tells what it carried. `status` is the
-/// `CONNECT` answer once known (for the access log), and `set_up` when the
-/// stream was (outbound: when the peer said 200).
+/// `CONNECT` answer once known (for the access log) with the peer's
+/// `refusal` reason if it was not 200, and `set_up` when the stream was
+/// (outbound: when the peer said 200).
 #[derive(Debug, Default)]
 pub struct Carried {
     pub to_app: AtomicU64,
     pub from_app: AtomicU64,
     pub status: AtomicU16,
     pub set_up: std::sync::OnceLock<std::time::Instant>,
+    /// Why the peer did not answer 200, if it said.
+    pub refusal: std::sync::OnceLock<&'static str>,
 }
 
 impl Carried {
