@@ -61,6 +61,7 @@ impl Status {
                 "handshake_timeout_seconds": secs(l.handshake_timeout),
                 "idle_timeout_seconds": secs(l.idle_timeout),
                 "connect_timeout_seconds": secs(l.connect_timeout),
+                "drain_delay_seconds": secs(l.drain_delay),
                 "drain_timeout_seconds": secs(l.drain_timeout),
             },
             "policy": {
