@@ -1865,6 +1865,8 @@ fn outbound_routes_take_connections_while_the_inbound_side_drains() {
 #[test]
 fn a_drain_delay_keeps_serving_while_not_ready() {
     let mesh = Mesh::start(&[], &["--drain-delay", "5s"]);
+    let limits = &mesh.api.config_dump()["limits"];
+    assert_eq!(limits["drain_delay_seconds"], 5.0, "{limits}");
     let (_web, port) = mesh.client_proxy(WEB_UID, API, &[]);
     assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
     mesh.signal_api("-TERM");
