@@ -1139,6 +1139,7 @@ fn http_connect_failures_say_why() {
     // At once again: answered from the failure just seen, still a timeout.
     let reply = http_connect(&connect, "silent.test:1");
     assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    assert!(reply.contains("ms ago)"), "{reply}");
     let unreachable =
         "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
     assert_eq!(web.metric(unreachable), 3.0);

@@ -161,7 +161,7 @@ fn system_lookup() -> Lookup {
 struct Name {
     resolved: Option<Resolved>,
     /// When and why its first lookup last failed.
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, io::ErrorKind, String)>,
 }
 
 /// A host name's addresses and when they were looked up.
@@ -816,14 +816,15 @@ impl Pool {
             }
             return Ok(Addresses::Many(r.addresses.clone()));
         }
-        if let Some((at, why)) = name
+        if let Some((at, kind, why)) = name
             .failed
             .as_ref()
-            .filter(|(at, _)| at.elapsed() < FAILURE_HOLD)
+            .filter(|(at, ..)| at.elapsed() < FAILURE_HOLD)
         {
+            let why = format!("{why} ({} ms ago)", at.elapsed().as_millis());
             return Err(OpenError::Connect(
                 destination.to_owned(),
-                io::Error::other(format!("{why} ({} ms ago)", at.elapsed().as_millis())),
+                io::Error::new(*kind, why),
             ));
         }
         match look_up(&self.lookup, destination, self.connect_timeout).await {
@@ -837,7 +838,7 @@ impl Pool {
                 Ok(Addresses::Many(addresses))
             }
             Err(e) => {
-                name.failed = Some((Instant::now(), e.to_string()));
+                name.failed = Some((Instant::now(), e.kind(), e.to_string()));
                 Err(OpenError::Connect(destination.to_owned(), e))
             }
         }
@@ -1451,6 +1452,36 @@ mod tests {
         assert_eq!(address, good);
         assert!(took >= Duration::from_secs(4), "{took:?}");
         drop(silent);
+    }
+
+    /// A first lookup that times out is a timeout (HTTP CONNECT: 504), and
+    /// so is the answer the next second's callers get from it.
+    #[tokio::test]
+    async fn a_lookup_that_timed_out_stays_a_timeout_for_the_next_callers() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let answer = Arc::new(Mutex::new(vec!["192.0.2.1:15008".parse().unwrap()]));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = slow_lookup_of(answer, calls.clone(), Arc::new(AtomicUsize::new(3000)));
+        let pool = pool_timed(
+            &issuer,
+            &roots,
+            lookup,
+            DNS_REFRESH,
+            Duration::from_millis(200),
+        );
+        for _ in 0..2 {
+            let e = match pool.addresses("api.peers.test:15008").await {
+                Err(e) => e,
+                Ok(_) => panic!("a lookup that never answers found addresses"),
+            };
+            assert!(e.timed_out(), "{e}");
+        }
+        assert_eq!(
+            calls.load(Ordering::Acquire),
+            1,
+            "the second answered from the hold"
+        );
     }
 
     /// A background lookup whose task ended without a word (here it

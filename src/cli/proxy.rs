@@ -30,7 +30,8 @@ pub struct RunArgs {
     #[arg(long = "socket", env = "SPIFFE_ENDPOINT_SOCKET")]
     workload_api_socket: Option<String>,
     /// Address of /healthz, /readyz, /metrics, /config_dump, /logging and
-    /// POST /quitquitquit (drains, as SIGTERM does). Default 127.0.0.1:15020
+    /// POST /quitquitquit (drains, as SIGTERM does; from this host only).
+    /// Default 127.0.0.1:15020
     #[arg(long)]
     health_address: Option<SocketAddr>,
     /// The inbound HBONE listener. Default 0.0.0.0:15008 (when --forward is given)
