@@ -2295,8 +2295,15 @@ fn the_log_filter_changes_at_run_time_through_logging() {
     let log = mesh.api.wait_log(|l| l.contains("inbound connection"));
     assert!(log.contains("inbound connection"), "{log}");
 
+    // The CA's and the agent's health ports answer it too (a change from
+    // this host is taken: their servers give the handler its peer).
     for health in [&mesh.ca.health_addr, &mesh.agent.health_addr] {
         assert_eq!(http_get(health, "/logging").map(|r| r.0), Some(200));
+        let changed = http_request(health, "POST", "/logging?level=info");
+        assert!(
+            matches!(&changed, Some((200, now)) if now.contains("audit=info")),
+            "{changed:?}"
+        );
     }
 }
 

@@ -149,8 +149,9 @@ pub async fn run(
             ),
             wait(stop_rx.clone()),
         );
-    let health = axum::serve(health, health_router(snapshots, metrics))
-        .with_graceful_shutdown(wait(stop_rx));
+    let health_service = health_router(snapshots, metrics)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let health = axum::serve(health, health_service).with_graceful_shutdown(wait(stop_rx));
     let (w, h) = tokio::join!(workload, health);
     let _ = std::fs::remove_file(&cfg.socket_path);
     w.context("Workload API server")?;

@@ -155,8 +155,10 @@ pub async fn serve(
             UnixListenerStream::new(admin_listener),
             wait(stop_rx.clone()),
         );
-    let health = axum::serve(health_listener, health_router(ca.clone()))
-        .with_graceful_shutdown(wait(stop_rx.clone()));
+    let health_service =
+        health_router(ca.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let health =
+        axum::serve(health_listener, health_service).with_graceful_shutdown(wait(stop_rx.clone()));
     if let Some(addr) = cfg.federation_address {
         let listener = TcpListener::bind(addr)
             .await

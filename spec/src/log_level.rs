@@ -4,14 +4,18 @@
 //! or `info,ward_proxy=debug`), as the admin endpoints of Envoy, ztunnel and
 //! Linkerd's proxy do. The `ward` binary installs the hook that does it when
 //! it sets up its log; a process without one answers that it cannot. Audit
-//! lines (target `audit`) stay at `info` whatever the new filter says, and a
-//! request a browser sent for another site's page (it has an `Origin`) is
-//! refused: a page must not be able to change what a CA records.
+//! lines (target `audit`) stay at `info` whatever the new filter says. A
+//! change is taken from this host only (the health port may listen where
+//! other workloads reach it, for probes and scrapes), and a request a
+//! browser sent for another site's page (it has an `Origin`) is refused: a
+//! page must not be able to change what a CA records. The health server
+//! must be served with its peers' addresses
+//! (`into_make_service_with_connect_info::<SocketAddr>`).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use axum::extract::Query;
+use axum::extract::{ConnectInfo, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, MethodRouter};
 
@@ -28,7 +32,15 @@ pub fn install(hook: Hook) {
 /// `/logging` for a component's health router.
 pub fn route() -> MethodRouter {
     get(|| async { reply(read()) }).post(
-        |headers: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+        |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+         headers: HeaderMap,
+         Query(q): Query<HashMap<String, String>>| async move {
+            if !peer.ip().to_canonical().is_loopback() {
+                return reply((
+                    403,
+                    "only a request from this host may change the log filter\n".into(),
+                ));
+            }
             if headers.contains_key(axum::http::header::ORIGIN) {
                 return reply((
                     403,
@@ -75,5 +87,38 @@ fn change(level: Option<&str>) -> (u16, String) {
             tracing::info!(error = %e, "the log filter was not changed");
             (400, format!("{e}\n"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// A change is taken from this host only, and not from a browser's
+    /// page; reading the filter is open. (This test process installs no
+    /// hook: a change it takes answers 501.)
+    #[tokio::test]
+    async fn a_change_is_taken_from_this_host_only() {
+        let app = axum::Router::new().route("/logging", route());
+        let ask = |method: &str, from: &str, origin: bool| {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri("/logging?level=debug");
+            if origin {
+                req = req.header("origin", "http://evil.test");
+            }
+            let mut req = req.body(axum::body::Body::empty()).unwrap();
+            let from: std::net::SocketAddr = from.parse().unwrap();
+            req.extensions_mut().insert(ConnectInfo(from));
+            let app = app.clone();
+            async move { app.oneshot(req).await.unwrap().status().as_u16() }
+        };
+        assert_eq!(ask("POST", "10.0.0.5:4000", false).await, 403);
+        assert_eq!(ask("POST", "[2001:db8::1]:4000", false).await, 403);
+        assert_eq!(ask("POST", "127.0.0.1:4000", true).await, 403);
+        assert_eq!(ask("POST", "127.0.0.1:4000", false).await, 501);
+        assert_eq!(ask("POST", "[::1]:4000", false).await, 501);
+        assert_eq!(ask("GET", "10.0.0.5:4000", false).await, 501);
     }
 }
