@@ -497,8 +497,8 @@ fn ward_mesh(dir: &Path, app: u16) -> WardMesh {
         ],
         "web",
     );
-    wait_ready(&api_health);
-    wait_ready(&web_health);
+    wait_ready_or_show(&api_health, Some(&dir.join("api.log")));
+    wait_ready_or_show(&web_health, Some(&dir.join("web.log")));
     WardMesh {
         web_pid: web.0.id(),
         api_pid: api.0.id(),

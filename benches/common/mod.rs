@@ -38,9 +38,30 @@ pub fn metric(addr: &str, name: &str) -> f64 {
 }
 
 pub fn wait_ready(addr: &str) {
+    wait_ready_or_show(addr, None);
+}
+
+/// [`wait_ready`]; if it never is, the panic shows the end of `log` (the
+/// process's own log, which the bench's temporary directory takes with it)
+/// and what `/readyz` last said.
+pub fn wait_ready_or_show(addr: &str, log: Option<&std::path::Path>) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(addr, "/readyz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "{addr} not ready");
+    loop {
+        let ready = http_get(addr, "/readyz");
+        if ready.as_ref().map(|r| r.0) == Some(200) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let text = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{addr} not ready: {ready:?}; its log ends:\n{}",
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
