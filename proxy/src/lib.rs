@@ -484,21 +484,13 @@ fn quit_route(quit: Arc<tokio::sync::Notify>) -> axum::routing::MethodRouter {
     axum::routing::post(
         move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
               headers: axum::http::HeaderMap| async move {
-            if !peer.ip().to_canonical().is_loopback() {
-                return (
-                    StatusCode::FORBIDDEN,
-                    "only a request from this host may stop the proxy\n",
-                );
-            }
-            // As `/logging`: a page in a browser may not stop the proxy.
-            if headers.contains_key(axum::http::header::ORIGIN) {
-                return (
-                    StatusCode::FORBIDDEN,
-                    "a browser's cross-site request may not stop the proxy\n",
-                );
+            // As `/logging`.
+            if let Err(why) = ward_spec::log_level::local_request(peer, &headers, "stop the proxy")
+            {
+                return (StatusCode::FORBIDDEN, why);
             }
             quit.notify_one();
-            (StatusCode::OK, "draining\n")
+            (StatusCode::OK, "draining\n".to_owned())
         },
     )
 }
@@ -574,18 +566,11 @@ mod tests {
     /// request that is not a browser's; from elsewhere it is refused.
     #[tokio::test]
     async fn quitquitquit_is_taken_from_this_host_only() {
-        use axum::extract::ConnectInfo;
         use tower::ServiceExt;
         let quit = Arc::new(tokio::sync::Notify::new());
         let app = axum::Router::new().route("/quitquitquit", quit_route(quit.clone()));
         let ask = |from: &str, origin: bool| {
-            let mut req = axum::http::Request::post("/quitquitquit");
-            if origin {
-                req = req.header("origin", "http://evil.test");
-            }
-            let mut req = req.body(axum::body::Body::empty()).unwrap();
-            let from: std::net::SocketAddr = from.parse().unwrap();
-            req.extensions_mut().insert(ConnectInfo(from));
+            let req = ward_spec::test_util::request_from("POST", "/quitquitquit", from, origin);
             let app = app.clone();
             async move { app.oneshot(req).await.unwrap().status() }
         };

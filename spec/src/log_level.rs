@@ -35,21 +35,29 @@ pub fn route() -> MethodRouter {
         |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
          headers: HeaderMap,
          Query(q): Query<HashMap<String, String>>| async move {
-            if !peer.ip().to_canonical().is_loopback() {
-                return reply((
-                    403,
-                    "only a request from this host may change the log filter\n".into(),
-                ));
-            }
-            if headers.contains_key(axum::http::header::ORIGIN) {
-                return reply((
-                    403,
-                    "a browser's cross-site request may not change the log filter\n".into(),
-                ));
+            if let Err(why) = local_request(peer, &headers, "change the log filter") {
+                return reply((403, why));
             }
             reply(post(q.get("level").map(String::as_str)))
         },
     )
+}
+
+/// Whether a request that changes the process (`what` it would do) may:
+/// from this host only, and not a browser's (a page of another site sends
+/// an `Origin`). Err: why not, for a `403`.
+pub fn local_request(
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<(), String> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return Err(format!("only a request from this host may {what}\n"));
+    }
+    if headers.contains_key(axum::http::header::ORIGIN) {
+        return Err(format!("a browser's cross-site request may not {what}\n"));
+    }
+    Ok(())
 }
 
 fn reply((status, body): (u16, String)) -> (StatusCode, String) {
@@ -102,15 +110,7 @@ mod tests {
     async fn a_change_is_taken_from_this_host_only() {
         let app = axum::Router::new().route("/logging", route());
         let ask = |method: &str, from: &str, origin: bool| {
-            let mut req = axum::http::Request::builder()
-                .method(method)
-                .uri("/logging?level=debug");
-            if origin {
-                req = req.header("origin", "http://evil.test");
-            }
-            let mut req = req.body(axum::body::Body::empty()).unwrap();
-            let from: std::net::SocketAddr = from.parse().unwrap();
-            req.extensions_mut().insert(ConnectInfo(from));
+            let req = crate::test_util::request_from(method, "/logging?level=debug", from, origin);
             let app = app.clone();
             async move { app.oneshot(req).await.unwrap().status().as_u16() }
         };

@@ -48,3 +48,24 @@ pub fn svid(id: &str, issuer: &Issuer) -> SvidResolver {
     r.set(&[cert.to_vec()], &key.serialize_der()).unwrap();
     r
 }
+
+/// A request to a health router as if from `from` (its `ConnectInfo`),
+/// with a browser's `Origin` header if `origin`.
+pub fn request_from(
+    method: &str,
+    uri: &str,
+    from: &str,
+    origin: bool,
+) -> axum::http::Request<axum::body::Body> {
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if origin {
+        req = req.header("origin", "http://evil.test");
+    }
+    let mut req = req
+        .body(axum::body::Body::empty())
+        .expect("a valid request");
+    let from: std::net::SocketAddr = from.parse().expect("a socket address");
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(from));
+    req
+}
