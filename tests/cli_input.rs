@@ -100,6 +100,14 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             "`policy.reload_interval`: must be greater than zero",
         ),
         (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--max-inbound-streams", "0"],
+            "`limits.max_inbound_streams`: must be greater than zero",
+        ),
+        (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--max-streams-per-connection", "0"],
+            "`limits.max_streams_per_connection`: must be greater than zero",
+        ),
+        (
             &["proxy", "run", "--forward", "http://127.0.0.1:8080"],
             "`inbound.forward`: \"http://127.0.0.1:8080\" is not host:port",
         ),

@@ -2232,6 +2232,82 @@ fn connections_beyond_max_connections_are_closed_and_the_rest_keep_working() {
     assert_clean(&hash_client(small_port, 1024, 1, 0.0), 1, 1024);
 }
 
+/// `--max-inbound-streams` bounds the streams a proxy has open over all its
+/// inbound connections together: with two held open over two pooled
+/// connections (from two client proxies), a third stream is answered 503,
+/// saying `overloaded` (as is its HTTP CONNECT client), and counted;
+/// the held streams go on, and once one ends a new stream is taken.
+#[test]
+fn streams_beyond_max_inbound_streams_are_answered_503_and_the_rest_keep_working() {
+    let mesh = Mesh::start(&[], &["--max-inbound-streams", "2"]);
+    let connect = format!("127.0.0.1:{}", free_port());
+    let (first, first_port) = mesh.client_proxy(WEB_UID, API, &["--connect-listen", &connect]);
+    let (second, second_port) = mesh.client_proxy(WEB_UID, API, &[]);
+    // Two streams held open, one over each client proxy's connection.
+    let mut held: Vec<_> = [first_port, second_port]
+        .into_iter()
+        .map(|p| std::net::TcpStream::connect(("127.0.0.1", p)).unwrap())
+        .collect();
+    let open = || {
+        mesh.api
+            .metric("ward_proxy_streams_open{direction=\"inbound\"}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 2 held streams opened",
+            open()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let inbound_conns = mesh
+        .api
+        .metric("ward_proxy_connections_open{direction=\"inbound\"}");
+    assert_eq!(inbound_conns, 2.0);
+
+    // A third is refused, and its client is told why.
+    let reply = http_connect(&connect, &mesh.api_inbound);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.contains("\r\nward-proxy-error: the peer refused the stream: 503 Service Unavailable (overloaded)"),
+        "{reply}"
+    );
+    let over = "ward_proxy_refused_total{direction=\"inbound\",reason=\"over_stream_limit\"}";
+    assert_eq!(mesh.api.metric(over), 1.0);
+    assert_eq!(
+        mesh.api
+            .metric("ward_proxy_authorization_decisions_total{decision=\"allow\"}"),
+        2.0,
+        "a stream over the limit was put to the authorizer"
+    );
+    assert_eq!(
+        first.metric("ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"refused\"}"),
+        1.0
+    );
+
+    // The held streams still carry an exchange each way: 4 bytes after their
+    // length, answered by two digests and 4 bytes.
+    for s in &mut held {
+        s.write_all(&4u64.to_be_bytes()).unwrap();
+        s.write_all(b"ping").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = [0u8; 64 + 4];
+        s.read_exact(&mut got).unwrap();
+    }
+
+    // One ends: a new stream is taken again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() > 1.0 {
+        assert!(Instant::now() < deadline, "a closed stream is still open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_clean(&hash_client(first_port, 64 * 1024, 1, 0.0), 1, 64 * 1024);
+    assert_eq!(mesh.api.metric(over), 1.0);
+    drop((held, second));
+}
+
 /// `/logging` on a health port says the log filter in force and, posted
 /// `?level=FILTER`, replaces it while the process runs: a debug line the
 /// proxy did not write before (a new inbound connection) appears after. A

@@ -36,6 +36,7 @@
 //! [limits]
 //! max_connections = 100000
 //! max_streams_per_connection = 100
+//! max_inbound_streams = 100000    # tunneled streams to this workload, all connections together
 //! handshake_timeout = "10s"
 //! idle_timeout = "5m"
 //! connect_timeout = "5s"
@@ -278,6 +279,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Tunneled streams per TLS connection (both directions).
     pub max_streams_per_connection: u32,
+    /// Inbound streams open at once, all connections together (as Linkerd's
+    /// inbound max in-flight requests): a further `CONNECT` is answered 503
+    /// (`ward-proxy-error: overloaded`) until one ends.
+    pub max_inbound_streams: usize,
     /// TCP accept to a finished TLS and HTTP/2 handshake.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub handshake_timeout: Duration,
@@ -304,6 +309,7 @@ impl Default for Limits {
         Limits {
             max_connections: 100_000,
             max_streams_per_connection: 100,
+            max_inbound_streams: 100_000,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
@@ -442,8 +448,17 @@ impl ProxyConfig {
             );
         }
         let l = &self.limits;
-        if l.max_connections == 0 || l.max_streams_per_connection == 0 {
-            return bad("limits", "limits must be greater than zero".into());
+        for (key, n) in [
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_streams_per_connection",
+                l.max_streams_per_connection as usize,
+            ),
+            ("limits.max_inbound_streams", l.max_inbound_streams),
+        ] {
+            if n == 0 {
+                return bad(key, "must be greater than zero".into());
+            }
         }
         for (key, d) in [
             ("policy.reload_interval", self.policy.reload_interval),
@@ -494,6 +509,7 @@ mod tests {
             mode = "dry-run"
             [limits]
             idle_timeout = "30s"
+            max_inbound_streams = 5000
             "#,
                 policies.display()
             ),
@@ -506,6 +522,8 @@ mod tests {
         assert_eq!(c.outbound[0].target(), "10.0.0.2:15008");
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.limits.max_streams_per_connection, 100);
+        assert_eq!(c.limits.max_inbound_streams, 5000);
+        assert_eq!(Limits::default().max_inbound_streams, 100_000);
 
         std::fs::write(&p, "[inbound]\nforwrd = \"x\"\n").unwrap();
         let e = ProxyConfig::from_file(&p).unwrap_err().to_string();

@@ -48,7 +48,10 @@ pub struct Inbound {
     pub authz: Arc<Authorizer>,
     pub identity: Identity,
     pub metrics: Arc<Metrics>,
+    /// Streams per connection.
     pub max_streams: u32,
+    /// Streams open at once, all connections together (see [`StreamSlots`]).
+    pub stream_slots: StreamSlots,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -68,6 +71,46 @@ impl Inbound {
         match self.ports.iter().find(|(p, _)| *p == port) {
             Some((p, forward)) => (forward, *p),
             None => (&self.forward, self.service_port),
+        }
+    }
+}
+
+/// The process-wide bound on open inbound streams: a stream takes a slot
+/// as its `CONNECT` arrives and holds it to its end; one that finds none is
+/// answered 503 (`overloaded`) before anything else is done for it (no
+/// decision, no application connection), and the bound being reached is
+/// logged once, until a stream finds a slot again.
+pub struct StreamSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+    over_logged: AtomicBool,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> Self {
+        StreamSlots {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            over_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// A slot for a new stream, if one is free.
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                self.over_logged.store(false, Ordering::Relaxed);
+                Some(slot)
+            }
+            Err(_) => {
+                if !self.over_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        max_inbound_streams = self.max,
+                        "inbound stream limit reached; answering new streams 503 until some end"
+                    );
+                }
+                None
+            }
         }
     }
 }
@@ -223,11 +266,12 @@ async fn connection(
                     active_tx.send_modify(|n| *n += 1);
                     let guard = ActiveGuard(active_tx.clone());
                     let task = metrics.stream_task(Direction::Inbound);
+                    let slot = inbound.stream_slots.take();
                     let inbound = inbound.clone();
                     let verified = verified.clone();
                     tokio::spawn(async move {
-                        stream(req, respond, &verified, peer, &inbound).await;
-                        drop((guard, task));
+                        stream(req, respond, slot.is_some(), &verified, peer, &inbound).await;
+                        drop((guard, task, slot));
                     });
                 }
                 Some(Err(e)) => {
@@ -364,6 +408,7 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode, outcome
 async fn stream(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
+    has_slot: bool,
     verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
@@ -390,20 +435,23 @@ async fn stream(
     // an open stream keeps only what the pump needs. (`req` is not even
     // looked at here: a local borrowed in this future stays in it for the
     // stream's life, moved or not.)
-    let (app, send, body, port) =
-        match Box::pin(admit(req, respond, verified, peer, inbound, &mut log)).await {
-            Ok(admitted) => admitted,
-            Err((status, outcome)) => {
-                let status = status.map_or(0, |s| s.as_u16());
-                StreamLog::end(
-                    metrics,
-                    Direction::Inbound,
-                    log,
-                    End::empty(status, outcome, None),
-                );
-                return;
-            }
-        };
+    let (app, send, body, port) = match Box::pin(admit(
+        req, respond, has_slot, verified, peer, inbound, &mut log,
+    ))
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err((status, outcome)) => {
+            let status = status.map_or(0, |s| s.as_u16());
+            StreamLog::end(
+                metrics,
+                Direction::Inbound,
+                log,
+                End::empty(status, outcome, None),
+            );
+            return;
+        }
+    };
     metrics.stream_opened(Direction::Inbound);
     let opened = Instant::now();
     metrics.stream_set_up(Direction::Inbound, opened - began);
@@ -448,6 +496,11 @@ async fn stream(
 /// peer reset it first), and the access log's outcome.
 type Refusal = (Option<StatusCode>, &'static str);
 
+/// Why a stream was answered 503 when the proxy had as many inbound
+/// streams open as it takes ([`StreamSlots`]); its access log outcome is
+/// `refused`.
+pub const OVERLOADED: &str = "overloaded";
+
 /// A peer that reset its stream before it was answered.
 const CANCELLED: Refusal = (None, "cancelled");
 
@@ -456,6 +509,7 @@ const CANCELLED: Refusal = (None, "cancelled");
 async fn admit(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    has_slot: bool,
     verified: &VerifiedPeer,
     peer: SocketAddr,
     inbound: &Inbound,
@@ -463,6 +517,11 @@ async fn admit(
 ) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
     let metrics = &inbound.metrics;
+    if !has_slot {
+        metrics.refused(Direction::Inbound, "over_stream_limit");
+        respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE, OVERLOADED);
+        return Err((Some(StatusCode::SERVICE_UNAVAILABLE), "refused"));
+    }
     let (parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
         return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "error");
@@ -684,6 +743,7 @@ mod tests {
             },
             metrics: Arc::new(Metrics::default()),
             max_streams: 10,
+            stream_slots: StreamSlots::new(100),
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
             connect_timeout: Duration::from_secs(5),

@@ -204,6 +204,7 @@ pub async fn run(
             identity: identity.clone(),
             metrics: metrics.clone(),
             max_streams: cfg.limits.max_streams_per_connection,
+            stream_slots: inbound::StreamSlots::new(cfg.limits.max_inbound_streams),
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,

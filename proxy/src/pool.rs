@@ -352,6 +352,7 @@ fn refusal(status: StatusCode, headers: &http::HeaderMap) -> OpenError {
         "unreachable",
         "error",
         "revoked",
+        crate::inbound::OVERLOADED,
     ]
     .into_iter()
     .find(|o| Some(*o) == said)

@@ -58,6 +58,7 @@ impl Status {
             "limits": {
                 "max_connections": l.max_connections,
                 "max_streams_per_connection": l.max_streams_per_connection,
+                "max_inbound_streams": l.max_inbound_streams,
                 "handshake_timeout_seconds": secs(l.handshake_timeout),
                 "idle_timeout_seconds": secs(l.idle_timeout),
                 "connect_timeout_seconds": secs(l.connect_timeout),

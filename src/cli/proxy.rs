@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// Tunneled streams per TLS connection. Default 100
     #[arg(long)]
     max_streams_per_connection: Option<u32>,
+    /// Inbound streams open at once, all connections together; a further
+    /// one is answered 503 (overloaded). Default 100000
+    #[arg(long)]
+    max_inbound_streams: Option<usize>,
     /// TLS + HTTP/2 handshake timeout. Default 10s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     handshake_timeout: Option<Duration>,
@@ -214,6 +218,7 @@ impl RunArgs {
             id_template => policy.id_template,
             max_connections => limits.max_connections,
             max_streams_per_connection => limits.max_streams_per_connection,
+            max_inbound_streams => limits.max_inbound_streams,
             handshake_timeout => limits.handshake_timeout,
             idle_timeout => limits.idle_timeout,
             connect_timeout => limits.connect_timeout,
