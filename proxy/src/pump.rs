@@ -130,6 +130,12 @@ pub async fn pump(
     // application is blocked (an application that neither reads nor closes
     // would otherwise hold the stream for good).
     let mut finished: Option<SendStream<Bytes>> = None;
+    // The peer wants nothing more from the application (it reset the
+    // stream with `NO_ERROR` before the application's end of file): what
+    // the application still sends is read and dropped while what the peer
+    // sent goes on to it, as a server's lingering close does. An
+    // application blocked writing would otherwise never get to read it.
+    let mut discarding = false;
     while !(up_done && down_done) {
         tokio::select! {
             // The peer's answer first: a refusal (`403` and a reset) ends
@@ -144,7 +150,9 @@ pub async fn pump(
                 up_done = true;
                 // Dropping the other direction resets the stream.
                 finished = r?;
+                discarding = finished.is_none();
             }
+            () = discard(app), if discarding && !down_done => discarding = false,
             reset = poll_fn(|cx| finished.as_mut().expect("checked").poll_reset(cx)),
                 if finished.is_some() && !down_done =>
             {
@@ -229,6 +237,27 @@ async fn app_to_tunnel(
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(e);
+            }
+        }
+    }
+}
+
+/// Reads and drops what the application sends, until its end of file (or
+/// an error). A buffer is held only while there is something to read.
+async fn discard(r: &TcpStream) {
+    loop {
+        if poll_fn(|cx| r.poll_read_ready(cx)).await.is_err() {
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK / 4);
+        loop {
+            buf.clear();
+            match read_drained(r, &mut buf) {
+                Ok((0, _)) => return,
+                Ok((_, false)) => {}
+                Ok((_, true)) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
             }
         }
     }
@@ -392,6 +421,17 @@ impl Held {
         }
     }
 
+    /// The error the stream ended in, if it was cut short.
+    fn cut(&mut self) -> Option<io::Error> {
+        match self.end.take() {
+            Some(Err(e)) => Some(h2_io(e)),
+            end => {
+                self.end = end;
+                None
+            }
+        }
+    }
+
     /// The next bytes to write to the application, in the order received.
     fn next(&mut self) -> Option<Bytes> {
         if let Some(piece) = self.pieces.pop_front() {
@@ -418,6 +458,12 @@ async fn write_all(
         let n = poll_fn(|cx| loop {
             if w.poll_write_ready(cx)?.is_pending() {
                 Held::pull(held, recv, cx);
+                // The stream was cut (reset before its end, or its
+                // connection lost): nothing more goes to the application,
+                // whose socket may never drain.
+                if let Some(e) = held.as_mut().and_then(|h| h.cut()) {
+                    return Poll::Ready(Err(e));
+                }
                 return Poll::Pending;
             }
             match w.try_write(data) {
@@ -685,6 +731,74 @@ mod tests {
         let err = ended.expect_err("a cancelled stream ends in an error");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         drop(app);
+    }
+
+    /// The peer resets the stream with `NO_ERROR` before its end (it wants
+    /// nothing more, and sends nothing more) while writes to the
+    /// application are blocked and the application has not finished
+    /// sending: the stream ends at once, in an error, instead of waiting
+    /// for an application that may never read.
+    #[tokio::test]
+    async fn a_reset_without_error_before_the_end_ends_a_stream_whose_writes_are_blocked() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, app) = app_pair_buffered(4096, 4096).await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        peer_send
+            .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(carried.totals().0 < 1 << 20);
+        assert!(!pumping.is_finished());
+
+        let ended = reset_and_wait(&mut peer_send, h2::Reason::NO_ERROR, pumping).await;
+        let err = ended.expect_err("a stream cut short ends in an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        drop(app);
+    }
+
+    /// The peer sends its whole answer and then resets the stream with
+    /// `NO_ERROR` (it wants no more of the request), while the application,
+    /// which has not read the answer, is blocked sending: the proxy reads
+    /// and drops the rest of what the application sends, so the
+    /// application gets to read the whole answer and its end.
+    #[tokio::test]
+    async fn after_the_peer_stops_the_upload_the_application_can_finish_sending_and_read_the_answer(
+    ) {
+        // The peer does not read the stream (`_peer_recv`): it gives no
+        // window beyond the first.
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, app) = app_pair_buffered(4096, 4096).await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        let (mut app_read, mut app_write) = app.into_split();
+        // The application sends more than the stream's window and the
+        // sockets take, so its writes block.
+        let upload = vec![1u8; 16 << 20];
+        let uploading = tokio::spawn(async move {
+            app_write.write_all(&upload).await.unwrap();
+            app_write
+        });
+        let answer = Bytes::from(vec![5u8; 1 << 20]);
+        peer_send.send_data(answer.clone(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!uploading.is_finished(), "the upload was not held up");
+        peer_send.send_reset(h2::Reason::NO_ERROR);
+
+        let _app_write = tokio::time::timeout(Duration::from_secs(10), uploading)
+            .await
+            .expect("the application stayed blocked sending")
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app_read.read_to_end(&mut got))
+            .await
+            .expect("the application never got the answer's end")
+            .expect("the whole answer and an end of file");
+        assert_eq!(got.len(), answer.len());
+        tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream did not end")
+            .unwrap()
+            .expect("a stream whose peer stopped the upload ends cleanly");
+        assert_eq!(carried.totals().0, answer.len() as u64);
     }
 
     /// An application that stops reading a stream of small messages: what
