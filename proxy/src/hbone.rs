@@ -252,6 +252,7 @@ pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
 
     async fn loopback_pair() -> (TcpStream, TcpStream) {
@@ -307,5 +308,82 @@ mod tests {
         assert!(!paces_on_loopback(ip("10.0.0.7"), b"bbr"));
         assert!(!paces_on_loopback(ip("fd00::7"), b"bbr"));
         assert!(!paces_on_loopback(ip("127.0.0.1"), b"cubic"));
+    }
+
+    /// Small DATA frames that arrive for streams this end has already
+    /// dropped (a refused stream whose client sent on, as a route's early
+    /// bytes do) are thrown away, and do not use up the connection's
+    /// small-frame budget (the vendored h2's patch: upstream charges them
+    /// and never gives the budget back, and the connection, with every
+    /// stream on it, is closed once enough have come).
+    #[tokio::test]
+    async fn small_frames_for_dropped_streams_do_not_use_up_the_connection() {
+        const BUDGET: usize = 16 * 1024;
+        const STREAMS: usize = 12;
+        const FRAMES: usize = 10;
+        // More than the budget, were each thrown-away frame charged.
+        const { assert!(STREAMS * FRAMES * 255 > BUDGET) };
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (dropped_tx, mut dropped_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            let mut b = server_builder(100);
+            b.data_frame_budget(BUDGET);
+            let mut conn = b.handshake::<_, Bytes>(server_io).await.unwrap();
+            for _ in 0..STREAMS {
+                // Accepted and dropped unanswered (h2 resets it, once the
+                // connection is next polled); the client then sends on it.
+                let (req, respond) = conn.accept().await.unwrap().unwrap();
+                drop((req, respond));
+                dropped_tx.send(()).await.unwrap();
+                sent_rx.recv().await.unwrap();
+            }
+            // The connection still takes a stream, and its bytes.
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            respond
+                .send_response(http::Response::new(()), true)
+                .unwrap();
+            let mut body = req.into_body();
+            let got = body.data().await.unwrap().unwrap();
+            assert_eq!(&got[..], b"still here");
+        });
+        let (mut client, conn) = client_builder(100)
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let connect = || {
+            http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("127.0.0.1:9")
+                .body(())
+                .unwrap()
+        };
+        for _ in 0..STREAMS {
+            client = client.ready().await.unwrap();
+            let (_response, mut send) = client.send_request(connect(), false).unwrap();
+            dropped_rx.recv().await.unwrap();
+            for _ in 0..FRAMES {
+                send.send_data(Bytes::from_static(b"x"), false).unwrap();
+            }
+            // Written out before the server reads on.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            sent_tx.send(()).await.unwrap();
+        }
+        client = client.ready().await.unwrap();
+        let (response, mut send) = client.send_request(connect(), false).unwrap();
+        send.send_data(Bytes::from_static(b"still here"), false)
+            .unwrap();
+        let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+            .await
+            .expect("no answer")
+            .expect("the connection was closed");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!conn.is_finished());
     }
 }

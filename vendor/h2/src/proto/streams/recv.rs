@@ -648,7 +648,12 @@ impl Recv {
         stream.pending_recv.is_empty()
     }
 
-    pub fn recv_data(&mut self, frame: frame::Data, stream: &mut store::Ptr) -> Result<(), Error> {
+    /// Ward patch: whether the frame counts against the connection's DATA
+    /// frame budget: false for a frame dropped unseen (its stream was reset
+    /// locally or its receiving half released), which nothing would ever
+    /// give back (upstream charges those too, and a long-lived connection
+    /// eventually runs out of budget and is closed).
+    pub fn recv_data(&mut self, frame: frame::Data, stream: &mut store::Ptr) -> Result<bool, Error> {
         // could include padding
         let sz = frame.flow_controlled_len();
 
@@ -682,7 +687,7 @@ impl Recv {
                 "recv_data; frame ignored on locally reset {:?} for some time",
                 stream.id,
             );
-            return self.ignore_data(sz);
+            return self.ignore_data(sz).map(|()| false);
         }
 
         // Ensure that there is enough capacity on the connection before acting
@@ -734,7 +739,7 @@ impl Recv {
                 stream.id,
             );
             self.release_connection_capacity(sz, &mut None);
-            return Ok(());
+            return Ok(false);
         }
 
         // Update stream level flow control
@@ -764,7 +769,7 @@ impl Recv {
         // message. Padding has already been accounted for and released above,
         // so there is no event to pass to the user.
         if frame.payload().is_empty() && !frame.is_end_stream() {
-            return Ok(());
+            return Ok(true);
         }
 
         let is_budgeted = !frame.is_end_stream();
@@ -777,7 +782,7 @@ impl Recv {
         stream.pending_recv.push_back(&mut self.buffer, event);
         stream.notify_recv();
 
-        Ok(())
+        Ok(true)
     }
 
     pub fn ignore_data(&mut self, sz: WindowSize) -> Result<(), Error> {

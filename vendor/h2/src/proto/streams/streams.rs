@@ -652,15 +652,17 @@ impl Inner {
             let sz = frame.flow_controlled_len();
             let is_end_stream = frame.is_end_stream();
             let payload_len = frame.payload().len();
-            let mut res = actions.recv.recv_data(frame, stream);
+            // Ward patch: only frames that are kept count (see `recv_data`).
+            let mut res = actions.recv.recv_data(frame, stream).map(|counted| counted && !is_end_stream);
             // A stream can receive at most one final DATA frame, so it cannot
             // be used to create unbounded framing overhead on that stream.
-            if res.is_ok() && !is_end_stream {
-                res = counts.record_data_frame(payload_len).map_err(|_| {
+            if matches!(res, Ok(true)) {
+                res = counts.record_data_frame(payload_len).map(|()| true).map_err(|_| {
                     tracing::debug!("too many small DATA frames");
                     Error::library_go_away_data(Reason::ENHANCE_YOUR_CALM, "too_many_data_frames")
                 });
             }
+            let res = res.map(|_| ());
 
             // Any stream error after receiving a DATA frame means
             // we won't give the data to the user, and so they can't
