@@ -104,6 +104,10 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
             "`limits.max_inbound_streams`: must be greater than zero",
         ),
         (
+            &["proxy", "run", "--forward", "127.0.0.1:9", "--keepalive-timeout", "0s"],
+            "`limits.keepalive_timeout`: must be greater than zero",
+        ),
+        (
             &["proxy", "run", "--forward", "127.0.0.1:9", "--max-streams-per-connection", "0"],
             "`limits.max_streams_per_connection`: must be greater than zero",
         ),

@@ -2308,6 +2308,82 @@ fn streams_beyond_max_inbound_streams_are_answered_503_and_the_rest_keep_working
     drop((held, second));
 }
 
+/// Waits up to 15 s for `cond`, saying `what` if it never holds.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the application connection `s` ends (an end of file or a
+/// reset) within 15 s.
+fn ends(s: &mut std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    match s.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// A peer proxy that stops answering while its connection carries streams
+/// (its process frozen, its kernel still acknowledging TCP, so TCP
+/// keepalive takes it for alive) is found out by HTTP/2 PINGs: the other
+/// end closes the connection and the streams on it, and their
+/// applications' connections end, instead of all being held for good.
+/// Each end does it: web's for a frozen api, api's for a frozen web.
+#[test]
+fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
+    let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "1s"];
+    let mesh = Mesh::start(&[], &fast);
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &fast);
+    let inbound_open = || {
+        mesh.api
+            .metric("ward_proxy_streams_open{direction=\"inbound\"}")
+    };
+
+    // 1. api freezes with a stream open: web finds out and closes.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_until("the held stream never opened", || inbound_open() == 1.0);
+    mesh.signal_api("-STOP");
+    let found_out = ends(&mut held);
+    let web_conns = web.metric("ward_proxy_connections_open{direction=\"outbound\"}");
+    let web_pings = web.metric(
+        "ward_proxy_handshake_failures_total{direction=\"outbound\",reason=\"ping_timeout\"}",
+    );
+    mesh.signal_api("-CONT");
+    assert!(found_out, "the stream to a frozen peer was held");
+    assert_eq!(web_conns, 0.0);
+    assert_eq!(web_pings, 1.0);
+    // The peer is back: a new stream gets a new connection.
+    assert_clean(&hash_client(port, 64 * 1024, 1, 0.0), 1, 64 * 1024);
+
+    // 2. web freezes with a stream open: api finds out and closes.
+    let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_until("the second held stream never opened", || {
+        inbound_open() == 1.0
+    });
+    web.signal("-STOP");
+    wait_until("api held the stream of a frozen peer", || {
+        inbound_open() == 0.0
+    });
+    let api_pings = mesh.api.metric(
+        "ward_proxy_handshake_failures_total{direction=\"inbound\",reason=\"ping_timeout\"}",
+    );
+    let api_conns = mesh
+        .api
+        .metric("ward_proxy_connections_open{direction=\"inbound\"}");
+    web.signal("-CONT");
+    assert_eq!(api_pings, 1.0);
+    assert_eq!(api_conns, 0.0);
+    drop(held);
+}
+
 /// `/logging` on a health port says the log filter in force and, posted
 /// `?level=FILTER`, replaces it while the process runs: a debug line the
 /// proxy did not write before (a new inbound connection) appears after. A

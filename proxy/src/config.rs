@@ -40,6 +40,8 @@
 //! handshake_timeout = "10s"
 //! idle_timeout = "5m"
 //! connect_timeout = "5s"
+//! keepalive_interval = "10s"      # a PING this often on a connection carrying streams,
+//! keepalive_timeout = "20s"       # closed (with them) if one is not answered in this
 //! drain_delay = "0s"              # before the drain: not ready, still serving
 //! drain_timeout = "30s"
 //! ```
@@ -293,6 +295,14 @@ pub struct Limits {
     /// Connecting to a peer proxy or to the local application.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub connect_timeout: Duration,
+    /// An HTTP/2 PING this often on a TLS connection that carries streams
+    /// (see [`crate::hbone::Keepalive`]).
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub keepalive_interval: Duration,
+    /// A peer that does not answer a PING within this long has its
+    /// connection closed, and the streams on it.
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub keepalive_timeout: Duration,
     /// On SIGTERM, before the drain: how long the proxy goes on serving
     /// everything, inbound included, while `/readyz` says it is draining
     /// (for the platform to stop sending it connections first, as Istio's
@@ -304,6 +314,15 @@ pub struct Limits {
     pub drain_timeout: Duration,
 }
 
+impl Limits {
+    pub fn keepalive(&self) -> crate::hbone::Keepalive {
+        crate::hbone::Keepalive {
+            interval: self.keepalive_interval,
+            timeout: self.keepalive_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -313,6 +332,8 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
         }
@@ -465,6 +486,8 @@ impl ProxyConfig {
             ("limits.handshake_timeout", l.handshake_timeout),
             ("limits.idle_timeout", l.idle_timeout),
             ("limits.connect_timeout", l.connect_timeout),
+            ("limits.keepalive_interval", l.keepalive_interval),
+            ("limits.keepalive_timeout", l.keepalive_timeout),
         ] {
             if d.is_zero() {
                 return bad(key, "must be greater than zero".into());

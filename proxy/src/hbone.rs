@@ -4,6 +4,7 @@
 //! failures.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -181,6 +182,44 @@ const USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection told to close (GOAWAY) may take to finish once it
 /// has no streams: a peer that never answers is cut off then.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// HTTP/2 PINGs on a connection that carries streams (both ends send
+/// them): a peer that stops answering (its process frozen, or its host
+/// gone while something between still acknowledges TCP, which TCP
+/// keepalive then takes for alive) is found out, and its connection closed
+/// with its streams, instead of holding them, their applications'
+/// connections and the drain for good. A connection without streams is
+/// left to the idle timeout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Keepalive {
+    /// How often a PING is sent while the connection carries streams.
+    pub interval: Duration,
+    /// How long the peer has to answer it.
+    pub timeout: Duration,
+}
+
+/// A connection's PINGs: h2 lets one be in flight at a time.
+pub type Pinger = Arc<tokio::sync::Mutex<Option<h2::PingPong>>>;
+
+/// Resolves when the peer has left a PING unanswered for the keepalive's
+/// timeout. One is sent every interval while `busy` gives the connection's
+/// pinger (it does while the connection carries streams). Pending for good
+/// once the connection fails otherwise (its own future then ends it).
+pub async fn unanswered_ping(keepalive: Keepalive, mut busy: impl FnMut() -> Option<Pinger>) {
+    loop {
+        tokio::time::sleep(keepalive.interval).await;
+        let Some(pinger) = busy() else { continue };
+        let mut ping = pinger.lock().await;
+        let Some(p) = ping.as_mut() else {
+            return std::future::pending().await;
+        };
+        match tokio::time::timeout(keepalive.timeout, p.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
 
 pub fn server_builder(max_streams: u32) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();

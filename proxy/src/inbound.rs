@@ -55,6 +55,8 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// PINGs to peers while their connections carry streams.
+    pub keepalive: hbone::Keepalive,
     /// Each connection to the application starts with a PROXY protocol v2
     /// header ([`crate::proxy_protocol`]).
     pub proxy_protocol: bool,
@@ -228,6 +230,12 @@ async fn connection(
     });
     let (active_tx, mut active_rx) = watch::channel(0usize);
     let active_tx = Arc::new(active_tx);
+    let pinger: hbone::Pinger = Arc::new(tokio::sync::Mutex::new(conn.ping_pong()));
+    let streams = active_tx.subscribe();
+    let keepalive = hbone::unanswered_ping(inbound.keepalive, move || {
+        (*streams.borrow() > 0).then(|| pinger.clone())
+    });
+    tokio::pin!(keepalive);
     let mut shutting_down = false;
     // False once the identity watch has ended (it never does while the
     // proxy runs): an ended watch would resolve at once, again and again.
@@ -282,6 +290,11 @@ async fn connection(
             },
             // Wakes the loop, which sets the timer when the count reaches 0.
             _ = active_rx.changed() => {}
+            () = &mut keepalive => {
+                tracing::warn!(%peer, peer_id = %verified.id, timeout = ?inbound.keepalive.timeout, "the peer did not answer a PING; closing its connection and the streams on it");
+                metrics.handshake_failure(Direction::Inbound, "ping_timeout");
+                break;
+            }
             () = &mut timer, if idle => {
                 if shutting_down {
                     tracing::debug!(%peer, "the peer did not finish closing; cut off");
@@ -747,6 +760,10 @@ mod tests {
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
             connect_timeout: Duration::from_secs(5),
+            keepalive: hbone::Keepalive {
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(20),
+            },
             proxy_protocol: false,
             policy_epoch,
         })

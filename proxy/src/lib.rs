@@ -184,6 +184,7 @@ pub async fn run(
         cfg.limits.connect_timeout,
         cfg.limits.handshake_timeout,
         cfg.limits.idle_timeout,
+        cfg.limits.keepalive(),
     );
     let _ = status.pool.set(pool.clone());
 
@@ -208,6 +209,7 @@ pub async fn run(
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,
+            keepalive: cfg.limits.keepalive(),
             proxy_protocol: inb.proxy_protocol,
             policy_epoch: policy_epoch.clone(),
         });

@@ -67,8 +67,11 @@ struct Conn {
     untrusted: Arc<AtomicBool>,
     /// Milliseconds since the pool's start when the last stream ended.
     idle_since: AtomicI64,
-    /// Pings the peer (see [`Retire`]); one at a time.
-    ping: tokio::sync::Mutex<Option<h2::PingPong>>,
+    /// Pings the peer (see [`Retire`], [`hbone::Keepalive`]); one at a time.
+    ping: hbone::Pinger,
+    /// Dropped with the connection's last handle: its task then gives the
+    /// peer [`hbone::CLOSE_GRACE`] to finish closing.
+    _released: tokio::sync::oneshot::Sender<()>,
     /// Unix seconds: once the peer's certificate has expired the connection
     /// takes no new streams (its open ones go on), as the peer would refuse
     /// them.
@@ -237,6 +240,7 @@ pub struct Pool {
     connect_timeout: Duration,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    keepalive: hbone::Keepalive,
     slots: Mutex<HashMap<Key, Slot>>,
     start: Instant,
     /// Tunnels being opened at once. A burst of application connections
@@ -526,12 +530,14 @@ impl Pool {
         connect_timeout: Duration,
         handshake_timeout: Duration,
         idle_timeout: Duration,
+        keepalive: hbone::Keepalive,
     ) -> Arc<Pool> {
         Pool::with_lookup(
             identity,
             metrics,
             max_streams,
             (connect_timeout, handshake_timeout, idle_timeout),
+            keepalive,
             system_lookup(),
             DNS_REFRESH,
         )
@@ -544,6 +550,7 @@ impl Pool {
         metrics: Arc<Metrics>,
         max_streams: usize,
         timeouts: (Duration, Duration, Duration),
+        keepalive: hbone::Keepalive,
         lookup: Lookup,
         dns_refresh: Duration,
     ) -> Arc<Pool> {
@@ -555,6 +562,7 @@ impl Pool {
             connect_timeout,
             handshake_timeout,
             idle_timeout,
+            keepalive,
             slots: Mutex::new(HashMap::new()),
             start: Instant::now(),
             opening: tokio::sync::Semaphore::new(MAX_OPENING),
@@ -1009,14 +1017,39 @@ impl Pool {
                 }
             };
         let (chain, peer_id) = chain;
-        let peer_expires_at = chain.expires_at();
-        let ping = connection.ping_pong();
-        let closed = Arc::new(AtomicBool::new(false));
-        let untrusted = Arc::new(AtomicBool::new(false));
+        let ping: hbone::Pinger = Arc::new(tokio::sync::Mutex::new(connection.ping_pong()));
+        let (released, mut handles_gone) = tokio::sync::oneshot::channel();
+        let conn = Arc::new(Conn {
+            send,
+            generation,
+            active: AtomicUsize::new(0),
+            closed: Arc::new(AtomicBool::new(false)),
+            untrusted: Arc::new(AtomicBool::new(false)),
+            idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
+            ping,
+            _released: released,
+            peer_expires_at: chain.expires_at(),
+            peer_id,
+            address: key.address,
+        });
         let metrics = self.metrics.clone();
         metrics.connection_opened(Direction::Outbound);
-        let (flag, distrusted) = (closed.clone(), untrusted.clone());
+        let (flag, distrusted) = (conn.closed.clone(), conn.untrusted.clone());
+        // The task holds no handle to the connection: once the pool and its
+        // streams let go of it, h2 closes it (GOAWAY).
+        let handle = Arc::downgrade(&conn);
+        let keepalive = self.keepalive;
         tokio::spawn(async move {
+            let pinging = hbone::unanswered_ping(keepalive, move || {
+                let conn = handle.upgrade()?;
+                (conn.active.load(Ordering::Acquire) > 0).then(|| conn.ping.clone())
+            });
+            tokio::pin!(pinging);
+            // Set once every handle is gone: a peer that does not let the
+            // connection close (it reads nothing more) is cut off then.
+            let grace = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(grace);
+            let mut closing = false;
             // False once the identity watch has ended (it never does while
             // the proxy runs): an ended watch would resolve again and again.
             let mut following = true;
@@ -1026,6 +1059,19 @@ impl Pool {
                         if let Err(e) = r {
                             tracing::debug!(destination = %dest, error = %e, "outbound connection ended");
                         }
+                        break;
+                    }
+                    () = &mut pinging => {
+                        tracing::warn!(destination = %dest, timeout = ?keepalive.timeout, "the peer did not answer a PING; closing its connection and the streams on it");
+                        metrics.handshake_failure(Direction::Outbound, "ping_timeout");
+                        break;
+                    }
+                    _ = &mut handles_gone, if !closing => {
+                        closing = true;
+                        grace.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                    }
+                    () = &mut grace, if closing => {
+                        tracing::debug!(destination = %dest, "the peer did not finish closing; cut off");
                         break;
                     }
                     r = roots_changed.changed(), if following => {
@@ -1053,18 +1099,7 @@ impl Pool {
             drop(connection);
             metrics.connection_closed(Direction::Outbound);
         });
-        Ok(Arc::new(Conn {
-            send,
-            generation,
-            active: AtomicUsize::new(0),
-            closed,
-            untrusted,
-            idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
-            ping: tokio::sync::Mutex::new(ping),
-            peer_expires_at,
-            peer_id,
-            address: key.address,
-        }))
+        Ok(conn)
     }
 
     fn tls_config(&self, key: &Key, roots: &RootStore) -> Arc<rustls::ClientConfig> {
@@ -1234,10 +1269,17 @@ mod tests {
             Arc::new(Metrics::default()),
             10,
             (timeout, timeout, Duration::from_secs(60)),
+            KEEPALIVE,
             lookup,
             refresh,
         )
     }
+
+    /// The default keepalive.
+    const KEEPALIVE: hbone::Keepalive = hbone::Keepalive {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(20),
+    };
 
     /// A lookup answering what `answer` holds at the time (an empty list:
     /// a failed lookup), counting its calls in `calls`.
@@ -1691,6 +1733,84 @@ mod tests {
         assert_eq!(pool.connections(), 0);
     }
 
+    /// A connection let go of (the pool closed, its streams done) whose
+    /// peer reads nothing more, so that its queued bytes and its GOAWAY are
+    /// never written, is cut off after [`hbone::CLOSE_GRACE`] instead of
+    /// being held until TCP gives up (a minute or more, past the drain's
+    /// deadline).
+    #[tokio::test]
+    async fn a_connection_let_go_of_whose_peer_reads_nothing_is_cut_off_after_the_grace() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let config = ward_spec::tls::server_config(
+            svid(API, &issuer),
+            SpiffeClientVerifier::new(roots.clone(), true),
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The peer: answers two streams, then neither reads nor closes.
+        let (stalled_tx, stalled) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            socket2::SockRef::from(&tcp)
+                .set_recv_buffer_size(4096)
+                .unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let mut conn = hbone::server_builder(10)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .unwrap();
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+                respond
+                    .send_response(http::Response::new(()), true)
+                    .unwrap();
+                held.push(req);
+            }
+            // Long enough to send the answers.
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn.accept()).await;
+            let _ = stalled_tx.send((conn, held));
+            std::future::pending::<()>().await
+        });
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let p = pool
+                .start_stream(&addr.to_string(), &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            let recv = accepted(p.response.await.unwrap()).unwrap();
+            streams.push((p.send, recv, p.lease));
+        }
+        let _stalled = stalled.await.unwrap();
+        // Each stream queues 3 MiB (within its window; more than the sockets
+        // take, together) and its end.
+        for (send, ..) in &mut streams {
+            send.send_data(Bytes::from(vec![7u8; 3 << 20]), true)
+                .unwrap();
+        }
+        drop(streams);
+        let metrics = pool.metrics.clone();
+        assert_eq!(metrics.connections_open(Direction::Outbound), 1);
+        pool.close();
+        let let_go = Instant::now();
+        while metrics.connections_open(Direction::Outbound) > 0 {
+            assert!(
+                let_go.elapsed() < hbone::CLOSE_GRACE + Duration::from_secs(5),
+                "a connection whose peer reads nothing was held"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            let_go.elapsed() >= hbone::CLOSE_GRACE - Duration::from_millis(500),
+            "cut off before the grace: {:?}",
+            let_go.elapsed()
+        );
+    }
+
     /// A peer's refusal keeps why it said, if it is one of a Ward proxy's
     /// outcomes, and nothing else it says.
     #[test]
@@ -1827,7 +1947,15 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let d = Duration::from_secs(5);
-        let pool = Pool::new(identity, metrics.clone(), 10, d, d, Duration::from_secs(60));
+        let pool = Pool::new(
+            identity,
+            metrics.clone(),
+            10,
+            d,
+            d,
+            Duration::from_secs(60),
+            KEEPALIVE,
+        );
         let ids = vec![SpiffeId::parse(API).unwrap()];
         let destination = addr.to_string();
         let pending = pool

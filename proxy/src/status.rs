@@ -62,6 +62,8 @@ impl Status {
                 "handshake_timeout_seconds": secs(l.handshake_timeout),
                 "idle_timeout_seconds": secs(l.idle_timeout),
                 "connect_timeout_seconds": secs(l.connect_timeout),
+                "keepalive_interval_seconds": secs(l.keepalive_interval),
+                "keepalive_timeout_seconds": secs(l.keepalive_timeout),
                 "drain_delay_seconds": secs(l.drain_delay),
                 "drain_timeout_seconds": secs(l.drain_timeout),
             },

@@ -103,6 +103,13 @@ pub struct RunArgs {
     /// Timeout for connecting to a peer proxy or the application. Default 5s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     connect_timeout: Option<Duration>,
+    /// An HTTP/2 PING this often on a TLS connection that carries streams. Default 10s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    keepalive_interval: Option<Duration>,
+    /// Close a connection (and its streams) whose peer does not answer a
+    /// PING within this long. Default 20s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    keepalive_timeout: Option<Duration>,
     /// On SIGTERM, how long to go on serving everything, not ready, before
     /// the drain starts (for the platform to stop sending connections
     /// first). Default 0s
@@ -222,6 +229,8 @@ impl RunArgs {
             handshake_timeout => limits.handshake_timeout,
             idle_timeout => limits.idle_timeout,
             connect_timeout => limits.connect_timeout,
+            keepalive_interval => limits.keepalive_interval,
+            keepalive_timeout => limits.keepalive_timeout,
             drain_delay => limits.drain_delay,
             drain_timeout => limits.drain_timeout,
             log_format => log_format,
