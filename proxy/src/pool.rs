@@ -134,10 +134,20 @@ struct Slot {
 struct Failure {
     at: Instant,
     why: String,
+    /// What failed: the next callers are answered with the same.
+    failed: Failed,
     /// For want of an answer in time (see [`OpenError::timed_out`]).
     timed_out: bool,
     /// Attempts in a row that failed.
     count: u32,
+}
+
+/// What a failed attempt to connect was.
+#[derive(Clone, Copy, Debug)]
+enum Failed {
+    Connect,
+    /// The TLS or HTTP/2 handshake, and why (a metric's reason).
+    Handshake(&'static str),
 }
 
 impl Failure {
@@ -661,8 +671,10 @@ impl Pool {
         ids: &[SpiffeId],
         target: &str,
     ) -> Result<PendingTunnel, OpenError> {
-        let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
         let addresses = self.addresses(destination).await?;
+        // The identity as of now, after the lookup (the SVID may have
+        // rotated meanwhile).
+        let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
         let order = self.order(&me.spiffe_id, me.generation, destination, ids, &addresses);
         let started = Instant::now();
         let mut failure = None;
@@ -737,15 +749,30 @@ impl Pool {
             slots.entry(key.clone()).or_default().connecting.clone()
         };
         let _one_at_a_time = connecting.lock().await;
+        // The SVID may have rotated while this caller waited its turn: a
+        // connection made with the older one takes no new stream.
+        let generation = self
+            .identity
+            .usable()
+            .filter(|me| me.spiffe_id == key.me)
+            .map_or(generation, |me| me.generation);
         if let Some(c) = self.lease(&key, generation) {
             return Ok(c);
         }
-        if let Some((why, timed_out)) = self.recent_failure(&key) {
+        if let Some((why, failed, timed_out)) = self.recent_failure(&key) {
             let kind = match timed_out {
                 true => io::ErrorKind::TimedOut,
                 false => io::ErrorKind::Other,
             };
-            return Err(OpenError::Connect(key.name(), io::Error::new(kind, why)));
+            let error = io::Error::new(kind, why);
+            return Err(match failed {
+                Failed::Connect => OpenError::Connect(key.name(), error),
+                Failed::Handshake(reason) => OpenError::Handshake {
+                    destination: key.name(),
+                    reason,
+                    error,
+                },
+            });
         }
         if self.closing.load(Ordering::Acquire) {
             return Err(OpenError::Connect(
@@ -765,9 +792,17 @@ impl Pool {
             }
             Err(e) => {
                 let count = slot.failed.as_ref().map_or(0, |f| f.count) + 1;
+                let (failed, why) = match &e {
+                    OpenError::Connect(_, error) => (Failed::Connect, error.to_string()),
+                    OpenError::Handshake { reason, error, .. } => {
+                        (Failed::Handshake(reason), error.to_string())
+                    }
+                    other => (Failed::Connect, other.to_string()),
+                };
                 slot.failed = Some(Failure {
                     at: Instant::now(),
-                    why: e.to_string(),
+                    why,
+                    failed,
                     timed_out: e.timed_out(),
                     count,
                 });
@@ -776,9 +811,9 @@ impl Pool {
         }
     }
 
-    /// Why the last attempt to connect for `key` failed, if that was moments ago.
-    /// (And whether it timed out.)
-    fn recent_failure(&self, key: &Key) -> Option<(String, bool)> {
+    /// Why the last attempt to connect for `key` failed, if that was moments
+    /// ago: what failed, and whether it timed out.
+    fn recent_failure(&self, key: &Key) -> Option<(String, Failed, bool)> {
         let slots = self.slots.lock().expect("pool lock");
         let failed = slots.get(key)?.failed.as_ref()?;
         (failed.at.elapsed() < FAILURE_HOLD).then(|| {
@@ -787,7 +822,7 @@ impl Pool {
                 failed.why,
                 failed.at.elapsed().as_millis()
             );
-            (why, failed.timed_out)
+            (why, failed.failed, failed.timed_out)
         })
     }
 
@@ -954,6 +989,13 @@ impl Pool {
             .borrow_and_update()
             .as_ref()
             .map(|c| c.roots.generation());
+        // The SVID the handshake presents is the one current now (the
+        // caller's may have rotated while it waited): the connection is
+        // labelled with its generation.
+        let generation = roots_changed
+            .borrow()
+            .as_ref()
+            .map_or(generation, |c| c.generation);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
         let handshake = async {
@@ -1252,19 +1294,36 @@ mod tests {
         refresh: Duration,
         timeout: Duration,
     ) -> Arc<Pool> {
-        let (identity_tx, identity_rx) = watch::channel(Some(Current {
-            spiffe_id: SpiffeId::parse(WEB).unwrap(),
-            not_after: crate::identity::unix_now() + 3600,
-            generation: 1,
-            roots: roots.clone(),
-        }));
+        let (pool, identity_tx) = pool_rotatable(issuer, roots, lookup, refresh, timeout);
         // The identity never changes.
         std::mem::forget(identity_tx);
+        pool
+    }
+
+    /// `WEB`'s SVID at generation `generation`.
+    fn web_current(generation: u64, roots: &RootStore) -> Current {
+        Current {
+            spiffe_id: SpiffeId::parse(WEB).unwrap(),
+            not_after: crate::identity::unix_now() + 3600,
+            generation,
+            roots: roots.clone(),
+        }
+    }
+
+    /// [`pool_timed`], and the identity watch (generation 1) to rotate it.
+    fn pool_rotatable(
+        issuer: &Issuer,
+        roots: &RootStore,
+        lookup: Lookup,
+        refresh: Duration,
+        timeout: Duration,
+    ) -> (Arc<Pool>, watch::Sender<Option<Current>>) {
+        let (identity_tx, identity_rx) = watch::channel(Some(web_current(1, roots)));
         let identity = Identity {
             resolver: svid(WEB, issuer),
             current: identity_rx,
         };
-        Pool::with_lookup(
+        let pool = Pool::with_lookup(
             identity,
             Arc::new(Metrics::default()),
             10,
@@ -1272,7 +1331,8 @@ mod tests {
             KEEPALIVE,
             lookup,
             refresh,
-        )
+        );
+        (pool, identity_tx)
     }
 
     /// The default keepalive.
@@ -1809,6 +1869,72 @@ mod tests {
             "cut off before the grace: {:?}",
             let_go.elapsed()
         );
+    }
+
+    /// A failure answered from the hold (the next callers, at once) is the
+    /// same kind as the first: a peer presenting an unexpected ID is a
+    /// refused handshake for them too (the access log's `refused`), not a
+    /// connection that could not be made (`unreachable`).
+    #[tokio::test]
+    async fn a_failure_answered_from_the_hold_keeps_its_kind() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let addr = peer(&issuer, roots.clone()).await;
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let db = vec![SpiffeId::parse("spiffe://example.org/tenant/acme/ns/prod/sa/db").unwrap()];
+        for attempt in 0..2 {
+            match pool.start_stream(&addr.to_string(), &db, "db:5432").await {
+                Err(OpenError::Handshake { reason, error, .. }) => {
+                    assert_eq!(reason, "unexpected_id", "attempt {attempt}");
+                    assert_eq!(
+                        error.to_string().contains("ms ago)"),
+                        attempt == 1,
+                        "attempt {attempt}: {error}"
+                    );
+                }
+                Err(e) => panic!("attempt {attempt}: {e}"),
+                Ok(_) => panic!("a peer with an unexpected ID was taken"),
+            }
+        }
+    }
+
+    /// The SVID rotates while a stream waits for its destination's first
+    /// lookup: its connection is made, and labelled, with the new SVID, so
+    /// the next stream (under the new SVID) shares it instead of making
+    /// another.
+    #[tokio::test]
+    async fn a_stream_that_waited_through_a_rotation_uses_the_new_svid() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let addr = peer(&issuer, roots.clone()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = slow_lookup_of(
+            Arc::new(Mutex::new(vec![addr])),
+            calls,
+            Arc::new(AtomicUsize::new(500)),
+        );
+        let (pool, identity_tx) =
+            pool_rotatable(&issuer, &roots, lookup, DNS_REFRESH, Duration::from_secs(5));
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let destination = format!("api.test:{}", addr.port());
+        let first = {
+            let (pool, ids, destination) = (pool.clone(), ids.clone(), destination.clone());
+            tokio::spawn(async move { pool.start_stream(&destination, &ids, "api:8080").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        identity_tx.send(Some(web_current(2, &roots))).unwrap();
+        let Ok(first) = first.await.unwrap() else {
+            panic!("the first stream failed");
+        };
+        let Ok(second) = pool.start_stream(&destination, &ids, "api:8080").await else {
+            panic!("the second stream failed");
+        };
+        assert_eq!(
+            pool.metrics.connections_open(Direction::Outbound),
+            1,
+            "the connection made during the rotation was labelled with the old SVID"
+        );
+        drop((first, second));
     }
 
     /// A peer's refusal keeps why it said, if it is one of a Ward proxy's
