@@ -945,6 +945,10 @@ fn a_connect_the_peer_never_answers_is_given_up_after_the_answer_timeout() {
         took >= Duration::from_millis(2_500) && took < Duration::from_secs(10),
         "closed after {took:?}, the answer timeout is 3 s"
     );
+    // Logged as out of reach, as for an HTTP CONNECT client.
+    let unreachable =
+        "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
+    assert_eq!(web.metric(unreachable), 1.0);
     // Nor does it answer a PING: the connection is retired, and the next
     // stream goes out on a new connection, which serves.
     let retired =

@@ -292,6 +292,10 @@ async fn carry(
             let outcome = match (refused, untrusted) {
                 (true, _) => answered(status, carried.refusal.get().copied().unwrap_or("")),
                 (false, true) => "untrusted",
+                // Not answered in time: as an HTTP CONNECT client's stream.
+                (false, false) if status == 0 && e.kind() == std::io::ErrorKind::TimedOut => {
+                    "unreachable"
+                }
                 (false, false) => "error",
             };
             (outcome, Some(e as &dyn std::fmt::Display))
