@@ -448,7 +448,7 @@ async fn stream(
     // an open stream keeps only what the pump needs. (`req` is not even
     // looked at here: a local borrowed in this future stays in it for the
     // stream's life, moved or not.)
-    let (app, send, body, port) = match Box::pin(admit(
+    let (mut app, send, body, port) = match Box::pin(admit(
         req, respond, has_slot, verified, peer, inbound, &mut log,
     ))
     .await
@@ -471,7 +471,6 @@ async fn stream(
     verified.served.store(true, Ordering::Release);
     let body = std::future::ready(Ok(body));
     let carried = Carried::default();
-    let mut app = AppConn::new(app);
     let result = tokio::select! {
         r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
         // Dropping the pump resets the stream, and the application's
@@ -527,7 +526,7 @@ async fn admit(
     peer: SocketAddr,
     inbound: &Inbound,
     log: &mut Option<Box<StreamLog>>,
-) -> Result<(TcpStream, SendStream<Bytes>, RecvStream, u16), Refusal> {
+) -> Result<(AppConn, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
     let metrics = &inbound.metrics;
     if !has_slot {
@@ -564,7 +563,7 @@ async fn admit(
         r = connect => Some(r),
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
     };
-    let mut app = match connected {
+    let app = match connected {
         // Reset by the peer, or its connection closed under the stream.
         None if verified.untrusted.load(Ordering::Acquire) => return Err((None, "untrusted")),
         None => return Err(CANCELLED),
@@ -578,6 +577,9 @@ async fn admit(
             return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
+    // From here on, an application connection not handed to the pump is
+    // reset when dropped: it must not pass for an empty stream.
+    let mut app = AppConn::new(app);
     if verified.untrusted.load(Ordering::Acquire) {
         // Its connection is being closed: the application's is closed unused.
         return Err((None, "untrusted"));
@@ -589,7 +591,7 @@ async fn admit(
     if let Err((status, outcome)) = admissible(inbound, verified, |_| ()) {
         return refuse(&mut respond, status, outcome);
     }
-    hbone::app_socket(&app);
+    hbone::app_socket(app.tcp());
     if inbound.proxy_protocol {
         let header = crate::proxy_protocol::header(
             peer,
@@ -599,7 +601,7 @@ async fn admit(
         );
         let wrote = tokio::time::timeout(
             inbound.connect_timeout,
-            tokio::io::AsyncWriteExt::write_all(&mut app, &header),
+            tokio::io::AsyncWriteExt::write_all(app.tcp(), &header),
         )
         .await;
         if !matches!(wrote, Ok(Ok(()))) {
@@ -614,8 +616,14 @@ async fn admit(
         .status(StatusCode::OK)
         .body(())
         .expect("valid");
-    // The peer may have reset the stream just now.
-    let send = respond.send_response(ok, false).map_err(|_| CANCELLED)?;
+    // The peer may have reset the stream just now, or its connection been
+    // closed as no longer trusted.
+    let send = respond.send_response(ok, false).map_err(|_| {
+        match verified.untrusted.load(Ordering::Acquire) {
+            true => (None, "untrusted"),
+            false => CANCELLED,
+        }
+    })?;
     Ok((app, send, body, port))
 }
 
