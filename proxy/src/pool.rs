@@ -49,12 +49,48 @@ use crate::hbone::{self, PeerChain};
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
 
+/// Connections to one destination made with one of our SPIFFE IDs for one
+/// set of expected IDs: the pool's map is keyed by these first, so that a
+/// new stream looks at its own destination's connections, not every one's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
+struct Group {
     me: SpiffeId,
     destination: String,
-    address: SocketAddr,
     ids: Vec<SpiffeId>,
+}
+
+/// A group's connections to one address its destination stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    group: Group,
+    address: SocketAddr,
+}
+
+/// The pool's map: per group, per address.
+type Slots = HashMap<Group, HashMap<SocketAddr, Slot>>;
+
+/// `key`'s slot, if it has one.
+fn slot<'a>(slots: &'a Slots, key: &Key) -> Option<&'a Slot> {
+    slots.get(&key.group)?.get(&key.address)
+}
+
+/// `key`'s slot, made if it has none.
+fn slot_made<'a>(slots: &'a mut Slots, key: &Key) -> &'a mut Slot {
+    if !slots.contains_key(&key.group) {
+        slots.insert(key.group.clone(), HashMap::new());
+    }
+    slots
+        .get_mut(&key.group)
+        .expect("just made")
+        .entry(key.address)
+        .or_default()
+}
+
+/// Every slot.
+fn all_slots(slots: &Slots) -> impl Iterator<Item = (&Group, &SocketAddr, &Slot)> {
+    slots
+        .iter()
+        .flat_map(|(g, by_address)| by_address.iter().map(move |(a, s)| (g, a, s)))
 }
 
 struct Conn {
@@ -85,10 +121,11 @@ struct Conn {
 impl Key {
     /// The destination, and the address it resolved to if that differs.
     fn name(&self) -> String {
-        if self.destination.parse() == Ok(self.address) {
-            self.destination.clone()
+        let destination = &self.group.destination;
+        if destination.parse() == Ok(self.address) {
+            destination.clone()
         } else {
-            format!("{} ({})", self.destination, self.address)
+            format!("{destination} ({})", self.address)
         }
     }
 }
@@ -251,7 +288,7 @@ pub struct Pool {
     handshake_timeout: Duration,
     idle_timeout: Duration,
     keepalive: hbone::Keepalive,
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<Slots>,
     start: Instant,
     /// Tunnels being opened at once. A burst of application connections
     /// (thousands in the accept queue) then waits here in small futures
@@ -483,7 +520,7 @@ impl Pool {
             .map(|c| c.generation);
         let slots = self.slots.lock().expect("pool lock");
         let mut out: Vec<Pooled> = Vec::new();
-        for (key, slot) in slots.iter() {
+        for (group, address, slot) in all_slots(&slots) {
             let open = slot
                 .conns
                 .iter()
@@ -498,13 +535,13 @@ impl Pool {
             // made the connections.
             let i = match out
                 .iter()
-                .position(|p| p.destination == key.destination && p.ids == key.ids)
+                .position(|p| p.destination == group.destination && p.ids == group.ids)
             {
                 Some(i) => i,
                 None => {
                     out.push(Pooled {
-                        destination: key.destination.clone(),
-                        ids: key.ids.clone(),
+                        destination: group.destination.clone(),
+                        ids: group.ids.clone(),
                         connections: 0,
                         streams: 0,
                         endpoints: Vec::new(),
@@ -515,13 +552,13 @@ impl Pool {
             let p = &mut out[i];
             p.connections += connections;
             p.streams += streams;
-            match p.endpoints.iter_mut().find(|e| e.address == key.address) {
+            match p.endpoints.iter_mut().find(|e| e.address == *address) {
                 Some(e) => {
                     e.connections += connections;
                     e.streams += streams;
                 }
                 None => p.endpoints.push(Endpoint {
-                    address: key.address,
+                    address: *address,
                     connections,
                     streams,
                 }),
@@ -651,11 +688,17 @@ impl Pool {
         let Some(me) = self.identity.usable() else {
             return false;
         };
+        let group = Group {
+            me: me.spiffe_id,
+            destination: destination.to_owned(),
+            ids: ids.to_vec(),
+        };
         let slots = self.slots.lock().expect("pool lock");
         slots
-            .iter()
-            .filter(|(k, _)| k.destination == destination && k.ids == ids && k.me == me.spiffe_id)
-            .flat_map(|(_, slot)| &slot.conns)
+            .get(&group)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .flat_map(|slot| &slot.conns)
             .any(|c| c.usable(me.generation) && c.has_room(self.max_streams))
     }
 
@@ -675,7 +718,12 @@ impl Pool {
         // The identity as of now, after the lookup (the SVID may have
         // rotated meanwhile).
         let me = self.identity.usable().ok_or(OpenError::NoIdentity)?;
-        let order = self.order(&me.spiffe_id, me.generation, destination, ids, &addresses);
+        let group = Group {
+            me: me.spiffe_id.clone(),
+            destination: destination.to_owned(),
+            ids: ids.to_vec(),
+        };
+        let order = self.order(&group, me.generation, &addresses);
         let started = Instant::now();
         let mut failure = None;
         let mut conn = None;
@@ -686,10 +734,8 @@ impl Pool {
                 break;
             }
             let key = Key {
-                me: me.spiffe_id.clone(),
-                destination: destination.to_owned(),
+                group: group.clone(),
                 address,
-                ids: ids.to_vec(),
             };
             match self.conn_for(key, me.generation, &me.roots).await {
                 Ok(c) => {
@@ -746,7 +792,7 @@ impl Pool {
         }
         let connecting = {
             let mut slots = self.slots.lock().expect("pool lock");
-            slots.entry(key.clone()).or_default().connecting.clone()
+            slot_made(&mut slots, &key).connecting.clone()
         };
         let _one_at_a_time = connecting.lock().await;
         // The SVID may have rotated while this caller waited its turn: a
@@ -754,7 +800,7 @@ impl Pool {
         let generation = self
             .identity
             .usable()
-            .filter(|me| me.spiffe_id == key.me)
+            .filter(|me| me.spiffe_id == key.group.me)
             .map_or(generation, |me| me.generation);
         if let Some(c) = self.lease(&key, generation) {
             return Ok(c);
@@ -782,7 +828,7 @@ impl Pool {
         }
         let made = self.connect(&key, generation, roots).await;
         let mut slots = self.slots.lock().expect("pool lock");
-        let slot = slots.entry(key).or_default();
+        let slot = slot_made(&mut slots, &key);
         match made {
             Ok(conn) => {
                 slot.failed = None;
@@ -815,7 +861,7 @@ impl Pool {
     /// ago: what failed, and whether it timed out.
     fn recent_failure(&self, key: &Key) -> Option<(String, Failed, bool)> {
         let slots = self.slots.lock().expect("pool lock");
-        let failed = slots.get(key)?.failed.as_ref()?;
+        let failed = slot(&slots, key)?.failed.as_ref()?;
         (failed.at.elapsed() < FAILURE_HOLD).then(|| {
             let why = format!(
                 "{} ({} ms ago)",
@@ -895,14 +941,7 @@ impl Pool {
     /// then the fewest open streams (for `me`'s current SVID and `ids`)
     /// first, ties taken in turn. (A stream may so make a connection to an
     /// address without its caller's turn: one per address at a time.)
-    fn order(
-        &self,
-        me: &SpiffeId,
-        generation: u64,
-        destination: &str,
-        ids: &[SpiffeId],
-        addresses: &Addresses,
-    ) -> Addresses {
+    fn order(&self, group: &Group, generation: u64, addresses: &Addresses) -> Addresses {
         let Addresses::Many(all) = addresses else {
             return Addresses::One(addresses.as_slice()[0]);
         };
@@ -914,11 +953,9 @@ impl Pool {
         let mut load = vec![(false, false, 0usize); all.len()];
         {
             let slots = self.slots.lock().expect("pool lock");
-            for (key, slot) in slots.iter() {
-                if key.destination != destination || key.ids != ids || key.me != *me {
-                    continue;
-                }
-                let Some(i) = all.iter().position(|a| *a == key.address) else {
+            let by_address = slots.get(group);
+            for (i, address) in all.iter().enumerate() {
+                let Some(slot) = by_address.and_then(|b| b.get(address)) else {
                     continue;
                 };
                 load[i].0 = slot
@@ -928,7 +965,7 @@ impl Pool {
                 let usable = slot.conns.iter().filter(|c| c.usable(generation));
                 let room = usable.clone().any(|c| c.has_room(self.max_streams));
                 load[i].1 = Arc::strong_count(&slot.connecting) > 1 && !room;
-                load[i].2 += usable
+                load[i].2 = usable
                     .map(|c| c.active.load(Ordering::Acquire))
                     .sum::<usize>();
             }
@@ -943,8 +980,7 @@ impl Pool {
     /// A usable connection for `key` with room for one more stream, counted.
     fn lease(&self, key: &Key, generation: u64) -> Option<Arc<Conn>> {
         let slots = self.slots.lock().expect("pool lock");
-        let slot = slots.get(key)?;
-        for c in &slot.conns {
+        for c in &slot(&slots, key)?.conns {
             if !c.usable(generation) {
                 continue;
             }
@@ -1146,11 +1182,13 @@ impl Pool {
 
     fn tls_config(&self, key: &Key, roots: &RootStore) -> Arc<rustls::ClientConfig> {
         let mut slots = self.slots.lock().expect("pool lock");
-        let slot = slots.entry(key.clone()).or_default();
-        slot.tls
+        slot_made(&mut slots, key)
+            .tls
             .get_or_insert_with(|| {
-                let verifier =
-                    SpiffeServerVerifier::new(roots.clone(), PeerPolicy::OneOf(key.ids.clone()));
+                let verifier = SpiffeServerVerifier::new(
+                    roots.clone(),
+                    PeerPolicy::OneOf(key.group.ids.clone()),
+                );
                 let mut cfg =
                     ward_spec::tls::client_config(Some(self.identity.resolver.clone()), verifier);
                 cfg.enable_sni = false;
@@ -1172,7 +1210,7 @@ impl Pool {
         let now = self.start.elapsed().as_millis() as i64;
         let idle_ms = self.idle_timeout.as_millis() as i64;
         let mut slots = self.slots.lock().expect("pool lock");
-        for slot in slots.values_mut() {
+        for slot in slots.values_mut().flat_map(HashMap::values_mut) {
             slot.conns.retain(|c| {
                 if c.closed.load(Ordering::Acquire) {
                     return false;
@@ -1185,13 +1223,16 @@ impl Pool {
         }
         // A slot without connections stays while someone is connecting or
         // its failure may still count (its backoff doubles with the next).
-        slots.retain(|_, s| {
-            !s.conns.is_empty()
-                || Arc::strong_count(&s.connecting) > 1
-                || s.failed
-                    .as_ref()
-                    .is_some_and(|f| f.at.elapsed() < f.backoff() + FAILURE_BACKOFF_MAX)
-        });
+        for by_address in slots.values_mut() {
+            by_address.retain(|_, s| {
+                !s.conns.is_empty()
+                    || Arc::strong_count(&s.connecting) > 1
+                    || s.failed
+                        .as_ref()
+                        .is_some_and(|f| f.at.elapsed() < f.backoff() + FAILURE_BACKOFF_MAX)
+            });
+        }
+        slots.retain(|_, by_address| !by_address.is_empty());
     }
 
     /// Closes the pool (when the proxy stops, once no stream is left): its
@@ -1201,7 +1242,7 @@ impl Pool {
     pub fn close(&self) {
         self.closing.store(true, Ordering::Release);
         let mut slots = self.slots.lock().expect("pool lock");
-        for slot in slots.values() {
+        for (_, _, slot) in all_slots(&slots) {
             for c in &slot.conns {
                 c.closed.store(true, Ordering::Release);
             }
@@ -1212,7 +1253,7 @@ impl Pool {
     /// Connections in the pool (for tests and metrics).
     pub fn connections(&self) -> usize {
         let slots = self.slots.lock().expect("pool lock");
-        slots.values().map(|s| s.conns.len()).sum()
+        all_slots(&slots).map(|(_, _, s)| s.conns.len()).sum()
     }
 }
 
