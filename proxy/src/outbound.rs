@@ -325,6 +325,7 @@ pub async fn serve_connect(
         let log = StreamLog::start(&m2, Direction::Outbound, source, None, "", None);
         StreamLog::end(&m2, Direction::Outbound, log, refused_over_limit());
     };
+    let routes = Arc::new(RoutesByTarget::new(&routes));
     accept_loop(
         listener,
         "HTTP CONNECT",
@@ -347,11 +348,32 @@ pub async fn serve_connect(
 
 const MAX_HEAD: usize = 8 * 1024;
 
+/// The routes by the targets a CONNECT may name (each route's target and
+/// destination; the first route listed that names one takes it), looked up
+/// without a scan of every route.
+struct RoutesByTarget(std::collections::HashMap<String, Arc<Route>>);
+
+impl RoutesByTarget {
+    fn new(routes: &[Arc<Route>]) -> Self {
+        let mut by = std::collections::HashMap::new();
+        for r in routes {
+            for name in [r.target(), r.destination.as_str()] {
+                by.entry(name.to_owned()).or_insert_with(|| r.clone());
+            }
+        }
+        RoutesByTarget(by)
+    }
+
+    fn get(&self, target: &str) -> Option<&Arc<Route>> {
+        self.0.get(target)
+    }
+}
+
 /// Serves one HTTP CONNECT client. Its access line's status is the peer's
 /// answer, or what this proxy answered the client itself.
 async fn http_connect(
     mut app: TcpStream,
-    routes: &[Arc<Route>],
+    routes: &RoutesByTarget,
     pool: &Pool,
     metrics: &Metrics,
     mut log: Option<Box<StreamLog>>,
@@ -426,10 +448,7 @@ async fn http_connect(
         );
         return;
     }
-    let Some(route) = routes
-        .iter()
-        .find(|r| r.target() == target || r.destination == target)
-    else {
+    let Some(route) = routes.get(target) else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
         let _ = reply(
             &mut app,
@@ -516,7 +535,31 @@ async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::i
 
 #[cfg(test)]
 mod tests {
-    use super::answered;
+    use super::{answered, RoutesByTarget};
+    use crate::config::Route;
+    use std::sync::Arc;
+
+    /// A CONNECT names a route by its target or its destination; when two
+    /// routes name the same, the first listed takes it.
+    #[test]
+    fn a_connect_target_finds_the_first_route_that_names_it() {
+        let id = "id=spiffe://example.org/api";
+        let routes: Vec<Arc<Route>> = [
+            format!("destination=10.0.0.2:15008,{id},target=api:8080"),
+            format!("destination=10.0.0.3:15008,{id},target=10.0.0.2:15008"),
+            format!("destination=10.0.0.4:15008,{id},target=api:8080"),
+        ]
+        .iter()
+        .map(|f| Arc::new(Route::parse_flag(f).unwrap()))
+        .collect();
+        let by = RoutesByTarget::new(&routes);
+        let found = |t: &str| by.get(t).map(|r| r.destination.as_str());
+        assert_eq!(found("api:8080"), Some("10.0.0.2:15008"));
+        assert_eq!(found("10.0.0.2:15008"), Some("10.0.0.2:15008"));
+        assert_eq!(found("10.0.0.3:15008"), Some("10.0.0.3:15008"));
+        assert_eq!(found("10.0.0.4:15008"), Some("10.0.0.4:15008"));
+        assert_eq!(found("db:5432"), None);
+    }
 
     /// A peer's 403 is a denial only when the peer says its policy denied
     /// the stream (it answers 403 too when it no longer trusts this proxy's
