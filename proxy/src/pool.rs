@@ -203,7 +203,34 @@ pub type Lookup = Arc<
 
 /// The system's resolver (`getaddrinfo`, on Tokio's blocking threads).
 fn system_lookup() -> Lookup {
-    Arc::new(|host| Box::pin(async move { Ok(tokio::net::lookup_host(host).await?.collect()) }))
+    blocking_lookup(
+        |host| std::net::ToSocketAddrs::to_socket_addrs(host).map(Iterator::collect),
+        MAX_LOOKUPS,
+    )
+}
+
+/// System lookups running at once, at most. A resolver that does not answer
+/// holds a blocking thread per lookup until the system gives up (a lookup
+/// the pool stopped waiting for runs on), and refreshes of many names would
+/// otherwise pile such threads up.
+const MAX_LOOKUPS: usize = 16;
+
+/// `resolve` on Tokio's blocking threads, `max` at a time; a call holds its
+/// turn until it returns, whether or not it is still awaited.
+fn blocking_lookup(resolve: fn(&str) -> io::Result<Vec<SocketAddr>>, max: usize) -> Lookup {
+    let turns = Arc::new(tokio::sync::Semaphore::new(max));
+    Arc::new(move |host| {
+        let turns = turns.clone();
+        Box::pin(async move {
+            let turn = turns.acquire_owned().await.map_err(io::Error::other)?;
+            tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                resolve(&host)
+            })
+            .await
+            .map_err(io::Error::other)?
+        })
+    })
 }
 
 /// What is known of a host-name destination.
@@ -1976,6 +2003,52 @@ mod tests {
             "the connection made during the rotation was labelled with the old SVID"
         );
         drop((first, second));
+    }
+
+    /// Blocking lookups run a few at a time, and one that is no longer
+    /// awaited (its caller timed out) keeps its turn until it returns: a
+    /// resolver that never answers holds that many threads, not one more
+    /// per refresh.
+    #[tokio::test]
+    async fn blocking_lookups_run_a_few_at_a_time_even_when_given_up() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        fn stuck(_host: &str) -> io::Result<Vec<SocketAddr>> {
+            let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+            MOST.fetch_max(now, Ordering::SeqCst);
+            while !RELEASE.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+            Ok(vec!["127.0.0.1:1".parse().unwrap()])
+        }
+        // The stuck lookups are let go however the test ends (the runtime
+        // waits for its blocking threads).
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                RELEASE.store(true, Ordering::SeqCst);
+            }
+        }
+        let release = Release;
+        let lookup = blocking_lookup(stuck, 2);
+        // Ten lookups, each given up after 100 ms.
+        for _ in 0..10 {
+            let r =
+                tokio::time::timeout(Duration::from_millis(100), lookup("a.test:1".into())).await;
+            assert!(r.is_err());
+        }
+        assert_eq!(MOST.load(Ordering::SeqCst), 2);
+        assert_eq!(RUNNING.load(Ordering::SeqCst), 2);
+        // Once the resolver answers, lookups go through again.
+        drop(release);
+        let got = tokio::time::timeout(Duration::from_secs(5), lookup("a.test:1".into()))
+            .await
+            .expect("a lookup waited after the resolver answered")
+            .unwrap();
+        assert_eq!(got, vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(MOST.load(Ordering::SeqCst), 2);
     }
 
     /// A peer's refusal keeps why it said, if it is one of a Ward proxy's
