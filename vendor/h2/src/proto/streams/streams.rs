@@ -653,7 +653,11 @@ impl Inner {
             let is_end_stream = frame.is_end_stream();
             let payload_len = frame.payload().len();
             // Ward patch: only frames that are kept count (see `recv_data`).
-            let mut res = actions.recv.recv_data(frame, stream).map(|counted| counted && !is_end_stream);
+            // Empty frames still count toward their own lifetime limit.
+            let mut res = actions
+                .recv
+                .recv_data(frame, stream)
+                .map(|counted| (counted || payload_len == 0) && !is_end_stream);
             // A stream can receive at most one final DATA frame, so it cannot
             // be used to create unbounded framing overhead on that stream.
             if matches!(res, Ok(true)) {
