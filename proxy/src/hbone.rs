@@ -203,21 +203,50 @@ pub type Pinger = Arc<tokio::sync::Mutex<Option<h2::PingPong>>>;
 
 /// Resolves when the peer has left a PING unanswered for the keepalive's
 /// timeout. One is sent every interval while `busy` gives the connection's
-/// pinger (it does while the connection carries streams). Pending for good
-/// once the connection fails otherwise (its own future then ends it).
-pub async fn unanswered_ping(keepalive: Keepalive, mut busy: impl FnMut() -> Option<Pinger>) {
+/// pinger (it does while the connection carries streams); while it gives
+/// none, `until_busy` is waited for (an idle connection has no timer
+/// running). Pending for good once the connection fails otherwise (its own
+/// future then ends it).
+pub async fn unanswered_ping<B: std::future::Future<Output = ()>>(
+    keepalive: Keepalive,
+    mut busy: impl FnMut() -> Option<Pinger>,
+    mut until_busy: impl FnMut() -> B,
+) {
     loop {
+        if busy().is_none() {
+            until_busy().await;
+            continue;
+        }
         tokio::time::sleep(keepalive.interval).await;
         let Some(pinger) = busy() else { continue };
         let mut ping = pinger.lock().await;
         let Some(p) = ping.as_mut() else {
             return std::future::pending().await;
         };
-        match tokio::time::timeout(keepalive.timeout, p.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
+        match ping_answered(p, keepalive.timeout).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => return std::future::pending().await,
         }
+    }
+}
+
+/// Sends a PING and waits up to `timeout` for its answer: whether it came.
+/// A PING still out from a wait given up before (h2 takes one at a time)
+/// is waited for first, within the same time. An error: the connection
+/// has failed.
+pub async fn ping_answered(p: &mut h2::PingPong, timeout: Duration) -> Result<bool, h2::Error> {
+    let exchange = async {
+        if p.send_ping(h2::Ping::opaque()).is_err() {
+            std::future::poll_fn(|cx| p.poll_pong(cx)).await?;
+            p.send_ping(h2::Ping::opaque())?;
+        }
+        std::future::poll_fn(|cx| p.poll_pong(cx)).await.map(drop)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(false),
     }
 }
 
@@ -424,5 +453,87 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!conn.is_finished());
+    }
+
+    /// A PING whose wait was given up (here: the peer did not poll its
+    /// connection) is still out; the next check waits for its answer and
+    /// sends a new one, instead of failing because h2 takes one at a time
+    /// (which would turn the keepalive off for the connection's life).
+    #[tokio::test]
+    async fn a_ping_given_up_does_not_stop_the_next() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn = server_builder(10)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let _ = go.await;
+            std::future::poll_fn(|cx| conn.poll_closed(cx)).await
+        });
+        let (_client, mut conn) = client_builder(10)
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        let mut ping = conn.ping_pong().unwrap();
+        tokio::spawn(conn);
+        let short = std::time::Duration::from_millis(200);
+        assert!(!ping_answered(&mut ping, short).await.unwrap());
+        go_tx.send(()).unwrap();
+        let long = std::time::Duration::from_secs(5);
+        assert!(ping_answered(&mut ping, long).await.unwrap());
+        assert!(ping_answered(&mut ping, long).await.unwrap());
+    }
+
+    /// Empty DATA frames on streams this end has dropped still count toward
+    /// h2's limit on empty frames (100 over a connection's life): past it
+    /// the connection is closed (ENHANCE_YOUR_CALM), as it is for a live
+    /// stream.
+    #[tokio::test]
+    async fn empty_frames_for_dropped_streams_still_count() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (dropped_tx, mut dropped_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder(100)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                let Some(Ok((req, respond))) = conn.accept().await else {
+                    return false;
+                };
+                drop((req, respond));
+                dropped_tx.send(()).await.unwrap();
+                sent_rx.recv().await.unwrap();
+            }
+            // The frames are read here: the connection ends in an error.
+            matches!(conn.accept().await, Some(Err(_)) | None)
+        });
+        let (mut client, conn) = client_builder(100)
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..3 {
+            client = client.ready().await.unwrap();
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("127.0.0.1:9")
+                .body(())
+                .unwrap();
+            let (_response, mut send) = client.send_request(req, false).unwrap();
+            dropped_rx.recv().await.unwrap();
+            for _ in 0..40 {
+                let _ = send.send_data(Bytes::new(), false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            sent_tx.send(()).await.unwrap();
+        }
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the connection was kept")
+            .unwrap();
+        assert!(closed, "a stream went on past the limit");
     }
 }

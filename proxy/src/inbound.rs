@@ -26,7 +26,7 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use ward_authz::{Authorizer, ConnectContext};
 use ward_spec::tls::RootStore;
@@ -50,8 +50,11 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Streams per connection.
     pub max_streams: u32,
-    /// Streams open at once, all connections together (see [`StreamSlots`]).
-    pub stream_slots: StreamSlots,
+    /// Streams open at once, all connections together: a stream takes a
+    /// slot as its `CONNECT` arrives and holds it to its end; one that finds
+    /// none is answered 503 (`overloaded`) before anything else is done for
+    /// it (no decision, no application connection).
+    pub stream_slots: crate::limit::Limit,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -77,46 +80,6 @@ impl Inbound {
     }
 }
 
-/// The process-wide bound on open inbound streams: a stream takes a slot
-/// as its `CONNECT` arrives and holds it to its end; one that finds none is
-/// answered 503 (`overloaded`) before anything else is done for it (no
-/// decision, no application connection), and the bound being reached is
-/// logged once, until a stream finds a slot again.
-pub struct StreamSlots {
-    slots: Arc<Semaphore>,
-    max: usize,
-    over_logged: AtomicBool,
-}
-
-impl StreamSlots {
-    pub fn new(max: usize) -> Self {
-        StreamSlots {
-            slots: Arc::new(Semaphore::new(max)),
-            max,
-            over_logged: AtomicBool::new(false),
-        }
-    }
-
-    /// A slot for a new stream, if one is free.
-    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                self.over_logged.store(false, Ordering::Relaxed);
-                Some(slot)
-            }
-            Err(_) => {
-                if !self.over_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        max_inbound_streams = self.max,
-                        "inbound stream limit reached; answering new streams 503 until some end"
-                    );
-                }
-                None
-            }
-        }
-    }
-}
-
 /// Accepts connections until `drain` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -124,8 +87,7 @@ pub async fn serve(
     max_connections: usize,
     mut drain: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let mut over_limit_logged = false;
+    let slots = crate::limit::Limit::new(max_connections);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -139,20 +101,17 @@ pub async fn serve(
             },
             _ = crate::drained(&mut drain) => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = slots.take(|| {
+            tracing::warn!(
+                max_connections,
+                "inbound connection limit reached; closing new connections until some end"
+            );
+        }) else {
             inbound
                 .metrics
                 .refused(Direction::Inbound, "over_connection_limit");
-            if !over_limit_logged {
-                tracing::warn!(
-                    max_connections,
-                    "inbound connection limit reached; closing new connections until some end"
-                );
-                over_limit_logged = true;
-            }
             continue;
         };
-        over_limit_logged = false;
         let inbound = inbound.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
@@ -232,9 +191,19 @@ async fn connection(
     let active_tx = Arc::new(active_tx);
     let pinger: hbone::Pinger = Arc::new(tokio::sync::Mutex::new(conn.ping_pong()));
     let streams = active_tx.subscribe();
-    let keepalive = hbone::unanswered_ping(inbound.keepalive, move || {
-        (*streams.borrow() > 0).then(|| pinger.clone())
-    });
+    let first_stream = active_tx.subscribe();
+    let keepalive = hbone::unanswered_ping(
+        inbound.keepalive,
+        move || (*streams.borrow() > 0).then(|| pinger.clone()),
+        move || {
+            let mut first_stream = first_stream.clone();
+            async move {
+                if first_stream.wait_for(|n| *n > 0).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        },
+    );
     tokio::pin!(keepalive);
     let mut shutting_down = false;
     // False once the identity watch has ended (it never does while the
@@ -274,7 +243,12 @@ async fn connection(
                     active_tx.send_modify(|n| *n += 1);
                     let guard = ActiveGuard(active_tx.clone());
                     let task = metrics.stream_task(Direction::Inbound);
-                    let slot = inbound.stream_slots.take();
+                    let slot = inbound.stream_slots.take(|| {
+                        tracing::warn!(
+                            max_inbound_streams = inbound.stream_slots.max(),
+                            "inbound stream limit reached; answering new streams 503 until some end"
+                        );
+                    });
                     let inbound = inbound.clone();
                     let verified = verified.clone();
                     tokio::spawn(async move {
@@ -509,8 +483,8 @@ async fn stream(
 type Refusal = (Option<StatusCode>, &'static str);
 
 /// Why a stream was answered 503 when the proxy had as many inbound
-/// streams open as it takes ([`StreamSlots`]); its access log outcome is
-/// `refused`.
+/// streams open as it takes ([`Inbound::stream_slots`]); its access log
+/// outcome is `refused`.
 pub const OVERLOADED: &str = "overloaded";
 
 /// A peer that reset its stream before it was answered.
@@ -764,7 +738,7 @@ mod tests {
             },
             metrics: Arc::new(Metrics::default()),
             max_streams: 10,
-            stream_slots: StreamSlots::new(100),
+            stream_slots: crate::limit::Limit::new(100),
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
             connect_timeout: Duration::from_secs(5),

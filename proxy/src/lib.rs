@@ -31,6 +31,7 @@ pub mod config;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod limit;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
@@ -205,7 +206,7 @@ pub async fn run(
             identity: identity.clone(),
             metrics: metrics.clone(),
             max_streams: cfg.limits.max_streams_per_connection,
-            stream_slots: inbound::StreamSlots::new(cfg.limits.max_inbound_streams),
+            stream_slots: limit::Limit::new(cfg.limits.max_inbound_streams),
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,
@@ -223,7 +224,7 @@ pub async fn run(
     }
     let routes: Vec<Arc<config::Route>> = cfg.outbound.iter().cloned().map(Arc::new).collect();
     // Application connections to every outbound listener, at most.
-    let app_slots = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections));
+    let app_slots = Arc::new(limit::Limit::new(cfg.limits.max_connections));
     for (r, socket) in routes.iter().zip(route_sockets) {
         if let (Some(addr), Some(socket)) = (r.listen, socket) {
             let listener = listen(socket, &format!("route to {}", r.destination))?;

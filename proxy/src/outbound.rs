@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::access_log::{End, StreamLog};
 use crate::config::Route;
+use crate::limit::Limit;
 use crate::metrics::{Direction, Metrics, StreamTask};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
 use crate::pump::{pump, AppConn, Carried};
@@ -34,7 +35,7 @@ use crate::pump::{pump, AppConn, Carried};
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
-    slots: Arc<Semaphore>,
+    slots: Arc<Limit>,
     metrics: Arc<Metrics>,
     mut exit: watch::Receiver<bool>,
     over_limit: impl Fn(SocketAddr),
@@ -43,7 +44,6 @@ async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, (OwnedSemaphorePermit, StreamTask)) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut over_limit_logged = false;
     loop {
         let (app, source) = tokio::select! {
             r = listener.accept() => match r {
@@ -56,19 +56,16 @@ async fn accept_loop<F, Fut>(
             },
             _ = crate::drained(&mut exit) => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = slots.take(|| {
+            tracing::warn!(
+                listener = what,
+                "outbound connection limit reached; closing new application connections until some end"
+            );
+        }) else {
             metrics.refused(Direction::Outbound, "over_connection_limit");
-            if !over_limit_logged {
-                tracing::warn!(
-                    listener = what,
-                    "outbound connection limit reached; closing new application connections until some end"
-                );
-                over_limit_logged = true;
-            }
             over_limit(source);
             continue;
         };
-        over_limit_logged = false;
         crate::hbone::app_socket(&app);
         tokio::spawn(handle(
             app,
@@ -84,7 +81,7 @@ pub async fn serve_route(
     route: Arc<Route>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Limit>,
     exit: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();
@@ -316,7 +313,7 @@ pub async fn serve_connect(
     routes: Arc<Vec<Arc<Route>>>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Limit>,
     exit: watch::Receiver<bool>,
 ) {
     let m = metrics.clone();

@@ -105,6 +105,9 @@ struct Conn {
     idle_since: AtomicI64,
     /// Pings the peer (see [`Retire`], [`hbone::Keepalive`]); one at a time.
     ping: hbone::Pinger,
+    /// Told when the connection takes a stream while it has none (its
+    /// keepalive waits for that while it is idle).
+    busy: Arc<tokio::sync::Notify>,
     /// Dropped with the connection's last handle: its task then gives the
     /// peer [`hbone::CLOSE_GRACE`] to finish closing.
     _released: tokio::sync::oneshot::Sender<()>,
@@ -488,20 +491,21 @@ impl Retire {
         let destination = destination.to_owned();
         tokio::spawn(async move {
             let conn = self.0;
-            // One PING at a time; each gets its full time once it is sent
-            // (a check queued behind another must not retire a peer that
-            // just answered, for the time it spent waiting).
-            let mut ping = conn.ping.lock().await;
-            if conn.closed.load(Ordering::Acquire) {
-                return;
-            }
-            let alive = match ping.as_mut() {
-                Some(p) => tokio::time::timeout(PING_TIMEOUT, p.ping(h2::Ping::opaque()))
-                    .await
-                    .is_ok_and(|pong| pong.is_ok()),
-                None => false,
+            // One PING at a time. One out (a keepalive's, another check's)
+            // for longer than the timeout is as good as unanswered; else
+            // this check sends its own, which gets its full time.
+            let alive = match tokio::time::timeout(PING_TIMEOUT, conn.ping.lock()).await {
+                Err(_) => false,
+                Ok(mut ping) => {
+                    if conn.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match ping.as_mut() {
+                        Some(p) => hbone::ping_answered(p, PING_TIMEOUT).await.unwrap_or(false),
+                        None => false,
+                    }
+                }
             };
-            drop(ping);
             if !alive && !conn.closed.swap(true, Ordering::AcqRel) {
                 tracing::warn!(%destination, "a CONNECT and a PING were not answered in time; the connection takes no new streams");
             }
@@ -860,6 +864,7 @@ impl Pool {
             Ok(conn) => {
                 slot.failed = None;
                 conn.active.fetch_add(1, Ordering::AcqRel);
+                conn.busy.notify_one();
                 slot.conns.push(conn.clone());
                 Ok(conn)
             }
@@ -1012,13 +1017,15 @@ impl Pool {
                 continue;
             }
             let room = c.room(self.max_streams);
-            let taken = c
+            if let Ok(was) = c
                 .active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                     (n < room).then_some(n + 1)
                 })
-                .is_ok();
-            if taken {
+            {
+                if was == 0 {
+                    c.busy.notify_one();
+                }
                 return Some(c.clone());
             }
         }
@@ -1132,6 +1139,7 @@ impl Pool {
             untrusted: Arc::new(AtomicBool::new(false)),
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
             ping,
+            busy: Arc::new(tokio::sync::Notify::new()),
             _released: released,
             peer_expires_at: chain.expires_at(),
             peer_id,
@@ -1143,12 +1151,20 @@ impl Pool {
         // The task holds no handle to the connection: once the pool and its
         // streams let go of it, h2 closes it (GOAWAY).
         let handle = Arc::downgrade(&conn);
+        let busy = conn.busy.clone();
         let keepalive = self.keepalive;
         tokio::spawn(async move {
-            let pinging = hbone::unanswered_ping(keepalive, move || {
-                let conn = handle.upgrade()?;
-                (conn.active.load(Ordering::Acquire) > 0).then(|| conn.ping.clone())
-            });
+            let pinging = hbone::unanswered_ping(
+                keepalive,
+                move || {
+                    let conn = handle.upgrade()?;
+                    (conn.active.load(Ordering::Acquire) > 0).then(|| conn.ping.clone())
+                },
+                move || {
+                    let busy = busy.clone();
+                    async move { busy.notified().await }
+                },
+            );
             tokio::pin!(pinging);
             // Set once every handle is gone: a peer that does not let the
             // connection close (it reads nothing more) is cut off then.
@@ -1303,6 +1319,21 @@ mod tests {
         counted_peer(issuer, roots).await.0
     }
 
+    /// A listener on loopback, and the TLS acceptor of a peer proxy
+    /// presenting `API`'s SVID from `issuer` and trusting `roots`.
+    async fn api_listener(
+        issuer: &Issuer,
+        roots: &RootStore,
+    ) -> (TlsAcceptor, TcpListener, std::net::SocketAddr) {
+        let config = ward_spec::tls::server_config(
+            svid(API, issuer),
+            SpiffeClientVerifier::new(roots.clone(), true),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (TlsAcceptor::from(Arc::new(config)), listener, addr)
+    }
+
     /// [`peer`], with the count of `CONNECT`s it has answered.
     async fn counted_peer(
         issuer: &Issuer,
@@ -1310,13 +1341,7 @@ mod tests {
     ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let answered = Arc::new(AtomicUsize::new(0));
         let counter = answered.clone();
-        let config = ward_spec::tls::server_config(
-            svid(API, issuer),
-            SpiffeClientVerifier::new(roots, true),
-        );
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (acceptor, listener, addr) = api_listener(issuer, &roots).await;
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
@@ -1796,13 +1821,7 @@ mod tests {
         let (bundle, issuer) = root("example.org");
         let roots = RootStore::new(&bundle).unwrap();
         // The peer: answers one stream, waits, then reads it to its end.
-        let config = ward_spec::tls::server_config(
-            svid(API, &issuer),
-            SpiffeClientVerifier::new(roots.clone(), true),
-        );
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (acceptor, listener, addr) = api_listener(&issuer, &roots).await;
         let peer = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let tls = acceptor.accept(tcp).await.unwrap();
@@ -1870,13 +1889,7 @@ mod tests {
     async fn a_connection_let_go_of_whose_peer_reads_nothing_is_cut_off_after_the_grace() {
         let (bundle, issuer) = root("example.org");
         let roots = RootStore::new(&bundle).unwrap();
-        let config = ward_spec::tls::server_config(
-            svid(API, &issuer),
-            SpiffeClientVerifier::new(roots.clone(), true),
-        );
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (acceptor, listener, addr) = api_listener(&issuer, &roots).await;
         // The peer: answers two streams, then neither reads nor closes.
         let (stalled_tx, stalled) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
