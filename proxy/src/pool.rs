@@ -218,22 +218,40 @@ fn system_lookup() -> Lookup {
 /// otherwise pile such threads up.
 const MAX_LOOKUPS: usize = 16;
 
-/// `resolve` on Tokio's blocking threads, `max` at a time; a call holds its
-/// turn until it returns, whether or not it is still awaited.
+/// `resolve` on Tokio's blocking threads, `max` at a time and one at a time
+/// for each name; a call holds its turn until it returns, whether or not it
+/// is still awaited. A name whose last call has not returned fails at once
+/// (so a few names the resolver never answers do not use up every turn).
 fn blocking_lookup(resolve: fn(&str) -> io::Result<Vec<SocketAddr>>, max: usize) -> Lookup {
     let turns = Arc::new(tokio::sync::Semaphore::new(max));
+    let running: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     Arc::new(move |host| {
-        let turns = turns.clone();
+        let (turns, running) = (turns.clone(), running.clone());
         Box::pin(async move {
+            if !running.lock().expect("lookups lock").insert(host.clone()) {
+                return Err(io::Error::other(
+                    "an earlier lookup of this name has not returned yet",
+                ));
+            }
+            let name = NameRunning(running, host);
             let turn = turns.acquire_owned().await.map_err(io::Error::other)?;
             tokio::task::spawn_blocking(move || {
                 let _turn = turn;
-                resolve(&host)
+                resolve(&name.1)
             })
             .await
             .map_err(io::Error::other)?
         })
     })
+}
+
+/// A name being looked up, until dropped.
+struct NameRunning(Arc<Mutex<std::collections::HashSet<String>>>, String);
+
+impl Drop for NameRunning {
+    fn drop(&mut self) {
+        self.0.lock().expect("lookups lock").remove(&self.1);
+    }
 }
 
 /// What is known of a host-name destination.
@@ -2046,17 +2064,24 @@ mod tests {
         }
         let release = Release;
         let lookup = blocking_lookup(stuck, 2);
-        // Ten lookups, each given up after 100 ms.
-        for _ in 0..10 {
+        // Lookups of ten names, each given up after 100 ms.
+        for n in 0..10 {
             let r =
-                tokio::time::timeout(Duration::from_millis(100), lookup("a.test:1".into())).await;
+                tokio::time::timeout(Duration::from_millis(100), lookup(format!("n{n}.test:1")))
+                    .await;
             assert!(r.is_err());
         }
         assert_eq!(MOST.load(Ordering::SeqCst), 2);
         assert_eq!(RUNNING.load(Ordering::SeqCst), 2);
+        // A name whose lookup has not returned fails at once, without
+        // waiting for a turn: a stuck name holds no more than its own.
+        let again = tokio::time::timeout(Duration::from_secs(1), lookup("n0.test:1".into()))
+            .await
+            .expect("waited for a turn");
+        assert!(again.unwrap_err().to_string().contains("has not returned"));
         // Once the resolver answers, lookups go through again.
         drop(release);
-        let got = tokio::time::timeout(Duration::from_secs(5), lookup("a.test:1".into()))
+        let got = tokio::time::timeout(Duration::from_secs(5), lookup("n9.test:1".into()))
             .await
             .expect("a lookup waited after the resolver answered")
             .unwrap();
