@@ -713,24 +713,9 @@ mod tests {
     /// at once, in an error, instead of waiting for the application.
     #[tokio::test]
     async fn a_reset_ends_a_stream_whose_writes_to_the_application_are_blocked() {
-        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
-        // Small socket buffers, so that a few hundred KiB block the writes.
-        let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
-        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
-        app.shutdown().await.unwrap();
-        peer_send
-            .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
-            .unwrap();
-        // The writes fill the buffers and block (a write counts once done).
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let written = carried.totals().0;
-        assert!(written < 1 << 20, "all of it was written: {written}");
-        assert!(!pumping.is_finished());
-
-        let ended = reset_and_wait(&mut peer_send, h2::Reason::CANCEL, pumping).await;
+        let ended = reset_while_writes_are_blocked(h2::Reason::CANCEL, true).await;
         let err = ended.expect_err("a cancelled stream ends in an error");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        drop(app);
     }
 
     /// The peer resets the stream with `NO_ERROR` before its end (it wants
@@ -740,20 +725,33 @@ mod tests {
     /// for an application that may never read.
     #[tokio::test]
     async fn a_reset_without_error_before_the_end_ends_a_stream_whose_writes_are_blocked() {
+        let ended = reset_while_writes_are_blocked(h2::Reason::NO_ERROR, false).await;
+        let err = ended.expect_err("a stream cut short ends in an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+    }
+
+    /// How a stream ends that the peer resets with `reason` while writes to
+    /// its application (which reads nothing; `app_done`: and has finished
+    /// sending) are blocked.
+    async fn reset_while_writes_are_blocked(reason: h2::Reason, app_done: bool) -> io::Result<()> {
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
-        let (proxy_side, app) = app_pair_buffered(4096, 4096).await;
+        // Small socket buffers, so that a few hundred KiB block the writes.
+        let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
         let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        if app_done {
+            app.shutdown().await.unwrap();
+        }
         peer_send
             .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
             .unwrap();
+        // The writes fill the buffers and block (a write counts once done).
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(carried.totals().0 < 1 << 20);
+        let written = carried.totals().0;
+        assert!(written < 1 << 20, "all of it was written: {written}");
         assert!(!pumping.is_finished());
-
-        let ended = reset_and_wait(&mut peer_send, h2::Reason::NO_ERROR, pumping).await;
-        let err = ended.expect_err("a stream cut short ends in an error");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        let ended = reset_and_wait(&mut peer_send, reason, pumping).await;
         drop(app);
+        ended
     }
 
     /// The peer sends its whole answer and then resets the stream with
