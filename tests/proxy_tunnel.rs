@@ -2328,8 +2328,9 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 /// (its process frozen, its kernel still acknowledging TCP, so TCP
 /// keepalive takes it for alive) is found out by HTTP/2 PINGs: the other
 /// end closes the connection and the streams on it, and their
-/// applications' connections end, instead of all being held for good.
-/// Each end does it: web's for a frozen api, api's for a frozen web.
+/// applications' connections end, instead of all being held for good; the
+/// streams end as `unreachable`. Each end does it: web's for a frozen api,
+/// api's for a frozen web.
 #[test]
 fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
     let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "1s"];
@@ -2357,6 +2358,11 @@ fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
     assert!(found_out, "the stream to a frozen peer was held");
     assert_eq!(web_conns(), 0.0);
     assert_eq!(web_pings, 1.0);
+    // Its stream ends as out of reach, not as an error.
+    wait_until("web's stream did not end as unreachable", || {
+        web.metric("ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}")
+            == 1.0
+    });
     // The peer is back: a new stream gets a new connection.
     assert_clean(&hash_client(port, 64 * 1024, 1, 0.0), 1, 64 * 1024);
 
@@ -2379,6 +2385,10 @@ fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
     web.signal("-CONT");
     assert_eq!(api_pings, 1.0);
     assert_eq!(api_conns, 0.0);
+    let api_unreachable = mesh
+        .api
+        .metric("ward_proxy_streams_ended_total{direction=\"inbound\",outcome=\"unreachable\"}");
+    assert_eq!(api_unreachable, 1.0);
     drop(held);
 }
 

@@ -182,6 +182,7 @@ async fn connection(
     let verified = Arc::new(VerifiedPeer {
         id: peer_id,
         untrusted: AtomicBool::new(false),
+        unresponsive: AtomicBool::new(false),
         served: AtomicBool::new(false),
         local,
         chain,
@@ -267,6 +268,7 @@ async fn connection(
             () = &mut keepalive => {
                 tracing::warn!(%peer, peer_id = %verified.id, timeout = ?inbound.keepalive.timeout, "the peer did not answer a PING; closing its connection and the streams on it");
                 metrics.handshake_failure(Direction::Inbound, "ping_timeout");
+                verified.unresponsive.store(true, Ordering::Release);
                 break;
             }
             () = &mut timer, if idle => {
@@ -343,6 +345,9 @@ struct VerifiedPeer {
     served: AtomicBool,
     /// This proxy's address the peer connected to.
     local: SocketAddr,
+    /// Set before the connection is closed because the peer left a
+    /// keepalive PING unanswered: its streams then end as `unreachable`.
+    unresponsive: AtomicBool,
     /// Its certificates, verified again when the roots change.
     chain: PeerChain,
     /// The roots' generation it was last verified against.
@@ -464,6 +469,10 @@ async fn stream(
         Ok(outcome) => (*outcome, None),
         // The connection was closed under it: its peer is no longer trusted.
         Err(_) if verified.untrusted.load(Ordering::Acquire) => ("untrusted", None),
+        // Its connection was closed: the peer stopped answering PINGs.
+        Err(_) if verified.unresponsive.load(Ordering::Acquire) => {
+            ("unreachable", Some(&UNRESPONSIVE as &dyn std::fmt::Display))
+        }
         Err(e) => {
             tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
             ("error", Some(e as &dyn std::fmt::Display))
@@ -486,6 +495,9 @@ type Refusal = (Option<StatusCode>, &'static str);
 /// streams open as it takes ([`Inbound::stream_slots`]); its access log
 /// outcome is `refused`.
 pub const OVERLOADED: &str = "overloaded";
+
+/// Why a stream whose peer stopped answering PINGs ended.
+const UNRESPONSIVE: &str = "the peer did not answer a keepalive PING";
 
 /// A peer that reset its stream before it was answered.
 const CANCELLED: Refusal = (None, "cancelled");
@@ -1109,6 +1121,7 @@ mod tests {
         let verified = VerifiedPeer {
             id: SpiffeId::parse(WEB).unwrap(),
             untrusted: AtomicBool::new(false),
+            unresponsive: AtomicBool::new(false),
             served: AtomicBool::new(false),
             local: "127.0.0.1:15008".parse().unwrap(),
             chain: PeerChain::new(Some(&[leaf])),

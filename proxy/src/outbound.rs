@@ -267,6 +267,7 @@ async fn carry(
     let result = pump(&mut app, send, recv, first, carried).await;
     drop(app);
     let untrusted = lease.untrusted();
+    let unresponsive = lease.unresponsive();
     let (to_app, from_app) = carried.totals();
     metrics.stream_closed(Direction::Outbound, (to_app, from_app));
     // Streams the peer answered 200 (a route's stream is counted from its
@@ -289,6 +290,8 @@ async fn carry(
             let outcome = match (refused, untrusted) {
                 (true, _) => answered(status, carried.refusal.get().copied().unwrap_or("")),
                 (false, true) => "untrusted",
+                // Its connection was closed: the peer stopped answering.
+                (false, false) if unresponsive => "unreachable",
                 // Not answered in time: as an HTTP CONNECT client's stream.
                 (false, false) if status == 0 && e.kind() == std::io::ErrorKind::TimedOut => {
                     "unreachable"

@@ -101,6 +101,9 @@ struct Conn {
     /// Set before the connection is closed because the peer is no longer
     /// trusted (the roots changed): its streams then end as `untrusted`.
     untrusted: Arc<AtomicBool>,
+    /// Set before the connection is closed because the peer left a
+    /// keepalive PING unanswered: its streams then end as `unreachable`.
+    unresponsive: Arc<AtomicBool>,
     /// Milliseconds since the pool's start when the last stream ended.
     idle_since: AtomicI64,
     /// Pings the peer (see [`Retire`], [`hbone::Keepalive`]); one at a time.
@@ -470,6 +473,12 @@ impl Lease {
     /// longer trusted.
     pub fn untrusted(&self) -> bool {
         self.conn.untrusted.load(Ordering::Acquire)
+    }
+
+    /// Whether the stream's connection was closed because the peer stopped
+    /// answering PINGs.
+    pub fn unresponsive(&self) -> bool {
+        self.conn.unresponsive.load(Ordering::Acquire)
     }
 
     /// The SPIFFE ID the peer proxy presented (one the route expects).
@@ -1155,6 +1164,7 @@ impl Pool {
             active: AtomicUsize::new(0),
             closed: Arc::new(AtomicBool::new(false)),
             untrusted: Arc::new(AtomicBool::new(false)),
+            unresponsive: Arc::new(AtomicBool::new(false)),
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
             ping,
             busy: Arc::new(tokio::sync::Notify::new()),
@@ -1165,7 +1175,11 @@ impl Pool {
         });
         let metrics = self.metrics.clone();
         metrics.connection_opened(Direction::Outbound);
-        let (flag, distrusted) = (conn.closed.clone(), conn.untrusted.clone());
+        let (flag, distrusted, unresponsive) = (
+            conn.closed.clone(),
+            conn.untrusted.clone(),
+            conn.unresponsive.clone(),
+        );
         // The task holds no handle to the connection: once the pool and its
         // streams let go of it, h2 closes it (GOAWAY).
         let handle = Arc::downgrade(&conn);
@@ -1203,6 +1217,7 @@ impl Pool {
                     () = &mut pinging => {
                         tracing::warn!(destination = %dest, timeout = ?keepalive.timeout, "the peer did not answer a PING; closing its connection and the streams on it");
                         metrics.handshake_failure(Direction::Outbound, "ping_timeout");
+                        unresponsive.store(true, Ordering::Release);
                         break;
                     }
                     _ = &mut handles_gone, if !closing => {
