@@ -2259,15 +2259,7 @@ fn streams_beyond_max_inbound_streams_are_answered_503_and_the_rest_keep_working
         mesh.api
             .metric("ward_proxy_streams_open{direction=\"inbound\"}")
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open() < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of 2 held streams opened",
-            open()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the 2 held streams did not open", || open() == 2.0);
     let inbound_conns = mesh
         .api
         .metric("ward_proxy_connections_open{direction=\"inbound\"}");
@@ -2305,11 +2297,7 @@ fn streams_beyond_max_inbound_streams_are_answered_503_and_the_rest_keep_working
 
     // One ends: a new stream is taken again.
     drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open() > 1.0 {
-        assert!(Instant::now() < deadline, "a closed stream is still open");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("a closed stream is still open", || open() == 1.0);
     assert_clean(&hash_client(first_port, 64 * 1024, 1, 0.0), 1, 64 * 1024);
     assert_eq!(mesh.api.metric(over), 1.0);
     drop((held, second));
