@@ -1006,7 +1006,8 @@ fn a_peer_slow_to_answer_but_alive_keeps_its_pooled_connection() {
 }
 
 /// A TCP relay that can stop forwarding on the connections open so far
-/// without closing them (new ones are forwarded).
+/// without closing them (new ones are forwarded), and can pass what comes
+/// back from upstream no faster than a given rate (a slow link).
 struct Relay {
     port: u16,
     /// Connections numbered below this forward nothing more.
@@ -1016,6 +1017,11 @@ struct Relay {
 
 impl Relay {
     fn start(upstream: &str) -> Relay {
+        Relay::start_throttled(upstream, None)
+    }
+
+    /// Passes bytes from upstream at most `down_rate` bytes a second.
+    fn start_throttled(upstream: &str, down_rate: Option<usize>) -> Relay {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1032,13 +1038,15 @@ impl Relay {
                 let Ok(down) = down else { return };
                 count.store(n + 1, Ordering::SeqCst);
                 let up = std::net::TcpStream::connect(&upstream).unwrap();
-                for (mut from, mut to) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
+                for (mut from, mut to, rate) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap(), None),
+                    (up, down, down_rate),
                 ] {
                     let below = below.clone();
                     std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 64 * 1024];
+                        // A tenth of a second's worth at a time, when throttled.
+                        let mut buf = vec![0u8; rate.map_or(64 * 1024, |r| r / 10)];
+                        let (started, mut passed) = (Instant::now(), 0);
                         while let Ok(len @ 1..) = from.read(&mut buf) {
                             // Held, never forwarded, while the sockets stay open.
                             while below.load(Ordering::SeqCst) > n {
@@ -1046,6 +1054,11 @@ impl Relay {
                             }
                             if to.write_all(&buf[..len]).is_err() {
                                 return;
+                            }
+                            passed += len;
+                            if let Some(rate) = rate {
+                                let due = Duration::from_secs_f64(passed as f64 / rate as f64);
+                                std::thread::sleep(due.saturating_sub(started.elapsed()));
                             }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Write);
@@ -1065,6 +1078,40 @@ impl Relay {
         let open = self.accepted.load(Ordering::SeqCst);
         assert!(open > 0);
         self.black_holed_below.store(open, Ordering::SeqCst);
+    }
+}
+
+/// A slow link between the proxies (a relay passing 96 KiB a second
+/// towards the client side), with PINGs every second and 3 s to answer
+/// them:
+/// - the client side's PINGs are answered behind megabytes of the answer,
+///   the server side's go out behind them: neither end takes the late
+///   answers for a dead peer, as long as data moves;
+/// - the server application answers 2 MiB and closes, so its stream ends
+///   with most of the answer still in the server-side proxy, whose
+///   connection then closes idle (after 1 s) with the close grace (10 s)
+///   too short to send the rest: it waits while bytes still move.
+#[test]
+fn a_slow_link_between_the_proxies_loses_nothing_to_keepalives_or_closing() {
+    let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "3s"];
+    let api_flags = [&fast[..], &["--idle-timeout", "1s"]].concat();
+    let mesh = Mesh::start(&[], &api_flags);
+    let relay = Relay::start_throttled(&mesh.api_inbound, Some(96 * 1024));
+    let to_relay = format!("127.0.0.1:{}", relay.port);
+    let (web, port) = mesh.client_proxy_to(WEB_UID, API, &to_relay, &fast);
+    const SIZE: usize = 2 << 20;
+    let started = Instant::now();
+    let report = hash_client_with(port, SIZE, 1, 0.0, &["--half-close"]);
+    let took = started.elapsed();
+    assert_clean(&report, 1, SIZE as u64);
+    // It did take the slow link, longer than the close grace (and the
+    // PINGs' timeout many times over).
+    assert!(took > Duration::from_secs(15), "{took:?}");
+    for (proxy, direction) in [(&web, "outbound"), (&mesh.api, "inbound")] {
+        let pings = proxy.metric(&format!(
+            "ward_proxy_handshake_failures_total{{direction=\"{direction}\",reason=\"ping_timeout\"}}"
+        ));
+        assert_eq!(pings, 0.0, "{direction}");
     }
 }
 

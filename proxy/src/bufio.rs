@@ -5,19 +5,55 @@
 //! [`READ_BUFFER`] bytes per call into a buffer of its own and serves rustls
 //! from it. The buffer exists only while data is flowing: it is released when
 //! the socket has nothing more to read, so an idle connection holds none.
+//!
+//! It also counts the bytes that cross the socket each way ([`Traffic`]):
+//! a connection whose PING answer or close is slow, but whose bytes still
+//! move, is on a slow link, not a dead peer's. Under it, [`LingeringClose`]
+//! closes a socket whose connection ended cleanly only once the peer has
+//! closed too.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 pub const READ_BUFFER: usize = 64 * 1024;
+
+/// Bytes read from and written to a connection's socket so far, shared
+/// with whoever watches the connection (h2 owns the socket itself).
+#[derive(Clone, Debug, Default)]
+pub struct Traffic(Arc<[AtomicU64; 2]>);
+
+impl Traffic {
+    /// Bytes read so far: sent by the peer.
+    pub fn read(&self) -> u64 {
+        self.0[0].load(Ordering::Relaxed)
+    }
+
+    /// Bytes written so far: taken by the kernel, which takes some without
+    /// the peer reading any.
+    pub fn written(&self) -> u64 {
+        self.0[1].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_read(&self, n: usize) {
+        self.0[0].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_written(&self, n: usize) {
+        self.0[1].fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
 
 pub struct ReadBuffered<T> {
     inner: T,
     buf: BytesMut,
+    traffic: Traffic,
 }
 
 impl<T> ReadBuffered<T> {
@@ -25,7 +61,13 @@ impl<T> ReadBuffered<T> {
         ReadBuffered {
             inner,
             buf: BytesMut::new(),
+            traffic: Traffic::default(),
         }
+    }
+
+    /// The count of bytes this socket has moved.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.clone()
     }
 
     pub fn get_ref(&self) -> &T {
@@ -43,7 +85,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffered<T> {
         if this.buf.is_empty() {
             // Empty: refill (or read straight into a large enough target).
             if out.remaining() >= READ_BUFFER {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+                let before = out.filled().len();
+                let r = Pin::new(&mut this.inner).poll_read(cx, out);
+                this.traffic.add_read(out.filled().len() - before);
+                return r;
             }
             this.buf.reserve(READ_BUFFER);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
@@ -51,7 +96,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffered<T> {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => this.traffic.add_read(n),
                 Poll::Ready(Err(e)) => {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Err(e));
@@ -76,7 +121,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.traffic.add_written(n);
+        }
+        r
     }
 
     fn poll_write_vectored(
@@ -84,7 +133,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.traffic.add_written(n);
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -100,10 +153,139 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
     }
 }
 
+/// The longest a socket lingers after its connection has ended (see
+/// [`LingeringClose`]).
+pub const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most a lingering socket reads from its peer: one that goes on
+/// sending is not waited for.
+const LINGER_READ_MAX: usize = 1024 * 1024;
+
+/// The most sockets lingering at once; beyond it one closes at once. (A
+/// lingering socket is no longer one of the proxy's connections, whose
+/// number is bounded; this bounds what peers that close slowly can hold.)
+const LINGERING_MAX: usize = 4096;
+
+/// Sockets lingering now.
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Sockets lingering now: the drain waits for them.
+pub fn lingering() -> usize {
+    LINGERING.load(Ordering::Acquire)
+}
+
+/// A tunnel's TCP socket. Once its connection has ended cleanly (shut down
+/// for writing: TLS `close_notify` and FIN sent after everything else), it
+/// is closed the way a server closes after its answer: what the peer still
+/// sends (a PING, its own close) is read and dropped until the peer closes
+/// too, sends nothing for [`crate::hbone::CLOSE_GRACE`], has sent
+/// [`LINGER_READ_MAX`], or [`LINGER_MAX`] has passed. Closed with bytes
+/// unread, the kernel would send a reset, and a reset throws away what it
+/// still holds for the peer: on a slow link, the end of a stream whose
+/// application was told it had been sent. A connection not shut down (cut
+/// off, failed) closes at once; so does one beyond [`LINGERING_MAX`].
+pub struct LingeringClose {
+    tcp: Option<TcpStream>,
+    shut: bool,
+}
+
+impl LingeringClose {
+    pub fn new(tcp: TcpStream) -> Self {
+        LingeringClose {
+            tcp: Some(tcp),
+            shut: false,
+        }
+    }
+
+    fn tcp(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.tcp.as_mut().expect("present until dropped"))
+    }
+}
+
+impl Drop for LingeringClose {
+    fn drop(&mut self) {
+        let Some(tcp) = self.tcp.take().filter(|_| self.shut) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if LINGERING.fetch_add(1, Ordering::AcqRel) >= LINGERING_MAX {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        runtime.spawn(async move {
+            linger(tcp).await;
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn linger(mut tcp: TcpStream) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut read = 0;
+    let give_up = tokio::time::sleep(LINGER_MAX);
+    tokio::pin!(give_up);
+    while read < LINGER_READ_MAX {
+        tokio::select! {
+            r = tokio::time::timeout(crate::hbone::CLOSE_GRACE, tcp.read(&mut scratch)) => match r {
+                Ok(Ok(n @ 1..)) => read += n,
+                // The peer's end, an error, or nothing for the grace.
+                _ => return,
+            },
+            () = &mut give_up => return,
+        }
+    }
+}
+
+impl AsyncRead for LingeringClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.tcp().poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for LingeringClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.tcp().poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.tcp().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.tcp().poll_shutdown(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.shut = true;
+        }
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn serves_small_reads_from_one_large_read_and_frees_the_buffer_when_idle() {
@@ -125,5 +307,55 @@ mod tests {
         assert_eq!(r.buf.capacity(), 0);
         drop(b);
         assert_eq!(r.read(&mut small).await.unwrap(), 0);
+    }
+
+    /// A socket shut down cleanly with bytes from the peer unread, and more
+    /// arriving after its connection is dropped, still delivers everything
+    /// it was given and then its end: the kernel would otherwise answer the
+    /// unread bytes with a reset and throw away what it held unsent.
+    #[tokio::test]
+    async fn a_clean_close_with_bytes_unread_delivers_what_was_sent() {
+        let within = std::time::Duration::from_secs(20);
+        let whole = tokio::time::timeout(within, closed_with_bytes_unread(true));
+        assert_eq!(whole.await.unwrap().unwrap(), SENT);
+        // Closed at once, the peer gets a reset: not all the bytes.
+        let cut = tokio::time::timeout(within, closed_with_bytes_unread(false));
+        let cut = cut.await.unwrap();
+        assert!(cut.as_ref().map_or(true, |n| *n < SENT), "{cut:?}");
+    }
+
+    const SENT: usize = 256 * 1024;
+
+    /// What the client reads to its end, `linger` or not.
+    async fn closed_with_bytes_unread(linger: bool) -> io::Result<usize> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A client that reads nothing for now: most of what the server
+        // sends stays in the server's kernel, unsent.
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        // Room in the kernel for everything the server sends.
+        socket2::SockRef::from(&tcp)
+            .set_send_buffer_size(4 << 20)
+            .unwrap();
+        client.write_all(&[1; 100]).await.unwrap();
+        tcp.readable().await.unwrap();
+        let mut server = LingeringClose::new(tcp);
+        server.write_all(&vec![7u8; SENT]).await.unwrap();
+        // Without a clean end (as after an error) it closes at once.
+        if linger {
+            server.shutdown().await.unwrap();
+        }
+        drop(server);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let _ = client.write_all(&[2; 100]).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await?;
+        assert!(got.iter().all(|b| *b == 7));
+        Ok(got.len())
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use ward_spec::tls::RootStore;
 
+pub use crate::bufio::Traffic;
+
 /// The response header in which a proxy says why it did not answer 200
 /// (its access log's outcome: `denied`, `untrusted`, …; to HTTP CONNECT
 /// clients, a sentence), as Linkerd's `l5d-proxy-error`.
@@ -119,11 +121,23 @@ pub fn app_socket(tcp: &tokio::net::TcpStream) {
 }
 
 /// Sets up a tunnel's socket (between proxies): as an application's, plus
-/// TCP keepalive.
+/// TCP keepalive and a bound on what the kernel holds unsent.
 pub fn tunnel_socket(tcp: &tokio::net::TcpStream) {
     app_socket(tcp);
     keepalive(tcp);
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_notsent_lowat(UNSENT_IN_KERNEL) {
+        tracing::debug!(error = %e, "cannot bound the unsent bytes");
+    }
 }
+
+/// The most a tunnel's socket takes before its bytes go out
+/// (`TCP_NOTSENT_LOWAT`); the rest waits in the proxy. Left to itself the
+/// kernel takes megabytes, which on a slow link hold a PING back for
+/// seconds and hide from the proxy whether its bytes still move (see
+/// [`CloseGrace`]). A quarter of a millisecond at 10 Gbit/s: no cost to
+/// a fast link (`BENCHMARKS.md`).
+const UNSENT_IN_KERNEL: u32 = 256 * 1024;
 
 /// A connection to a peer on this host (a loopback address) gets a
 /// congestion control that does not pace. With BBR as the system's choice,
@@ -179,9 +193,73 @@ fn keepalive(tcp: &tokio::net::TcpStream) {
 /// connection is given up: as long as keepalive takes to give up an idle one.
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long a connection told to close (GOAWAY) may take to finish once it
-/// has no streams: a peer that never answers is cut off then.
+/// How long a connection told to close (GOAWAY) may go without writing
+/// once it has no streams: a peer that never answers, or stops reading, is
+/// cut off then. One still taking the last bytes over a slow link is not
+/// (see [`CloseGrace`]): what was acknowledged to the application is
+/// delivered.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// More bytes than a connection's control frames (a PING and its answer
+/// are under 100 bytes each in TLS records): a connection that moved more
+/// in a wait is carrying data, so its peer is alive, however late its
+/// answer (a PING queued behind megabytes on a slow link).
+const SIGN_OF_LIFE: u64 = 1024;
+
+/// How long bytes written, with none from the peer, keep a connection that
+/// looks dead going (a PING's wait, a closing connection's grace). The
+/// kernel takes some from a peer that reads nothing (what it holds unsent,
+/// what fits in the peer's receive buffer), so this bounds how long a
+/// frozen peer can look alive, or a closing one stay open.
+pub const UNCONFIRMED_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Whether the peer sent more than control frames since `read_before`
+/// (its [`Traffic::read`] then).
+pub fn heard_since(traffic: &Traffic, read_before: u64) -> bool {
+    traffic.read().wrapping_sub(read_before) > SIGN_OF_LIFE
+}
+
+/// The close grace of a connection told to close (see [`CLOSE_GRACE`]):
+/// it runs out once no more than control frames have been written for
+/// that long, or [`UNCONFIRMED_PATIENCE`] after it began. Only writes
+/// count: the end of the data is what it waits for, and what the peer
+/// sends (a PING every second) does not keep it open.
+pub struct CloseGrace {
+    traffic: Traffic,
+    written: u64,
+    quiet_since: tokio::time::Instant,
+    began: tokio::time::Instant,
+}
+
+/// How often a closing connection's traffic is looked at.
+const GRACE_CHECK: Duration = Duration::from_secs(1);
+
+impl CloseGrace {
+    /// The grace from now, and when to look first.
+    pub fn start(traffic: &Traffic) -> (CloseGrace, tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let grace = CloseGrace {
+            traffic: traffic.clone(),
+            written: traffic.written(),
+            quiet_since: now,
+            began: now,
+        };
+        (grace, now + GRACE_CHECK)
+    }
+
+    /// When to look again; None once the grace has run out.
+    pub fn next_check(&mut self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let written = self.traffic.written();
+        if written.wrapping_sub(self.written) > SIGN_OF_LIFE {
+            self.written = written;
+            self.quiet_since = now;
+        }
+        let quiet = now - self.quiet_since;
+        (quiet < CLOSE_GRACE && now - self.began < UNCONFIRMED_PATIENCE)
+            .then(|| now + GRACE_CHECK.min(CLOSE_GRACE - quiet))
+    }
+}
 
 /// HTTP/2 PINGs on a connection that carries streams (both ends send
 /// them): a peer that stops answering (its process frozen, or its host
@@ -189,26 +267,30 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// keepalive then takes for alive) is found out, and its connection closed
 /// with its streams, instead of holding them, their applications'
 /// connections and the drain for good. A connection without streams is
-/// left to the idle timeout.
+/// left to the idle timeout. An answer late on a connection still moving
+/// data is waited for (see [`ping_answered`]): on a slow link a PING
+/// queues behind what was sent before it, and its answer behind what the
+/// peer sends.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Keepalive {
     /// How often a PING is sent while the connection carries streams.
     pub interval: Duration,
-    /// How long the peer has to answer it.
+    /// How long the peer has to answer it, unless data still moves.
     pub timeout: Duration,
 }
 
 /// A connection's PINGs: h2 lets one be in flight at a time.
 pub type Pinger = Arc<tokio::sync::Mutex<Option<h2::PingPong>>>;
 
-/// Resolves when the peer has left a PING unanswered for the keepalive's
-/// timeout. One is sent every interval while `busy` gives the connection's
-/// pinger (it does while the connection carries streams); while it gives
-/// none, `until_busy` is waited for (an idle connection has no timer
-/// running). Pending for good once the connection fails otherwise (its own
-/// future then ends it).
+/// Resolves when the peer has left a PING unanswered (see
+/// [`ping_answered`]). One is sent every interval while `busy` gives the
+/// connection's pinger (it does while the connection carries streams);
+/// while it gives none, `until_busy` is waited for (an idle connection has
+/// no timer running). Pending for good once the connection fails otherwise
+/// (its own future then ends it).
 pub async fn unanswered_ping<B: std::future::Future<Output = ()>>(
     keepalive: Keepalive,
+    traffic: Traffic,
     mut busy: impl FnMut() -> Option<Pinger>,
     mut until_busy: impl FnMut() -> B,
 ) {
@@ -223,7 +305,7 @@ pub async fn unanswered_ping<B: std::future::Future<Output = ()>>(
         let Some(p) = ping.as_mut() else {
             return std::future::pending().await;
         };
-        match ping_answered(p, keepalive.timeout).await {
+        match ping_answered(p, keepalive.timeout, &traffic).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => return std::future::pending().await,
@@ -233,9 +315,17 @@ pub async fn unanswered_ping<B: std::future::Future<Output = ()>>(
 
 /// Sends a PING and waits up to `timeout` for its answer: whether it came.
 /// A PING still out from a wait given up before (h2 takes one at a time)
-/// is waited for first, within the same time. An error: the connection
-/// has failed.
-pub async fn ping_answered(p: &mut h2::PingPong, timeout: Duration) -> Result<bool, h2::Error> {
+/// is waited for first, within the same time. A `timeout` in which the
+/// peer sent more than control frames is followed by another, and so is
+/// one in which the kernel took more than those from this end, for up to
+/// [`UNCONFIRMED_PATIENCE`]. An error: the connection has failed.
+pub async fn ping_answered(
+    p: &mut h2::PingPong,
+    timeout: Duration,
+    traffic: &Traffic,
+) -> Result<bool, h2::Error> {
+    let began = tokio::time::Instant::now();
+    let (mut read, mut written) = (traffic.read(), traffic.written());
     let exchange = async {
         if p.send_ping(h2::Ping::opaque()).is_err() {
             std::future::poll_fn(|cx| p.poll_pong(cx)).await?;
@@ -243,10 +333,21 @@ pub async fn ping_answered(p: &mut h2::PingPong, timeout: Duration) -> Result<bo
         }
         std::future::poll_fn(|cx| p.poll_pong(cx)).await.map(drop)
     };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(())) => Ok(true),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Ok(false),
+    tokio::pin!(exchange);
+    loop {
+        match tokio::time::timeout(timeout, &mut exchange).await {
+            Ok(Ok(())) => return Ok(true),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let heard = heard_since(traffic, read);
+                let taken = traffic.written().wrapping_sub(written) > SIGN_OF_LIFE
+                    && began.elapsed() < UNCONFIRMED_PATIENCE;
+                if !(heard || taken) {
+                    return Ok(false);
+                }
+                (read, written) = (traffic.read(), traffic.written());
+            }
+        }
     }
 }
 
@@ -455,12 +556,14 @@ mod tests {
         assert!(!conn.is_finished());
     }
 
-    /// A PING whose wait was given up (here: the peer did not poll its
-    /// connection) is still out; the next check waits for its answer and
-    /// sends a new one, instead of failing because h2 takes one at a time
-    /// (which would turn the keepalive off for the connection's life).
-    #[tokio::test]
-    async fn a_ping_given_up_does_not_stop_the_next() {
+    /// The PINGs of a client connection to a server that does not poll its
+    /// connection (so answers nothing) until told to go on, and the
+    /// connection's handle (without one it would close).
+    async fn ping_a_paused_peer() -> (
+        h2::PingPong,
+        tokio::sync::oneshot::Sender<()>,
+        h2::client::SendRequest<Bytes>,
+    ) {
         let (client_io, server_io) = tokio::io::duplex(1 << 16);
         let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -471,18 +574,76 @@ mod tests {
             let _ = go.await;
             std::future::poll_fn(|cx| conn.poll_closed(cx)).await
         });
-        let (_client, mut conn) = client_builder(10)
+        let (client, mut conn) = client_builder(10)
             .handshake::<_, Bytes>(client_io)
             .await
             .unwrap();
-        let mut ping = conn.ping_pong().unwrap();
+        let ping = conn.ping_pong().unwrap();
         tokio::spawn(conn);
+        (ping, go_tx, client)
+    }
+
+    /// A PING whose wait was given up (here: the peer did not poll its
+    /// connection) is still out; the next check waits for its answer and
+    /// sends a new one, instead of failing because h2 takes one at a time
+    /// (which would turn the keepalive off for the connection's life).
+    #[tokio::test]
+    async fn a_ping_given_up_does_not_stop_the_next() {
+        let (mut ping, go_tx, _client) = ping_a_paused_peer().await;
         let short = std::time::Duration::from_millis(200);
-        assert!(!ping_answered(&mut ping, short).await.unwrap());
+        let still = Traffic::default();
+        assert!(!ping_answered(&mut ping, short, &still).await.unwrap());
         go_tx.send(()).unwrap();
         let long = std::time::Duration::from_secs(5);
-        assert!(ping_answered(&mut ping, long).await.unwrap());
-        assert!(ping_answered(&mut ping, long).await.unwrap());
+        assert!(ping_answered(&mut ping, long, &still).await.unwrap());
+        assert!(ping_answered(&mut ping, long, &still).await.unwrap());
+    }
+
+    /// A PING answered late (here: after 1 s, against a timeout of 300 ms)
+    /// on a connection over which the peer still sends data (a slow link)
+    /// counts as answered, and so does one over which this end still
+    /// writes; the same wait with only control frames moving does not.
+    #[tokio::test]
+    async fn a_late_answer_on_a_connection_moving_data_is_waited_for() {
+        #[derive(Clone, Copy)]
+        enum Moving {
+            Read,
+            Written,
+            ControlFramesOnly,
+        }
+        async fn answered_after_a_second(moving: Moving) -> bool {
+            let (mut ping, go_tx, _client) = ping_a_paused_peer().await;
+            let traffic = Traffic::default();
+            let counted = traffic.clone();
+            // Moves every 50 ms for as long as the wait lasts.
+            let mover = tokio::spawn(async move {
+                let began = tokio::time::Instant::now();
+                let mut go_tx = Some(go_tx);
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    match moving {
+                        Moving::Read => counted.add_read(2048),
+                        Moving::Written => counted.add_written(2048),
+                        Moving::ControlFramesOnly => {
+                            counted.add_read(30);
+                            counted.add_written(30);
+                        }
+                    }
+                    if began.elapsed() >= std::time::Duration::from_secs(1) {
+                        if let Some(go) = go_tx.take() {
+                            let _ = go.send(());
+                        }
+                    }
+                }
+            });
+            let timeout = std::time::Duration::from_millis(300);
+            let answered = ping_answered(&mut ping, timeout, &traffic).await.unwrap();
+            mover.abort();
+            answered
+        }
+        assert!(answered_after_a_second(Moving::Read).await);
+        assert!(answered_after_a_second(Moving::Written).await);
+        assert!(!answered_after_a_second(Moving::ControlFramesOnly).await);
     }
 
     /// Empty DATA frames on streams this end has dropped still count toward

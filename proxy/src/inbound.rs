@@ -143,11 +143,10 @@ async fn connection(
         .borrow_and_update()
         .as_ref()
         .map_or(UNCHECKED, |c| c.roots.generation());
+    let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
+    let traffic = transport.traffic();
     let handshake = async {
-        let mut tls = inbound
-            .acceptor
-            .accept(crate::bufio::ReadBuffered::new(tcp))
-            .await?;
+        let mut tls = inbound.acceptor.accept(transport).await?;
         tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
         let certs = tls.get_ref().1.peer_certificates();
         let peer_id = ward_spec::tls::peer_id(certs);
@@ -195,6 +194,7 @@ async fn connection(
     let first_stream = active_tx.subscribe();
     let keepalive = hbone::unanswered_ping(
         inbound.keepalive,
+        traffic.clone(),
         move || (*streams.borrow() > 0).then(|| pinger.clone()),
         move || {
             let mut first_stream = first_stream.clone();
@@ -217,6 +217,8 @@ async fn connection(
     // admitted stream's end (or the handshake).
     let timer = tokio::time::sleep(inbound.idle_timeout);
     tokio::pin!(timer);
+    // Set with the timer when the connection is told to close.
+    let mut grace = None;
     let mut was_idle = true;
     // When the peer's certificate expires the connection is told to close
     // (GOAWAY): its open streams go on, new ones need a new handshake.
@@ -228,9 +230,7 @@ async fn connection(
         if idle && !was_idle {
             let served = verified.served.swap(false, Ordering::AcqRel);
             if shutting_down {
-                timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                close_grace(timer.as_mut(), &traffic, &mut grace);
             } else if served {
                 timer
                     .as_mut()
@@ -273,6 +273,11 @@ async fn connection(
             }
             () = &mut timer, if idle => {
                 if shutting_down {
+                    // Still taking the last bytes (a slow link): wait on.
+                    if let Some(at) = grace.as_mut().and_then(hbone::CloseGrace::next_check) {
+                        timer.as_mut().reset(at);
+                        continue;
+                    }
                     tracing::debug!(%peer, "the peer did not finish closing; cut off");
                     break;
                 }
@@ -284,7 +289,7 @@ async fn connection(
                 tracing::debug!(%peer, "closing idle inbound connection");
                 conn.graceful_shutdown();
                 shutting_down = true;
-                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                close_grace(timer.as_mut(), &traffic, &mut grace);
             }
             () = &mut expiry, if !shutting_down => {
                 if !verified.chain.expired() {
@@ -295,12 +300,12 @@ async fn connection(
                 tracing::info!(%peer, peer_id = %verified.id, "the peer's certificate has expired; its connection takes no new streams");
                 conn.graceful_shutdown();
                 shutting_down = true;
-                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                close_grace(timer.as_mut(), &traffic, &mut grace);
             }
             _ = crate::drained(&mut drain), if !shutting_down => {
                 conn.graceful_shutdown();
                 shutting_down = true;
-                timer.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                close_grace(timer.as_mut(), &traffic, &mut grace);
             }
             r = roots_changed.changed(), if following => {
                 following = r.is_ok();
@@ -322,6 +327,17 @@ async fn connection(
         }
     }
     metrics.connection_closed(Direction::Inbound);
+}
+
+/// Starts the close grace: `timer` is set to its first look at the traffic.
+fn close_grace(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    traffic: &hbone::Traffic,
+    grace: &mut Option<hbone::CloseGrace>,
+) {
+    let (started, first_check) = hbone::CloseGrace::start(traffic);
+    timer.reset(first_check);
+    *grace = Some(started);
 }
 
 /// Unix second `at` as a deadline (now if it has passed), at most a day

@@ -418,7 +418,8 @@ async fn drain_streams(
             pool.close();
             phase = Phase::Pool;
         }
-        if phase == Phase::Pool && left() == (0, 0, 0) {
+        // (A socket still lingering holds the end of what was sent.)
+        if phase == Phase::Pool && left() == (0, 0, 0) && bufio::lingering() == 0 {
             break;
         }
     }

@@ -108,11 +108,14 @@ struct Conn {
     idle_since: AtomicI64,
     /// Pings the peer (see [`Retire`], [`hbone::Keepalive`]); one at a time.
     ping: hbone::Pinger,
+    /// The bytes its socket has moved: a late PING answer on a connection
+    /// still moving data is waited for.
+    traffic: hbone::Traffic,
     /// Told when the connection takes a stream while it has none (its
     /// keepalive waits for that while it is idle).
     busy: Arc<tokio::sync::Notify>,
     /// Dropped with the connection's last handle: its task then gives the
-    /// peer [`hbone::CLOSE_GRACE`] to finish closing.
+    /// peer [`hbone::CloseGrace`] to finish closing.
     _released: tokio::sync::oneshot::Sender<()>,
     /// Unix seconds: once the peer's certificate has expired the connection
     /// takes no new streams (its open ones go on), as the peer would refuse
@@ -504,7 +507,8 @@ impl Lease {
 /// for good, if something between still acknowledges), and a frozen one
 /// never answers. A PING tells those from a peer that is only slow to
 /// connect to its application: one that does not answer it within
-/// [`PING_TIMEOUT`] gets no new streams on that connection (its open ones
+/// [`PING_TIMEOUT`] (longer while data still moves, see
+/// [`hbone::ping_answered`]) gets no new streams on that connection (its open ones
 /// go on); new streams get a new connection, or fail fast if the peer
 /// cannot be reached.
 pub struct Retire(Arc<Conn>);
@@ -521,14 +525,19 @@ impl Retire {
             // One PING at a time. One out (a keepalive's, another check's)
             // for longer than the timeout is as good as unanswered; else
             // this check sends its own, which gets its full time.
+            let read_before = conn.traffic.read();
             let alive = match tokio::time::timeout(PING_TIMEOUT, conn.ping.lock()).await {
-                Err(_) => false,
+                // A keepalive's PING is out and late; the peer is alive if
+                // it still sends (a slow link).
+                Err(_) => hbone::heard_since(&conn.traffic, read_before),
                 Ok(mut ping) => {
                     if conn.closed.load(Ordering::Acquire) {
                         return;
                     }
                     match ping.as_mut() {
-                        Some(p) => hbone::ping_answered(p, PING_TIMEOUT).await.unwrap_or(false),
+                        Some(p) => hbone::ping_answered(p, PING_TIMEOUT, &conn.traffic)
+                            .await
+                            .unwrap_or(false),
                         None => false,
                     }
                 }
@@ -1095,10 +1104,10 @@ impl Pool {
             .map_or(generation, |c| c.generation);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
+        let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
+        let traffic = transport.traffic();
         let handshake = async {
-            let mut tls = connector
-                .connect(name, crate::bufio::ReadBuffered::new(tcp))
-                .await?;
+            let mut tls = connector.connect(name, transport).await?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
             let certs = tls.get_ref().1.peer_certificates();
             let chain = (PeerChain::new(certs), ward_spec::tls::peer_id(certs));
@@ -1167,6 +1176,7 @@ impl Pool {
             unresponsive: Arc::new(AtomicBool::new(false)),
             idle_since: AtomicI64::new(self.start.elapsed().as_millis() as i64),
             ping,
+            traffic: traffic.clone(),
             busy: Arc::new(tokio::sync::Notify::new()),
             _released: released,
             peer_expires_at: chain.expires_at(),
@@ -1188,6 +1198,7 @@ impl Pool {
         tokio::spawn(async move {
             let pinging = hbone::unanswered_ping(
                 keepalive,
+                traffic.clone(),
                 move || {
                     let conn = handle.upgrade()?;
                     (conn.active.load(Ordering::Acquire) > 0).then(|| conn.ping.clone())
@@ -1203,6 +1214,8 @@ impl Pool {
             let grace = tokio::time::sleep(Duration::ZERO);
             tokio::pin!(grace);
             let mut closing = false;
+            // Set when every handle is gone.
+            let mut close_grace = None;
             // False once the identity watch has ended (it never does while
             // the proxy runs): an ended watch would resolve again and again.
             let mut following = true;
@@ -1222,9 +1235,16 @@ impl Pool {
                     }
                     _ = &mut handles_gone, if !closing => {
                         closing = true;
-                        grace.as_mut().reset(tokio::time::Instant::now() + hbone::CLOSE_GRACE);
+                        let (started, first_check) = hbone::CloseGrace::start(&traffic);
+                        grace.as_mut().reset(first_check);
+                        close_grace = Some(started);
                     }
                     () = &mut grace, if closing => {
+                        // Still taking the last bytes (a slow link): wait on.
+                        if let Some(at) = close_grace.as_mut().and_then(hbone::CloseGrace::next_check) {
+                            grace.as_mut().reset(at);
+                            continue;
+                        }
                         tracing::debug!(destination = %dest, "the peer did not finish closing; cut off");
                         break;
                     }

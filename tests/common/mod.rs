@@ -1168,6 +1168,17 @@ pub struct ClientReport {
 
 /// Runs `hash_app.py client` against `port` (a proxy's route listener).
 pub fn hash_client(port: u16, size: usize, streams: usize, seconds: f64) -> ClientReport {
+    hash_client_with(port, size, streams, seconds, &[])
+}
+
+/// [`hash_client`] with more of its flags (`--half-close`).
+pub fn hash_client_with(
+    port: u16,
+    size: usize,
+    streams: usize,
+    seconds: f64,
+    extra: &[&str],
+) -> ClientReport {
     let out = Command::new("python3")
         .arg(hash_app())
         .args([
@@ -1181,6 +1192,7 @@ pub fn hash_client(port: u16, size: usize, streams: usize, seconds: f64) -> Clie
             "--seconds",
             &seconds.to_string(),
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(

@@ -6,10 +6,13 @@ serve  --port P --log FILE
     own (a pattern seeded by L) and their SHA-256. Each accepted connection is
     appended to FILE as a line (so a test can tell whether any arrived).
 
-client --port P --size L [--streams K] [--seconds S]
+client --port P --size L [--streams K] [--seconds S] [--half-close]
     K concurrent connections, each sending L random bytes and checking both
     hashes; with --seconds, each connection repeats the exchange on the same
-    connection until S seconds have passed. Prints one JSON line:
+    connection until S seconds have passed. With --half-close, each
+    connection closes its sending half once its one request is sent (the
+    server then closes as soon as it has answered), and the answer must end
+    in a clean end of file. Prints one JSON line:
     {"ok": n, "errors": [..], "bytes_sent": .., "bytes_received": ..}
 """
 import argparse, hashlib, json, os, socket, struct, sys, threading, time
@@ -78,7 +81,7 @@ def serve(args):
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def exchange(s, size):
+def exchange(s, size, half_close=False):
     s.sendall(struct.pack(">Q", size))
     sent = hashlib.sha256()
     left = size
@@ -87,6 +90,8 @@ def exchange(s, size):
         sent.update(block)
         s.sendall(block)
         left -= len(block)
+    if half_close:
+        s.shutdown(socket.SHUT_WR)
     theirs = recv_exact(s, 32)
     if theirs != sent.digest():
         raise ValueError("the server received different bytes than were sent")
@@ -95,6 +100,8 @@ def exchange(s, size):
     claimed = recv_exact(s, 32)
     if claimed != got.digest():
         raise ValueError("the client received different bytes than the server sent")
+    if half_close and s.recv(1) != b"":
+        raise ValueError("bytes after the answer")
     return size
 
 
@@ -114,12 +121,12 @@ def client(args):
             return
         try:
             while True:
-                n = exchange(s, args.size)
+                n = exchange(s, args.size, args.half_close)
                 with lock:
                     result["ok"] += 1
                     result["bytes_sent"] += n
                     result["bytes_received"] += n
-                if time.time() >= deadline:
+                if args.half_close or time.time() >= deadline:
                     return
         except Exception as e:  # noqa: BLE001 - every failure is reported
             with lock:
@@ -146,6 +153,7 @@ def main():
     c.add_argument("--size", type=int, required=True)
     c.add_argument("--streams", type=int, default=1)
     c.add_argument("--seconds", type=float, default=0)
+    c.add_argument("--half-close", action="store_true")
     args = p.parse_args()
     serve(args) if args.cmd == "serve" else client(args)
 
