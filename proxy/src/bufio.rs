@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub const READ_BUFFER: usize = 64 * 1024;
@@ -154,7 +154,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
 }
 
 /// The longest a socket lingers after its connection has ended (see
-/// [`LingeringClose`]).
+/// [`LingeringClose`]): what the kernel still holds for the peer (about
+/// 256 KiB unsent, and what is in flight) goes out in that time over a
+/// link of 5 KB/s or faster.
 pub const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The most a lingering socket reads from its peer: one that goes on
@@ -174,13 +176,33 @@ pub fn lingering() -> usize {
     LINGERING.load(Ordering::Acquire)
 }
 
+/// One of [`LINGERING`], given back when dropped (with its task, however
+/// that ends).
+struct Lingers;
+
+impl Lingers {
+    fn take() -> Option<Lingers> {
+        if LINGERING.fetch_add(1, Ordering::AcqRel) >= LINGERING_MAX {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Lingers)
+    }
+}
+
+impl Drop for Lingers {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A tunnel's TCP socket. Once its connection has ended cleanly (shut down
 /// for writing: TLS `close_notify` and FIN sent after everything else), it
 /// is closed the way a server closes after its answer: what the peer still
-/// sends (a PING, its own close) is read and dropped until the peer closes
-/// too, sends nothing for [`crate::hbone::CLOSE_GRACE`], has sent
-/// [`LINGER_READ_MAX`], or [`LINGER_MAX`] has passed. Closed with bytes
-/// unread, the kernel would send a reset, and a reset throws away what it
+/// sends (a PING, a window update, its own close) is read and dropped
+/// until the peer closes too, has sent [`LINGER_READ_MAX`], or
+/// [`LINGER_MAX`] has passed. Closed with bytes unread, or with more
+/// arriving, the kernel would send a reset, and a reset throws away what it
 /// still holds for the peer: on a slow link, the end of a stream whose
 /// application was told it had been sent. A connection not shut down (cut
 /// off, failed) closes at once; so does one beyond [`LINGERING_MAX`].
@@ -210,30 +232,35 @@ impl Drop for LingeringClose {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if LINGERING.fetch_add(1, Ordering::AcqRel) >= LINGERING_MAX {
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
+        let Some(counted) = Lingers::take() else {
             return;
-        }
+        };
         runtime.spawn(async move {
             linger(tcp).await;
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            drop(counted);
         });
     }
 }
 
-async fn linger(mut tcp: TcpStream) {
-    let mut scratch = vec![0u8; 16 * 1024];
-    let mut read = 0;
+async fn linger(tcp: TcpStream) {
     let give_up = tokio::time::sleep(LINGER_MAX);
     tokio::pin!(give_up);
+    let mut read = 0;
     while read < LINGER_READ_MAX {
         tokio::select! {
-            r = tokio::time::timeout(crate::hbone::CLOSE_GRACE, tcp.read(&mut scratch)) => match r {
-                Ok(Ok(n @ 1..)) => read += n,
-                // The peer's end, an error, or nothing for the grace.
-                _ => return,
+            r = tcp.readable() => if r.is_err() {
+                return;
             },
             () = &mut give_up => return,
+        }
+        // Not held while waiting: a lingering socket costs no buffer.
+        let mut scratch = [0u8; 4096];
+        match tcp.try_read(&mut scratch) {
+            // The peer's end.
+            Ok(0) => return,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }
@@ -285,7 +312,7 @@ impl AsyncWrite for LingeringClose {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn serves_small_reads_from_one_large_read_and_frees_the_buffer_when_idle() {
@@ -338,7 +365,8 @@ mod tests {
             .await
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
-        // Room in the kernel for everything the server sends.
+        // Room in the kernel for everything the server sends (up to the
+        // system's bound, about 416 KiB by default).
         socket2::SockRef::from(&tcp)
             .set_send_buffer_size(4 << 20)
             .unwrap();

@@ -326,6 +326,9 @@ async fn connection(
             }
         }
     }
+    // Closed (or set lingering, see `LingeringClose`) before it is counted
+    // closed: the drain then sees either.
+    drop(conn);
     metrics.connection_closed(Direction::Inbound);
 }
 

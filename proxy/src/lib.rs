@@ -425,7 +425,8 @@ async fn drain_streams(
     }
     let _ = exit.send(true);
     let (streams, connections, outbound) = left();
-    if (streams, connections, outbound) != (0, 0, 0) {
+    let lingering = bufio::lingering();
+    if (streams, connections, outbound, lingering) != (0, 0, 0, 0) {
         let why = if cut_short {
             "drain cut short by a second signal; closing open streams and connections"
         } else {
@@ -435,6 +436,7 @@ async fn drain_streams(
             open_streams = streams,
             inbound_connections = connections,
             outbound_connections = outbound,
+            closing_sockets = lingering,
             "{why}"
         );
     } else {
