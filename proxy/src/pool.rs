@@ -1877,17 +1877,7 @@ mod tests {
         let (acceptor, listener, addr) = api_listener(&issuer, &roots).await;
         let peer = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let tls = acceptor.accept(tcp).await.unwrap();
-            let mut conn = hbone::server_builder(10)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .unwrap();
-            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-            // It has nothing to say: its half of the stream ends at once.
-            respond
-                .send_response(http::Response::new(()), true)
-                .unwrap();
-            let mut body = req.into_body();
+            let (mut conn, mut body) = answer_one_stream(&acceptor, tcp).await;
             let reading = async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let mut got = 0;
@@ -1902,11 +1892,7 @@ mod tests {
             reading.await
         });
         let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
-        let ids = vec![SpiffeId::parse(API).unwrap()];
-        let p = pool
-            .start_stream(&addr.to_string(), &ids, "api.acme:8080")
-            .await
-            .unwrap();
+        let p = api_stream(&pool, addr).await;
         let mut recv = accepted(p.response.await.unwrap()).unwrap();
         assert!(recv.data().await.is_none(), "the peer's half did not end");
         // 2 MiB and the stream's end, queued; the stream is done with.
@@ -1931,6 +1917,154 @@ mod tests {
             .unwrap();
         assert_eq!(got, 2 << 20);
         assert_eq!(pool.connections(), 0);
+    }
+
+    /// A stream through `pool` to API at `addr`.
+    async fn api_stream(pool: &Pool, addr: std::net::SocketAddr) -> PendingTunnel {
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        pool.start_stream(&addr.to_string(), &ids, "api.acme:8080")
+            .await
+            .unwrap()
+    }
+
+    /// The peer's side of one stream over `io`: takes it and answers 200,
+    /// with nothing to say (its half of the stream ends at once).
+    async fn answer_one_stream<T>(
+        acceptor: &TlsAcceptor,
+        io: T,
+    ) -> (
+        h2::server::Connection<tokio_rustls::server::TlsStream<T>, Bytes>,
+        RecvStream,
+    )
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let tls = acceptor.accept(io).await.unwrap();
+        let mut conn = hbone::server_builder(10)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap();
+        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+        respond
+            .send_response(http::Response::new(()), true)
+            .unwrap();
+        (conn, req.into_body())
+    }
+
+    /// A socket that reads at most `rate` bytes a second (a slow link).
+    struct SlowReader {
+        tcp: tokio::net::TcpStream,
+        rate: usize,
+        began: Instant,
+        read: usize,
+        wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl tokio::io::AsyncRead for SlowReader {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let this = &mut *self;
+            loop {
+                let due = this.rate * this.began.elapsed().as_millis() as usize / 1000;
+                if due > this.read {
+                    this.wait = None;
+                    let mut chunk = vec![0u8; out.remaining().min(due - this.read)];
+                    let mut limited = tokio::io::ReadBuf::new(&mut chunk);
+                    let r = std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut limited);
+                    out.put_slice(limited.filled());
+                    this.read += limited.filled().len();
+                    return r;
+                }
+                let wake = Duration::from_millis(((this.read + 1) * 1000 / this.rate) as u64);
+                let sleep = this.wait.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until((this.began + wake).into()))
+                });
+                std::task::ready!(sleep.as_mut().poll(cx));
+                this.wait = None;
+            }
+        }
+    }
+
+    impl tokio::io::AsyncWrite for SlowReader {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            data: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::pin::Pin::new(&mut self.tcp).poll_write(cx, data)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+        }
+    }
+
+    /// A connection let go of (the pool closed, its stream done) whose
+    /// peer still reads, slowly (128 KiB/s), is not cut off after the close
+    /// grace: its last bytes, 2 MiB sent in all, arrive whole, with the
+    /// stream's end (it takes 16 s, past the 10 s grace).
+    #[tokio::test]
+    async fn a_connection_let_go_of_whose_peer_still_reads_slowly_delivers_everything() {
+        const SENT: usize = 2 << 20;
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (acceptor, listener, addr) = api_listener(&issuer, &roots).await;
+        let peer = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let slow = SlowReader {
+                tcp,
+                rate: 128 * 1024,
+                began: Instant::now(),
+                read: 0,
+                wait: None,
+            };
+            let (mut conn, mut body) = answer_one_stream(&acceptor, slow).await;
+            let serve = tokio::spawn(async move {
+                while let Some(r) = conn.accept().await {
+                    r?;
+                }
+                Ok::<_, h2::Error>(())
+            });
+            let mut got = 0;
+            while let Some(data) = body.data().await {
+                let data = data?;
+                got += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            drop(serve);
+            Ok::<_, h2::Error>(got)
+        });
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let p = api_stream(&pool, addr).await;
+        let _answer = accepted(p.response.await.unwrap()).unwrap();
+        let mut send = p.send;
+        send.send_data(Bytes::from(vec![7u8; SENT]), true).unwrap();
+        drop((send, p.lease));
+        pool.close();
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(60), peer)
+            .await
+            .expect("the peer never got the stream's end")
+            .unwrap();
+        assert_eq!(got.unwrap(), SENT);
+        assert!(
+            started.elapsed() > hbone::CLOSE_GRACE,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A connection let go of (the pool closed, its streams done) whose
@@ -1969,13 +2103,9 @@ mod tests {
             std::future::pending::<()>().await
         });
         let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
-        let ids = vec![SpiffeId::parse(API).unwrap()];
         let mut streams = Vec::new();
         for _ in 0..2 {
-            let p = pool
-                .start_stream(&addr.to_string(), &ids, "api.acme:8080")
-                .await
-                .unwrap();
+            let p = api_stream(&pool, addr).await;
             let recv = accepted(p.response.await.unwrap()).unwrap();
             streams.push((p.send, recv, p.lease));
         }
