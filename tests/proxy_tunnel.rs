@@ -1090,7 +1090,10 @@ impl Relay {
 /// - the server application answers 2 MiB and closes, so its stream ends
 ///   with most of the answer still in the server-side proxy, whose
 ///   connection then closes idle (after 1 s) with the close grace (10 s)
-///   too short to send the rest: it waits while bytes still move.
+///   too short to send the rest: it waits while bytes still move;
+/// - a second stream opened meanwhile (its `CONNECT` answer queued behind
+///   the first's data, far past the client side's answer timeout of 3 s)
+///   is waited for while data comes in, and carries its bytes too.
 #[test]
 fn a_slow_link_between_the_proxies_loses_nothing_to_keepalives_or_closing() {
     let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "3s"];
@@ -1098,12 +1101,17 @@ fn a_slow_link_between_the_proxies_loses_nothing_to_keepalives_or_closing() {
     let mesh = Mesh::start(&[], &api_flags);
     let relay = Relay::start_throttled(&mesh.api_inbound, Some(96 * 1024));
     let to_relay = format!("127.0.0.1:{}", relay.port);
-    let (web, port) = mesh.client_proxy_to(WEB_UID, API, &to_relay, &fast);
+    let web_flags = [&fast[..], &["--connect-timeout", "1s"]].concat();
+    let (web, port) = mesh.client_proxy_to(WEB_UID, API, &to_relay, &web_flags);
     const SIZE: usize = 2 << 20;
     let started = Instant::now();
-    let report = hash_client_with(port, SIZE, 1, 0.0, &["--half-close"]);
+    let first = std::thread::spawn(move || hash_client_with(port, SIZE, 1, 0.0, &["--half-close"]));
+    std::thread::sleep(Duration::from_secs(3));
+    let second = hash_client(port, 1024, 1, 0.0);
+    let report = first.join().unwrap();
     let took = started.elapsed();
     assert_clean(&report, 1, SIZE as u64);
+    assert_clean(&second, 1, 1024);
     // It did take the slow link, longer than the close grace (and the
     // PINGs' timeout many times over).
     assert!(took > Duration::from_secs(15), "{took:?}");

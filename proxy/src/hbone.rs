@@ -219,6 +219,29 @@ pub fn heard_since(traffic: &Traffic, read_before: u64) -> bool {
     traffic.read().wrapping_sub(read_before) > SIGN_OF_LIFE
 }
 
+/// Waits for a peer's `answer` (to a `CONNECT`) up to `wait`, and on for
+/// as long as the peer sends more than control frames in each `wait`, up
+/// to [`UNCONFIRMED_PATIENCE`]: on a slow link the answer queues behind
+/// what the peer sends on other streams. None if it did not come.
+pub async fn answer_within<F: std::future::Future>(
+    wait: Duration,
+    traffic: &Traffic,
+    answer: F,
+) -> Option<F::Output> {
+    let began = tokio::time::Instant::now();
+    tokio::pin!(answer);
+    let mut read = traffic.read();
+    loop {
+        match tokio::time::timeout(wait, &mut answer).await {
+            Ok(r) => return Some(r),
+            Err(_) if heard_since(traffic, read) && began.elapsed() < UNCONFIRMED_PATIENCE => {
+                read = traffic.read();
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// The close grace of a connection told to close (see [`CLOSE_GRACE`]):
 /// it runs out once no more than control frames have been written for
 /// that long, or [`UNCONFIRMED_PATIENCE`] after it began. Only writes

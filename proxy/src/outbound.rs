@@ -20,6 +20,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::access_log::{End, StreamLog};
 use crate::config::Route;
+use crate::hbone;
 use crate::limit::Limit;
 use crate::metrics::{Direction, Metrics, StreamTask};
 use crate::pool::{accepted, Lease, OpenError, PendingTunnel, Pool, Tunnel};
@@ -132,10 +133,11 @@ pub async fn serve_route(
             let carried = Carried::default();
             let wait = pool.answer_timeout();
             let retire = p.lease.retire_handle();
+            let traffic = p.lease.traffic().clone();
             let response = async {
-                let r = tokio::time::timeout(wait, p.response)
+                let r = hbone::answer_within(wait, &traffic, p.response)
                     .await
-                    .map_err(|_| {
+                    .ok_or_else(|| {
                         tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
                         retire.unless_alive(&route.destination);
                         std::io::Error::new(
@@ -228,9 +230,9 @@ async fn open(
     StreamLog::set_peer(log, p.lease.peer_id(), p.lease.address());
     let wait = pool.answer_timeout();
     let lease = p.lease;
-    let recv = tokio::time::timeout(wait, p.response)
+    let recv = hbone::answer_within(wait, lease.traffic(), p.response)
         .await
-        .map_err(|_| {
+        .ok_or_else(|| {
             lease.retire_handle().unless_alive(&route.destination);
             OpenError::Connect(
                 route.destination.clone(),

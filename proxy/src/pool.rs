@@ -494,6 +494,11 @@ impl Lease {
         self.conn.address
     }
 
+    /// The bytes the stream's connection has moved.
+    pub fn traffic(&self) -> &hbone::Traffic {
+        &self.conn.traffic
+    }
+
     /// What takes the stream's connection out of use when the peer leaves
     /// its `CONNECT` unanswered and does not answer a PING either.
     pub fn retire_handle(&self) -> Retire {
