@@ -229,14 +229,27 @@ pub async fn answer_within<F: std::future::Future>(
     answer: F,
 ) -> Option<F::Output> {
     let began = tokio::time::Instant::now();
-    tokio::pin!(answer);
     let mut read = traffic.read();
+    wait_while(wait, answer, || {
+        let alive = heard_since(traffic, read) && began.elapsed() < UNCONFIRMED_PATIENCE;
+        read = traffic.read();
+        alive
+    })
+    .await
+}
+
+/// Waits for `answer` up to `wait`, and another `wait` each time `alive`
+/// says so when one has passed: None if it did not come.
+async fn wait_while<F: std::future::Future>(
+    wait: Duration,
+    answer: F,
+    mut alive: impl FnMut() -> bool,
+) -> Option<F::Output> {
+    tokio::pin!(answer);
     loop {
         match tokio::time::timeout(wait, &mut answer).await {
             Ok(r) => return Some(r),
-            Err(_) if heard_since(traffic, read) && began.elapsed() < UNCONFIRMED_PATIENCE => {
-                read = traffic.read();
-            }
+            Err(_) if alive() => {}
             Err(_) => return None,
         }
     }
@@ -258,16 +271,16 @@ pub struct CloseGrace {
 const GRACE_CHECK: Duration = Duration::from_secs(1);
 
 impl CloseGrace {
-    /// The grace from now, and when to look first.
-    pub fn start(traffic: &Traffic) -> (CloseGrace, tokio::time::Instant) {
+    /// The grace from now; `timer` is set to its first look at the traffic.
+    pub fn start(traffic: &Traffic, timer: std::pin::Pin<&mut tokio::time::Sleep>) -> CloseGrace {
         let now = tokio::time::Instant::now();
-        let grace = CloseGrace {
+        timer.reset(now + GRACE_CHECK);
+        CloseGrace {
             traffic: traffic.clone(),
             written: traffic.written(),
             quiet_since: now,
             began: now,
-        };
-        (grace, now + GRACE_CHECK)
+        }
     }
 
     /// When to look again; None once the grace has run out.
@@ -356,21 +369,17 @@ pub async fn ping_answered(
         }
         std::future::poll_fn(|cx| p.poll_pong(cx)).await.map(drop)
     };
-    tokio::pin!(exchange);
-    loop {
-        match tokio::time::timeout(timeout, &mut exchange).await {
-            Ok(Ok(())) => return Ok(true),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                let heard = heard_since(traffic, read);
-                let taken = traffic.written().wrapping_sub(written) > SIGN_OF_LIFE
-                    && began.elapsed() < UNCONFIRMED_PATIENCE;
-                if !(heard || taken) {
-                    return Ok(false);
-                }
-                (read, written) = (traffic.read(), traffic.written());
-            }
-        }
+    let answered = wait_while(timeout, exchange, || {
+        let heard = heard_since(traffic, read);
+        let taken = traffic.written().wrapping_sub(written) > SIGN_OF_LIFE
+            && began.elapsed() < UNCONFIRMED_PATIENCE;
+        (read, written) = (traffic.read(), traffic.written());
+        heard || taken
+    });
+    match answered.await {
+        Some(Ok(())) => Ok(true),
+        Some(Err(e)) => Err(e),
+        None => Ok(false),
     }
 }
 

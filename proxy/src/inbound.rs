@@ -230,7 +230,7 @@ async fn connection(
         if idle && !was_idle {
             let served = verified.served.swap(false, Ordering::AcqRel);
             if shutting_down {
-                close_grace(timer.as_mut(), &traffic, &mut grace);
+                grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
             } else if served {
                 timer
                     .as_mut()
@@ -289,7 +289,7 @@ async fn connection(
                 tracing::debug!(%peer, "closing idle inbound connection");
                 conn.graceful_shutdown();
                 shutting_down = true;
-                close_grace(timer.as_mut(), &traffic, &mut grace);
+                grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
             }
             () = &mut expiry, if !shutting_down => {
                 if !verified.chain.expired() {
@@ -300,12 +300,12 @@ async fn connection(
                 tracing::info!(%peer, peer_id = %verified.id, "the peer's certificate has expired; its connection takes no new streams");
                 conn.graceful_shutdown();
                 shutting_down = true;
-                close_grace(timer.as_mut(), &traffic, &mut grace);
+                grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
             }
             _ = crate::drained(&mut drain), if !shutting_down => {
                 conn.graceful_shutdown();
                 shutting_down = true;
-                close_grace(timer.as_mut(), &traffic, &mut grace);
+                grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
             }
             r = roots_changed.changed(), if following => {
                 following = r.is_ok();
@@ -330,17 +330,6 @@ async fn connection(
     // closed: the drain then sees either.
     drop(conn);
     metrics.connection_closed(Direction::Inbound);
-}
-
-/// Starts the close grace: `timer` is set to its first look at the traffic.
-fn close_grace(
-    timer: std::pin::Pin<&mut tokio::time::Sleep>,
-    traffic: &hbone::Traffic,
-    grace: &mut Option<hbone::CloseGrace>,
-) {
-    let (started, first_check) = hbone::CloseGrace::start(traffic);
-    timer.reset(first_check);
-    *grace = Some(started);
 }
 
 /// Unix second `at` as a deadline (now if it has passed), at most a day

@@ -1240,9 +1240,7 @@ impl Pool {
                     }
                     _ = &mut handles_gone, if !closing => {
                         closing = true;
-                        let (started, first_check) = hbone::CloseGrace::start(&traffic);
-                        grace.as_mut().reset(first_check);
-                        close_grace = Some(started);
+                        close_grace = Some(hbone::CloseGrace::start(&traffic, grace.as_mut()));
                     }
                     () = &mut grace, if closing => {
                         // Still taking the last bytes (a slow link): wait on.
