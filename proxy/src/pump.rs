@@ -121,40 +121,52 @@ pub async fn pump(
     // idle stream's task is mostly this future.
     let AppConn { tcp, complete } = app;
     let app: &TcpStream = tcp;
-    let up = app_to_tunnel(app, send, first, &carried.from_app);
     let down = tunnel_to_app(recv, app, &carried.to_app);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
+    tokio::pin!(down);
+    let mut down_done = false;
+    // Until the application has finished sending. (The upload's future
+    // lives only here, so what waits afterwards takes its place.)
+    let finished = {
+        let up = app_to_tunnel(app, send, first, &carried.from_app);
+        tokio::pin!(up);
+        loop {
+            tokio::select! {
+                // The peer's answer first: a refusal (`403` and a reset)
+                // ends both directions at once, and is told as the refusal
+                // it is.
+                biased;
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    r?;
+                    *complete = true;
+                }
+                // Dropping the other direction resets the stream.
+                r = &mut up => break r?,
+            }
+        }
+    };
     // The sending half once the application has finished sending: watched
     // for a reset, which ends the stream even while a write to the
     // application is blocked (an application that neither reads nor closes
     // would otherwise hold the stream for good).
-    let mut finished: Option<SendStream<Bytes>> = None;
+    let mut finished: Option<SendStream<Bytes>> = finished;
     // The peer wants nothing more from the application (it reset the
     // stream with `NO_ERROR` before the application's end of file): what
     // the application still sends is read and dropped while what the peer
     // sent goes on to it, as a server's lingering close does. An
     // application blocked writing would otherwise never get to read it.
-    let mut discarding = false;
-    while !(up_done && down_done) {
+    let mut discarding = finished.is_none();
+    while !down_done {
         tokio::select! {
-            // The peer's answer first: a refusal (`403` and a reset) ends
-            // both directions at once, and is told as the refusal it is.
             biased;
-            r = &mut down, if !down_done => {
+            r = &mut down => {
                 down_done = true;
                 r?;
                 *complete = true;
             }
-            r = &mut up, if !up_done => {
-                up_done = true;
-                // Dropping the other direction resets the stream.
-                finished = r?;
-                discarding = finished.is_none();
-            }
-            () = discard(app), if discarding && !down_done => discarding = false,
+            () = discard(app), if discarding => discarding = false,
             reset = poll_fn(|cx| finished.as_mut().expect("checked").poll_reset(cx)),
-                if finished.is_some() && !down_done =>
+                if finished.is_some() =>
             {
                 match reset {
                     // The peer wants nothing more from us, which has all
@@ -163,6 +175,20 @@ pub async fn pump(
                     Ok(reason) => return Err(reset_error(reason)),
                     Err(e) => return Err(h2_io(e)),
                 }
+            }
+            // The application reset its connection after its end of file:
+            // what the peer still sends has nowhere to go, and the peer's
+            // application learns of it now, as it would from its own peer
+            // without a tunnel, not when it next writes.
+            ready = app.ready(Interest::ERROR) => {
+                ready?;
+                let why = app
+                    .take_error()?
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("the application reset its connection after its end of file ({why})"),
+                ));
             }
         }
     }
@@ -676,6 +702,47 @@ mod tests {
             .expect("no end of file")
             .expect("the whole answer and an end of file, not a reset");
         assert_eq!(got.len(), answer.len());
+    }
+
+    /// The application finishes sending, then resets its connection while
+    /// the peer, which has the whole upload, stays silent: the stream is
+    /// reset at once, so the peer's application learns of it as it would
+    /// without a tunnel, instead of the stream (and both applications'
+    /// connections) lasting until the peer next sends.
+    #[tokio::test]
+    async fn an_application_reset_after_its_end_of_file_resets_the_stream() {
+        let ((send, recv), (mut peer_send, mut peer_recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        app.write_all(b"ask").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        while let Some(chunk) = peer_recv.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"ask");
+
+        // Linger zero: the close sends a RST.
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(app);
+        let reason = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| peer_send.poll_reset(cx)),
+        )
+        .await
+        .expect("the peer was never told of the application's reset")
+        .unwrap();
+        assert_eq!(reason, h2::Reason::CANCEL);
+        let err = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived the application's connection")
+            .unwrap()
+            .expect_err("an application's reset is no clean end");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("reset its connection"), "{err}");
+        assert_eq!(carried.totals(), (0, 3));
     }
 
     /// How a stream ends that the peer resets with `reason` after it has
