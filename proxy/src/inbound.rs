@@ -230,7 +230,13 @@ async fn connection(
         if idle && !was_idle {
             let served = verified.served.swap(false, Ordering::AcqRel);
             if shutting_down {
-                grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
+                // From the last admitted stream's end. A peer that never
+                // confirms the GOAWAY may go on opening streams; those
+                // refused do not start the grace again, or one denied
+                // every few seconds would hold the connection for good.
+                if served || grace.is_none() {
+                    grace = Some(hbone::CloseGrace::start(&traffic, timer.as_mut()));
+                }
             } else if served {
                 timer
                     .as_mut()
@@ -1007,6 +1013,72 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    /// A peer that never confirms the GOAWAY of a connection closed for
+    /// being idle (it leaves the PING that goes with it unanswered, so h2
+    /// still takes its new streams) and asks for a denied stream every
+    /// 2 s: the close grace, 10 s without traffic worth the name, is not
+    /// started again by each refusal, so the connection is closed.
+    #[tokio::test]
+    async fn a_peer_that_ignores_the_goaway_cannot_hold_a_closing_connection_with_denied_streams() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_millis(500));
+        let metrics = inbound.metrics.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_drain_tx, drain_rx) = watch::channel(false);
+            let (tcp, peer) = listener.accept().await.unwrap();
+            connection(tcp, peer, inbound, drain_rx).await;
+        });
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let tls = peer_client(&root, &roots)
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        // The preface and empty SETTINGS; nothing the proxy sends is
+        // answered, its PINGs included.
+        wr.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let asking = tokio::spawn(async move {
+            for id in (1u32..).step_by(2) {
+                // HEADERS (END_STREAM, END_HEADERS): `:method CONNECT`,
+                // `:authority 127.0.0.1:9`, literal values, names indexed.
+                let block = b"\x02\x07CONNECT\x01\x0b127.0.0.1:9";
+                let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x5];
+                frame.extend_from_slice(&id.to_be_bytes());
+                frame.extend_from_slice(block);
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        let opened = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buf = [0u8; 4096];
+            while let Ok(1..) = rd.read(&mut buf).await {}
+        })
+        .await;
+        asking.abort();
+        assert!(
+            closed.is_ok(),
+            "still open after {:?}: refused streams held it",
+            opened.elapsed()
+        );
+        // Streams were decided (and denied) while it was closing, from
+        // 0.5 s on: at least the 2nd to the 5th.
+        let text = metrics.render(0);
+        let denied = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"ward_proxy_authorization_decisions_total{decision="deny"} "#)
+            })
+            .and_then(|n| n.parse::<u32>().ok());
+        assert!(denied.is_some_and(|n| n >= 5), "{text}");
     }
 
     /// A `CONNECT` whose headers are larger than [`hbone::MAX_HEADER_LIST`]
