@@ -1236,6 +1236,14 @@ fn tls_session(
     addr: &str,
     client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
 ) -> Result<(usize, TlsSession), String> {
+    tls_session_over(std::net::TcpStream::connect(addr).unwrap(), client)
+}
+
+/// [`tls_session`] over a TCP connection already made.
+fn tls_session_over(
+    tcp: std::net::TcpStream,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<(usize, TlsSession), String> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{
         CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
@@ -1304,7 +1312,6 @@ fn tls_session(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let conn =
         rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("x").unwrap()).unwrap();
-    let tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     // The HTTP/2 preface and an empty SETTINGS frame: a server that accepted
@@ -2025,6 +2032,35 @@ fn a_stream_still_being_set_up_is_carried_through_the_drain() {
     let (status, web) = waiter.join().unwrap();
     assert!(status.success(), "{status}");
     let log = web.log_text();
+    assert!(log.contains("drained"), "{log}");
+}
+
+/// A peer's connection still in its handshake when the drain begins (a
+/// far peer, or one this busy proxy has not got to yet) is waited for: its
+/// first stream may be right behind the handshake. The proxy does not exit
+/// under it; once it has closed, the drain ends.
+#[test]
+fn a_connection_still_in_its_handshake_when_the_drain_begins_is_waited_for() {
+    let mut mesh = Mesh::start(&[], &["--drain-timeout", "20s"]);
+    let (chain, key, _) = fetch_svid(&mesh.agent, WEB_UID);
+    let tcp = std::net::TcpStream::connect(&mesh.api_inbound).unwrap();
+    // Accepted; no byte of the handshake sent yet.
+    std::thread::sleep(Duration::from_millis(300));
+    mesh.signal_api("-TERM");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        mesh.api.running(),
+        "the proxy exited with a connection in its handshake: {}",
+        mesh.api.log_text()
+    );
+    let (_, tls) = tls_session_over(tcp, Some((chain, key)))
+        .expect("the handshake begun before the drain is finished");
+    drop(tls);
+    let status = mesh
+        .api
+        .wait_exit(Duration::from_secs(10), "its last connection closed");
+    assert!(status.success(), "{status}");
+    let log = mesh.api.log_text();
     assert!(log.contains("drained"), "{log}");
 }
 

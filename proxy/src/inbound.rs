@@ -145,6 +145,7 @@ async fn connection(
         .map_or(UNCHECKED, |c| c.roots.generation());
     let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
     let traffic = transport.traffic();
+    let handshaking = metrics.inbound_handshake();
     let handshake = async {
         let mut tls = inbound.acceptor.accept(transport).await?;
         tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
@@ -177,6 +178,7 @@ async fn connection(
             }
         };
     metrics.connection_opened(Direction::Inbound);
+    drop(handshaking);
     tracing::debug!(%peer, peer_id = %peer_id, "inbound connection");
     let verified = Arc::new(VerifiedPeer {
         id: peer_id,

@@ -352,7 +352,9 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
 ///    peer to open no more streams (GOAWAY); the drain waits for their
 ///    streams to end and for them to close (once the peer has seen the
 ///    GOAWAY), so a peer's stream sent meanwhile is refused in a way it can
-///    retry elsewhere, not cut by the process's exit. The outbound
+///    retry elsewhere, not cut by the process's exit. Connections still in
+///    their handshake are waited for too (within the handshake timeout):
+///    a peer's first stream may already be on its way behind it. The outbound
 ///    listeners go on accepting meanwhile, and until no outbound stream is
 ///    open either (as Istio's sidecar drains inbound only): an application
 ///    finishing its work may still need to call out.
@@ -407,6 +409,7 @@ async fn drain_streams(
         if phase == Phase::Inbound
             && streams() == 0
             && metrics.connections_open(Direction::Inbound) == 0
+            && metrics.inbound_handshakes() == 0
         {
             let _ = exit.send(true);
             phase = Phase::Listeners;

@@ -102,7 +102,8 @@ struct PeerSeries {
     from_app: Counter,
 }
 
-/// A stream being handled (see [`Metrics::stream_task`]).
+/// A stream being handled (see [`Metrics::stream_task`]), or an inbound
+/// connection in its handshake (see [`Metrics::inbound_handshake`]).
 pub struct StreamTask(Gauge);
 
 impl Drop for StreamTask {
@@ -142,6 +143,10 @@ pub struct Metrics {
     /// peer's answer, authorization, the connection to the application)
     /// until they end: what a drain waits for. Not exported.
     stream_tasks: [Gauge; 2],
+    /// Inbound connections accepted and still in their TLS or HTTP/2
+    /// handshake: the drain waits for them too (a peer's stream may be on
+    /// its way in the same flight as its handshake's end). Not exported.
+    handshakes: Gauge,
     /// Unix seconds when the current SVID expires (0: none yet).
     pub svid_not_after: AtomicI64,
     pub reload_stats: Arc<ReloadStats>,
@@ -192,6 +197,7 @@ impl Default for Metrics {
             log_lines_dropped: Family::default(),
             streams_revoked: Counter::default(),
             stream_tasks: Default::default(),
+            handshakes: Gauge::default(),
             svid_not_after: AtomicI64::new(0),
             reload_stats: Arc::new(ReloadStats::default()),
             access_log: None,
@@ -442,6 +448,18 @@ impl Metrics {
     /// Streams accepted and not yet ended, set-up included.
     pub fn stream_tasks(&self, d: Direction) -> i64 {
         self.stream_tasks[d as usize].get()
+    }
+
+    /// Counts an inbound connection in its handshake until the guard is
+    /// dropped.
+    pub fn inbound_handshake(&self) -> StreamTask {
+        self.handshakes.inc();
+        StreamTask(self.handshakes.clone())
+    }
+
+    /// Inbound connections in their handshake.
+    pub fn inbound_handshakes(&self) -> i64 {
+        self.handshakes.get()
     }
 
     pub fn connections_open(&self, d: Direction) -> i64 {
