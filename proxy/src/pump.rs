@@ -149,31 +149,36 @@ pub async fn pump(
     // for a reset, which ends the stream even while a write to the
     // application is blocked (an application that neither reads nor closes
     // would otherwise hold the stream for good).
-    let mut finished: Option<SendStream<Bytes>> = finished;
+    let mut finished = CancelIfDropped(finished);
     // The peer wants nothing more from the application (it reset the
     // stream with `NO_ERROR` before the application's end of file): what
     // the application still sends is read and dropped while what the peer
     // sent goes on to it, as a server's lingering close does. An
     // application blocked writing would otherwise never get to read it.
-    let mut discarding = finished.is_none();
-    while !down_done {
+    let mut discarding = finished.0.is_none();
+    let ended = loop {
+        if down_done {
+            break Ok(());
+        }
         tokio::select! {
             biased;
             r = &mut down => {
                 down_done = true;
-                r?;
+                if let Err(e) = r {
+                    break Err(e);
+                }
                 *complete = true;
             }
             () = discard(app), if discarding => discarding = false,
-            reset = poll_fn(|cx| finished.as_mut().expect("checked").poll_reset(cx)),
-                if finished.is_some() =>
+            reset = poll_fn(|cx| finished.0.as_mut().expect("checked").poll_reset(cx)),
+                if finished.0.is_some() =>
             {
                 match reset {
                     // The peer wants nothing more from us, which has all
                     // been sent: what it sent still goes to the application.
-                    Ok(h2::Reason::NO_ERROR) => finished = None,
-                    Ok(reason) => return Err(reset_error(reason)),
-                    Err(e) => return Err(h2_io(e)),
+                    Ok(h2::Reason::NO_ERROR) => finished.0 = None,
+                    Ok(reason) => break Err(reset_error(reason)),
+                    Err(e) => break Err(h2_io(e)),
                 }
             }
             // The application reset its connection after its end of file:
@@ -181,18 +186,38 @@ pub async fn pump(
             // application learns of it now, as it would from its own peer
             // without a tunnel, not when it next writes.
             ready = app.ready(Interest::ERROR) => {
-                ready?;
-                let why = app
-                    .take_error()?
-                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    format!("the application reset its connection after its end of file ({why})"),
-                ));
+                break Err(match ready.and_then(|_| app.take_error()) {
+                    Err(e) => e,
+                    Ok(why) => {
+                        let why = why.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+                        io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("the application reset its connection after its end of file ({why})"),
+                        )
+                    }
+                });
             }
         }
+    };
+    // Ended by the stream's own events: h2 resets it, if need be, as it
+    // sees fit.
+    finished.0 = None;
+    ended
+}
+
+/// The sending half once the application has finished sending, reset with
+/// `CANCEL` if the pump is dropped before the stream has ended (revoked,
+/// cut by the drain). Left to h2, a server's stream whose sending side has
+/// ended would be reset with `NO_ERROR`, which the peer takes for "send no
+/// more" (an answer that is whole), not for a cut.
+struct CancelIfDropped(Option<SendStream<Bytes>>);
+
+impl Drop for CancelIfDropped {
+    fn drop(&mut self) {
+        if let Some(send) = self.0.as_mut() {
+            send.send_reset(h2::Reason::CANCEL);
+        }
     }
-    Ok(())
 }
 
 fn reset_error(reason: h2::Reason) -> io::Error {
@@ -743,6 +768,37 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         assert!(err.to_string().contains("reset its connection"), "{err}");
         assert_eq!(carried.totals(), (0, 3));
+    }
+
+    /// On the server's side of a stream (the inbound proxy's), the
+    /// application has answered and half-closed while the client still
+    /// sends; the stream is then cut (its pump dropped: a revocation, the
+    /// drain's deadline). The client's side is told `CANCEL`, a cut, not
+    /// the `NO_ERROR` h2 picks for a server stream dropped after its end,
+    /// which would pass for "the answer is whole, send no more".
+    #[tokio::test]
+    async fn a_server_stream_cut_after_its_answer_is_reset_as_cancelled() {
+        let ((mut client_send, _client_recv), (send, recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let (pumping, _) = spawn_pump(proxy_side, send, recv);
+        client_send
+            .send_data(Bytes::from_static(b"upload, part 1"), false)
+            .unwrap();
+        app.write_all(b"answer").await.unwrap();
+        app.shutdown().await.unwrap();
+        // The application's end has become the stream's.
+        let mut part = [0u8; 14];
+        app.read_exact(&mut part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pumping.abort();
+        let reason = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| client_send.poll_reset(cx)),
+        )
+        .await
+        .expect("the client's side was never told")
+        .unwrap();
+        assert_eq!(reason, h2::Reason::CANCEL);
     }
 
     /// How a stream ends that the peer resets with `reason` after it has
