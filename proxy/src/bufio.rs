@@ -226,27 +226,34 @@ impl LingeringClose {
 
 impl Drop for LingeringClose {
     fn drop(&mut self) {
-        let Some(tcp) = self.tcp.take().filter(|_| self.shut) else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Some(counted) = Lingers::take() else {
-            return;
-        };
-        runtime.spawn(async move {
-            linger(tcp).await;
-            drop(counted);
-        });
+        if let Some(tcp) = self.tcp.take().filter(|_| self.shut) {
+            close_lingering(tcp, LINGER_READ_MAX);
+        }
     }
 }
 
-async fn linger(tcp: TcpStream) {
+/// Closes `tcp`, whose sending side has ended, once what the peer still
+/// sends has been read and dropped until its own end, `read_max` bytes, or
+/// [`LINGER_MAX`] (see [`LingeringClose`]); at once beyond
+/// [`LINGERING_MAX`] sockets, or outside a runtime.
+pub fn close_lingering(tcp: TcpStream, read_max: usize) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(counted) = Lingers::take() else {
+        return;
+    };
+    runtime.spawn(async move {
+        linger(tcp, read_max).await;
+        drop(counted);
+    });
+}
+
+async fn linger(tcp: TcpStream, read_max: usize) {
     let give_up = tokio::time::sleep(LINGER_MAX);
     tokio::pin!(give_up);
     let mut read = 0;
-    while read < LINGER_READ_MAX {
+    while read < read_max {
         tokio::select! {
             r = tcp.readable() => if r.is_err() {
                 return;

@@ -66,22 +66,32 @@ impl Carried {
 /// deadline, the proxy's exit), the application must not take what it got
 /// for the whole.
 pub struct AppConn {
-    tcp: TcpStream,
+    /// Present until dropped.
+    tcp: Option<TcpStream>,
     /// The application got all it was going to (the stream's end, or an
     /// answer of the proxy's own): closing is an end, not a cut.
     complete: bool,
+    /// The application may still be sending what the peer no longer wants
+    /// (see [`pump`]): on close, if it has sent bytes not read yet, what it
+    /// sends is read and dropped for a while
+    /// ([`crate::bufio::close_lingering`]), as a server closes after an
+    /// early answer. Closed with it unread, the connection would be reset,
+    /// and a reset throws away the end of the answer the kernel still holds
+    /// for the application.
+    still_sending: bool,
 }
 
 impl AppConn {
     pub fn new(tcp: TcpStream) -> Self {
         AppConn {
-            tcp,
+            tcp: Some(tcp),
             complete: false,
+            still_sending: false,
         }
     }
 
     pub fn tcp(&mut self) -> &mut TcpStream {
-        &mut self.tcp
+        self.tcp.as_mut().expect("present until dropped")
     }
 
     /// The proxy answered the application itself (an HTTP status on the
@@ -93,13 +103,26 @@ impl AppConn {
 
 impl Drop for AppConn {
     fn drop(&mut self) {
+        let Some(tcp) = self.tcp.take() else {
+            return;
+        };
         if !self.complete {
             // Linger zero: the close sends a RST.
-            if let Err(e) = socket2::SockRef::from(&self.tcp).set_linger(Some(Duration::ZERO)) {
+            if let Err(e) = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)) {
                 tracing::debug!(error = %e, "cannot set SO_LINGER");
             }
+        } else if self.still_sending && unread(&tcp) {
+            // However much it sends, within the time.
+            crate::bufio::close_lingering(tcp, usize::MAX);
         }
     }
+}
+
+/// Whether the application has sent bytes not read yet (closing the socket
+/// then resets the connection).
+fn unread(tcp: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(1..))
 }
 
 /// Runs a tunneled stream to its end. `first` is sent before anything read
@@ -119,8 +142,12 @@ pub async fn pump(
     // One future, not one awaiting another: each would hold its own copy of
     // the arguments (an outbound stream's `recv` holds a timer), and an
     // idle stream's task is mostly this future.
-    let AppConn { tcp, complete } = app;
-    let app: &TcpStream = tcp;
+    let AppConn {
+        tcp,
+        complete,
+        still_sending,
+    } = app;
+    let app: &TcpStream = tcp.as_ref().expect("present until dropped");
     let down = tunnel_to_app(recv, app, &carried.to_app);
     tokio::pin!(down);
     let mut down_done = false;
@@ -202,6 +229,9 @@ pub async fn pump(
     // Ended by the stream's own events: h2 resets it, if need be, as it
     // sees fit.
     finished.0 = None;
+    // The whole answer is on its way to the application, which has not
+    // finished sending what the peer no longer wants.
+    *still_sending = discarding && ended.is_ok();
     ended
 }
 
@@ -881,10 +911,18 @@ mod tests {
     /// `NO_ERROR` (it wants no more of the request), while the application,
     /// which has not read the answer, is blocked sending: the proxy reads
     /// and drops the rest of what the application sends, so the
-    /// application gets to read the whole answer and its end.
+    /// application gets to read the whole answer and its end. An answer
+    /// larger than the sockets take (1 MiB) is still being written when
+    /// the stream ends; a short one (a `413`) has gone to the kernel.
     #[tokio::test]
     async fn after_the_peer_stops_the_upload_the_application_can_finish_sending_and_read_the_answer(
     ) {
+        stopped_upload(1 << 20).await;
+        stopped_upload(3).await;
+    }
+
+    /// The scenario above, with an answer of `answer` bytes.
+    async fn stopped_upload(answer: usize) {
         // The peer does not read the stream (`_peer_recv`): it gives no
         // window beyond the first.
         let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
@@ -898,7 +936,7 @@ mod tests {
             app_write.write_all(&upload).await.unwrap();
             app_write
         });
-        let answer = Bytes::from(vec![5u8; 1 << 20]);
+        let answer = Bytes::from(vec![5u8; answer]);
         peer_send.send_data(answer.clone(), true).unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!uploading.is_finished(), "the upload was not held up");
