@@ -567,8 +567,7 @@ async fn admit(
     };
     let app = match connected {
         // Reset by the peer, or its connection closed under the stream.
-        None if verified.untrusted.load(Ordering::Acquire) => return Err((None, "untrusted")),
-        None => return Err(CANCELLED),
+        None => return Err(gone(verified)),
         Some(Ok(Ok(s))) => s,
         Some(Ok(Err(e))) => {
             tracing::warn!(forward, error = %e, "cannot reach the application");
@@ -619,14 +618,24 @@ async fn admit(
         .body(())
         .expect("valid");
     // The peer may have reset the stream just now, or its connection been
-    // closed as no longer trusted.
-    let send = respond.send_response(ok, false).map_err(|_| {
-        match verified.untrusted.load(Ordering::Acquire) {
-            true => (None, "untrusted"),
-            false => CANCELLED,
-        }
-    })?;
+    // closed under it.
+    let send = respond
+        .send_response(ok, false)
+        .map_err(|_| gone(verified))?;
     Ok((app, send, body, port))
+}
+
+/// Why a stream being admitted is gone: its connection was closed because
+/// the peer is no longer trusted, or because it left a PING unanswered;
+/// else the peer reset it.
+fn gone(verified: &VerifiedPeer) -> Refusal {
+    if verified.untrusted.load(Ordering::Acquire) {
+        (None, "untrusted")
+    } else if verified.unresponsive.load(Ordering::Acquire) {
+        (None, "unreachable")
+    } else {
+        CANCELLED
+    }
 }
 
 /// Whether a stream may be admitted as far as identities go: this proxy
@@ -1081,6 +1090,58 @@ mod tests {
             })
             .and_then(|n| n.parse::<u32>().ok());
         assert!(denied.is_some_and(|n| n >= 5), "{text}");
+    }
+
+    /// A stream still being admitted (its application slow to take the
+    /// connection) when its connection is closed because the peer left a
+    /// keepalive PING unanswered ends `unreachable`, as the open streams
+    /// on it do, not `cancelled` (which says the peer reset it).
+    #[tokio::test]
+    async fn a_stream_being_admitted_when_the_peer_stops_answering_pings_is_unreachable() {
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        // An application whose accept queue is full: a connect to it waits.
+        let app = tokio::net::TcpSocket::new_v4().unwrap();
+        app.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let app = app.listen(0).unwrap();
+        let addr = app.local_addr().unwrap();
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = addr.to_string();
+        serving.connect_timeout = Duration::from_secs(30);
+        serving.keepalive = hbone::Keepalive {
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_millis(300),
+        };
+        serving.authz = Arc::new(Authorizer::new(
+            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap(),
+            ward_authz::IdTemplate::default(),
+            ward_authz::Mode::DryRun,
+            None,
+        ));
+        let metrics = inbound.metrics.clone();
+        let (client, mut conn) = connected_peer(inbound, &root, &roots).await;
+        let mut client = client.ready().await.unwrap();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("127.0.0.1:9")
+            .body(())
+            .unwrap();
+        let (_response, _send) = client.send_request(req, false).unwrap();
+        // The request goes out; then the peer answers nothing, PINGs
+        // included (its connection is no longer polled).
+        let _ = tokio::time::timeout(Duration::from_millis(200), &mut conn).await;
+        let ended =
+            r#"ward_proxy_streams_ended_total{direction="inbound",outcome="unreachable"} 1"#;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = metrics.render(0);
+            if text.contains(ended) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(conn);
     }
 
     /// A `CONNECT` whose headers are larger than [`hbone::MAX_HEADER_LIST`]
