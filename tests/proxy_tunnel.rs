@@ -2414,7 +2414,9 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
     let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "1s"];
     let mesh = Mesh::start(&[], &fast);
-    let (web, port) = mesh.client_proxy(WEB_UID, API, &fast);
+    let connect = format!("127.0.0.1:{}", free_port());
+    let web_flags = [&fast[..], &["--connect-listen", &connect]].concat();
+    let (web, port) = mesh.client_proxy(WEB_UID, API, &web_flags);
     let inbound_open = || {
         mesh.api
             .metric("ward_proxy_streams_open{direction=\"inbound\"}")
@@ -2469,6 +2471,22 @@ fn a_frozen_peer_is_found_out_by_pings_and_its_streams_end() {
         .metric("ward_proxy_streams_ended_total{direction=\"inbound\",outcome=\"unreachable\"}");
     assert_eq!(api_unreachable, 1.0);
     drop(held);
+
+    // 3. An HTTP CONNECT client's stream waits for its answer on a pooled
+    //    connection when api freezes: it is told 504, and the stream ends
+    //    as unreachable, not as a protocol error (502).
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    mesh.signal_api("-STOP");
+    let reply = http_connect(&connect, &mesh.api_inbound);
+    mesh.signal_api("-CONT");
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    assert!(reply.contains("keepalive PING"), "{reply}");
+    assert_eq!(
+        web.metric(
+            "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}"
+        ),
+        2.0
+    );
 }
 
 /// `/logging` on a health port says the log filter in force and, posted

@@ -242,9 +242,21 @@ async fn open(
                 ),
             )
         })?
-        .map_err(|e| match lease.untrusted() {
-            true => OpenError::Untrusted(route.destination.clone()),
-            false => OpenError::Http2(route.destination.clone(), e),
+        .map_err(|e| {
+            if lease.untrusted() {
+                OpenError::Untrusted(route.destination.clone())
+            } else if lease.unresponsive() {
+                // Closed under the stream: the peer stopped answering.
+                OpenError::Connect(
+                    route.destination.clone(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer did not answer a keepalive PING",
+                    ),
+                )
+            } else {
+                OpenError::Http2(route.destination.clone(), e)
+            }
         })
         .and_then(accepted)?;
     Ok(Tunnel {
