@@ -266,16 +266,33 @@ struct Name {
     resolved: Option<Resolved>,
     /// When and why its first lookup last failed.
     failed: Option<(Instant, io::ErrorKind, String)>,
+    /// The answer of a first lookup that came after its callers stopped
+    /// waiting (a resolver slower than the connect timeout): the next
+    /// caller takes it.
+    late: Arc<Mutex<Option<Arc<[SocketAddr]>>>>,
 }
+
+/// How long a lookup's answer is waited for in the background, however
+/// long its callers wait: a late answer is still an answer (the system's
+/// resolver gives up well before this).
+const LOOKUP_MAX: Duration = Duration::from_secs(60);
 
 /// A host name's addresses and when they were looked up.
 struct Resolved {
     addresses: Arc<[SocketAddr]>,
     at: Instant,
-    /// When the lookup running in the background started. One that has
-    /// run past twice its timeout (its task ended without a word, as a
-    /// panic would) no longer holds the next one back.
-    refreshing: Option<Instant>,
+    /// Set while a lookup runs in the background (cleared however its
+    /// task ends: one that panicked does not hold the next one back).
+    refreshing: Arc<AtomicBool>,
+}
+
+/// A background lookup running, until dropped.
+struct Refreshing(Arc<AtomicBool>);
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// `destination`'s addresses, sorted, within `timeout`.
@@ -302,14 +319,13 @@ async fn refresh(
     name: Arc<tokio::sync::Mutex<Name>>,
     lookup: Lookup,
     destination: String,
-    timeout: Duration,
+    _running: Refreshing,
 ) {
-    let found = look_up(&lookup, &destination, timeout).await;
+    let found = look_up(&lookup, &destination, LOOKUP_MAX).await;
     let mut name = name.lock().await;
     let Some(r) = name.resolved.as_mut() else {
         return;
     };
-    r.refreshing = None;
     r.at = Instant::now();
     match found {
         Ok(addresses) => r.addresses = addresses,
@@ -947,11 +963,15 @@ impl Pool {
 
     /// The addresses `destination` (`host:port`) stands for: an IP address
     /// as it is; a host name's as last looked up. Its first lookup is
-    /// waited for (one for all callers; a failed one answers the callers of
-    /// the next second at once); later ones, once the addresses are
-    /// [`DNS_REFRESH`] old, run in the background while the last addresses
-    /// stay in use (also while lookups fail), so a slow resolver holds up
-    /// no stream.
+    /// waited for, up to the connect timeout (one for all callers; a failed
+    /// one answers the callers of the next second at once; one answered
+    /// later than that still serves the callers after). Later ones, once
+    /// the addresses are [`DNS_REFRESH`] old, run in the background while
+    /// the last addresses stay in use (also while lookups fail), so a slow
+    /// resolver holds up no stream; but addresses twice that old (not
+    /// looked up through an idle spell, when the destination may have
+    /// moved) are looked up again first, up to the connect timeout, the
+    /// last ones used if that fails.
     async fn addresses(&self, destination: &str) -> Result<Addresses, OpenError> {
         if let Ok(address) = destination.parse() {
             return Ok(Addresses::One(address));
@@ -964,19 +984,36 @@ impl Pool {
             }
         };
         let mut name = cell.lock().await;
-        if let Some(r) = name.resolved.as_mut() {
-            let running = r
-                .refreshing
-                .is_some_and(|since| since.elapsed() < self.connect_timeout * 2);
-            if r.at.elapsed() >= self.dns_refresh && !running {
-                r.refreshing = Some(Instant::now());
-                tokio::spawn(refresh(
-                    cell.clone(),
-                    self.lookup.clone(),
-                    destination.to_owned(),
-                    self.connect_timeout,
-                ));
+        if name.resolved.is_none() {
+            let late = name.late.lock().expect("late lock").take();
+            if let Some(addresses) = late {
+                name.failed = None;
+                name.resolved = Some(Resolved {
+                    addresses,
+                    at: Instant::now(),
+                    refreshing: Arc::default(),
+                });
             }
+        }
+        if let Some(r) = name.resolved.as_mut() {
+            let age = r.at.elapsed();
+            if age < self.dns_refresh || r.refreshing.swap(true, Ordering::AcqRel) {
+                return Ok(Addresses::Many(r.addresses.clone()));
+            }
+            let refreshing = tokio::spawn(refresh(
+                cell.clone(),
+                self.lookup.clone(),
+                destination.to_owned(),
+                Refreshing(r.refreshing.clone()),
+            ));
+            if age < self.dns_refresh * 2 {
+                return Ok(Addresses::Many(r.addresses.clone()));
+            }
+            // (The refresh takes the lock to store what it found.)
+            drop(name);
+            let _ = tokio::time::timeout(self.connect_timeout, refreshing).await;
+            let name = cell.lock().await;
+            let r = name.resolved.as_ref().expect("never taken back");
             return Ok(Addresses::Many(r.addresses.clone()));
         }
         if let Some((at, kind, why)) = name
@@ -990,13 +1027,30 @@ impl Pool {
                 io::Error::new(*kind, why),
             ));
         }
-        match look_up(&self.lookup, destination, self.connect_timeout).await {
+        // In a task of its own, so that an answer later than the callers
+        // wait for is kept for those after.
+        let late = name.late.clone();
+        let (lookup, named) = (self.lookup.clone(), destination.to_owned());
+        let looking_up = tokio::spawn(async move {
+            let found = look_up(&lookup, &named, LOOKUP_MAX).await;
+            if let Ok(addresses) = &found {
+                *late.lock().expect("late lock") = Some(addresses.clone());
+            }
+            found
+        });
+        let found = match tokio::time::timeout(self.connect_timeout, looking_up).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out")),
+        };
+        match found {
             Ok(addresses) => {
+                name.late.lock().expect("late lock").take();
                 name.failed = None;
                 name.resolved = Some(Resolved {
                     addresses: addresses.clone(),
                     at: Instant::now(),
-                    refreshing: None,
+                    refreshing: Arc::default(),
                 });
                 Ok(Addresses::Many(addresses))
             }
@@ -1737,8 +1791,8 @@ mod tests {
     }
 
     /// A background lookup whose task ended without a word (here it
-    /// panics) holds the name's next lookup back for twice the lookup's
-    /// timeout at most: the name is not stuck on its last addresses.
+    /// panics) does not hold the name's next lookup back: the name is not
+    /// stuck on its last addresses.
     #[tokio::test]
     async fn a_lookup_that_never_reported_back_does_not_stop_the_next() {
         let (bundle, issuer) = root("example.org");
@@ -1764,24 +1818,22 @@ mod tests {
         let name = "api.peers.test:15008";
         let addresses = || async { pool.addresses(name).await.unwrap().as_slice().to_vec() };
         assert_eq!(addresses().await, [a]);
-        tokio::time::sleep(refresh * 2).await;
-        // Stale: a background lookup starts, and its task panics.
-        assert_eq!(addresses().await, [a]);
-        tokio::time::sleep(refresh * 2).await;
-        assert_eq!(addresses().await, [a]);
-        assert_eq!(
-            calls.load(Ordering::Acquire),
-            2,
-            "the lookup is still taken to run"
-        );
-        // Past twice the timeout, the next stale use starts another.
-        tokio::time::sleep(timeout * 2).await;
+        tokio::time::sleep(refresh + refresh / 2).await;
+        // Stale: a background lookup starts, and its task panics; the last
+        // addresses stay in use.
         assert_eq!(addresses().await, [a]);
         let deadline = Instant::now() + Duration::from_secs(5);
+        while calls.load(Ordering::Acquire) < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The next use starts another at once.
+        let started = Instant::now();
         while addresses().await != [b] && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(addresses().await, [b]);
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
         // (A fourth may have started since: b is 50 ms old by now.)
         assert!(calls.load(Ordering::Acquire) >= 3);
     }
@@ -1866,6 +1918,73 @@ mod tests {
             assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
         }
         assert_eq!(calls.load(Ordering::Acquire), before + 1);
+    }
+
+    /// A first lookup answered later than the connect timeout fails its
+    /// caller, but its answer is kept: the next stream uses it, without a
+    /// lookup of its own (a resolver that always takes longer than the
+    /// timeout would otherwise never get a name resolved).
+    #[tokio::test]
+    async fn a_first_lookup_answered_late_serves_the_next_stream() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (a, _) = counted_peer(&issuer, roots.clone()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = slow_lookup_of(
+            Arc::new(Mutex::new(vec![a])),
+            calls.clone(),
+            Arc::new(AtomicUsize::new(700)),
+        );
+        let timeout = Duration::from_millis(500);
+        let pool = pool_timed(&issuer, &roots, lookup, DNS_REFRESH, timeout);
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let first = pool
+            .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+            .await;
+        let e = first
+            .err()
+            .expect("a lookup slower than the timeout was waited for");
+        assert!(e.timed_out(), "{e}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let p = pool
+            .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+            .await
+            .expect("the late answer was thrown away");
+        assert_eq!(p.lease.conn.address, a);
+        assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// Addresses not looked up again through an idle spell (twice the
+    /// refresh interval without a stream) are looked up before the next
+    /// stream uses them: the destination may have moved meanwhile.
+    #[tokio::test]
+    async fn after_an_idle_spell_a_name_is_looked_up_before_it_is_used() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (a, _) = counted_peer(&issuer, roots.clone()).await;
+        let (b, _) = counted_peer(&issuer, roots.clone()).await;
+        let answer = Arc::new(Mutex::new(vec![a]));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let refresh = Duration::from_millis(500);
+        let pool = pool_with(
+            &issuer,
+            &roots,
+            lookup_of(answer.clone(), calls.clone()),
+            refresh,
+        );
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let open = || async {
+            let p = pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+                .unwrap();
+            p.lease.conn.address
+        };
+        assert_eq!(open().await, a);
+        *answer.lock().unwrap() = vec![b];
+        tokio::time::sleep(refresh * 2 + Duration::from_millis(200)).await;
+        assert_eq!(open().await, b, "the stream went to the old address");
+        assert_eq!(calls.load(Ordering::Acquire), 2);
     }
 
     /// A drain closes the pool's connections once no stream is left, and
