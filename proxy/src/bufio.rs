@@ -153,46 +153,64 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
     }
 }
 
-/// The longest a socket lingers after its connection has ended (see
-/// [`LingeringClose`]): what the kernel still holds for the peer (about
-/// 256 KiB unsent, and what is in flight) goes out in that time over a
+/// How a socket lingers once its side of the connection has ended (see
+/// [`LingeringClose`]), and how many may at once.
+pub struct Linger {
+    /// The longest it lingers.
+    within: std::time::Duration,
+    /// The most it reads from its peer: one that goes on sending is not
+    /// waited for.
+    read_max: usize,
+    /// Sockets lingering this way now; at most [`LINGERING_MAX`] (beyond,
+    /// one closes at once).
+    now: AtomicUsize,
+}
+
+/// A tunnel's socket: what the kernel still holds for the peer (about
+/// 256 KiB unsent, and what is in flight) goes out within the minute over a
 /// link of 5 KB/s or faster.
-pub const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+pub static TUNNEL: Linger = Linger {
+    within: std::time::Duration::from_secs(60),
+    read_max: 1024 * 1024,
+    now: AtomicUsize::new(0),
+};
 
-/// The most a lingering socket reads from its peer: one that goes on
-/// sending is not waited for.
-const LINGER_READ_MAX: usize = 1024 * 1024;
+/// An application's, whose peer has answered in full and wants no more of
+/// what the application sends: it gets to read the answer rather than a
+/// reset, as from a server's own lingering close.
+pub static APPLICATION: Linger = Linger {
+    within: std::time::Duration::from_secs(10),
+    read_max: 64 * 1024 * 1024,
+    now: AtomicUsize::new(0),
+};
 
-/// The most sockets lingering at once; beyond it one closes at once. (A
-/// lingering socket is no longer one of the proxy's connections, whose
-/// number is bounded; this bounds what peers that close slowly can hold.)
+/// The most sockets lingering at once, of each kind. (A lingering socket is
+/// no longer one of the proxy's connections, whose number is bounded; this
+/// bounds what peers that close slowly can hold.)
 const LINGERING_MAX: usize = 4096;
-
-/// Sockets lingering now.
-static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
 /// Sockets lingering now: the drain waits for them.
 pub fn lingering() -> usize {
-    LINGERING.load(Ordering::Acquire)
+    TUNNEL.now.load(Ordering::Acquire) + APPLICATION.now.load(Ordering::Acquire)
 }
 
-/// One of [`LINGERING`], given back when dropped (with its task, however
-/// that ends).
-struct Lingers;
+/// One of a [`Linger`]'s sockets, given back when dropped (with its task,
+/// however that ends).
+struct Lingers(&'static Linger);
 
 impl Lingers {
-    fn take() -> Option<Lingers> {
-        if LINGERING.fetch_add(1, Ordering::AcqRel) >= LINGERING_MAX {
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
+    fn take(how: &'static Linger) -> Option<Lingers> {
+        if how.now.fetch_add(1, Ordering::AcqRel) >= LINGERING_MAX {
+            how.now.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Lingers)
+        Some(Lingers(how))
     }
 }
 
 impl Drop for Lingers {
     fn drop(&mut self) {
-        LINGERING.fetch_sub(1, Ordering::AcqRel);
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -200,8 +218,8 @@ impl Drop for Lingers {
 /// for writing: TLS `close_notify` and FIN sent after everything else), it
 /// is closed the way a server closes after its answer: what the peer still
 /// sends (a PING, a window update, its own close) is read and dropped
-/// until the peer closes too, has sent [`LINGER_READ_MAX`], or
-/// [`LINGER_MAX`] has passed. Closed with bytes unread, or with more
+/// until the peer closes too, has sent 1 MiB, or a minute has passed
+/// ([`TUNNEL`]). Closed with bytes unread, or with more
 /// arriving, the kernel would send a reset, and a reset throws away what it
 /// still holds for the peer: on a slow link, the end of a stream whose
 /// application was told it had been sent. A connection not shut down (cut
@@ -227,33 +245,33 @@ impl LingeringClose {
 impl Drop for LingeringClose {
     fn drop(&mut self) {
         if let Some(tcp) = self.tcp.take().filter(|_| self.shut) {
-            close_lingering(tcp, LINGER_READ_MAX);
+            close_lingering(tcp, &TUNNEL);
         }
     }
 }
 
 /// Closes `tcp`, whose sending side has ended, once what the peer still
-/// sends has been read and dropped until its own end, `read_max` bytes, or
-/// [`LINGER_MAX`] (see [`LingeringClose`]); at once beyond
+/// sends has been read and dropped until its own end, or as long and as
+/// much as `how` allows (see [`LingeringClose`]); at once beyond
 /// [`LINGERING_MAX`] sockets, or outside a runtime.
-pub fn close_lingering(tcp: TcpStream, read_max: usize) {
+pub fn close_lingering(tcp: TcpStream, how: &'static Linger) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let Some(counted) = Lingers::take() else {
+    let Some(counted) = Lingers::take(how) else {
         return;
     };
     runtime.spawn(async move {
-        linger(tcp, read_max).await;
+        linger(tcp, how).await;
         drop(counted);
     });
 }
 
-async fn linger(tcp: TcpStream, read_max: usize) {
-    let give_up = tokio::time::sleep(LINGER_MAX);
+async fn linger(tcp: TcpStream, how: &Linger) {
+    let give_up = tokio::time::sleep(how.within);
     tokio::pin!(give_up);
     let mut read = 0;
-    while read < read_max {
+    while read < how.read_max {
         tokio::select! {
             r = tcp.readable() => if r.is_err() {
                 return;

@@ -112,8 +112,7 @@ impl Drop for AppConn {
                 tracing::debug!(error = %e, "cannot set SO_LINGER");
             }
         } else if self.still_sending && unread(&tcp) {
-            // However much it sends, within the time.
-            crate::bufio::close_lingering(tcp, usize::MAX);
+            crate::bufio::close_lingering(tcp, &crate::bufio::APPLICATION);
         }
     }
 }
@@ -227,7 +226,12 @@ pub async fn pump(
         }
     };
     // Ended by the stream's own events: h2 resets it, if need be, as it
-    // sees fit.
+    // sees fit. On a server's side, whose answer has ended, that is
+    // `NO_ERROR` also when its application then fails (resets, or closed
+    // without reading the rest of the request): RFC 9113's way for a server
+    // that has answered in full to stop the request "without error". The
+    // client's proxy then delivers the whole answer and drops the rest of
+    // the upload, as a server's own lingering close would have.
     finished.0 = None;
     // The whole answer is on its way to the application, which has not
     // finished sending what the peer no longer wants.
@@ -829,6 +833,46 @@ mod tests {
         .expect("the client's side was never told")
         .unwrap();
         assert_eq!(reason, h2::Reason::CANCEL);
+    }
+
+    /// On the server's side, the application answers in full, half-closes,
+    /// then resets its connection while the client still uploads: its
+    /// answer is whole, so the client's side is told to stop the upload
+    /// without error (`NO_ERROR`), and gets the whole answer and its end.
+    #[tokio::test]
+    async fn a_server_application_reset_after_its_whole_answer_stops_the_upload_without_error() {
+        let ((mut client_send, mut client_recv), (send, recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let (pumping, _) = spawn_pump(proxy_side, send, recv);
+        client_send
+            .send_data(Bytes::from_static(b"upload, part 1"), false)
+            .unwrap();
+        app.write_all(b"413").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut part = [0u8; 14];
+        app.read_exact(&mut part).await.unwrap();
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(app);
+        let reason = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| client_send.poll_reset(cx)),
+        )
+        .await
+        .expect("the client's side was never told")
+        .unwrap();
+        assert_eq!(reason, h2::Reason::NO_ERROR);
+        let mut answer = Vec::new();
+        while let Some(chunk) = client_recv.data().await {
+            answer.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(answer, b"413");
+        let ended = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ended.is_err(), "the application's reset is an error here");
     }
 
     /// How a stream ends that the peer resets with `reason` after it has
