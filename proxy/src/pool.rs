@@ -284,14 +284,17 @@ struct Resolved {
     /// Set while a lookup runs in the background (cleared however its
     /// task ends: one that panicked does not hold the next one back).
     refreshing: Arc<AtomicBool>,
+    /// Told when that lookup ends.
+    refreshed: Arc<tokio::sync::Notify>,
 }
 
 /// A background lookup running, until dropped.
-struct Refreshing(Arc<AtomicBool>);
+struct Refreshing(Arc<AtomicBool>, Arc<tokio::sync::Notify>);
 
 impl Drop for Refreshing {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+        self.1.notify_waiters();
     }
 }
 
@@ -992,26 +995,32 @@ impl Pool {
                     addresses,
                     at: Instant::now(),
                     refreshing: Arc::default(),
+                    refreshed: Arc::default(),
                 });
             }
         }
         if let Some(r) = name.resolved.as_mut() {
             let age = r.at.elapsed();
-            if age < self.dns_refresh || r.refreshing.swap(true, Ordering::AcqRel) {
+            if age < self.dns_refresh {
                 return Ok(Addresses::Many(r.addresses.clone()));
             }
-            let refreshing = tokio::spawn(refresh(
-                cell.clone(),
-                self.lookup.clone(),
-                destination.to_owned(),
-                Refreshing(r.refreshing.clone()),
-            ));
+            if !r.refreshing.swap(true, Ordering::AcqRel) {
+                tokio::spawn(refresh(
+                    cell.clone(),
+                    self.lookup.clone(),
+                    destination.to_owned(),
+                    Refreshing(r.refreshing.clone(), r.refreshed.clone()),
+                ));
+            }
             if age < self.dns_refresh * 2 {
                 return Ok(Addresses::Many(r.addresses.clone()));
             }
-            // (The refresh takes the lock to store what it found.)
+            // Told even if it ends before this is first polled; the lookup
+            // takes the lock to store what it found.
+            let refreshed = r.refreshed.clone();
+            let done = refreshed.notified();
             drop(name);
-            let _ = tokio::time::timeout(self.connect_timeout, refreshing).await;
+            let _ = tokio::time::timeout(self.connect_timeout, done).await;
             let name = cell.lock().await;
             let r = name.resolved.as_ref().expect("never taken back");
             return Ok(Addresses::Many(r.addresses.clone()));
@@ -1051,6 +1060,7 @@ impl Pool {
                     addresses: addresses.clone(),
                     at: Instant::now(),
                     refreshing: Arc::default(),
+                    refreshed: Arc::default(),
                 });
                 Ok(Addresses::Many(addresses))
             }
@@ -1945,11 +1955,20 @@ mod tests {
             .err()
             .expect("a lookup slower than the timeout was waited for");
         assert!(e.timed_out(), "{e}");
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let p = pool
-            .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
-            .await
-            .expect("the late answer was thrown away");
+        // Streams asked for meanwhile fail at once (the failure's hold); once
+        // the answer has come, they use it. (Without it, each lookup after
+        // the hold would again take longer than the timeout.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let p = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match pool
+                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+                .await
+            {
+                Ok(p) => break p,
+                Err(e) => assert!(Instant::now() < deadline, "the late answer was lost: {e}"),
+            }
+        };
         assert_eq!(p.lease.conn.address, a);
         assert_eq!(calls.load(Ordering::Acquire), 1);
     }
@@ -1965,13 +1984,10 @@ mod tests {
         let (b, _) = counted_peer(&issuer, roots.clone()).await;
         let answer = Arc::new(Mutex::new(vec![a]));
         let calls = Arc::new(AtomicUsize::new(0));
+        let delay_ms = Arc::new(AtomicUsize::new(0));
         let refresh = Duration::from_millis(500);
-        let pool = pool_with(
-            &issuer,
-            &roots,
-            lookup_of(answer.clone(), calls.clone()),
-            refresh,
-        );
+        let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
+        let pool = pool_with(&issuer, &roots, lookup, refresh);
         let ids = vec![SpiffeId::parse(API).unwrap()];
         let open = || async {
             let p = pool
@@ -1982,8 +1998,11 @@ mod tests {
         };
         assert_eq!(open().await, a);
         *answer.lock().unwrap() = vec![b];
+        delay_ms.store(200, Ordering::Release);
         tokio::time::sleep(refresh * 2 + Duration::from_millis(200)).await;
-        assert_eq!(open().await, b, "the stream went to the old address");
+        // Two at once: both wait for the one lookup.
+        let (first, second) = tokio::join!(open(), open());
+        assert_eq!((first, second), (b, b), "a stream went to the old address");
         assert_eq!(calls.load(Ordering::Acquire), 2);
     }
 
