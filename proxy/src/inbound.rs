@@ -939,6 +939,20 @@ mod tests {
         h2::client::SendRequest<Bytes>,
         h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
     ) {
+        let tls = peer_tls(inbound, issuer, roots).await;
+        crate::hbone::client_builder(10)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap()
+    }
+
+    /// `inbound` serving one connection, from a peer (`WEB`, from `issuer`)
+    /// whose TLS session is returned.
+    async fn peer_tls(
+        inbound: Arc<Inbound>,
+        issuer: &ward_spec::test_util::Issuer,
+        roots: &RootStore,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -947,12 +961,8 @@ mod tests {
             connection(tcp, peer, inbound, drain_rx).await;
         });
         let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
-        let tls = peer_client(issuer, roots)
+        peer_client(issuer, roots)
             .connect(name, TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
-        crate::hbone::client_builder(10)
-            .handshake::<_, Bytes>(tls)
             .await
             .unwrap()
     }
@@ -1036,18 +1046,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_millis(500));
         let metrics = inbound.metrics.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (_drain_tx, drain_rx) = watch::channel(false);
-            let (tcp, peer) = listener.accept().await.unwrap();
-            connection(tcp, peer, inbound, drain_rx).await;
-        });
-        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
-        let tls = peer_client(&root, &roots)
-            .connect(name, TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
+        let tls = peer_tls(inbound, &root, &roots).await;
         let (mut rd, mut wr) = tokio::io::split(tls);
         // The preface and empty SETTINGS; nothing the proxy sends is
         // answered, its PINGs included.

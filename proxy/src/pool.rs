@@ -1848,25 +1848,46 @@ mod tests {
         assert!(calls.load(Ordering::Acquire) >= 3);
     }
 
-    /// A name is looked up again, in the background, once its addresses
-    /// are `refresh` old: new streams then go to the new address. A lookup
-    /// that is slow holds up no stream, and while lookups fail the last
-    /// addresses stay in use. A name whose first lookup fails is an error
-    /// naming it, and answers the next second's callers without a lookup.
-    #[tokio::test]
-    async fn a_name_is_looked_up_again_in_the_background() {
-        let (bundle, issuer) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (a, to_a) = counted_peer(&issuer, roots.clone()).await;
-        let (b, to_b) = counted_peer(&issuer, roots.clone()).await;
-        let answer = Arc::new(Mutex::new(vec![a]));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let delay_ms = Arc::new(AtomicUsize::new(0));
-        let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
-        let refresh = Duration::from_secs(1);
-        let pool = pool_with(&issuer, &roots, lookup, refresh);
-        let ids = vec![SpiffeId::parse(API).unwrap()];
-        let open = || async {
+    /// Two peers (each counting its streams) behind one name, which the
+    /// lookup answers with what `answer` holds (`a` at first), each lookup
+    /// taking `delay_ms` and counted in `calls`.
+    struct Moving {
+        issuer: Issuer,
+        roots: RootStore,
+        a: (SocketAddr, Arc<AtomicUsize>),
+        b: (SocketAddr, Arc<AtomicUsize>),
+        answer: Arc<Mutex<Vec<SocketAddr>>>,
+        calls: Arc<AtomicUsize>,
+        delay_ms: Arc<AtomicUsize>,
+        lookup: Lookup,
+    }
+
+    impl Moving {
+        async fn start() -> Moving {
+            let (bundle, issuer) = root("example.org");
+            let roots = RootStore::new(&bundle).unwrap();
+            let a = counted_peer(&issuer, roots.clone()).await;
+            let b = counted_peer(&issuer, roots.clone()).await;
+            let answer = Arc::new(Mutex::new(vec![a.0]));
+            let calls = Arc::new(AtomicUsize::new(0));
+            let delay_ms = Arc::new(AtomicUsize::new(0));
+            let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
+            Moving {
+                issuer,
+                roots,
+                a,
+                b,
+                answer,
+                calls,
+                delay_ms,
+                lookup,
+            }
+        }
+
+        /// A stream through `pool` to the name, answered: the address it
+        /// went to.
+        async fn open(&self, pool: &Pool) -> SocketAddr {
+            let ids = [SpiffeId::parse(API).unwrap()];
             let p = pool
                 .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
                 .await
@@ -1874,7 +1895,22 @@ mod tests {
             let address = p.lease.conn.address;
             let _stream = accepted(p.response.await.unwrap()).unwrap();
             address
-        };
+        }
+    }
+
+    /// A name is looked up again, in the background, once its addresses
+    /// are `refresh` old: new streams then go to the new address. A lookup
+    /// that is slow holds up no stream, and while lookups fail the last
+    /// addresses stay in use. A name whose first lookup fails is an error
+    /// naming it, and answers the next second's callers without a lookup.
+    #[tokio::test]
+    async fn a_name_is_looked_up_again_in_the_background() {
+        let m = Moving::start().await;
+        let ((a, to_a), (b, to_b)) = (m.a.clone(), m.b.clone());
+        let (answer, calls, delay_ms) = (&m.answer, &m.calls, &m.delay_ms);
+        let refresh = Duration::from_secs(1);
+        let pool = pool_with(&m.issuer, &m.roots, m.lookup.clone(), refresh);
+        let open = || m.open(&pool);
         let counted = calls.clone();
         let lookups = move |n: usize| {
             let calls = counted.clone();
@@ -1923,6 +1959,7 @@ mod tests {
         // once, the same error without another lookup.
         let before = calls.load(Ordering::Acquire);
         for _ in 0..2 {
+            let ids = [SpiffeId::parse(API).unwrap()];
             let never = pool.start_stream("nowhere.test:15008", &ids, "x:1").await;
             let e = never.err().expect("a name without addresses gave a stream");
             assert!(e.to_string().contains("nowhere.test:15008"), "{e}");
@@ -1978,32 +2015,19 @@ mod tests {
     /// stream uses them: the destination may have moved meanwhile.
     #[tokio::test]
     async fn after_an_idle_spell_a_name_is_looked_up_before_it_is_used() {
-        let (bundle, issuer) = root("example.org");
-        let roots = RootStore::new(&bundle).unwrap();
-        let (a, _) = counted_peer(&issuer, roots.clone()).await;
-        let (b, _) = counted_peer(&issuer, roots.clone()).await;
-        let answer = Arc::new(Mutex::new(vec![a]));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let m = Moving::start().await;
+        let (a, b) = (m.a.0, m.b.0);
         let refresh = Duration::from_millis(500);
-        let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
-        let pool = pool_with(&issuer, &roots, lookup, refresh);
-        let ids = vec![SpiffeId::parse(API).unwrap()];
-        let open = || async {
-            let p = pool
-                .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
-                .await
-                .unwrap();
-            p.lease.conn.address
-        };
+        let pool = pool_with(&m.issuer, &m.roots, m.lookup.clone(), refresh);
+        let open = || m.open(&pool);
         assert_eq!(open().await, a);
-        *answer.lock().unwrap() = vec![b];
-        delay_ms.store(200, Ordering::Release);
+        *m.answer.lock().unwrap() = vec![b];
+        m.delay_ms.store(200, Ordering::Release);
         tokio::time::sleep(refresh * 2 + Duration::from_millis(200)).await;
         // Two at once: both wait for the one lookup.
         let (first, second) = tokio::join!(open(), open());
         assert_eq!((first, second), (b, b), "a stream went to the old address");
-        assert_eq!(calls.load(Ordering::Acquire), 2);
+        assert_eq!(m.calls.load(Ordering::Acquire), 2);
     }
 
     /// A drain closes the pool's connections once no stream is left, and

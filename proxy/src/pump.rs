@@ -688,6 +688,24 @@ mod tests {
         (listener.accept().await.unwrap().0, app)
     }
 
+    /// Resets the application's end of its connection (linger zero: the
+    /// close sends a RST).
+    fn reset_by_the_application(app: TcpStream) {
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(app);
+    }
+
+    /// The reason `send`'s stream was reset with, which must come within
+    /// 10 s (`who` is told, for the failure's message).
+    async fn reset_told(send: &mut SendStream<Bytes>, who: &str) -> h2::Reason {
+        tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| send.poll_reset(cx)))
+            .await
+            .unwrap_or_else(|_| panic!("{who} was never told of the reset"))
+            .unwrap()
+    }
+
     /// The peer finishes sending (the application gets its end of file and
     /// stays silent), then resets the stream: the stream ends at once and
     /// the application's connection is closed, instead of both being held
@@ -781,19 +799,11 @@ mod tests {
         }
         assert_eq!(got, b"ask");
 
-        // Linger zero: the close sends a RST.
-        socket2::SockRef::from(&app)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(app);
-        let reason = tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| peer_send.poll_reset(cx)),
-        )
-        .await
-        .expect("the peer was never told of the application's reset")
-        .unwrap();
-        assert_eq!(reason, h2::Reason::CANCEL);
+        reset_by_the_application(app);
+        assert_eq!(
+            reset_told(&mut peer_send, "the peer").await,
+            h2::Reason::CANCEL
+        );
         let err = tokio::time::timeout(Duration::from_secs(10), pumping)
             .await
             .expect("the stream outlived the application's connection")
@@ -825,13 +835,7 @@ mod tests {
         app.read_exact(&mut part).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         pumping.abort();
-        let reason = tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| client_send.poll_reset(cx)),
-        )
-        .await
-        .expect("the client's side was never told")
-        .unwrap();
+        let reason = reset_told(&mut client_send, "the client's side").await;
         assert_eq!(reason, h2::Reason::CANCEL);
     }
 
@@ -851,17 +855,8 @@ mod tests {
         app.shutdown().await.unwrap();
         let mut part = [0u8; 14];
         app.read_exact(&mut part).await.unwrap();
-        socket2::SockRef::from(&app)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(app);
-        let reason = tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| client_send.poll_reset(cx)),
-        )
-        .await
-        .expect("the client's side was never told")
-        .unwrap();
+        reset_by_the_application(app);
+        let reason = reset_told(&mut client_send, "the client's side").await;
         assert_eq!(reason, h2::Reason::NO_ERROR);
         let mut answer = Vec::new();
         while let Some(chunk) = client_recv.data().await {
