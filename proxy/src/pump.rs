@@ -814,6 +814,31 @@ mod tests {
         assert_eq!(carried.totals(), (0, 3));
     }
 
+    /// The pump on the server's side of a stream: the client has sent part
+    /// of its upload (which the application has read) and goes on; the
+    /// application has answered `answer` and half-closed. The client's
+    /// halves, the pump's task and the application's end.
+    async fn answered_while_uploading(
+        answer: &[u8],
+    ) -> (
+        SendStream<Bytes>,
+        RecvStream,
+        tokio::task::JoinHandle<io::Result<()>>,
+        TcpStream,
+    ) {
+        let ((mut client_send, client_recv), (send, recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair().await;
+        let (pumping, _) = spawn_pump(proxy_side, send, recv);
+        client_send
+            .send_data(Bytes::from_static(b"upload, part 1"), false)
+            .unwrap();
+        app.write_all(answer).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut part = [0u8; 14];
+        app.read_exact(&mut part).await.unwrap();
+        (client_send, client_recv, pumping, app)
+    }
+
     /// On the server's side of a stream (the inbound proxy's), the
     /// application has answered and half-closed while the client still
     /// sends; the stream is then cut (its pump dropped: a revocation, the
@@ -822,17 +847,9 @@ mod tests {
     /// which would pass for "the answer is whole, send no more".
     #[tokio::test]
     async fn a_server_stream_cut_after_its_answer_is_reset_as_cancelled() {
-        let ((mut client_send, _client_recv), (send, recv)) = tunnel().await;
-        let (proxy_side, mut app) = app_pair().await;
-        let (pumping, _) = spawn_pump(proxy_side, send, recv);
-        client_send
-            .send_data(Bytes::from_static(b"upload, part 1"), false)
-            .unwrap();
-        app.write_all(b"answer").await.unwrap();
-        app.shutdown().await.unwrap();
+        let (mut client_send, _client_recv, pumping, _app) =
+            answered_while_uploading(b"answer").await;
         // The application's end has become the stream's.
-        let mut part = [0u8; 14];
-        app.read_exact(&mut part).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         pumping.abort();
         let reason = reset_told(&mut client_send, "the client's side").await;
@@ -845,16 +862,8 @@ mod tests {
     /// without error (`NO_ERROR`), and gets the whole answer and its end.
     #[tokio::test]
     async fn a_server_application_reset_after_its_whole_answer_stops_the_upload_without_error() {
-        let ((mut client_send, mut client_recv), (send, recv)) = tunnel().await;
-        let (proxy_side, mut app) = app_pair().await;
-        let (pumping, _) = spawn_pump(proxy_side, send, recv);
-        client_send
-            .send_data(Bytes::from_static(b"upload, part 1"), false)
-            .unwrap();
-        app.write_all(b"413").await.unwrap();
-        app.shutdown().await.unwrap();
-        let mut part = [0u8; 14];
-        app.read_exact(&mut part).await.unwrap();
+        let (mut client_send, mut client_recv, pumping, app) =
+            answered_while_uploading(b"413").await;
         reset_by_the_application(app);
         let reason = reset_told(&mut client_send, "the client's side").await;
         assert_eq!(reason, h2::Reason::NO_ERROR);
