@@ -260,6 +260,10 @@ async fn connection(
                     });
                     let inbound = inbound.clone();
                     let verified = verified.clone();
+                    // Boxed: a request head is 240 bytes, which this task
+                    // and `stream`'s future would each keep for the
+                    // stream's life; the box is freed on admission.
+                    let req = Box::new(req);
                     tokio::spawn(async move {
                         stream(req, respond, slot.is_some(), &verified, peer, &inbound).await;
                         drop((guard, task, slot));
@@ -414,7 +418,7 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode, outcome
 }
 
 async fn stream(
-    req: Request<RecvStream>,
+    req: Box<Request<RecvStream>>,
     respond: SendResponse<Bytes>,
     has_slot: bool,
     verified: &VerifiedPeer,
@@ -521,7 +525,7 @@ const CANCELLED: Refusal = (None, "cancelled");
 /// Authorizes a stream and connects it to the application; answers the peer
 /// (403, 502, … or 200) and returns what the pump needs when it may go on.
 async fn admit(
-    req: Request<RecvStream>,
+    req: Box<Request<RecvStream>>,
     mut respond: SendResponse<Bytes>,
     has_slot: bool,
     verified: &VerifiedPeer,

@@ -134,7 +134,11 @@ pub async fn serve_route(
             let wait = pool.answer_timeout();
             let retire = p.lease.retire_handle();
             let traffic = p.lease.traffic().clone();
-            let response = async {
+            // Boxed: the pump's futures hold the answer's future (and its
+            // timer) by value, in more than one place; boxed, each holds a
+            // pointer, and the box is freed once the peer has answered, so
+            // an idle stream's task is about half the size.
+            let response = Box::pin(async {
                 let r = hbone::answer_within(wait, &traffic, p.response)
                     .await
                     .ok_or_else(|| {
@@ -157,7 +161,7 @@ pub async fn serve_route(
                 let _ = carried.set_up.set(Instant::now());
                 metrics.stream_set_up(Direction::Outbound, began.elapsed());
                 Ok(recv)
-            };
+            });
             carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, log).await;
         }
     })
@@ -481,7 +485,9 @@ async fn http_connect(
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
     let began = Instant::now();
-    match open(pool, route, &mut log).await {
+    // Boxed: the stream's task would otherwise keep room for opening a
+    // tunnel (the pool's connecting and handshake) while it carries.
+    match Box::pin(open(pool, route, &mut log)).await {
         Ok(t) => {
             if let Err(e) = reply(&mut app, "200 Connection established", None).await {
                 StreamLog::end(
