@@ -111,58 +111,72 @@ pub async fn serve_route(
         );
         let began = Instant::now();
         async move {
-            let _slot = slot;
+            // Held (moved into this future) until the stream ends.
+            let _ = &slot;
             // Reset when closed before its stream's end reached it.
             let app = AppConn::new(app);
             // Boxed: an open stream's task keeps only what the pump needs.
-            let turn = pool.turn(&route.destination, &route.ids).await;
-            let started = Box::pin(start(&pool, &route)).await;
-            drop(turn);
-            let p = match started {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
-                    StreamLog::end(&metrics, Direction::Outbound, log, not_opened(&e));
-                    // The reset of its connection is all the application learns.
-                    return;
+            // (In a block of its own, and taken apart at once: a value
+            // matched or only partly moved in the task's scope would keep
+            // its room there for the stream's life.)
+            let PendingTunnel {
+                send,
+                response: answer,
+                lease,
+            } = {
+                let turn = pool.turn(&route.destination, &route.ids).await;
+                let started = Box::pin(start(&pool, &route)).await;
+                drop(turn);
+                match started {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
+                        StreamLog::end(&metrics, Direction::Outbound, log, not_opened(&e));
+                        // The reset of its connection is all the application learns.
+                        return;
+                    }
                 }
             };
-            StreamLog::set_peer(&mut log, p.lease.peer_id(), p.lease.address());
+            StreamLog::set_peer(&mut log, lease.peer_id(), lease.address());
             // The application's first bytes go out with the request; what
             // comes back is written to it only once the peer has said 200.
             let carried = Carried::default();
-            let wait = pool.answer_timeout();
-            let retire = p.lease.retire_handle();
-            let traffic = p.lease.traffic().clone();
             // Boxed: the pump's futures hold the answer's future (and its
             // timer) by value, in more than one place; boxed, each holds a
-            // pointer, and the box is freed once the peer has answered, so
-            // an idle stream's task is about half the size.
-            let response = Box::pin(async {
-                let r = hbone::answer_within(wait, &traffic, p.response)
-                    .await
-                    .ok_or_else(|| {
-                        tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
-                        retire.unless_alive(&route.destination);
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("the peer did not answer in {wait:?}"),
-                        )
-                    })?
-                    .map_err(crate::pump::h2_io)?;
-                carried.status.store(r.status().as_u16(), Ordering::Relaxed);
-                let recv = accepted(r).map_err(|e| {
-                    if let OpenError::Refused(_, why) = e {
-                        let _ = carried.refusal.set(why);
-                    }
-                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
-                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-                })?;
-                let _ = carried.set_up.set(Instant::now());
-                metrics.stream_set_up(Direction::Outbound, began.elapsed());
-                Ok(recv)
+            // pointer, and the box, with what only the answer needs, is
+            // freed once the answer is in (or given up on), so an idle
+            // stream's task is about half the size.
+            let response = Box::pin({
+                let (route, metrics, carried) = (&route, &metrics, &carried);
+                let wait = pool.answer_timeout();
+                let retire = lease.retire_handle();
+                let traffic = lease.traffic().clone();
+                async move {
+                    let r = hbone::answer_within(wait, &traffic, answer)
+                        .await
+                        .ok_or_else(|| {
+                            tracing::warn!(destination = %route.destination, "outbound tunnel not answered in {wait:?}; given up");
+                            retire.unless_alive(&route.destination);
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("the peer did not answer in {wait:?}"),
+                            )
+                        })?
+                        .map_err(crate::pump::h2_io)?;
+                    carried.status.store(r.status().as_u16(), Ordering::Relaxed);
+                    let recv = accepted(r).map_err(|e| {
+                        if let OpenError::Refused(_, why) = e {
+                            let _ = carried.refusal.set(why);
+                        }
+                        tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel refused");
+                        std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                    })?;
+                    let _ = carried.set_up.set(Instant::now());
+                    metrics.stream_set_up(Direction::Outbound, began.elapsed());
+                    Ok(recv)
+                }
             });
-            carry(app, p.send, response, p.lease, Bytes::new(), &metrics, &carried, log).await;
+            carry(app, send, response, lease, Bytes::new(), &metrics, &carried, log).await;
         }
     })
     .await
@@ -356,7 +370,8 @@ pub async fn serve_connect(
             // The destination is known once the request head is read.
             let log = StreamLog::start(&metrics, Direction::Outbound, source, None, "", None);
             async move {
-                let _slot = slot;
+                // Held (moved into this future) until the stream ends.
+                let _ = &slot;
                 http_connect(app, &routes, &pool, &metrics, log).await
             }
         },
@@ -445,11 +460,13 @@ async fn http_connect(
     };
     let head = buf.split_to(head_end);
     let first = buf.freeze();
-    let line = String::from_utf8_lossy(&head);
-    let line = line.lines().next().unwrap_or_default();
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "CONNECT" {
+    // Only the request line's target is kept: the head shares its buffer
+    // with `first`, which goes out with the request, and would otherwise
+    // hold it (a kilobyte or more) for the stream's life.
+    let (connect, named) = request_line(&head);
+    drop(head);
+    let target = named.as_str();
+    if !connect {
         // A client sending plain HTTP through a proxy (`GET http://…`) is
         // told what this listener takes (curl: `-p`/`--proxytunnel`).
         let _ = reply(
@@ -484,6 +501,7 @@ async fn http_connect(
         return;
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
+    drop(named);
     let began = Instant::now();
     // Boxed: the stream's task would otherwise keep room for opening a
     // tunnel (the pool's connecting and handshake) while it carries.
@@ -510,7 +528,7 @@ async fn http_connect(
             let status = match &e {
                 OpenError::Refused(status, _) => status.to_string(),
                 _ => {
-                    tracing::warn!(target, error = %e, "outbound tunnel not opened");
+                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
                     if e.timed_out() {
                         "504 Gateway Timeout".to_owned()
                     } else {
@@ -522,6 +540,14 @@ async fn http_connect(
             StreamLog::end(metrics, Direction::Outbound, log, not_opened(&e));
         }
     }
+}
+
+/// Whether a request head's method is `CONNECT`, and its target.
+fn request_line(head: &[u8]) -> (bool, String) {
+    let line = String::from_utf8_lossy(head);
+    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
+    let method = parts.next().unwrap_or("");
+    (method == "CONNECT", parts.next().unwrap_or("").to_owned())
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
