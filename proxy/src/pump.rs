@@ -139,8 +139,9 @@ pub async fn pump(
     carried: &Carried,
 ) -> io::Result<()> {
     // One future, not one awaiting another: each would hold its own copy of
-    // the arguments (an outbound stream's `recv` holds a timer), and an
-    // idle stream's task is mostly this future.
+    // the arguments (a large `recv`, such as an outbound stream's answer
+    // with its timer, is best boxed by the caller for the same reason), and
+    // an idle stream's task is mostly this future.
     let AppConn {
         tcp,
         complete,
