@@ -417,94 +417,99 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode, outcome
     let _ = respond.send_response(resp, true);
 }
 
-async fn stream(
+#[allow(clippy::manual_async_fn)] // see the note in its body
+fn stream<'a>(
     req: Box<Request<RecvStream>>,
     respond: SendResponse<Bytes>,
     has_slot: bool,
-    verified: &VerifiedPeer,
+    verified: &'a VerifiedPeer,
     peer: SocketAddr,
-    inbound: &Inbound,
-) {
-    let peer_id = &verified.id;
-    let began = Instant::now();
-    // The set's version is taken before the decision: a set that changes
-    // while the stream is admitted gets it decided again, and one that the
-    // decision already used (the epoch follows the authorizer a moment
-    // late) does not.
-    let mut epoch = inbound.policy_epoch.clone();
-    epoch.borrow_and_update();
-    let decided = inbound.authz.version();
-    let metrics = &inbound.metrics;
-    let mut log = StreamLog::start(
-        metrics,
-        Direction::Inbound,
-        peer,
-        Some(peer_id),
-        &inbound.forward,
-        None,
-    );
-    // Admission runs in its own allocation, freed before the long-lived part:
-    // an open stream keeps only what the pump needs. (`req` is not even
-    // looked at here: a local borrowed in this future stays in it for the
-    // stream's life, moved or not.)
-    let (mut app, send, body, port) = match Box::pin(admit(
-        req, respond, has_slot, verified, peer, inbound, &mut log,
-    ))
-    .await
-    {
-        Ok(admitted) => admitted,
-        Err((status, outcome)) => {
-            let status = status.map_or(0, |s| s.as_u16());
-            StreamLog::end(
-                metrics,
-                Direction::Inbound,
-                log,
-                End::empty(status, outcome, None),
-            );
-            return;
-        }
-    };
-    metrics.stream_opened(Direction::Inbound);
-    let opened = Instant::now();
-    metrics.stream_set_up(Direction::Inbound, opened - began);
-    verified.served.store(true, Ordering::Release);
-    let body = std::future::ready(Ok(body));
-    let carried = Carried::default();
-    let result = tokio::select! {
-        r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
-        // Dropping the pump resets the stream, and the application's
-        // connection unless the stream's end had reached it.
-        () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
-    };
-    drop(app);
-    let (to_app, from_app) = carried.totals();
-    metrics.stream_closed(Direction::Inbound, (to_app, from_app));
-    metrics.stream_carried(
-        Direction::Inbound,
-        Some(peer_id),
-        (to_app, from_app),
-        opened.elapsed(),
-    );
-    let (outcome, error) = match &result {
-        Ok(outcome) => (*outcome, None),
-        // The connection was closed under it: its peer is no longer trusted.
-        Err(_) if verified.untrusted.load(Ordering::Acquire) => ("untrusted", None),
-        // Its connection was closed: the peer stopped answering PINGs.
-        Err(_) if verified.unresponsive.load(Ordering::Acquire) => {
-            ("unreachable", Some(&UNRESPONSIVE as &dyn std::fmt::Display))
-        }
-        Err(e) => {
-            tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
-            ("error", Some(e as &dyn std::fmt::Display))
-        }
-    };
-    let end = End {
-        status: 200,
-        outcome,
-        error,
-        bytes: Some((to_app, from_app)),
-    };
-    StreamLog::end(metrics, Direction::Inbound, log, end);
+    inbound: &'a Inbound,
+) -> impl std::future::Future<Output = ()> + 'a {
+    // An async block, not an async fn, as `revoked`'s: an async fn's
+    // future would keep each argument twice.
+    async move {
+        let peer_id = &verified.id;
+        let began = Instant::now();
+        // The set's version is taken before the decision: a set that changes
+        // while the stream is admitted gets it decided again, and one that the
+        // decision already used (the epoch follows the authorizer a moment
+        // late) does not.
+        let mut epoch = inbound.policy_epoch.clone();
+        epoch.borrow_and_update();
+        let decided = inbound.authz.version();
+        let metrics = &inbound.metrics;
+        let mut log = StreamLog::start(
+            metrics,
+            Direction::Inbound,
+            peer,
+            Some(peer_id),
+            &inbound.forward,
+            None,
+        );
+        // Admission runs in its own allocation, freed before the long-lived part:
+        // an open stream keeps only what the pump needs. (`req` is not even
+        // looked at here: a local borrowed in this future stays in it for the
+        // stream's life, moved or not.)
+        let (mut app, send, body, port) = match Box::pin(admit(
+            req, respond, has_slot, verified, peer, inbound, &mut log,
+        ))
+        .await
+        {
+            Ok(admitted) => admitted,
+            Err((status, outcome)) => {
+                let status = status.map_or(0, |s| s.as_u16());
+                StreamLog::end(
+                    metrics,
+                    Direction::Inbound,
+                    log,
+                    End::empty(status, outcome, None),
+                );
+                return;
+            }
+        };
+        metrics.stream_opened(Direction::Inbound);
+        let opened = Instant::now();
+        metrics.stream_set_up(Direction::Inbound, opened - began);
+        verified.served.store(true, Ordering::Release);
+        let body = std::future::ready(Ok(body));
+        let carried = Carried::default();
+        let result = tokio::select! {
+            r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
+            // Dropping the pump resets the stream, and the application's
+            // connection unless the stream's end had reached it.
+            () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
+        };
+        drop(app);
+        let (to_app, from_app) = carried.totals();
+        metrics.stream_closed(Direction::Inbound, (to_app, from_app));
+        metrics.stream_carried(
+            Direction::Inbound,
+            Some(peer_id),
+            (to_app, from_app),
+            opened.elapsed(),
+        );
+        let (outcome, error) = match &result {
+            Ok(outcome) => (*outcome, None),
+            // The connection was closed under it: its peer is no longer trusted.
+            Err(_) if verified.untrusted.load(Ordering::Acquire) => ("untrusted", None),
+            // Its connection was closed: the peer stopped answering PINGs.
+            Err(_) if verified.unresponsive.load(Ordering::Acquire) => {
+                ("unreachable", Some(&UNRESPONSIVE as &dyn std::fmt::Display))
+            }
+            Err(e) => {
+                tracing::debug!(principal = %peer_id, error = %e, "inbound stream ended with an error");
+                ("error", Some(e as &dyn std::fmt::Display))
+            }
+        };
+        let end = End {
+            status: 200,
+            outcome,
+            error,
+            bytes: Some((to_app, from_app)),
+        };
+        StreamLog::end(metrics, Direction::Inbound, log, end);
+    }
 }
 
 /// Why a stream was not admitted: the status it was answered (none if the
@@ -688,39 +693,45 @@ fn decide(
 /// Resolves when a set newer than version `decided` (the one the stream was
 /// admitted under, or an older one) no longer permits an open stream (the
 /// decision is logged like any other); pending for as long as sets allow it.
-async fn revoked(
-    epoch: &mut watch::Receiver<u64>,
+#[allow(clippy::manual_async_fn)] // see the note in its body
+fn revoked<'a>(
+    epoch: &'a mut watch::Receiver<u64>,
     mut decided: u64,
-    peer_id: &SpiffeId,
+    peer_id: &'a SpiffeId,
     peer: SocketAddr,
     port: u16,
-    inbound: &Inbound,
-) {
-    while epoch.changed().await.is_ok() {
-        let version = *epoch.borrow_and_update();
-        if version <= decided {
-            continue;
+    inbound: &'a Inbound,
+) -> impl std::future::Future<Output = ()> + 'a {
+    // An async block, not an async fn: every open stream's task holds this
+    // future, and an async fn's would keep each argument twice (as passed,
+    // and as its body's own copy).
+    async move {
+        while epoch.changed().await.is_ok() {
+            let version = *epoch.borrow_and_update();
+            if version <= decided {
+                continue;
+            }
+            decided = version;
+            // Decided for the SPIFFE ID this proxy has, even if its SVID has
+            // expired meanwhile (the stream goes on): a change must not be lost.
+            let Some(me) = inbound
+                .identity
+                .current
+                .borrow()
+                .as_ref()
+                .map(|c| c.spiffe_id.clone())
+            else {
+                continue;
+            };
+            let decision = decide(inbound, peer_id, &me, peer, port);
+            if !decision.permitted {
+                inbound.metrics.stream_revoked();
+                tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");
+                return;
+            }
         }
-        decided = version;
-        // Decided for the SPIFFE ID this proxy has, even if its SVID has
-        // expired meanwhile (the stream goes on): a change must not be lost.
-        let Some(me) = inbound
-            .identity
-            .current
-            .borrow()
-            .as_ref()
-            .map(|c| c.spiffe_id.clone())
-        else {
-            continue;
-        };
-        let decision = decide(inbound, peer_id, &me, peer, port);
-        if !decision.permitted {
-            inbound.metrics.stream_revoked();
-            tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");
-            return;
-        }
+        std::future::pending().await
     }
-    std::future::pending().await
 }
 
 #[cfg(test)]

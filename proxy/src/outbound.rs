@@ -144,8 +144,7 @@ pub async fn serve_route(
             // Boxed: the pump's futures hold the answer's future (and its
             // timer) by value, in more than one place; boxed, each holds a
             // pointer, and the box, with what only the answer needs, is
-            // freed once the answer is in (or given up on), so an idle
-            // stream's task is about half the size.
+            // freed once the answer is in (or given up on).
             let response = Box::pin({
                 let (route, metrics, carried) = (&route, &metrics, &carried);
                 let wait = pool.answer_timeout();
