@@ -480,6 +480,14 @@ impl ProxyConfig {
             if n == 0 {
                 return bad(key, "must be greater than zero".into());
             }
+            // The bound of a tokio semaphore; more would panic when the
+            // limit is made.
+            if n > tokio::sync::Semaphore::MAX_PERMITS {
+                return bad(
+                    key,
+                    format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+                );
+            }
         }
         for (key, d) in [
             ("policy.reload_interval", self.policy.reload_interval),
@@ -491,6 +499,11 @@ impl ProxyConfig {
         ] {
             if d.is_zero() {
                 return bad(key, "must be greater than zero".into());
+            }
+            // Deadlines are made by adding these to the time now, which a
+            // duration of centuries would overflow.
+            if d > MAX_DURATION {
+                return bad(key, "must be at most 10 years".into());
             }
         }
         if self.worker_threads == 0 {
@@ -506,9 +519,54 @@ impl ProxyConfig {
     }
 }
 
+/// The longest timeout or interval the configuration takes.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Limits of zero and limits or durations too large to use are
+    /// refused at start, naming their key, not found later by a panic.
+    #[test]
+    fn limits_out_of_range_are_refused_with_their_key() {
+        let base = || ProxyConfig {
+            inbound: Some(Inbound {
+                listen: "0.0.0.0:15008".parse().unwrap(),
+                forward: "127.0.0.1:8080".into(),
+                service_port: None,
+                ports: Vec::new(),
+                proxy_protocol: false,
+            }),
+            ..ProxyConfig::default()
+        };
+        let refused = |c: ProxyConfig, key: &str, says: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{e}");
+        };
+        base().validate().unwrap();
+        let mut c = base();
+        c.limits.max_connections = 0;
+        refused(c, "limits.max_connections", "greater than zero");
+        let mut c = base();
+        c.limits.max_connections = usize::MAX;
+        refused(c, "limits.max_connections", "must be at most");
+        let mut c = base();
+        c.limits.max_inbound_streams = tokio::sync::Semaphore::MAX_PERMITS + 1;
+        refused(c, "limits.max_inbound_streams", "must be at most");
+        let mut c = base();
+        c.limits.max_inbound_streams = tokio::sync::Semaphore::MAX_PERMITS;
+        c.validate().unwrap();
+        let mut c = base();
+        c.limits.idle_timeout = Duration::from_secs(u64::MAX);
+        refused(c, "limits.idle_timeout", "at most 10 years");
+        let mut c = base();
+        c.policy.reload_interval = MAX_DURATION + Duration::from_secs(1);
+        refused(c, "policy.reload_interval", "at most 10 years");
+        let mut c = base();
+        c.limits.keepalive_timeout = MAX_DURATION;
+        c.validate().unwrap();
+    }
 
     #[test]
     fn a_full_file_parses_and_errors_name_the_key() {
