@@ -90,6 +90,10 @@ pub async fn serve(
     let slots = crate::limit::Limit::new(max_connections);
     loop {
         let (tcp, peer) = tokio::select! {
+            // The drain first: once it has begun no connection waiting to
+            // be accepted is taken, however many are waiting.
+            biased;
+            _ = crate::drained(&mut drain) => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -99,7 +103,6 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::drained(&mut drain) => return,
         };
         let Some(slot) = slots.take(|| {
             tracing::warn!(
@@ -112,20 +115,26 @@ pub async fn serve(
                 .refused(Direction::Inbound, "over_connection_limit");
             continue;
         };
+        // Counted from here, not from the task's start: the drain waits for
+        // connections in their handshake, and this one is in it already.
+        let handshaking = inbound.metrics.inbound_handshake();
         let inbound = inbound.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
-            connection(tcp, peer, inbound, drain).await;
+            connection(tcp, peer, inbound, drain, handshaking).await;
             drop(slot);
         });
     }
 }
 
+/// Serves one inbound connection; `handshaking` counts it among those in
+/// their handshake until that is over.
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     inbound: Arc<Inbound>,
     mut drain: watch::Receiver<bool>,
+    handshaking: crate::metrics::StreamTask,
 ) {
     hbone::tunnel_socket(&tcp);
     // The address the peer reached (a PROXY protocol header's destination).
@@ -145,7 +154,6 @@ async fn connection(
         .map_or(UNCHECKED, |c| c.roots.generation());
     let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
     let traffic = transport.traffic();
-    let handshaking = metrics.inbound_handshake();
     let handshake = async {
         let mut tls = inbound.acceptor.accept(transport).await?;
         tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
@@ -869,7 +877,8 @@ mod tests {
         let (_drain_tx, drain_rx) = watch::channel(false);
         let server = tokio::spawn(async move {
             let (tcp, peer) = listener.accept().await.unwrap();
-            connection(tcp, peer, inbound, drain_rx).await;
+            let handshaking = inbound.metrics.inbound_handshake();
+            connection(tcp, peer, inbound, drain_rx, handshaking).await;
         });
 
         // The peer: a TLS handshake with an SVID from the old root...
@@ -973,7 +982,8 @@ mod tests {
         tokio::spawn(async move {
             let (_drain_tx, drain_rx) = watch::channel(false);
             let (tcp, peer) = listener.accept().await.unwrap();
-            connection(tcp, peer, inbound, drain_rx).await;
+            let handshaking = inbound.metrics.inbound_handshake();
+            connection(tcp, peer, inbound, drain_rx, handshaking).await;
         });
         let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
         peer_client(issuer, roots)

@@ -47,6 +47,10 @@ async fn accept_loop<F, Fut>(
 {
     loop {
         let (app, source) = tokio::select! {
+            // The end first: once it has come no connection waiting to be
+            // accepted is taken.
+            biased;
+            _ = crate::drained(&mut exit) => return,
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -55,7 +59,6 @@ async fn accept_loop<F, Fut>(
                     continue;
                 }
             },
-            _ = crate::drained(&mut exit) => return,
         };
         let Some(slot) = slots.take(|| {
             tracing::warn!(
