@@ -7,7 +7,9 @@
 //! generation number that the connection pool uses to stop putting new streams
 //! on connections made with an older SVID. If the agent goes away, the last
 //! SVID keeps being used (until it expires) and the stream is reopened with
-//! backoff; the outage is logged once. A response equal to the one installed
+//! backoff; the outage is logged once (again if it changes between the agent
+//! being out of reach and the agent refusing this workload an identity, as
+//! when its registration entry was removed). A response equal to the one installed
 //! (what a reopened stream starts with, if nothing changed) changes nothing.
 
 use std::path::PathBuf;
@@ -85,7 +87,8 @@ async fn watch_svids(
     metrics: Arc<Metrics>,
 ) {
     let mut delay = Duration::from_millis(200);
-    let mut outage_logged = false;
+    // The kind of outage last logged (whether the agent refused), if any.
+    let mut outage_logged: Option<bool> = None;
     let mut svids = Svids {
         resolver,
         tx,
@@ -99,15 +102,18 @@ async fn watch_svids(
         if delivered {
             // The stream delivered before it failed: start the backoff afresh.
             delay = Duration::from_millis(200);
-            if outage_logged {
+            if outage_logged.take().is_some() {
                 tracing::info!("Workload API available again");
-                outage_logged = false;
             }
         }
         if let Err(e) = result {
-            if !outage_logged {
-                tracing::warn!(socket = %socket.display(), error = %e, "Workload API unavailable; keeping the current SVID and retrying");
-                outage_logged = true;
+            if outage_logged != Some(e.refused) {
+                if e.refused {
+                    tracing::warn!(socket = %socket.display(), error = %e.text, "the agent issues this workload no identity (was its registration entry removed?); keeping the current SVID until it expires, and asking again");
+                } else {
+                    tracing::warn!(socket = %socket.display(), error = %e.text, "Workload API unavailable; keeping the current SVID and retrying");
+                }
+                outage_logged = Some(e.refused);
             }
         }
         if svids.tx.is_closed() {
@@ -118,29 +124,52 @@ async fn watch_svids(
     }
 }
 
+/// Why a Workload API stream gave no (more) SVIDs.
+struct Outage {
+    /// The agent answered `PermissionDenied`: it issues this workload no
+    /// identity (no registration entry matches it), as opposed to being
+    /// out of reach or failing.
+    refused: bool,
+    text: String,
+}
+
+impl Outage {
+    fn unavailable(text: impl Into<String>) -> Self {
+        Outage {
+            refused: false,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Outage {
+    fn from(s: tonic::Status) -> Self {
+        Outage {
+            refused: s.code() == tonic::Code::PermissionDenied,
+            text: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
 /// Follows one stream; `delivered` is set once a response came.
 async fn stream_once(
     socket: &std::path::Path,
     svids: &mut Svids,
     delivered: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), Outage> {
     let channel = ward_spec::grpc::unix_channel(socket.to_path_buf())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Outage::unavailable(e.to_string()))?;
     let mut client = SpiffeWorkloadApiClient::new(channel);
     let mut req = tonic::Request::new(pb::X509svidRequest {});
     req.metadata_mut()
         .insert("workload.spiffe.io", MetadataValue::from_static("true"));
-    let mut stream = client
-        .fetch_x509svid(req)
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut stream = client.fetch_x509svid(req).await?.into_inner();
     loop {
         let resp = match stream.message().await {
             Ok(Some(r)) => r,
-            Ok(None) => return Err("the agent closed the stream".into()),
-            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            Ok(None) => return Err(Outage::unavailable("the agent closed the stream")),
+            Err(s) => return Err(s.into()),
         };
         *delivered = true;
         svids.receive(resp);
@@ -283,6 +312,34 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// The agent's `PermissionDenied` (no registration entry matches this
+    /// workload) is told apart from the agent being out of reach or failing.
+    #[test]
+    fn a_refusal_is_told_apart_from_an_outage() {
+        let refused = Outage::from(tonic::Status::permission_denied(
+            "no identity issued: no registration entry matches the caller",
+        ));
+        assert!(refused.refused);
+        assert!(
+            refused.text.contains("PermissionDenied"),
+            "{}",
+            refused.text
+        );
+        assert!(
+            refused.text.contains("no registration entry"),
+            "{}",
+            refused.text
+        );
+        for s in [
+            tonic::Status::unavailable("connection refused"),
+            tonic::Status::internal("boom"),
+            tonic::Status::unauthenticated("no credentials"),
+        ] {
+            assert!(!Outage::from(s).refused);
+        }
+        assert!(!Outage::unavailable("the agent closed the stream").refused);
     }
 
     /// A reopened stream starts with the response already installed: it
