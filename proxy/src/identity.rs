@@ -10,7 +10,8 @@
 //! backoff; the outage is logged once (again if it changes between the agent
 //! being out of reach and the agent refusing this workload an identity, as
 //! when its registration entry was removed). A response equal to the one installed
-//! (what a reopened stream starts with, if nothing changed) changes nothing.
+//! (what a reopened stream starts with, if nothing changed) changes nothing;
+//! nor does one whose SVID has expired.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -236,6 +237,16 @@ fn install(
     let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
     let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
         .map_err(|e| e.to_string())?;
+    // An expired SVID would be refused by every peer: the current one, if
+    // still valid, serves better (and none is no worse).
+    let now = unix_now();
+    if leaf.not_after <= now {
+        return Err(format!(
+            "the SVID for {} expired {} s ago",
+            leaf.spiffe_id,
+            now - leaf.not_after
+        ));
+    }
     // Checked before anything is changed: a response whose key is not its
     // SVID's changes neither the roots nor the SVID.
     ward_spec::tls::certified_key(&chain, &svid.x509_svid_key)
@@ -295,7 +306,7 @@ fn install(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ward_spec::test_util::{leaf_and_key, root, Issuer};
+    use ward_spec::test_util::{expired_leaf_and_key, leaf_and_key, root, Issuer};
 
     const API: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
 
@@ -312,6 +323,43 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// Nothing installed yet, and the watch that announces what is.
+    fn svids() -> (Svids, watch::Receiver<Option<Current>>) {
+        let (tx, rx) = watch::channel(None);
+        let svids = Svids {
+            resolver: SvidResolver::default(),
+            tx,
+            metrics: Arc::new(Metrics::default()),
+            generation: 0,
+            installed: None,
+        };
+        (svids, rx)
+    }
+
+    /// An expired SVID (an agent serving one it could not renew) is not
+    /// installed: the current one stays, with its generation, and no
+    /// change is announced.
+    #[test]
+    fn an_expired_svid_is_not_installed() {
+        let (bundle, issuer) = root("example.org");
+        let (mut svids, mut rx) = svids();
+        svids.receive(response(&issuer, &bundle));
+        let before = svids.resolver.get().unwrap();
+        rx.borrow_and_update();
+        let mut expired = response(&issuer, &bundle);
+        let (cert, key) = expired_leaf_and_key(API, &issuer);
+        expired.svids[0].x509_svid = cert.to_vec();
+        expired.svids[0].x509_svid_key = key.serialize_der();
+        let e = install(&expired, &svids.resolver, rx.borrow().as_ref())
+            .err()
+            .expect("an expired SVID was installed");
+        assert!(e.contains("expired") && e.contains(API), "{e}");
+        svids.receive(expired);
+        assert!(!rx.has_changed().unwrap(), "an expired SVID was announced");
+        assert!(Arc::ptr_eq(&before, &svids.resolver.get().unwrap()));
+        assert_eq!(rx.borrow().as_ref().unwrap().generation, 1);
     }
 
     /// The agent's `PermissionDenied` (no registration entry matches this
@@ -348,14 +396,7 @@ mod tests {
     #[test]
     fn the_response_already_installed_is_not_a_new_generation() {
         let (bundle, issuer) = root("example.org");
-        let (tx, mut rx) = watch::channel(None);
-        let mut svids = Svids {
-            resolver: SvidResolver::default(),
-            tx,
-            metrics: Arc::new(Metrics::default()),
-            generation: 0,
-            installed: None,
-        };
+        let (mut svids, mut rx) = svids();
         let first = response(&issuer, &bundle);
         svids.receive(first.clone());
         let generation = |rx: &mut watch::Receiver<Option<Current>>| {

@@ -28,7 +28,19 @@ pub fn root(td: &str) -> (TrustBundle, Issuer) {
 
 /// An SVID for `id` from `issuer`, and its key.
 pub fn leaf_and_key(id: &str, issuer: &Issuer) -> (CertificateDer<'static>, KeyPair) {
+    leaf_and_key_of(id, issuer, false)
+}
+
+/// An SVID for `id` from `issuer` that expired in 2001, and its key.
+pub fn expired_leaf_and_key(id: &str, issuer: &Issuer) -> (CertificateDer<'static>, KeyPair) {
+    leaf_and_key_of(id, issuer, true)
+}
+
+fn leaf_and_key_of(id: &str, issuer: &Issuer, expired: bool) -> (CertificateDer<'static>, KeyPair) {
     let mut p = CertificateParams::default();
+    if expired {
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    }
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
