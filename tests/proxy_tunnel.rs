@@ -1202,6 +1202,27 @@ fn http_connect_failures_say_why() {
     let unreachable =
         "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
     assert_eq!(web.metric(unreachable), 3.0);
+    // A request head that does not end within 8 KiB is refused as too large.
+    // (Exactly 8 KiB are sent, all of which the proxy reads: it closes
+    // without a reset, which could lose its reply.)
+    let reply = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&connect).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = b"CONNECT api.acme:8080 HTTP/1.1\r\nX-Padding: ".to_vec();
+        head.resize(8 * 1024, b'a');
+        s.write_all(&head).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    };
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    assert!(
+        reply.contains("\r\nward-proxy-error: request head too large\r\n"),
+        "{reply}"
+    );
+    let error = "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"error\"}";
+    assert_eq!(web.metric(error), 1.0);
     drop(silent);
 }
 

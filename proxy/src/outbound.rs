@@ -435,19 +435,8 @@ async fn http_connect(
     let head_end = match head {
         Ok(Ok(Some(i))) => i,
         Ok(Ok(None)) => {
-            let _ = reply(
-                &mut app,
-                "431 Request Header Fields Too Large",
-                Some("request head too large"),
-            )
-            .await;
-            StreamLog::end(
-                metrics,
-                Direction::Outbound,
-                log,
-                End::empty(431, "error", Some(&"request head too large")),
-            );
-            return;
+            let status = "431 Request Header Fields Too Large";
+            return refuse(app, metrics, log, status, "error", "request head too large").await;
         }
         Ok(Err(())) | Err(_) => {
             let why = "no CONNECT request head (closed, or not within 10 s)";
@@ -471,36 +460,14 @@ async fn http_connect(
     if !connect {
         // A client sending plain HTTP through a proxy (`GET http://…`) is
         // told what this listener takes (curl: `-p`/`--proxytunnel`).
-        let _ = reply(
-            &mut app,
-            "405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0",
-            Some("not a CONNECT request"),
-        )
-        .await;
-        StreamLog::end(
-            metrics,
-            Direction::Outbound,
-            log,
-            End::empty(405, "error", Some(&"not a CONNECT request")),
-        );
-        return;
+        let status = "405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0";
+        return refuse(app, metrics, log, status, "error", "not a CONNECT request").await;
     }
     let Some(route) = routes.get(target) else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
-        let _ = reply(
-            &mut app,
-            "403 Forbidden",
-            Some("no route names this target"),
-        )
-        .await;
         StreamLog::set_route(&mut log, "", target);
-        StreamLog::end(
-            metrics,
-            Direction::Outbound,
-            log,
-            End::empty(403, "denied", Some(&"no route names this target")),
-        );
-        return;
+        let why = "no route names this target";
+        return refuse(app, metrics, log, "403 Forbidden", "denied", why).await;
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
     drop(named);
@@ -554,6 +521,27 @@ fn request_line(head: &[u8]) -> (bool, String) {
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Answers an HTTP CONNECT client with this proxy's own refusal (`status`:
+/// its code, reason and any further header lines) saying `why`, and ends
+/// the stream's access line with that code and `outcome`.
+async fn refuse(
+    mut app: TcpStream,
+    metrics: &Metrics,
+    log: Option<Box<StreamLog>>,
+    status: &str,
+    outcome: &'static str,
+    why: &'static str,
+) {
+    let _ = reply(&mut app, status, Some(why)).await;
+    let code = status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+    StreamLog::end(
+        metrics,
+        Direction::Outbound,
+        log,
+        End::empty(code, outcome, Some(&why)),
+    );
 }
 
 /// Answers an HTTP CONNECT client. An answer other than 200 (this proxy's
