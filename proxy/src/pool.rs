@@ -611,6 +611,10 @@ impl Pool {
             .map(|c| c.generation);
         let slots = self.slots.lock().expect("pool lock");
         let mut out: Vec<Pooled> = Vec::new();
+        // Where each destination and IDs stands in `out` (a search of `out`
+        // per slot, under the pool's lock, would grow with the square of
+        // the destinations).
+        let mut at: HashMap<(&str, &[SpiffeId]), usize> = HashMap::new();
         for (group, address, slot) in all_slots(&slots) {
             let open = slot
                 .conns
@@ -624,12 +628,9 @@ impl Pool {
             }
             // One entry per destination and IDs, whichever of our SVIDs
             // made the connections.
-            let i = match out
-                .iter()
-                .position(|p| p.destination == group.destination && p.ids == group.ids)
-            {
-                Some(i) => i,
-                None => {
+            let i = *at
+                .entry((group.destination.as_str(), group.ids.as_slice()))
+                .or_insert_with(|| {
                     out.push(Pooled {
                         destination: group.destination.clone(),
                         ids: group.ids.clone(),
@@ -638,8 +639,7 @@ impl Pool {
                         endpoints: Vec::new(),
                     });
                     out.len() - 1
-                }
-            };
+                });
             let p = &mut out[i];
             p.connections += connections;
             p.streams += streams;
