@@ -83,7 +83,9 @@ pub struct Inbound {
     /// The HBONE listener.
     #[serde(default = "default_inbound_listen")]
     pub listen: SocketAddr,
-    /// The local application every authorized stream is connected to.
+    /// The local application every authorized stream is connected to
+    /// (`HOST:PORT`; a host name is looked up again every 5 s, not per
+    /// stream).
     pub forward: String,
     /// The port policies see as `destination_port` for every stream (all
     /// reach `forward`, whatever port the peer's `CONNECT` names). Default:

@@ -58,6 +58,9 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Looks up applications named by host name (`localhost:8080`, or a
+    /// container's name): once for many streams, not once each.
+    pub resolver: crate::resolve::Resolver,
     /// PINGs to peers while their connections carry streams.
     pub keepalive: hbone::Keepalive,
     /// Each connection to the application starts with a PROXY protocol v2
@@ -575,7 +578,11 @@ async fn admit(
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
         return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
     }
-    let connect = tokio::time::timeout(inbound.connect_timeout, TcpStream::connect(forward));
+    let wait = inbound.connect_timeout;
+    let connect = tokio::time::timeout(wait, async {
+        let addresses = inbound.resolver.addresses(forward, wait).await?;
+        TcpStream::connect(addresses.as_slice()).await
+    });
     // A peer that gives up meanwhile (resets the stream) stops the connect:
     // the application does not see a connection nobody will use.
     let connected = tokio::select! {
@@ -746,6 +753,9 @@ fn revoked<'a>(
 mod tests {
     use super::*;
     use crate::identity::Current;
+    use crate::resolve::testing::lookup_of;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
     use tokio_rustls::TlsConnector;
     use ward_spec::test_util::{root, svid};
     use ward_spec::tls::{PeerPolicy, SpiffeServerVerifier, SvidResolver};
@@ -802,6 +812,10 @@ mod tests {
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
             connect_timeout: Duration::from_secs(5),
+            resolver: crate::resolve::Resolver::new(
+                crate::resolve::system_lookup(),
+                crate::resolve::DNS_REFRESH,
+            ),
             keepalive: hbone::Keepalive {
                 interval: Duration::from_secs(10),
                 timeout: Duration::from_secs(20),
@@ -992,6 +1006,17 @@ mod tests {
             .unwrap()
     }
 
+    /// An authorizer in dry-run mode with no policies: every stream is
+    /// let through (and logged as one that would be denied).
+    fn dry_run() -> Arc<Authorizer> {
+        Arc::new(Authorizer::new(
+            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap(),
+            ward_authz::IdTemplate::default(),
+            ward_authz::Mode::DryRun,
+            None,
+        ))
+    }
+
     /// Asks `client` for a stream every `every`, `times` times or until
     /// the connection takes no more; the statuses answered.
     fn ask_every(
@@ -1022,6 +1047,37 @@ mod tests {
             }
             answered
         })
+    }
+
+    /// An application named by host name is looked up once for many
+    /// streams (not once each, on a blocking thread), and reached at the
+    /// address found.
+    #[tokio::test]
+    async fn an_application_named_by_host_name_is_looked_up_once_for_many_streams() {
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = format!("app.test:{}", addr.port());
+        serving.resolver = crate::resolve::Resolver::new(
+            lookup_of(Arc::new(Mutex::new(vec![addr])), calls.clone()),
+            crate::resolve::DNS_REFRESH,
+        );
+        serving.authz = dry_run();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        let answered = ask_every(client, Duration::from_millis(10), 3)
+            .await
+            .unwrap();
+        assert_eq!(answered, [StatusCode::OK; 3]);
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(5), app.accept())
+                .await
+                .expect("the application did not get the stream")
+                .unwrap();
+        }
+        assert_eq!(calls.load(Ordering::Acquire), 1);
     }
 
     /// Streams that are not admitted (here denied: no policy permits
@@ -1136,12 +1192,7 @@ mod tests {
             interval: Duration::from_millis(300),
             timeout: Duration::from_millis(300),
         };
-        serving.authz = Arc::new(Authorizer::new(
-            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap(),
-            ward_authz::IdTemplate::default(),
-            ward_authz::Mode::DryRun,
-            None,
-        ));
+        serving.authz = dry_run();
         let metrics = inbound.metrics.clone();
         let (client, mut conn) = connected_peer(inbound, &root, &roots).await;
         let mut client = client.ready().await.unwrap();
@@ -1212,12 +1263,7 @@ mod tests {
         let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let serving = Arc::get_mut(&mut inbound).unwrap();
         serving.forward = app.local_addr().unwrap().to_string();
-        serving.authz = Arc::new(Authorizer::new(
-            ward_authz::policy::parse_schema("built in", ward_authz::DEFAULT_SCHEMA).unwrap(),
-            ward_authz::IdTemplate::default(),
-            ward_authz::Mode::DryRun,
-            None,
-        ));
+        serving.authz = dry_run();
         tokio::spawn(async move {
             while let Ok((app_conn, _)) = app.accept().await {
                 drop(app_conn);

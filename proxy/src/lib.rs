@@ -10,7 +10,8 @@
 //! IDs. At the peer, the [`inbound`] HBONE listener (port 15008) verifies our
 //! certificate, asks `ward-authz` whether our SPIFFE ID may connect to its
 //! workload, and answers `403` or connects the stream to its application
-//! (starting that connection with a [`proxy_protocol`] header if asked). The
+//! (starting that connection with a [`proxy_protocol`] header if asked);
+//! peers and applications named by host name are looked up by [`resolve`]. The
 //! bytes of each stream are carried by [`pump`] with HTTP/2 flow control as
 //! back-pressure. [`metrics`] and the health endpoints are served on their own
 //! port (with [`status`]'s `/config_dump`); SIGTERM drains: the inbound
@@ -37,6 +38,7 @@ pub mod outbound;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod pump;
+pub mod resolve;
 pub mod status;
 
 use std::future::Future;
@@ -210,6 +212,7 @@ pub async fn run(
             handshake_timeout: cfg.limits.handshake_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             connect_timeout: cfg.limits.connect_timeout,
+            resolver: resolve::Resolver::new(resolve::system_lookup(), resolve::DNS_REFRESH),
             keepalive: cfg.limits.keepalive(),
             proxy_protocol: inb.proxy_protocol,
             policy_epoch: policy_epoch.clone(),

@@ -48,6 +48,7 @@ use ward_spec::SpiffeId;
 use crate::hbone::{self, PeerChain};
 use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
+use crate::resolve::{system_lookup, Addresses, Lookup, Resolver, DNS_REFRESH};
 
 /// Connections to one destination made with one of our SPIFFE IDs for one
 /// set of expected IDs: the pool's map is keyed by these first, so that a
@@ -203,156 +204,6 @@ impl Failure {
     }
 }
 
-/// Looks a host name (`host:port`) up.
-pub type Lookup = Arc<
-    dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// The system's resolver (`getaddrinfo`, on Tokio's blocking threads).
-fn system_lookup() -> Lookup {
-    blocking_lookup(
-        |host| std::net::ToSocketAddrs::to_socket_addrs(host).map(Iterator::collect),
-        MAX_LOOKUPS,
-    )
-}
-
-/// System lookups running at once, at most. A resolver that does not answer
-/// holds a blocking thread per lookup until the system gives up (a lookup
-/// the pool stopped waiting for runs on), and refreshes of many names would
-/// otherwise pile such threads up.
-const MAX_LOOKUPS: usize = 16;
-
-/// `resolve` on Tokio's blocking threads, `max` at a time and one at a time
-/// for each name; a call holds its turn until it returns, whether or not it
-/// is still awaited. A name whose last call has not returned fails at once
-/// (so a few names the resolver never answers do not use up every turn).
-fn blocking_lookup(resolve: fn(&str) -> io::Result<Vec<SocketAddr>>, max: usize) -> Lookup {
-    let turns = Arc::new(tokio::sync::Semaphore::new(max));
-    let running: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
-    Arc::new(move |host| {
-        let (turns, running) = (turns.clone(), running.clone());
-        Box::pin(async move {
-            if !running.lock().expect("lookups lock").insert(host.clone()) {
-                return Err(io::Error::other(
-                    "an earlier lookup of this name has not returned yet",
-                ));
-            }
-            let name = NameRunning(running, host);
-            let turn = turns.acquire_owned().await.map_err(io::Error::other)?;
-            tokio::task::spawn_blocking(move || {
-                let _turn = turn;
-                resolve(&name.1)
-            })
-            .await
-            .map_err(io::Error::other)?
-        })
-    })
-}
-
-/// A name being looked up, until dropped.
-struct NameRunning(Arc<Mutex<std::collections::HashSet<String>>>, String);
-
-impl Drop for NameRunning {
-    fn drop(&mut self) {
-        self.0.lock().expect("lookups lock").remove(&self.1);
-    }
-}
-
-/// What is known of a host-name destination.
-#[derive(Default)]
-struct Name {
-    resolved: Option<Resolved>,
-    /// When and why its first lookup last failed.
-    failed: Option<(Instant, io::ErrorKind, String)>,
-    /// The answer of a first lookup that came after its callers stopped
-    /// waiting (a resolver slower than the connect timeout): the next
-    /// caller takes it.
-    late: Arc<Mutex<Option<Arc<[SocketAddr]>>>>,
-}
-
-/// How long a lookup's answer is waited for in the background, however
-/// long its callers wait: a late answer is still an answer (the system's
-/// resolver gives up well before this).
-const LOOKUP_MAX: Duration = Duration::from_secs(60);
-
-/// A host name's addresses and when they were looked up.
-struct Resolved {
-    addresses: Arc<[SocketAddr]>,
-    at: Instant,
-    /// Set while a lookup runs in the background (cleared however its
-    /// task ends: one that panicked does not hold the next one back).
-    refreshing: Arc<AtomicBool>,
-    /// Told when that lookup ends.
-    refreshed: Arc<tokio::sync::Notify>,
-}
-
-/// A background lookup running, until dropped.
-struct Refreshing(Arc<AtomicBool>, Arc<tokio::sync::Notify>);
-
-impl Drop for Refreshing {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-        self.1.notify_waiters();
-    }
-}
-
-/// `destination`'s addresses, sorted, within `timeout`.
-async fn look_up(
-    lookup: &Lookup,
-    destination: &str,
-    timeout: Duration,
-) -> io::Result<Arc<[SocketAddr]>> {
-    let mut found = tokio::time::timeout(timeout, lookup(destination.to_owned()))
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out")))?;
-    found.sort();
-    found.dedup();
-    if found.is_empty() {
-        return Err(io::Error::other("the name has no address"));
-    }
-    Ok(found.into())
-}
-
-/// Looks a name up again, in the background: new addresses replace the
-/// last ones; a failure keeps them (and is tried again after the refresh
-/// interval).
-async fn refresh(
-    name: Arc<tokio::sync::Mutex<Name>>,
-    lookup: Lookup,
-    destination: String,
-    _running: Refreshing,
-) {
-    let found = look_up(&lookup, &destination, LOOKUP_MAX).await;
-    let mut name = name.lock().await;
-    let Some(r) = name.resolved.as_mut() else {
-        return;
-    };
-    r.at = Instant::now();
-    match found {
-        Ok(addresses) => r.addresses = addresses,
-        Err(e) => {
-            tracing::warn!(%destination, error = %e, "looking the destination up failed; its last addresses stay in use");
-        }
-    }
-}
-
-/// A destination's addresses: an IP address needs no lookup.
-enum Addresses {
-    One(SocketAddr),
-    Many(Arc<[SocketAddr]>),
-}
-
-impl Addresses {
-    fn as_slice(&self) -> &[SocketAddr] {
-        match self {
-            Addresses::One(a) => std::slice::from_ref(a),
-            Addresses::Many(all) => all,
-        }
-    }
-}
-
 pub struct Pool {
     identity: Identity,
     metrics: Arc<Metrics>,
@@ -371,10 +222,8 @@ pub struct Pool {
     /// Per destination, tunnels being opened at once: a destination that
     /// never answers holds at most this share of `opening`.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    lookup: Lookup,
-    dns_refresh: Duration,
-    /// Host-name destinations' addresses; one lookup at a time for each.
-    resolved: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Name>>>>,
+    /// Host-name destinations' addresses.
+    resolver: Resolver,
     /// Turns the choice between equally loaded addresses.
     rotation: AtomicUsize,
     /// Set by [`Pool::close`]: no connection is made from then on.
@@ -393,10 +242,6 @@ const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// The longest an address that keeps failing is tried after the others.
 pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// How often a host-name destination is looked up again (Envoy's default
-/// DNS refresh rate).
-pub const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -705,9 +550,7 @@ impl Pool {
             start: Instant::now(),
             opening: tokio::sync::Semaphore::new(MAX_OPENING),
             gates: Mutex::new(HashMap::new()),
-            lookup,
-            dns_refresh,
-            resolved: Mutex::new(HashMap::new()),
+            resolver: Resolver::new(lookup, dns_refresh),
             rotation: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
         });
@@ -964,111 +807,13 @@ impl Pool {
         })
     }
 
-    /// The addresses `destination` (`host:port`) stands for: an IP address
-    /// as it is; a host name's as last looked up. Its first lookup is
-    /// waited for, up to the connect timeout (one for all callers; a failed
-    /// one answers the callers of the next second at once; one answered
-    /// later than that still serves the callers after). Later ones, once
-    /// the addresses are [`DNS_REFRESH`] old, run in the background while
-    /// the last addresses stay in use (also while lookups fail), so a slow
-    /// resolver holds up no stream; but addresses twice that old (not
-    /// looked up through an idle spell, when the destination may have
-    /// moved) are looked up again first, up to the connect timeout, the
-    /// last ones used if that fails.
+    /// The addresses `destination` stands for (see [`Resolver::addresses`]),
+    /// a first lookup waited for up to the connect timeout.
     async fn addresses(&self, destination: &str) -> Result<Addresses, OpenError> {
-        if let Ok(address) = destination.parse() {
-            return Ok(Addresses::One(address));
-        }
-        let cell = {
-            let mut resolved = self.resolved.lock().expect("resolved lock");
-            match resolved.get(destination) {
-                Some(c) => c.clone(),
-                None => resolved.entry(destination.to_owned()).or_default().clone(),
-            }
-        };
-        let mut name = cell.lock().await;
-        if name.resolved.is_none() {
-            let late = name.late.lock().expect("late lock").take();
-            if let Some(addresses) = late {
-                name.failed = None;
-                name.resolved = Some(Resolved {
-                    addresses,
-                    at: Instant::now(),
-                    refreshing: Arc::default(),
-                    refreshed: Arc::default(),
-                });
-            }
-        }
-        if let Some(r) = name.resolved.as_mut() {
-            let age = r.at.elapsed();
-            if age < self.dns_refresh {
-                return Ok(Addresses::Many(r.addresses.clone()));
-            }
-            if !r.refreshing.swap(true, Ordering::AcqRel) {
-                tokio::spawn(refresh(
-                    cell.clone(),
-                    self.lookup.clone(),
-                    destination.to_owned(),
-                    Refreshing(r.refreshing.clone(), r.refreshed.clone()),
-                ));
-            }
-            if age < self.dns_refresh * 2 {
-                return Ok(Addresses::Many(r.addresses.clone()));
-            }
-            // Told even if it ends before this is first polled; the lookup
-            // takes the lock to store what it found.
-            let refreshed = r.refreshed.clone();
-            let done = refreshed.notified();
-            drop(name);
-            let _ = tokio::time::timeout(self.connect_timeout, done).await;
-            let name = cell.lock().await;
-            let r = name.resolved.as_ref().expect("never taken back");
-            return Ok(Addresses::Many(r.addresses.clone()));
-        }
-        if let Some((at, kind, why)) = name
-            .failed
-            .as_ref()
-            .filter(|(at, ..)| at.elapsed() < FAILURE_HOLD)
-        {
-            let why = format!("{why} ({} ms ago)", at.elapsed().as_millis());
-            return Err(OpenError::Connect(
-                destination.to_owned(),
-                io::Error::new(*kind, why),
-            ));
-        }
-        // In a task of its own, so that an answer later than the callers
-        // wait for is kept for those after.
-        let late = name.late.clone();
-        let (lookup, named) = (self.lookup.clone(), destination.to_owned());
-        let looking_up = tokio::spawn(async move {
-            let found = look_up(&lookup, &named, LOOKUP_MAX).await;
-            if let Ok(addresses) = &found {
-                *late.lock().expect("late lock") = Some(addresses.clone());
-            }
-            found
-        });
-        let found = match tokio::time::timeout(self.connect_timeout, looking_up).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => Err(io::Error::other(e)),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out")),
-        };
-        match found {
-            Ok(addresses) => {
-                name.late.lock().expect("late lock").take();
-                name.failed = None;
-                name.resolved = Some(Resolved {
-                    addresses: addresses.clone(),
-                    at: Instant::now(),
-                    refreshing: Arc::default(),
-                    refreshed: Arc::default(),
-                });
-                Ok(Addresses::Many(addresses))
-            }
-            Err(e) => {
-                name.failed = Some((Instant::now(), e.kind(), e.to_string()));
-                Err(OpenError::Connect(destination.to_owned(), e))
-            }
-        }
+        self.resolver
+            .addresses(destination, self.connect_timeout)
+            .await
+            .map_err(|e| OpenError::Connect(destination.to_owned(), e))
     }
 
     /// `addresses` in the order a new stream tries them: those whose last
@@ -1424,6 +1169,7 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::identity::Current;
+    use crate::resolve::testing::{lookup_of, slow_lookup_of};
     use tokio::net::TcpListener;
     use tokio::sync::watch;
     use tokio_rustls::TlsAcceptor;
@@ -1553,32 +1299,6 @@ mod tests {
         interval: Duration::from_secs(10),
         timeout: Duration::from_secs(20),
     };
-
-    /// A lookup answering what `answer` holds at the time (an empty list:
-    /// a failed lookup), counting its calls in `calls`.
-    fn lookup_of(answer: Arc<Mutex<Vec<SocketAddr>>>, calls: Arc<AtomicUsize>) -> Lookup {
-        slow_lookup_of(answer, calls, Arc::new(AtomicUsize::new(0)))
-    }
-
-    /// [`lookup_of`], each lookup taking `delay_ms`.
-    fn slow_lookup_of(
-        answer: Arc<Mutex<Vec<SocketAddr>>>,
-        calls: Arc<AtomicUsize>,
-        delay_ms: Arc<AtomicUsize>,
-    ) -> Lookup {
-        Arc::new(move |_host| {
-            calls.fetch_add(1, Ordering::AcqRel);
-            let found = answer.lock().unwrap().clone();
-            let delay = Duration::from_millis(delay_ms.load(Ordering::Acquire) as u64);
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                if found.is_empty() {
-                    return Err(io::Error::other("no such host"));
-                }
-                Ok(found)
-            })
-        })
-    }
 
     /// Streams to a host name with two addresses are spread over both (the
     /// fewest open streams first), one pooled connection each; the name is
@@ -2364,59 +2084,6 @@ mod tests {
             "the connection made during the rotation was labelled with the old SVID"
         );
         drop((first, second));
-    }
-
-    /// Blocking lookups run a few at a time, and one that is no longer
-    /// awaited (its caller timed out) keeps its turn until it returns: a
-    /// resolver that never answers holds that many threads, not one more
-    /// per refresh.
-    #[tokio::test]
-    async fn blocking_lookups_run_a_few_at_a_time_even_when_given_up() {
-        static RUNNING: AtomicUsize = AtomicUsize::new(0);
-        static MOST: AtomicUsize = AtomicUsize::new(0);
-        static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        fn stuck(_host: &str) -> io::Result<Vec<SocketAddr>> {
-            let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
-            MOST.fetch_max(now, Ordering::SeqCst);
-            while !RELEASE.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            RUNNING.fetch_sub(1, Ordering::SeqCst);
-            Ok(vec!["127.0.0.1:1".parse().unwrap()])
-        }
-        // The stuck lookups are let go however the test ends (the runtime
-        // waits for its blocking threads).
-        struct Release;
-        impl Drop for Release {
-            fn drop(&mut self) {
-                RELEASE.store(true, Ordering::SeqCst);
-            }
-        }
-        let release = Release;
-        let lookup = blocking_lookup(stuck, 2);
-        // Lookups of ten names, each given up after 100 ms.
-        for n in 0..10 {
-            let r =
-                tokio::time::timeout(Duration::from_millis(100), lookup(format!("n{n}.test:1")))
-                    .await;
-            assert!(r.is_err());
-        }
-        assert_eq!(MOST.load(Ordering::SeqCst), 2);
-        assert_eq!(RUNNING.load(Ordering::SeqCst), 2);
-        // A name whose lookup has not returned fails at once, without
-        // waiting for a turn: a stuck name holds no more than its own.
-        let again = tokio::time::timeout(Duration::from_secs(1), lookup("n0.test:1".into()))
-            .await
-            .expect("waited for a turn");
-        assert!(again.unwrap_err().to_string().contains("has not returned"));
-        // Once the resolver answers, lookups go through again.
-        drop(release);
-        let got = tokio::time::timeout(Duration::from_secs(5), lookup("n9.test:1".into()))
-            .await
-            .expect("a lookup waited after the resolver answered")
-            .unwrap();
-        assert_eq!(got, vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(MOST.load(Ordering::SeqCst), 2);
     }
 
     /// A peer's refusal keeps why it said, if it is one of a Ward proxy's
