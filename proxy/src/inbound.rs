@@ -92,20 +92,9 @@ pub async fn serve(
 ) {
     let slots = crate::limit::Limit::new(max_connections);
     loop {
-        let (tcp, peer) = tokio::select! {
-            // The drain first: once it has begun no connection waiting to
-            // be accepted is taken, however many are waiting.
-            biased;
-            _ = crate::drained(&mut drain) => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = crate::accept_until_drained(&listener, &mut drain, "inbound").await
+        else {
+            return;
         };
         let Some(slot) = slots.take(|| {
             tracing::warn!(

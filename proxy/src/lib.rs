@@ -350,6 +350,31 @@ pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
+/// The next connection to `listener` (the `what` listener), or None once
+/// `drain` has turned true: that is tried first, so that once it has, no
+/// connection waiting to be accepted is taken, however many are waiting. A
+/// failed accept (out of file descriptors and the like) is logged and tried
+/// again 50 ms later: the listener keeps serving.
+pub(crate) async fn accept_until_drained(
+    listener: &TcpListener,
+    drain: &mut watch::Receiver<bool>,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = drained(drain) => return None,
+            r = listener.accept() => match r {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Drains, in turn, until `deadline` (or `cut`):
 /// 1. Inbound: the listener closes and each inbound connection tells its
 ///    peer to open no more streams (GOAWAY); the drain waits for their

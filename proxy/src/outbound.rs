@@ -46,19 +46,9 @@ async fn accept_loop<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
-        let (app, source) = tokio::select! {
-            // The end first: once it has come no connection waiting to be
-            // accepted is taken.
-            biased;
-            _ = crate::drained(&mut exit) => return,
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((app, source)) = crate::accept_until_drained(&listener, &mut exit, what).await
+        else {
+            return;
         };
         let Some(slot) = slots.take(|| {
             tracing::warn!(
