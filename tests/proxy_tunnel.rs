@@ -1148,7 +1148,8 @@ fn http_connect(addr: &str, target: &str) -> String {
 /// An HTTP CONNECT client whose tunnel cannot be opened is told why: 502
 /// when the destination refuses the connection, 504 when it does not
 /// answer the TLS handshake in time, with the reason in `ward-proxy-error`;
-/// the access log's outcome is `unreachable` either way.
+/// the access log's outcome is `unreachable` either way. A request head
+/// that does not end within 8 KiB is answered 431 (outcome `error`).
 #[test]
 fn http_connect_failures_say_why() {
     let mesh = Mesh::start(&[], &[]);

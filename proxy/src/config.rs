@@ -84,8 +84,8 @@ pub struct Inbound {
     #[serde(default = "default_inbound_listen")]
     pub listen: SocketAddr,
     /// The local application every authorized stream is connected to
-    /// (`HOST:PORT`; a host name is looked up again every 5 s, not per
-    /// stream).
+    /// (`HOST:PORT`; a host name is looked up for many streams, not once
+    /// each: see [`crate::resolve`]).
     pub forward: String,
     /// The port policies see as `destination_port` for every stream (all
     /// reach `forward`, whatever port the peer's `CONNECT` names). Default:

@@ -11,7 +11,8 @@
 //! being out of reach and the agent refusing this workload an identity, as
 //! when its registration entry was removed). A response equal to the one installed
 //! (what a reopened stream starts with, if nothing changed) changes nothing;
-//! nor does one whose SVID has expired.
+//! nor does one whose SVID has expired, its bundles included (an agent
+//! serving an expired SVID has lost the CA those come from).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

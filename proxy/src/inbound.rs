@@ -16,6 +16,7 @@
 //! connection whose peer is no longer trusted is closed with its streams
 //! (their access log lines say `untrusted`).
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -567,11 +568,16 @@ async fn admit(
         tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied");
         return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
     }
+    // The lookup of an application named by host name waits for no more
+    // than a connect may take, and leaves the connect its own time (the
+    // last addresses serve if a lookup is slow).
     let wait = inbound.connect_timeout;
-    let connect = tokio::time::timeout(wait, async {
+    let connect = async {
         let addresses = inbound.resolver.addresses(forward, wait).await?;
-        TcpStream::connect(addresses.as_slice()).await
-    });
+        tokio::time::timeout(wait, TcpStream::connect(addresses.as_slice()))
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
+    };
     // A peer that gives up meanwhile (resets the stream) stops the connect:
     // the application does not see a connection nobody will use.
     let connected = tokio::select! {
@@ -581,14 +587,14 @@ async fn admit(
     let app = match connected {
         // Reset by the peer, or its connection closed under the stream.
         None => return Err(gone(verified)),
-        Some(Ok(Ok(s))) => s,
-        Some(Ok(Err(e))) => {
+        Some(Ok(s)) => s,
+        Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            tracing::warn!(forward, error = %e, "connecting to the application timed out");
+            return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
+        }
+        Some(Err(e)) => {
             tracing::warn!(forward, error = %e, "cannot reach the application");
             return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
-        }
-        Some(Err(_)) => {
-            tracing::warn!(forward, "connecting to the application timed out");
-            return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT, "unreachable");
         }
     };
     // From here on, an application connection not handed to the pump is
@@ -742,7 +748,7 @@ fn revoked<'a>(
 mod tests {
     use super::*;
     use crate::identity::Current;
-    use crate::resolve::testing::lookup_of;
+    use crate::resolve::testing::{lookup_of, slow_lookup_of};
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
     use tokio_rustls::TlsConnector;
@@ -1067,6 +1073,59 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// A lookup of the application's name, or a connect to it, that takes
+    /// longer than the connect timeout is answered 504, each within about
+    /// that timeout: the lookup does not use up the connect's time.
+    #[tokio::test]
+    async fn an_application_lookup_or_connect_that_times_out_is_answered_504() {
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        // An application whose accept queue is full: a connect to it waits.
+        let app = tokio::net::TcpSocket::new_v4().unwrap();
+        app.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let app = app.listen(0).unwrap();
+        let addr = app.local_addr().unwrap();
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let (calls, delay_ms) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(3000)),
+        );
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = format!("app.test:{}", addr.port());
+        serving.resolver = crate::resolve::Resolver::new(
+            slow_lookup_of(
+                Arc::new(Mutex::new(vec![addr])),
+                calls.clone(),
+                delay_ms.clone(),
+            ),
+            crate::resolve::DNS_REFRESH,
+        );
+        serving.connect_timeout = Duration::from_millis(300);
+        serving.authz = dry_run();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        let started = std::time::Instant::now();
+        let answered = ask_every(client.clone(), Duration::ZERO, 1).await.unwrap();
+        assert_eq!(answered, [StatusCode::GATEWAY_TIMEOUT], "a slow lookup");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // The lookup answers at once from now on; past the second in which a
+        // failed lookup answers for the next ones, the connect times out.
+        delay_ms.store(0, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let started = std::time::Instant::now();
+        let answered = ask_every(client, Duration::ZERO, 1).await.unwrap();
+        assert_eq!(answered, [StatusCode::GATEWAY_TIMEOUT], "a slow connect");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(calls.load(Ordering::Acquire), 2);
     }
 
     /// Streams that are not admitted (here denied: no policy permits

@@ -148,7 +148,6 @@ impl Resolver {
     }
 }
 
-/// Lookups for tests.
 /// Looks a host name (`host:port`) up.
 pub type Lookup = Arc<
     dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>
@@ -213,7 +212,7 @@ struct Name {
     /// When and why its first lookup last failed.
     failed: Option<(Instant, io::ErrorKind, String)>,
     /// The answer of a first lookup that came after its callers stopped
-    /// waiting (a resolver slower than the connect timeout): the next
+    /// waiting (a resolver slower than they wait): the next
     /// caller takes it.
     late: Arc<Mutex<Option<Arc<[SocketAddr]>>>>,
 }
@@ -299,6 +298,7 @@ impl Addresses {
     }
 }
 
+/// Lookups for tests.
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
