@@ -66,16 +66,13 @@ impl Resolver {
             }
         };
         let mut name = cell.lock().await;
-        if name.resolved.is_none() {
-            let late = name.late.lock().expect("late lock").take();
-            if let Some(addresses) = late {
-                name.failed = None;
-                name.resolved = Some(Resolved {
-                    addresses,
-                    at: Instant::now(),
-                    refreshing: Arc::default(),
-                    refreshed: Arc::default(),
-                });
+        // A first lookup that ended after its callers stopped waiting: its
+        // addresses serve now (a failure, of unknown age, is not kept: the
+        // name is looked up again).
+        if name.first.as_ref().is_some_and(|f| f.is_finished()) {
+            let first = name.first.take().expect("just seen");
+            if let Ok(addresses) = joined(first.await) {
+                let _ = name.settle(Ok(addresses));
             }
         }
         if let Some(r) = name.resolved.as_mut() {
@@ -112,35 +109,22 @@ impl Resolver {
             let why = format!("{why} ({} ms ago)", at.elapsed().as_millis());
             return Err(io::Error::new(*kind, why));
         }
-        // In a task of its own, so that an answer later than the callers
-        // wait for is kept for those after.
-        let late = name.late.clone();
-        let (lookup, named) = (self.lookup.clone(), destination.to_owned());
-        let looking_up = tokio::spawn(async move {
-            let found = look_up(&lookup, &named, LOOKUP_MAX).await;
-            if let Ok(addresses) = &found {
-                *late.lock().expect("late lock") = Some(addresses.clone());
-            }
-            found
+        // In a task of its own, kept in `first` until it is answered: an
+        // answer later than its callers wait for serves those after, and a
+        // caller that stops waiting (its stream reset) leaves it to the next
+        // one instead of another lookup of the name starting.
+        let first = name.first.get_or_insert_with(|| {
+            let (lookup, named) = (self.lookup.clone(), destination.to_owned());
+            tokio::spawn(async move { look_up(&lookup, &named, LOOKUP_MAX).await })
         });
-        let found = match tokio::time::timeout(wait, looking_up).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => Err(io::Error::other(e)),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "lookup timed out")),
-        };
-        match found {
-            Ok(addresses) => {
-                name.late.lock().expect("late lock").take();
-                name.failed = None;
-                name.resolved = Some(Resolved {
-                    addresses: addresses.clone(),
-                    at: Instant::now(),
-                    refreshing: Arc::default(),
-                    refreshed: Arc::default(),
-                });
-                Ok(Addresses::Many(addresses))
+        let answered = tokio::time::timeout(wait, first).await;
+        match answered {
+            Ok(found) => {
+                name.first = None;
+                name.settle(joined(found))
             }
-            Err(e) => {
+            Err(_) => {
+                let e = io::Error::new(io::ErrorKind::TimedOut, "lookup timed out");
                 name.failed = Some((Instant::now(), e.kind(), e.to_string()));
                 Err(e)
             }
@@ -211,10 +195,38 @@ struct Name {
     resolved: Option<Resolved>,
     /// When and why its first lookup last failed.
     failed: Option<(Instant, io::ErrorKind, String)>,
-    /// The answer of a first lookup that came after its callers stopped
-    /// waiting (a resolver slower than they wait): the next
-    /// caller takes it.
-    late: Arc<Mutex<Option<Arc<[SocketAddr]>>>>,
+    /// The first lookup, until it is answered (see `addresses`).
+    first: Option<tokio::task::JoinHandle<io::Result<Arc<[SocketAddr]>>>>,
+}
+
+impl Name {
+    /// Takes a first lookup's answer: its addresses, or its failure (which
+    /// answers the callers of the next [`FAILED_LOOKUP_HOLD`]).
+    fn settle(&mut self, found: io::Result<Arc<[SocketAddr]>>) -> io::Result<Addresses> {
+        match found {
+            Ok(addresses) => {
+                self.failed = None;
+                self.resolved = Some(Resolved {
+                    addresses: addresses.clone(),
+                    at: Instant::now(),
+                    refreshing: Arc::default(),
+                    refreshed: Arc::default(),
+                });
+                Ok(Addresses::Many(addresses))
+            }
+            Err(e) => {
+                self.failed = Some((Instant::now(), e.kind(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A lookup task's answer (one that panicked, as a failure).
+fn joined(
+    r: Result<io::Result<Arc<[SocketAddr]>>, tokio::task::JoinError>,
+) -> io::Result<Arc<[SocketAddr]>> {
+    r.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// How long a lookup's answer is waited for in the background, however
@@ -333,8 +345,36 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::slow_lookup_of;
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// A caller that stops waiting for a name's first lookup (its stream
+    /// was reset) leaves that lookup to the next caller, which gets its
+    /// answer: no second lookup of the name starts.
+    #[tokio::test]
+    async fn a_first_lookup_given_up_by_its_caller_serves_the_next() {
+        let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let resolver = Resolver::new(
+            slow_lookup_of(
+                Arc::new(Mutex::new(vec![addr])),
+                calls.clone(),
+                Arc::new(AtomicUsize::new(300)),
+            ),
+            DNS_REFRESH,
+        );
+        let wait = Duration::from_secs(5);
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            resolver.addresses("a.test:80", wait),
+        )
+        .await;
+        assert!(given_up.is_err());
+        let found = resolver.addresses("a.test:80", wait).await.unwrap();
+        assert_eq!(found.as_slice(), [addr]);
+        assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
 
     /// Blocking lookups run a few at a time, and one that is no longer
     /// awaited (its caller timed out) keeps its turn until it returns: a
