@@ -67,12 +67,14 @@ impl Resolver {
         };
         let mut name = cell.lock().await;
         // A first lookup that ended after its callers stopped waiting: its
-        // addresses serve now (a failure, of unknown age, is not kept: the
-        // name is looked up again).
+        // addresses serve now, as of when they came (a failure is not kept:
+        // the name is looked up again). Cleared once awaited: a caller
+        // stopped meanwhile leaves the answer to the next.
         if name.first.as_ref().is_some_and(|f| f.is_finished()) {
-            let first = name.first.take().expect("just seen");
-            if let Ok(addresses) = joined(first.await) {
-                let _ = name.settle(Ok(addresses));
+            let (at, found) = joined(name.first.as_mut().expect("just seen").await);
+            name.first = None;
+            if found.is_ok() {
+                let _ = name.settle(at, found);
             }
         }
         if let Some(r) = name.resolved.as_mut() {
@@ -115,13 +117,17 @@ impl Resolver {
         // one instead of another lookup of the name starting.
         let first = name.first.get_or_insert_with(|| {
             let (lookup, named) = (self.lookup.clone(), destination.to_owned());
-            tokio::spawn(async move { look_up(&lookup, &named, LOOKUP_MAX).await })
+            tokio::spawn(async move {
+                let found = look_up(&lookup, &named, LOOKUP_MAX).await;
+                (Instant::now(), found)
+            })
         });
         let answered = tokio::time::timeout(wait, first).await;
         match answered {
-            Ok(found) => {
+            Ok(done) => {
                 name.first = None;
-                name.settle(joined(found))
+                let (at, found) = joined(done);
+                name.settle(at, found)
             }
             Err(_) => {
                 let e = io::Error::new(io::ErrorKind::TimedOut, "lookup timed out");
@@ -195,38 +201,41 @@ struct Name {
     resolved: Option<Resolved>,
     /// When and why its first lookup last failed.
     failed: Option<(Instant, io::ErrorKind, String)>,
-    /// The first lookup, until it is answered (see `addresses`).
-    first: Option<tokio::task::JoinHandle<io::Result<Arc<[SocketAddr]>>>>,
+    /// The first lookup, until it is answered (see `addresses`): when it
+    /// ended, and what it found.
+    first: Option<tokio::task::JoinHandle<(Instant, Found)>>,
 }
 
+/// A lookup's answer.
+type Found = io::Result<Arc<[SocketAddr]>>;
+
 impl Name {
-    /// Takes a first lookup's answer: its addresses, or its failure (which
-    /// answers the callers of the next [`FAILED_LOOKUP_HOLD`]).
-    fn settle(&mut self, found: io::Result<Arc<[SocketAddr]>>) -> io::Result<Addresses> {
+    /// Takes a first lookup's answer, which came `at`: its addresses, or
+    /// its failure (which answers the callers of the next
+    /// [`FAILED_LOOKUP_HOLD`]).
+    fn settle(&mut self, at: Instant, found: Found) -> io::Result<Addresses> {
         match found {
             Ok(addresses) => {
                 self.failed = None;
                 self.resolved = Some(Resolved {
                     addresses: addresses.clone(),
-                    at: Instant::now(),
+                    at,
                     refreshing: Arc::default(),
                     refreshed: Arc::default(),
                 });
                 Ok(Addresses::Many(addresses))
             }
             Err(e) => {
-                self.failed = Some((Instant::now(), e.kind(), e.to_string()));
+                self.failed = Some((at, e.kind(), e.to_string()));
                 Err(e)
             }
         }
     }
 }
 
-/// A lookup task's answer (one that panicked, as a failure).
-fn joined(
-    r: Result<io::Result<Arc<[SocketAddr]>>, tokio::task::JoinError>,
-) -> io::Result<Arc<[SocketAddr]>> {
-    r.unwrap_or_else(|e| Err(io::Error::other(e)))
+/// A lookup task's answer (one that panicked, as a failure, now).
+fn joined(r: Result<(Instant, Found), tokio::task::JoinError>) -> (Instant, Found) {
+    r.unwrap_or_else(|e| (Instant::now(), Err(io::Error::other(e))))
 }
 
 /// How long a lookup's answer is waited for in the background, however
