@@ -1002,6 +1002,18 @@ mod tests {
             .unwrap()
     }
 
+    /// An application whose accept queue is full, so that a connect to
+    /// it waits: its listener, its address, and the connection that fills
+    /// the queue (all to be held).
+    async fn full_application() -> (TcpListener, SocketAddr, TcpStream) {
+        let app = tokio::net::TcpSocket::new_v4().unwrap();
+        app.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let app = app.listen(0).unwrap();
+        let addr = app.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).await.unwrap();
+        (app, addr, queued)
+    }
+
     /// An authorizer in dry-run mode with no policies: every stream is
     /// let through (and logged as one that would be denied).
     fn dry_run() -> Arc<Authorizer> {
@@ -1082,12 +1094,7 @@ mod tests {
     #[tokio::test]
     async fn an_application_lookup_or_connect_that_times_out_is_answered_504() {
         let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
-        // An application whose accept queue is full: a connect to it waits.
-        let app = tokio::net::TcpSocket::new_v4().unwrap();
-        app.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let app = app.listen(0).unwrap();
-        let addr = app.local_addr().unwrap();
-        let _queued = TcpStream::connect(addr).await.unwrap();
+        let (_app, addr, _queued) = full_application().await;
         // The lookup answers after 600 ms, twice the connect timeout.
         let calls = Arc::new(AtomicUsize::new(0));
         let serving = Arc::get_mut(&mut inbound).unwrap();
@@ -1225,12 +1232,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_being_admitted_when_the_peer_stops_answering_pings_is_unreachable() {
         let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
-        // An application whose accept queue is full: a connect to it waits.
-        let app = tokio::net::TcpSocket::new_v4().unwrap();
-        app.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let app = app.listen(0).unwrap();
-        let addr = app.local_addr().unwrap();
-        let _queued = TcpStream::connect(addr).await.unwrap();
+        let (_app, addr, _queued) = full_application().await;
         let serving = Arc::get_mut(&mut inbound).unwrap();
         serving.forward = addr.to_string();
         serving.connect_timeout = Duration::from_secs(30);
