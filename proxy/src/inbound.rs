@@ -749,7 +749,7 @@ fn revoked<'a>(
 mod tests {
     use super::*;
     use crate::identity::Current;
-    use crate::resolve::testing::{lookup_of, slow_lookup_of};
+    use crate::resolve::testing::lookup_of;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
     use tokio_rustls::TlsConnector;
@@ -1095,36 +1095,48 @@ mod tests {
     async fn an_application_lookup_or_connect_that_times_out_is_answered_504() {
         let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
         let (_app, addr, _queued) = full_application().await;
-        // The lookup answers after 600 ms, twice the connect timeout.
-        let calls = Arc::new(AtomicUsize::new(0));
+        // The lookup answers after 600 ms, twice the connect timeout, and
+        // says when it has.
+        let (calls, answered) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let lookup: crate::resolve::Lookup = {
+            let (calls, answered) = (calls.clone(), answered.clone());
+            Arc::new(move |_host| {
+                calls.fetch_add(1, Ordering::AcqRel);
+                let answered = answered.clone();
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    answered.store(true, Ordering::Release);
+                    Ok(vec![addr])
+                })
+            })
+        };
         let serving = Arc::get_mut(&mut inbound).unwrap();
         serving.forward = format!("app.test:{}", addr.port());
-        serving.resolver = crate::resolve::Resolver::new(
-            slow_lookup_of(
-                Arc::new(Mutex::new(vec![addr])),
-                calls.clone(),
-                Arc::new(AtomicUsize::new(600)),
-            ),
-            crate::resolve::DNS_REFRESH,
-        );
+        serving.resolver = crate::resolve::Resolver::new(lookup, crate::resolve::DNS_REFRESH);
         serving.connect_timeout = Duration::from_millis(300);
         serving.authz = dry_run();
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         tokio::spawn(conn);
         let started = std::time::Instant::now();
-        let answered = ask_every(client.clone(), Duration::ZERO, 1).await.unwrap();
-        assert_eq!(answered, [StatusCode::GATEWAY_TIMEOUT], "a slow lookup");
+        let statuses = ask_every(client.clone(), Duration::ZERO, 1).await.unwrap();
+        assert_eq!(statuses, [StatusCode::GATEWAY_TIMEOUT], "a slow lookup");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
             started.elapsed()
         );
-        // Once the lookup has answered, late, its answer serves (no second
-        // lookup), and the connect times out.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Once the lookup has answered, late (and its task ended), its
+        // answer serves (no second lookup), and the connect times out.
+        while !answered.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let started = std::time::Instant::now();
-        let answered = ask_every(client, Duration::ZERO, 1).await.unwrap();
-        assert_eq!(answered, [StatusCode::GATEWAY_TIMEOUT], "a slow connect");
+        let statuses = ask_every(client, Duration::ZERO, 1).await.unwrap();
+        assert_eq!(statuses, [StatusCode::GATEWAY_TIMEOUT], "a slow connect");
         let took = started.elapsed();
         assert!(
             took >= Duration::from_millis(300) && took < Duration::from_secs(2),
