@@ -88,7 +88,7 @@ async fn watch_svids(
     tx: watch::Sender<Option<Current>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut delay = Duration::from_millis(200);
+    let mut delay = None;
     // The kind of outage last logged (whether the agent refused), if any.
     let mut outage_logged: Option<bool> = None;
     let mut svids = Svids {
@@ -100,13 +100,12 @@ async fn watch_svids(
     };
     loop {
         let mut delivered = false;
+        let opened = std::time::Instant::now();
         let result = stream_once(&socket, &mut svids, &mut delivered).await;
-        if delivered {
-            // The stream delivered before it failed: start the backoff afresh.
-            delay = Duration::from_millis(200);
-            if outage_logged.take().is_some() {
-                tracing::info!("Workload API available again");
-            }
+        let wait = retry_delay(delay, delivered, opened.elapsed());
+        delay = Some(wait);
+        if delivered && outage_logged.take().is_some() {
+            tracing::info!("Workload API available again");
         }
         if let Err(e) = result {
             if outage_logged != Some(e.refused) {
@@ -121,10 +120,29 @@ async fn watch_svids(
         if svids.tx.is_closed() {
             return;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(wait).await;
     }
 }
+
+/// How long to wait before the Workload API stream is opened again, after
+/// waiting `last` before this one, which lasted `lasted`: 200 ms after a
+/// stream that delivered and stayed up for [`STEADY_STREAM`] (the agent
+/// restarted, say) or at first; else twice the last wait, up to 5 s (the
+/// agent is away, or keeps failing soon after it answers, as one in a
+/// crash loop does: it is not asked every 200 ms, nor the outage logged as
+/// often).
+fn retry_delay(last: Option<Duration>, delivered: bool, lasted: Duration) -> Duration {
+    match last {
+        Some(last) if !(delivered && lasted >= STEADY_STREAM) => {
+            (last * 2).min(Duration::from_secs(5))
+        }
+        _ => Duration::from_millis(200),
+    }
+}
+
+/// How long a Workload API stream stays up for its end to count as a new
+/// outage rather than the same one going on.
+const STEADY_STREAM: Duration = Duration::from_secs(10);
 
 /// Why a Workload API stream gave no (more) SVIDs.
 struct Outage {
@@ -361,6 +379,26 @@ mod tests {
         assert!(!rx.has_changed().unwrap(), "an expired SVID was announced");
         assert!(Arc::ptr_eq(&before, &svids.resolver.get().unwrap()));
         assert_eq!(rx.borrow().as_ref().unwrap().generation, 1);
+    }
+
+    /// The stream is opened again 200 ms after one that delivered and
+    /// stayed up; an agent that is away, or that fails soon after each
+    /// answer (a crash loop), is asked less and less often, up to every 5 s.
+    #[test]
+    fn the_stream_backs_off_unless_the_last_one_stayed_up() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_delay(None, false, ms(0)), ms(200));
+        let mut wait = None;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            // Each stream delivers, then fails a second later.
+            let next = retry_delay(wait, true, ms(1000));
+            waits.push(next.as_millis());
+            wait = Some(next);
+        }
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(retry_delay(wait, false, ms(0)), ms(5000));
+        assert_eq!(retry_delay(wait, true, STEADY_STREAM), ms(200));
     }
 
     /// The agent's `PermissionDenied` (no registration entry matches this
