@@ -572,10 +572,27 @@ async fn admit(
     // take a connect timeout together, as the peer expects (see the pool's
     // answer timeout); the lookup waits for half of it at most (the last
     // addresses serve if a lookup is slow), so it leaves the connect time.
+    // An application that cannot be reached at its addresses may have
+    // moved (a restarted container): its name is looked up again, and its
+    // new addresses tried.
     let wait = inbound.connect_timeout;
     let connect = tokio::time::timeout(wait, async {
         let addresses = inbound.resolver.addresses(forward, wait / 2).await?;
-        TcpStream::connect(addresses.as_slice()).await
+        let failed = match TcpStream::connect(addresses.as_slice()).await {
+            Err(e) => e,
+            connected => return connected,
+        };
+        match inbound
+            .resolver
+            .moved(forward, addresses.as_slice(), wait / 2)
+            .await
+        {
+            Some(moved) => {
+                tracing::info!(forward, error = %failed, addresses = ?moved.as_slice(), "the application's address changed");
+                TcpStream::connect(moved.as_slice()).await
+            }
+            None => Err(failed),
+        }
     });
     // A peer that gives up meanwhile (resets the stream) stops the connect:
     // the application does not see a connection nobody will use.
@@ -1086,6 +1103,44 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// An application that moved (its name now stands for another address,
+    /// and nothing listens at the old one) is reached at its new address by
+    /// the next stream, without waiting for the name's next refresh.
+    #[tokio::test]
+    async fn an_application_that_moved_is_looked_up_again_when_it_cannot_be_reached() {
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let old = gone.local_addr().unwrap();
+        drop(gone);
+        let (answer, calls) = (
+            Arc::new(Mutex::new(vec![old])),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = format!("app.test:{}", addr.port());
+        serving.resolver = crate::resolve::Resolver::new(
+            lookup_of(answer.clone(), calls.clone()),
+            crate::resolve::DNS_REFRESH,
+        );
+        serving.authz = dry_run();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        let statuses = ask_every(client.clone(), Duration::ZERO, 1).await.unwrap();
+        assert_eq!(statuses, [StatusCode::BAD_GATEWAY]);
+        // The application is back, at another address; a second on.
+        *answer.lock().unwrap() = vec![addr];
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let statuses = ask_every(client, Duration::ZERO, 1).await.unwrap();
+        assert_eq!(statuses, [StatusCode::OK], "the old address was used");
+        tokio::time::timeout(Duration::from_secs(5), app.accept())
+            .await
+            .expect("the application did not get the stream")
+            .unwrap();
+        assert_eq!(calls.load(Ordering::Acquire), 2);
     }
 
     /// A lookup of the application's name that takes longer than half the

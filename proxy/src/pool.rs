@@ -23,7 +23,8 @@
 //! connection attempt failed is tried last for a while (doubling with each
 //! failure, up to [`FAILURE_BACKOFF_MAX`]), and a stream that cannot reach
 //! one address goes on to the next while a connect and a handshake could
-//! still be made within their timeouts.
+//! still be made within their timeouts. When none can be reached, the name
+//! is looked up again at once, and its new addresses, if it moved, tried.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,7 +47,7 @@ use ward_spec::tls::{PeerPolicy, RootStore, SpiffeServerVerifier};
 use ward_spec::SpiffeId;
 
 use crate::hbone::{self, PeerChain};
-use crate::identity::Identity;
+use crate::identity::{Current, Identity};
 use crate::metrics::{Direction, Metrics};
 use crate::resolve::{system_lookup, Addresses, Lookup, Resolver, DNS_REFRESH};
 
@@ -657,36 +658,26 @@ impl Pool {
             destination: destination.to_owned(),
             ids: ids.to_vec(),
         };
-        let order = self.order(&group, me.generation, &addresses);
-        let started = Instant::now();
-        let mut failure = None;
-        let mut conn = None;
-        for (i, &address) in order.as_slice().iter().enumerate() {
-            // Further addresses while a connect and a handshake could still
-            // be made in time: one whose peer never answers takes one try.
-            if i > 0 && started.elapsed() >= self.connect_timeout + self.handshake_timeout {
-                break;
-            }
-            let key = Key {
-                group: group.clone(),
-                address,
-            };
-            match self.conn_for(key, me.generation, &me.roots).await {
-                Ok(c) => {
-                    conn = Some(c);
-                    break;
-                }
-                // The first address's failure says most: later ones are
-                // those that failed a moment ago, or more loaded.
-                Err(e) => {
-                    failure.get_or_insert(e);
+        let conn = match self.conn_at(&group, &me, &addresses).await {
+            Ok(c) => c,
+            // Nothing answered at its addresses: the destination may have
+            // moved (a restarted peer's new address). Its name is looked up
+            // again, and its new addresses tried.
+            Err(e @ OpenError::Connect(..)) => {
+                let tried = addresses.as_slice();
+                match self
+                    .resolver
+                    .moved(destination, tried, self.connect_timeout)
+                    .await
+                {
+                    Some(moved) => {
+                        tracing::info!(destination, error = %e, addresses = ?moved.as_slice(), "the destination's address changed");
+                        self.conn_at(&group, &me, &moved).await?
+                    }
+                    None => return Err(e),
                 }
             }
-        }
-        let conn = match (conn, failure) {
-            (Some(c), _) => c,
-            (None, Some(e)) => return Err(e),
-            (None, None) => unreachable!("a destination has at least one address"),
+            Err(e) => return Err(e),
         };
         let lease = Lease {
             conn: conn.clone(),
@@ -711,6 +702,40 @@ impl Pool {
             response,
             lease,
         })
+    }
+
+    /// A connection for `group` with room for one more stream (counted),
+    /// pooled or new, to one of `addresses`, tried in the order
+    /// [`Pool::order`] gives.
+    async fn conn_at(
+        &self,
+        group: &Group,
+        me: &Current,
+        addresses: &Addresses,
+    ) -> Result<Arc<Conn>, OpenError> {
+        let order = self.order(group, me.generation, addresses);
+        let started = Instant::now();
+        let mut failure = None;
+        for (i, &address) in order.as_slice().iter().enumerate() {
+            // Further addresses while a connect and a handshake could still
+            // be made in time: one whose peer never answers takes one try.
+            if i > 0 && started.elapsed() >= self.connect_timeout + self.handshake_timeout {
+                break;
+            }
+            let key = Key {
+                group: group.clone(),
+                address,
+            };
+            match self.conn_for(key, me.generation, &me.roots).await {
+                Ok(c) => return Ok(c),
+                // The first address's failure says most: later ones are
+                // those that failed a moment ago, or more loaded.
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        Err(failure.expect("a destination has at least one address"))
     }
 
     /// A pooled connection for `key` with room for one more stream
@@ -1728,6 +1753,37 @@ mod tests {
         };
         assert_eq!(p.lease.conn.address, a);
         assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// A destination that cannot be reached at its addresses (nothing
+    /// listens there any more) is looked up again at once: a peer that
+    /// moved is reached at its new address without waiting for the next
+    /// refresh. (Not sooner than a second after the last lookup.)
+    #[tokio::test]
+    async fn a_destination_that_cannot_be_reached_is_looked_up_again() {
+        let m = Moving::start().await;
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let old = gone.local_addr().unwrap();
+        drop(gone);
+        *m.answer.lock().unwrap() = vec![old];
+        let pool = pool_with(
+            &m.issuer,
+            &m.roots,
+            m.lookup.clone(),
+            Duration::from_secs(60),
+        );
+        let ids = [SpiffeId::parse(API).unwrap()];
+        let refused = pool
+            .start_stream("api.peers.test:15008", &ids, "api.acme:8080")
+            .await
+            .err()
+            .expect("a stream to an address nothing listens at");
+        assert!(matches!(refused, OpenError::Connect(..)), "{refused}");
+        // The peer is back at b; a second on, a stream finds it there.
+        *m.answer.lock().unwrap() = vec![m.b.0];
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(m.open(&pool).await, m.b.0, "the old address was used");
+        assert_eq!(m.calls.load(Ordering::Acquire), 2);
     }
 
     /// Addresses not looked up again through an idle spell (twice the

@@ -6,8 +6,9 @@
 //! (`getaddrinfo`) runs on Tokio's blocking threads, a few lookups at a time
 //! ([`system_lookup`]). A name is looked up once for all the callers that
 //! wait on it, again every [`DNS_REFRESH`] in the background (the last
-//! addresses stay in use meanwhile, and while a lookup fails), and first,
-//! before its addresses are used, when they are twice that old.
+//! addresses stay in use meanwhile, and while a lookup fails), first,
+//! before its addresses are used, when they are twice that old, and at once
+//! when connecting to them failed ([`Resolver::moved`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +25,10 @@ pub const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 /// How long a failed first lookup of a name answers its next callers.
 const FAILED_LOOKUP_HOLD: Duration = Duration::from_secs(1);
+
+/// How long after a lookup a failed connect may look the name up again
+/// (see [`Resolver::moved`]).
+const MOVED_RECHECK: Duration = Duration::from_secs(1);
 
 /// Host names' addresses, looked up as the module says.
 pub struct Resolver {
@@ -135,6 +140,52 @@ impl Resolver {
                 Err(e)
             }
         }
+    }
+
+    /// Connecting to `tried` (what [`Resolver::addresses`] last gave for
+    /// `destination`) failed: a host name is looked up again at once, so
+    /// that a destination that moved (a restarted container's new address)
+    /// is reached without waiting for the next refresh. One lookup serves
+    /// every caller, and a name is looked up so at most once a
+    /// [`MOVED_RECHECK`]; it is waited for up to `wait`. The name's
+    /// addresses, if they are not those tried.
+    pub async fn moved(
+        &self,
+        destination: &str,
+        tried: &[SocketAddr],
+        wait: Duration,
+    ) -> Option<Addresses> {
+        if destination.parse::<SocketAddr>().is_ok() {
+            return None;
+        }
+        let cell = self
+            .names
+            .lock()
+            .expect("names lock")
+            .get(destination)?
+            .clone();
+        let changed =
+            |r: &Resolved| (*r.addresses != *tried).then(|| Addresses::Many(r.addresses.clone()));
+        let name = cell.lock().await;
+        let r = name.resolved.as_ref()?;
+        if r.at.elapsed() < MOVED_RECHECK {
+            // Looked up a moment ago (perhaps for another caller).
+            return changed(r);
+        }
+        let refreshed = r.refreshed.clone();
+        let done = refreshed.notified();
+        if !r.refreshing.swap(true, Ordering::AcqRel) {
+            tokio::spawn(refresh(
+                cell.clone(),
+                self.lookup.clone(),
+                destination.to_owned(),
+                Refreshing(r.refreshing.clone(), r.refreshed.clone()),
+            ));
+        }
+        drop(name);
+        let _ = tokio::time::timeout(wait, done).await;
+        let name = cell.lock().await;
+        changed(name.resolved.as_ref().expect("never taken back"))
     }
 }
 
@@ -383,6 +434,51 @@ mod tests {
         let found = resolver.addresses("a.test:80", wait).await.unwrap();
         assert_eq!(found.as_slice(), [addr]);
         assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// A failed connect looks the name up again at once (one lookup for
+    /// all the callers whose connects failed), unless it was looked up
+    /// less than [`MOVED_RECHECK`] ago, and gives its new addresses, if
+    /// they changed; these then serve the next callers.
+    #[tokio::test]
+    async fn a_failed_connect_looks_the_name_up_again() {
+        let a: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:80".parse().unwrap();
+        let answer = Arc::new(Mutex::new(vec![a]));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = slow_lookup_of(
+            answer.clone(),
+            calls.clone(),
+            Arc::new(AtomicUsize::new(50)),
+        );
+        let resolver = Resolver::new(lookup, DNS_REFRESH);
+        let (name, wait) = ("a.test:80", Duration::from_secs(5));
+        let looked_up = || calls.load(Ordering::Acquire);
+        let found = resolver.addresses(name, wait).await.unwrap();
+        assert_eq!(found.as_slice(), [a]);
+        *answer.lock().unwrap() = vec![b];
+        assert!(resolver.moved(name, &[a], wait).await.is_none());
+        assert_eq!(looked_up(), 1, "looked up again a moment after a lookup");
+        tokio::time::sleep(MOVED_RECHECK).await;
+        let tried = [a];
+        let moved = tokio::join!(
+            resolver.moved(name, &tried, wait),
+            resolver.moved(name, &tried, wait),
+            resolver.moved(name, &tried, wait),
+        );
+        for m in [moved.0, moved.1, moved.2] {
+            assert_eq!(m.expect("the new address").as_slice(), [b]);
+        }
+        assert_eq!(looked_up(), 2);
+        let found = resolver.addresses(name, wait).await.unwrap();
+        assert_eq!(found.as_slice(), [b]);
+        // The same answer again: nothing new to try.
+        tokio::time::sleep(MOVED_RECHECK).await;
+        assert!(resolver.moved(name, &[b], wait).await.is_none());
+        assert_eq!(looked_up(), 3);
+        // An IP address is not looked up.
+        assert!(resolver.moved("192.0.2.1:80", &[a], wait).await.is_none());
+        assert_eq!(looked_up(), 3);
     }
 
     /// Blocking lookups run a few at a time, and one that is no longer
