@@ -573,22 +573,21 @@ async fn admit(
     // answer timeout); the lookup waits for half of it at most (the last
     // addresses serve if a lookup is slow), so it leaves the connect time.
     // An application that cannot be reached at its addresses may have
-    // moved (a restarted container): its name is looked up again, and its
-    // new addresses tried.
+    // moved (a restarted container): its name is looked up again (for half
+    // the time left at most), and its new addresses tried.
     let wait = inbound.connect_timeout;
+    let deadline = Instant::now() + wait;
     let connect = tokio::time::timeout(wait, async {
         let addresses = inbound.resolver.addresses(forward, wait / 2).await?;
         let failed = match TcpStream::connect(addresses.as_slice()).await {
             Err(e) => e,
             connected => return connected,
         };
-        match inbound
-            .resolver
-            .moved(forward, addresses.as_slice(), wait / 2)
-            .await
-        {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tried = addresses.as_slice();
+        match inbound.resolver.moved(forward, tried, left / 2).await {
             Some(moved) => {
-                tracing::info!(forward, error = %failed, addresses = ?moved.as_slice(), "the application's address changed");
+                tracing::debug!(forward, error = %failed, "trying the application's new addresses");
                 TcpStream::connect(moved.as_slice()).await
             }
             None => Err(failed),

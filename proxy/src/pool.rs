@@ -658,21 +658,26 @@ impl Pool {
             destination: destination.to_owned(),
             ids: ids.to_vec(),
         };
-        let conn = match self.conn_at(&group, &me, &addresses).await {
+        let started = Instant::now();
+        let conn = match self.conn_at(&group, &me, &addresses, started).await {
             Ok(c) => c,
-            // Nothing answered at its addresses: the destination may have
-            // moved (a restarted peer's new address). Its name is looked up
-            // again, and its new addresses tried.
-            Err(e @ OpenError::Connect(..)) => {
+            // No address could be reached, or none presented an ID it
+            // should: the destination may have moved (a restarted peer's
+            // new address, its old one perhaps someone else's now). Its
+            // name is looked up again, and its new addresses tried, while a
+            // connect and a handshake could still be made in time.
+            Err(e @ (OpenError::Connect(..) | OpenError::Handshake { .. })) => {
+                let budget = self.connect_timeout + self.handshake_timeout;
+                let left = budget.saturating_sub(started.elapsed());
+                if left.is_zero() || self.closing.load(Ordering::Acquire) {
+                    return Err(e);
+                }
                 let tried = addresses.as_slice();
-                match self
-                    .resolver
-                    .moved(destination, tried, self.connect_timeout)
-                    .await
-                {
+                let wait = left.min(self.connect_timeout);
+                match self.resolver.moved(destination, tried, wait).await {
                     Some(moved) => {
-                        tracing::info!(destination, error = %e, addresses = ?moved.as_slice(), "the destination's address changed");
-                        self.conn_at(&group, &me, &moved).await?
+                        tracing::debug!(destination, error = %e, "trying the destination's new addresses");
+                        self.conn_at(&group, &me, &moved, started).await?
                     }
                     None => return Err(e),
                 }
@@ -706,15 +711,15 @@ impl Pool {
 
     /// A connection for `group` with room for one more stream (counted),
     /// pooled or new, to one of `addresses`, tried in the order
-    /// [`Pool::order`] gives.
+    /// [`Pool::order`] gives (the stream began trying at `started`).
     async fn conn_at(
         &self,
         group: &Group,
         me: &Current,
         addresses: &Addresses,
+        started: Instant,
     ) -> Result<Arc<Conn>, OpenError> {
         let order = self.order(group, me.generation, addresses);
-        let started = Instant::now();
         let mut failure = None;
         for (i, &address) in order.as_slice().iter().enumerate() {
             // Further addresses while a connect and a handshake could still

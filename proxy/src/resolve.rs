@@ -87,14 +87,7 @@ impl Resolver {
             if age < self.refresh {
                 return Ok(Addresses::Many(r.addresses.clone()));
             }
-            if !r.refreshing.swap(true, Ordering::AcqRel) {
-                tokio::spawn(refresh(
-                    cell.clone(),
-                    self.lookup.clone(),
-                    destination.to_owned(),
-                    Refreshing(r.refreshing.clone(), r.refreshed.clone()),
-                ));
-            }
+            r.refresh(&cell, &self.lookup, destination);
             if age < self.refresh * 2 {
                 return Ok(Addresses::Many(r.addresses.clone()));
             }
@@ -166,22 +159,18 @@ impl Resolver {
             .clone();
         let changed =
             |r: &Resolved| (*r.addresses != *tried).then(|| Addresses::Many(r.addresses.clone()));
-        let name = cell.lock().await;
-        let r = name.resolved.as_ref()?;
+        let mut name = cell.lock().await;
+        let r = name.resolved.as_mut()?;
         if r.at.elapsed() < MOVED_RECHECK {
             // Looked up a moment ago (perhaps for another caller).
             return changed(r);
         }
         let refreshed = r.refreshed.clone();
         let done = refreshed.notified();
-        if !r.refreshing.swap(true, Ordering::AcqRel) {
-            tokio::spawn(refresh(
-                cell.clone(),
-                self.lookup.clone(),
-                destination.to_owned(),
-                Refreshing(r.refreshing.clone(), r.refreshed.clone()),
-            ));
-        }
+        // A lookup is waited for until it is `wait` old: one that hangs
+        // holds up its first callers, not every later one.
+        let began = r.refresh(&cell, &self.lookup, destination);
+        let wait = (began + wait).saturating_duration_since(Instant::now());
         drop(name);
         let _ = tokio::time::timeout(wait, done).await;
         let name = cell.lock().await;
@@ -272,6 +261,7 @@ impl Name {
                     addresses: addresses.clone(),
                     at,
                     refreshing: Arc::default(),
+                    refresh_began: at,
                     refreshed: Arc::default(),
                 });
                 Ok(Addresses::Many(addresses))
@@ -301,8 +291,33 @@ struct Resolved {
     /// Set while a lookup runs in the background (cleared however its
     /// task ends: one that panicked does not hold the next one back).
     refreshing: Arc<AtomicBool>,
+    /// When the last of those began.
+    refresh_began: Instant,
     /// Told when that lookup ends.
     refreshed: Arc<tokio::sync::Notify>,
+}
+
+impl Resolved {
+    /// Looks `destination` (this name, in `cell`) up again in the
+    /// background, unless that is happening already: when the lookup
+    /// running began.
+    fn refresh(
+        &mut self,
+        cell: &Arc<tokio::sync::Mutex<Name>>,
+        lookup: &Lookup,
+        destination: &str,
+    ) -> Instant {
+        if !self.refreshing.swap(true, Ordering::AcqRel) {
+            self.refresh_began = Instant::now();
+            tokio::spawn(refresh(
+                cell.clone(),
+                lookup.clone(),
+                destination.to_owned(),
+                Refreshing(self.refreshing.clone(), self.refreshed.clone()),
+            ));
+        }
+        self.refresh_began
+    }
 }
 
 /// A background lookup running, until dropped.
@@ -348,7 +363,12 @@ async fn refresh(
     };
     r.at = Instant::now();
     match found {
-        Ok(addresses) => r.addresses = addresses,
+        Ok(addresses) => {
+            if addresses != r.addresses {
+                tracing::info!(%destination, ?addresses, "the destination's addresses changed");
+            }
+            r.addresses = addresses;
+        }
         Err(e) => {
             tracing::warn!(%destination, error = %e, "looking the destination up failed; its last addresses stay in use");
         }
@@ -446,11 +466,8 @@ mod tests {
         let b: SocketAddr = "192.0.2.2:80".parse().unwrap();
         let answer = Arc::new(Mutex::new(vec![a]));
         let calls = Arc::new(AtomicUsize::new(0));
-        let lookup = slow_lookup_of(
-            answer.clone(),
-            calls.clone(),
-            Arc::new(AtomicUsize::new(50)),
-        );
+        let delay_ms = Arc::new(AtomicUsize::new(50));
+        let lookup = slow_lookup_of(answer.clone(), calls.clone(), delay_ms.clone());
         let resolver = Resolver::new(lookup, DNS_REFRESH);
         let (name, wait) = ("a.test:80", Duration::from_secs(5));
         let looked_up = || calls.load(Ordering::Acquire);
@@ -479,6 +496,20 @@ mod tests {
         // An IP address is not looked up.
         assert!(resolver.moved("192.0.2.1:80", &[a], wait).await.is_none());
         assert_eq!(looked_up(), 3);
+        // A lookup that hangs is waited for until it is `wait` old: the
+        // callers after that are not held up.
+        delay_ms.store(3000, Ordering::Release);
+        tokio::time::sleep(MOVED_RECHECK).await;
+        let wait = Duration::from_millis(300);
+        let started = Instant::now();
+        assert!(resolver.moved(name, &[b], wait).await.is_none());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+        let started = Instant::now();
+        assert!(resolver.moved(name, &[b], wait).await.is_none());
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(100), "waited again: {took:?}");
+        assert_eq!(looked_up(), 4);
     }
 
     /// Blocking lookups run a few at a time, and one that is no longer
