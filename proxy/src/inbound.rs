@@ -438,7 +438,7 @@ fn stream<'a>(
         // late) does not.
         let mut epoch = inbound.policy_epoch.clone();
         epoch.borrow_and_update();
-        let decided = inbound.authz.version();
+        let mut decided = inbound.authz.version();
         let metrics = &inbound.metrics;
         let mut log = StreamLog::start(
             metrics,
@@ -453,7 +453,14 @@ fn stream<'a>(
         // looked at here: a local borrowed in this future stays in it for the
         // stream's life, moved or not.)
         let (mut app, send, body, port) = match Box::pin(admit(
-            req, respond, has_slot, verified, peer, inbound, &mut log,
+            req,
+            respond,
+            has_slot,
+            verified,
+            peer,
+            inbound,
+            &mut log,
+            &mut decided,
         ))
         .await
         {
@@ -476,10 +483,12 @@ fn stream<'a>(
         let body = std::future::ready(Ok(body));
         let carried = Carried::default();
         let result = tokio::select! {
-            r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
+            biased;
+            // A stream the policy set now denies carries nothing more.
             // Dropping the pump resets the stream, and the application's
             // connection unless the stream's end had reached it.
             () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
+            r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
         };
         drop(app);
         let (to_app, from_app) = carried.totals();
@@ -530,6 +539,9 @@ const CANCELLED: Refusal = (None, "cancelled");
 
 /// Authorizes a stream and connects it to the application; answers the peer
 /// (403, 502, … or 200) and returns what the pump needs when it may go on.
+/// `decided`: the policy set version the decision was made under (or an
+/// older one).
+#[allow(clippy::too_many_arguments)]
 async fn admit(
     req: Box<Request<RecvStream>>,
     mut respond: SendResponse<Bytes>,
@@ -538,6 +550,7 @@ async fn admit(
     peer: SocketAddr,
     inbound: &Inbound,
     log: &mut Option<Box<StreamLog>>,
+    decided: &mut u64,
 ) -> Result<(AppConn, SendStream<Bytes>, RecvStream, u16), Refusal> {
     let peer_id = &verified.id;
     let metrics = &inbound.metrics;
@@ -647,6 +660,20 @@ async fn admit(
                 "the application did not take the PROXY protocol header"
             );
             return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
+        }
+    }
+    // A policy set loaded while the application was being connected decides
+    // the stream again before any byte passes (open streams follow new sets
+    // only a moment later).
+    let version = inbound.authz.version();
+    if version != *decided {
+        *decided = version;
+        let decision = decide(inbound, peer_id, &me, peer, port);
+        metrics.decision(decision.allowed, decision.permitted);
+        StreamLog::set_decision(log, &decision.decision_id);
+        if !decision.permitted {
+            tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied by the policy set loaded while it was admitted");
+            return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
         }
     }
     let ok = Response::builder()
@@ -1140,6 +1167,47 @@ mod tests {
             .expect("the application did not get the stream")
             .unwrap();
         assert_eq!(calls.load(Ordering::Acquire), 2);
+    }
+
+    /// Policies for tests: `text` as one file.
+    fn policies(text: &str) -> Vec<ward_authz::policy::SourceFile> {
+        vec![ward_authz::policy::SourceFile {
+            name: "test.cedar".into(),
+            text: text.into(),
+        }]
+    }
+
+    /// A policy set that denies the stream, loaded while the application is
+    /// being reached (here its name is being looked up), gets the stream
+    /// answered 403: no byte passes under the set it was first admitted by.
+    #[tokio::test]
+    async fn a_deny_loaded_while_a_stream_is_admitted_refuses_it() {
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let lookup = crate::resolve::testing::slow_lookup_of(
+            Arc::new(Mutex::new(vec![addr])),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(400)),
+        );
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = format!("app.test:{}", addr.port());
+        serving.resolver = crate::resolve::Resolver::new(lookup, crate::resolve::DNS_REFRESH);
+        let authz = serving.authz.clone();
+        authz
+            .load(&policies("permit (principal, action, resource);"))
+            .unwrap();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        let asking = ask_every(client.clone(), Duration::ZERO, 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        authz
+            .load(&policies("forbid (principal, action, resource);"))
+            .unwrap();
+        assert_eq!(asking.await.unwrap(), [StatusCode::FORBIDDEN]);
+        // (And the set now in force denies the next stream at once.)
+        let statuses = ask_every(client, Duration::ZERO, 1).await.unwrap();
+        assert_eq!(statuses, [StatusCode::FORBIDDEN]);
     }
 
     /// A lookup of the application's name that takes longer than half the
