@@ -554,8 +554,9 @@ fn health_router(
             get(move || {
                 let usable = identity.usable().is_some();
                 let policy = !needs_policy || authz_ready.version() > 0;
-                let ready = usable && policy && listening.load(Ordering::Acquire);
-                let why = if stopping.load(Ordering::Acquire) {
+                let draining = stopping.load(Ordering::Acquire);
+                let ready = usable && policy && listening.load(Ordering::Acquire) && !draining;
+                let why = if draining {
                     "not ready: draining\n"
                 } else if !usable {
                     "not ready: no usable SVID yet\n"
