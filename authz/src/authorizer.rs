@@ -23,6 +23,7 @@ use crate::index::Slices;
 use crate::log::DecisionLog;
 use crate::policy::{compile, CompiledPolicies, PolicyError, SourceFile};
 use crate::template::IdTemplate;
+use crate::time_limits::TimeLimits;
 
 /// Enforce decisions, or only log them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -168,6 +169,8 @@ struct Active {
     exceptions: PolicySet,
     exception_ids: Vec<String>,
     version: u64,
+    /// When its decisions can change with time alone.
+    time_limits: TimeLimits,
 }
 
 pub struct Authorizer {
@@ -216,6 +219,7 @@ impl Authorizer {
                 exceptions: PolicySet::new(),
                 exception_ids: Vec::new(),
                 version: 0,
+                time_limits: TimeLimits::Never,
             }),
             cedar: CedarAuthorizer::new(),
             log,
@@ -269,6 +273,7 @@ impl Authorizer {
             .map(|p| p.id().to_string())
             .collect();
         let slices = Slices::new(&c.all);
+        let time_limits = TimeLimits::of(&c.all);
         tracing::debug!(
             version,
             policies = c.all.policies().count(),
@@ -280,8 +285,16 @@ impl Authorizer {
             exceptions: c.exceptions,
             exception_ids,
             version,
+            time_limits,
         }));
         version
+    }
+
+    /// Whether a connect decision made at `then` can differ at `now` (Unix
+    /// seconds) under the active set, its policies unchanged (see
+    /// [`TimeLimits::crossed`]).
+    pub fn time_may_change_decisions(&self, then: i64, now: i64, any_every: i64) -> bool {
+        self.active.load().time_limits.crossed(then, now, any_every)
     }
 
     /// The ids of the active cross-tenant exception policies.

@@ -11,6 +11,8 @@
 //! evaluation error. Cross-tenant
 //! requests are first put to the annotated exception policies alone, whose
 //! verdict reaches the tenant-isolation guard as `context.cross_tenant_exception`.
+//! A set whose policies read `context.now` can change its decisions with
+//! time alone, at instants found in its policies ([`time_limits`]).
 //! Every decision can be written as one JSON line ([`log`]). The `ward policy`
 //! commands use [`testcase`] and [`matrix`].
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod policy;
 pub mod reload;
 pub mod template;
 pub mod testcase;
+pub mod time_limits;
 
 pub use authorizer::{
     AdminAction, AdminPrincipal, AdminResource, Authorizer, ConnectContext, Decision, Mode,

@@ -67,8 +67,19 @@ pub struct Inbound {
     /// Each connection to the application starts with a PROXY protocol v2
     /// header ([`crate::proxy_protocol`]).
     pub proxy_protocol: bool,
-    /// Changes when the active policy set does: open streams are decided again.
-    pub policy_epoch: watch::Receiver<u64>,
+    /// Changes when the active policy set does, or the time reaches an
+    /// instant its decisions may change at: open streams are decided again.
+    pub policy_epoch: watch::Receiver<PolicyEpoch>,
+}
+
+/// What open streams are decided again on (see [`revoked`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyEpoch {
+    /// The active policy set's version.
+    pub version: u64,
+    /// How many times the time has reached an instant at which the active
+    /// set's decisions may change (a permit lapsing).
+    pub clock: u64,
 }
 
 impl Inbound {
@@ -437,7 +448,7 @@ fn stream<'a>(
         // decision already used (the epoch follows the authorizer a moment
         // late) does not.
         let mut epoch = inbound.policy_epoch.clone();
-        epoch.borrow_and_update();
+        let clock = epoch.borrow_and_update().clock;
         let mut decided = inbound.authz.version();
         let metrics = &inbound.metrics;
         let mut log = StreamLog::start(
@@ -487,7 +498,7 @@ fn stream<'a>(
             // A stream the policy set now denies carries nothing more.
             // Dropping the pump resets the stream, and the application's
             // connection unless the stream's end had reached it.
-            () = revoked(&mut epoch, decided, peer_id, peer, port, inbound) => Ok("revoked"),
+            () = revoked(&mut epoch, (decided, clock), peer_id, peer, port, inbound) => Ok("revoked"),
             r = pump(&mut app, send, body, Bytes::new(), &carried) => r.map(|()| "ok"),
         };
         drop(app);
@@ -745,12 +756,14 @@ fn decide(
 }
 
 /// Resolves when a set newer than version `decided` (the one the stream was
-/// admitted under, or an older one) no longer permits an open stream (the
-/// decision is logged like any other); pending for as long as sets allow it.
+/// admitted under, or an older one), or the time past an instant the set's
+/// decisions may change at (`clock` counts those), no longer permits an open
+/// stream (the decision is logged like any other); pending for as long as
+/// sets allow it.
 #[allow(clippy::manual_async_fn)] // see the note in its body
 fn revoked<'a>(
-    epoch: &'a mut watch::Receiver<u64>,
-    mut decided: u64,
+    epoch: &'a mut watch::Receiver<PolicyEpoch>,
+    (mut decided, mut clock): (u64, u64),
     peer_id: &'a SpiffeId,
     peer: SocketAddr,
     port: u16,
@@ -761,11 +774,11 @@ fn revoked<'a>(
     // and as its body's own copy).
     async move {
         while epoch.changed().await.is_ok() {
-            let version = *epoch.borrow_and_update();
-            if version <= decided {
+            let now = *epoch.borrow_and_update();
+            if now.version <= decided && now.clock == clock {
                 continue;
             }
-            decided = version;
+            (decided, clock) = (decided.max(now.version), now.clock);
             // Decided for the SPIFFE ID this proxy has, even if its SVID has
             // expired meanwhile (the stream goes on): a change must not be lost.
             let Some(me) = inbound
@@ -819,7 +832,7 @@ mod tests {
     fn inbound(
         resolver: SvidResolver,
         identity: watch::Receiver<Option<Current>>,
-        policy_epoch: watch::Receiver<u64>,
+        policy_epoch: watch::Receiver<PolicyEpoch>,
         idle_timeout: Duration,
     ) -> Arc<Inbound> {
         let roots = identity.borrow().as_ref().unwrap().roots.clone();
@@ -875,15 +888,16 @@ mod tests {
         let expired = current(-7200, 1, &roots);
         assert!(expired.not_after < crate::identity::unix_now());
         let (_identity_tx, identity) = watch::channel(Some(expired));
-        let (epoch_tx, epoch) = watch::channel(0);
+        let (epoch_tx, epoch) = watch::channel(PolicyEpoch::default());
         let inbound = inbound(svid(API, &root), identity, epoch, Duration::from_secs(60));
         let mut seen = inbound.policy_epoch.clone();
         seen.borrow_and_update();
         let web = SpiffeId::parse(WEB).unwrap();
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let revoking = revoked(&mut seen, 1, &web, peer, 9, &inbound);
+        let revoking = revoked(&mut seen, (1, 0), &web, peer, 9, &inbound);
         tokio::pin!(revoking);
-        epoch_tx.send(1).unwrap();
+        let version = |version| PolicyEpoch { version, clock: 0 };
+        epoch_tx.send(version(1)).unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(300), &mut revoking)
                 .await
@@ -894,7 +908,7 @@ mod tests {
             .metrics
             .render(0)
             .contains("ward_proxy_streams_revoked_total 0"));
-        epoch_tx.send(2).unwrap();
+        epoch_tx.send(version(2)).unwrap();
         tokio::time::timeout(Duration::from_secs(10), revoking)
             .await
             .expect("the new policy set was never applied to the open stream");
@@ -905,6 +919,35 @@ mod tests {
                 .contains("ward_proxy_streams_revoked_total 1"),
             "{}",
             inbound.metrics.render(0)
+        );
+    }
+
+    /// A permit that lapses at an instant (a break-glass rule) closes the
+    /// open streams it admitted once that instant comes, the policy set
+    /// unchanged.
+    #[tokio::test]
+    async fn a_permit_that_lapses_closes_the_streams_it_admitted() {
+        let (mut inbound, _root, _roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let lapses = crate::identity::unix_now() + 2;
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        let permit =
+            format!("permit (principal, action, resource) when {{ context.now < {lapses} }};");
+        let decided = serving.authz.load(&policies(&permit)).unwrap();
+        serving.policy_epoch = crate::policy_epoch(serving.authz.clone());
+        let mut seen = inbound.policy_epoch.clone();
+        let clock = seen.borrow_and_update().clock;
+        let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(decide(&inbound, &web, &api, peer, 9).permitted);
+        let revoking = revoked(&mut seen, (decided, clock), &web, peer, 9, &inbound);
+        tokio::time::timeout(Duration::from_secs(6), revoking)
+            .await
+            .expect("the lapsed permit still holds the open stream");
+        assert!(crate::identity::unix_now() >= lapses);
+        let text = inbound.metrics.render(0);
+        assert!(
+            text.contains("ward_proxy_streams_revoked_total 1"),
+            "{text}"
         );
     }
 
@@ -921,7 +964,7 @@ mod tests {
         let inbound = inbound(
             resolver,
             identity_rx,
-            watch::channel(0).1,
+            watch::channel(PolicyEpoch::default()).1,
             Duration::from_secs(60),
         );
         let metrics = inbound.metrics.clone();
@@ -1000,7 +1043,7 @@ mod tests {
         let inbound = inbound(
             svid(API, &root),
             identity_rx,
-            watch::channel(0).1,
+            watch::channel(PolicyEpoch::default()).1,
             idle_timeout,
         );
         (inbound, root, roots, identity_tx)

@@ -296,17 +296,37 @@ pub async fn run(
     Ok(())
 }
 
-/// A watch that changes whenever the authorizer's active set does (checked
-/// every 200 ms, whichever source loaded it).
-fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<u64> {
-    let (tx, rx) = watch::channel(authz.version());
+/// How often (seconds) open streams are decided again under a set that
+/// reads the time other than by comparing it with numbers.
+const TIME_REDECIDE_EVERY: i64 = 30;
+
+/// A watch that changes whenever the authorizer's active set does, or the
+/// time reaches an instant at which its decisions may change (checked every
+/// 200 ms, whichever source loaded the set).
+pub(crate) fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<inbound::PolicyEpoch> {
+    let (tx, rx) = watch::channel(inbound::PolicyEpoch {
+        version: authz.version(),
+        clock: 0,
+    });
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_millis(200));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when decisions are known not to have changed with time.
+        let mut since = identity::unix_now();
         loop {
             every.tick().await;
-            let v = authz.version();
-            tx.send_if_modified(|old| std::mem::replace(old, v) != v);
+            let version = authz.version();
+            let now = identity::unix_now();
+            let crossed = authz.time_may_change_decisions(since, now, TIME_REDECIDE_EVERY);
+            if crossed {
+                since = now;
+            }
+            tx.send_if_modified(|epoch| {
+                let was = *epoch;
+                epoch.version = version;
+                epoch.clock += u64::from(crossed);
+                *epoch != was
+            });
             if tx.is_closed() {
                 return;
             }
