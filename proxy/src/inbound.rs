@@ -656,7 +656,7 @@ async fn admit(
     if inbound.proxy_protocol {
         let header = crate::proxy_protocol::header(
             peer,
-            SocketAddr::new(verified.local.ip(), named),
+            SocketAddr::new(verified.local.ip(), port),
             &peer_id.to_string(),
             &decision.decision_id,
         );
@@ -1210,6 +1210,42 @@ mod tests {
             .expect("the application did not get the stream")
             .unwrap();
         assert_eq!(calls.load(Ordering::Acquire), 2);
+    }
+
+    /// The PROXY protocol header names the port policies decided on: a
+    /// `CONNECT` naming a port the workload does not list goes to
+    /// `forward`, and the application is told the service port, not the
+    /// port asked for (a peer cannot steer an application that routes on
+    /// it around policy).
+    #[tokio::test]
+    async fn the_proxy_protocol_header_names_the_port_policies_saw() {
+        use tokio::io::AsyncReadExt;
+        let (mut inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        serving.forward = app.local_addr().unwrap().to_string();
+        serving.service_port = 8080;
+        serving.proxy_protocol = true;
+        serving.authz = dry_run();
+        let (client, conn) = connected_peer(inbound, &root, &roots).await;
+        tokio::spawn(conn);
+        // (`ask_every` names port 9.)
+        let asking = ask_every(client, Duration::ZERO, 1);
+        let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(5), app.accept())
+            .await
+            .expect("the application did not get the stream")
+            .unwrap();
+        let mut bytes = vec![0u8; 16];
+        tcp.read_exact(&mut bytes).await.unwrap();
+        let rest = u16::from_be_bytes([bytes[14], bytes[15]]) as usize;
+        bytes.resize(16 + rest, 0);
+        tcp.read_exact(&mut bytes[16..]).await.unwrap();
+        let header = ppp::v2::Header::try_from(&bytes[..]).expect("a PROXY v2 header");
+        match header.addresses {
+            ppp::v2::Addresses::IPv4(a) => assert_eq!(a.destination_port, 8080),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(asking.await.unwrap(), [StatusCode::OK]);
     }
 
     /// Policies for tests: `text` as one file.

@@ -4,8 +4,9 @@
 //! the proxy itself. With the option on, each connection to it starts with
 //! a PROXY protocol v2 header (HAProxy's binary format, which HAProxy,
 //! nginx, Envoy and many servers read): the peer proxy's address as the
-//! source, this proxy's inbound address with the port the `CONNECT` named
-//! as the destination, and two TLVs: [`TLV_SPIFFE_ID`] with the peer's
+//! source, this proxy's inbound address with the port policies decided on
+//! as the destination (the port the `CONNECT` named if the workload lists
+//! it, else its service port: a peer cannot name one of its own choosing), and two TLVs: [`TLV_SPIFFE_ID`] with the peer's
 //! verified SPIFFE ID, and `PP2_TYPE_UNIQUE_ID` with the `decision_id` of
 //! the authorization that admitted the stream (as in the decision log).
 //!
