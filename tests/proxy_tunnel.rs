@@ -2589,9 +2589,9 @@ fn the_log_filter_changes_at_run_time_through_logging() {
 /// With `--proxy-protocol` the application learns who called: each
 /// connection to it starts with a PROXY protocol v2 header (read here by
 /// an independent parser, the `ppp` crate) naming the peer proxy's address,
-/// the port policies decided on (here the one asked for), the caller's SPIFFE ID (TLV 0xE1) and
-/// the decision that admitted it (TLV 0x05, as in the decision log); the
-/// stream's own bytes follow unchanged, both ways.
+/// the port policies decided on (here the one asked for), the caller's
+/// SPIFFE ID (TLV 0xE1) and the decision that admitted it (TLV 0x05, as in
+/// the decision log); the stream's own bytes follow unchanged, both ways.
 #[test]
 fn with_proxy_protocol_the_application_learns_the_callers_spiffe_id() {
     use std::io::{Read, Write};
@@ -2634,7 +2634,8 @@ fn with_proxy_protocol_the_application_learns_the_callers_spiffe_id() {
     let ppp::v2::Addresses::IPv4(a) = addresses else {
         panic!("not IPv4 addresses: {addresses:?}");
     };
-    // From web's proxy, to api's inbound address and the port policies decided on (the one asked for).
+    // From web's proxy, to api's inbound address and the port policies
+    // decided on (the one asked for).
     assert_eq!(a.source_address, std::net::Ipv4Addr::LOCALHOST);
     assert_eq!(a.destination_address, std::net::Ipv4Addr::LOCALHOST);
     assert_eq!(a.destination_port, 8080);
