@@ -1887,6 +1887,36 @@ fn outbound_routes_still_take_connections_while_the_proxy_drains() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 
+/// SIGTERM with nothing open: the outbound routes still take the
+/// application's new connections for the outbound drain (5 s by default:
+/// an application shutting down may call out, as with Istio's sidecar),
+/// then the proxy exits.
+#[test]
+fn an_idle_proxy_keeps_its_outbound_routes_for_the_outbound_drain() {
+    let mesh = Mesh::start(&[], &[]);
+    let (mut web, port) = mesh.client_proxy(WEB_UID, API, &[]);
+    let limits = &web.config_dump()["limits"];
+    assert_eq!(limits["outbound_drain_seconds"], 5.0, "{limits}");
+    assert_clean(&hash_client(port, 1024, 1, 0.0), 1, 1024);
+    web.signal("-TERM");
+    let signalled = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_clean(&hash_client(port, 64 * 1024, 2, 0.0), 2, 64 * 1024);
+    assert!(
+        signalled.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let status = web.wait_exit(Duration::from_secs(15), "SIGTERM");
+    assert!(status.success(), "{status}");
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
 /// While a proxy drains its inbound side, its outbound routes still take
 /// its application's new connections (the application may call out as it
 /// finishes the requests it was sent); once the inbound side is done they
@@ -2018,9 +2048,14 @@ fn quitquitquit_drains_and_stops_the_proxy() {
     assert_eq!(http_get(&health, "/readyz").map(|r| r.0), Some(200));
 
     let answer = http_request(&health, "POST", "/quitquitquit");
+    let asked = Instant::now();
     assert_eq!(answer, Some((200, "draining\n".to_owned())));
     let status = web.wait_exit(Duration::from_secs(10), "/quitquitquit");
     assert!(status.success(), "{status}");
+    // (The application that asked is done: the outbound routes are not
+    // kept for the outbound drain, 5 s.)
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(4), "exited {took:?} after asked");
     let log = web.log_text();
     assert!(log.contains("asked on /quitquitquit"), "{log}");
     assert!(log.contains("drained"), "{log}");

@@ -44,6 +44,7 @@
 //! keepalive_timeout = "20s"       # closed (with them) if one is not answered in this
 //! drain_delay = "0s"              # before the drain: not ready, still serving
 //! drain_timeout = "30s"
+//! outbound_drain = "5s"           # in the drain, outbound listeners stay at least this
 //! ```
 
 use std::net::SocketAddr;
@@ -314,6 +315,13 @@ pub struct Limits {
     /// On SIGTERM: how long open streams may finish before they are closed.
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub drain_timeout: Duration,
+    /// On SIGTERM: how long, at least, the outbound listeners go on taking
+    /// the application's connections once the drain has begun, however
+    /// soon the inbound side is done (an application finishing its work may
+    /// still call out, as with Istio's sidecar); within the drain timeout.
+    /// Not waited for on `/quitquitquit` (the application is done).
+    #[serde(deserialize_with = "ward_spec::duration::deserialize")]
+    pub outbound_drain: Duration,
 }
 
 impl Limits {
@@ -338,6 +346,7 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(20),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
+            outbound_drain: Duration::from_secs(5),
         }
     }
 }

@@ -111,19 +111,22 @@ pub async fn run(
         ));
     }
     let stop_flag = stopping.clone();
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    // `POST /quitquitquit` drains as SIGTERM does.
+    // Set once asked to stop: whether on `/quitquitquit`.
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    // `POST /quitquitquit` drains as SIGTERM does (but for the outbound
+    // listeners' minimum: the application that asked is done).
     let quit = Arc::new(tokio::sync::Notify::new());
     let quit_asked = quit.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown => {}
+        let by_quit = tokio::select! {
+            () = shutdown => false,
             () = quit_asked.notified() => {
                 tracing::info!("shutting down: asked on /quitquitquit");
+                true
             }
-        }
+        };
         stop_flag.store(true, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
+        let _ = stop_tx.send(Some(by_quit));
     });
 
     let inbound_socket = cfg
@@ -178,7 +181,7 @@ pub async fn run(
 
     let current = tokio::select! {
         c = identity.ready() => c,
-        _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+        _ = stop_rx.wait_for(Option::is_some) => return Ok(()),
     };
     let pool = pool::Pool::new(
         identity.clone(),
@@ -260,7 +263,11 @@ pub async fn run(
     listening.store(true, Ordering::Release);
     tracing::info!(spiffe_id = %current.spiffe_id, "proxy ready");
 
-    let _ = stop_rx.wait_for(|s| *s).await;
+    let by_quit = stop_rx
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|s| *s);
     listening.store(false, Ordering::Release);
     tokio::pin!(cut);
     let delay = cfg.limits.drain_delay;
@@ -275,13 +282,19 @@ pub async fn run(
             () = &mut cut => cut_in_delay = true,
         }
     }
-    let timeout = cfg.limits.drain_timeout;
+    let times = DrainTimes {
+        deadline: cfg.limits.drain_timeout,
+        outbound: match by_quit {
+            Some(true) => Duration::ZERO,
+            _ => cfg.limits.outbound_drain,
+        },
+    };
     if cut_in_delay {
         // (`cut` has resolved: it may not be polled again.)
         let now = std::future::ready(());
-        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, timeout, now).await;
+        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, times, now).await;
     } else {
-        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, timeout, cut).await;
+        drain_streams(&drain_tx, &exit_tx, &metrics, &pool, times, cut).await;
     }
     // What the logs hold is written out (waiting a few seconds at most for
     // their destinations) off the runtime thread.
@@ -395,7 +408,15 @@ pub(crate) async fn accept_until_drained(
     }
 }
 
-/// Drains, in turn, until `deadline` (or `cut`):
+/// How long a drain takes at most, and how long at least the outbound
+/// listeners stay.
+#[derive(Clone, Copy)]
+struct DrainTimes {
+    deadline: Duration,
+    outbound: Duration,
+}
+
+/// Drains, in turn, until `times.deadline` (or `cut`):
 /// 1. Inbound: the listener closes and each inbound connection tells its
 ///    peer to open no more streams (GOAWAY); the drain waits for their
 ///    streams to end and for them to close (once the peer has seen the
@@ -404,8 +425,9 @@ pub(crate) async fn accept_until_drained(
 ///    their handshake are waited for too (within the handshake timeout):
 ///    a peer's first stream may already be on its way behind it. The outbound
 ///    listeners go on accepting meanwhile, and until no outbound stream is
-///    open either (as Istio's sidecar drains inbound only): an application
-///    finishing its work may still need to call out.
+///    open either (as Istio's sidecar drains inbound only), and for at least
+///    `times.outbound`: an application finishing its work may still need to
+///    call out.
 /// 2. Outbound: `exit` closes the outbound listeners, and the drain waits
 ///    for them to stop (every receiver of `exit` dropped), then for every
 ///    stream, set-up included, to end.
@@ -417,9 +439,10 @@ async fn drain_streams(
     exit: &watch::Sender<bool>,
     metrics: &Metrics,
     pool: &pool::Pool,
-    deadline: Duration,
+    times: DrainTimes,
     cut: impl Future<Output = ()>,
 ) {
+    let deadline = times.deadline;
     #[derive(PartialEq)]
     enum Phase {
         Inbound,
@@ -455,6 +478,7 @@ async fn drain_streams(
             }
         }
         if phase == Phase::Inbound
+            && start.elapsed() >= times.outbound
             && streams() == 0
             && metrics.connections_open(Direction::Inbound) == 0
             && metrics.inbound_handshakes() == 0

@@ -2183,17 +2183,12 @@ mod tests {
     /// the outbound listeners to close through `exit`.
     async fn drain(pool: &Pool, exit: watch::Sender<bool>) {
         let (drain, _) = watch::channel(false);
-        let timeout = Duration::from_secs(10);
+        let times = crate::DrainTimes {
+            deadline: Duration::from_secs(10),
+            outbound: Duration::ZERO,
+        };
         let metrics = &pool.metrics;
-        crate::drain_streams(
-            &drain,
-            &exit,
-            metrics,
-            pool,
-            timeout,
-            std::future::pending(),
-        )
-        .await;
+        crate::drain_streams(&drain, &exit, metrics, pool, times, std::future::pending()).await;
     }
 
     /// The drain's order: while the inbound side is still draining (here an

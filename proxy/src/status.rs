@@ -66,6 +66,7 @@ impl Status {
                 "keepalive_timeout_seconds": secs(l.keepalive_timeout),
                 "drain_delay_seconds": secs(l.drain_delay),
                 "drain_timeout_seconds": secs(l.drain_timeout),
+                "outbound_drain_seconds": secs(l.outbound_drain),
             },
             "policy": {
                 "source": match &cfg.policy.dir {

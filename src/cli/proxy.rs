@@ -118,6 +118,11 @@ pub struct RunArgs {
     /// On SIGTERM, how long open streams may finish. Default 30s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// On SIGTERM, how long at least the outbound listeners go on taking
+    /// the application's connections, however soon the inbound side has
+    /// drained (not on /quitquitquit). Default 5s
+    #[arg(long, value_parser = ward_spec::duration::parse_duration)]
+    outbound_drain: Option<Duration>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -233,6 +238,7 @@ impl RunArgs {
             keepalive_timeout => limits.keepalive_timeout,
             drain_delay => limits.drain_delay,
             drain_timeout => limits.drain_timeout,
+            outbound_drain => limits.outbound_drain,
             log_format => log_format,
             worker_threads => worker_threads,
         );

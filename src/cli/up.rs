@@ -538,6 +538,9 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
             // Stopping waits at most this for open streams, well inside
             // the 10 s after which a part is killed.
             .args(["--drain-timeout", "3s"])
+            // (The demo's applications are stopped with it: nothing calls
+            // out once it is asked to stop.)
+            .args(["--outbound-drain", "0s"])
             .arg("--decision-log")
             .arg(logs.join(format!("{}.decisions.jsonl", s.file_name())));
         if !s.calls.is_empty() {
