@@ -1149,7 +1149,8 @@ fn http_connect(addr: &str, target: &str) -> String {
 /// when the destination refuses the connection, 504 when it does not
 /// answer the TLS handshake in time, with the reason in `ward-proxy-error`;
 /// the access log's outcome is `unreachable` either way. A request head
-/// that does not end within 8 KiB is answered 431 (outcome `error`).
+/// that does not end within 8 KiB is answered 431, a target that is not
+/// `host:port` 400 (outcome `error`), whatever the client still sends.
 #[test]
 fn http_connect_failures_say_why() {
     let mesh = Mesh::start(&[], &[]);
@@ -1204,17 +1205,26 @@ fn http_connect_failures_say_why() {
         "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"unreachable\"}";
     assert_eq!(web.metric(unreachable), 3.0);
     // A request head that does not end within 8 KiB is refused as too large.
-    // (Exactly 8 KiB are sent, all of which the proxy reads: it closes
-    // without a reset, which could lose its reply.)
+    // The client sends more than the proxy reads of a head: the proxy
+    // reads the rest and drops it before closing, so the connection ends
+    // cleanly (a close with bytes unread would reset it, and a reset can
+    // throw the reply away).
     let reply = {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&connect).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut head = b"CONNECT api.acme:8080 HTTP/1.1\r\nX-Padding: ".to_vec();
-        head.resize(8 * 1024, b'a');
-        s.write_all(&head).unwrap();
+        head.resize(256 * 1024, b'a');
+        let _ = s.write_all(&head);
         let mut reply = String::new();
-        let _ = s.read_to_string(&mut reply);
+        let read = s.read_to_string(&mut reply);
+        assert!(read.is_ok(), "{read:?} after {reply:?}");
+        // Not reset: what it sends after the reply is still taken.
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(&[b'b'; 1024])
+                .expect("the proxy reset the connection");
+        }
         reply
     };
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
@@ -1224,6 +1234,24 @@ fn http_connect_failures_say_why() {
     );
     let error = "ward_proxy_streams_ended_total{direction=\"outbound\",outcome=\"error\"}";
     assert_eq!(web.metric(error), 1.0);
+    // A request head may end its lines with a bare LF and start with an
+    // empty line, and the target's host may be in any case (RFC 9112 §2.2);
+    // a target that is not host:port is a bad request.
+    let raw = |head: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&connect).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    };
+    let reply = raw("\r\nCONNECT CLOSED.test:1 HTTP/1.1\nHost: closed.test\n\n");
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    let reply = raw("CONNECT http://closed.test:1/ HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("\r\nConnection: close\r\n"), "{reply}");
+    assert_eq!(web.metric(error), 2.0);
     drop(silent);
 }
 

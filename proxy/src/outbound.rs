@@ -383,7 +383,9 @@ impl RoutesByTarget {
         let mut by = std::collections::HashMap::new();
         for r in routes {
             for name in [r.target(), r.destination.as_str()] {
-                by.entry(name.to_owned()).or_insert_with(|| r.clone());
+                // (As `authority` gives a CONNECT's target.)
+                let name = authority(name).unwrap_or_else(|| name.to_owned());
+                by.entry(name).or_insert_with(|| r.clone());
             }
         }
         RoutesByTarget(by)
@@ -450,9 +452,14 @@ async fn http_connect(
     if !connect {
         // A client sending plain HTTP through a proxy (`GET http://…`) is
         // told what this listener takes (curl: `-p`/`--proxytunnel`).
-        let status = "405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0";
+        let status = "405 Method Not Allowed\r\nAllow: CONNECT";
         return refuse(app, metrics, log, status, "error", "not a CONNECT request").await;
     }
+    let Some(target) = authority(target) else {
+        let why = "the CONNECT target is not host:port";
+        return refuse(app, metrics, log, "400 Bad Request", "error", why).await;
+    };
+    let target = target.as_str();
     let Some(route) = routes.get(target) else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
         StreamLog::set_route(&mut log, "", target);
@@ -496,21 +503,50 @@ async fn http_connect(
                 }
             };
             let _ = reply(&mut app, &status, Some(&e.to_string())).await;
+            AppConn::new(app).close_answered().await;
             StreamLog::end(metrics, Direction::Outbound, log, not_opened(&e));
         }
     }
 }
 
-/// Whether a request head's method is `CONNECT`, and its target.
+/// Whether a request head's method is `CONNECT`, and its target (empty
+/// lines before the request line skipped, as RFC 9112 §2.2 asks).
 fn request_line(head: &[u8]) -> (bool, String) {
-    let line = String::from_utf8_lossy(head);
-    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
+    let text = String::from_utf8_lossy(head);
+    let line = text.lines().find(|l| !l.trim().is_empty());
+    let mut parts = line.unwrap_or_default().split_whitespace();
     let method = parts.next().unwrap_or("");
     (method == "CONNECT", parts.next().unwrap_or("").to_owned())
 }
 
+/// A `CONNECT` target as routes are looked up by: `host:port`
+/// (authority-form), its host in lower case (names are not case
+/// sensitive); `None` for anything else.
+fn authority(target: &str) -> Option<String> {
+    let (host, port) = target.rsplit_once(':')?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let plain = !host.is_empty() && !host.contains([':', '/', '@', '[', ']', '?', '#']);
+    if port.parse::<u16>().is_err() || !(plain || bracketed) {
+        return None;
+    }
+    Some(format!("{}:{port}", host.to_ascii_lowercase()))
+}
+
+/// Where a request head ends: after its first empty line, lines ending in
+/// CRLF or a bare LF (RFC 9112 §2.2), empty lines before the request line
+/// skipped; `None` until all of it is in.
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    let start = buf.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+    let mut line = start;
+    for (i, b) in buf.iter().enumerate().skip(start) {
+        if *b == b'\n' {
+            if matches!(&buf[line..i], b"" | b"\r") {
+                return Some(i + 1);
+            }
+            line = i + 1;
+        }
+    }
+    None
 }
 
 /// Answers an HTTP CONNECT client with this proxy's own refusal (`status`:
@@ -525,6 +561,7 @@ async fn refuse(
     why: &'static str,
 ) {
     let _ = reply(&mut app, status, Some(why)).await;
+    AppConn::new(app).close_answered().await;
     let code = status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
     StreamLog::end(
         metrics,
@@ -535,11 +572,14 @@ async fn refuse(
 }
 
 /// Answers an HTTP CONNECT client. An answer other than 200 (this proxy's
-/// own, or the peer proxy's refusal passed on) says why in a
-/// `ward-proxy-error` header, as Linkerd's proxies do with
-/// `l5d-proxy-error`.
+/// own, or the peer proxy's refusal passed on) has no body, ends the
+/// connection, and says why in a `ward-proxy-error` header, as Linkerd's
+/// proxies do with `l5d-proxy-error`.
 async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status}\r\n");
+    if !status.starts_with("200") {
+        head.push_str("Content-Length: 0\r\nConnection: close\r\n");
+    }
     if let Some(why) = error {
         // One line of printable text.
         let why: String = why
@@ -561,7 +601,7 @@ async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::i
 
 #[cfg(test)]
 mod tests {
-    use super::{answered, RoutesByTarget};
+    use super::{answered, authority, find_head_end, request_line, RoutesByTarget};
     use crate::config::Route;
     use std::sync::Arc;
 
@@ -585,6 +625,53 @@ mod tests {
         assert_eq!(found("10.0.0.3:15008"), Some("10.0.0.3:15008"));
         assert_eq!(found("10.0.0.4:15008"), Some("10.0.0.4:15008"));
         assert_eq!(found("db:5432"), None);
+        // (Host names as `authority` gives them: in lower case.)
+        assert_eq!(
+            authority("API:8080").as_deref().and_then(found),
+            Some("10.0.0.2:15008")
+        );
+    }
+
+    /// A request head ends at its first empty line, whether lines end in
+    /// CRLF or a bare LF; empty lines before the request line are skipped
+    /// (RFC 9112 §2.2).
+    #[test]
+    fn a_request_head_ends_at_its_first_empty_line() {
+        let crlf = b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(find_head_end(crlf), Some(crlf.len() - 4));
+        let lf = b"CONNECT a:1 HTTP/1.1\nHost: a\n\nbody";
+        assert_eq!(find_head_end(lf), Some(lf.len() - 4));
+        let leading = b"\r\n\r\nCONNECT a:1 HTTP/1.1\r\n\r\n";
+        assert_eq!(find_head_end(leading), Some(leading.len()));
+        assert_eq!(request_line(leading), (true, "a:1".to_owned()));
+        assert_eq!(find_head_end(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(find_head_end(b"\r\n\r\n"), None);
+        assert!(!request_line(b"GET http://a/ HTTP/1.1\r\n\r\n").0);
+    }
+
+    /// A `CONNECT` target is `host:port`, its host in lower case; anything
+    /// else (absolute-form, no port, a path) is not one.
+    #[test]
+    fn a_connect_target_is_host_and_port() {
+        assert_eq!(authority("Api.Acme:8080").as_deref(), Some("api.acme:8080"));
+        assert_eq!(
+            authority("10.0.0.2:15008").as_deref(),
+            Some("10.0.0.2:15008")
+        );
+        assert_eq!(authority("[::1]:15008").as_deref(), Some("[::1]:15008"));
+        for bad in [
+            "http://api:8080",
+            "api",
+            "api:",
+            ":80",
+            "api:http",
+            "a/b:80",
+            "::1:80",
+            "HTTP/1.1",
+            "",
+        ] {
+            assert_eq!(authority(bad), None, "{bad}");
+        }
     }
 
     /// A peer's 403 is a denial only when the peer says its policy denied

@@ -94,10 +94,15 @@ impl AppConn {
         self.tcp.as_mut().expect("present until dropped")
     }
 
-    /// The proxy answered the application itself (an HTTP status on the
-    /// CONNECT listener): closing it is an end.
-    pub fn answered(&mut self) {
+    /// Closes a connection the proxy answered itself (an HTTP status on the
+    /// CONNECT listener): its end (FIN) follows the answer, and what the
+    /// application still sends (a request body, say) is read and dropped
+    /// for a while, so that the close does not reset the connection and
+    /// throw the answer away (RFC 9112 §9.6).
+    pub async fn close_answered(mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(self.tcp()).await;
         self.complete = true;
+        self.still_sending = true;
     }
 }
 
