@@ -491,21 +491,27 @@ async fn http_connect(
             carry(app, t.send, recv, t.lease, first, metrics, &carried, log).await;
         }
         Err(e) => {
-            let status = match &e {
-                OpenError::Refused(status, _) => status.to_string(),
-                _ => {
-                    tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
-                    if e.timed_out() {
-                        "504 Gateway Timeout".to_owned()
-                    } else {
-                        "502 Bad Gateway".to_owned()
-                    }
-                }
-            };
+            if !matches!(e, OpenError::Refused(..)) {
+                tracing::warn!(destination = %route.destination, error = %e, "outbound tunnel not opened");
+            }
+            let status = failure_status(&e);
             let _ = reply(&mut app, &status, Some(&e.to_string())).await;
             AppConn::new(app).close_answered().await;
             StreamLog::end(metrics, Direction::Outbound, log, not_opened(&e));
         }
+    }
+}
+
+/// What an HTTP CONNECT client is answered when its tunnel was not opened:
+/// the peer's refusal as it is; 503 while this proxy has no usable SVID (its
+/// own state, for now); 504 when the destination did not answer in time;
+/// else 502.
+fn failure_status(e: &OpenError) -> String {
+    match e {
+        OpenError::Refused(status, _) => status.to_string(),
+        OpenError::NoIdentity => "503 Service Unavailable".to_owned(),
+        e if e.timed_out() => "504 Gateway Timeout".to_owned(),
+        _ => "502 Bad Gateway".to_owned(),
     }
 }
 
@@ -601,8 +607,9 @@ async fn reply(app: &mut TcpStream, status: &str, error: Option<&str>) -> std::i
 
 #[cfg(test)]
 mod tests {
-    use super::{answered, authority, find_head_end, request_line, RoutesByTarget};
+    use super::{answered, authority, failure_status, find_head_end, request_line, RoutesByTarget};
     use crate::config::Route;
+    use crate::pool::OpenError;
     use std::sync::Arc;
 
     /// A CONNECT names a route by its target or its destination; when two
@@ -630,6 +637,24 @@ mod tests {
             authority("API:8080").as_deref().and_then(found),
             Some("10.0.0.2:15008")
         );
+    }
+
+    /// An HTTP CONNECT client whose tunnel was not opened is answered the
+    /// peer's refusal, 503 while this proxy has no usable SVID, 504 when
+    /// the destination did not answer in time, else 502.
+    #[test]
+    fn a_tunnel_not_opened_is_answered_as_why() {
+        let io = |kind| std::io::Error::new(kind, "x");
+        let refused = OpenError::Refused(http::StatusCode::FORBIDDEN, "denied");
+        assert_eq!(failure_status(&refused), "403 Forbidden");
+        assert_eq!(
+            failure_status(&OpenError::NoIdentity),
+            "503 Service Unavailable"
+        );
+        let slow = OpenError::Connect("a:1".into(), io(std::io::ErrorKind::TimedOut));
+        assert_eq!(failure_status(&slow), "504 Gateway Timeout");
+        let closed = OpenError::Connect("a:1".into(), io(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(failure_status(&closed), "502 Bad Gateway");
     }
 
     /// A request head ends at its first empty line, whether lines end in
