@@ -412,6 +412,18 @@ pub fn client_builder(max_streams: u32) -> h2::client::Builder {
     b
 }
 
+/// A TLS session that did not agree on ALPN `h2` (a peer that offered no
+/// ALPN at all, which rustls lets through) is refused as incompatible.
+pub fn require_h2(session: &rustls::CommonState) -> io::Result<()> {
+    match session.alpn_protocol() {
+        Some(b"h2") => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::NoApplicationProtocol,
+        )),
+    }
+}
+
 /// A short name for why a TLS handshake failed (a metric label).
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};

@@ -160,6 +160,7 @@ async fn connection(
     let traffic = transport.traffic();
     let handshake = async {
         let mut tls = inbound.acceptor.accept(transport).await?;
+        hbone::require_h2(tls.get_ref().1)?;
         tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
         let certs = tls.get_ref().1.peer_certificates();
         let peer_id = ward_spec::tls::peer_id(certs);
@@ -1012,6 +1013,44 @@ mod tests {
             .unwrap();
         let text = metrics.render(0);
         assert!(text.contains(r#"reason="no_longer_trusted"} 1"#), "{text}");
+    }
+
+    /// A peer that offers no ALPN (rustls lets such a handshake through) is
+    /// refused: HBONE is HTTP/2 over TLS with ALPN `h2`.
+    #[tokio::test]
+    async fn a_peer_without_alpn_h2_is_refused() {
+        let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let metrics = inbound.metrics.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_drain_tx, drain_rx) = watch::channel(false);
+        let server = tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let handshaking = inbound.metrics.inbound_handshake();
+            connection(tcp, peer, inbound, drain_rx, handshaking).await;
+        });
+        let mut cfg = ward_spec::tls::client_config(
+            Some(svid(WEB, &root)),
+            SpiffeServerVerifier::new(
+                roots.clone(),
+                PeerPolicy::OneOf(vec![SpiffeId::parse(API).unwrap()]),
+            ),
+        );
+        cfg.alpn_protocols.clear();
+        let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
+        let _tls = TlsConnector::from(Arc::new(cfg))
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await;
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("a connection without ALPN h2 was kept")
+            .unwrap();
+        let text = metrics.render(0);
+        assert!(text.contains(r#"reason="incompatible"} 1"#), "{text}");
+        assert!(
+            text.contains("ward_proxy_connections_total{direction=\"inbound\"} 0"),
+            "{text}"
+        );
     }
 
     /// A peer's TLS client config (`WEB`, from `issuer`, expecting `API`).

@@ -952,6 +952,7 @@ impl Pool {
         let traffic = transport.traffic();
         let handshake = async {
             let mut tls = connector.connect(name, transport).await?;
+            hbone::require_h2(tls.get_ref().1)?;
             tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_BUFFER));
             let certs = tls.get_ref().1.peer_certificates();
             let chain = (PeerChain::new(certs), ward_spec::tls::peer_id(certs));
@@ -1758,6 +1759,51 @@ mod tests {
         };
         assert_eq!(p.lease.conn.address, a);
         assert_eq!(calls.load(Ordering::Acquire), 1);
+    }
+
+    /// A peer that does not agree on ALPN `h2` (rustls lets a server that
+    /// picks none through) is refused as incompatible.
+    #[tokio::test]
+    async fn a_peer_without_alpn_h2_is_refused() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let mut config = ward_spec::tls::server_config(
+            svid(API, &issuer),
+            SpiffeClientVerifier::new(roots.clone(), true),
+        );
+        config.alpn_protocols.clear();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let mut sink = Vec::new();
+                        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
+                    }
+                });
+            }
+        });
+        let lookup = lookup_of(Arc::new(Mutex::new(vec![addr])), Arc::default());
+        let pool = pool_with(&issuer, &roots, lookup, Duration::from_secs(60));
+        let ids = [SpiffeId::parse(API).unwrap()];
+        let e = pool
+            .start_stream(&addr.to_string(), &ids, "api.acme:8080")
+            .await
+            .err()
+            .expect("a stream over a connection without ALPN h2");
+        assert!(
+            matches!(
+                e,
+                OpenError::Handshake {
+                    reason: "incompatible",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     /// A destination that cannot be reached at its addresses (nothing
