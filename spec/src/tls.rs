@@ -482,13 +482,54 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(e) => {
-                tracing::warn!(error = %e, "refused client certificate");
+                // (Anyone who reaches the port can be refused, as often as
+                // they like: a line a second at most.)
+                if let Some(unlogged) = CLIENT_REFUSALS.admit(now.as_secs()) {
+                    tracing::warn!(error = %e, unlogged, "refused client certificate");
+                }
                 Err(e)
             }
         }
     }
 
     tls13_signature_methods!();
+}
+
+/// Refused client certificates, logged at most once a second.
+static CLIENT_REFUSALS: LogLimit = LogLimit::new();
+
+/// A log line at most once a second; each says how many went unlogged
+/// since the last.
+struct LogLimit {
+    /// The second of the last line (Unix).
+    last: std::sync::atomic::AtomicU64,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimit {
+    const fn new() -> LogLimit {
+        LogLimit {
+            last: std::sync::atomic::AtomicU64::new(0),
+            unlogged: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log at `now` (Unix seconds): if so, how many were not
+    /// logged since the last line.
+    fn admit(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last.load(Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.unlogged.swap(0, Relaxed));
+        }
+        self.unlogged.fetch_add(1, Relaxed);
+        None
+    }
 }
 
 /// An SVID ready for rustls: `chain` is DER, leaf first; `pkcs8` the leaf's
@@ -610,6 +651,19 @@ mod tests {
 
     fn leaf(id: &str, issuer: &Issuer) -> CertificateDer<'static> {
         leaf_and_key(id, issuer).0
+    }
+
+    /// A line a second at most, saying how many were not logged since the
+    /// last one.
+    #[test]
+    fn refusals_are_logged_once_a_second_at_most() {
+        let limit = LogLimit::new();
+        assert_eq!(limit.admit(100), Some(0));
+        assert_eq!(limit.admit(100), None);
+        assert_eq!(limit.admit(100), None);
+        assert_eq!(limit.admit(101), Some(2));
+        assert_eq!(limit.admit(101), None);
+        assert_eq!(limit.admit(105), Some(1));
     }
 
     /// Runs one handshake in memory; the kind each side saw.
