@@ -692,7 +692,7 @@ when { principal.service == "web" };
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(mesh.api.metric("ward_proxy_streams_revoked_total"), 1.0);
-    let closed = "closed an open stream the new policy set denies";
+    let closed = "closed an open stream the policy set now denies";
     assert!(mesh.api.wait_log(|l| l.contains(closed)).contains(closed));
     // What it carried before it was cut off is counted.
     let to_app = mesh

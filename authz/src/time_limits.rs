@@ -61,34 +61,59 @@ impl TimeLimits {
 const COMPARISONS: [&str; 6] = ["<", "<=", ">", ">=", "==", "!="];
 
 /// Walks a policy's JSON form: each comparison of `context.now` with a
-/// number `n` adds the instants its outcome can change at (`n` and
-/// `n + 1`: `now < n` turns at `n`, `now <= n` at `n + 1`); any other
-/// reading of `context.now` sets `any`.
+/// number `n` adds the instant its outcome changes at (`now < n` and
+/// `now >= n` at `n`; `now <= n` and `now > n` at `n + 1`; `==` and `!=`
+/// at both); any other reading of `context.now`, or of the whole
+/// `context`, sets `any`.
 fn readings(json: &Value, at: &mut Vec<i64>, any: &mut bool) {
     match json {
         Value::Object(map) => {
-            if is_now(json) {
+            if is_now(json) || json["Var"] == "context" {
                 *any = true;
                 return;
             }
             for (key, value) in map {
+                let (left, right) = (&value["left"], &value["right"]);
                 if COMPARISONS.contains(&key.as_str()) {
-                    let (left, right) = (&value["left"], &value["right"]);
-                    let n = match (is_now(left), is_now(right)) {
-                        (true, false) => right["Value"].as_i64(),
-                        (false, true) => left["Value"].as_i64(),
-                        _ => None,
+                    // As `now OP n`: with `now` on the right, the mirror.
+                    let (op, n) = match (is_now(left), is_now(right)) {
+                        (true, false) => (key.as_str(), right["Value"].as_i64()),
+                        (false, true) => (mirrored(key), left["Value"].as_i64()),
+                        _ => (key.as_str(), None),
                     };
                     if let Some(n) = n {
-                        at.extend([n, n.saturating_add(1)]);
+                        let after = n.saturating_add(1);
+                        match op {
+                            "<" | ">=" => at.push(n),
+                            "<=" | ">" => at.push(after),
+                            _ => at.extend([n, after]),
+                        }
                         continue;
                     }
+                }
+                // Another attribute of the context (or whether it has one,
+                // `now` included: it always has): not the time.
+                let of_context = left["Var"] == "context";
+                if of_context && (key == "has" || (key == "." && value["attr"] != "now")) {
+                    continue;
                 }
                 readings(value, at, any);
             }
         }
         Value::Array(items) => items.iter().for_each(|v| readings(v, at, any)),
         _ => {}
+    }
+}
+
+/// `a OP b` as `b OP' a`.
+fn mirrored(op: &str) -> &'static str {
+    match op {
+        "<" => ">",
+        ">" => "<",
+        "<=" => ">=",
+        ">=" => "<=",
+        "==" => "==",
+        _ => "!=",
     }
 }
 
@@ -106,21 +131,23 @@ mod tests {
         TimeLimits::of(&text.parse::<PolicySet>().unwrap())
     }
 
-    /// A permit that lapses at an instant changes its decisions there (and
-    /// the second after, for `<=`), and nowhere else.
+    /// A permit that lapses at an instant changes its decisions there, and
+    /// nowhere else: `now < n` at `n`, `now <= n` the second after (the
+    /// time is whole seconds), either way round.
     #[test]
     fn comparisons_of_the_time_with_numbers_are_its_limits() {
         let lapsing = r#"permit (principal, action, resource)
             when { context.now < 1798761600 && principal.service == "oncall" };
-            permit (principal, action, resource) when { 1700000000 >= context.now };"#;
+            permit (principal, action, resource) when { 1700000000 >= context.now };
+            permit (principal, action, resource) when { 1600000000 < context.now };
+            permit (principal, action, resource) when { context.now == 1500000000 };
+            permit (principal, action, resource) when { context has now && context.port == 1 };"#;
         let l = limits(lapsing);
-        assert_eq!(
-            l,
-            TimeLimits::At(vec![1700000000, 1700000001, 1798761600, 1798761601])
-        );
+        let at = [1500000000, 1500000001, 1600000001, 1700000001, 1798761600];
+        assert_eq!(l, TimeLimits::At(at.to_vec()));
         assert!(!l.crossed(1798761500, 1798761599, 30));
         assert!(l.crossed(1798761599, 1798761600, 30));
-        assert!(!l.crossed(1798761601, 1898761600, 30));
+        assert!(!l.crossed(1798761600, 1898761600, 30));
         assert_eq!(
             limits(r#"permit (principal, action, resource) when { principal.service == "a" };"#),
             TimeLimits::Never
@@ -136,6 +163,7 @@ mod tests {
         for text in [
             "permit (principal, action, resource) when { context.now + 3600 < 1798761600 };",
             r#"permit (principal, action, resource) when { context["now"] < context.now };"#,
+            r#"permit (principal, action, resource) when { context == {"now": 5} };"#,
         ] {
             let l = limits(text);
             assert_eq!(l, TimeLimits::Any, "{text}");

@@ -63,7 +63,7 @@ impl AccessLog {
 pub struct End<'a> {
     /// The `CONNECT` answer (sent inbound, received outbound); 0 if none.
     pub status: u16,
-    /// `ok`, `denied`, `refused`, `revoked` (a new policy set denies it),
+    /// `ok`, `denied`, `refused`, `revoked` (the policy set, new or with a permit lapsed, now denies it),
     /// `untrusted` (its peer is no longer trusted), `cancelled` (the peer
     /// reset it before it was answered), `unreachable` or `error`.
     pub outcome: &'static str,

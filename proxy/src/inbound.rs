@@ -444,13 +444,13 @@ fn stream<'a>(
     async move {
         let peer_id = &verified.id;
         let began = Instant::now();
-        // The set's version is taken before the decision: a set that changes
-        // while the stream is admitted gets it decided again, and one that the
-        // decision already used (the epoch follows the authorizer a moment
-        // late) does not.
+        // The set's version is taken (by `admit`) before the decision: a set
+        // that changes while the stream is admitted gets it decided again,
+        // and one that the decision already used (the epoch follows the
+        // authorizer a moment late) does not.
         let mut epoch = inbound.policy_epoch.clone();
         let clock = epoch.borrow_and_update().clock;
-        let mut decided = inbound.authz.version();
+        let mut decided = 0;
         let metrics = &inbound.metrics;
         let mut log = StreamLog::start(
             metrics,
@@ -586,7 +586,10 @@ async fn admit(
         Ok(me) => me,
         Err((status, outcome)) => return refuse(&mut respond, status, outcome),
     };
-    let decision = decide(inbound, peer_id, &me, peer, port);
+    // (The set's version is read before the decision: see `stream`.)
+    *decided = inbound.authz.version();
+    let decided_at = crate::identity::unix_now();
+    let mut decision = decide(inbound, peer_id, &me, peer, port);
     metrics.decision(decision.allowed, decision.permitted);
     StreamLog::set_decision(log, &decision.decision_id);
     if !decision.permitted {
@@ -653,6 +656,26 @@ async fn admit(
     if let Err((status, outcome)) = admissible(inbound, verified, |_| ()) {
         return refuse(&mut respond, status, outcome);
     }
+    // So may the policy set (or the time have passed an instant its
+    // decisions change at): the stream is decided again before any byte
+    // passes (open streams follow such changes only a moment later).
+    let version = inbound.authz.version();
+    let now = crate::identity::unix_now();
+    let every = crate::TIME_REDECIDE_EVERY;
+    if version != *decided
+        || inbound
+            .authz
+            .time_may_change_decisions(decided_at, now, every)
+    {
+        *decided = version;
+        decision = decide(inbound, peer_id, &me, peer, port);
+        metrics.decision(decision.allowed, decision.permitted);
+        StreamLog::set_decision(log, &decision.decision_id);
+        if !decision.permitted {
+            tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied by the policy set as it is now");
+            return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
+        }
+    }
     hbone::app_socket(app.tcp());
     if inbound.proxy_protocol {
         let header = crate::proxy_protocol::header(
@@ -672,20 +695,6 @@ async fn admit(
                 "the application did not take the PROXY protocol header"
             );
             return refuse(&mut respond, StatusCode::BAD_GATEWAY, "unreachable");
-        }
-    }
-    // A policy set loaded while the application was being connected decides
-    // the stream again before any byte passes (open streams follow new sets
-    // only a moment later).
-    let version = inbound.authz.version();
-    if version != *decided {
-        *decided = version;
-        let decision = decide(inbound, peer_id, &me, peer, port);
-        metrics.decision(decision.allowed, decision.permitted);
-        StreamLog::set_decision(log, &decision.decision_id);
-        if !decision.permitted {
-            tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "stream denied by the policy set loaded while it was admitted");
-            return refuse(&mut respond, StatusCode::FORBIDDEN, "denied");
         }
     }
     let ok = Response::builder()
@@ -794,7 +803,7 @@ fn revoked<'a>(
             let decision = decide(inbound, peer_id, &me, peer, port);
             if !decision.permitted {
                 inbound.metrics.stream_revoked();
-                tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the new policy set denies");
+                tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the policy set now denies");
                 return;
             }
         }

@@ -285,7 +285,7 @@ impl Default for Metrics {
         );
         registry.register(
             "streams_revoked",
-            "Open inbound streams closed because a new policy set denies them",
+            "Open inbound streams closed because the policy set (new, or with a permit lapsed) now denies them",
             m.streams_revoked.clone(),
         );
         // One statement per series: a lookup's read guard lives to the end of

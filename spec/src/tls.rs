@@ -519,7 +519,8 @@ impl LogLimit {
     fn admit(&self, now: u64) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         let last = self.last.load(Relaxed);
-        if now > last
+        // (`!=`: a clock set back does not silence it.)
+        if now != last
             && self
                 .last
                 .compare_exchange(last, now, Relaxed, Relaxed)
@@ -664,6 +665,7 @@ mod tests {
         assert_eq!(limit.admit(101), Some(2));
         assert_eq!(limit.admit(101), None);
         assert_eq!(limit.admit(105), Some(1));
+        assert_eq!(limit.admit(90), Some(0), "a clock set back silenced it");
     }
 
     /// Runs one handshake in memory; the kind each side saw.
