@@ -318,7 +318,8 @@ pub struct Limits {
     /// On SIGTERM: how long, at least, the outbound listeners go on taking
     /// the application's connections once the drain has begun, however
     /// soon the inbound side is done (an application finishing its work may
-    /// still call out, as with Istio's sidecar); within the drain timeout.
+    /// still call out, as with Istio's sidecar); half the drain timeout at
+    /// most.
     /// Not waited for on `/quitquitquit` (the application is done).
     #[serde(deserialize_with = "ward_spec::duration::deserialize")]
     pub outbound_drain: Duration,

@@ -311,7 +311,7 @@ pub async fn run(
 
 /// How often (seconds) open streams are decided again under a set that
 /// reads the time other than by comparing it with numbers.
-const TIME_REDECIDE_EVERY: i64 = 30;
+pub(crate) const TIME_REDECIDE_EVERY: i64 = 30;
 
 /// A watch that changes whenever the authorizer's active set does, or the
 /// time reaches an instant at which its decisions may change (checked every
@@ -330,6 +330,8 @@ pub(crate) fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<inbound::P
             every.tick().await;
             let version = authz.version();
             let now = identity::unix_now();
+            // (A clock set back: the instants between are to come again.)
+            since = since.min(now);
             let crossed = authz.time_may_change_decisions(since, now, TIME_REDECIDE_EVERY);
             if crossed {
                 since = now;
@@ -426,8 +428,9 @@ struct DrainTimes {
 ///    a peer's first stream may already be on its way behind it. The outbound
 ///    listeners go on accepting meanwhile, and until no outbound stream is
 ///    open either (as Istio's sidecar drains inbound only), and for at least
-///    `times.outbound`: an application finishing its work may still need to
-///    call out.
+///    `times.outbound` (half the deadline at most, which leaves the rest
+///    its time): an application finishing its work may still need to call
+///    out.
 /// 2. Outbound: `exit` closes the outbound listeners, and the drain waits
 ///    for them to stop (every receiver of `exit` dropped), then for every
 ///    stream, set-up included, to end.
@@ -478,7 +481,7 @@ async fn drain_streams(
             }
         }
         if phase == Phase::Inbound
-            && start.elapsed() >= times.outbound
+            && start.elapsed() >= times.outbound.min(deadline / 2)
             && streams() == 0
             && metrics.connections_open(Direction::Inbound) == 0
             && metrics.inbound_handshakes() == 0

@@ -448,26 +448,26 @@ async fn http_connect(
     // hold it (a kilobyte or more) for the stream's life.
     let (connect, named) = request_line(&head);
     drop(head);
-    let target = named.as_str();
     if !connect {
         // A client sending plain HTTP through a proxy (`GET http://…`) is
         // told what this listener takes (curl: `-p`/`--proxytunnel`).
         let status = "405 Method Not Allowed\r\nAllow: CONNECT";
         return refuse(app, metrics, log, status, "error", "not a CONNECT request").await;
     }
-    let Some(target) = authority(target) else {
+    let target = authority(&named);
+    drop(named);
+    let Some(target) = target else {
         let why = "the CONNECT target is not host:port";
         return refuse(app, metrics, log, "400 Bad Request", "error", why).await;
     };
-    let target = target.as_str();
-    let Some(route) = routes.get(target) else {
+    let Some(route) = routes.get(&target) else {
         tracing::info!(target, "HTTP CONNECT to a target no route names");
-        StreamLog::set_route(&mut log, "", target);
+        StreamLog::set_route(&mut log, "", &target);
         let why = "no route names this target";
         return refuse(app, metrics, log, "403 Forbidden", "denied", why).await;
     };
     StreamLog::set_route(&mut log, &route.destination, route.target());
-    drop(named);
+    drop(target);
     let began = Instant::now();
     // Boxed: the stream's task would otherwise keep room for opening a
     // tunnel (the pool's connecting and handshake) while it carries.

@@ -2228,13 +2228,63 @@ mod tests {
     /// The proxy's drain (up to 10 s), of `pool` and its metrics, telling
     /// the outbound listeners to close through `exit`.
     async fn drain(pool: &Pool, exit: watch::Sender<bool>) {
-        let (drain, _) = watch::channel(false);
         let times = crate::DrainTimes {
             deadline: Duration::from_secs(10),
             outbound: Duration::ZERO,
         };
+        drain_in(pool, exit, times).await;
+    }
+
+    /// [`drain`], in `times`.
+    async fn drain_in(pool: &Pool, exit: watch::Sender<bool>, times: crate::DrainTimes) {
+        let (drain, _) = watch::channel(false);
         let metrics = &pool.metrics;
         crate::drain_streams(&drain, &exit, metrics, pool, times, std::future::pending()).await;
+    }
+
+    /// The outbound listeners stay for the outbound drain, but half the
+    /// drain's deadline at most: a drain timeout shorter than the outbound
+    /// drain still leaves the pool its turn to close its connections
+    /// before the deadline.
+    #[tokio::test]
+    async fn the_outbound_drain_leaves_the_pool_its_turn() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (addr, _) = counted_peer(&issuer, roots.clone()).await;
+        let pool = pool_with(&issuer, &roots, system_lookup(), DNS_REFRESH);
+        let ids = vec![SpiffeId::parse(API).unwrap()];
+        let p = pool
+            .start_stream(&addr.to_string(), &ids, "api.acme:8080")
+            .await
+            .unwrap();
+        drop(accepted(p.response.await.unwrap()).unwrap());
+        drop((p.send, p.lease));
+        assert_eq!(pool.connections(), 1);
+        let (exit, mut listener) = watch::channel(false);
+        let times = crate::DrainTimes {
+            deadline: Duration::from_secs(2),
+            outbound: Duration::from_secs(5),
+        };
+        let started = Instant::now();
+        let drained = {
+            let pool = pool.clone();
+            tokio::spawn(async move { drain_in(&pool, exit, times).await })
+        };
+        listener.wait_for(|x| *x).await.unwrap();
+        let told = started.elapsed();
+        assert!(
+            told >= Duration::from_millis(950) && told < Duration::from_millis(1500),
+            "the listeners were told to close after {told:?}"
+        );
+        drop(listener);
+        drained.await.unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1900), "{took:?}");
+        assert_eq!(
+            pool.connections(),
+            0,
+            "the pool's connection was not closed"
+        );
     }
 
     /// The drain's order: while the inbound side is still draining (here an

@@ -101,8 +101,8 @@ impl AppConn {
     /// throw the answer away (RFC 9112 §9.6).
     pub async fn close_answered(mut self) {
         let _ = tokio::io::AsyncWriteExt::shutdown(self.tcp()).await;
-        self.complete = true;
-        self.still_sending = true;
+        let tcp = self.tcp.take().expect("present until dropped");
+        crate::bufio::close_lingering(tcp, &crate::bufio::APPLICATION);
     }
 }
 

@@ -120,7 +120,8 @@ pub struct RunArgs {
     drain_timeout: Option<Duration>,
     /// On SIGTERM, how long at least the outbound listeners go on taking
     /// the application's connections, however soon the inbound side has
-    /// drained (not on /quitquitquit). Default 5s
+    /// drained (not on /quitquitquit; half the drain timeout at most).
+    /// Default 5s
     #[arg(long, value_parser = ward_spec::duration::parse_duration)]
     outbound_drain: Option<Duration>,
     /// Log format: text or json.
