@@ -1159,6 +1159,24 @@ mod tests {
         ))
     }
 
+    /// The application behind `inbound` named `app.test:PORT`, a name
+    /// `lookup` answers; every stream admitted (dry run).
+    fn forward_to_name(inbound: &mut Arc<Inbound>, port: u16, lookup: crate::resolve::Lookup) {
+        let serving = Arc::get_mut(inbound).unwrap();
+        serving.forward = format!("app.test:{port}");
+        serving.resolver = crate::resolve::Resolver::new(lookup, crate::resolve::DNS_REFRESH);
+        serving.authz = dry_run();
+    }
+
+    /// The application's next connection, within 5 s.
+    async fn app_gets_stream(app: &TcpListener) -> TcpStream {
+        let accepted = tokio::time::timeout(Duration::from_secs(5), app.accept()).await;
+        accepted
+            .expect("the application did not get the stream")
+            .unwrap()
+            .0
+    }
+
     /// Asks `client` for a stream every `every`, `times` times or until
     /// the connection takes no more; the statuses answered.
     fn ask_every(
@@ -1200,13 +1218,8 @@ mod tests {
         let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = app.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
-        let serving = Arc::get_mut(&mut inbound).unwrap();
-        serving.forward = format!("app.test:{}", addr.port());
-        serving.resolver = crate::resolve::Resolver::new(
-            lookup_of(Arc::new(Mutex::new(vec![addr])), calls.clone()),
-            crate::resolve::DNS_REFRESH,
-        );
-        serving.authz = dry_run();
+        let lookup = lookup_of(Arc::new(Mutex::new(vec![addr])), calls.clone());
+        forward_to_name(&mut inbound, addr.port(), lookup);
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         tokio::spawn(conn);
         let answered = ask_every(client, Duration::from_millis(10), 3)
@@ -1214,10 +1227,7 @@ mod tests {
             .unwrap();
         assert_eq!(answered, [StatusCode::OK; 3]);
         for _ in 0..3 {
-            tokio::time::timeout(Duration::from_secs(5), app.accept())
-                .await
-                .expect("the application did not get the stream")
-                .unwrap();
+            app_gets_stream(&app).await;
         }
         assert_eq!(calls.load(Ordering::Acquire), 1);
     }
@@ -1237,13 +1247,11 @@ mod tests {
             Arc::new(Mutex::new(vec![old])),
             Arc::new(AtomicUsize::new(0)),
         );
-        let serving = Arc::get_mut(&mut inbound).unwrap();
-        serving.forward = format!("app.test:{}", addr.port());
-        serving.resolver = crate::resolve::Resolver::new(
+        forward_to_name(
+            &mut inbound,
+            addr.port(),
             lookup_of(answer.clone(), calls.clone()),
-            crate::resolve::DNS_REFRESH,
         );
-        serving.authz = dry_run();
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         tokio::spawn(conn);
         let statuses = ask_every(client.clone(), Duration::ZERO, 1).await.unwrap();
@@ -1253,10 +1261,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let statuses = ask_every(client, Duration::ZERO, 1).await.unwrap();
         assert_eq!(statuses, [StatusCode::OK], "the old address was used");
-        tokio::time::timeout(Duration::from_secs(5), app.accept())
-            .await
-            .expect("the application did not get the stream")
-            .unwrap();
+        app_gets_stream(&app).await;
         assert_eq!(calls.load(Ordering::Acquire), 2);
     }
 
@@ -1279,10 +1284,7 @@ mod tests {
         tokio::spawn(conn);
         // (`ask_every` names port 9.)
         let asking = ask_every(client, Duration::ZERO, 1);
-        let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(5), app.accept())
-            .await
-            .expect("the application did not get the stream")
-            .unwrap();
+        let mut tcp = app_gets_stream(&app).await;
         let mut bytes = vec![0u8; 16];
         tcp.read_exact(&mut bytes).await.unwrap();
         let rest = u16::from_be_bytes([bytes[14], bytes[15]]) as usize;
@@ -1362,11 +1364,8 @@ mod tests {
                 })
             })
         };
-        let serving = Arc::get_mut(&mut inbound).unwrap();
-        serving.forward = format!("app.test:{}", addr.port());
-        serving.resolver = crate::resolve::Resolver::new(lookup, crate::resolve::DNS_REFRESH);
-        serving.connect_timeout = Duration::from_millis(300);
-        serving.authz = dry_run();
+        forward_to_name(&mut inbound, addr.port(), lookup);
+        Arc::get_mut(&mut inbound).unwrap().connect_timeout = Duration::from_millis(300);
         let (client, conn) = connected_peer(inbound, &root, &roots).await;
         tokio::spawn(conn);
         let started = std::time::Instant::now();
