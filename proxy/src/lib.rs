@@ -669,6 +669,54 @@ mod tests {
         asked.await.expect("the proxy was not told to stop");
     }
 
+    /// `/readyz` says not ready once the proxy drains, even while its
+    /// listeners are still flagged up (a stop during start-up).
+    #[tokio::test]
+    async fn readyz_is_not_ready_while_draining() {
+        use tower::ServiceExt;
+        let (bundle, root) = ward_spec::test_util::root("example.org");
+        let api = "spiffe://example.org/tenant/acme/ns/prod/sa/api";
+        let current = identity::Current {
+            spiffe_id: ward_spec::SpiffeId::parse(api).unwrap(),
+            not_after: identity::unix_now() + 3600,
+            generation: 1,
+            roots: ward_spec::tls::RootStore::new(&bundle).unwrap(),
+        };
+        let (_tx, current) = watch::channel(Some(current));
+        let identity = Identity {
+            resolver: ward_spec::test_util::svid(api, &root),
+            current,
+        };
+        let authz = Arc::new(authorizer(&ProxyConfig::default()).unwrap());
+        let (listening, stopping) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let status = status::Status::new(
+            &ProxyConfig::default(),
+            identity.clone(),
+            authz.clone(),
+            stopping.clone(),
+        );
+        let app = health_router(
+            identity,
+            false,
+            listening,
+            stopping.clone(),
+            Arc::new(Metrics::default()),
+            authz,
+            Arc::new(status),
+        );
+        let ready = || {
+            let req = ward_spec::test_util::request_from("GET", "/readyz", "127.0.0.1:4000", false);
+            let app = app.clone();
+            async move { app.oneshot(req).await.unwrap().status() }
+        };
+        assert_eq!(ready().await, StatusCode::OK);
+        stopping.store(true, Ordering::Relaxed);
+        assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
     /// The configured ID template decides what policies see as tenant and
     /// service.
     #[test]
