@@ -639,3 +639,51 @@ fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotatio
         "{list}"
     );
 }
+
+/// Without a short refresh interval (the default is up to 5 minutes), a
+/// bundle endpoint is fetched from as soon as it is set, and again as soon
+/// as the bundle is set by hand, so a PEM bundle (X.509 roots only) gains
+/// the partner's JWT keys within seconds.
+#[test]
+fn a_bundle_endpoint_is_fetched_from_as_soon_as_it_is_set() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let partner = CaProcess::start_in("partner.test", &["--federation-address", &endpoint]);
+    let ours = CaProcess::start_in("example.org", &[]);
+    let files = tempfile::tempdir().unwrap();
+    let pem = bundle_file(&partner, files.path());
+    let url = format!("https://{endpoint}");
+    let want = jwt_kids(&partner);
+    assert!(!want.is_empty(), "the partner's bundle has no JWT key");
+    for (n, what) in ["the endpoint is set", "the bundle is set again by hand"]
+        .into_iter()
+        .enumerate()
+    {
+        step(n as u32 + 1, what);
+        run_ok(
+            &ours,
+            &[
+                "bundle",
+                "set",
+                "--trust-domain",
+                "partner.test",
+                "--file",
+                &pem,
+                "--endpoint-url",
+                &url,
+            ],
+        );
+        let start = Instant::now();
+        while federated_kids(&ours, "partner.test") != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: example.org holds JWT keys {:?} for partner.test, expected {want:?}",
+                federated_kids(&ours, "partner.test")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!(
+            "  the endpoint's bundle arrived {:?} after `bundle set`",
+            start.elapsed()
+        );
+    }
+}

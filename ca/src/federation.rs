@@ -6,12 +6,14 @@
 //!
 //! Fetching: a federated bundle stored with an endpoint URL (`ward bundle set
 //! … --endpoint-url`) is fetched again every refresh interval (the fetched
-//! bundle's refresh hint, 5 s to 5 min, unless configured). The server must
+//! bundle's refresh hint, 5 s to 5 min, unless configured), and at once when
+//! it is set (or set again, by hand). The server must
 //! present the expected endpoint SPIFFE ID, verified against the bundle we
 //! hold for that trust domain, so a partner's rotation reaches us before its
 //! old roots expire. A bundle whose authorities changed is stored (agents
 //! hear of it at once); every replica fetches, only a change is written.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,7 +93,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Refreshes federated bundles from their endpoints until `stop`;
-/// `every` overrides the bundles' refresh hints.
+/// `every` overrides the bundles' refresh hints. A bundle endpoint set, or
+/// a bundle set by hand, is fetched from at once.
 pub async fn refresh_bundles(
     ca: Arc<Ca>,
     every: Option<Duration>,
@@ -99,8 +102,10 @@ pub async fn refresh_bundles(
 ) {
     // The last error per trust domain, so a failing endpoint is logged once.
     let mut failing: std::collections::HashMap<String, String> = Default::default();
+    let mut changes = ca.watch_changes();
     loop {
         let federations = ca.federations();
+        let fetched_from = endpoints(&federations);
         let mut next = every.unwrap_or(DEFAULT_REFRESH);
         for f in federations.iter().filter(|f| !f.endpoint_url.is_empty()) {
             let td = f.bundle.trust_domain.to_string();
@@ -130,11 +135,41 @@ pub async fn refresh_bundles(
                 }
             }
         }
+        let new_endpoint = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if !endpoints(&ca.federations()).is_subset(&fetched_from) {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
+            () = new_endpoint => {}
             _ = stopped(&mut stop) => return,
         }
     }
+}
+
+/// The federations fetched for, as stored: one set or changed since
+/// (by hand or by another replica; this replica's own refreshes too, which
+/// costs one fetch more) is fetched for at once.
+fn endpoints(federations: &[Federation]) -> HashSet<(&str, &[u8], &str, &str)> {
+    federations
+        .iter()
+        .filter(|f| !f.endpoint_url.is_empty())
+        .map(|f| {
+            let r = &f.stored;
+            (
+                r.trust_domain.as_str(),
+                r.jwks.as_slice(),
+                r.endpoint_url.as_str(),
+                r.endpoint_spiffe_id.as_str(),
+            )
+        })
+        .collect()
 }
 
 /// Fetches one federation's bundle and stores it if it changed; the refresh
