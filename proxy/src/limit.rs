@@ -32,8 +32,9 @@ impl Limit {
     pub fn take(&self, warn: impl FnOnce()) -> Option<OwnedSemaphorePermit> {
         match self.slots.clone().try_acquire_owned() {
             Ok(slot) => {
+                // (Free before this take: one more than now.)
                 if self.warned.load(Ordering::Relaxed)
-                    && self.slots.available_permits() > self.max / 10
+                    && self.slots.available_permits() + 1 > self.max / 10
                 {
                     self.warned.store(false, Ordering::Relaxed);
                 }
@@ -77,5 +78,21 @@ mod tests {
         }
         assert_eq!(held.len(), 20);
         assert_eq!(warned.get(), 2, "not warned again once the load had fallen");
+    }
+
+    /// A bound of one (or any under ten) is warned of again once its load
+    /// has fallen to nothing: a take from an empty limit re-arms it.
+    #[test]
+    fn a_small_bound_is_warned_of_again_after_it_emptied() {
+        let limit = Limit::new(1);
+        let warned = std::cell::Cell::new(0);
+        let warn = || warned.set(warned.get() + 1);
+        for round in 1..=3 {
+            let held = limit.take(warn).unwrap();
+            assert!(limit.take(warn).is_none());
+            assert!(limit.take(warn).is_none());
+            assert_eq!(warned.get(), round, "round {round}");
+            drop(held);
+        }
     }
 }
