@@ -1889,9 +1889,13 @@ mod tests {
         assert!(recv.data().await.is_none(), "the peer's half did not end");
         // 2 MiB and the stream's end, queued; the stream is done with.
         let mut send = p.send;
-        crate::pump::send_all(&mut send, Bytes::from(vec![7u8; 2 << 20]))
-            .await
-            .unwrap();
+        crate::pump::send_all(
+            &mut send,
+            Bytes::from(vec![7u8; 2 << 20]),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
         send.send_data(Bytes::new(), true).unwrap();
         drop((send, recv, p.lease));
         let metrics = pool.metrics.clone();

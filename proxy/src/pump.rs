@@ -174,6 +174,12 @@ pub async fn pump(
                 }
                 // Dropping the other direction resets the stream.
                 r = &mut up => break r?,
+                // A reset while the upload waits for the peer's window
+                // (which a peer application that does not read may never
+                // open): the stream is reset now, as below.
+                ready = app.ready(Interest::ERROR) => {
+                    return Err(reset_by_app(ready, app, "while its upload waited for the peer"));
+                }
             }
         }
     };
@@ -218,16 +224,7 @@ pub async fn pump(
             // application learns of it now, as it would from its own peer
             // without a tunnel, not when it next writes.
             ready = app.ready(Interest::ERROR) => {
-                break Err(match ready.and_then(|_| app.take_error()) {
-                    Err(e) => e,
-                    Ok(why) => {
-                        let why = why.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
-                        io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            format!("the application reset its connection after its end of file ({why})"),
-                        )
-                    }
-                });
+                break Err(reset_by_app(ready, app, "after its end of file"));
             }
         }
     };
@@ -276,12 +273,10 @@ async fn app_to_tunnel(
     first: Bytes,
     total: &AtomicU64,
 ) -> io::Result<Option<SendStream<Bytes>>> {
-    let n = first.len() as u64;
-    let sent = send_all(&mut send, first).await;
+    let sent = send_all(&mut send, first, total).await;
     if !still_sending(&mut send, sent)? {
         return Ok(None);
     }
-    total.fetch_add(n, Ordering::Relaxed);
     // One allocation serves several reads (each read's bytes are split off
     // and sent); it is dropped whenever the application has nothing more to
     // say, so an idle stream holds no buffer. (Waiting for readiness first
@@ -307,11 +302,10 @@ async fn app_to_tunnel(
                 } else {
                     buf.split().freeze()
                 };
-                let sent = send_all(&mut send, chunk).await;
+                let sent = send_all(&mut send, chunk, total).await;
                 if !still_sending(&mut send, sent)? {
                     return Ok(None);
                 }
-                total.fetch_add(n as u64, Ordering::Relaxed);
                 if drained {
                     buf = BytesMut::new();
                     if !readable(r, &mut send).await? {
@@ -417,8 +411,13 @@ fn stopped_without_error(send: &mut SendStream<Bytes>) -> bool {
     )
 }
 
-/// Sends `data` as the stream's capacity allows.
-pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+/// Sends `data` as the stream's capacity allows, counting into `total`
+/// what it has handed to h2.
+pub async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    total: &AtomicU64,
+) -> io::Result<()> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -429,9 +428,26 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
             continue;
         }
         let chunk = data.split_to(cap.min(data.len()));
+        let n = chunk.len() as u64;
         send.send_data(chunk, false).map_err(h2_io)?;
+        total.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// The error of an application connection reported in error (`ready`):
+/// its reset, `when` told.
+fn reset_by_app(ready: io::Result<tokio::io::Ready>, app: &TcpStream, when: &str) -> io::Error {
+    match ready.and_then(|_| app.take_error()) {
+        Err(e) => e,
+        Ok(why) => {
+            let why = why.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+            io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("the application reset its connection {when} ({why})"),
+            )
+        }
+    }
 }
 
 async fn tunnel_to_app(
@@ -457,8 +473,7 @@ async fn tunnel_to_app(
                 }
             }
         };
-        write_all(w, &chunk, &mut recv, &mut held).await?;
-        total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        write_all(w, &chunk, &mut recv, &mut held, total).await?;
         // The peer may send more once it is written (not before: what is
         // held is bounded by the stream's window).
         let _ = recv.flow_control().release_capacity(chunk.len());
@@ -535,7 +550,8 @@ impl Held {
     }
 }
 
-/// Writes all of `data` to the application as its socket takes it; while
+/// Writes all of `data` to the application as its socket takes it
+/// (counted into `total` write by write); while
 /// the socket is full, takes what arrives on the stream into `held`. It
 /// polls for readiness rather than awaiting `writable()`, whose future
 /// (with its waiter) would be part of every stream's, idle ones too.
@@ -544,6 +560,7 @@ async fn write_all(
     mut data: &[u8],
     recv: &mut RecvStream,
     held: &mut Option<Box<Held>>,
+    total: &AtomicU64,
 ) -> io::Result<()> {
     while !data.is_empty() {
         let n = poll_fn(|cx| loop {
@@ -563,6 +580,7 @@ async fn write_all(
             }
         })
         .await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         data = &data[n..];
     }
     Ok(())
@@ -818,6 +836,81 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         assert!(err.to_string().contains("reset its connection"), "{err}");
         assert_eq!(carried.totals(), (0, 3));
+    }
+
+    /// The application uploads more than the peer takes (its application
+    /// reads nothing: the window closes), then resets its connection: the
+    /// stream is reset at once, rather than held (with what the peer has
+    /// buffered) until the peer's application reads or writes.
+    #[tokio::test]
+    async fn an_application_reset_while_its_upload_waits_for_the_window_resets_the_stream() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, app) = app_pair().await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        let uploading = tokio::spawn(async move {
+            let mut app = app;
+            let _ = app.write_all(&vec![7u8; 64 << 20]).await;
+        });
+        // Until the upload stalls on the closed window.
+        let mut sent = carried.totals().1;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = carried.totals().1;
+            if now == sent && now > 0 {
+                break;
+            }
+            sent = now;
+        }
+        assert!(sent < 64 << 20, "all of it was sent: {sent}");
+        // Dropping the application's end (linger zero) resets it.
+        uploading.abort();
+        assert!(uploading.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            reset_told(&mut peer_send, "the peer").await,
+            h2::Reason::CANCEL
+        );
+        let err = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived the application's connection")
+            .unwrap()
+            .expect_err("an application's reset is no clean end");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("reset its connection"), "{err}");
+    }
+
+    /// A write to the application that blocks midway through a chunk (a
+    /// frame of up to 256 KiB) counts what the socket took so far: a
+    /// stream cut then (a reset, a revocation, the drain's deadline) tells
+    /// what reached its application, not only the chunks written whole.
+    #[tokio::test]
+    async fn a_write_blocked_midway_counts_what_the_application_was_given() {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, mut app) = app_pair_buffered(4096, 4096).await;
+        let (pumping, carried) = spawn_pump(proxy_side, send, recv);
+        peer_send
+            .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
+            .unwrap();
+        // Until the writes stall on the full socket.
+        let mut written = carried.totals().0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = carried.totals().0;
+            if now == written {
+                break;
+            }
+            written = now;
+        }
+        assert!(written > 0, "nothing was counted as written");
+        assert!(written < 256 << 10, "a whole frame was written: {written}");
+        let mut got = vec![0u8; written as usize];
+        tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut got))
+            .await
+            .expect("the application was not given what was counted")
+            .unwrap();
+        let _ = reset_and_wait(&mut peer_send, h2::Reason::CANCEL, pumping).await;
     }
 
     /// The pump on the server's side of a stream: the client has sent part
