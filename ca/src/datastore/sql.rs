@@ -316,6 +316,30 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        /// Refuses an entry that would repeat another's SPIFFE ID, parent
+        /// and selectors (as SPIRE does: it would only add a second copy of
+        /// the same SVID to every workload it selects). Called once the
+        /// transaction holds the revision counter, which every entry writer
+        /// takes: the entries it sees are all that are committed.
+        async fn refuse_duplicate(tx: &mut $conn, e: &Entry) -> Result<()> {
+            let other: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM entries WHERE spiffe_id = $1 AND parent_id = $2 AND selectors = $3 AND id <> $4 LIMIT 1",
+            )
+            .bind(e.spiffe_id.to_string())
+            .bind(e.parent_id.to_string())
+            .bind(selectors_json(e))
+            .bind(&e.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match other {
+                Some(other) => Err(StoreError::Conflict(format!(
+                    "entry {other} already has SPIFFE ID {}, parent ID {} and these selectors",
+                    e.spiffe_id, e.parent_id
+                ))),
+                None => Ok(()),
+            }
+        }
+
         /// The notices of a change to `entries` at `rev`: their parents,
         /// as many to a notice as fit.
         fn entries_notices(rev: u64, entries: &[Entry]) -> Vec<String> {
@@ -513,6 +537,7 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin_with($begin).await?;
                 hold_federated_bundles(&mut tx, &e).await?;
                 let rev = next_revision(&mut tx).await?;
+                refuse_duplicate(&mut tx, &e).await?;
                 e.revision = rev;
                 e.created_at = now;
                 sqlx::query(&format!(
@@ -561,6 +586,7 @@ macro_rules! sql_store {
                 // (and authorized against): the update applies only to that.
                 let expected = if e.revision == 0 { old.revision } else { e.revision };
                 let rev = next_revision(&mut tx).await?;
+                refuse_duplicate(&mut tx, &e).await?;
                 e.revision = rev;
                 e.created_at = old.created_at;
                 let n = sqlx::query(

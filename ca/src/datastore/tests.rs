@@ -518,6 +518,51 @@ async fn an_update_applies_only_to_the_revision_it_was_made_from() {
     }
 }
 
+/// An entry with another's SPIFFE ID, parent and selectors is refused,
+/// created or updated into one, as SPIRE refuses it; one that differs in any
+/// of them (or only in its TTLs, which are not compared, on its own entry)
+/// is not.
+#[tokio::test]
+async fn an_entry_repeating_anothers_id_parent_and_selectors_is_refused() {
+    for (name, s) in stores().await {
+        println!("backend: {name}");
+        let s = s.as_ref();
+        let first = s
+            .create_entry(entry("e", "spiffe://td/node"), 1)
+            .await
+            .unwrap();
+        let mut copy = entry("e", "spiffe://td/node");
+        copy.id = "copy".into();
+        copy.x509_ttl = 60;
+        let err = s.create_entry(copy.clone(), 2).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict(m) if m.contains("entry e already has SPIFFE ID spiffe://td/e")),
+            "{err}"
+        );
+        assert!(s.get_entry("copy").await.unwrap().is_none());
+        // Another parent, then another selector: both are other entries.
+        copy.parent_id = id("spiffe://td/other-node");
+        let moved = s.create_entry(copy, 2).await.unwrap();
+        let mut other = entry("e", "spiffe://td/node");
+        other.id = "other".into();
+        other.selectors.push(Selector::parse("unix:gid:1").unwrap());
+        s.create_entry(other, 3).await.unwrap();
+        // Moved onto the first one's parent: the same copy, refused.
+        let mut onto = moved.clone();
+        onto.parent_id = first.parent_id.clone();
+        let err = s.update_entry(onto).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Conflict(_)), "{err}");
+        assert_eq!(
+            s.get_entry("copy").await.unwrap().unwrap().parent_id,
+            moved.parent_id
+        );
+        // An entry updated in place is no copy of itself.
+        let mut longer = first;
+        longer.x509_ttl = 120;
+        s.update_entry(longer).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_delete_applies_only_to_the_revision_it_was_made_from() {
     for (name, s) in stores().await {
