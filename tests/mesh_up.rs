@@ -471,3 +471,54 @@ fn ctrl_c_during_startup_stops_the_parts_already_started() {
         );
     }
 }
+
+/// `ward up --once | head -1`: the reader takes its line and goes; `ward up`
+/// runs the demo to its end and stops cleanly instead of panicking on its
+/// next line.
+#[test]
+fn a_reader_that_stops_early_does_not_stop_ward_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_port();
+    let mut child = Command::new(ward_bin())
+        .args(["up", "--once", "--dir"])
+        .arg(dir.path())
+        .args(["--base-port", &base.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("ward up: a local mesh"), "{first}");
+    // (The reader is gone: the pipe is closed.)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`ward up --once` did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "ward up exited with {status}:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // It ran the demo after the reader left: acme/web's call was allowed.
+    let log = std::fs::read_to_string(dir.path().join("logs/acme-api.decisions.jsonl"))
+        .unwrap_or_default();
+    let allowed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|d| d["decision"] == "allow");
+    assert!(allowed, "acme/api allowed no call:\n{log}");
+}

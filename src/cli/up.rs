@@ -28,6 +28,14 @@ use ward_spec::TrustBundle;
 use super::admin;
 use super::AdminTarget;
 
+/// `println!`, but a standard output closed by its reader (`ward up | head`)
+/// does not stop the mesh: what is printed then is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The demo policy set (the repository's `policies/`), pushed on the first run.
 const DEMO_POLICIES: &[(&str, &str)] = &[
     (
@@ -230,7 +238,7 @@ impl Children {
                 }
                 if let Ok(None) = c.try_wait() {
                     if !self.hurry.load(Ordering::Relaxed) {
-                        println!("  {name} did not stop in 10 s; killing it");
+                        say!("  {name} did not stop in 10 s; killing it");
                     }
                     let _ = c.kill();
                 }
@@ -297,21 +305,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(Ok(mesh)) => mesh,
         Some(Err(e)) => return Err(e),
         None => {
-            println!("\nStopping what was started…");
+            say!("\nStopping what was started…");
             signals.hurry_on_next(hurry);
             children.stop_all();
-            println!("Stopped.");
+            say!("Stopped.");
             return Ok(());
         }
     };
     if args.once {
-        println!("\nStopping (--once).");
+        say!("\nStopping (--once).");
         signals.hurry_on_next(hurry);
         children.stop_all();
         return Ok(());
     }
-    println!("\nA long-lived stream acme/web → acme/api stays open; policy changes that close or admit it are shown here.");
-    println!("Ctrl-C stops the mesh.\n");
+    say!("\nA long-lived stream acme/web → acme/api stays open; policy changes that close or admit it are shown here.");
+    say!("Ctrl-C stops the mesh.\n");
 
     // 6. Run until a signal, watching the demo stream and the children.
     let watcher = StreamWatch::start(mesh.ports.route(mesh.web, 0));
@@ -325,12 +333,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     };
-    println!("\nStopping the mesh…");
+    say!("\nStopping the mesh…");
     signals.hurry_on_next(hurry);
     // The demo stream ends first: acme/api's proxy has nothing to drain.
     watcher.stop();
     children.stop_all();
-    println!("Stopped.");
+    say!("Stopped.");
     result
 }
 
@@ -365,7 +373,7 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
     }
     check_ports_free(&ports)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    println!(
+    say!(
         "ward up: a local mesh in {} (trust domain {td})",
         dir.display()
     );
@@ -586,52 +594,52 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
             step,
         );
     }
-    println!("Up in {:.1} s.\n", started.elapsed().as_secs_f64());
+    say!("Up in {:.1} s.\n", started.elapsed().as_secs_f64());
 
     // 5. The demo calls, and the policies that decided them.
-    println!("Demo calls (caller → callee: decision, deciding policies):");
+    say!("Demo calls (caller → callee: decision, deciding policies):");
     for (caller, callee) in DEMO_CALLS {
         let line = demo_call(&dir, &ports, &td, caller, callee).await;
-        println!("  {line}");
+        say!("  {line}");
     }
 
     let (wi, _) = service("acme/web");
-    println!("\nBy hand:");
-    println!(
+    say!("\nBy hand:");
+    say!(
         "  curl http://{}/          # as acme/web, to acme/api (allowed)",
         ports.route(wi, 0)
     );
-    println!(
+    say!(
         "  curl http://{}/          # as acme/web, to globex/api (denied: tenant isolation)",
         ports.route(wi, 2)
     );
-    println!(
+    say!(
         "  curl -p -x http://{} http://acme-api:8080/   # through acme/web's HTTP CONNECT listener",
         ports.connect(wi)
     );
-    println!("  export WARD_ADMIN_SOCKET={}", admin_socket.display());
-    println!("  ward policy history; ward policy push DIR; ward policy rollback VERSION");
+    say!("  export WARD_ADMIN_SOCKET={}", admin_socket.display());
+    say!("  ward policy history; ward policy push DIR; ward policy rollback VERSION");
     let active = dir.join("active-policies");
-    println!(
+    say!(
         "  ward policy show --write {}   # the active set's files",
         active.display()
     );
-    println!(
+    say!(
         "  ward policy matrix --policies {} --workloads {} --port 8080 --port 5432",
         active.display(),
         write_workloads(&dir, &td)?.display()
     );
-    println!("\nWhere things are:");
-    println!(
+    say!("\nWhere things are:");
+    say!(
         "  logs       {}/logs (decision logs: *.decisions.jsonl)",
         dir.display()
     );
-    println!(
+    say!(
         "  data       {}/ca (SQLite, keys), {}/agent",
         dir.display(),
         dir.display()
     );
-    println!(
+    say!(
         "  metrics    http://{}/metrics (CA), http://{}/metrics (agent), http://{}/metrics (acme/web proxy)",
         ports.ca_health(),
         ports.agent_health(),
@@ -645,7 +653,7 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
 }
 
 fn progress(what: &str, detail: &str, since: Instant) {
-    println!(
+    say!(
         "  ✓ {what:<12} {detail}  ({} ms)",
         since.elapsed().as_millis()
     );
@@ -926,7 +934,7 @@ fn watch_stream(addr: SocketAddr, stopped: &AtomicBool, open: &Mutex<Option<TcpS
                     break;
                 }
                 if open_since.is_none() {
-                    println!("[{}] demo stream acme/web → acme/api open", clock());
+                    say!("[{}] demo stream acme/web → acme/api open", clock());
                     open_since = Some(Instant::now());
                     denied_reported = false;
                 }
@@ -936,13 +944,13 @@ fn watch_stream(addr: SocketAddr, stopped: &AtomicBool, open: &Mutex<Option<TcpS
             return;
         }
         match open_since.take() {
-            Some(t) => println!(
+            Some(t) => say!(
                 "[{}] demo stream acme/web → acme/api closed after {:.1} s (a policy change? see logs/acme-api.decisions.jsonl)",
                 clock(),
                 t.elapsed().as_secs_f64()
             ),
             None if !denied_reported => {
-                println!("[{}] demo stream acme/web → acme/api refused; retrying every second", clock());
+                say!("[{}] demo stream acme/web → acme/api refused; retrying every second", clock());
                 denied_reported = true;
             }
             None => {}
