@@ -200,6 +200,17 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
     );
     assert!(!jwt.status.success());
     assert!(String::from_utf8_lossy(&jwt.stderr).contains("PermissionDenied"));
+    // A requested ID that is no SPIFFE ID is the caller's mistake.
+    let jwt = agent.svid_cli(
+        &["jwt", "--audience", "x", "--spiffe-id", "svc-a"],
+        Some(1001),
+    );
+    let err = String::from_utf8_lossy(&jwt.stderr);
+    assert!(!jwt.status.success());
+    assert!(
+        err.contains("InvalidArgument") && err.contains("invalid requested SPIFFE ID"),
+        "{err}"
+    );
 
     // No security header: InvalidArgument, before anything else.
     let mut raw = raw_client(&agent).await;
@@ -460,6 +471,47 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restart"));
+}
+
+/// An agent restarted while no CA answers has no SVID to serve (workload
+/// keys are never stored): until its first sync it says it is not ready
+/// (`Unavailable`, `/readyz` 503), not that no entry names the caller, and
+/// serves as soon as the CA is back.
+#[tokio::test]
+async fn an_agent_restarted_while_the_ca_is_down_is_unavailable_until_it_syncs() {
+    let mut ca = CaProcess::start(&[]);
+    let mut agent = AgentProcess::start(&ca);
+    register_self(&ca, "spiffe://example.org/restarted");
+    eventually("first fetch", || async {
+        let out = agent.svid_cli(&["fetch"], None);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await;
+    agent.kill9();
+    ca.kill9();
+    agent.spawn(None);
+    // Up (its health port answers), its first sync failed.
+    agent.wait_log(|l| l.contains("CA unreachable"));
+    let (status, body) = http_get(&agent.health_addr, "/readyz").expect("health port");
+    assert_eq!(status, 503, "{body}");
+    let out = agent.svid_cli(&["fetch"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served with no CA: {err}");
+    assert!(err.contains("not synced with the CA"), "{err}");
+    assert!(!err.contains("no registration entry"), "{err}");
+    ca.spawn();
+    agent.wait_ready();
+    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restarted"));
 }
 
 /// Each renewal of the node SVID goes over a connection presenting the

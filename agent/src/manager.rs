@@ -157,6 +157,11 @@ pub struct Manager {
     refused_until: HashMap<String, i64>,
     /// The cache changed since the last published snapshot.
     dirty: bool,
+    /// Entries have been synced from the CA since the process started.
+    /// Until then nothing is published: a caller is told the agent is not
+    /// ready (`Unavailable`, and `/readyz` 503), not that no entry names it,
+    /// which an empty cache would say while the CA is out of reach.
+    synced: bool,
     published: watch::Sender<Option<Arc<Snapshot>>>,
     /// The policy set from the CA, for proxies (through [`crate::policy_api`]).
     policy: watch::Sender<Option<Arc<PolicySet>>>,
@@ -208,6 +213,7 @@ impl Manager {
                 deferred_backoff: Backoff::default(),
                 refused_until: HashMap::new(),
                 dirty: true,
+                synced: false,
                 published,
                 policy,
             },
@@ -239,6 +245,7 @@ impl Manager {
                         ok &= self.outcome("sync", r);
                         if ok {
                             next_sync = Instant::now() + self.sync_interval;
+                            self.synced = true;
                         }
                     }
                 }
@@ -661,7 +668,7 @@ impl Manager {
 
     /// Publishes a new snapshot if anything changed since the last one.
     fn publish(&mut self) {
-        if !self.dirty {
+        if !self.dirty || !self.synced {
             return;
         }
         self.dirty = false;

@@ -20,6 +20,7 @@ use tonic::{Code, Request, Response, Status};
 use ward_spec::proto::node::v1 as node_pb;
 use ward_spec::proto::workload as pb;
 use ward_spec::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use ward_spec::SpiffeId;
 
 use crate::attestor::{Attestor, PeerCred, ProcDir};
 use crate::ca_client::CaClient;
@@ -546,10 +547,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if let Some(why) = ward_spec::jwt::audience_problem(&body.audience) {
                 return Err(Status::invalid_argument(format!("audience: {why}")));
             }
+            // A requested ID that is none is the caller's mistake (as SPIRE
+            // says), not a missing identity.
+            let wanted = match body.spiffe_id.as_str() {
+                "" => None,
+                id => Some(SpiffeId::parse(id).map_err(|e| {
+                    Status::invalid_argument(format!("invalid requested SPIFFE ID {id:?}: {e}"))
+                })?),
+            };
             let snap = self.snapshot().await?;
             let mut entries = matching(&snap, &selectors);
-            if !body.spiffe_id.is_empty() {
-                entries.retain(|e| e.spiffe_id.to_string() == body.spiffe_id);
+            if let Some(wanted) = &wanted {
+                entries.retain(|e| &e.spiffe_id == wanted);
             }
             if entries.is_empty() {
                 return Err(no_identity());
