@@ -215,9 +215,12 @@ impl StateDir {
         self.load("policy.pb", |b| PolicySet::decode(b))
     }
 
+    /// Readable by the agent only: the data directory is open to every
+    /// local user (its socket is), and who may talk to whom is for the
+    /// workloads the agent serves (through the socket, attested) to read.
     pub fn save_policy(&self, set: &PolicySet) -> Result<(), StateError> {
         let p = self.path("policy.pb");
-        write_atomic(&p, &set.encode_to_vec(), false).map_err(io(&p))
+        write_atomic(&p, &set.encode_to_vec(), true).map_err(io(&p))
     }
 
     /// The federated bundles last received from the CA (none if never).
@@ -341,6 +344,25 @@ mod tests {
         .unwrap();
         let loaded = state.load_identity().unwrap().unwrap();
         assert_eq!(loaded.key, second.key);
+    }
+
+    /// The stored policy set is the agent's alone (0600), and loads back.
+    #[test]
+    fn the_policy_set_is_stored_private() {
+        let td = tempfile::tempdir().unwrap();
+        let state = StateDir::open(td.path()).unwrap();
+        let set = PolicySet {
+            version: 7,
+            ..Default::default()
+        };
+        state.save_policy(&set).unwrap();
+        let mode = std::fs::metadata(td.path().join("policy.pb"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(state.load_policy().unwrap(), Some(set));
     }
 
     #[test]
