@@ -10,8 +10,10 @@
 //! accepted, or gone by the end of attestation, is refused, and so is one
 //! that has executed another program since its connection was accepted.
 //! (A pid reused, or a program executed, between the caller's `connect` and
-//! the agent's accept is not detected.) Selectors: `unix:uid:N`, `unix:gid:N` (primary
-//! and supplementary), `unix:user:NAME`, `unix:group:NAME`, `unix:path:/exe`,
+//! the agent's accept is not detected.) Selectors: `unix:uid:N`, `unix:gid:N` (its
+//! effective group), `unix:user:NAME`, `unix:group:NAME`,
+//! `unix:supplementary_gid:N` and `unix:supplementary_group:NAME` (each group
+//! it is a member of, as SPIRE's unix attestor names them), `unix:path:/exe`,
 //! `unix:sha256:HEX` (of the executable, cached by inode and mtime).
 
 use std::collections::HashMap;
@@ -143,26 +145,31 @@ impl Attestor {
     /// `/proc` directory, opened when it connected (without it, only what
     /// `cred` says).
     pub fn selectors(&self, cred: PeerCred, proc: Option<&ProcDir>) -> Vec<String> {
-        let mut out = vec![format!("unix:uid:{}", cred.uid)];
-        let mut gids = vec![cred.gid];
+        let mut out = vec![
+            format!("unix:uid:{}", cred.uid),
+            format!("unix:gid:{}", cred.gid),
+        ];
         if let Some(name) = name_of(Path::new("/etc/passwd"), cred.uid) {
             out.push(format!("unix:user:{name}"));
         }
+        if let Some(name) = name_of(Path::new("/etc/group"), cred.gid) {
+            out.push(format!("unix:group:{name}"));
+        }
         if let Some(proc) = proc {
-            gids.extend(supplementary_groups(proc));
+            // As SPIRE: a group the caller is only a member of is a
+            // selector of its own kind, so `unix:gid` / `unix:group` name the
+            // caller's group and never match every member of it.
+            for g in supplementary_groups(proc) {
+                out.push(format!("unix:supplementary_gid:{g}"));
+                if let Some(name) = name_of(Path::new("/etc/group"), g) {
+                    out.push(format!("unix:supplementary_group:{name}"));
+                }
+            }
             if let Ok(exe) = std::fs::read_link(proc.path("exe")) {
                 if let Some(hash) = self.exe_hash(proc) {
                     out.push(format!("unix:sha256:{hash}"));
                 }
                 out.push(format!("unix:path:{}", exe.display()));
-            }
-        }
-        gids.sort_unstable();
-        gids.dedup();
-        for g in gids {
-            out.push(format!("unix:gid:{g}"));
-            if let Some(name) = name_of(Path::new("/etc/group"), g) {
-                out.push(format!("unix:group:{name}"));
             }
         }
         out.sort();
@@ -344,6 +351,64 @@ mod tests {
             assert!(s.contains(&"unix:user:root".to_string()));
             assert!(s.contains(&"unix:group:root".to_string()));
         }
+    }
+
+    /// The caller's own (effective) group is `unix:gid` / `unix:group`; the
+    /// groups it is a member of are `unix:supplementary_gid` /
+    /// `unix:supplementary_group` (as SPIRE's unix attestor says), so an
+    /// entry for a group is not given to every member of it.
+    #[test]
+    fn supplementary_groups_are_selectors_of_their_own() {
+        if is_root() {
+            let mut child = std::process::Command::new("setpriv")
+                .args(["--regid", "4242", "--groups", "4343,0", "/bin/sleep", "30"])
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            // Until setpriv has set the groups and become sleep.
+            let proc = ProcDir::open(pid).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_link(proc.path("exe"))
+                .map_or(true, |e| !e.to_string_lossy().contains("sleep"))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "setpriv never ran sleep"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let s = Attestor::default().selectors(
+                PeerCred {
+                    pid: Some(pid),
+                    uid: 0,
+                    gid: 4242,
+                },
+                Some(&proc),
+            );
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let groups: Vec<&str> = s
+                .iter()
+                .map(String::as_str)
+                .filter(|s| s.contains("gid:") || s.contains("group:"))
+                .collect();
+            assert_eq!(
+                groups,
+                [
+                    "unix:gid:4242",
+                    "unix:supplementary_gid:0",
+                    "unix:supplementary_gid:4343",
+                    "unix:supplementary_group:root",
+                ],
+                "{s:?}"
+            );
+        } else {
+            println!("not root: cannot give a process other groups; not checked here");
+        }
+    }
+
+    fn is_root() -> bool {
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
     }
 
     /// A caller that has exited is read as nothing through the directory it

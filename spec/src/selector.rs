@@ -2,7 +2,9 @@
 //!
 //! A selector is `type:value`, e.g. `unix:uid:1000`. Ward knows the `unix`
 //! type (from `SO_PEERCRED` on the Workload API socket) with the keys `uid`,
-//! `gid`, `user`, `group`, `path` and `sha256`. Anything else is refused when
+//! `gid`, `user`, `group` (the caller's own group), `supplementary_gid`,
+//! `supplementary_group` (a group it is a member of), `path` and `sha256`,
+//! as SPIRE's unix workload attestor. Anything else is refused when
 //! an entry is written, so a typo cannot create an entry no workload matches.
 
 use std::fmt;
@@ -13,7 +15,7 @@ pub enum SelectorError {
     Shape(String),
     #[error("unknown selector type {0:?}; supported: unix")]
     UnknownType(String),
-    #[error("unknown unix selector key {0:?}; supported: uid, gid, user, group, path, sha256")]
+    #[error("unknown unix selector key {0:?}; supported: uid, gid, user, group, supplementary_gid, supplementary_group, path, sha256")]
     UnknownKey(String),
     #[error("selector {key}:{value}: {reason}")]
     BadValue {
@@ -53,10 +55,10 @@ impl Selector {
             reason,
         };
         match key {
-            "uid" | "gid" => {
+            "uid" | "gid" | "supplementary_gid" => {
                 v.parse::<u32>().map_err(|_| bad("must be a number"))?;
             }
-            "user" | "group" => {
+            "user" | "group" | "supplementary_group" => {
                 if v.is_empty() {
                     return Err(bad("must not be empty"));
                 }
@@ -97,6 +99,8 @@ mod tests {
             "unix:gid:1000",
             "unix:user:www",
             "unix:group:staff",
+            "unix:supplementary_gid:27",
+            "unix:supplementary_group:docker",
             "unix:path:/usr/bin/app",
             &format!("unix:sha256:{}", "a".repeat(64)),
         ] {
