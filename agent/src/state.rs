@@ -3,6 +3,7 @@
 //! file written atomically).
 //! After a restart the agent renews with this SVID instead of a new join token.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -212,7 +213,13 @@ impl StateDir {
 
     /// The policy set last received from the CA, if any.
     pub fn load_policy(&self) -> Result<Option<PolicySet>, StateError> {
-        self.load("policy.pb", |b| PolicySet::decode(b))
+        let set = self.load("policy.pb", |b| PolicySet::decode(b))?;
+        if set.is_some() {
+            // One an older agent stored was readable by every local user.
+            let p = self.path("policy.pb");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(io(&p))?;
+        }
+        Ok(set)
     }
 
     /// Readable by the agent only: the data directory is open to every
@@ -261,7 +268,6 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
     use ward_spec::test_util::root;
 
     const NODE: &str = "spiffe://example.org/spire/agent/join_token/t1";
@@ -362,7 +368,13 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+        assert_eq!(state.load_policy().unwrap(), Some(set.clone()));
+        // One an older agent stored open to all is closed when it is loaded.
+        let path = td.path().join("policy.pb");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(state.load_policy().unwrap(), Some(set));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
