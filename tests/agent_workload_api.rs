@@ -514,6 +514,64 @@ async fn an_agent_restarted_while_the_ca_is_down_is_unavailable_until_it_syncs()
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restarted"));
 }
 
+/// Two of a caller's entries share a hint: only the older one's SVIDs are
+/// served, X.509 and JWT (as SPIRE does: a hint names one identity for the
+/// workload to choose by); entries without a hint are all served.
+#[tokio::test]
+async fn of_two_entries_with_one_hint_only_the_older_is_served() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = agent_id(&ca);
+    let selector = format!("unix:uid:{}", my_uid());
+    let create = |id: &str, hint: &str| {
+        ca.cli_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            id,
+            "--parent-id",
+            &parent,
+            "--selector",
+            &selector,
+            "--hint",
+            hint,
+        ]);
+    };
+    create("spiffe://example.org/older", "db");
+    // (Creation times are in seconds.)
+    std::thread::sleep(Duration::from_millis(1100));
+    create("spiffe://example.org/younger", "db");
+    create("spiffe://example.org/plain", "");
+    // Until the agent holds an SVID for each of the three entries.
+    eventually("three SVIDs cached", || async {
+        match http_get(&agent.health_addr, "/metrics") {
+            Some((200, m)) if m.contains("ward_agent_cached_svids 3") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let ids = |args: &[&str]| {
+        let out = agent.svid_cli(args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let want = ["spiffe://example.org/older", "spiffe://example.org/plain"];
+    assert_eq!(ids(&["fetch", "--output", "json"]), want);
+    assert_eq!(ids(&["jwt", "--audience", "x", "--output", "json"]), want);
+}
+
 /// Each renewal of the node SVID goes over a connection presenting the
 /// newest one, so the CA sees it used (and holds it as the agent's current
 /// SVID): the agent is never refused as holding a superseded one.

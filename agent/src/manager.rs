@@ -40,6 +40,8 @@ pub struct CachedEntry {
     pub selectors: Vec<String>,
     pub hint: String,
     pub revision: u64,
+    /// Unix seconds (which of two entries with one hint is served).
+    pub created_at: i64,
     /// Trust domains whose bundles its workloads receive besides ours.
     pub federates_with: Vec<TrustDomain>,
 }
@@ -716,6 +718,7 @@ fn to_cached(e: ward_spec::proto::types::v1::Entry) -> Result<CachedEntry, Strin
         selectors,
         hint: e.hint,
         revision: e.revision,
+        created_at: e.created_at,
         federates_with,
     })
 }

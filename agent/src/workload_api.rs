@@ -350,6 +350,29 @@ fn matching(snap: &Snapshot, selectors: &[String]) -> Vec<Arc<CachedEntry>> {
     snap.matching(selectors)
 }
 
+/// `entries` without those whose hint an older entry of them has (the
+/// oldest by creation, then by ID, is kept), as SPIRE serves them: a hint
+/// names one of a workload's identities for it to choose by.
+fn unique_hints(mut entries: Vec<Arc<CachedEntry>>) -> Vec<Arc<CachedEntry>> {
+    let mut first: HashMap<&str, &CachedEntry> = HashMap::new();
+    for e in entries.iter().filter(|e| !e.hint.is_empty()) {
+        let kept = first.entry(&e.hint).or_insert(e);
+        if (e.created_at, &e.id) < (kept.created_at, &kept.id) {
+            *kept = e;
+        }
+    }
+    let losers: Vec<String> = entries
+        .iter()
+        .filter(|e| !e.hint.is_empty() && !std::ptr::eq(first[e.hint.as_str()], e.as_ref()))
+        .map(|e| e.id.clone())
+        .collect();
+    if !losers.is_empty() {
+        tracing::debug!(entries = ?losers, "not serving entries whose hint an older entry of the caller's has");
+        entries.retain(|e| !losers.contains(&e.id));
+    }
+    entries
+}
+
 fn no_identity() -> Status {
     Status::permission_denied("no identity issued: no registration entry matches the caller")
 }
@@ -366,7 +389,7 @@ fn x509_response(
     let now = unix_now();
     let bundle = snap.bundle.x509_der_concat();
     let mut fp = bundles_fingerprint(snap, &entries);
-    let svids: Vec<pb::X509svid> = entries
+    let svids: Vec<pb::X509svid> = unique_hints(entries.clone())
         .iter()
         .filter_map(|e| {
             // An SVID signed before the entry was given another SPIFFE ID is
@@ -560,6 +583,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if let Some(wanted) = &wanted {
                 entries.retain(|e| &e.spiffe_id == wanted);
             }
+            let entries = unique_hints(entries);
             if entries.is_empty() {
                 return Err(no_identity());
             }
