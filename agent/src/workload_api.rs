@@ -744,10 +744,7 @@ impl WorkloadApi {
                 Ok(token)
             }
             Err(status) => {
-                let away = matches!(
-                    status.code(),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-                );
+                let away = !refused(status.code());
                 match cache.get(&key) {
                     // The CA is away: a still-valid cached token is better than none.
                     Some(c) if away && c.expires_at > now => Ok(c.token.clone()),
@@ -772,6 +769,49 @@ impl WorkloadApi {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Whether the CA's answer to a mint is a refusal of this entry's token (it
+/// was deleted or renamed, or the request was wrong), which ends what was
+/// cached for it. Anything else (the CA unreachable, overloaded, failing
+/// inside) is the CA's trouble: a cached token still valid is served, as
+/// SPIRE's agent answers `Unavailable` rather than pass the CA's code on.
+fn refused(code: Code) -> bool {
+    matches!(
+        code,
+        Code::PermissionDenied | Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition
+    )
+}
+
+#[cfg(test)]
+mod mint_tests {
+    use super::*;
+
+    /// Only what says the entry's token is not to be had drops the cached
+    /// one; the CA's own trouble does not.
+    #[test]
+    fn only_a_refusal_ends_a_cached_token() {
+        for code in [
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+        ] {
+            assert!(refused(code), "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::Internal,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Unauthenticated,
+        ] {
+            assert!(!refused(code), "{code:?}");
         }
     }
 }
