@@ -16,6 +16,16 @@ pub enum TemplateError {
     UnknownVar { template: String, var: String },
     #[error("template {0:?} must capture {{tenant}} and {{service}}")]
     Missing(String),
+    #[error("template {0:?} has an empty segment (a SPIFFE ID's path has none: no '//', no trailing '/')")]
+    EmptySegment(String),
+    #[error("template {template:?} captures {{{var}}} twice")]
+    Repeated { template: String, var: String },
+    #[error("template {template:?}: segment {segment:?} can be no SPIFFE ID's: {reason}")]
+    BadLiteral {
+        template: String,
+        segment: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,21 +63,38 @@ impl IdTemplate {
         let path = t
             .strip_prefix('/')
             .ok_or_else(|| TemplateError::NoSlash(t.into()))?;
-        let segs = path
-            .split('/')
-            .map(
-                |s| match s.strip_prefix('{').and_then(|v| v.strip_suffix('}')) {
-                    Some("tenant") => Ok(Seg::Tenant),
-                    Some("namespace") => Ok(Seg::Namespace),
-                    Some("service") => Ok(Seg::Service),
-                    Some(var) => Err(TemplateError::UnknownVar {
+        // A template that no ID can follow would leave every workload
+        // without a tenant: refused here, not found out as an outage.
+        let mut segs: Vec<Seg> = Vec::new();
+        for s in path.split('/') {
+            let seg = match s.strip_prefix('{').and_then(|v| v.strip_suffix('}')) {
+                Some("tenant") => Seg::Tenant,
+                Some("namespace") => Seg::Namespace,
+                Some("service") => Seg::Service,
+                Some(var) => {
+                    return Err(TemplateError::UnknownVar {
                         template: t.into(),
                         var: var.into(),
-                    }),
-                    None => Ok(Seg::Lit(s.to_owned())),
-                },
-            )
-            .collect::<Result<Vec<_>, _>>()?;
+                    })
+                }
+                None if s.is_empty() => return Err(TemplateError::EmptySegment(t.into())),
+                None => {
+                    ward_spec::id::validate_segment(s).map_err(|e| TemplateError::BadLiteral {
+                        template: t.into(),
+                        segment: s.into(),
+                        reason: e.to_string(),
+                    })?;
+                    Seg::Lit(s.to_owned())
+                }
+            };
+            if !matches!(seg, Seg::Lit(_)) && segs.contains(&seg) {
+                return Err(TemplateError::Repeated {
+                    template: t.into(),
+                    var: s.trim_matches(['{', '}']).into(),
+                });
+            }
+            segs.push(seg);
+        }
         if !segs.contains(&Seg::Tenant) || !segs.contains(&Seg::Service) {
             return Err(TemplateError::Missing(t.into()));
         }
@@ -135,6 +162,31 @@ mod tests {
             IdTemplate::parse("/x/{service}"),
             Err(TemplateError::Missing(_))
         ));
+        for t in [
+            "/tenant/{tenant}/sa/{service}/",
+            "/tenant//{tenant}/{service}",
+        ] {
+            assert!(
+                matches!(IdTemplate::parse(t), Err(TemplateError::EmptySegment(_))),
+                "{t}"
+            );
+        }
+        assert!(matches!(
+            IdTemplate::parse("/{tenant}/{tenant}/{service}"),
+            Err(TemplateError::Repeated { var, .. }) if var == "tenant"
+        ));
+        for t in [
+            "/te nant/{tenant}/{service}",
+            "/../{tenant}/{service}",
+            "/a%2f/{tenant}/{service}",
+        ] {
+            assert!(
+                matches!(IdTemplate::parse(t), Err(TemplateError::BadLiteral { .. })),
+                "{t}"
+            );
+        }
+        // Literal segments may repeat; these are what IDs can have.
+        IdTemplate::parse("/x/{tenant}/x/{service}/a-b_c.d").unwrap();
         assert!(matches!(
             IdTemplate::parse("x/{tenant}/{service}"),
             Err(TemplateError::NoSlash(_))

@@ -205,20 +205,24 @@ fn validate_trust_domain(td: &str) -> Result<(), IdError> {
 
 /// `path` starts with `/`.
 fn validate_path(path: &str) -> Result<(), IdError> {
-    for seg in path[1..].split('/') {
-        match seg {
-            "" => return Err(IdError::EmptySegment),
-            "." | ".." => return Err(IdError::DotSegment),
-            _ => {}
-        }
-        if let Some(c) = seg
-            .chars()
-            .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
-        {
-            return Err(IdError::BadPathChar(c));
-        }
+    path[1..].split('/').try_for_each(validate_segment)
+}
+
+/// Whether `seg` can be a segment of a SPIFFE ID's path: not empty, not `.`
+/// or `..`, letters, digits, `.`, `-` and `_` only.
+pub fn validate_segment(seg: &str) -> Result<(), IdError> {
+    match seg {
+        "" => return Err(IdError::EmptySegment),
+        "." | ".." => return Err(IdError::DotSegment),
+        _ => {}
     }
-    Ok(())
+    match seg
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
+    {
+        Some(c) => Err(IdError::BadPathChar(c)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
