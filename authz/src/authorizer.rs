@@ -38,8 +38,9 @@ pub enum Mode {
 pub struct ConnectContext {
     pub destination_port: u16,
     pub source_address: IpAddr,
-    /// Decide as of this Unix time instead of now (for policy tests and explain).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Decide as of this Unix time instead of now (for policy tests and
+    /// explain). Logged as `now`: the instant every decision used.
+    #[serde(rename = "now", skip_serializing_if = "Option::is_none")]
     pub at: Option<i64>,
 }
 
@@ -391,6 +392,12 @@ impl Authorizer {
         ctx: &ConnectContext,
     ) -> Decision {
         let start = Instant::now();
+        // One instant for the whole decision (the exception pass and the
+        // main one read the time alike), and the log says which.
+        let ctx = &ConnectContext {
+            at: Some(ctx.at.unwrap_or_else(now_unix)),
+            ..ctx.clone()
+        };
         let active = self.active.load();
         let (p, r) = self.connect_entities(principal, resource);
         let mut ents = p.entities;
@@ -439,8 +446,7 @@ impl Authorizer {
                     (false, vec![])
                 }
             };
-        // A policy that errors fails closed: the request is denied.
-        let allowed = allowed && errors.is_empty();
+        let (allowed, policies) = fail_closed(allowed, policies, &errors);
         self.finish(
             start, allowed, policies, errors, principal, "connect", resource, ctx,
         )
@@ -562,12 +568,12 @@ impl Authorizer {
             Entity::new(r_uid.clone(), r_attrs, HashSet::from([tenant])).expect("plain attributes"),
         );
         let action_uid = uid(&type_name("Ward::Action"), action.name());
+        let now = at.unwrap_or_else(now_unix);
         let result = (|| {
             let entities = self
                 .base_entities()
                 .add_entities(ents, None)
                 .map_err(|e| e.to_string())?;
-            let now = at.unwrap_or_else(now_unix);
             let mut pairs = vec![("now".to_owned(), RestrictedExpression::new_long(now))];
             if is_entry {
                 pairs.push((
@@ -596,7 +602,7 @@ impl Authorizer {
             Ok(r) => r,
             Err(e) => (false, vec![], vec![e]),
         };
-        let allowed = allowed && errors.is_empty();
+        let (allowed, policies) = fail_closed(allowed, policies, &errors);
         self.finish_json(start, allowed, policies, errors, action.name(), || {
             (
                 p_name,
@@ -608,9 +614,10 @@ impl Authorizer {
                         "federation_added": resource.federation_added,
                         "dns_names": resource.dns_names,
                         "dns_names_added": resource.dns_names_added,
+                        "now": now,
                     })
                 } else {
-                    serde_json::json!({ "tenant": resource_tenant })
+                    serde_json::json!({ "tenant": resource_tenant, "now": now })
                 },
             )
         })
@@ -670,4 +677,15 @@ impl Authorizer {
 
 fn string_set(items: &[String]) -> RestrictedExpression {
     RestrictedExpression::new_set(items.iter().cloned().map(RestrictedExpression::new_string))
+}
+
+/// A policy that errors fails closed: the request is denied. Cedar's own
+/// verdict stands when it denied (its forbids decided); an allow turned
+/// into a deny names no deciding policy: its permits did not decide it,
+/// the errors did.
+fn fail_closed(allowed: bool, policies: Vec<String>, errors: &[String]) -> (bool, Vec<String>) {
+    match (allowed, errors.is_empty()) {
+        (true, false) => (false, Vec::new()),
+        _ => (allowed, policies),
+    }
 }

@@ -176,11 +176,19 @@ pub fn decide(
     } else {
         AdminPrincipal::Admin(SpiffeId::parse(&c.principal).map_err(|e| format!("principal: {e}"))?)
     };
+    // An entry action's resource is the entry's SPIFFE ID (one that is none
+    // is the case's mistake, not a tenant); a join token's, its tenant.
     let (tenant, id) = match SpiffeId::parse(&c.resource) {
         Ok(id) => (
             template.read(&id).map(|p| p.tenant).unwrap_or_default(),
             id.to_string(),
         ),
+        Err(e) if action != AdminAction::CreateJoinToken => {
+            return Err(format!(
+                "resource: {e} ({} names the entry's SPIFFE ID)",
+                c.action
+            ))
+        }
         Err(_) => (c.resource.clone(), c.resource.clone()),
     };
     let resource = AdminResource {

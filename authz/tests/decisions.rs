@@ -158,6 +158,39 @@ fn an_admin_case_is_decided_as_of_its_now() {
     }
 }
 
+/// An entry case's resource is the entry's SPIFFE ID: one that is none (a
+/// bare tenant name, a trailing slash) fails the case, whatever decision it
+/// expects, instead of being decided as if it named a tenant.
+#[test]
+fn an_entry_case_whose_resource_is_no_spiffe_id_fails() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "entries.cedar",
+        r#"@id("own-tenant") permit (principal is Ward::Admin, action == Ward::Action::"create_entry", resource)
+           when { resource.tenant == principal.tenant };"#,
+    )])
+    .unwrap();
+    for (resource, decision) in [
+        ("acme", "allow"),
+        ("spiffe://example.org/tenant/acme/ns/prod/sa/web/", "deny"),
+    ] {
+        let cases: CaseFile = toml::from_str(&format!(
+            r#"
+            [[case]]
+            name = "c"
+            principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+            action = "create_entry"
+            resource = "{resource}"
+            decision = "{decision}"
+            "#
+        ))
+        .unwrap();
+        let r = &run(&a, &cases.cases, &IdTemplate::default())[0];
+        assert!(!r.passed, "{resource}: passed");
+        assert!(r.detail.contains("resource:"), "{resource}: {}", r.detail);
+    }
+}
+
 /// The matrix counts a federated workload as in none of our tenants, as the
 /// authorizer does: its allow to a same-named tenant here is cross-tenant.
 #[test]
@@ -257,6 +290,8 @@ fn a_policy_that_errors_denies_and_the_error_is_logged() {
     assert!(!d.allowed, "an erroring policy must fail closed");
     assert_eq!(d.errors.len(), 1, "{:?}", d.errors);
     assert!(d.errors[0].contains("overflow"), "{:?}", d.errors);
+    // The permit matched, but the deny is the error's: it is not named.
+    assert!(d.policies.is_empty(), "{:?}", d.policies);
     // Lines are written by the log's own thread; wait until it has.
     a.flush_log();
     let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
@@ -272,7 +307,11 @@ fn a_policy_that_errors_denies_and_the_error_is_logged() {
         "spiffe://example.org/tenant/acme/ns/prod/sa/api"
     );
     assert_eq!(line["context"]["destination_port"], 443);
+    // The instant the decision used (policies' `context.now`).
+    let now = line["context"]["now"].as_i64().expect("context.now logged");
+    assert!((now - time_now()).abs() <= 5, "{line}");
     assert!(line["errors"][0].as_str().unwrap().contains("overflow"));
+    assert_eq!(line["policies"], serde_json::json!([]), "{line}");
     for key in ["time", "decision_id", "policies", "duration_us", "mode"] {
         assert!(
             line.get(key).is_some(),
@@ -577,7 +616,12 @@ fn slices_decide_exactly_as_the_whole_set() {
                     resp.diagnostics().reason().map(|r| r.to_string()).collect();
                 reasons.sort();
                 let errors = resp.diagnostics().errors().count();
-                let raw_allowed = resp.decision() == cedar_policy::Decision::Allow && errors == 0;
+                let cedar_allowed = resp.decision() == cedar_policy::Decision::Allow;
+                let raw_allowed = cedar_allowed && errors == 0;
+                // An allow an error turns into a deny names no permit.
+                if cedar_allowed && errors > 0 {
+                    reasons.clear();
+                }
                 assert_eq!(d.allowed, raw_allowed, "{p} -> {r} port {port}: {d:?}");
                 assert_eq!(d.policies, reasons, "{p} -> {r} port {port}");
                 assert_eq!(

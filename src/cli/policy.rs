@@ -394,8 +394,10 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                 Output::Json => print_json(&serde_json::to_value(&d)?),
                 Output::Human => {
                     println!("Decision:  {}", if d.allowed { "ALLOW" } else { "DENY" });
-                    if d.policies.is_empty() {
+                    if d.policies.is_empty() && d.errors.is_empty() {
                         println!("Policies:  none matched (default deny)");
+                    } else if d.policies.is_empty() {
+                        println!("Policies:  none decided it; a policy failed to evaluate (below)");
                     }
                     for p in &d.policies {
                         println!("Policy:    {p}");
