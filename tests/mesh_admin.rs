@@ -204,6 +204,41 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
     );
     let out = ca.cli(&entry_args(&globex, &parent));
     assert!(out.status.success(), "{}", text(&out));
+    // To acme's admin that entry does not exist: changing it is answered
+    // as reading it is, without its SPIFFE ID or tenant.
+    let globex_id = ca
+        .cli_json(&["entry", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == globex.as_str())
+        .expect("the operator's globex entry is listed")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for args in [
+        vec!["entry", "delete", &globex_id],
+        vec!["entry", "show", &globex_id],
+        vec![
+            "entry",
+            "update",
+            &globex_id,
+            "--spiffe-id",
+            &acme,
+            "--parent-id",
+            &parent,
+            "--selector",
+            "unix:uid:2000",
+        ],
+    ] {
+        let out = remote(&ca, &agent, ACME_ADMIN_UID, &args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("NotFound") && !text(&out).contains("globex"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
 
     step(
         9,

@@ -19,7 +19,7 @@ use ward_spec::SpiffeId;
 use ward_authz::AdminPrincipal;
 
 use crate::datastore::{BundleDeleteMode, EntryFilter, PolicySetRecord};
-use crate::node_api::{entry_to_pb, policy_set_to_pb, PeerIdentity};
+use crate::node_api::{entry_to_pb, policy_set_to_pb};
 use crate::service::{Ca, EntrySpec};
 
 pub struct AdminApi {
@@ -38,13 +38,7 @@ impl AdminApi {
         if !self.remote {
             return Ok(AdminPrincipal::Operator);
         }
-        let id = req
-            .extensions()
-            .get::<PeerIdentity>()
-            .and_then(|p| p.0.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated("the admin API needs an admin SVID as client certificate")
-            })?;
+        let (id, _) = crate::node_api::peer_svid(req, "admin SVID")?;
         let filter = EntryFilter {
             parent_id: None,
             spiffe_id: Some(id.clone()),
@@ -74,6 +68,30 @@ impl AdminApi {
         }
     }
 
+    /// For a remote admin, an entry outside its tenant does not exist: a
+    /// refusal to change one (decided by the policy set and audited, as
+    /// any) is answered as reading it is, `NotFound`, not with the refusal's
+    /// message, which names the entry's SPIFFE ID and tenant.
+    async fn hide_refusal<T>(
+        &self,
+        caller: &AdminPrincipal,
+        id: &str,
+        r: Result<T, crate::service::CaError>,
+    ) -> Result<T, Status> {
+        match r {
+            Err(e)
+                if e.code == tonic::Code::PermissionDenied
+                    && matches!(caller, AdminPrincipal::Admin(_)) =>
+            {
+                match self.ca.get_entry(id).await {
+                    Ok(old) if !self.visible(caller, &old) => Err(no_such_entry(id)),
+                    _ => Err(e.into()),
+                }
+            }
+            r => r.map_err(Into::into),
+        }
+    }
+
     /// A remote admin reads only its own tenant's entries.
     fn visible(&self, caller: &AdminPrincipal, e: &crate::datastore::Entry) -> bool {
         match caller {
@@ -84,6 +102,12 @@ impl AdminApi {
             }
         }
     }
+}
+
+/// What a remote admin is told of an entry outside its tenant (as of one
+/// that does not exist: the same words).
+fn no_such_entry(id: &str) -> Status {
+    Status::not_found(format!("entry {id:?} does not exist"))
 }
 
 fn summary(p: &PolicySetRecord, active: bool) -> pb::PolicySetSummary {
@@ -215,7 +239,9 @@ impl Admin for AdminApi {
             .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let updated = self.ca.update_entry(&caller, spec_from_pb(e, true)).await?;
+        let id = e.id.clone();
+        let updated = self.ca.update_entry(&caller, spec_from_pb(e, true)).await;
+        let updated = self.hide_refusal(&caller, &id, updated).await?;
         Ok(Response::new(entry_to_pb(&updated)))
     }
 
@@ -224,7 +250,9 @@ impl Admin for AdminApi {
         req: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let caller = self.caller(&req, "delete_entry").await?;
-        self.ca.delete_entry(&caller, &req.into_inner().id).await?;
+        let id = req.into_inner().id;
+        let deleted = self.ca.delete_entry(&caller, &id).await;
+        self.hide_refusal(&caller, &id, deleted).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
 
@@ -236,7 +264,7 @@ impl Admin for AdminApi {
         let id = req.into_inner().id;
         let e = self.ca.get_entry(&id).await?;
         if !self.visible(&caller, &e) {
-            return Err(Status::not_found(format!("entry {id:?} does not exist")));
+            return Err(no_such_entry(&id));
         }
         Ok(Response::new(entry_to_pb(&e)))
     }

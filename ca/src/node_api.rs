@@ -23,18 +23,23 @@ pub struct NodeApi {
     pub ca: Arc<Ca>,
 }
 
-/// The caller's SPIFFE ID and the node SVID it presented, which must not
-/// have expired since its connection's handshake (a connection outlives the
-/// certificate it was made with; its calls do not).
+/// The caller's SPIFFE ID and the node SVID it presented (see [`peer_svid`]).
 fn caller_svid<T>(req: &Request<T>) -> Result<(SpiffeId, NodeSvid), Status> {
+    peer_svid(req, "node SVID")
+}
+
+/// The caller's SPIFFE ID and the SVID (`kind`: a node's, an admin's) it
+/// presented, which must not have expired since its connection's handshake
+/// (a connection outlives the certificate it was made with; its calls do not).
+pub(crate) fn peer_svid<T>(req: &Request<T>, kind: &str) -> Result<(SpiffeId, NodeSvid), Status> {
     let Some(PeerIdentity(Some(id), svid)) = req.extensions().get::<PeerIdentity>() else {
-        return Err(Status::unauthenticated(
-            "this call needs a node SVID as client certificate",
-        ));
+        return Err(Status::unauthenticated(format!(
+            "this call needs the caller's {kind} as client certificate"
+        )));
     };
     if svid.not_after <= time::OffsetDateTime::now_utc().unix_timestamp() {
         return Err(Status::unauthenticated(format!(
-            "the node SVID this connection was made with (serial {}) has expired: connect again with the current one",
+            "the {kind} this connection was made with (serial {}) has expired: connect again with the current one",
             svid.serial
         )));
     }
@@ -320,5 +325,44 @@ impl Node for NodeApi {
         let (id, presented) = caller_svid(&req)?;
         self.ca.check_agent(&id, &presented, "fetch_bundle").await?;
         Ok(Response::new(self.bundle_pb()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presenting(not_after: i64) -> Request<()> {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(PeerIdentity(
+            Some(SpiffeId::parse("spiffe://example.org/tenant/acme/ns/ops/sa/admin").unwrap()),
+            NodeSvid {
+                serial: "0a".into(),
+                not_after,
+            },
+        ));
+        req
+    }
+
+    /// A call on a connection whose client certificate has expired since
+    /// its handshake is refused, whichever API it is for (the admin API's
+    /// remote callers too); one without a certificate is told what to present.
+    #[test]
+    fn a_call_after_the_presented_svid_expired_is_refused() {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (id, _) = peer_svid(&presenting(now + 60), "admin SVID").unwrap();
+        assert_eq!(
+            id.to_string(),
+            "spiffe://example.org/tenant/acme/ns/ops/sa/admin"
+        );
+        let e = peer_svid(&presenting(now - 1), "admin SVID").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(
+            e.message().contains("admin SVID") && e.message().contains("serial 0a"),
+            "{}",
+            e.message()
+        );
+        let e = peer_svid(&Request::new(()), "admin SVID").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
 }
