@@ -97,6 +97,14 @@ INSERT INTO counters (name, value) VALUES ('entry_changes_floor', 0);
     r#"
 ALTER TABLE agents ADD COLUMN new_serial TEXT NOT NULL DEFAULT '*';
 "#,
+    // Listing an agent's entries, or an ID's, a page at a time: the index
+    // gives each page in ID order without sorting every match.
+    r#"
+CREATE INDEX entries_parent_page ON entries (parent_id, id);
+CREATE INDEX entries_spiffe_id_page ON entries (spiffe_id, id);
+DROP INDEX entries_parent;
+DROP INDEX entries_spiffe_id;
+"#,
 ];
 
 /// The migration that added `entries.federates_with`: entries that existed
@@ -117,6 +125,26 @@ pub fn unix_now() -> i64 {
 /// The longest list of parents one entries notice names (PostgreSQL's
 /// `NOTIFY` payload stops at 8,000 bytes); more take several notices.
 pub const NOTICE_PARENTS_MAX: usize = 4000;
+
+/// The page of entries after `$1` (an ID) that `filter` selects, `$N` the
+/// filter's values in order (parent, then SPIFFE ID, those given), then the
+/// limit. Each filter given is a plain equality: SQLite plans a statement
+/// before it sees its values, and `($2 IS NULL OR parent_id = $2)` would
+/// have it walk every entry in ID order instead of using the index.
+pub fn list_entries_sql(filter: &super::EntryFilter) -> String {
+    let mut sql = format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id > $1");
+    let mut n = 1;
+    for (given, column) in [
+        (filter.parent_id.is_some(), "parent_id"),
+        (filter.spiffe_id.is_some(), "spiffe_id"),
+    ] {
+        if given {
+            n += 1;
+            sql += &format!(" AND {column} = ${n}");
+        }
+    }
+    sql + &format!(" ORDER BY id LIMIT ${}", n + 1)
+}
 
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
 
@@ -586,7 +614,13 @@ macro_rules! sql_store {
                 // (and authorized against): the update applies only to that.
                 let expected = if e.revision == 0 { old.revision } else { e.revision };
                 let rev = next_revision(&mut tx).await?;
-                refuse_duplicate(&mut tx, &e).await?;
+                // (Copies made before they were refused can still have their
+                // TTLs, hints and so on changed.)
+                if (&old.spiffe_id, &old.parent_id, selectors_json(&old))
+                    != (&e.spiffe_id, &e.parent_id, selectors_json(&e))
+                {
+                    refuse_duplicate(&mut tx, &e).await?;
+                }
                 e.revision = rev;
                 e.created_at = old.created_at;
                 let n = sqlx::query(
@@ -750,17 +784,12 @@ macro_rules! sql_store {
                 after_id: Option<&str>,
                 limit: u32,
             ) -> Result<Vec<Entry>> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {ENTRY_COLUMNS} FROM entries
-                     WHERE ($1 IS NULL OR parent_id = $1) AND ($2 IS NULL OR spiffe_id = $2) AND id > $3
-                     ORDER BY id LIMIT $4"
-                ))
-                .bind(filter.parent_id.as_ref().map(|p| p.to_string()))
-                .bind(filter.spiffe_id.as_ref().map(|p| p.to_string()))
-                .bind(after_id.unwrap_or(""))
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
+                let sql = super::sql::list_entries_sql(filter);
+                let mut q = sqlx::query(&sql).bind(after_id.unwrap_or(""));
+                for id in [&filter.parent_id, &filter.spiffe_id].into_iter().flatten() {
+                    q = q.bind(id.to_string());
+                }
+                let rows = q.bind(limit as i64).fetch_all(&self.pool).await?;
                 rows.iter().map(row_to_entry).collect()
             }
 

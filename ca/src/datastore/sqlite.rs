@@ -73,3 +73,96 @@ sql_store!(
     None,
     "BEGIN IMMEDIATE"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::sql::list_entries_sql;
+
+    /// Copies stored before they were refused (an upgraded database) can
+    /// still be changed in what does not make them copies (a TTL, a hint),
+    /// and deleted.
+    #[tokio::test]
+    async fn copies_stored_before_they_were_refused_can_still_be_changed() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let e = Entry {
+            id: "e".into(),
+            spiffe_id: SpiffeId::parse("spiffe://td/w").unwrap(),
+            parent_id: SpiffeId::parse("spiffe://td/node").unwrap(),
+            selectors: vec![Selector::parse("unix:uid:1").unwrap()],
+            x509_ttl: 0,
+            jwt_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            revision: 0,
+            created_at: 0,
+            federates_with: vec![],
+        };
+        store.create_entry(e, 1).await.unwrap();
+        // What an older CA let through: a second row with the same ID,
+        // parent and selectors.
+        sqlx::query(&format!(
+            "INSERT INTO entries ({ENTRY_COLUMNS}) SELECT 'copy', spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with FROM entries WHERE id = 'e'"
+        ))
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let mut copy = store.get_entry("copy").await.unwrap().unwrap();
+        copy.x509_ttl = 300;
+        copy.hint = "legacy".into();
+        copy.revision = 0;
+        assert_eq!(store.update_entry(copy).await.unwrap().x509_ttl, 300);
+        store.delete_entry("copy", 0).await.unwrap();
+    }
+
+    /// Listing entries by parent or by SPIFFE ID (as every remote admin
+    /// call does for its caller) searches an index, never every entry.
+    #[tokio::test]
+    async fn a_filtered_entry_list_searches_an_index() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let id = || Some(SpiffeId::parse("spiffe://td/x").unwrap());
+        for (filter, index) in [
+            (
+                EntryFilter {
+                    parent_id: id(),
+                    spiffe_id: None,
+                },
+                "entries_parent_page",
+            ),
+            (
+                EntryFilter {
+                    parent_id: None,
+                    spiffe_id: id(),
+                },
+                "entries_spiffe_id_page",
+            ),
+            (
+                EntryFilter {
+                    parent_id: id(),
+                    spiffe_id: id(),
+                },
+                "_page",
+            ),
+        ] {
+            let sql = format!("EXPLAIN QUERY PLAN {}", list_entries_sql(&filter));
+            let mut q = sqlx::query(&sql).bind("");
+            for v in [&filter.parent_id, &filter.spiffe_id].into_iter().flatten() {
+                q = q.bind(v.to_string());
+            }
+            let plan: Vec<String> = q
+                .bind(10i64)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("detail"))
+                .collect();
+            let plan = plan.join("; ");
+            assert!(
+                plan.starts_with("SEARCH") && plan.contains(index) && !plan.contains("TEMP B-TREE"),
+                "{sql}: {plan}"
+            );
+        }
+    }
+}
