@@ -7,7 +7,7 @@
 //! Fetching: a federated bundle stored with an endpoint URL (`ward bundle set
 //! … --endpoint-url`) is fetched again every refresh interval (the fetched
 //! bundle's refresh hint, 5 s to 5 min, unless configured), and at once when
-//! it is set (or set again, by hand). The server must
+//! it is set, or its bundle replaced by hand (at most every 5 s). The server must
 //! present the expected endpoint SPIFFE ID, verified against the bundle we
 //! hold for that trust domain, so a partner's rotation reaches us before its
 //! old roots expire. A bundle whose authorities changed is stored (agents
@@ -33,6 +33,10 @@ use crate::service::{Ca, Federation};
 const MAX_BUNDLE: usize = 1 << 20;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+/// The least time from one round of fetches to the next that a change to a
+/// federation starts (the shortest refresh hint taken): a round's own write,
+/// or an endpoint that answers two bundles in turn, makes no loop.
+const MIN_REFETCH: Duration = Duration::from_secs(5);
 
 /// Serves our bundle on `listener` until `stop`.
 pub async fn serve_bundle_endpoint(
@@ -94,7 +98,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Refreshes federated bundles from their endpoints until `stop`;
 /// `every` overrides the bundles' refresh hints. A bundle endpoint set, or
-/// a bundle set by hand, is fetched from at once.
+/// a bundle replaced by hand, is fetched from at once (5 s after the last
+/// round at the soonest).
 pub async fn refresh_bundles(
     ca: Arc<Ca>,
     every: Option<Duration>,
@@ -104,6 +109,7 @@ pub async fn refresh_bundles(
     let mut failing: std::collections::HashMap<String, String> = Default::default();
     let mut changes = ca.watch_changes();
     loop {
+        let round = tokio::time::Instant::now();
         let federations = ca.federations();
         let fetched_from = endpoints(&federations);
         let mut next = every.unwrap_or(DEFAULT_REFRESH);
@@ -141,9 +147,10 @@ pub async fn refresh_bundles(
                     std::future::pending::<()>().await;
                 }
                 if !endpoints(&ca.federations()).is_subset(&fetched_from) {
-                    return;
+                    break;
                 }
             }
+            tokio::time::sleep_until(round + MIN_REFETCH).await;
         };
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
