@@ -570,6 +570,22 @@ async fn of_two_entries_with_one_hint_only_the_older_is_served() {
     let want = ["spiffe://example.org/older", "spiffe://example.org/plain"];
     assert_eq!(ids(&["fetch", "--output", "json"]), want);
     assert_eq!(ids(&["jwt", "--audience", "x", "--output", "json"]), want);
+    // Not by its ID either.
+    let out = agent.svid_cli(
+        &[
+            "jwt",
+            "--audience",
+            "x",
+            "--spiffe-id",
+            "spiffe://example.org/younger",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PermissionDenied"),
+        "{err}"
+    );
 }
 
 /// Each renewal of the node SVID goes over a connection presenting the

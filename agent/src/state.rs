@@ -217,7 +217,9 @@ impl StateDir {
         if set.is_some() {
             // One an older agent stored was readable by every local user.
             let p = self.path("policy.pb");
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(io(&p))?;
+            if let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot make the stored policy set readable by the agent only");
+            }
         }
         Ok(set)
     }

@@ -579,11 +579,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 })?),
             };
             let snap = self.snapshot().await?;
-            let mut entries = matching(&snap, &selectors);
+            // (An entry whose hint an older one has is not the caller's to
+            // ask for by its ID either.)
+            let mut entries = unique_hints(matching(&snap, &selectors));
             if let Some(wanted) = &wanted {
                 entries.retain(|e| &e.spiffe_id == wanted);
             }
-            let entries = unique_hints(entries);
             if entries.is_empty() {
                 return Err(no_identity());
             }
