@@ -61,6 +61,12 @@ pub fn audience_problem(audience: &[String]) -> Option<String> {
     None
 }
 
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Validates `token` for `audience` against `bundle`; returns the subject and all claims.
 pub fn validate(
     token: &str,
@@ -128,11 +134,16 @@ pub fn validate(
     v.set_audience(&[audience]);
     v.set_required_spec_claims(&["exp", "aud", "sub"]);
     v.leeway = 0;
-    // Not before its `nbf`, and not in its `exp` second.
+    // Not before its `nbf`. (Its `exp` second is refused below, not with
+    // `reject_tokens_expiring_in_less_than`: jsonwebtoken subtracts that
+    // from `exp` unchecked, and an `exp` of 0 wrapped round to never.)
     v.validate_nbf = true;
-    v.reject_tokens_expiring_in_less_than = 1;
     let data = jsonwebtoken::decode::<Value>(token, &key, &v)
         .map_err(|e| JwtError::Invalid(e.to_string()))?;
+    let exp = data.claims.get("exp").and_then(Value::as_f64);
+    if exp.is_none_or(|exp| exp <= now_unix() as f64) {
+        return Err(JwtError::Invalid("ExpiredSignature".into()));
+    }
     let sub = data
         .claims
         .get("sub")
@@ -316,14 +327,22 @@ mod tests {
             validate(&early, "db", &b),
             Err(JwtError::Invalid(_))
         ));
-        let ending = signed(
-            None,
-            serde_json::json!({"sub": sub, "aud": ["db"], "exp": now}),
-        );
-        assert!(matches!(
-            validate(&ending, "db", &b),
-            Err(JwtError::Invalid(_))
-        ));
+        // In its `exp` second, and at the epoch (which jsonwebtoken's own
+        // early-expiry check turned into a token that never expires).
+        for exp in [
+            serde_json::json!(now),
+            serde_json::json!(0),
+            serde_json::json!(0.4),
+        ] {
+            let ending = signed(
+                None,
+                serde_json::json!({"sub": sub, "aud": ["db"], "exp": exp}),
+            );
+            assert!(
+                matches!(validate(&ending, "db", &b), Err(JwtError::Invalid(_))),
+                "exp {exp}"
+            );
+        }
         let typed = signed(
             Some("at+jwt"),
             serde_json::json!({"sub": sub, "aud": ["db"], "exp": now + 60}),
