@@ -160,6 +160,27 @@ pub fn check_signing_cert(der: &[u8]) -> Result<Option<TrustDomain>, ProfileErro
     }
 }
 
+/// Whether `der` may be a root of a bundle: not a certificate that says it
+/// is no CA (a leaf put in a bundle would let its key's holder issue any
+/// ID), nor one whose keyUsage forbids signing certificates. Roots that say
+/// neither (older CAs without those extensions) are taken, as TLS libraries
+/// take them. (A root may name another trust domain: one upstream root can
+/// serve several.)
+pub fn check_root(der: &[u8]) -> Result<(), ProfileError> {
+    let cert = parse(der)?;
+    if let Some(bc) = cert.basic_constraints().map_err(ext_err)? {
+        if !bc.value.ca {
+            return Err(ProfileError::SignerNotCa);
+        }
+    }
+    if let Some(ku) = cert.key_usage().map_err(ext_err)? {
+        if !ku.value.key_cert_sign() {
+            return Err(ProfileError::SignerCannotSign);
+        }
+    }
+    Ok(())
+}
+
 /// Validity of any certificate, in Unix seconds: (notBefore, notAfter).
 pub fn validity(der: &[u8]) -> Result<(i64, i64), ProfileError> {
     let cert = parse(der)?;

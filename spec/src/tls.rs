@@ -98,6 +98,7 @@ fn anchors(bundle: &TrustBundle) -> Result<Anchors, BadRoot> {
     };
     for (index, der) in bundle.x509_authorities.iter().enumerate() {
         let bad = |reason: String| BadRoot { index, reason };
+        svid::check_root(der).map_err(|e| bad(e.to_string()))?;
         let cert = CertificateDer::from(der.as_slice());
         let anchor = webpki::anchor_from_trusted_cert(&cert)
             .map(|a| a.to_owned())
@@ -652,6 +653,32 @@ mod tests {
 
     fn leaf(id: &str, issuer: &Issuer) -> CertificateDer<'static> {
         leaf_and_key(id, issuer).0
+    }
+
+    /// A bundle is refused whose roots include a certificate that says it
+    /// is no CA (a leaf SVID: its key's holder could issue any ID); CA roots
+    /// are taken.
+    #[test]
+    fn a_bundle_holding_a_leaf_or_another_domains_root_is_refused() {
+        let (ours, issuer) = root("example.org");
+        RootStore::new(&ours).unwrap();
+        let mut with_leaf = ours.clone();
+        with_leaf
+            .x509_authorities
+            .push(leaf("spiffe://example.org/web", &issuer).to_vec());
+        let e = RootStore::new(&with_leaf)
+            .err()
+            .expect("a leaf taken as a root");
+        assert_eq!(e.index, 1);
+        // (This leaf has no basicConstraints; its keyUsage gives it away.)
+        assert!(
+            e.reason.contains("not a CA") || e.reason.contains("keyCertSign"),
+            "{}",
+            e.reason
+        );
+        // Nor can an update bring one in.
+        let store = RootStore::new(&ours).unwrap();
+        assert!(store.update(&with_leaf).is_err());
     }
 
     /// A line a second at most, saying how many were not logged since the
