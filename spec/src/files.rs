@@ -8,7 +8,11 @@ use std::path::Path;
 
 /// Writes `data` to `path` atomically; `secret` files get mode 0600, others 0644.
 pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // (A bare file name's parent is "", the current directory.)
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -74,6 +78,19 @@ mod tests {
     /// What another user may have put in the directory under the old,
     /// fixed temp name (a file of theirs, a symlink) is neither written
     /// nor followed.
+    /// A bare file name is written in the current directory, and the write
+    /// reports success (it used to fail after the rename, opening "").
+    #[test]
+    fn a_bare_file_name_is_written_in_the_current_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let written = write_atomic(Path::new("bare.pem"), b"k", true);
+        std::env::set_current_dir(before).unwrap();
+        written.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("bare.pem")).unwrap(), b"k");
+    }
+
     #[test]
     fn files_planted_under_a_temp_name_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
