@@ -151,6 +151,22 @@ async fn a_caller_gets_only_what_its_uid_is_registered_for() {
     let parent = agent_id(&ca);
     ca.register("spiffe://example.org/svc-a", &parent, "unix:uid:1001");
     ca.register("spiffe://example.org/svc-b", &parent, "unix:uid:1002");
+    // A selector no caller's can equal is refused, not stored to never match.
+    let out = ca.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/svc-c",
+        "--parent-id",
+        &parent,
+        "--selector",
+        "unix:uid:01003",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("leading zeros"),
+        "{err}"
+    );
 
     let fetch_as = |uid: u32| {
         let out = agent.svid_cli(&["fetch", "--output", "json"], Some(uid));

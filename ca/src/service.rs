@@ -952,7 +952,11 @@ impl Ca {
         let mut selectors = spec
             .selectors
             .iter()
-            .map(|s| Selector::parse(s).map_err(|e| CaError::invalid(format!("selector: {e}"))))
+            .map(|s| {
+                Selector::parse(s)
+                    .and_then(|sel| sel.check_canonical().map(|()| sel))
+                    .map_err(|e| CaError::invalid(format!("selector: {e}")))
+            })
             .collect::<CaResult<Vec<_>>>()?;
         selectors.sort();
         selectors.dedup();

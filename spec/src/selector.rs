@@ -82,6 +82,32 @@ impl Selector {
     }
 }
 
+impl Selector {
+    /// Whether the value is written as the agent gives a caller's
+    /// (selectors are compared as text): `unix:uid:01000`, `unix:uid:+1000`
+    /// or upper-case hex parse, but would never match. Checked when an entry
+    /// is written; [`Selector::parse`] still reads what was stored before.
+    pub fn check_canonical(&self) -> Result<(), SelectorError> {
+        let (key, v) = self.value.split_once(':').unwrap_or_default();
+        let bad = |reason| SelectorError::BadValue {
+            key: key.to_owned(),
+            value: v.to_owned(),
+            reason,
+        };
+        match key {
+            "uid" | "gid" | "supplementary_gid"
+                if v.parse::<u32>().is_ok_and(|n| n.to_string() != v) =>
+            {
+                Err(bad("must be written without leading zeros or sign"))
+            }
+            "sha256" if v.bytes().any(|b| b.is_ascii_uppercase()) => {
+                Err(bad("must be written in lower-case hex"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.kind, self.value)
@@ -130,5 +156,31 @@ mod tests {
             Selector::parse("nocolon"),
             Err(SelectorError::Shape(_))
         ));
+    }
+
+    /// Values that parse but are not written as a caller's would be never
+    /// match: refused when an entry is written.
+    #[test]
+    fn only_the_forms_callers_have_are_canonical() {
+        for s in [
+            "unix:uid:01000".to_owned(),
+            "unix:gid:+5".to_owned(),
+            "unix:supplementary_gid:007".to_owned(),
+            format!("unix:sha256:{}", "A".repeat(64)),
+        ] {
+            let sel = Selector::parse(&s).unwrap();
+            assert!(
+                matches!(sel.check_canonical(), Err(SelectorError::BadValue { .. })),
+                "{s}"
+            );
+        }
+        for s in [
+            "unix:uid:0".to_owned(),
+            "unix:uid:1000".to_owned(),
+            "unix:user:Admin".to_owned(),
+            format!("unix:sha256:{}", "a".repeat(64)),
+        ] {
+            Selector::parse(&s).unwrap().check_canonical().unwrap();
+        }
     }
 }
