@@ -23,6 +23,30 @@ fn register_self(ca: &CaProcess, id: &str) -> String {
     parent
 }
 
+/// Waits until `agent` serves this test process an SVID.
+async fn first_fetch(agent: &AgentProcess) {
+    eventually("first fetch", || async {
+        let out = agent.svid_cli(&["fetch"], None);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await;
+}
+
+/// `agent` serves this test process an SVID for `id` now.
+fn serves(agent: &AgentProcess, id: &str) {
+    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+}
+
 /// Our own raw client (no header added unless asked).
 async fn raw_client(agent: &AgentProcess) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     SpiffeWorkloadApiClient::new(ward_spec::grpc::unix_channel(&agent.socket).await.unwrap())
@@ -457,15 +481,7 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     let ca = CaProcess::start(&[]);
     let mut agent = AgentProcess::start(&ca);
     let parent = register_self(&ca, "spiffe://example.org/restart");
-    eventually("first fetch", || async {
-        let out = agent.svid_cli(&["fetch"], None);
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    })
-    .await;
+    first_fetch(&agent).await;
     agent.kill9();
     // No join token this time, and a dead CA address listed first: the agent
     // fails over to the live one.
@@ -480,13 +496,7 @@ async fn a_restarted_agent_keeps_its_node_identity_without_a_new_token() {
     assert_eq!(agents.as_array().unwrap().len(), 1, "no second attestation");
     assert_eq!(agents[0]["spiffe_id"], parent.as_str());
     assert!(log.contains("resuming with the stored node SVID"), "{log}");
-    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restart"));
+    serves(&agent, "spiffe://example.org/restart");
 }
 
 /// An agent restarted while no CA answers has no SVID to serve (workload
@@ -498,15 +508,7 @@ async fn an_agent_restarted_while_the_ca_is_down_is_unavailable_until_it_syncs()
     let mut ca = CaProcess::start(&[]);
     let mut agent = AgentProcess::start(&ca);
     register_self(&ca, "spiffe://example.org/restarted");
-    eventually("first fetch", || async {
-        let out = agent.svid_cli(&["fetch"], None);
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    })
-    .await;
+    first_fetch(&agent).await;
     agent.kill9();
     ca.kill9();
     agent.spawn(None);
@@ -521,13 +523,7 @@ async fn an_agent_restarted_while_the_ca_is_down_is_unavailable_until_it_syncs()
     assert!(!err.contains("no registration entry"), "{err}");
     ca.spawn();
     agent.wait_ready();
-    let out = agent.svid_cli(&["fetch", "--output", "json"], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/restarted"));
+    serves(&agent, "spiffe://example.org/restarted");
 }
 
 /// Two of a caller's entries share a hint: only the older one's SVIDs are

@@ -524,6 +524,22 @@ fn federated_kids(ca: &CaProcess, td: &str) -> Vec<String> {
     kids
 }
 
+/// Waits (10 s at most) until CA `ca` holds `want` as `td`'s JWT key IDs;
+/// how long that took.
+fn wait_for_kids(ca: &CaProcess, td: &str, want: &[String]) -> Duration {
+    let start = Instant::now();
+    while federated_kids(ca, td) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} holds JWT keys {:?} for {td}, expected {want:?}",
+            ca.trust_domain,
+            federated_kids(ca, td)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
 #[test]
 fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotation() {
     step(
@@ -607,18 +623,7 @@ fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotatio
         "with the endpoint's real identity (the default), the full bundle arrives",
     );
     follow(&[]);
-    let wait_for = |want: Vec<String>| {
-        let start = Instant::now();
-        while federated_kids(&ours, "partner.test") != want {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "example.org holds {:?} for partner.test, expected {want:?}",
-                federated_kids(&ours, "partner.test")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        start.elapsed()
-    };
+    let wait_for = |want: Vec<String>| wait_for_kids(&ours, "partner.test", &want);
     let took = wait_for(jwt_kids(&partner));
     println!("  the endpoint's bundle arrived {took:?} after `bundle set`");
 
@@ -672,18 +677,7 @@ fn a_bundle_endpoint_is_fetched_from_as_soon_as_it_is_set() {
                 &url,
             ],
         );
-        let start = Instant::now();
-        while federated_kids(&ours, "partner.test") != want {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{what}: example.org holds JWT keys {:?} for partner.test, expected {want:?}",
-                federated_kids(&ours, "partner.test")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        println!(
-            "  the endpoint's bundle arrived {:?} after `bundle set`",
-            start.elapsed()
-        );
+        let took = wait_for_kids(&ours, "partner.test", &want);
+        println!("  the endpoint's bundle arrived {took:?} after `bundle set`");
     }
 }

@@ -721,6 +721,22 @@ mod tests {
         drop(app);
     }
 
+    /// The peer is told `CANCEL` and the pump ends in the application's
+    /// reset, both within 10 s.
+    async fn told_the_application_reset(
+        peer_send: &mut SendStream<Bytes>,
+        pumping: tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        assert_eq!(reset_told(peer_send, "the peer").await, h2::Reason::CANCEL);
+        let err = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the stream outlived the application's connection")
+            .unwrap()
+            .expect_err("an application's reset is no clean end");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("reset its connection"), "{err}");
+    }
+
     /// The reason `send`'s stream was reset with, which must come within
     /// 10 s (`who` is told, for the failure's message).
     async fn reset_told(send: &mut SendStream<Bytes>, who: &str) -> h2::Reason {
@@ -824,17 +840,7 @@ mod tests {
         assert_eq!(got, b"ask");
 
         reset_by_the_application(app);
-        assert_eq!(
-            reset_told(&mut peer_send, "the peer").await,
-            h2::Reason::CANCEL
-        );
-        let err = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("the stream outlived the application's connection")
-            .unwrap()
-            .expect_err("an application's reset is no clean end");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(err.to_string().contains("reset its connection"), "{err}");
+        told_the_application_reset(&mut peer_send, pumping).await;
         assert_eq!(carried.totals(), (0, 3));
     }
 
@@ -868,17 +874,7 @@ mod tests {
         // Dropping the application's end (linger zero) resets it.
         uploading.abort();
         assert!(uploading.await.unwrap_err().is_cancelled());
-        assert_eq!(
-            reset_told(&mut peer_send, "the peer").await,
-            h2::Reason::CANCEL
-        );
-        let err = tokio::time::timeout(Duration::from_secs(10), pumping)
-            .await
-            .expect("the stream outlived the application's connection")
-            .unwrap()
-            .expect_err("an application's reset is no clean end");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(err.to_string().contains("reset its connection"), "{err}");
+        told_the_application_reset(&mut peer_send, pumping).await;
     }
 
     /// A write to the application that blocks midway through a chunk (a

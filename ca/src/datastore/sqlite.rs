@@ -85,20 +85,7 @@ mod tests {
     #[tokio::test]
     async fn copies_stored_before_they_were_refused_can_still_be_changed() {
         let store = SqliteStore::in_memory().await.unwrap();
-        let e = Entry {
-            id: "e".into(),
-            spiffe_id: SpiffeId::parse("spiffe://td/w").unwrap(),
-            parent_id: SpiffeId::parse("spiffe://td/node").unwrap(),
-            selectors: vec![Selector::parse("unix:uid:1").unwrap()],
-            x509_ttl: 0,
-            jwt_ttl: 0,
-            dns_names: vec![],
-            hint: String::new(),
-            admin: false,
-            revision: 0,
-            created_at: 0,
-            federates_with: vec![],
-        };
+        let e = crate::datastore::tests::entry("e", "spiffe://td/node");
         store.create_entry(e, 1).await.unwrap();
         // What an older CA let through: a second row with the same ID,
         // parent and selectors.

@@ -51,7 +51,8 @@ fn empty_bundle(td: &str) -> FederatedBundleRecord {
     }
 }
 
-fn entry(n: &str, parent: &str) -> Entry {
+/// Entry `n` (SPIFFE ID `spiffe://td/N`, selector `unix:uid:1`) under `parent`.
+pub(super) fn entry(n: &str, parent: &str) -> Entry {
     Entry {
         id: n.into(),
         spiffe_id: id(&format!("spiffe://td/{n}")),
