@@ -524,6 +524,23 @@ fn federated_kids(ca: &CaProcess, td: &str) -> Vec<String> {
     kids
 }
 
+/// `ward bundle set` of partner.test's bundle from `pem` on CA `ca`,
+/// refreshed from `url` (`extra`: more flags).
+fn set_with_endpoint(ca: &CaProcess, pem: &str, url: &str, extra: &[&str]) {
+    let mut args = vec![
+        "bundle",
+        "set",
+        "--trust-domain",
+        "partner.test",
+        "--file",
+        pem,
+        "--endpoint-url",
+        url,
+    ];
+    args.extend_from_slice(extra);
+    run_ok(ca, &args);
+}
+
 /// Waits (10 s at most) until CA `ca` holds `want` as `td`'s JWT key IDs;
 /// how long that took.
 fn wait_for_kids(ca: &CaProcess, td: &str, want: &[String]) -> Duration {
@@ -586,20 +603,7 @@ fn a_bundle_endpoint_keeps_a_federated_bundle_fresh_through_the_partners_rotatio
     let files = tempfile::tempdir().unwrap();
     let pem = bundle_file(&partner, files.path());
     // Partner's bundle, refreshed from `url`, whose server must present `extra`'s ID if given.
-    let follow = |extra: &[&str]| {
-        let mut args = vec![
-            "bundle",
-            "set",
-            "--trust-domain",
-            "partner.test",
-            "--file",
-            &pem,
-            "--endpoint-url",
-            &url,
-        ];
-        args.extend_from_slice(extra);
-        run_ok(&ours, &args);
-    };
+    let follow = |extra: &[&str]| set_with_endpoint(&ours, &pem, &url, extra);
     follow(&["--endpoint-spiffe-id", "spiffe://partner.test/not-the-ca"]);
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -664,19 +668,7 @@ fn a_bundle_endpoint_is_fetched_from_as_soon_as_it_is_set() {
         .enumerate()
     {
         step(n as u32 + 1, what);
-        run_ok(
-            &ours,
-            &[
-                "bundle",
-                "set",
-                "--trust-domain",
-                "partner.test",
-                "--file",
-                &pem,
-                "--endpoint-url",
-                &url,
-            ],
-        );
+        set_with_endpoint(&ours, &pem, &url, &[]);
         let took = wait_for_kids(&ours, "partner.test", &want);
         println!("  the endpoint's bundle arrived {took:?} after `bundle set`");
     }
