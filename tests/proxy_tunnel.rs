@@ -1082,11 +1082,14 @@ impl Relay {
 }
 
 /// A slow link between the proxies (a relay passing 96 KiB a second
-/// towards the client side), with PINGs every second and 3 s to answer
+/// towards the client side), with PINGs every second and 1 s to answer
 /// them:
 /// - the client side's PINGs are answered behind megabytes of the answer,
 ///   the server side's go out behind them: neither end takes the late
 ///   answers for a dead peer, as long as data moves;
+/// - that includes the server side's PINGs after its last write, which
+///   wait for what it wrote before them (seconds of the link: what its
+///   kernel holds unsent and what the relay has taken) to drain;
 /// - the server application answers 2 MiB and closes, so its stream ends
 ///   with most of the answer still in the server-side proxy, whose
 ///   connection then closes idle (after 1 s) with the close grace (10 s)
@@ -1096,7 +1099,7 @@ impl Relay {
 ///   is waited for while data comes in, and carries its bytes too.
 #[test]
 fn a_slow_link_between_the_proxies_loses_nothing_to_keepalives_or_closing() {
-    let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "3s"];
+    let fast = ["--keepalive-interval", "1s", "--keepalive-timeout", "1s"];
     let api_flags = [&fast[..], &["--idle-timeout", "1s"]].concat();
     let mesh = Mesh::start(&[], &api_flags);
     let relay = Relay::start_throttled(&mesh.api_inbound, Some(96 * 1024));

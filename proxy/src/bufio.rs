@@ -6,16 +6,18 @@
 //! from it. The buffer exists only while data is flowing: it is released when
 //! the socket has nothing more to read, so an idle connection holds none.
 //!
-//! It also counts the bytes that cross the socket each way ([`Traffic`]):
-//! a connection whose PING answer or close is slow, but whose bytes still
+//! It also counts the bytes that cross the socket each way ([`Traffic`]),
+//! and asks the socket how much of what it took the peer acknowledged: a
+//! connection whose PING answer or close is slow, but whose bytes still
 //! move, is on a slow link, not a dead peer's. Under it, [`LingeringClose`]
 //! closes a socket whose connection ended cleanly only once the peer has
 //! closed too.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -25,29 +27,83 @@ use tokio::net::TcpStream;
 pub const READ_BUFFER: usize = 64 * 1024;
 
 /// Bytes read from and written to a connection's socket so far, shared
-/// with whoever watches the connection (h2 owns the socket itself).
+/// with whoever watches the connection (h2 owns the socket itself), and
+/// how much of what was written has reached the peer.
 #[derive(Clone, Debug, Default)]
-pub struct Traffic(Arc<[AtomicU64; 2]>);
+pub struct Traffic(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    read: AtomicU64,
+    written: AtomicU64,
+    /// The most [`Traffic::delivered`] has said: it never goes back.
+    delivered: AtomicU64,
+    /// The socket, while it is open (see [`LingeringClose`]): asked how
+    /// much of what it took is still unacknowledged.
+    socket: Mutex<Option<RawFd>>,
+}
 
 impl Traffic {
     /// Bytes read so far: sent by the peer.
     pub fn read(&self) -> u64 {
-        self.0[0].load(Ordering::Relaxed)
+        self.0.read.load(Ordering::Relaxed)
     }
 
     /// Bytes written so far: taken by the kernel, which takes some without
     /// the peer reading any.
     pub fn written(&self) -> u64 {
-        self.0[1].load(Ordering::Relaxed)
+        self.0.written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written so far that the peer's end has acknowledged: unlike
+    /// [`Traffic::written`], this still grows once everything has been
+    /// written, while the kernel sends what it holds (on a slow link,
+    /// seconds of it). Without a socket to ask, what the kernel took.
+    pub fn delivered(&self) -> u64 {
+        let socket = self.0.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        let unacknowledged = socket.and_then(unacknowledged).unwrap_or(0);
+        let now = self.written().saturating_sub(unacknowledged);
+        drop(socket);
+        // A write between the two reads above makes one look smaller than
+        // one before: the caller compares them.
+        self.0.delivered.fetch_max(now, Ordering::Relaxed).max(now)
     }
 
     pub(crate) fn add_read(&self, n: usize) {
-        self.0[0].fetch_add(n as u64, Ordering::Relaxed);
+        self.0.read.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn add_written(&self, n: usize) {
-        self.0[1].fetch_add(n as u64, Ordering::Relaxed);
+        self.0.written.fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    fn watch(&self, tcp: &TcpStream) {
+        *self.0.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some(tcp.as_raw_fd());
+    }
+
+    /// Before the socket closes: its descriptor may then be reused.
+    fn unwatch(&self) {
+        *self.0.socket.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Bytes a TCP socket took that its peer has not acknowledged yet (sent or
+/// not): `SIOCOUTQ`.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn unacknowledged(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one int through
+    // the pointer, which points at `n`. The descriptor is the watched
+    // socket's, still open: `unwatch` runs before it closes, under the same
+    // lock as this call.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| u64::try_from(n).ok()).flatten()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged(_fd: RawFd) -> Option<u64> {
+    None
 }
 
 pub struct ReadBuffered<T> {
@@ -72,6 +128,21 @@ impl<T> ReadBuffered<T> {
 
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+}
+
+impl ReadBuffered<LingeringClose> {
+    /// A tunnel's socket, whose [`Traffic`] can ask it what it delivered.
+    pub fn tunnel(tcp: TcpStream) -> Self {
+        let traffic = Traffic::default();
+        traffic.watch(&tcp);
+        let mut inner = LingeringClose::new(tcp);
+        inner.watched = Some(traffic.clone());
+        ReadBuffered {
+            inner,
+            buf: BytesMut::new(),
+            traffic,
+        }
     }
 }
 
@@ -227,6 +298,8 @@ impl Drop for Lingers {
 pub struct LingeringClose {
     tcp: Option<TcpStream>,
     shut: bool,
+    /// The traffic that asks this socket what it delivered, until it closes.
+    watched: Option<Traffic>,
 }
 
 impl LingeringClose {
@@ -234,6 +307,7 @@ impl LingeringClose {
         LingeringClose {
             tcp: Some(tcp),
             shut: false,
+            watched: None,
         }
     }
 
@@ -244,6 +318,9 @@ impl LingeringClose {
 
 impl Drop for LingeringClose {
     fn drop(&mut self) {
+        if let Some(traffic) = self.watched.take() {
+            traffic.unwatch();
+        }
         if let Some(tcp) = self.tcp.take().filter(|_| self.shut) {
             close_lingering(tcp, &TUNNEL);
         }
@@ -359,6 +436,42 @@ mod tests {
         assert_eq!(r.buf.capacity(), 0);
         drop(b);
         assert_eq!(r.read(&mut small).await.unwrap(), 0);
+    }
+
+    /// What a tunnel's socket has delivered is what its peer acknowledged:
+    /// less than what the kernel took while the peer reads nothing (its
+    /// receive buffer full), all of it once the peer has read it. Once the
+    /// socket is dropped it is no longer asked.
+    #[tokio::test]
+    async fn delivered_counts_what_the_peer_acknowledged() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&tcp)
+            .set_send_buffer_size(4 << 20)
+            .unwrap();
+        let mut server = ReadBuffered::tunnel(tcp);
+        let traffic = server.traffic();
+        server.write_all(&vec![7u8; SENT]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(traffic.written(), SENT as u64);
+        let stuck = traffic.delivered();
+        assert!(stuck > 0 && stuck < SENT as u64 / 2, "{stuck}");
+        let mut got = vec![0u8; SENT];
+        client.read_exact(&mut got).await.unwrap();
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while traffic.delivered() < SENT as u64 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(traffic.delivered(), SENT as u64);
+        drop(server);
+        assert!(traffic.0.socket.lock().unwrap().is_none());
+        assert_eq!(traffic.delivered(), SENT as u64);
     }
 
     /// A socket shut down cleanly with bytes from the peer unread, and more

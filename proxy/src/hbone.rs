@@ -193,9 +193,9 @@ fn keepalive(tcp: &tokio::net::TcpStream) {
 /// connection is given up: as long as keepalive takes to give up an idle one.
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long a connection told to close (GOAWAY) may go without writing
-/// once it has no streams: a peer that never answers, or stops reading, is
-/// cut off then. One still taking the last bytes over a slow link is not
+/// How long a connection told to close (GOAWAY) may go without its bytes
+/// reaching the peer once it has no streams: a peer that never answers,
+/// or stops reading, is cut off then. One still taking the last bytes over a slow link is not
 /// (see [`CloseGrace`]): what was acknowledged to the application is
 /// delivered.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -206,11 +206,11 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// answer (a PING queued behind megabytes on a slow link).
 const SIGN_OF_LIFE: u64 = 1024;
 
-/// How long bytes written, with none from the peer, keep a connection that
-/// looks dead going (a PING's wait, a closing connection's grace). The
-/// kernel takes some from a peer that reads nothing (what it holds unsent,
-/// what fits in the peer's receive buffer), so this bounds how long a
-/// frozen peer can look alive, or a closing one stay open.
+/// How long bytes delivered, with none from the peer, keep a connection
+/// that looks dead going (a PING's wait, a closing connection's grace).
+/// A peer's kernel acknowledges bytes its process never reads (what fits
+/// in its receive buffer, or a relay's), so this bounds how long a frozen
+/// peer can look alive, or a closing one stay open.
 pub const UNCONFIRMED_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Whether the peer sent more than control frames since `read_before`
@@ -256,13 +256,14 @@ async fn wait_while<F: std::future::Future>(
 }
 
 /// The close grace of a connection told to close (see [`CLOSE_GRACE`]):
-/// it runs out once no more than control frames have been written for
-/// that long, or [`UNCONFIRMED_PATIENCE`] after it began. Only writes
-/// count: the end of the data is what it waits for, and what the peer
-/// sends (a PING every second) does not keep it open.
+/// it runs out once no more than control frames of this end's have
+/// reached the peer for that long ([`Traffic::delivered`]), or
+/// [`UNCONFIRMED_PATIENCE`] after it began. Only this end's bytes count:
+/// the end of the data is what it waits for, and what the peer sends (a
+/// PING every second) does not keep it open.
 pub struct CloseGrace {
     traffic: Traffic,
-    written: u64,
+    delivered: u64,
     quiet_since: tokio::time::Instant,
     began: tokio::time::Instant,
 }
@@ -277,7 +278,7 @@ impl CloseGrace {
         timer.reset(now + GRACE_CHECK);
         CloseGrace {
             traffic: traffic.clone(),
-            written: traffic.written(),
+            delivered: traffic.delivered(),
             quiet_since: now,
             began: now,
         }
@@ -286,9 +287,9 @@ impl CloseGrace {
     /// When to look again; None once the grace has run out.
     pub fn next_check(&mut self) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
-        let written = self.traffic.written();
-        if written.wrapping_sub(self.written) > SIGN_OF_LIFE {
-            self.written = written;
+        let delivered = self.traffic.delivered();
+        if delivered - self.delivered > SIGN_OF_LIFE {
+            self.delivered = delivered;
             self.quiet_since = now;
         }
         let quiet = now - self.quiet_since;
@@ -361,7 +362,7 @@ pub async fn ping_answered(
     traffic: &Traffic,
 ) -> Result<bool, h2::Error> {
     let began = tokio::time::Instant::now();
-    let (mut read, mut written) = (traffic.read(), traffic.written());
+    let (mut read, mut delivered) = (traffic.read(), traffic.delivered());
     let exchange = async {
         if p.send_ping(h2::Ping::opaque()).is_err() {
             std::future::poll_fn(|cx| p.poll_pong(cx)).await?;
@@ -371,10 +372,10 @@ pub async fn ping_answered(
     };
     let answered = wait_while(timeout, exchange, || {
         let heard = heard_since(traffic, read);
-        let taken = traffic.written().wrapping_sub(written) > SIGN_OF_LIFE
+        let moving = traffic.delivered() - delivered > SIGN_OF_LIFE
             && began.elapsed() < UNCONFIRMED_PATIENCE;
-        (read, written) = (traffic.read(), traffic.written());
-        heard || taken
+        (read, delivered) = (traffic.read(), traffic.delivered());
+        heard || moving
     });
     match answered.await {
         Some(Ok(())) => Ok(true),

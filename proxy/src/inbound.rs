@@ -156,7 +156,7 @@ async fn connection(
         .borrow_and_update()
         .as_ref()
         .map_or(UNCHECKED, |c| c.roots.generation());
-    let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
+    let transport = crate::bufio::ReadBuffered::tunnel(tcp);
     let traffic = transport.traffic();
     let handshake = async {
         let mut tls = inbound.acceptor.accept(transport).await?;

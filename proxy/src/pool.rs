@@ -948,7 +948,7 @@ impl Pool {
             .map_or(generation, |c| c.generation);
         let connector = TlsConnector::from(self.tls_config(key, roots));
         let name = ServerName::try_from("ward.invalid").expect("static name is valid");
-        let transport = crate::bufio::ReadBuffered::new(crate::bufio::LingeringClose::new(tcp));
+        let transport = crate::bufio::ReadBuffered::tunnel(tcp);
         let traffic = transport.traffic();
         let handshake = async {
             let mut tls = connector.connect(name, transport).await?;
