@@ -444,17 +444,7 @@ mod tests {
     /// socket is dropped it is no longer asked.
     #[tokio::test]
     async fn delivered_counts_what_the_peer_acknowledged() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_recv_buffer_size(16 * 1024).unwrap();
-        let mut client = client
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&tcp)
-            .set_send_buffer_size(4 << 20)
-            .unwrap();
+        let (mut client, tcp) = slow_reader().await;
         let mut server = ReadBuffered::tunnel(tcp);
         let traffic = server.traffic();
         server.write_all(&vec![7u8; SENT]).await.unwrap();
@@ -491,23 +481,28 @@ mod tests {
 
     const SENT: usize = 256 * 1024;
 
-    /// What the client reads to its end, `linger` or not.
-    async fn closed_with_bytes_unread(linger: bool) -> io::Result<usize> {
+    /// A client that reads nothing for now, and the server's socket to it:
+    /// most of what the server sends stays in the server's kernel, whose
+    /// send buffer has room for all of it (up to the system's bound, about
+    /// 416 KiB by default).
+    async fn slow_reader() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        // A client that reads nothing for now: most of what the server
-        // sends stays in the server's kernel, unsent.
         let client = tokio::net::TcpSocket::new_v4().unwrap();
         client.set_recv_buffer_size(16 * 1024).unwrap();
-        let mut client = client
+        let client = client
             .connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
-        // Room in the kernel for everything the server sends (up to the
-        // system's bound, about 416 KiB by default).
         socket2::SockRef::from(&tcp)
             .set_send_buffer_size(4 << 20)
             .unwrap();
+        (client, tcp)
+    }
+
+    /// What the client reads to its end, `linger` or not.
+    async fn closed_with_bytes_unread(linger: bool) -> io::Result<usize> {
+        let (mut client, tcp) = slow_reader().await;
         client.write_all(&[1; 100]).await.unwrap();
         tcp.readable().await.unwrap();
         let mut server = LingeringClose::new(tcp);

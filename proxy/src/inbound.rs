@@ -978,14 +978,7 @@ mod tests {
             Duration::from_secs(60),
         );
         let metrics = inbound.metrics.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_drain_tx, drain_rx) = watch::channel(false);
-        let server = tokio::spawn(async move {
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let handshaking = inbound.metrics.inbound_handshake();
-            connection(tcp, peer, inbound, drain_rx, handshaking).await;
-        });
+        let (addr, server) = serve_one(inbound).await;
 
         // The peer: a TLS handshake with an SVID from the old root...
         let client_roots = RootStore::new(&old_bundle).unwrap();
@@ -1030,14 +1023,7 @@ mod tests {
     async fn a_peer_without_alpn_h2_is_refused() {
         let (inbound, root, roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
         let metrics = inbound.metrics.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_drain_tx, drain_rx) = watch::channel(false);
-        let server = tokio::spawn(async move {
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let handshaking = inbound.metrics.inbound_handshake();
-            connection(tcp, peer, inbound, drain_rx, handshaking).await;
-        });
+        let (addr, server) = serve_one(inbound).await;
         let mut cfg = ward_spec::tls::client_config(
             Some(svid(WEB, &root)),
             SpiffeServerVerifier::new(
@@ -1121,19 +1107,26 @@ mod tests {
         issuer: &ward_spec::test_util::Issuer,
         roots: &RootStore,
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (_drain_tx, drain_rx) = watch::channel(false);
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let handshaking = inbound.metrics.inbound_handshake();
-            connection(tcp, peer, inbound, drain_rx, handshaking).await;
-        });
+        let (addr, _server) = serve_one(inbound).await;
         let name = rustls::pki_types::ServerName::try_from("ward.invalid").unwrap();
         peer_client(issuer, roots)
             .connect(name, TcpStream::connect(addr).await.unwrap())
             .await
             .unwrap()
+    }
+
+    /// `inbound` serving the first connection to the address returned, on
+    /// the task returned (which ends with the connection).
+    async fn serve_one(inbound: Arc<Inbound>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (_drain_tx, drain_rx) = watch::channel(false);
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let handshaking = inbound.metrics.inbound_handshake();
+            connection(tcp, peer, inbound, drain_rx, handshaking).await;
+        });
+        (addr, server)
     }
 
     /// An application whose accept queue is full, so that a connect to
