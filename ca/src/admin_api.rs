@@ -175,6 +175,35 @@ fn next_page<T>(items: &[T], limit: u32, key: impl Fn(&T) -> String) -> String {
     }
 }
 
+/// A page of up to `limit` entries the caller may see, after the ID
+/// `after`: pages of every entry (from `fetch`, given the ID to go on
+/// after) are read until `limit` are found or none are left. A tenant
+/// admin's pages are then full however many entries other tenants have
+/// between its own, and its next page token is one of its own entries' IDs.
+async fn visible_page<F, Fut, E>(
+    mut fetch: F,
+    visible: impl Fn(&crate::datastore::Entry) -> bool,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<crate::datastore::Entry>, E>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<crate::datastore::Entry>, E>>,
+{
+    let (mut after, limit) = (after.map(str::to_owned), limit as usize);
+    let mut shown = Vec::new();
+    loop {
+        let read = fetch(after.take()).await?;
+        let more = read.len() == limit;
+        after = read.last().map(|e| e.id.clone());
+        let room = limit - shown.len();
+        shown.extend(read.into_iter().filter(|e| visible(e)).take(room));
+        if shown.len() == limit || !more {
+            return Ok(shown);
+        }
+    }
+}
+
 fn optional_id(field: &str, s: &str) -> Result<Option<SpiffeId>, Status> {
     if s.is_empty() {
         return Ok(None);
@@ -280,15 +309,15 @@ impl Admin for AdminApi {
             spiffe_id: optional_id("spiffe_id", &r.spiffe_id)?,
         };
         let (after, limit) = page(&r.page_token, r.page_size);
-        let entries = self.ca.list_entries(&filter, after, limit).await?;
-        let next_page_token = next_page(&entries, limit, |e| e.id.clone());
+        let fetch = |after: Option<String>| {
+            let filter = &filter;
+            async move { self.ca.list_entries(filter, after.as_deref(), limit).await }
+        };
+        let visible = |e: &crate::datastore::Entry| self.visible(&caller, e);
+        let entries = visible_page(fetch, visible, after, limit).await?;
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: entries
-                .iter()
-                .filter(|e| self.visible(&caller, e))
-                .map(entry_to_pb)
-                .collect(),
-            next_page_token,
+            next_page_token: next_page(&entries, limit, |e| e.id.clone()),
+            entries: entries.iter().map(entry_to_pb).collect(),
         }))
     }
 
@@ -488,6 +517,72 @@ mod tests {
             created_at: 1,
             policies: 0,
         }
+    }
+
+    /// A tenant admin's entry pages hold only its own entries and are full
+    /// however many of another tenant's lie between them; each page token
+    /// is one of its own entries' IDs, and following them lists each of
+    /// its entries once. The operator's pages hold every entry.
+    #[tokio::test]
+    async fn entry_pages_are_full_of_what_the_caller_may_see() {
+        let entry = |n: usize, tenant: &str| crate::datastore::Entry {
+            id: format!("{n:04}"),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/tenant/{tenant}/sa/s{n}"))
+                .unwrap(),
+            parent_id: SpiffeId::parse("spiffe://example.org/node").unwrap(),
+            selectors: vec![],
+            x509_ttl: 0,
+            jwt_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            revision: 1,
+            created_at: 1,
+            federates_with: vec![],
+        };
+        // acme's entries are 0, 7, 14, ...: globex's six lie between each two.
+        let all: Vec<_> = (0..40)
+            .map(|n| entry(n, if n % 7 == 0 { "acme" } else { "globex" }))
+            .collect();
+        let reads = std::cell::Cell::new(0);
+        let fetch = |after: Option<String>| {
+            reads.set(reads.get() + 1);
+            let page: Vec<_> = all
+                .iter()
+                .filter(|e| after.as_deref().is_none_or(|a| e.id.as_str() > a))
+                .take(3)
+                .cloned()
+                .collect();
+            async move { Ok::<_, Status>(page) }
+        };
+        let acme = |e: &crate::datastore::Entry| e.spiffe_id.path().starts_with("/tenant/acme/");
+        let (mut listed, mut token) = (Vec::new(), None::<String>);
+        loop {
+            let got = visible_page(fetch, acme, token.as_deref(), 3)
+                .await
+                .unwrap();
+            assert!(got.iter().all(acme));
+            let next = next_page(&got, 3, |e| e.id.clone());
+            listed.extend(got.iter().map(|e| e.id.clone()));
+            if next.is_empty() {
+                break;
+            }
+            assert_eq!(got.len(), 3, "a page not full: {got:?}");
+            assert_eq!(&next, listed.last().unwrap());
+            token = Some(next);
+        }
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|e| acme(e))
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(listed, mine);
+        assert!(reads.get() > 4, "{}", reads.get());
+        // The operator sees every entry, a page from one read.
+        reads.set(0);
+        let got = visible_page(fetch, |_| true, None, 3).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(reads.get(), 1);
     }
 
     /// The history comes in pages, newest first: the first page's first
