@@ -156,6 +156,11 @@ impl TrustBundle {
                         .filter(|k| !k.is_empty())
                         .ok_or_else(|| bad("jwt-svid key without kid"))?
                         .to_owned();
+                    if bundle.jwt_authority(&kid).is_some() {
+                        return Err(bad(&format!(
+                            "kid {kid:?} names an earlier key too: which one signs is unclear"
+                        )));
+                    }
                     let pk: JwtPublicKey = serde_json::from_value(key)
                         .map_err(|e| bad(&format!("jwt-svid key: {e}")))?;
                     bundle.jwt_authorities.push(JwtAuthority { kid, key: pk });
@@ -313,10 +318,21 @@ mod tests {
     }
 
     #[test]
-    fn jwt_key_without_kid_and_x509_key_with_two_certs_are_errors() {
+    fn jwt_key_without_kid_or_with_a_repeated_kid_and_x509_key_with_two_certs_are_errors() {
         let td = TrustDomain::new("td").unwrap();
         let no_kid = br#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256","x":"AA","y":"AA"}]}"#;
         assert!(TrustBundle::from_jwks(td.clone(), no_kid).is_err());
+        let key = |kid: &str, x: &str| {
+            format!(
+                r#"{{"kty":"EC","use":"jwt-svid","kid":"{kid}","crv":"P-256","x":"{x}","y":"AA"}}"#
+            )
+        };
+        let distinct = format!(r#"{{"keys":[{},{}]}}"#, key("a", "AA"), key("b", "AQ"));
+        let b = TrustBundle::from_jwks(td.clone(), distinct.as_bytes()).unwrap();
+        assert_eq!(b.jwt_authorities.len(), 2);
+        let repeated = format!(r#"{{"keys":[{},{}]}}"#, key("a", "AA"), key("a", "AQ"));
+        let e = TrustBundle::from_jwks(td.clone(), repeated.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains(r#"kid "a""#), "{e}");
         let two = br#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["AA==","AA=="]}]}"#;
         assert!(TrustBundle::from_jwks(td.clone(), two).is_err());
         assert!(TrustBundle::from_jwks(td, b"garbage").is_err());

@@ -1,8 +1,9 @@
 //! JWT-SVID validation (SPIFFE JWT-SVID standard, as DESIGN.md restates it):
 //! the `kid` must name a key of the subject's trust-domain bundle, the
 //! algorithm must be one of RS/ES/PS 256/384/512 (never `none`, never HMAC),
-//! the signature must verify, `aud` must contain the expected audience, and
-//! `exp` must be in the future.
+//! the signature must verify, `aud` must contain the expected audience,
+//! `exp` must be in the future, and the header may mark no extension
+//! critical (`crit`).
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
@@ -81,6 +82,14 @@ pub fn validate(
     }
     let header =
         jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    // RFC 7515: extensions a header marks critical (`crit`) must be
+    // understood, or the token refused; no JWT-SVID needs one, and this
+    // verifier understands none.
+    if let Some(crit) = critical_extensions(token) {
+        return Err(JwtError::Malformed(format!(
+            "its header marks {crit} critical, which a JWT-SVID verifier does not understand"
+        )));
+    }
     // The JWT-SVID standard: `typ`, if present, is JWT or JOSE.
     if let Some(typ) = header
         .typ
@@ -154,6 +163,18 @@ pub fn validate(
         return Err(JwtError::ForeignSubject(id.to_string()));
     }
     Ok((id, data.claims))
+}
+
+/// The `crit` member of `token`'s header, if it has one (the header has
+/// been read as JSON already).
+fn critical_extensions(token: &str) -> Option<Value> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&json).ok()?;
+    header.remove("crit")
 }
 
 /// Validates `token` against the bundle of its subject's trust domain among
@@ -362,6 +383,37 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    /// A token whose header marks an extension critical (`crit`) is
+    /// refused, however well signed: the verifier understands none.
+    #[test]
+    fn a_token_with_critical_header_extensions_is_refused() {
+        use base64::Engine;
+        let (b, k) = setup();
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let claims = serde_json::json!({
+            "sub": "spiffe://example.org/web", "aud": ["db"], "exp": time_now() + 60,
+        });
+        let signed = |header: serde_json::Value| {
+            let message = format!("{}.{}", b64(header), b64(claims.clone()));
+            let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &k, Algorithm::ES256);
+            format!("{message}.{}", signature.unwrap())
+        };
+        let plain = signed(serde_json::json!({"alg": "ES256", "kid": "k1"}));
+        assert!(validate(&plain, "db", &b).is_ok());
+        let critical = signed(serde_json::json!({
+            "alg": "ES256", "kid": "k1", "crit": ["http://example.org/ext"],
+            "http://example.org/ext": true,
+        }));
+        let r = validate(&critical, "db", &b);
+        assert!(
+            matches!(&r, Err(JwtError::Malformed(m)) if m.contains("http://example.org/ext")),
+            "{r:?}"
+        );
+        assert_eq!(validate_any(&critical, "db", [&b]), r);
     }
 
     #[test]
