@@ -57,6 +57,7 @@ async fn fixture() -> Fixture {
             root_ttl: time::Duration::days(365),
             upstream: None,
             refresh_hint_secs: 300,
+            check_interval: time::Duration::seconds(10),
         },
         store.clone(),
     )

@@ -4,7 +4,9 @@
 //! lifetime. Slots move prepared → active → old, on SPIRE's schedule: the next
 //! slot is prepared at half of the active one's life and activated when 1/6 of
 //! it remains. A prepared slot's JWT key enters the bundle at once, long before
-//! it signs anything. Intermediates chain to the root, which is what the bundle
+//! it signs anything; after a stop past the schedule, a slot prepared late
+//! signs once its key has been published for a refresh hint (unless the
+//! active slot ends first). Intermediates chain to the root, which is what the bundle
 //! carries; when the root itself nears its end a new root is minted and
 //! published in the bundle before the slot it signs becomes active.
 //!
@@ -64,7 +66,12 @@ pub struct AuthorityConfig {
     pub root_ttl: Duration,
     /// An existing root to sign intermediates with: (certificate PEM, key PEM) paths.
     pub upstream: Option<(PathBuf, PathBuf)>,
+    /// How often bundle readers are told to look again; also how long a
+    /// new slot's keys are published before it signs, when the schedule
+    /// leaves less (see [`Authority::tick`]).
     pub refresh_hint_secs: u64,
+    /// How often the schedule is advanced ([`Authority::tick`]).
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,7 +232,11 @@ impl Authority {
             tracing::info!(target: "audit", event = "slot_prepared", slot = id, "prepared the next signing slot");
             changed = true;
         }
-        if ts(now) >= active.not_after - life / 6 && self.activate_prepared(&mut state)? {
+        if ts(now) >= active.not_after - life / 6
+            && (self.published_long_enough(&state, now)
+                || ts(now + self.cfg.check_interval) >= active.not_after)
+            && self.activate_prepared(&mut state)?
+        {
             changed = true;
         }
         let before = state.slots.len();
@@ -272,6 +283,19 @@ impl Authority {
         let s = self.signer();
         tracing::info!(target: "audit", event = "slot_activated", serial = %s.serial, forced = true, "rotated the signing slot");
         Ok(s)
+    }
+
+    /// Whether the prepared slot's keys have been in the bundle for a
+    /// refresh hint, so that bundle readers (agents, proxies, federated
+    /// trust domains) have its JWT key before it signs. The schedule leaves
+    /// a third of a slot's life; after a stop past its time it leaves none,
+    /// and the active slot signs on meanwhile, unless it would end first.
+    fn published_long_enough(&self, state: &State, now: OffsetDateTime) -> bool {
+        let hold = x509::BACKDATE + Duration::seconds(self.cfg.refresh_hint_secs as i64);
+        state
+            .slots
+            .iter()
+            .any(|s| s.status == SlotStatus::Prepared && at(s.not_before) + hold <= now)
     }
 
     fn activate_prepared(&self, state: &mut State) -> Result<bool> {
@@ -592,6 +616,7 @@ mod tests {
             root_ttl,
             upstream: None,
             refresh_hint_secs: 60,
+            check_interval: Duration::seconds(10),
         }
     }
 
@@ -616,6 +641,43 @@ mod tests {
         assert_ne!(now[0], first[0]);
         let (_, not_after) = ward_spec::svid::validity(&now[0]).unwrap();
         assert!(at(not_after) > OffsetDateTime::now_utc());
+    }
+
+    /// After a stop past the time to activate the next slot, with the
+    /// active one still valid, the slot prepared then is published at once
+    /// but signs only once its keys have been out for the refresh hint
+    /// (60 s here), so that bundle readers know its JWT key first. When the
+    /// active slot would end before the next look (10 s here), the new one
+    /// signs at once: there is nothing else to sign with.
+    #[tokio::test]
+    async fn a_slot_prepared_late_signs_once_its_keys_have_been_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
+        let cfg = config(dir.path(), Duration::hours(1), Duration::days(30));
+        let authority = Authority::open(cfg, store).await.unwrap();
+        let first = authority.signer().serial.clone();
+        let late = OffsetDateTime::now_utc() + Duration::minutes(55);
+        assert!(authority.tick(late).await.unwrap());
+        assert_eq!(authority.bundle().jwt_authorities.len(), 2);
+        assert_eq!(authority.signer().serial, first, "signs unpublished");
+        assert!(!authority.tick(late + Duration::seconds(50)).await.unwrap());
+        assert_eq!(authority.signer().serial, first, "signs unpublished");
+        assert!(authority.tick(late + Duration::seconds(61)).await.unwrap());
+        assert_ne!(authority.signer().serial, first);
+        assert_eq!(authority.bundle().jwt_authorities.len(), 2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
+        let cfg = config(dir.path(), Duration::hours(1), Duration::days(30));
+        let authority = Authority::open(cfg, store).await.unwrap();
+        let first = authority.signer().serial.clone();
+        let ending = OffsetDateTime::now_utc() + Duration::minutes(60) - Duration::seconds(5);
+        assert!(authority.tick(ending).await.unwrap());
+        assert_ne!(
+            authority.signer().serial,
+            first,
+            "signs with a slot about to end"
+        );
     }
 
     #[tokio::test]

@@ -70,6 +70,7 @@ pub async fn open(cfg: &CaConfig) -> anyhow::Result<Arc<Ca>> {
             root_ttl: time::Duration::try_from(cfg.root_ttl)?,
             upstream: cfg.upstream_cert.clone().zip(cfg.upstream_key.clone()),
             refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(5, 300),
+            check_interval: time::Duration::try_from(cfg.rotation_check_interval)?,
         },
         store.clone(),
     )
