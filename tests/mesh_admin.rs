@@ -431,4 +431,45 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         serde_json::json!(["unix:uid:2004"]),
         "{stored}"
     );
+
+    step(
+        11,
+        "policies see an entry's parent and admin mark: a set that keeps tenant admins from making admins",
+    );
+    let stricter = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(policies).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "cedar") {
+            std::fs::copy(&f, stricter.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        stricter.path().join("no-tenant-made-admins.cedar"),
+        format!(
+            r#"@id("no-tenant-made-admins")
+forbid (principal is Ward::Admin, action, resource is Ward::Entry)
+when {{ resource.admin || resource.parent_id != "{parent}" }};
+"#
+        ),
+    )
+    .unwrap();
+    let out = ca.cli(&["policy", "push", stricter.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let deputy = format!("spiffe://{TD}/tenant/acme/ns/ops/sa/deputy");
+    let mut made_admin = entry_args(&deputy, &parent);
+    made_admin.push("--admin");
+    refused(
+        remote(&ca, &agent, ACME_ADMIN_UID, &made_admin),
+        "create_entry",
+    );
+    let elsewhere = format!("spiffe://{TD}/ward/agent/elsewhere");
+    refused(
+        remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&deputy, &elsewhere)),
+        "create_entry",
+    );
+    let out = remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&deputy, &parent));
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = ca.cli_json(&["entry", "list", "--spiffe-id", &deputy]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["admin"], serde_json::json!(false), "{listed}");
 }

@@ -82,6 +82,11 @@ pub struct AdminResource {
     /// Entries: the DNS names this call gives the entry's SPIFFE ID (as
     /// `federation_added`).
     pub dns_names_added: Vec<String>,
+    /// Entries: the SPIFFE ID of the node (or entry) whose workloads it
+    /// names.
+    pub parent_id: String,
+    /// Entries: whether its SVIDs may call the CA as an admin.
+    pub admin: bool,
 }
 
 /// Who asks for an admin action.
@@ -560,6 +565,14 @@ impl Authorizer {
                         string_set(&resource.federates_with),
                     ),
                     ("dns_names".to_owned(), string_set(&resource.dns_names)),
+                    (
+                        "parent_id".to_owned(),
+                        RestrictedExpression::new_string(resource.parent_id.clone()),
+                    ),
+                    (
+                        "admin".to_owned(),
+                        RestrictedExpression::new_bool(resource.admin),
+                    ),
                 ]),
             ),
         };
@@ -614,6 +627,8 @@ impl Authorizer {
                         "federation_added": resource.federation_added,
                         "dns_names": resource.dns_names,
                         "dns_names_added": resource.dns_names_added,
+                        "parent_id": resource.parent_id,
+                        "admin": resource.admin,
                         "now": now,
                     })
                 } else {

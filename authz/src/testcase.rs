@@ -21,7 +21,9 @@
 //! `context`. Without `federation_added`, a create adds every trust domain
 //! it lists, an update (whose earlier list a case does not know) and a
 //! delete none. `dns_names` and `dns_names_added` work the same way for the
-//! DNS names the entry's SVIDs carry.
+//! DNS names the entry's SVIDs carry. `parent_id` (a SPIFFE ID; default
+//! none, which policies see as "") and `admin` (default false) are the
+//! entry's.
 
 use std::net::IpAddr;
 
@@ -81,6 +83,12 @@ pub struct CaseContext {
     /// `federation_added`).
     #[serde(default)]
     pub dns_names_added: Option<Vec<String>>,
+    /// Entry actions: the entry's parent (node) SPIFFE ID.
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    /// Entry actions: whether the entry is marked admin.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn default_port() -> u16 {
@@ -101,6 +109,8 @@ impl Default for CaseContext {
             federation_added: None,
             dns_names: Vec::new(),
             dns_names_added: None,
+            parent_id: None,
+            admin: false,
         }
     }
 }
@@ -134,9 +144,11 @@ pub fn decide(
     let entry_only = !ctx.federates_with.is_empty()
         || ctx.federation_added.is_some()
         || !ctx.dns_names.is_empty()
-        || ctx.dns_names_added.is_some();
-    const ENTRY_ONLY: &str =
-        "federates_with, federation_added, dns_names and dns_names_added are for entry actions";
+        || ctx.dns_names_added.is_some()
+        || ctx.parent_id.is_some()
+        || ctx.admin;
+    const ENTRY_ONLY: &str = "federates_with, federation_added, dns_names, dns_names_added, \
+         parent_id and admin are for entry actions";
     if c.action == "connect" {
         if entry_only {
             return Err(ENTRY_ONLY.into());
@@ -191,6 +203,12 @@ pub fn decide(
         }
         Err(_) => (c.resource.clone(), c.resource.clone()),
     };
+    let parent_id = match &ctx.parent_id {
+        Some(p) => SpiffeId::parse(p)
+            .map_err(|e| format!("parent_id: {e}"))?
+            .to_string(),
+        None => String::new(),
+    };
     let resource = AdminResource {
         tenant,
         id,
@@ -198,6 +216,8 @@ pub fn decide(
         federation_added,
         dns_names: ctx.dns_names.clone(),
         dns_names_added,
+        parent_id,
+        admin: ctx.admin,
     };
     Ok(authz.decide_admin_at(&principal, action, &resource, ctx.now))
 }

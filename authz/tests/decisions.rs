@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use ward_authz::policy::{read_dir, read_schema, SourceFile};
 use ward_authz::reload::{load_and_watch, ReloadStats};
 use ward_authz::testcase::{run, CaseFile};
-use ward_authz::{Authorizer, ConnectContext, IdTemplate, Mode};
+use ward_authz::{
+    AdminAction, AdminPrincipal, AdminResource, Authorizer, ConnectContext, IdTemplate, Mode,
+};
 use ward_spec::SpiffeId;
 
 fn policies_dir() -> PathBuf {
@@ -155,6 +157,99 @@ fn an_admin_case_is_decided_as_of_its_now() {
     .unwrap();
     for r in run(&a, &cases.cases, &IdTemplate::default()) {
         assert!(r.passed, "{}: {}", r.name, r.detail);
+    }
+}
+
+/// Entry policies see the entry's parent and whether it is marked admin:
+/// a tenant admin kept from making admins, and from registering
+/// workloads under nodes outside its cluster, is kept from both (in a
+/// case as in a call), and can still do the rest.
+#[test]
+fn entry_policies_see_the_parent_and_the_admin_mark() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "entries.cedar",
+        r#"@id("own-tenant-own-cluster") permit (principal is Ward::Admin, action == Ward::Action::"create_entry", resource)
+           when { resource.tenant == principal.tenant &&
+                  resource.parent_id like "spiffe://example.org/agent/east/*" };
+           @id("no-new-admins") forbid (principal is Ward::Admin, action, resource is Ward::Entry)
+           when { resource.admin };"#,
+    )])
+    .unwrap();
+    let admin = AdminPrincipal::Admin(id("spiffe://example.org/tenant/acme/ns/admin/sa/ops"));
+    let entry = |parent: &str, is_admin: bool| AdminResource {
+        tenant: "acme".into(),
+        id: "spiffe://example.org/tenant/acme/ns/prod/sa/web".into(),
+        parent_id: parent.into(),
+        admin: is_admin,
+        ..Default::default()
+    };
+    let east = "spiffe://example.org/agent/east/n1";
+    let west = "spiffe://example.org/agent/west/n1";
+    for (resource, allowed) in [
+        (entry(east, false), true),
+        (entry(west, false), false),
+        (entry(east, true), false),
+    ] {
+        let d = a.decide_admin(&admin, AdminAction::CreateEntry, &resource);
+        assert_eq!(d.allowed, allowed, "{resource:?}: {d:?}");
+    }
+    let cases: CaseFile = toml::from_str(&format!(
+        r#"
+        [[case]]
+        name = "east"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "create_entry"
+        resource = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+        context = {{ parent_id = "{east}" }}
+        decision = "allow"
+        policies = ["own-tenant-own-cluster"]
+
+        [[case]]
+        name = "east, marked admin"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "create_entry"
+        resource = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+        context = {{ parent_id = "{east}", admin = true }}
+        decision = "deny"
+        policies = ["no-new-admins"]
+
+        [[case]]
+        name = "no parent given"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "create_entry"
+        resource = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+        decision = "deny"
+        "#
+    ))
+    .unwrap();
+    for r in run(&a, &cases.cases, &IdTemplate::default()) {
+        assert!(r.passed, "{}: {}", r.name, r.detail);
+    }
+    // A parent that is no SPIFFE ID, or one given to a join token, is the
+    // case's mistake.
+    for (action, resource, context) in [
+        (
+            "create_entry",
+            "spiffe://example.org/tenant/acme/ns/prod/sa/web",
+            r#"{ parent_id = "east" }"#,
+        ),
+        ("create_join_token", "acme", r#"{ admin = true }"#),
+    ] {
+        let cases: CaseFile = toml::from_str(&format!(
+            r#"
+            [[case]]
+            name = "c"
+            principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+            action = "{action}"
+            resource = "{resource}"
+            context = {context}
+            decision = "deny"
+            "#
+        ))
+        .unwrap();
+        let r = &run(&a, &cases.cases, &IdTemplate::default())[0];
+        assert!(!r.passed, "{context}: passed");
     }
 }
 

@@ -1384,6 +1384,8 @@ impl Ca {
             federation_added: names(added.federation),
             dns_names: e.dns_names.clone(),
             dns_names_added: added.dns_names.to_vec(),
+            parent_id: e.parent_id.to_string(),
+            admin: e.admin,
         };
         self.authorize_admin(caller, action, &resource)
     }
