@@ -464,7 +464,12 @@ when {{ resource.admin || resource.parent_id != "{parent}" }};
     );
     let elsewhere = format!("spiffe://{TD}/ward/agent/elsewhere");
     refused(
-        remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&deputy, &elsewhere)),
+        remote(
+            &ca,
+            &agent,
+            ACME_ADMIN_UID,
+            &entry_args(&deputy, &elsewhere),
+        ),
         "create_entry",
     );
     let out = remote(&ca, &agent, ACME_ADMIN_UID, &entry_args(&deputy, &parent));
