@@ -43,6 +43,19 @@ on_both_backends! {
         let (ok, msg) = openssl_verify(&ca.dir, &roots, &chain);
         assert!(ok, "openssl verify failed: {msg}");
         assert!(msg.contains("leaf.pem: OK"), "{msg}");
+        // The same PEM, in JSON when asked.
+        let shown = ca.cli_json(&["bundle", "show"]);
+        let pem = shown["x509_authorities_pem"].as_str().unwrap();
+        assert_eq!(ward_spec::bundle::pem_to_ders("CERTIFICATE", pem).unwrap(), roots);
+        assert_eq!(shown["trust_domain"], "example.org");
+        // A join token TTL under a second (which the CA would read as its
+        // 10 min default) is refused, not rounded.
+        for ttl in ["500ms", "0s"] {
+            let out = ca.cli(&["token", "create", "--ttl", ttl]);
+            assert!(!out.status.success(), "{ttl} accepted");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("at least 1 s"), "{err}");
+        }
 
         let text = Command::new("openssl")
             .args(["x509", "-noout", "-text", "-in"])

@@ -385,7 +385,20 @@ fn ward_up_runs_the_demo_and_follows_policy_pushes_and_rollbacks() {
         "the matrix over the CA's active set and the demo workloads has no cross-tenant allow",
     );
     let active = tempfile::tempdir().unwrap();
-    up.ward_ok(&["policy", "show", "--write", active.path().to_str().unwrap()]);
+    let written: serde_json::Value = serde_json::from_str(&up.ward_ok(&[
+        "policy",
+        "show",
+        "--write",
+        active.path().to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let files = written["files"].as_array().unwrap();
+    assert!(!files.is_empty(), "{written}");
+    for f in files {
+        assert!(active.path().join(f.as_str().unwrap()).is_file(), "{f}");
+    }
     let workloads = up.dir.path().join("workloads.txt");
     let m: serde_json::Value = serde_json::from_str(&up.ward_ok(&[
         "policy",

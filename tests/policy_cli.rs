@@ -206,3 +206,42 @@ fn validate_reports_file_line_and_column_and_fmt_check_finds_unformatted_files()
     let o = ward(&["policy", "fmt", "--check", dir.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// `--output json` gives JSON on stdout for `policy fmt` and `policy test`
+/// too (what they did, each case's outcome), with the same exit status as
+/// without; a file `fmt` rewrites keeps its permissions.
+#[test]
+fn fmt_and_test_report_in_json_when_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let json = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ugly = dir.path().join("ugly.cedar");
+    std::fs::write(&ugly, "permit(principal,action,resource)when{true};").unwrap();
+    std::fs::set_permissions(&ugly, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let o = ward(&["policy", "fmt", "--check", "--output", "json", d]);
+    assert!(!o.status.success());
+    let unformatted = json(&o)["unformatted"].clone();
+    assert_eq!(unformatted.as_array().unwrap().len(), 1, "{unformatted}");
+    assert!(unformatted[0].as_str().unwrap().ends_with("ugly.cedar"));
+    let o = ward(&["policy", "fmt", "--output", "json", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["formatted"].as_array().unwrap().len(), 1);
+    let mode = std::fs::metadata(&ugly).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    let o = ward(&["policy", "fmt", "--output", "json", d]);
+    assert_eq!(json(&o)["formatted"], serde_json::json!([]));
+
+    let o = ward(&["policy", "test", "--output", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = json(&o);
+    let cases = report["cases"].as_array().unwrap();
+    assert!(cases.len() > 10, "{report}");
+    assert_eq!(report["passed"].as_u64().unwrap() as usize, cases.len());
+    assert_eq!(report["failed"], 0);
+    assert!(cases
+        .iter()
+        .all(|c| c["passed"] == true && c["name"].is_string()));
+}

@@ -8,6 +8,19 @@ use std::path::Path;
 
 /// Writes `data` to `path` atomically; `secret` files get mode 0600, others 0644.
 pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> io::Result<()> {
+    write_atomic_mode(path, data, if secret { 0o600 } else { 0o644 })
+}
+
+/// Rewrites the file at `path` (or the one its symlink names) with `data`
+/// atomically, keeping its permissions: an edit in place, as an editor's.
+pub fn rewrite_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let target = fs::canonicalize(path)?;
+    let mode = fs::metadata(&target)?.permissions().mode() & 0o7777;
+    write_atomic_mode(&target, data, mode)
+}
+
+/// Writes `data` to `path` atomically, with permissions `mode`.
+fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     // (A bare file name's parent is "", the current directory.)
     let dir = path
         .parent()
@@ -27,7 +40,6 @@ pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> io::Result<()> {
         name.to_string_lossy(),
         u64::from_ne_bytes(nonce)
     ));
-    let mode = if secret { 0o600 } else { 0o644 };
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -56,6 +68,34 @@ pub fn create_private_dir(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file rewritten in place keeps its permissions, and a symlink
+    /// stays one: the file it names is what is rewritten.
+    #[test]
+    fn a_rewrite_keeps_the_mode_and_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.cedar");
+        fs::write(&p, "one").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join("b.cedar");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        rewrite_atomic(&link, b"two").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        rewrite_atomic(&p, b"three").unwrap();
+        assert_eq!(fs::read(&link).unwrap(), b"three");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
 
     #[test]
     fn secret_files_are_0600_and_replaced_whole() {

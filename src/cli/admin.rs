@@ -108,6 +108,10 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
         tenant,
         target,
     } = cmd;
+    // The CA reads 0 as its default: a shorter TTL would silently be that.
+    if let Some(ttl) = ttl.filter(|t| t.as_secs() == 0) {
+        anyhow::bail!("--ttl {ttl:?}: a join token lives at least 1 s");
+    }
     let mut c = client(&target).await?;
     let r = c
         .create_join_token(pb::CreateJoinTokenRequest {
@@ -490,6 +494,20 @@ pub enum DeleteMode {
     Delete,
 }
 
+/// A federated bundle as `bundle list` and `bundle set` show it.
+fn bundle_row(b: &types::Bundle) -> anyhow::Result<serde_json::Value> {
+    let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
+    let parsed = TrustBundle::from_jwks(td, &b.jwks)?;
+    Ok(json!({
+        "trust_domain": b.trust_domain,
+        "x509_authorities": parsed.x509_authorities.len(),
+        "jwt_authorities": parsed.jwt_authorities.len(),
+        "jwt_key_ids": parsed.jwt_authorities.iter().map(|k| k.kid.clone()).collect::<Vec<_>>(),
+        "endpoint_url": b.endpoint_url,
+        "endpoint_spiffe_id": b.endpoint_spiffe_id,
+    }))
+}
+
 pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         BundleCommand::Show { format, target } => {
@@ -500,10 +518,17 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner();
             match format {
+                // A JWKS document is JSON already.
                 BundleFormat::Jwks => println!("{}", String::from_utf8_lossy(&b.jwks)),
                 BundleFormat::Pem => {
                     let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
-                    print!("{}", TrustBundle::from_jwks(td, &b.jwks)?.x509_pem());
+                    let pem = TrustBundle::from_jwks(td, &b.jwks)?.x509_pem();
+                    match out {
+                        Output::Json => print_json(&json!({
+                            "trust_domain": b.trust_domain, "x509_authorities_pem": pem,
+                        })),
+                        Output::Human => print!("{pem}"),
+                    }
                 }
             }
         }
@@ -545,7 +570,10 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("Federating with {}.", b.trust_domain);
+            match out {
+                Output::Json => print_json(&bundle_row(&b)?),
+                Output::Human => println!("Federating with {}.", b.trust_domain),
+            }
         }
         BundleCommand::List { target } => {
             let list = client(&target)
@@ -555,19 +583,10 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner()
                 .bundles;
-            let mut rows = Vec::new();
-            for b in &list {
-                let td = ward_spec::TrustDomain::new(&b.trust_domain)?;
-                let parsed = TrustBundle::from_jwks(td, &b.jwks)?;
-                rows.push(json!({
-                    "trust_domain": b.trust_domain,
-                    "x509_authorities": parsed.x509_authorities.len(),
-                    "jwt_authorities": parsed.jwt_authorities.len(),
-                    "jwt_key_ids": parsed.jwt_authorities.iter().map(|k| k.kid.clone()).collect::<Vec<_>>(),
-                    "endpoint_url": b.endpoint_url,
-                    "endpoint_spiffe_id": b.endpoint_spiffe_id,
-                }));
-            }
+            let rows = list
+                .iter()
+                .map(bundle_row)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             match out {
                 Output::Json => print_json(&serde_json::Value::Array(rows)),
                 Output::Human if rows.is_empty() => println!("No federated trust domains."),

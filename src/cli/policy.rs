@@ -293,12 +293,19 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                     }
                     ward_spec::files::write_atomic(&dir.join(&f.name), f.text.as_bytes(), false)?;
                 }
-                println!(
-                    "Wrote policy set version {} ({} files) to {}",
-                    p.version,
-                    p.files.len(),
-                    dir.display()
-                );
+                match out {
+                    Output::Json => print_json(&json!({
+                        "version": p.version,
+                        "written_to": dir.display().to_string(),
+                        "files": p.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+                    })),
+                    Output::Human => println!(
+                        "Wrote policy set version {} ({} files) to {}",
+                        p.version,
+                        p.files.len(),
+                        dir.display()
+                    ),
+                }
                 return Ok(());
             }
             match out {
@@ -332,9 +339,11 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                 ),
             }
         }
-        PolicyCommand::Fmt { dir, check } => {
-            fmt(&dir.unwrap_or_else(|| PathBuf::from("policies")), check)?
-        }
+        PolicyCommand::Fmt { dir, check } => fmt(
+            &dir.unwrap_or_else(|| PathBuf::from("policies")),
+            check,
+            out,
+        )?,
         PolicyCommand::Test { files, source } => {
             let (authz, template) = source.authorizer()?;
             let files = if files.is_empty() {
@@ -342,7 +351,7 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
             } else {
                 files
             };
-            let (mut passed, mut failed) = (0, 0);
+            let (mut passed, mut failed, mut shown) = (0, 0, Vec::new());
             for f in &files {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?;
@@ -351,14 +360,25 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                 for r in run_cases(&authz, &cases.cases, &template) {
                     if r.passed {
                         passed += 1;
-                        println!("ok    {}", r.name);
                     } else {
                         failed += 1;
-                        println!("FAIL  {}: {}", r.name, r.detail);
+                    }
+                    match out {
+                        Output::Json => shown.push(json!({
+                            "file": f.display().to_string(), "name": r.name,
+                            "passed": r.passed, "detail": r.detail,
+                        })),
+                        Output::Human if r.passed => println!("ok    {}", r.name),
+                        Output::Human => println!("FAIL  {}: {}", r.name, r.detail),
                     }
                 }
             }
-            println!("{passed} passed, {failed} failed");
+            match out {
+                Output::Json => print_json(&json!({
+                    "passed": passed, "failed": failed, "cases": shown,
+                })),
+                Output::Human => println!("{passed} passed, {failed} failed"),
+            }
             if failed > 0 {
                 bail!(
                     "{failed} policy test case{} failed",
@@ -484,24 +504,34 @@ fn default_cases(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-fn fmt(dir: &Path, check: bool) -> anyhow::Result<()> {
+fn fmt(dir: &Path, check: bool, out: Output) -> anyhow::Result<()> {
     let files = read_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut unformatted = Vec::new();
+    let (mut formatted, mut unformatted) = (Vec::new(), Vec::new());
     for f in &files {
         let pretty = format(&f.text).map_err(|e| anyhow::anyhow!("{}: {e}", f.name))?;
         if pretty != f.text {
             if check {
                 unformatted.push(f.name.clone());
             } else {
-                ward_spec::files::write_atomic(Path::new(&f.name), pretty.as_bytes(), false)?;
-                println!("formatted {}", f.name);
+                ward_spec::files::rewrite_atomic(Path::new(&f.name), pretty.as_bytes())
+                    .with_context(|| format!("cannot rewrite {}", f.name))?;
+                formatted.push(f.name.clone());
+            }
+        }
+    }
+    match out {
+        Output::Json if check => print_json(&json!({ "unformatted": unformatted })),
+        Output::Json => print_json(&json!({ "formatted": formatted })),
+        Output::Human => {
+            for f in &formatted {
+                println!("formatted {f}");
+            }
+            for f in &unformatted {
+                println!("not formatted: {f}");
             }
         }
     }
     if !unformatted.is_empty() {
-        for f in &unformatted {
-            println!("not formatted: {f}");
-        }
         bail!(
             "{} file{} need `ward policy fmt`",
             unformatted.len(),

@@ -124,7 +124,10 @@ pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
             let mut shown = Vec::new();
             for (i, s) in resp.svids.iter().enumerate() {
                 let chain = ward_spec::svid::split_der_chain(&s.x509_svid)?;
-                let (_, not_after) = ward_spec::svid::validity(&chain[0])?;
+                let leaf = chain.first().with_context(|| {
+                    format!("SVID {:?} came without a certificate", s.spiffe_id)
+                })?;
+                let (_, not_after) = ward_spec::svid::validity(leaf)?;
                 if let Some(dir) = &write {
                     let suffix = if i == 0 {
                         String::new()
