@@ -45,9 +45,14 @@ impl Up {
 
     /// `ward up`, just started.
     fn spawn() -> Up {
+        Up::spawn_in(Command::new(ward_bin()))
+    }
+
+    /// `ward up` run by `cmd` (`ward`, or a program that runs it).
+    fn spawn_in(mut cmd: Command) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let base = base_port();
-        let mut child = Command::new(ward_bin())
+        let mut child = cmd
             .args(["up", "--dir"])
             .arg(dir.path())
             .args(["--base-port", &base.to_string()])
@@ -459,6 +464,43 @@ fn ward_up_runs_the_demo_and_follows_policy_pushes_and_rollbacks() {
             std::net::TcpListener::bind(&addr).is_ok(),
             "{addr} still in use after ward up stopped"
         );
+    }
+}
+
+/// Under `nohup`, the terminal's hang-up leaves the mesh running; a `ward
+/// up` killed outright (kill -9: no chance to stop anything) still takes
+/// its parts with it, and frees every port.
+#[test]
+fn nohup_keeps_the_mesh_and_kill_9_takes_its_parts_with_it() {
+    let mut nohup = Command::new("nohup");
+    nohup.arg(ward_bin());
+    let mut up = Up::spawn_in(nohup);
+    up.wait_line("Ctrl-C stops the mesh", Duration::from_secs(120));
+    let mut c = up.child.take().unwrap();
+    let pid = c.id().to_string();
+    let signal = |name: &str| {
+        let ok = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    signal("-HUP");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.try_wait().unwrap().is_none(), "{}", up.text());
+    assert!(!up.text().contains("Stopping"), "{}", up.text());
+    assert!(!up
+        .ward_ok(&["entry", "list", "--output", "json"])
+        .is_empty());
+    signal("-KILL");
+    c.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for offset in [0u16, 1, 2, 10, 11, 12, 13, 14, 21, 31, 41, 51] {
+        let addr = up.port(offset);
+        while std::net::TcpListener::bind(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{addr} still in use 30 s after ward up was killed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

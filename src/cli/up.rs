@@ -197,17 +197,36 @@ impl Children {
             .append(true)
             .open(log)
             .with_context(|| format!("cannot open {}", log.display()))?;
+        cmd.env(
+            "WARD_LOG",
+            std::env::var("WARD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        // Its own process group: Ctrl-C reaches `ward up` alone, which
+        // then stops the parts in order.
+        .process_group(0);
+        let parent = rustix::process::getpid();
+        // SAFETY: between fork and exec this calls only `prctl` and
+        // `getppid` (system calls, async-signal-safe), and allocates nothing.
+        // The death signal follows the thread that forks: this is the main
+        // thread (`start` runs in `block_on`), which lives as long as `ward up`.
+        unsafe {
+            cmd.pre_exec(move || {
+                // A `ward up` that ends without stopping it (kill -9, the
+                // OOM killer) stops it all the same: SIGTERM, its drain.
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::TERM,
+                ))?;
+                // (Unless `ward up` was gone already.)
+                if rustix::process::getppid() != Some(parent) {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
         let child = cmd
-            .env(
-                "WARD_LOG",
-                std::env::var("WARD_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            // Its own process group: Ctrl-C reaches `ward up` alone, which
-            // then stops the parts in order.
-            .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         self.list.push((name.to_owned(), child));
@@ -256,10 +275,12 @@ impl Drop for Children {
 
 /// Ctrl-C, SIGTERM and SIGHUP (the terminal closing), taken over before the
 /// first part starts: from then on each stops the parts started so far.
+/// SIGHUP is left alone when ignored (`nohup ward up`): the mesh then
+/// outlives the terminal, as asked.
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -268,34 +289,56 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
+            hup: (!hangup_ignored())
+                .then(|| signal(SignalKind::hangup()))
+                .transpose()?,
         })
     }
 
     async fn recv(&mut self) {
+        let hup = async {
+            match &mut self.hup {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
-            _ = self.hup.recv() => {}
+            _ = hup => {}
         }
     }
+}
 
-    /// After the first signal: another makes the stop hurry (no waiting
-    /// for each part to drain).
-    fn hurry_on_next(mut self, hurry: Arc<AtomicBool>) {
-        tokio::spawn(async move {
-            self.recv().await;
-            hurry.store(true, Ordering::Relaxed);
-        });
+/// Whether SIGHUP is ignored (as `nohup` leaves it).
+fn hangup_ignored() -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`,
+    // which is large enough for it.
+    let r = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid `sigaction`, and a successful call filled it.
+    r == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}
+
+/// Stops every part started, in order; a signal meanwhile makes the stop
+/// hurry (no waiting for each part to drain). The waiting happens on a
+/// thread of its own, so that the signal is seen whatever the runtime's
+/// threads (`WARD_WORKER_THREADS=1` makes it one).
+async fn stop(mut children: Children, mut signals: Signals) {
+    let hurry = children.hurry.clone();
+    let mut stopping = tokio::task::spawn_blocking(move || children.stop_all());
+    tokio::select! {
+        _ = &mut stopping => return,
+        _ = signals.recv() => hurry.store(true, Ordering::Relaxed),
     }
+    let _ = stopping.await;
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
-    let hurry = Arc::new(AtomicBool::new(false));
     let mut children = Children {
         list: Vec::new(),
-        hurry: hurry.clone(),
+        hurry: Arc::new(AtomicBool::new(false)),
     };
     let up = tokio::select! {
         up = start(&args, &mut children) => Some(up),
@@ -303,19 +346,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let mesh = match up {
         Some(Ok(mesh)) => mesh,
-        Some(Err(e)) => return Err(e),
+        Some(Err(e)) => {
+            stop(children, signals).await;
+            return Err(e);
+        }
         None => {
             say!("\nStopping what was started…");
-            signals.hurry_on_next(hurry);
-            children.stop_all();
+            stop(children, signals).await;
             say!("Stopped.");
             return Ok(());
         }
     };
     if args.once {
         say!("\nStopping (--once).");
-        signals.hurry_on_next(hurry);
-        children.stop_all();
+        stop(children, signals).await;
+        if !mesh.failed_calls.is_empty() {
+            bail!("demo calls went wrong: {}", mesh.failed_calls.join("; "));
+        }
         return Ok(());
     }
     say!("\nA long-lived stream acme/web → acme/api stays open; policy changes that close or admit it are shown here.");
@@ -334,10 +381,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     say!("\nStopping the mesh…");
-    signals.hurry_on_next(hurry);
     // The demo stream ends first: acme/api's proxy has nothing to drain.
     watcher.stop();
-    children.stop_all();
+    stop(children, signals).await;
     say!("Stopped.");
     result
 }
@@ -348,6 +394,9 @@ struct Mesh {
     ports: Ports,
     /// acme/web's index in SERVICES.
     web: usize,
+    /// Demo calls that went wrong, whatever the policies said (see
+    /// [`demo_call`]).
+    failed_calls: Vec<String>,
 }
 
 /// Starts every part and makes the demo calls.
@@ -598,9 +647,14 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
 
     // 5. The demo calls, and the policies that decided them.
     say!("Demo calls (caller → callee: decision, deciding policies):");
+    let mut failed_calls = Vec::new();
     for (caller, callee) in DEMO_CALLS {
-        let line = demo_call(&dir, &ports, &td, caller, callee).await;
+        let (line, wrong) = demo_call(&dir, &ports, &td, caller, callee).await;
         say!("  {line}");
+        if let Some(wrong) = wrong {
+            say!("    ✗ {wrong}");
+            failed_calls.push(format!("{caller} → {callee}: {wrong}"));
+        }
     }
 
     let (wi, _) = service("acme/web");
@@ -649,6 +703,7 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
         dir,
         ports,
         web: wi,
+        failed_calls,
     })
 }
 
@@ -800,14 +855,16 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// Calls `callee` as `caller` (through the caller's route listener) and finds
-/// the callee proxy's decision.
+/// the callee proxy's decision: the line that shows both, and what went
+/// wrong whatever the policies say (no decision logged, an allowed call
+/// not answered, a denied one answered).
 async fn demo_call(
     dir: &Path,
     ports: &Ports,
     td: &ward_spec::TrustDomain,
     caller: &str,
     callee: &str,
-) -> String {
+) -> (String, Option<String>) {
     let (i, from) = service(caller);
     let (_, to) = service(callee);
     let j = from
@@ -842,12 +899,21 @@ async fn demo_call(
         ),
         None => ("?".into(), "no decision logged".into()),
     };
+    let wrong = match (verdict.as_str(), &answer) {
+        ("ALLOW", Some((200, _))) | ("DENY", None) => None,
+        ("ALLOW", _) => Some("allowed, but not answered"),
+        ("DENY", Some(_)) => Some("denied, but answered"),
+        _ => Some("no decision logged"),
+    };
     let reply = match answer {
         Some((200, body)) => format!("“{}”", body.trim()),
         Some((code, _)) => format!("HTTP {code}"),
         None => "connection closed".into(),
     };
-    format!("{caller:<11} → {callee:<11} {verdict:<5} {policies:<40} {reply}")
+    (
+        format!("{caller:<11} → {callee:<11} {verdict:<5} {policies:<40} {reply}"),
+        wrong.map(str::to_owned),
+    )
 }
 
 /// The newest decision line for `principal` logged past byte `from`,
