@@ -87,7 +87,7 @@ pub fn status(e: tonic::Status) -> anyhow::Error {
 pub enum TokenCommand {
     /// Create a one-time join token for a new agent.
     #[command(
-        after_help = "Example:\n  ward token create --ttl 10m\n  ward agent run --join-token $(ward token create --output json | jq -r .token) ..."
+        after_help = "Example:\n  ward token create --ttl 10m\n  WARD_JOIN_TOKEN=$(ward token create --output json | jq -r .token) ward agent run ..."
     )]
     Create {
         /// How long the token stays valid (e.g. 10m, 1h; at most a year). Default: the CA's join_token_ttl.
@@ -344,7 +344,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
 pub enum AgentCommand {
     /// Run the node agent: attest, keep SVIDs fresh, serve the SPIFFE Workload API.
     #[command(
-        after_help = "Example:\n  ward agent run --trust-domain example.org --ca-address 127.0.0.1:8081 \\\n    --trust-bundle bundle.pem --join-token $TOKEN --socket-path /run/ward/workload.sock"
+        after_help = "Example:\n  ward agent run --trust-domain example.org --ca-address 127.0.0.1:8081 \\\n    --trust-bundle bundle.pem --socket-path /run/ward/workload.sock\n  (with WARD_JOIN_TOKEN=$TOKEN in its environment: a --join-token is shown to every local user by ps)"
     )]
     Run(Box<super::agent::RunArgs>),
     /// List attested agents.

@@ -21,6 +21,7 @@ pub struct RunArgs {
     #[arg(long)]
     trust_bundle: Option<PathBuf>,
     /// One-time join token (`ward token create` on the CA); only needed until the agent has a node SVID.
+    /// Better given as WARD_JOIN_TOKEN: a command line is shown to every local user by `ps`.
     #[arg(long, env = "WARD_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Data directory (node key, node SVID, bundle). Default .ward/agent
