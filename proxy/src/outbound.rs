@@ -503,12 +503,18 @@ async fn http_connect(
 }
 
 /// What an HTTP CONNECT client is answered when its tunnel was not opened:
-/// the peer's refusal as it is; 503 while this proxy has no usable SVID (its
-/// own state, for now); 504 when the destination did not answer in time;
-/// else 502.
+/// the peer's refusal as it is (a 4xx or 5xx: any 2xx would tell the client
+/// its tunnel is open, a 407 to authenticate to this proxy); 503 while this
+/// proxy has no usable SVID (its own state, for now); 504 when the
+/// destination did not answer in time; else 502.
 fn failure_status(e: &OpenError) -> String {
     match e {
-        OpenError::Refused(status, _) => status.to_string(),
+        OpenError::Refused(status, _)
+            if (status.is_client_error() || status.is_server_error())
+                && *status != http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+        {
+            status.to_string()
+        }
         OpenError::NoIdentity => "503 Service Unavailable".to_owned(),
         e if e.timed_out() => "504 Gateway Timeout".to_owned(),
         _ => "502 Bad Gateway".to_owned(),
@@ -640,7 +646,7 @@ mod tests {
     }
 
     /// An HTTP CONNECT client whose tunnel was not opened is answered the
-    /// peer's refusal, 503 while this proxy has no usable SVID, 504 when
+    /// peer's refusal (a 4xx or 5xx other than 407), 503 while this proxy has no usable SVID, 504 when
     /// the destination did not answer in time, else 502.
     #[test]
     fn a_tunnel_not_opened_is_answered_as_why() {
@@ -655,6 +661,12 @@ mod tests {
         assert_eq!(failure_status(&slow), "504 Gateway Timeout");
         let closed = OpenError::Connect("a:1".into(), io(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(failure_status(&closed), "502 Bad Gateway");
+        // A peer's answer that would mean something else to the client.
+        for odd in [204, 302, 407] {
+            let status = http::StatusCode::from_u16(odd).unwrap();
+            let answered = OpenError::Refused(status, "odd");
+            assert_eq!(failure_status(&answered), "502 Bad Gateway", "{odd}");
+        }
     }
 
     /// A request head ends at its first empty line, whether lines end in

@@ -618,9 +618,15 @@ impl Pool {
     }
 
     /// Whether a pooled connection to `destination` (for `ids`, with the
-    /// current SVID) has room for another stream now.
+    /// current SVID) has room for another stream now, at an address the
+    /// destination still stands for (one it moved from keeps its
+    /// connections for their streams, but takes no more: a stream that
+    /// counted on it would open a connection without a turn).
     fn has_room(&self, destination: &str, ids: &[SpiffeId]) -> bool {
         let Some(me) = self.identity.usable() else {
+            return false;
+        };
+        let Some(current) = self.resolver.last_known(destination) else {
             return false;
         };
         let group = Group {
@@ -632,8 +638,9 @@ impl Pool {
         slots
             .get(&group)
             .into_iter()
-            .flat_map(HashMap::values)
-            .flat_map(|slot| &slot.conns)
+            .flat_map(HashMap::iter)
+            .filter(|(address, _)| current.as_slice().contains(address))
+            .flat_map(|(_, slot)| &slot.conns)
             .any(|c| c.usable(me.generation) && c.has_room(self.max_streams))
     }
 
@@ -1519,6 +1526,51 @@ mod tests {
         assert_eq!(address, good);
         assert!(took >= Duration::from_secs(4), "{took:?}");
         drop(silent);
+    }
+
+    /// A connection with room at an address its name no longer stands for
+    /// does not spare a stream its turn: the stream goes to the new
+    /// address, where the connection it may have to open is counted.
+    #[tokio::test]
+    async fn room_at_an_address_the_name_moved_from_takes_no_turn_off() {
+        let (bundle, issuer) = root("example.org");
+        let roots = RootStore::new(&bundle).unwrap();
+        let (old, _) = counted_peer(&issuer, roots.clone()).await;
+        let (new, _) = counted_peer(&issuer, roots.clone()).await;
+        let answer = Arc::new(Mutex::new(vec![old]));
+        let lookup = lookup_of(answer.clone(), Arc::default());
+        let refresh = Duration::from_millis(200);
+        let pool = pool_with(&issuer, &roots, lookup, refresh);
+        let ids = [SpiffeId::parse(API).unwrap()];
+        const NAME: &str = "api.peers.test:15008";
+        let held = pool
+            .start_stream(NAME, &ids, "api.acme:8080")
+            .await
+            .unwrap();
+        assert_eq!(held.lease.conn.address, old);
+        assert!(pool.has_room(NAME, &ids));
+        assert!(pool.turn(NAME, &ids).await.is_none());
+        // The name moves; once the pool has looked it up again, the old
+        // connection (still carrying its stream) leaves no room to count on.
+        *answer.lock().unwrap() = vec![new];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.resolver.last_known(NAME).unwrap().as_slice() != [new] {
+            assert!(
+                Instant::now() < deadline,
+                "the name was not looked up again"
+            );
+            tokio::time::sleep(refresh).await;
+            let _ = pool.resolver.addresses(NAME, Duration::from_secs(1)).await;
+        }
+        assert!(!pool.has_room(NAME, &ids));
+        assert!(pool.turn(NAME, &ids).await.is_some());
+        let moved = pool
+            .start_stream(NAME, &ids, "api.acme:8080")
+            .await
+            .unwrap();
+        assert_eq!(moved.lease.conn.address, new);
+        assert!(pool.has_room(NAME, &ids));
+        drop(held);
     }
 
     /// A first lookup that times out is a timeout (HTTP CONNECT: 504), and

@@ -135,6 +135,24 @@ impl Resolver {
         }
     }
 
+    /// The addresses `destination` stood for at its last lookup, without
+    /// waiting: None if it was never looked up, or a lookup of it is being
+    /// settled at this instant.
+    pub fn last_known(&self, destination: &str) -> Option<Addresses> {
+        if let Ok(address) = destination.parse() {
+            return Some(Addresses::One(address));
+        }
+        let cell = self
+            .names
+            .lock()
+            .expect("names lock")
+            .get(destination)?
+            .clone();
+        let name = cell.try_lock().ok()?;
+        let r = name.resolved.as_ref()?;
+        Some(Addresses::Many(r.addresses.clone()))
+    }
+
     /// Connecting to `tried` (what [`Resolver::addresses`] last gave for
     /// `destination`) failed: a host name is looked up again at once, so
     /// that a destination that moved (a restarted container's new address)
