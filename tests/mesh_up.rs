@@ -577,3 +577,45 @@ fn a_reader_that_stops_early_does_not_stop_ward_up() {
         .any(|d| d["decision"] == "allow");
     assert!(allowed, "acme/api allowed no call:\n{log}");
 }
+
+/// `ward up` again after its CA's data was removed (to start the policies
+/// over, say) while the agent's was kept: the agent's node identity, which
+/// the new CA never issued, is dropped and the agent attests anew; the
+/// mesh comes up and the demo calls go as before.
+#[test]
+fn a_ca_started_over_gets_the_agent_attested_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = || {
+        let base = base_port();
+        let mut child = Command::new(ward_bin())
+            .args(["up", "--once", "--dir"])
+            .arg(dir.path())
+            .args(["--base-port", &base.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut out, mut err) = (String::new(), String::new());
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "ward up --once: {status}\n{out}\n{err}");
+        out
+    };
+    let first = once();
+    assert!(!first.contains("attesting anew"), "{first}");
+    std::fs::remove_dir_all(dir.path().join("ca")).unwrap();
+    let second = once();
+    assert!(second.contains("attesting anew"), "{second}");
+    assert!(second.contains("Up in"), "{second}");
+}

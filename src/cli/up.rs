@@ -388,6 +388,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Whether the CA lists the agent `id`, not evicted.
+async fn agent_known(
+    ca: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    id: &str,
+) -> anyhow::Result<bool> {
+    let mut page_token = String::new();
+    loop {
+        let page = ca
+            .list_agents(pb::ListAgentsRequest {
+                page_token,
+                page_size: 0,
+            })
+            .await
+            .map_err(admin::status)?
+            .into_inner();
+        if let Some(a) = page.agents.iter().find(|a| a.spiffe_id == id) {
+            return Ok(!a.evicted);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(false);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// What `start` brought up.
 struct Mesh {
     dir: PathBuf,
@@ -506,6 +531,19 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
             None
         }
         None => None,
+    };
+    // One this CA does not know (its data was removed, the agent's kept;
+    // or it was evicted) would never be served: the agent starts over,
+    // its stored bundle (perhaps another CA's) forgotten too.
+    let stored = match stored {
+        Some(id) if !agent_known(&mut ca, &id.spiffe_id.to_string()).await? => {
+            say!("  (the agent's node identity is not this CA's: attesting anew)");
+            std::fs::remove_dir_all(&agent_data)
+                .with_context(|| format!("cannot remove {}", agent_data.display()))?;
+            std::fs::create_dir_all(&agent_data)?;
+            None
+        }
+        stored => stored,
     };
     let bundle = ca
         .get_bundle(pb::GetBundleRequest {})
