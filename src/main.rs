@@ -43,7 +43,10 @@ fn main() -> ExitCode {
                 .and_then(|v| v.parse::<usize>().ok())
                 .filter(|n| *n > 0)
         })
-        .or_else(|| cli.worker_threads().filter(|n| *n > 0));
+        .or_else(|| cli.worker_threads().filter(|n| *n > 0))
+        // More than the system would start is a panic; the proxy's
+        // configuration check names the number asked for.
+        .map(|n| n.min(ward_proxy::config::MAX_WORKER_THREADS));
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
@@ -64,7 +67,10 @@ fn main() -> ExitCode {
     // The tasks still running are dropped with the runtime (a proxy's
     // streams still open at the drain deadline, whose access log lines say
     // `cut`); the logs they were the last users of write out what they hold.
-    drop(runtime);
+    // Blocking work still running is not waited for past 2 s: a host-name
+    // lookup the system's resolver holds for half a minute (no DNS server
+    // answering) would keep a stopped proxy from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(2));
     ward_spec::linelog::finish_closed(Duration::from_secs(5));
     // Log lines still waiting go out first (a few seconds at most, if
     // stderr is not taking them).

@@ -2714,3 +2714,50 @@ fn with_proxy_protocol_the_application_learns_the_callers_spiffe_id() {
     let decision_id = decisions[0]["decision_id"].as_str().unwrap();
     assert_eq!(tlvs[1], (0x05, decision_id.as_bytes().to_vec()));
 }
+
+/// `SPIFFE_ENDPOINT_SOCKET` is a default for the Workload API socket: a
+/// config file's `workload_api_socket` wins over it (as `--socket` wins
+/// over both), so a variable set for every container of a pod does not
+/// move a proxy configured otherwise.
+#[test]
+fn the_config_files_socket_wins_over_spiffe_endpoint_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let health = format!("127.0.0.1:{}", free_port());
+    let file = dir.path().join("proxy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "workload_api_socket = \"/run/from-file.sock\"\nhealth_address = \"{health}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:{}\"\nforward = \"127.0.0.1:1\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let socket_of = |extra: &[&str]| {
+        let mut child = std::process::Command::new(ward_bin())
+            .args(["proxy", "run", "--config"])
+            .arg(&file)
+            .args(extra)
+            .env("SPIFFE_ENDPOINT_SOCKET", "unix:///run/from-env.sock")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let dump = loop {
+            if let Some((200, body)) = http_get(&health, "/config_dump") {
+                break serde_json::from_str::<serde_json::Value>(&body).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no /config_dump");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        dump["workload_api_socket"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(socket_of(&[]), "/run/from-file.sock");
+    assert_eq!(
+        socket_of(&["--socket", "/run/from-flag.sock"]),
+        "/run/from-flag.sock"
+    );
+}

@@ -518,8 +518,21 @@ impl ProxyConfig {
                 return bad(key, "must be at most 10 years".into());
             }
         }
-        if self.worker_threads == 0 {
-            return bad("worker_threads", "must be at least 1".into());
+        // Zero is meant for these: no wait.
+        for (key, d) in [
+            ("limits.drain_delay", l.drain_delay),
+            ("limits.drain_timeout", l.drain_timeout),
+            ("limits.outbound_drain", l.outbound_drain),
+        ] {
+            if d > MAX_DURATION {
+                return bad(key, "must be at most 10 years".into());
+            }
+        }
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            return bad(
+                "worker_threads",
+                format!("must be from 1 to {MAX_WORKER_THREADS}"),
+            );
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(
@@ -533,6 +546,10 @@ impl ProxyConfig {
 
 /// The longest timeout or interval the configuration takes.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The most runtime threads (the system refuses to start many more, which
+/// the runtime answers with a panic).
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -578,6 +595,17 @@ mod tests {
         let mut c = base();
         c.limits.keepalive_timeout = MAX_DURATION;
         c.validate().unwrap();
+        let mut c = base();
+        c.limits.drain_delay = Duration::from_secs(u64::MAX);
+        refused(c, "limits.drain_delay", "at most 10 years");
+        let mut c = base();
+        c.limits.drain_timeout = Duration::ZERO;
+        c.validate().unwrap();
+        for n in [0, MAX_WORKER_THREADS + 1] {
+            let mut c = base();
+            c.worker_threads = n;
+            refused(c, "worker_threads", "from 1 to 1024");
+        }
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub struct RunArgs {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The Workload API socket. Default .ward/agent/workload.sock
-    #[arg(long = "socket", env = "SPIFFE_ENDPOINT_SOCKET")]
+    /// The Workload API socket. Default: the config file's, else
+    /// $SPIFFE_ENDPOINT_SOCKET, else .ward/agent/workload.sock
+    #[arg(long = "socket")]
     workload_api_socket: Option<String>,
     /// Address of /healthz, /readyz, /metrics, /config_dump, /logging and
     /// POST /quitquitquit (drains, as SIGTERM does; from this host only).
@@ -154,7 +155,21 @@ impl RunArgs {
             Some(p) => ProxyConfig::from_file(p)?,
             None => ProxyConfig::default(),
         };
-        if let Some(s) = self.workload_api_socket {
+        // The environment's socket is a default: the file's wins over it
+        // (a variable set for every container of a pod does not move a
+        // proxy configured otherwise).
+        let socket = self.workload_api_socket.or_else(|| {
+            let in_file = self.config.as_ref().is_some_and(|p| {
+                std::fs::read_to_string(p)
+                    .ok()
+                    .and_then(|t| t.parse::<toml::Table>().ok())
+                    .is_some_and(|t| t.contains_key("workload_api_socket"))
+            });
+            (!in_file)
+                .then(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
+                .flatten()
+        });
+        if let Some(s) = socket {
             c.workload_api_socket = PathBuf::from(s);
         }
         // Either source may say `unix:///path` or `unix:/path`.
