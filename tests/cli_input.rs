@@ -36,7 +36,7 @@ fn bad_input_is_named_and_exits_1_without_a_panic() {
                 "--worker-threads",
                 "0",
             ],
-            "`worker_threads`: must be at least 1",
+            "`worker_threads`: must be from 1 to 1024",
         ),
         (
             &["proxy", "run", "--inbound-listen", "127.0.0.1:15008"],

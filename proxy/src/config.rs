@@ -416,6 +416,29 @@ impl ProxyConfig {
                 if inb.ports[..i].iter().any(|q| q.port == p.port) {
                     return bad("inbound.ports", format!("port {} is listed twice", p.port));
                 }
+                // One application behind two ports: a rule on either would
+                // be dodged by naming the other.
+                let same = |a: &str| a.eq_ignore_ascii_case(&p.forward);
+                if same(&inb.forward) {
+                    return bad(
+                        "inbound.ports",
+                        format!(
+                            "port {} forwards to {}, as inbound.forward does: a rule on one \
+                             port would be dodged through the other",
+                            p.port, p.forward
+                        ),
+                    );
+                }
+                if let Some(q) = inb.ports[..i].iter().find(|q| same(&q.forward)) {
+                    return bad(
+                        "inbound.ports",
+                        format!(
+                            "ports {} and {} both forward to {}: a rule on one port would be \
+                             dodged through the other",
+                            q.port, p.port, p.forward
+                        ),
+                    );
+                }
             }
         }
         for (i, r) in self.outbound.iter().enumerate() {
@@ -752,6 +775,17 @@ mod tests {
             with_ports(&["8080=127.0.0.1:9"]),
             "inbound.ports",
             "port 8080 is the service port",
+        );
+        // One application behind two ports.
+        refused(
+            with_ports(&["9090=127.0.0.1:8080"]),
+            "inbound.ports",
+            "port 9090 forwards to 127.0.0.1:8080, as inbound.forward does",
+        );
+        refused(
+            with_ports(&["9090=127.0.0.1:9090", "9091=127.0.0.1:9090"]),
+            "inbound.ports",
+            "ports 9090 and 9091 both forward to 127.0.0.1:9090",
         );
         assert!("9090".parse::<InboundPort>().is_err());
         assert!("http=127.0.0.1:9".parse::<InboundPort>().is_err());

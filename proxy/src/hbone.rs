@@ -57,8 +57,8 @@ pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// with its connection, so that when the roots change the peer is verified
 /// again, as of its handshake (whether its trust anchors are still trusted,
 /// not whether it has expired since: a connection outlives its peer's
-/// rotations). Once its leaf expires the connection takes no new streams;
-/// its open ones go on.
+/// rotations). Once its leaf, or a certificate it was sent with, expires
+/// the connection takes no new streams; its open ones go on.
 pub struct PeerChain {
     certs: Vec<CertificateDer<'static>>,
     verified_at: UnixTime,
@@ -73,14 +73,16 @@ impl PeerChain {
             .iter()
             .map(|c| c.clone().into_owned())
             .collect();
-        // The leaf's expiry (the CA never issues one that outlives its
-        // signers; other certificates the peer sent may not be on the
-        // verified path). A leaf the handshake verified parses; one that
-        // does not counts as expired.
+        // The first expiry among them: Ward's CA never issues a leaf that
+        // outlives its signers, another trust domain's may. (A certificate
+        // sent but not on the verified path counts too, which can only
+        // close the connection sooner; one that does not parse counts as
+        // expired.)
         let expires_at = certs
-            .first()
-            .and_then(|c| ward_spec::svid::validity(c).ok())
-            .map_or(i64::MIN, |(_, not_after)| not_after);
+            .iter()
+            .map(|c| ward_spec::svid::validity(c).map_or(i64::MIN, |(_, not_after)| not_after))
+            .min()
+            .unwrap_or(i64::MIN);
         PeerChain {
             certs,
             verified_at: UnixTime::now(),
@@ -88,12 +90,13 @@ impl PeerChain {
         }
     }
 
-    /// Unix seconds: the last second its leaf certificate is valid.
+    /// Unix seconds: the last second its leaf certificate (and each one it
+    /// came with) is valid.
     pub fn expires_at(&self) -> i64 {
         self.expires_at
     }
 
-    /// Whether its leaf certificate has expired.
+    /// Whether its leaf certificate, or one it came with, has expired.
     pub fn expired(&self) -> bool {
         crate::identity::unix_now() > self.expires_at
     }
@@ -468,6 +471,27 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// A peer's chain expires with the first of its certificates: a
+    /// valid leaf sent with an expired intermediate (another trust
+    /// domain's CA may issue leaves that outlive their signers) is expired.
+    #[test]
+    fn a_chain_expires_with_its_first_certificate_to_expire() {
+        use ward_spec::test_util::{expired_leaf_and_key, leaf_and_key, root};
+        let (_, issuer) = root("example.org");
+        let id = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+        let (leaf, _) = leaf_and_key(id, &issuer);
+        let (lapsed, _) = expired_leaf_and_key(id, &issuer);
+        let alone = PeerChain::new(Some(std::slice::from_ref(&leaf)));
+        assert!(!alone.expired());
+        let (_, leaf_end) = ward_spec::svid::validity(&leaf).unwrap();
+        assert_eq!(alone.expires_at(), leaf_end);
+        let with_lapsed = PeerChain::new(Some(&[leaf, lapsed.clone()]));
+        assert!(with_lapsed.expired());
+        let (_, lapsed_end) = ward_spec::svid::validity(&lapsed).unwrap();
+        assert_eq!(with_lapsed.expires_at(), lapsed_end);
+        assert!(PeerChain::new(None).expired());
+    }
 
     async fn loopback_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
