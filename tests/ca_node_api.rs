@@ -278,6 +278,45 @@ on_both_backends! {
     }
 }
 
+// A change stream ends when the node SVID it was opened with expires
+// (Unauthenticated), and when its agent is evicted (PermissionDenied,
+// within the 10 s between looks): neither keeps hearing of changes on a
+// connection made while it could.
+on_both_backends! {
+    async fn a_change_stream_ends_with_its_node_svid_and_with_eviction() {
+        use ward_spec::proto::node::v1::WatchChangesRequest;
+        let ca = CaProcess::start(&["--node-svid-ttl", "4s"]);
+        let mut node = attest(&ca).await;
+        let mut stream = node
+            .client
+            .watch_changes(WatchChangesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
+            .await
+            .expect("the stream outlived its node SVID");
+        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+        let ca = CaProcess::start(&[]);
+        let mut node = attest(&ca).await;
+        let mut stream = node
+            .client
+            .watch_changes(WatchChangesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        let out = ca.cli(&["agent", "evict", &node.id.to_string()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
+            .await
+            .expect("the stream outlived its agent's eviction");
+        assert_eq!(ended.unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+}
+
 on_both_backends! {
     async fn watch_changes_pushes_a_notice_for_a_new_entry_within_a_second() {
         use ward_spec::proto::node::v1::WatchChangesRequest;

@@ -4,6 +4,7 @@
 //! layer verified ([`PeerIdentity`]); only `Attest` may be called without one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 use ward_spec::proto::node::v1 as pb;
@@ -21,6 +22,19 @@ pub struct PeerIdentity(pub Option<SpiffeId>, pub NodeSvid);
 
 pub struct NodeApi {
     pub ca: Arc<Ca>,
+}
+
+/// How often an open change stream looks again at whether its agent may
+/// still have it (not evicted; see [`Ca::check_agent_standing`], which
+/// reads a cache).
+const STANDING_CHECK: Duration = Duration::from_secs(10);
+
+/// How long from now until the end of Unix second `secs`.
+fn until_unix(secs: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(secs.saturating_add(1).max(0) as u64).saturating_sub(now)
 }
 
 /// The caller's SPIFFE ID and the node SVID it presented (see [`peer_svid`]).
@@ -244,12 +258,20 @@ impl Node for NodeApi {
             .await?;
         // A notice at once; then one per change of the bundle or the policy
         // set, and one per entry change under this agent (or when changes
-        // may have been missed), never for other agents' entries.
+        // may have been missed), never for other agents' entries. The
+        // stream ends when the node SVID it was opened with expires, or
+        // the agent is evicted (looked at every STANDING_CHECK): the agent
+        // opens another with its current SVID, if it still may.
         let mut state = self.ca.watch_changes();
         let mut entries = self.ca.entry_changes();
         let me = id.to_string();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let ca = self.ca.clone();
+        let expired = tokio::time::sleep(until_unix(presented.not_after));
+        let mut standing = tokio::time::interval(STANDING_CHECK);
+        standing.reset();
         tokio::spawn(async move {
+            tokio::pin!(expired);
             let notice = |n: Notice| {
                 Ok(pb::ChangeNotice {
                     entry_revision: n.entry_revision,
@@ -279,6 +301,21 @@ impl Node for NodeApi {
                         Err(RecvError::Closed) => return,
                     },
                     _ = tx.closed() => return,
+                    () = &mut expired => {
+                        let _ = tx
+                            .send(Err(Status::unauthenticated(
+                                "the node SVID this stream was opened with has expired",
+                            )))
+                            .await;
+                        return;
+                    }
+                    _ = standing.tick() => {
+                        if let Err(e) = ca.check_agent_standing(&id, &presented, "watch_changes").await {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                        false
+                    }
                 };
                 if news {
                     sent = *state.borrow();

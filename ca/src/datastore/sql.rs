@@ -146,6 +146,15 @@ pub fn list_entries_sql(filter: &super::EntryFilter) -> String {
     sql + &format!(" ORDER BY id LIMIT ${}", n + 1)
 }
 
+/// Columns are named, never `*`: PostgreSQL refuses to run a statement
+/// prepared before another replica's migration added a column to its table
+/// ("cached plan must not change result type"), and sqlx keeps its
+/// statements prepared on each connection.
+pub const AGENT_COLUMNS: &str =
+    "spiffe_id, attestation_type, serial, new_serial, expires_at, evicted, attested_at";
+
+pub const POLICY_SET_COLUMNS: &str = "version, files, digest, comment, created_at, policies";
+
 pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, hint, admin, revision, created_at, federates_with";
 
 /// Implements [`super::Datastore`] for `$store` (which has a `pool` field),
@@ -530,7 +539,7 @@ macro_rules! sql_store {
             }
 
             async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
-                sqlx::query("SELECT * FROM agents WHERE spiffe_id = $1")
+                sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = $1"))
                     .bind(id.to_string())
                     .fetch_optional(&self.pool)
                     .await?
@@ -540,7 +549,7 @@ macro_rules! sql_store {
             }
 
             async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>> {
-                sqlx::query("SELECT * FROM agents WHERE spiffe_id > $1 ORDER BY spiffe_id LIMIT $2")
+                sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id > $1 ORDER BY spiffe_id LIMIT $2"))
                     .bind(after.unwrap_or(""))
                     .bind(limit as i64)
                     .fetch_all(&self.pool)
@@ -849,13 +858,18 @@ macro_rules! sql_store {
                     _ => (current as u64, String::new()),
                 };
                 // Deletions at or before the floor are gone: a caller behind
-                // it (or inside its revision) may have missed some.
+                // it (or inside its revision) may have missed some. A caller
+                // ahead of the current revision synced with a database that
+                // had changes this one has not (restored from a backup, or a
+                // standby taking over): what it holds may be gone, and its
+                // revisions will be given to other changes.
                 let floor = floor as u64;
+                let behind = since > 0 && (since < floor || (since == floor && !after.is_empty()));
                 let mut page = SyncPage {
                     revision,
                     after: next_after,
                     more,
-                    restart: since > 0 && (since < floor || (since == floor && !after.is_empty())),
+                    restart: behind || since > current as u64,
                     ..SyncPage::default()
                 };
                 let mut current_entries = std::collections::HashMap::new();
@@ -898,19 +912,25 @@ macro_rules! sql_store {
                 .await?
                 .rows_affected();
                 // Deletions (the entry is gone, or under another parent now)
-                // older than `before`.
-                let revisions: Vec<i64> = sqlx::query_scalar(
-                    "DELETE FROM entry_changes
+                // older than `before`: counted, then deleted (a change made
+                // meanwhile is newer than `before`). Not returned row by row:
+                // after an upgrade from a version that kept every change
+                // there may be millions.
+                const GONE: &str = "FROM entry_changes
                       WHERE changed_at < $1
                         AND NOT EXISTS (SELECT 1 FROM entries e
                                          WHERE e.id = entry_changes.entry_id
-                                           AND e.parent_id = entry_changes.parent_id)
-                      RETURNING revision",
-                )
-                .bind(before)
-                .fetch_all(&mut *tx)
-                .await?;
-                if let Some(&max) = revisions.iter().max() {
+                                           AND e.parent_id = entry_changes.parent_id)";
+                let (deletions, newest): (i64, Option<i64>) =
+                    sqlx::query_as(&format!("SELECT COUNT(*), MAX(revision) {GONE}"))
+                        .bind(before)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query(&format!("DELETE {GONE}"))
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(max) = newest {
                     sqlx::query(
                         "UPDATE counters SET value = $1 WHERE name = 'entry_changes_floor' AND value < $1",
                     )
@@ -925,7 +945,7 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 Ok(PrunedChanges {
                     superseded,
-                    deletions: revisions.len() as u64,
+                    deletions: deletions as u64,
                     floor: floor as u64,
                 })
             }
@@ -1042,13 +1062,13 @@ macro_rules! sql_store {
             async fn get_policy_set(&self, version: Option<u64>) -> Result<Option<PolicySetRecord>> {
                 let row = match version {
                     Some(v) => {
-                        sqlx::query("SELECT * FROM policy_sets WHERE version = $1")
+                        sqlx::query(&format!("SELECT {POLICY_SET_COLUMNS} FROM policy_sets WHERE version = $1"))
                             .bind(v as i64)
                             .fetch_optional(&self.pool)
                             .await?
                     }
                     None => {
-                        sqlx::query("SELECT * FROM policy_sets ORDER BY version DESC LIMIT 1")
+                        sqlx::query(&format!("SELECT {POLICY_SET_COLUMNS} FROM policy_sets ORDER BY version DESC LIMIT 1"))
                             .fetch_optional(&self.pool)
                             .await?
                     }
@@ -1063,7 +1083,7 @@ macro_rules! sql_store {
             ) -> Result<Vec<PolicySetRecord>> {
                 let before = before.map_or(i64::MAX, |v| v.min(i64::MAX as u64) as i64);
                 let rows = sqlx::query(
-                    "SELECT * FROM policy_sets WHERE version < $1 ORDER BY version DESC LIMIT $2",
+                    &format!("SELECT {POLICY_SET_COLUMNS} FROM policy_sets WHERE version < $1 ORDER BY version DESC LIMIT $2"),
                 )
                 .bind(before)
                 .bind(limit as i64)

@@ -9,7 +9,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use ward_spec::{Selector, SpiffeId, TrustBundle, TrustDomain};
 
-use super::sql::{sql_store, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX};
+use super::sql::{
+    sql_store, AGENT_COLUMNS, ENTRY_COLUMNS, MIGRATIONS, NOTICE_PARENTS_MAX, POLICY_SET_COLUMNS,
+};
 use super::{
     AgentRecord, AgentStanding, BundleDeleteMode, BundleDeleted, Datastore, Entry, EntryFilter,
     FederatedBundleRecord, JoinTokenRecord, PolicySetRecord, PrunedChanges, Result, SigningEntry,

@@ -189,6 +189,12 @@ async fn pruning_keeps_live_entries_forgets_old_deletions_and_tells_callers_behi
     assert!(!current.restart && current.entries.is_empty() && current.deleted.is_empty());
     let inside = s.sync_entries_after(&a, deleted, "e0", 100).await.unwrap();
     assert!(inside.restart);
+    // A caller ahead of the database (restored from a backup, or failed
+    // over to a standby that had not all the changes) holds what may be
+    // gone, and revisions that will be given again to other changes.
+    let ahead = s.sync_entries(&a, current.revision + 5, 100).await.unwrap();
+    assert!(ahead.restart);
+    assert_eq!(ahead.revision, current.revision);
     // The other parent's entry was never a deletion and stays.
     let pb = s.sync_entries(&b, 0, 100).await.unwrap();
     assert_eq!(
@@ -957,4 +963,65 @@ async fn agents_are_listed_in_pages_in_spiffe_id_order() {
         );
         assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 3);
     }
+}
+
+/// PostgreSQL: a column another replica's migration adds to `agents` or
+/// `policy_sets` (a rolling upgrade) does not break this replica's reads of
+/// them on connections that ran them before (a statement prepared for `*`
+/// is refused once the table's columns change).
+#[tokio::test]
+async fn reads_go_on_when_another_replica_adds_a_column() {
+    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
+        );
+        println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let s = fresh_postgres(&url).await;
+    let agent = AgentRecord {
+        spiffe_id: id("spiffe://td/ward/agent/join_token/n1"),
+        attestation_type: "join_token".into(),
+        serial: "a1".into(),
+        new_serial: String::new(),
+        expires_at: 100,
+        evicted: false,
+        attested_at: 1,
+    };
+    s.upsert_agent(&agent).await.unwrap();
+    let set = PolicySetRecord {
+        version: 0,
+        files: vec![("a.cedar".into(), "// one".into())],
+        digest: "d1".into(),
+        comment: "first".into(),
+        created_at: 10,
+        policies: 1,
+    };
+    s.add_policy_set(&set).await.unwrap();
+    let read_all = || async {
+        s.get_agent(&agent.spiffe_id).await?;
+        s.list_agents(None, 10).await?;
+        s.get_policy_set(None).await?;
+        s.get_policy_set(Some(1)).await?;
+        s.list_policy_sets(None, 10).await?;
+        Ok::<_, StoreError>(())
+    };
+    // Each statement prepared on the pool's connections.
+    for _ in 0..3 {
+        read_all().await.unwrap();
+    }
+    for table in ["agents", "policy_sets"] {
+        sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN added_later TEXT"))
+            .execute(s.pool())
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        read_all().await.unwrap();
+    }
+    assert_eq!(
+        s.get_agent(&agent.spiffe_id).await.unwrap().unwrap().serial,
+        "a1"
+    );
 }
