@@ -12,7 +12,10 @@
 //! when its registration entry was removed). A response equal to the one installed
 //! (what a reopened stream starts with, if nothing changed) changes nothing;
 //! nor does one whose SVID has expired, its bundles included (an agent
-//! serving an expired SVID has lost the CA those come from).
+//! serving an expired SVID has lost the CA those come from). One whose SVID
+//! is not valid yet by this host's clock (the CA's is ahead by more than it
+//! backdates) waits until it is, while the current SVID still serves:
+//! peers would refuse it until then.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -97,6 +100,7 @@ async fn watch_svids(
         metrics,
         generation: 0,
         installed: None,
+        pending: None,
     };
     loop {
         let mut delivered = false;
@@ -186,10 +190,22 @@ async fn stream_once(
         .insert("workload.spiffe.io", MetadataValue::from_static("true"));
     let mut stream = client.fetch_x509svid(req).await?.into_inner();
     loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(Outage::unavailable("the agent closed the stream")),
-            Err(s) => return Err(s.into()),
+        let pending = svids.pending_wait();
+        let resp = tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(Outage::unavailable("the agent closed the stream")),
+                Err(s) => return Err(s.into()),
+            },
+            () = async {
+                match pending {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                svids.receive_pending();
+                continue;
+            }
         };
         *delivered = true;
         svids.receive(resp);
@@ -204,6 +220,9 @@ struct Svids {
     generation: u64,
     /// The last response installed, from this stream or an earlier one.
     installed: Option<pb::X509svidResponse>,
+    /// A response whose SVID is valid only from this Unix second, kept
+    /// until then while the current SVID serves.
+    pending: Option<(i64, pb::X509svidResponse)>,
 }
 
 impl Svids {
@@ -213,8 +232,17 @@ impl Svids {
         // new streams to new connections for nothing.
         if self.installed.as_ref() == Some(&resp) {
             tracing::debug!("the Workload API sent the SVID and bundles already installed");
+            self.pending = None;
             return;
         }
+        if let Some(from) = self.valid_later(&resp) {
+            if self.pending.as_ref().is_none_or(|(_, p)| *p != resp) {
+                tracing::warn!(valid_from = from, now = unix_now(), "the new SVID is not valid yet by this host's clock (is the CA's ahead?); the current one serves until it is");
+            }
+            self.pending = Some((from, resp));
+            return;
+        }
+        self.pending = None;
         // Not inside the `match`: the borrow would live through `tx.send`.
         let previous = self.tx.borrow().clone();
         match install(&resp, &self.resolver, previous.as_ref()) {
@@ -239,6 +267,34 @@ impl Svids {
                 self.installed = None;
                 tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID")
             }
+        }
+    }
+}
+
+impl Svids {
+    /// When `resp`'s SVID becomes valid, if that is later and the current
+    /// SVID serves until then (with none that serves, it is installed at
+    /// once: no SVID is no better).
+    fn valid_later(&self, resp: &pb::X509svidResponse) -> Option<i64> {
+        let chain = ward_spec::svid::split_der_chain(&resp.svids.first()?.x509_svid).ok()?;
+        let (not_before, _) = ward_spec::svid::validity(chain.first()?).ok()?;
+        let now = unix_now();
+        let current = self.tx.borrow().as_ref().map_or(0, |c| c.not_after);
+        (not_before > now && current >= not_before).then_some(not_before)
+    }
+
+    /// How long until the response kept aside is valid, if one is.
+    fn pending_wait(&self) -> Option<Duration> {
+        let (from, _) = self.pending.as_ref()?;
+        let secs = u64::try_from(from.saturating_sub(unix_now())).unwrap_or(0);
+        // Into its first second, whatever the clocks' fractions.
+        Some(Duration::from_secs(secs) + Duration::from_millis(100))
+    }
+
+    /// Installs the response kept aside (it is valid now).
+    fn receive_pending(&mut self) {
+        if let Some((_, resp)) = self.pending.take() {
+            self.receive(resp);
         }
     }
 }
@@ -353,6 +409,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             generation: 0,
             installed: None,
+            pending: None,
         };
         (svids, rx)
     }
@@ -379,6 +436,47 @@ mod tests {
         assert!(!rx.has_changed().unwrap(), "an expired SVID was announced");
         assert!(Arc::ptr_eq(&before, &svids.resolver.get().unwrap()));
         assert_eq!(rx.borrow().as_ref().unwrap().generation, 1);
+    }
+
+    /// An SVID not valid yet (a CA whose clock is ahead) waits while the
+    /// current one serves, and is installed once it is valid; with no
+    /// current one it is installed at once.
+    #[tokio::test]
+    async fn an_svid_not_valid_yet_waits_while_the_current_one_serves() {
+        use ward_spec::test_util::future_leaf_and_key;
+        let (bundle, issuer) = root("example.org");
+        let future = |secs| {
+            let mut r = response(&issuer, &bundle);
+            let (cert, key) = future_leaf_and_key(API, &issuer, secs);
+            r.svids[0].x509_svid = cert.to_vec();
+            r.svids[0].x509_svid_key = key.serialize_der();
+            r
+        };
+        let (mut current, mut rx) = svids();
+        current.receive(response(&issuer, &bundle));
+        let before = current.resolver.get().unwrap();
+        rx.borrow_and_update();
+        current.receive(future(2));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a not yet valid SVID was announced"
+        );
+        assert!(Arc::ptr_eq(&before, &current.resolver.get().unwrap()));
+        let wait = current.pending_wait().expect("kept aside");
+        assert!(
+            wait > Duration::from_millis(500) && wait <= Duration::from_millis(3100),
+            "{wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        current.receive_pending();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().generation, 2);
+        assert!(current.pending_wait().is_none());
+        // Nothing serves yet: installed at once.
+        let (mut fresh, mut rx) = svids();
+        fresh.receive(future(60));
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().generation, 1);
+        assert!(fresh.pending_wait().is_none());
     }
 
     /// The stream is opened again 200 ms after one that delivered and

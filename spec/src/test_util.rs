@@ -28,19 +28,33 @@ pub fn root(td: &str) -> (TrustBundle, Issuer) {
 
 /// An SVID for `id` from `issuer`, and its key.
 pub fn leaf_and_key(id: &str, issuer: &Issuer) -> (CertificateDer<'static>, KeyPair) {
-    leaf_and_key_of(id, issuer, false)
+    leaf_and_key_of(id, issuer, CertificateParams::default())
 }
 
 /// An SVID for `id` from `issuer` that expired in 2001, and its key.
 pub fn expired_leaf_and_key(id: &str, issuer: &Issuer) -> (CertificateDer<'static>, KeyPair) {
-    leaf_and_key_of(id, issuer, true)
+    let mut p = CertificateParams::default();
+    p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    leaf_and_key_of(id, issuer, p)
 }
 
-fn leaf_and_key_of(id: &str, issuer: &Issuer, expired: bool) -> (CertificateDer<'static>, KeyPair) {
+/// An SVID for `id` from `issuer` valid from `secs` seconds from now (as
+/// one from a CA whose clock is ahead), and its key.
+pub fn future_leaf_and_key(
+    id: &str,
+    issuer: &Issuer,
+    secs: i64,
+) -> (CertificateDer<'static>, KeyPair) {
     let mut p = CertificateParams::default();
-    if expired {
-        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
-    }
+    p.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+    leaf_and_key_of(id, issuer, p)
+}
+
+fn leaf_and_key_of(
+    id: &str,
+    issuer: &Issuer,
+    mut p: CertificateParams,
+) -> (CertificateDer<'static>, KeyPair) {
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
