@@ -78,7 +78,8 @@ pub struct PolicyEpoch {
     /// The active policy set's version.
     pub version: u64,
     /// How many times the time has reached an instant at which the active
-    /// set's decisions may change (a permit lapsing).
+    /// set's decisions may change (a permit lapsing), or this proxy's own
+    /// SPIFFE ID has changed.
     pub clock: u64,
 }
 
@@ -582,7 +583,7 @@ async fn admit(
     if forward != inbound.forward {
         StreamLog::set_destination(log, forward);
     }
-    let me = match admissible(inbound, verified, |me| me.spiffe_id.clone()) {
+    let mut me = match admissible(inbound, verified, |me| me.spiffe_id.clone()) {
         Ok(me) => me,
         Err((status, outcome)) => return refuse(&mut respond, status, outcome),
     };
@@ -653,9 +654,10 @@ async fn admit(
     // the application was being connected: checked again before the answer
     // lets the peer's bytes through (the application's connection is
     // closed unused).
-    if let Err((status, outcome)) = admissible(inbound, verified, |_| ()) {
-        return refuse(&mut respond, status, outcome);
-    }
+    let me_now = match admissible(inbound, verified, |me| me.spiffe_id.clone()) {
+        Ok(me) => me,
+        Err((status, outcome)) => return refuse(&mut respond, status, outcome),
+    };
     // So may the policy set (or the time have passed an instant its
     // decisions change at): the stream is decided again before any byte
     // passes (open streams follow such changes only a moment later).
@@ -663,11 +665,13 @@ async fn admit(
     let now = crate::identity::unix_now();
     let every = crate::TIME_REDECIDE_EVERY;
     if version != *decided
+        || me_now != me
         || inbound
             .authz
             .time_may_change_decisions(decided_at, now, every)
     {
         *decided = version;
+        me = me_now;
         decision = decide(inbound, peer_id, &me, peer, port);
         metrics.decision(decision.allowed, decision.permitted);
         StreamLog::set_decision(log, &decision.decision_id);
@@ -943,7 +947,8 @@ mod tests {
         let permit =
             format!("permit (principal, action, resource) when {{ context.now < {lapses} }};");
         let decided = serving.authz.load(&policies(&permit)).unwrap();
-        serving.policy_epoch = crate::policy_epoch(serving.authz.clone());
+        serving.policy_epoch =
+            crate::policy_epoch(serving.authz.clone(), serving.identity.current.clone());
         let mut seen = inbound.policy_epoch.clone();
         let clock = seen.borrow_and_update().clock;
         let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
@@ -954,6 +959,46 @@ mod tests {
             .await
             .expect("the lapsed permit still holds the open stream");
         assert!(crate::identity::unix_now() >= lapses);
+        let text = inbound.metrics.render(0);
+        assert!(
+            text.contains("ward_proxy_streams_revoked_total 1"),
+            "{text}"
+        );
+    }
+
+    /// This proxy's own SPIFFE ID changing (the workload registered as
+    /// another service) gets open streams decided again for the new one:
+    /// one that policies allow only to the old ID is closed.
+    #[tokio::test]
+    async fn a_change_of_this_proxys_id_closes_streams_allowed_only_to_the_old_one() {
+        let (mut inbound, _root, roots, identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        let to_api = r#"permit (principal, action == Ward::Action::"connect", resource is Ward::Workload) when { resource.service == "api" };"#;
+        let decided = serving.authz.load(&policies(to_api)).unwrap();
+        serving.policy_epoch =
+            crate::policy_epoch(serving.authz.clone(), serving.identity.current.clone());
+        let mut seen = inbound.policy_epoch.clone();
+        let clock = seen.borrow_and_update().clock;
+        let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(decide(&inbound, &web, &api, peer, 9).permitted);
+        let revoking = revoked(&mut seen, (decided, clock), &web, peer, 9, &inbound);
+        tokio::pin!(revoking);
+        // A new SVID with the same ID changes nothing.
+        identity_tx.send(Some(current(0, 2, &roots))).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), &mut revoking)
+                .await
+                .is_err(),
+            "a rotation closed the stream"
+        );
+        let mut billing = current(0, 3, &roots);
+        billing.spiffe_id =
+            SpiffeId::parse("spiffe://example.org/tenant/acme/ns/prod/sa/billing").unwrap();
+        identity_tx.send(Some(billing)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), revoking)
+            .await
+            .expect("the stream allowed to the old ID stayed open");
         let text = inbound.metrics.render(0);
         assert!(
             text.contains("ward_proxy_streams_revoked_total 1"),

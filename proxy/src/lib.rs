@@ -88,15 +88,15 @@ pub async fn run(
             metrics.reload_stats.clone(),
         )
     });
+    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
     // Open inbound streams are decided again whenever the active set changes.
-    let policy_epoch = policy_epoch(authz.clone());
+    let policy_epoch = policy_epoch(authz.clone(), identity.current.clone());
 
     let (drain_tx, drain) = watch::channel(false);
     // Outbound listeners close once the drain has no stream left, not when
     // it starts (see `drain_streams`).
     let (exit_tx, exit) = watch::channel(false);
     let stopping = Arc::new(AtomicBool::new(false));
-    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
     let status = Arc::new(status::Status::new(
         &cfg,
         identity.clone(),
@@ -316,9 +316,13 @@ pub async fn run(
 pub(crate) const TIME_REDECIDE_EVERY: i64 = 30;
 
 /// A watch that changes whenever the authorizer's active set does, or the
-/// time reaches an instant at which its decisions may change (checked every
-/// 200 ms, whichever source loaded the set).
-pub(crate) fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<inbound::PolicyEpoch> {
+/// time reaches an instant at which its decisions may change, or this
+/// proxy's own SPIFFE ID (from `identity`) changes: the resource of every
+/// decision (checked every 200 ms, whichever source loaded the set).
+pub(crate) fn policy_epoch(
+    authz: Arc<Authorizer>,
+    identity: watch::Receiver<Option<identity::Current>>,
+) -> watch::Receiver<inbound::PolicyEpoch> {
     let (tx, rx) = watch::channel(inbound::PolicyEpoch {
         version: authz.version(),
         clock: 0,
@@ -328,15 +332,24 @@ pub(crate) fn policy_epoch(authz: Arc<Authorizer>) -> watch::Receiver<inbound::P
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Since when decisions are known not to have changed with time.
         let mut since = identity::unix_now();
+        let own_id = || identity.borrow().as_ref().map(|c| c.spiffe_id.clone());
+        let mut me = own_id();
         loop {
             every.tick().await;
             let version = authz.version();
             let now = identity::unix_now();
             // (A clock set back: the instants between are to come again.)
             since = since.min(now);
-            let crossed = authz.time_may_change_decisions(since, now, TIME_REDECIDE_EVERY);
+            let mut crossed = authz.time_may_change_decisions(since, now, TIME_REDECIDE_EVERY);
             if crossed {
                 since = now;
+            }
+            // An ID that changed (the workload registered as another
+            // service) was not what open streams were decided for.
+            let now_me = own_id();
+            if now_me != me {
+                crossed |= me.is_some();
+                me = now_me;
             }
             tx.send_if_modified(|epoch| {
                 let was = *epoch;
