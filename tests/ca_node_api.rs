@@ -278,22 +278,27 @@ on_both_backends! {
     }
 }
 
+/// `node`'s change stream, its first notice taken.
+async fn watching(node: &mut Node) -> tonic::Streaming<ward_spec::proto::node::v1::ChangeNotice> {
+    let mut stream = node
+        .client
+        .watch_changes(ward_spec::proto::node::v1::WatchChangesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    stream
+}
+
 // A change stream ends when the node SVID it was opened with expires
 // (Unauthenticated), and when its agent is evicted (PermissionDenied,
 // within the 10 s between looks): neither keeps hearing of changes on a
 // connection made while it could.
 on_both_backends! {
     async fn a_change_stream_ends_with_its_node_svid_and_with_eviction() {
-        use ward_spec::proto::node::v1::WatchChangesRequest;
         let ca = CaProcess::start(&["--node-svid-ttl", "4s"]);
         let mut node = attest(&ca).await;
-        let mut stream = node
-            .client
-            .watch_changes(WatchChangesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap().unwrap();
+        let mut stream = watching(&mut node).await;
         let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
             .await
             .expect("the stream outlived its node SVID");
@@ -301,13 +306,7 @@ on_both_backends! {
 
         let ca = CaProcess::start(&[]);
         let mut node = attest(&ca).await;
-        let mut stream = node
-            .client
-            .watch_changes(WatchChangesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap().unwrap();
+        let mut stream = watching(&mut node).await;
         let out = ca.cli(&["agent", "evict", &node.id.to_string()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())

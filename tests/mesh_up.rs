@@ -527,21 +527,25 @@ fn ctrl_c_during_startup_stops_the_parts_already_started() {
     }
 }
 
+/// `ward up --once` in `dir`, on ports of its own, its output piped.
+fn up_once(dir: &std::path::Path) -> Child {
+    Command::new(ward_bin())
+        .args(["up", "--once", "--dir"])
+        .arg(dir)
+        .args(["--base-port", &base_port().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `ward up --once | head -1`: the reader takes its line and goes; `ward up`
 /// runs the demo to its end and stops cleanly instead of panicking on its
 /// next line.
 #[test]
 fn a_reader_that_stops_early_does_not_stop_ward_up() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_port();
-    let mut child = Command::new(ward_bin())
-        .args(["up", "--once", "--dir"])
-        .arg(dir.path())
-        .args(["--base-port", &base.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = up_once(dir.path());
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
@@ -586,15 +590,7 @@ fn a_reader_that_stops_early_does_not_stop_ward_up() {
 fn a_ca_started_over_gets_the_agent_attested_anew() {
     let dir = tempfile::tempdir().unwrap();
     let once = || {
-        let base = base_port();
-        let mut child = Command::new(ward_bin())
-            .args(["up", "--once", "--dir"])
-            .arg(dir.path())
-            .args(["--base-port", &base.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = up_once(dir.path());
         let (mut out, mut err) = (String::new(), String::new());
         child
             .stdout

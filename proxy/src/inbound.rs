@@ -936,19 +936,28 @@ mod tests {
         );
     }
 
+    /// [`fresh_inbound`] deciding by `policy` (whose version is returned),
+    /// with its policy epoch following the set, the time and its identity.
+    fn under_policy(
+        policy: &str,
+    ) -> (Arc<Inbound>, RootStore, watch::Sender<Option<Current>>, u64) {
+        let (mut inbound, _root, roots, identity_tx) = fresh_inbound(Duration::from_secs(60));
+        let serving = Arc::get_mut(&mut inbound).unwrap();
+        let decided = serving.authz.load(&policies(policy)).unwrap();
+        serving.policy_epoch =
+            crate::policy_epoch(serving.authz.clone(), serving.identity.current.clone());
+        (inbound, roots, identity_tx, decided)
+    }
+
     /// A permit that lapses at an instant (a break-glass rule) closes the
     /// open streams it admitted once that instant comes, the policy set
     /// unchanged.
     #[tokio::test]
     async fn a_permit_that_lapses_closes_the_streams_it_admitted() {
-        let (mut inbound, _root, _roots, _identity_tx) = fresh_inbound(Duration::from_secs(60));
         let lapses = crate::identity::unix_now() + 2;
-        let serving = Arc::get_mut(&mut inbound).unwrap();
         let permit =
             format!("permit (principal, action, resource) when {{ context.now < {lapses} }};");
-        let decided = serving.authz.load(&policies(&permit)).unwrap();
-        serving.policy_epoch =
-            crate::policy_epoch(serving.authz.clone(), serving.identity.current.clone());
+        let (inbound, _roots, _identity_tx, decided) = under_policy(&permit);
         let mut seen = inbound.policy_epoch.clone();
         let clock = seen.borrow_and_update().clock;
         let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
@@ -971,12 +980,8 @@ mod tests {
     /// one that policies allow only to the old ID is closed.
     #[tokio::test]
     async fn a_change_of_this_proxys_id_closes_streams_allowed_only_to_the_old_one() {
-        let (mut inbound, _root, roots, identity_tx) = fresh_inbound(Duration::from_secs(60));
-        let serving = Arc::get_mut(&mut inbound).unwrap();
         let to_api = r#"permit (principal, action == Ward::Action::"connect", resource is Ward::Workload) when { resource.service == "api" };"#;
-        let decided = serving.authz.load(&policies(to_api)).unwrap();
-        serving.policy_epoch =
-            crate::policy_epoch(serving.authz.clone(), serving.identity.current.clone());
+        let (inbound, roots, identity_tx, decided) = under_policy(to_api);
         let mut seen = inbound.policy_epoch.clone();
         let clock = seen.borrow_and_update().clock;
         let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());

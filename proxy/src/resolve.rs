@@ -135,6 +135,12 @@ impl Resolver {
         }
     }
 
+    /// The cell of a name looked up before.
+    fn known(&self, destination: &str) -> Option<Arc<tokio::sync::Mutex<Name>>> {
+        let names = self.names.lock().expect("names lock");
+        names.get(destination).cloned()
+    }
+
     /// The addresses `destination` stood for at its last lookup, without
     /// waiting: None if it was never looked up, or a lookup of it is being
     /// settled at this instant.
@@ -142,12 +148,7 @@ impl Resolver {
         if let Ok(address) = destination.parse() {
             return Some(Addresses::One(address));
         }
-        let cell = self
-            .names
-            .lock()
-            .expect("names lock")
-            .get(destination)?
-            .clone();
+        let cell = self.known(destination)?;
         let name = cell.try_lock().ok()?;
         let r = name.resolved.as_ref()?;
         Some(Addresses::Many(r.addresses.clone()))
@@ -169,12 +170,7 @@ impl Resolver {
         if destination.parse::<SocketAddr>().is_ok() {
             return None;
         }
-        let cell = self
-            .names
-            .lock()
-            .expect("names lock")
-            .get(destination)?
-            .clone();
+        let cell = self.known(destination)?;
         let changed =
             |r: &Resolved| (*r.addresses != *tried).then(|| Addresses::Many(r.addresses.clone()));
         let mut name = cell.lock().await;

@@ -37,6 +37,33 @@ pub async fn fresh_postgres(url: &str) -> PgStore {
     PgStore::connect(&format!("{base}/{name}")).await.unwrap()
 }
 
+/// The PostgreSQL server tests may use, if any (a missing one fails the
+/// test when `WARD_REQUIRE_POSTGRES` is set).
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("WARD_TEST_POSTGRES_URL").ok();
+    if url.is_none() {
+        assert!(
+            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
+            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
+        );
+        println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set");
+    }
+    url
+}
+
+/// An agent attested with a join token, serial `a1`.
+fn agent_n1() -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id("spiffe://td/ward/agent/join_token/n1"),
+        attestation_type: "join_token".into(),
+        serial: "a1".into(),
+        new_serial: String::new(),
+        expires_at: 100,
+        evicted: false,
+        attested_at: 1,
+    }
+}
+
 fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
@@ -602,12 +629,7 @@ async fn a_delete_applies_only_to_the_revision_it_was_made_from() {
 /// entry as the update leaves it, not as it was before.
 #[tokio::test]
 async fn dissociating_a_bundle_acts_on_the_entry_a_concurrent_update_leaves() {
-    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
-            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
-        );
-        println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set");
+    let Some(url) = postgres_url() else {
         return;
     };
     let s = std::sync::Arc::new(fresh_postgres(&url).await);
@@ -881,15 +903,7 @@ async fn an_entry_and_the_delete_of_its_bundle_never_both_succeed() {
 async fn a_renewal_is_stored_only_over_the_serials_it_read() {
     for (backend, s) in stores().await {
         println!("backend: {backend}");
-        let agent = AgentRecord {
-            spiffe_id: id("spiffe://td/ward/agent/join_token/n1"),
-            attestation_type: "join_token".into(),
-            serial: "a1".into(),
-            new_serial: String::new(),
-            expires_at: 100,
-            evicted: false,
-            attested_at: 1,
-        };
+        let agent = agent_n1();
         s.upsert_agent(&agent).await.unwrap();
         let read = s.get_agent(&agent.spiffe_id).await.unwrap().unwrap();
         assert_eq!((read.serial.as_str(), read.new_serial.as_str()), ("a1", ""));
@@ -971,24 +985,11 @@ async fn agents_are_listed_in_pages_in_spiffe_id_order() {
 /// is refused once the table's columns change).
 #[tokio::test]
 async fn reads_go_on_when_another_replica_adds_a_column() {
-    let Ok(url) = std::env::var("WARD_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("WARD_REQUIRE_POSTGRES").is_none(),
-            "WARD_REQUIRE_POSTGRES is set but WARD_TEST_POSTGRES_URL is not"
-        );
-        println!("PostgreSQL not tested here: WARD_TEST_POSTGRES_URL is not set");
+    let Some(url) = postgres_url() else {
         return;
     };
     let s = fresh_postgres(&url).await;
-    let agent = AgentRecord {
-        spiffe_id: id("spiffe://td/ward/agent/join_token/n1"),
-        attestation_type: "join_token".into(),
-        serial: "a1".into(),
-        new_serial: String::new(),
-        expires_at: 100,
-        evicted: false,
-        attested_at: 1,
-    };
+    let agent = agent_n1();
     s.upsert_agent(&agent).await.unwrap();
     let set = PolicySetRecord {
         version: 0,
