@@ -24,11 +24,6 @@ pub struct NodeApi {
     pub ca: Arc<Ca>,
 }
 
-/// How often an open change stream looks again at whether its agent may
-/// still have it (not evicted; see [`Ca::check_agent_standing`], which
-/// reads a cache).
-const STANDING_CHECK: Duration = Duration::from_secs(10);
-
 /// How long from now until the end of Unix second `secs`.
 fn until_unix(secs: i64) -> Duration {
     let now = std::time::SystemTime::now()
@@ -260,16 +255,16 @@ impl Node for NodeApi {
         // set, and one per entry change under this agent (or when changes
         // may have been missed), never for other agents' entries. The
         // stream ends when the node SVID it was opened with expires, or
-        // the agent is evicted (looked at every STANDING_CHECK): the agent
-        // opens another with its current SVID, if it still may.
+        // the agent is evicted (looked at when its record changes, here or
+        // at another replica): the agent opens another with its current
+        // SVID, if it still may.
         let mut state = self.ca.watch_changes();
         let mut entries = self.ca.entry_changes();
+        let mut agents = self.ca.agent_changes();
         let me = id.to_string();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let ca = self.ca.clone();
         let expired = tokio::time::sleep(until_unix(presented.not_after));
-        let mut standing = tokio::time::interval(STANDING_CHECK);
-        standing.reset();
         tokio::spawn(async move {
             tokio::pin!(expired);
             let notice = |n: Notice| {
@@ -309,9 +304,17 @@ impl Node for NodeApi {
                             .await;
                         return;
                     }
-                    _ = standing.tick() => {
-                        if let Err(e) = ca.check_agent_standing(&id, &presented, "watch_changes").await {
-                            let _ = tx.send(Err(e.into())).await;
+                    r = agents.recv() => {
+                        let mine = match r {
+                            Ok(changed) => changed == me,
+                            Err(RecvError::Lagged(_)) => true,
+                            Err(RecvError::Closed) => return,
+                        };
+                        // (A database that does not answer now is no
+                        // eviction: the stream goes on.)
+                        if mine && ca.agent_gone(&id).await.unwrap_or(false) {
+                            let refused = ca.refuse_agent(&id, true, "watch_changes");
+                            let _ = tx.send(Err(refused.into())).await;
                             return;
                         }
                         false

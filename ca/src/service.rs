@@ -150,6 +150,9 @@ pub struct Ca {
     notices: watch::Sender<Notice>,
     /// Which agents' entries changed, change by change (see [`EntryChange`]).
     entry_changes: tokio::sync::broadcast::Sender<EntryChange>,
+    /// Agents whose record changed (evicted, renewed), by SPIFFE ID, here
+    /// or at another replica.
+    agent_changes: tokio::sync::broadcast::Sender<String>,
     /// (revision, parent) pairs already announced (a replica hears its own
     /// writes again through the database, perhaps in several notices).
     announced: std::sync::Mutex<Announced>,
@@ -287,6 +290,7 @@ impl Ca {
             metrics,
             notices,
             entry_changes: tokio::sync::broadcast::channel(4096).0,
+            agent_changes: tokio::sync::broadcast::channel(256).0,
             announced: Default::default(),
             policy_writes: tokio::sync::Mutex::new(()),
         })
@@ -332,7 +336,10 @@ impl Ca {
     async fn apply(&self, change: StoreChange) -> CaResult<()> {
         match change {
             StoreChange::Entries(rev, parents) => self.entries_changed(rev, Some(parents)),
-            StoreChange::Agent(id, serials) => self.reads.forget_agent(&id, serials),
+            StoreChange::Agent(id, serials) => {
+                self.reads.forget_agent(&id, serials);
+                let _ = self.agent_changes.send(id);
+            }
             StoreChange::Federation => self.reload_federation().await?,
             StoreChange::Bundle(_) => self.follow_bundle().await?,
             StoreChange::Lost => {
@@ -394,6 +401,22 @@ impl Ca {
     /// Entry changes, one by one, with the agents they concern.
     pub fn entry_changes(&self) -> tokio::sync::broadcast::Receiver<EntryChange> {
         self.entry_changes.subscribe()
+    }
+
+    /// The SPIFFE IDs of agents whose record changes, one by one.
+    pub fn agent_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.agent_changes.subscribe()
+    }
+
+    /// Whether `id` is no longer an agent in good standing: evicted, or
+    /// unknown. (A renewal, which supersedes the node SVID the caller
+    /// presented earlier, is not a loss of standing.)
+    pub async fn agent_gone(&self, id: &SpiffeId) -> CaResult<bool> {
+        Ok(self
+            .reads
+            .agent_standing(id)
+            .await?
+            .is_none_or(|s| s.evicted))
     }
 
     fn entries_changed(&self, revision: u64, parents: Option<Vec<String>>) {
@@ -614,7 +637,12 @@ impl Ca {
     }
 
     /// Refuses a caller that is evicted (`known`) or not an agent at all.
-    fn refuse_agent(&self, caller: &SpiffeId, known: bool, method: &'static str) -> CaError {
+    pub(crate) fn refuse_agent(
+        &self,
+        caller: &SpiffeId,
+        known: bool,
+        method: &'static str,
+    ) -> CaError {
         let why = if known {
             "agent has been evicted"
         } else {
@@ -1105,6 +1133,7 @@ impl Ca {
             return Err(CaError::new(Code::NotFound, format!("no agent {id}")));
         }
         self.reads.forget_agent(&id.to_string(), None);
+        let _ = self.agent_changes.send(id.to_string());
         self.metrics.admin_change("evict_agent");
         tracing::info!(target: "audit", event = "agent_evicted", agent_id = %id, "evicted an agent");
         Ok(())
