@@ -448,7 +448,7 @@ fn a_tenant_admin_manages_only_its_own_tenant_and_every_refusal_is_audited() {
         format!(
             r#"@id("no-tenant-made-admins")
 forbid (principal is Ward::Admin, action, resource is Ward::Entry)
-when {{ resource.admin || resource.parent_id != "{parent}" }};
+when {{ context.admin_added || resource.parent_id != "{parent}" }};
 "#
         ),
     )

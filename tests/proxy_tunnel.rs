@@ -2760,4 +2760,12 @@ fn the_config_files_socket_wins_over_spiffe_endpoint_socket() {
         socket_of(&["--socket", "/run/from-flag.sock"]),
         "/run/from-flag.sock"
     );
+    // A file that names none: the variable's.
+    let named = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        named.replace("workload_api_socket = \"/run/from-file.sock\"\n", ""),
+    )
+    .unwrap();
+    assert_eq!(socket_of(&[]), "/run/from-env.sock");
 }

@@ -87,6 +87,10 @@ pub struct AdminResource {
     pub parent_id: String,
     /// Entries: whether its SVIDs may call the CA as an admin.
     pub admin: bool,
+    /// Entries: whether this call marks it admin (a create of one marked
+    /// admin; an update that marks it, or gives a marked one another
+    /// SPIFFE ID).
+    pub admin_added: bool,
 }
 
 /// Who asks for an admin action.
@@ -597,6 +601,10 @@ impl Authorizer {
                     "dns_names_added".to_owned(),
                     string_set(&resource.dns_names_added),
                 ));
+                pairs.push((
+                    "admin_added".to_owned(),
+                    RestrictedExpression::new_bool(resource.admin_added),
+                ));
             }
             let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
             let req =
@@ -629,6 +637,7 @@ impl Authorizer {
                         "dns_names_added": resource.dns_names_added,
                         "parent_id": resource.parent_id,
                         "admin": resource.admin,
+                        "admin_added": resource.admin_added,
                         "now": now,
                     })
                 } else {

@@ -23,7 +23,8 @@
 //! delete none. `dns_names` and `dns_names_added` work the same way for the
 //! DNS names the entry's SVIDs carry. `parent_id` (a SPIFFE ID; default
 //! none, which policies see as "") and `admin` (default false) are the
-//! entry's.
+//! entry's; `admin_added` (whether the call marks it admin) defaults to
+//! `admin` for a create, false otherwise.
 
 use std::net::IpAddr;
 
@@ -89,6 +90,9 @@ pub struct CaseContext {
     /// Entry actions: whether the entry is marked admin.
     #[serde(default)]
     pub admin: bool,
+    /// Entry actions: whether the call marks it admin.
+    #[serde(default)]
+    pub admin_added: Option<bool>,
 }
 
 fn default_port() -> u16 {
@@ -111,6 +115,7 @@ impl Default for CaseContext {
             dns_names_added: None,
             parent_id: None,
             admin: false,
+            admin_added: None,
         }
     }
 }
@@ -146,9 +151,10 @@ pub fn decide(
         || !ctx.dns_names.is_empty()
         || ctx.dns_names_added.is_some()
         || ctx.parent_id.is_some()
-        || ctx.admin;
+        || ctx.admin
+        || ctx.admin_added.is_some();
     const ENTRY_ONLY: &str = "federates_with, federation_added, dns_names, dns_names_added, \
-         parent_id and admin are for entry actions";
+         parent_id, admin and admin_added are for entry actions";
     if c.action == "connect" {
         if entry_only {
             return Err(ENTRY_ONLY.into());
@@ -209,6 +215,15 @@ pub fn decide(
             .to_string(),
         None => String::new(),
     };
+    let admin_added = ctx
+        .admin_added
+        .unwrap_or(action == AdminAction::CreateEntry && ctx.admin);
+    if admin_added && !ctx.admin {
+        return Err("admin_added: the entry is not marked admin (admin = true)".into());
+    }
+    if admin_added && action == AdminAction::DeleteEntry {
+        return Err("a delete adds nothing: admin_added must be false".into());
+    }
     let resource = AdminResource {
         tenant,
         id,
@@ -218,6 +233,7 @@ pub fn decide(
         dns_names_added,
         parent_id,
         admin: ctx.admin,
+        admin_added,
     };
     Ok(authz.decide_admin_at(&principal, action, &resource, ctx.now))
 }

@@ -160,39 +160,43 @@ fn an_admin_case_is_decided_as_of_its_now() {
     }
 }
 
-/// Entry policies see the entry's parent and whether it is marked admin:
-/// a tenant admin kept from making admins, and from registering
-/// workloads under nodes outside its cluster, is kept from both (in a
-/// case as in a call), and can still do the rest.
+/// Entry policies see the entry's parent, whether it is marked admin and
+/// whether the call marks it: a tenant admin kept from making admins, and
+/// from registering workloads under nodes outside its cluster, is kept
+/// from both (in a case as in a call), and can still do the rest (update
+/// an entry marked admin before).
 #[test]
 fn entry_policies_see_the_parent_and_the_admin_mark() {
     let a = authz(Mode::Enforce);
     a.load(&[file(
         "entries.cedar",
-        r#"@id("own-tenant-own-cluster") permit (principal is Ward::Admin, action == Ward::Action::"create_entry", resource)
+        r#"@id("own-tenant-own-cluster") permit (principal is Ward::Admin, action in [Ward::Action::"create_entry", Ward::Action::"update_entry"], resource)
            when { resource.tenant == principal.tenant &&
                   resource.parent_id like "spiffe://example.org/agent/east/*" };
            @id("no-new-admins") forbid (principal is Ward::Admin, action, resource is Ward::Entry)
-           when { resource.admin };"#,
+           when { context.admin_added };"#,
     )])
     .unwrap();
     let admin = AdminPrincipal::Admin(id("spiffe://example.org/tenant/acme/ns/admin/sa/ops"));
-    let entry = |parent: &str, is_admin: bool| AdminResource {
+    let entry = |parent: &str, is_admin: bool, made_admin: bool| AdminResource {
         tenant: "acme".into(),
         id: "spiffe://example.org/tenant/acme/ns/prod/sa/web".into(),
         parent_id: parent.into(),
         admin: is_admin,
+        admin_added: made_admin,
         ..Default::default()
     };
     let east = "spiffe://example.org/agent/east/n1";
     let west = "spiffe://example.org/agent/west/n1";
-    for (resource, allowed) in [
-        (entry(east, false), true),
-        (entry(west, false), false),
-        (entry(east, true), false),
+    for (action, resource, allowed) in [
+        (AdminAction::CreateEntry, entry(east, false, false), true),
+        (AdminAction::CreateEntry, entry(west, false, false), false),
+        (AdminAction::CreateEntry, entry(east, true, true), false),
+        (AdminAction::UpdateEntry, entry(east, true, true), false),
+        (AdminAction::UpdateEntry, entry(east, true, false), true),
     ] {
-        let d = a.decide_admin(&admin, AdminAction::CreateEntry, &resource);
-        assert_eq!(d.allowed, allowed, "{resource:?}: {d:?}");
+        let d = a.decide_admin(&admin, action, &resource);
+        assert_eq!(d.allowed, allowed, "{action:?} {resource:?}: {d:?}");
     }
     let cases: CaseFile = toml::from_str(&format!(
         r#"
@@ -215,6 +219,22 @@ fn entry_policies_see_the_parent_and_the_admin_mark() {
         policies = ["no-new-admins"]
 
         [[case]]
+        name = "an entry marked admin before, updated"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "update_entry"
+        resource = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+        context = {{ parent_id = "{east}", admin = true }}
+        decision = "allow"
+
+        [[case]]
+        name = "an update that marks it admin"
+        principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
+        action = "update_entry"
+        resource = "spiffe://example.org/tenant/acme/ns/prod/sa/web"
+        context = {{ parent_id = "{east}", admin = true, admin_added = true }}
+        decision = "deny"
+
+        [[case]]
         name = "no parent given"
         principal = "spiffe://example.org/tenant/acme/ns/admin/sa/ops"
         action = "create_entry"
@@ -235,6 +255,11 @@ fn entry_policies_see_the_parent_and_the_admin_mark() {
             r#"{ parent_id = "east" }"#,
         ),
         ("create_join_token", "acme", r#"{ admin = true }"#),
+        (
+            "create_entry",
+            "spiffe://example.org/tenant/acme/ns/prod/sa/web",
+            r#"{ admin_added = true }"#,
+        ),
     ] {
         let cases: CaseFile = toml::from_str(&format!(
             r#"

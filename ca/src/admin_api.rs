@@ -176,14 +176,16 @@ fn next_page<T>(items: &[T], limit: u32, key: impl Fn(&T) -> String) -> String {
 }
 
 /// A page of up to `limit` entries the caller may see, after the ID
-/// `after`: pages of every entry (from `fetch`, given the ID to go on
-/// after) are read until `limit` are found or none are left. A tenant
-/// admin's pages are then full however many entries other tenants have
-/// between its own, and its next page token is one of its own entries' IDs.
+/// `after`: batches of every entry (from `fetch`, given the ID to go on
+/// after; `batch` entries unless none are left) are read until `limit` are
+/// found or none are left. A tenant admin's pages are then full however
+/// many entries other tenants have between its own, and its next page
+/// token is one of its own entries' IDs.
 async fn visible_page<F, Fut, E>(
     mut fetch: F,
     visible: impl Fn(&crate::datastore::Entry) -> bool,
     after: Option<&str>,
+    batch: u32,
     limit: u32,
 ) -> Result<Vec<crate::datastore::Entry>, E>
 where
@@ -194,7 +196,7 @@ where
     let mut shown = Vec::new();
     loop {
         let read = fetch(after.take()).await?;
-        let more = read.len() == limit;
+        let more = read.len() == batch as usize;
         after = read.last().map(|e| e.id.clone());
         let room = limit - shown.len();
         shown.extend(read.into_iter().filter(|e| visible(e)).take(room));
@@ -309,12 +311,15 @@ impl Admin for AdminApi {
             spiffe_id: optional_id("spiffe_id", &r.spiffe_id)?,
         };
         let (after, limit) = page(&r.page_token, r.page_size);
+        // Read in batches of 500 at least: a caller asking for pages of one
+        // does not make a query per entry between its own.
+        let batch = limit.max(500);
         let fetch = |after: Option<String>| {
             let filter = &filter;
-            async move { self.ca.list_entries(filter, after.as_deref(), limit).await }
+            async move { self.ca.list_entries(filter, after.as_deref(), batch).await }
         };
         let visible = |e: &crate::datastore::Entry| self.visible(&caller, e);
-        let entries = visible_page(fetch, visible, after, limit).await?;
+        let entries = visible_page(fetch, visible, after, batch, limit).await?;
         Ok(Response::new(pb::ListEntriesResponse {
             next_page_token: next_page(&entries, limit, |e| e.id.clone()),
             entries: entries.iter().map(entry_to_pb).collect(),
@@ -545,42 +550,48 @@ mod tests {
             .map(|n| entry(n, if n % 7 == 0 { "acme" } else { "globex" }))
             .collect();
         let reads = std::cell::Cell::new(0);
-        let fetch = |after: Option<String>| {
-            reads.set(reads.get() + 1);
-            let page: Vec<_> = all
-                .iter()
-                .filter(|e| after.as_deref().is_none_or(|a| e.id.as_str() > a))
-                .take(3)
-                .cloned()
-                .collect();
-            async move { Ok::<_, Status>(page) }
+        let fetch = |batch: usize| {
+            let (all, reads) = (&all, &reads);
+            move |after: Option<String>| {
+                reads.set(reads.get() + 1);
+                let page: Vec<_> = all
+                    .iter()
+                    .filter(|e| after.as_deref().is_none_or(|a| e.id.as_str() > a))
+                    .take(batch)
+                    .cloned()
+                    .collect();
+                async move { Ok::<_, Status>(page) }
+            }
         };
         let acme = |e: &crate::datastore::Entry| e.spiffe_id.path().starts_with("/tenant/acme/");
-        let (mut listed, mut token) = (Vec::new(), None::<String>);
-        loop {
-            let got = visible_page(fetch, acme, token.as_deref(), 3)
-                .await
-                .unwrap();
-            assert!(got.iter().all(acme));
-            let next = next_page(&got, 3, |e| e.id.clone());
-            listed.extend(got.iter().map(|e| e.id.clone()));
-            if next.is_empty() {
-                break;
-            }
-            assert_eq!(got.len(), 3, "a page not full: {got:?}");
-            assert_eq!(&next, listed.last().unwrap());
-            token = Some(next);
-        }
         let mine: Vec<_> = all
             .iter()
             .filter(|e| acme(e))
             .map(|e| e.id.clone())
             .collect();
-        assert_eq!(listed, mine);
+        // Read in batches of the page's size, and of more than it.
+        for batch in [3, 7] {
+            let (mut listed, mut token) = (Vec::new(), None::<String>);
+            loop {
+                let got = visible_page(fetch(batch), acme, token.as_deref(), batch as u32, 3)
+                    .await
+                    .unwrap();
+                assert!(got.iter().all(acme));
+                let next = next_page(&got, 3, |e| e.id.clone());
+                listed.extend(got.iter().map(|e| e.id.clone()));
+                if next.is_empty() {
+                    break;
+                }
+                assert_eq!(got.len(), 3, "a page not full: {got:?}");
+                assert_eq!(&next, listed.last().unwrap());
+                token = Some(next);
+            }
+            assert_eq!(listed, mine, "batches of {batch}");
+        }
         assert!(reads.get() > 4, "{}", reads.get());
         // The operator sees every entry, a page from one read.
         reads.set(0);
-        let got = visible_page(fetch, |_| true, None, 3).await.unwrap();
+        let got = visible_page(fetch(3), |_| true, None, 3, 3).await.unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(reads.get(), 1);
     }

@@ -132,6 +132,9 @@ pub struct Authority {
     /// A saved change of the slots whose bundle publication or signer
     /// reload has not succeeded yet: the next tick tries again.
     unpublished: std::sync::atomic::AtomicBool,
+    /// The prepared slot whose keys this process published, and when (the
+    /// time [`Authority::tick`] was given).
+    prepared_published: std::sync::Mutex<Option<(u64, OffsetDateTime)>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
@@ -185,6 +188,7 @@ impl Authority {
             store,
             state: Mutex::new(state),
             unpublished: Default::default(),
+            prepared_published: Default::default(),
         });
         // After a long stop the active slot may be near or past its end:
         // the schedule catches up (and publishes) before anything is signed.
@@ -249,11 +253,22 @@ impl Authority {
             save_state(&self.cfg, &state)?;
             self.unpublished.store(true, Ordering::SeqCst);
         }
+        let prepared = state
+            .slots
+            .iter()
+            .find(|s| s.status == SlotStatus::Prepared)
+            .map(|s| s.id);
         drop(state);
         if self.unpublished.load(Ordering::SeqCst) {
             self.publish_bundle().await?;
             self.reload_signer().await?;
             self.unpublished.store(false, Ordering::SeqCst);
+        }
+        // Published now if it was not before (this tick, or an earlier one
+        // whose publication failed).
+        let mut published = self.prepared_published.lock().expect("lock");
+        if prepared.is_some() && published.map(|(id, _)| id) != prepared {
+            *published = prepared.map(|id| (id, now));
         }
         Ok(changed)
     }
@@ -290,12 +305,16 @@ impl Authority {
     /// trust domains) have its JWT key before it signs. The schedule leaves
     /// a third of a slot's life; after a stop past its time it leaves none,
     /// and the active slot signs on meanwhile, unless it would end first.
+    /// Counted from when this process published them (a publication that
+    /// failed for a while counts from when it succeeded; a restart, from
+    /// the first after it).
     fn published_long_enough(&self, state: &State, now: OffsetDateTime) -> bool {
-        let hold = x509::BACKDATE + Duration::seconds(self.cfg.refresh_hint_secs as i64);
-        state
-            .slots
-            .iter()
-            .any(|s| s.status == SlotStatus::Prepared && at(s.not_before) + hold <= now)
+        let hold = Duration::seconds(self.cfg.refresh_hint_secs as i64);
+        let published = *self.prepared_published.lock().expect("lock");
+        state.slots.iter().any(|s| {
+            s.status == SlotStatus::Prepared
+                && published.is_some_and(|(id, at)| id == s.id && at + hold <= now)
+        })
     }
 
     fn activate_prepared(&self, state: &mut State) -> Result<bool> {
@@ -678,6 +697,54 @@ mod tests {
             first,
             "signs with a slot about to end"
         );
+    }
+
+    /// A late slot whose publication fails for a while (the database
+    /// refuses bundle writes) signs a refresh hint after its publication
+    /// succeeded, not after it was made.
+    #[tokio::test]
+    async fn a_late_slot_published_late_signs_a_refresh_hint_after_its_publication() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+        let cfg = config(dir.path(), Duration::hours(1), Duration::days(30));
+        let authority = Authority::open(cfg, store).await.unwrap();
+        let first = authority.signer().serial.clone();
+        let mut admin = {
+            use sqlx::ConnectOptions;
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&db)
+                .connect()
+                .await
+                .unwrap()
+        };
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON bundle_parts BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let late = OffsetDateTime::now_utc() + Duration::minutes(55);
+        assert!(authority.tick(late).await.is_err());
+        assert!(authority.tick(late + Duration::seconds(61)).await.is_err());
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let published = late + Duration::seconds(120);
+        authority.tick(published).await.unwrap();
+        assert_eq!(authority.bundle().jwt_authorities.len(), 2);
+        assert_eq!(authority.signer().serial, first, "signs as it is published");
+        authority
+            .tick(published + Duration::seconds(50))
+            .await
+            .unwrap();
+        assert_eq!(authority.signer().serial, first, "signs 50 s after");
+        authority
+            .tick(published + Duration::seconds(61))
+            .await
+            .unwrap();
+        assert_ne!(authority.signer().serial, first);
     }
 
     #[tokio::test]

@@ -192,6 +192,8 @@ pub struct Notice {
 struct Added<'a> {
     federation: &'a [TrustDomain],
     dns_names: &'a [String],
+    /// The call marks the entry admin (it was not, or had another ID).
+    admin: bool,
 }
 
 /// At most this many selectors, DNS names, or federated trust domains per
@@ -1047,6 +1049,7 @@ impl Ca {
         let added = Added {
             federation: &entry.federates_with,
             dns_names: &entry.dns_names,
+            admin: entry.admin,
         };
         self.authorize_entry(caller, AdminAction::CreateEntry, &entry, added)?;
         let e = self
@@ -1080,6 +1083,7 @@ impl Ca {
         let added = Added {
             federation: &federation,
             dns_names: &dns_names,
+            admin: entry.admin && (renamed || !old.admin),
         };
         // What was authorized is what is replaced: the store refuses the
         // update if the entry moved on meanwhile.
@@ -1415,6 +1419,7 @@ impl Ca {
             dns_names_added: added.dns_names.to_vec(),
             parent_id: e.parent_id.to_string(),
             admin: e.admin,
+            admin_added: added.admin,
         };
         self.authorize_admin(caller, action, &resource)
     }

@@ -60,12 +60,15 @@ impl Traffic {
     /// written, while the kernel sends what it holds (on a slow link,
     /// seconds of it). Without a socket to ask, what the kernel took.
     pub fn delivered(&self) -> u64 {
+        // What was written first, then what of it the socket still holds: a
+        // write in between can only make this look smaller than it is (never
+        // a sign of life that was not), and one smaller than a figure given
+        // before gives that one again.
+        let written = self.written();
         let socket = self.0.socket.lock().unwrap_or_else(PoisonError::into_inner);
         let unacknowledged = socket.and_then(unacknowledged).unwrap_or(0);
-        let now = self.written().saturating_sub(unacknowledged);
         drop(socket);
-        // A write between the two reads above makes one look smaller than
-        // one before: the caller compares them.
+        let now = written.saturating_sub(unacknowledged);
         self.0.delivered.fetch_max(now, Ordering::Relaxed).max(now)
     }
 

@@ -59,7 +59,9 @@ pub use ward_spec::config::ConfigError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    /// The Workload API socket this proxy takes its identity from.
+    /// The Workload API socket this proxy takes its identity from. Default:
+    /// `$SPIFFE_ENDPOINT_SOCKET` (a default only: the file's key wins over
+    /// it), else `.ward/agent/workload.sock`.
     pub workload_api_socket: PathBuf,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub health_address: SocketAddr,
@@ -355,7 +357,8 @@ impl Default for Limits {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            workload_api_socket: PathBuf::from(".ward/agent/workload.sock"),
+            workload_api_socket: std::env::var_os("SPIFFE_ENDPOINT_SOCKET")
+                .map_or_else(|| ".ward/agent/workload.sock".into(), PathBuf::from),
             health_address: "127.0.0.1:15020".parse().expect("valid"),
             inbound: None,
             outbound: Vec::new(),

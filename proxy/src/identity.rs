@@ -283,15 +283,19 @@ impl Svids {
         (not_before > now && current >= not_before).then_some(not_before)
     }
 
-    /// How long until the response kept aside is valid, if one is.
+    /// How long until the response kept aside is looked at again, if one
+    /// is: when it becomes valid, or in 5 s at most (the host's clock may
+    /// be set forward meanwhile, past the current SVID's end).
     fn pending_wait(&self) -> Option<Duration> {
         let (from, _) = self.pending.as_ref()?;
         let secs = u64::try_from(from.saturating_sub(unix_now())).unwrap_or(0);
         // Into its first second, whatever the clocks' fractions.
-        Some(Duration::from_secs(secs) + Duration::from_millis(100))
+        let wait = Duration::from_secs(secs) + Duration::from_millis(100);
+        Some(wait.min(Duration::from_secs(5)))
     }
 
-    /// Installs the response kept aside (it is valid now).
+    /// Takes the response kept aside again: installed if it is valid now
+    /// (or the current SVID no longer serves), else kept.
     fn receive_pending(&mut self) {
         if let Some((_, resp)) = self.pending.take() {
             self.receive(resp);

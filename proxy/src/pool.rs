@@ -626,9 +626,9 @@ impl Pool {
         let Some(me) = self.identity.usable() else {
             return false;
         };
-        let Some(current) = self.resolver.last_known(destination) else {
-            return false;
-        };
+        // (Not known at this instant, a lookup of it settling: not
+        // filtered, rather than every stream queued for a turn.)
+        let current = self.resolver.last_known(destination);
         let group = Group {
             me: me.spiffe_id,
             destination: destination.to_owned(),
@@ -639,7 +639,11 @@ impl Pool {
             .get(&group)
             .into_iter()
             .flat_map(HashMap::iter)
-            .filter(|(address, _)| current.as_slice().contains(address))
+            .filter(|(address, _)| {
+                current
+                    .as_ref()
+                    .is_none_or(|c| c.as_slice().contains(address))
+            })
             .flat_map(|(_, slot)| &slot.conns)
             .any(|c| c.usable(me.generation) && c.has_room(self.max_streams))
     }

@@ -155,21 +155,10 @@ impl RunArgs {
             Some(p) => ProxyConfig::from_file(p)?,
             None => ProxyConfig::default(),
         };
-        // The environment's socket is a default: the file's wins over it
-        // (a variable set for every container of a pod does not move a
-        // proxy configured otherwise).
-        let socket = self.workload_api_socket.or_else(|| {
-            let in_file = self.config.as_ref().is_some_and(|p| {
-                std::fs::read_to_string(p)
-                    .ok()
-                    .and_then(|t| t.parse::<toml::Table>().ok())
-                    .is_some_and(|t| t.contains_key("workload_api_socket"))
-            });
-            (!in_file)
-                .then(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
-                .flatten()
-        });
-        if let Some(s) = socket {
+        // (The environment's socket is the configuration's default: a
+        // variable set for every container of a pod does not move a proxy
+        // whose file names another.)
+        if let Some(s) = self.workload_api_socket {
             c.workload_api_socket = PathBuf::from(s);
         }
         // Either source may say `unix:///path` or `unix:/path`.

@@ -393,24 +393,21 @@ async fn agent_known(
     ca: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
     id: &str,
 ) -> anyhow::Result<bool> {
-    let mut page_token = String::new();
-    loop {
-        let page = ca
-            .list_agents(pb::ListAgentsRequest {
-                page_token,
-                page_size: 0,
-            })
-            .await
-            .map_err(admin::status)?
-            .into_inner();
-        if let Some(a) = page.agents.iter().find(|a| a.spiffe_id == id) {
-            return Ok(!a.evicted);
+    let agents = admin::all_pages(|page_token| {
+        let mut ca = ca.clone();
+        async move {
+            let r = ca
+                .list_agents(pb::ListAgentsRequest {
+                    page_token,
+                    page_size: 0,
+                })
+                .await?
+                .into_inner();
+            Ok((r.agents, r.next_page_token))
         }
-        if page.next_page_token.is_empty() {
-            return Ok(false);
-        }
-        page_token = page.next_page_token;
-    }
+    })
+    .await?;
+    Ok(agents.iter().any(|a| a.spiffe_id == id && !a.evicted))
 }
 
 /// What `start` brought up.
@@ -540,7 +537,7 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
             say!("  (the agent's node identity is not this CA's: attesting anew)");
             std::fs::remove_dir_all(&agent_data)
                 .with_context(|| format!("cannot remove {}", agent_data.display()))?;
-            std::fs::create_dir_all(&agent_data)?;
+            ward_spec::files::create_private_dir(&agent_data)?;
             None
         }
         stored => stored,

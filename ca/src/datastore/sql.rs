@@ -912,24 +912,26 @@ macro_rules! sql_store {
                 .await?
                 .rows_affected();
                 // Deletions (the entry is gone, or under another parent now)
-                // older than `before`: counted, then deleted (a change made
-                // meanwhile is newer than `before`). Not returned row by row:
-                // after an upgrade from a version that kept every change
-                // there may be millions.
+                // older than `before`: the newest looked at, then deleted (a
+                // change made meanwhile is newer than `before`). Not returned
+                // row by row: after an upgrade from a version that kept every
+                // change there may be millions. (Counted as deleted: another
+                // replica pruning at once may have taken some.)
                 const GONE: &str = "FROM entry_changes
                       WHERE changed_at < $1
                         AND NOT EXISTS (SELECT 1 FROM entries e
                                          WHERE e.id = entry_changes.entry_id
                                            AND e.parent_id = entry_changes.parent_id)";
-                let (deletions, newest): (i64, Option<i64>) =
-                    sqlx::query_as(&format!("SELECT COUNT(*), MAX(revision) {GONE}"))
+                let newest: Option<i64> =
+                    sqlx::query_scalar(&format!("SELECT MAX(revision) {GONE}"))
                         .bind(before)
                         .fetch_one(&mut *tx)
                         .await?;
-                sqlx::query(&format!("DELETE {GONE}"))
+                let deletions = sqlx::query(&format!("DELETE {GONE}"))
                     .bind(before)
                     .execute(&mut *tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
                 if let Some(max) = newest {
                     sqlx::query(
                         "UPDATE counters SET value = $1 WHERE name = 'entry_changes_floor' AND value < $1",
@@ -945,7 +947,7 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 Ok(PrunedChanges {
                     superseded,
-                    deletions: deletions as u64,
+                    deletions,
                     floor: floor as u64,
                 })
             }
