@@ -279,6 +279,17 @@ on_both_backends! {
 }
 
 /// `node`'s change stream, its first notice taken.
+/// The code `stream` ends with, within 15 s of waiting for `what`.
+async fn ending(
+    stream: &mut tonic::Streaming<ward_spec::proto::node::v1::ChangeNotice>,
+    what: &str,
+) -> tonic::Code {
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("the stream outlived {what}"));
+    ended.expect_err("the stream ended without an error").code()
+}
+
 async fn watching(node: &mut Node) -> tonic::Streaming<ward_spec::proto::node::v1::ChangeNotice> {
     let mut stream = node
         .client
@@ -300,20 +311,14 @@ on_both_backends! {
         let ca = CaProcess::start(&["--node-svid-ttl", "4s"]);
         let mut node = attest(&ca).await;
         let mut stream = watching(&mut node).await;
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
-            .await
-            .expect("the stream outlived its node SVID");
-        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(ending(&mut stream, "its node SVID").await, tonic::Code::Unauthenticated);
 
         let ca = CaProcess::start(&[]);
         let mut node = attest(&ca).await;
         let mut stream = watching(&mut node).await;
         let out = ca.cli(&["agent", "evict", &node.id.to_string()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(15), stream.message())
-            .await
-            .expect("the stream outlived its agent's eviction");
-        assert_eq!(ended.unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(ending(&mut stream, "its agent's eviction").await, tonic::Code::PermissionDenied);
 
         // A renewal, its SVID in use on another connection.
         let ca = CaProcess::start(&[]);

@@ -590,22 +590,14 @@ fn a_reader_that_stops_early_does_not_stop_ward_up() {
 fn a_ca_started_over_gets_the_agent_attested_anew() {
     let dir = tempfile::tempdir().unwrap();
     let once = || {
-        let mut child = up_once(dir.path());
-        let (mut out, mut err) = (String::new(), String::new());
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "ward up --once: {status}\n{out}\n{err}");
+        let done = up_once(dir.path()).wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&done.stdout).into_owned();
+        let err = String::from_utf8_lossy(&done.stderr);
+        assert!(
+            done.status.success(),
+            "ward up --once: {}\n{out}\n{err}",
+            done.status
+        );
         out
     };
     let first = once();

@@ -530,20 +530,12 @@ mod tests {
     /// its entries once. The operator's pages hold every entry.
     #[tokio::test]
     async fn entry_pages_are_full_of_what_the_caller_may_see() {
-        let entry = |n: usize, tenant: &str| crate::datastore::Entry {
-            id: format!("{n:04}"),
-            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/tenant/{tenant}/sa/s{n}"))
-                .unwrap(),
-            parent_id: SpiffeId::parse("spiffe://example.org/node").unwrap(),
-            selectors: vec![],
-            x509_ttl: 0,
-            jwt_ttl: 0,
-            dns_names: vec![],
-            hint: String::new(),
-            admin: false,
-            revision: 1,
-            created_at: 1,
-            federates_with: vec![],
+        let entry = |n: usize, tenant: &str| {
+            crate::datastore::Entry::bare(
+                format!("{n:04}"),
+                SpiffeId::parse(&format!("spiffe://example.org/tenant/{tenant}/sa/s{n}")).unwrap(),
+                SpiffeId::parse("spiffe://example.org/node").unwrap(),
+            )
         };
         // acme's entries are 0, 7, 14, ...: globex's six lie between each two.
         let all: Vec<_> = (0..40)

@@ -699,6 +699,31 @@ mod tests {
         );
     }
 
+    /// Opens a second connection to the SQLite file at `db` and makes the
+    /// database refuse every bundle write until `allow_bundle_writes`.
+    async fn refuse_bundle_writes(db: &std::path::Path) -> sqlx::SqliteConnection {
+        use sqlx::ConnectOptions;
+        let mut admin = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON bundle_parts BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        admin
+    }
+
+    async fn allow_bundle_writes(admin: &mut sqlx::SqliteConnection) {
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+
     /// A late slot whose publication fails for a while (the database
     /// refuses bundle writes) signs a refresh hint after its publication
     /// succeeded, not after it was made.
@@ -710,27 +735,11 @@ mod tests {
         let cfg = config(dir.path(), Duration::hours(1), Duration::days(30));
         let authority = Authority::open(cfg, store).await.unwrap();
         let first = authority.signer().serial.clone();
-        let mut admin = {
-            use sqlx::ConnectOptions;
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&db)
-                .connect()
-                .await
-                .unwrap()
-        };
-        sqlx::query(
-            "CREATE TRIGGER refuse BEFORE UPDATE ON bundle_parts BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(&mut admin)
-        .await
-        .unwrap();
+        let mut admin = refuse_bundle_writes(&db).await;
         let late = OffsetDateTime::now_utc() + Duration::minutes(55);
         assert!(authority.tick(late).await.is_err());
         assert!(authority.tick(late + Duration::seconds(61)).await.is_err());
-        sqlx::query("DROP TRIGGER refuse")
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        allow_bundle_writes(&mut admin).await;
         let published = late + Duration::seconds(120);
         authority.tick(published).await.unwrap();
         assert_eq!(authority.bundle().jwt_authorities.len(), 2);
@@ -757,30 +766,14 @@ mod tests {
         assert_eq!(authority.bundle().jwt_authorities.len(), 1);
 
         // The database refuses bundle writes while the next slot is prepared.
-        let mut admin = {
-            use sqlx::ConnectOptions;
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&db)
-                .connect()
-                .await
-                .unwrap()
-        };
-        sqlx::query(
-            "CREATE TRIGGER refuse BEFORE UPDATE ON bundle_parts BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(&mut admin)
-        .await
-        .unwrap();
+        let mut admin = refuse_bundle_writes(&db).await;
         let half_way = OffsetDateTime::now_utc() + Duration::minutes(40);
         assert!(authority.tick(half_way).await.is_err());
         assert_eq!(authority.bundle().jwt_authorities.len(), 1);
 
         // Nothing changes at the next tick, but the prepared slot's key
         // still reaches the bundle.
-        sqlx::query("DROP TRIGGER refuse")
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        allow_bundle_writes(&mut admin).await;
         assert!(!authority.tick(half_way).await.unwrap());
         assert_eq!(authority.bundle().jwt_authorities.len(), 2);
     }

@@ -66,6 +66,28 @@ pub struct Entry {
     pub federates_with: Vec<TrustDomain>,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry for tests: `id` names `spiffe_id` under `parent_id`, with
+    /// no selectors, DNS names or federation, and default TTLs.
+    pub(crate) fn bare(id: String, spiffe_id: SpiffeId, parent_id: SpiffeId) -> Entry {
+        Entry {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors: vec![],
+            x509_ttl: 0,
+            jwt_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            revision: 0,
+            created_at: 0,
+            federates_with: vec![],
+        }
+    }
+}
+
 /// What signing needs of an entry (a narrow read on the hot path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningEntry {

@@ -906,8 +906,7 @@ mod tests {
         let inbound = inbound(svid(API, &root), identity, epoch, Duration::from_secs(60));
         let mut seen = inbound.policy_epoch.clone();
         seen.borrow_and_update();
-        let web = SpiffeId::parse(WEB).unwrap();
-        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let (web, _, peer) = web_to_api();
         let revoking = revoked(&mut seen, (1, 0), &web, peer, 9, &inbound);
         tokio::pin!(revoking);
         let version = |version| PolicyEpoch { version, clock: 0 };
@@ -949,6 +948,23 @@ mod tests {
         (inbound, roots, identity_tx, decided)
     }
 
+    /// A receiver of `inbound`'s policy epoch, and the epoch's clock now.
+    fn watching(inbound: &Inbound) -> (watch::Receiver<PolicyEpoch>, u64) {
+        let mut seen = inbound.policy_epoch.clone();
+        let clock = seen.borrow_and_update().clock;
+        (seen, clock)
+    }
+
+    /// The peer `WEB` at a client address, and `API`, the workload it calls.
+    fn web_to_api() -> (SpiffeId, SpiffeId, SocketAddr) {
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        (
+            SpiffeId::parse(WEB).unwrap(),
+            SpiffeId::parse(API).unwrap(),
+            peer,
+        )
+    }
+
     /// A permit that lapses at an instant (a break-glass rule) closes the
     /// open streams it admitted once that instant comes, the policy set
     /// unchanged.
@@ -958,10 +974,8 @@ mod tests {
         let permit =
             format!("permit (principal, action, resource) when {{ context.now < {lapses} }};");
         let (inbound, _roots, _identity_tx, decided) = under_policy(&permit);
-        let mut seen = inbound.policy_epoch.clone();
-        let clock = seen.borrow_and_update().clock;
-        let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
-        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let (mut seen, clock) = watching(&inbound);
+        let (web, api, peer) = web_to_api();
         assert!(decide(&inbound, &web, &api, peer, 9).permitted);
         let revoking = revoked(&mut seen, (decided, clock), &web, peer, 9, &inbound);
         tokio::time::timeout(Duration::from_secs(6), revoking)
@@ -982,10 +996,8 @@ mod tests {
     async fn a_change_of_this_proxys_id_closes_streams_allowed_only_to_the_old_one() {
         let to_api = r#"permit (principal, action == Ward::Action::"connect", resource is Ward::Workload) when { resource.service == "api" };"#;
         let (inbound, roots, identity_tx, decided) = under_policy(to_api);
-        let mut seen = inbound.policy_epoch.clone();
-        let clock = seen.borrow_and_update().clock;
-        let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
-        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let (mut seen, clock) = watching(&inbound);
+        let (web, api, peer) = web_to_api();
         assert!(decide(&inbound, &web, &api, peer, 9).permitted);
         let revoking = revoked(&mut seen, (decided, clock), &web, peer, 9, &inbound);
         tokio::pin!(revoking);

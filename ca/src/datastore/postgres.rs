@@ -189,20 +189,12 @@ mod tests {
     #[test]
     fn a_change_to_many_parents_is_told_in_notices_that_fit_and_name_them_all() {
         let entries: Vec<Entry> = (0..400)
-            .map(|i| Entry {
-                id: format!("e{i}"),
-                spiffe_id: SpiffeId::parse("spiffe://td/w").unwrap(),
-                parent_id: SpiffeId::parse(&format!("spiffe://td/ward/agent/join_token/{i:040}"))
-                    .unwrap(),
-                selectors: vec![],
-                x509_ttl: 0,
-                jwt_ttl: 0,
-                dns_names: vec![],
-                hint: String::new(),
-                admin: false,
-                revision: 0,
-                created_at: 0,
-                federates_with: vec![],
+            .map(|i| {
+                Entry::bare(
+                    format!("e{i}"),
+                    SpiffeId::parse("spiffe://td/w").unwrap(),
+                    SpiffeId::parse(&format!("spiffe://td/ward/agent/join_token/{i:040}")).unwrap(),
+                )
             })
             .collect();
         let notices = entries_notices(7, &entries);

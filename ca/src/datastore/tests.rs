@@ -81,18 +81,9 @@ fn empty_bundle(td: &str) -> FederatedBundleRecord {
 /// Entry `n` (SPIFFE ID `spiffe://td/N`, selector `unix:uid:1`) under `parent`.
 pub(super) fn entry(n: &str, parent: &str) -> Entry {
     Entry {
-        id: n.into(),
-        spiffe_id: id(&format!("spiffe://td/{n}")),
-        parent_id: id(parent),
         selectors: vec![Selector::parse("unix:uid:1").unwrap()],
-        x509_ttl: 0,
-        jwt_ttl: 0,
         dns_names: vec!["a.example".into()],
-        hint: String::new(),
-        admin: false,
-        revision: 0,
-        created_at: 0,
-        federates_with: vec![],
+        ..Entry::bare(n.into(), id(&format!("spiffe://td/{n}")), id(parent))
     }
 }
 
@@ -362,16 +353,21 @@ async fn policy_sets_get_increasing_versions_and_the_newest_is_active() {
     }
 }
 
-async fn policy_sets_on(s: &dyn Datastore) {
-    assert_eq!(s.get_policy_set(None).await.unwrap(), None);
-    let mut set = PolicySetRecord {
+/// A first policy set: one file, `a.cedar`, holding one policy.
+fn first_policy_set() -> PolicySetRecord {
+    PolicySetRecord {
         version: 0,
         files: vec![("a.cedar".into(), "// one".into())],
         digest: "d1".into(),
         comment: "first".into(),
         created_at: 10,
         policies: 1,
-    };
+    }
+}
+
+async fn policy_sets_on(s: &dyn Datastore) {
+    assert_eq!(s.get_policy_set(None).await.unwrap(), None);
+    let mut set = first_policy_set();
     assert_eq!(s.add_policy_set(&set).await.unwrap(), 1);
     set.files.push(("b.cedar".into(), "// two".into()));
     set.comment = "second".into();
@@ -991,14 +987,7 @@ async fn reads_go_on_when_another_replica_adds_a_column() {
     let s = fresh_postgres(&url).await;
     let agent = agent_n1();
     s.upsert_agent(&agent).await.unwrap();
-    let set = PolicySetRecord {
-        version: 0,
-        files: vec![("a.cedar".into(), "// one".into())],
-        digest: "d1".into(),
-        comment: "first".into(),
-        created_at: 10,
-        policies: 1,
-    };
+    let set = first_policy_set();
     s.add_policy_set(&set).await.unwrap();
     let read_all = || async {
         s.get_agent(&agent.spiffe_id).await?;
