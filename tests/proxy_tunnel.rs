@@ -260,6 +260,19 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     open.write_all(&(1u64 << 30).to_be_bytes()).unwrap();
     assert_eq!(mesh.app.wait_connections(104), 104);
     assert_eq!(web.config_dump()["outbound"][0]["streams"], 1);
+
+    // 8. A workload matching two entries serves as the one `--spiffe-id`
+    //    names, whichever the agent lists first.
+    const DB_ADMIN: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/db-admin";
+    let node = mesh.ca.first_agent();
+    mesh.ca
+        .register(DB_ADMIN, &node, &format!("unix:uid:{DB_UID}"));
+    for id in [DB, DB_ADMIN] {
+        let (db, _) = mesh.client_proxy(DB_UID, API, &["--spiffe-id", id]);
+        let dump = db.config_dump();
+        assert_eq!(dump["identity"]["spiffe_id"], id, "{dump}");
+        assert_eq!(dump["spiffe_id"], id, "{dump}");
+    }
 }
 
 /// A workload with more than one port: a `CONNECT` naming a listed port

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! workload_api_socket = ".ward/agent/workload.sock"
+//! spiffe_id = "spiffe://example.org/tenant/acme/ns/prod/sa/api" # of several SVIDs, serve as this one
 //! health_address = "127.0.0.1:15020"
 //! worker_threads = 1
 //! log_format = "text"            # or "json"
@@ -63,6 +64,12 @@ pub struct ProxyConfig {
     /// `$SPIFFE_ENDPOINT_SOCKET` (a default only: the file's key wins over
     /// it), else `.ward/agent/workload.sock`.
     pub workload_api_socket: PathBuf,
+    /// The SPIFFE ID this proxy serves as when the Workload API gives the
+    /// workload more than one SVID (it matches several registration
+    /// entries); until it gives one for this ID the proxy is not ready.
+    /// Default: the ID it serves as already, while the agent still gives
+    /// it, else the first SVID's.
+    pub spiffe_id: Option<SpiffeId>,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub health_address: SocketAddr,
     pub inbound: Option<Inbound>,
@@ -359,6 +366,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             workload_api_socket: std::env::var_os("SPIFFE_ENDPOINT_SOCKET")
                 .map_or_else(|| ".ward/agent/workload.sock".into(), PathBuf::from),
+            spiffe_id: None,
             health_address: "127.0.0.1:15020".parse().expect("valid"),
             inbound: None,
             outbound: Vec::new(),

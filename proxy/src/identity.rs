@@ -50,11 +50,12 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Starts following the Workload API at `socket`.
-    pub fn follow(socket: PathBuf, metrics: Arc<Metrics>) -> Identity {
+    /// Starts following the Workload API at `socket`, serving as `want`
+    /// of the SVIDs it gives (see [`Svids::pick`]).
+    pub fn follow(socket: PathBuf, want: Option<SpiffeId>, metrics: Arc<Metrics>) -> Identity {
         let resolver = SvidResolver::default();
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(watch_svids(socket, resolver.clone(), tx, metrics));
+        tokio::spawn(watch_svids(socket, resolver.clone(), want, tx, metrics));
         Identity {
             resolver,
             current: rx,
@@ -88,6 +89,7 @@ pub fn unix_now() -> i64 {
 async fn watch_svids(
     socket: PathBuf,
     resolver: SvidResolver,
+    want: Option<SpiffeId>,
     tx: watch::Sender<Option<Current>>,
     metrics: Arc<Metrics>,
 ) {
@@ -96,6 +98,7 @@ async fn watch_svids(
     let mut outage_logged: Option<bool> = None;
     let mut svids = Svids {
         resolver,
+        want,
         tx,
         metrics,
         generation: 0,
@@ -215,6 +218,8 @@ async fn stream_once(
 /// Where the Workload API's responses go, across its streams.
 struct Svids {
     resolver: SvidResolver,
+    /// The SPIFFE ID configured to serve as, if one is.
+    want: Option<SpiffeId>,
     tx: watch::Sender<Option<Current>>,
     metrics: Arc<Metrics>,
     generation: u64,
@@ -235,17 +240,30 @@ impl Svids {
             self.pending = None;
             return;
         }
+        // Not inside the `match`: the borrow would live through `tx.send`.
+        let previous = self.tx.borrow().clone();
         if let Some(from) = self.valid_later(&resp) {
             if self.pending.as_ref().is_none_or(|(_, p)| *p != resp) {
                 tracing::warn!(valid_from = from, now = unix_now(), "the new SVID is not valid yet by this host's clock (is the CA's ahead?); the current one serves until it is");
+                // Its bundles are the agent's newest: peers are verified
+                // against them now, not when the SVID becomes valid.
+                if let Some(current) = &previous {
+                    let applied = self
+                        .pick(&resp)
+                        .and_then(|svid| bundles(&resp, svid, Some(current)));
+                    if let Err(e) = applied {
+                        tracing::error!(error = %e, "unusable bundles in the Workload API response; keeping the current ones");
+                    }
+                }
             }
             self.pending = Some((from, resp));
             return;
         }
         self.pending = None;
-        // Not inside the `match`: the borrow would live through `tx.send`.
-        let previous = self.tx.borrow().clone();
-        match install(&resp, &self.resolver, previous.as_ref()) {
+        let installed = self
+            .pick(&resp)
+            .and_then(|svid| install(&resp, svid, &self.resolver, previous.as_ref()));
+        match installed {
             Ok((spiffe_id, not_after, roots)) => {
                 self.installed = Some(resp);
                 self.generation += 1;
@@ -276,11 +294,32 @@ impl Svids {
     /// SVID serves until then (with none that serves, it is installed at
     /// once: no SVID is no better).
     fn valid_later(&self, resp: &pb::X509svidResponse) -> Option<i64> {
-        let chain = ward_spec::svid::split_der_chain(&resp.svids.first()?.x509_svid).ok()?;
+        let chain = ward_spec::svid::split_der_chain(&self.pick(resp).ok()?.x509_svid).ok()?;
         let (not_before, _) = ward_spec::svid::validity(chain.first()?).ok()?;
         let now = unix_now();
         let current = self.tx.borrow().as_ref().map_or(0, |c| c.not_after);
         (not_before > now && current >= not_before).then_some(not_before)
+    }
+
+    /// The SVID of `resp` to serve with: the configured ID's; without one,
+    /// the ID served as already, while the agent gives it (a workload
+    /// matching a new entry, whose ID sorts first, keeps its identity),
+    /// else the first.
+    fn pick<'r>(&self, resp: &'r pb::X509svidResponse) -> Result<&'r pb::X509svid, String> {
+        let current = self.tx.borrow().as_ref().map(|c| c.spiffe_id.to_string());
+        let given = |id: &str| resp.svids.iter().find(|s| s.spiffe_id == id);
+        match (&self.want, current) {
+            (Some(want), _) => given(&want.to_string()).ok_or_else(|| {
+                let ids: Vec<&str> = resp.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+                format!(
+                    "the Workload API gives no SVID for the configured spiffe_id {want} (it gives {ids:?})"
+                )
+            }),
+            (None, current) => current
+                .and_then(|id| given(&id))
+                .or(resp.svids.first())
+                .ok_or_else(|| "the response holds no SVID (is this process registered?)".into()),
+        }
     }
 
     /// How long until the response kept aside is looked at again, if one
@@ -303,19 +342,23 @@ impl Svids {
     }
 }
 
-/// Installs the first SVID of a response; returns its ID, expiry and roots.
+/// Installs `svid`, one of `resp`'s, and the response's bundles; returns
+/// its ID, expiry and roots.
 fn install(
     resp: &pb::X509svidResponse,
+    svid: &pb::X509svid,
     resolver: &SvidResolver,
     previous: Option<&Current>,
 ) -> Result<(SpiffeId, i64, RootStore), String> {
-    let svid = resp
-        .svids
-        .first()
-        .ok_or("the response holds no SVID (is this process registered?)")?;
     let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
     let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
         .map_err(|e| e.to_string())?;
+    if leaf.spiffe_id.to_string() != svid.spiffe_id {
+        return Err(format!(
+            "the SVID's certificate names {}, the response {:?}",
+            leaf.spiffe_id, svid.spiffe_id
+        ));
+    }
     // An expired SVID would be refused by every peer: the current one, if
     // still valid, serves better (and none is no worse).
     let now = unix_now();
@@ -330,7 +373,25 @@ fn install(
     // SVID's changes neither the roots nor the SVID.
     ward_spec::tls::certified_key(&chain, &svid.x509_svid_key)
         .map_err(|e| format!("SVID key: {e}"))?;
-    let mut bundle = TrustBundle::new(leaf.spiffe_id.trust_domain().clone());
+    let roots = bundles(resp, svid, previous)?;
+    resolver
+        .set(&chain, &svid.x509_svid_key)
+        .map_err(|e| format!("SVID key: {e}"))?;
+    Ok((leaf.spiffe_id, leaf.not_after, roots))
+}
+
+/// Applies `resp`'s bundles (that of `svid`'s trust domain, and the
+/// federated ones) to the roots in use, or makes the first roots.
+fn bundles(
+    resp: &pb::X509svidResponse,
+    svid: &pb::X509svid,
+    previous: Option<&Current>,
+) -> Result<RootStore, String> {
+    let trust_domain = SpiffeId::parse(&svid.spiffe_id)
+        .map_err(|e| format!("SVID ID {:?}: {e}", svid.spiffe_id))?
+        .trust_domain()
+        .clone();
+    let mut bundle = TrustBundle::new(trust_domain);
     bundle.x509_authorities =
         ward_spec::svid::split_der_chain(&svid.bundle).map_err(|e| e.to_string())?;
     if bundle.x509_authorities.is_empty() {
@@ -376,10 +437,7 @@ fn install(
     if roots.federated_trust_domains() != known {
         tracing::info!(trust_domains = ?roots.federated_trust_domains().iter().map(|t| t.to_string()).collect::<Vec<_>>(), "federated trust domains changed");
     }
-    resolver
-        .set(&chain, &svid.x509_svid_key)
-        .map_err(|e| format!("SVID key: {e}"))?;
-    Ok((leaf.spiffe_id, leaf.not_after, roots))
+    Ok(roots)
 }
 
 #[cfg(test)]
@@ -391,16 +449,21 @@ mod tests {
 
     /// A Workload API response with a new SVID for `API` from `issuer`.
     fn response(issuer: &Issuer, bundle: &TrustBundle) -> pb::X509svidResponse {
-        let (cert, key) = leaf_and_key(API, issuer);
         pb::X509svidResponse {
-            svids: vec![pb::X509svid {
-                spiffe_id: API.into(),
-                x509_svid: cert.to_vec(),
-                x509_svid_key: key.serialize_der(),
-                bundle: bundle.x509_authorities.concat(),
-                hint: String::new(),
-            }],
+            svids: vec![svid(API, issuer, bundle)],
             ..Default::default()
+        }
+    }
+
+    /// A new SVID for `id` from `issuer`, with `bundle`.
+    fn svid(id: &str, issuer: &Issuer, bundle: &TrustBundle) -> pb::X509svid {
+        let (cert, key) = leaf_and_key(id, issuer);
+        pb::X509svid {
+            spiffe_id: id.into(),
+            x509_svid: cert.to_vec(),
+            x509_svid_key: key.serialize_der(),
+            bundle: bundle.x509_authorities.concat(),
+            hint: String::new(),
         }
     }
 
@@ -409,6 +472,7 @@ mod tests {
         let (tx, rx) = watch::channel(None);
         let svids = Svids {
             resolver: SvidResolver::default(),
+            want: None,
             tx,
             metrics: Arc::new(Metrics::default()),
             generation: 0,
@@ -432,9 +496,14 @@ mod tests {
         let (cert, key) = expired_leaf_and_key(API, &issuer);
         expired.svids[0].x509_svid = cert.to_vec();
         expired.svids[0].x509_svid_key = key.serialize_der();
-        let e = install(&expired, &svids.resolver, rx.borrow().as_ref())
-            .err()
-            .expect("an expired SVID was installed");
+        let e = install(
+            &expired,
+            &expired.svids[0],
+            &svids.resolver,
+            rx.borrow().as_ref(),
+        )
+        .err()
+        .expect("an expired SVID was installed");
         assert!(e.contains("expired") && e.contains(API), "{e}");
         svids.receive(expired);
         assert!(!rx.has_changed().unwrap(), "an expired SVID was announced");
@@ -481,6 +550,74 @@ mod tests {
         fresh.receive(future(60));
         assert_eq!(rx.borrow_and_update().as_ref().unwrap().generation, 1);
         assert!(fresh.pending_wait().is_none());
+    }
+
+    /// Of several SVIDs (a workload matching more than one entry) the proxy
+    /// keeps the ID it serves as, wherever the agent lists it; it moves
+    /// to the first once that ID is gone. Configured with an ID, it serves
+    /// as that one, and installs nothing until the agent gives it.
+    #[test]
+    fn of_several_svids_the_proxy_keeps_its_id_or_takes_the_configured_one() {
+        const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
+        let (bundle, issuer) = root("example.org");
+        let both = |ids: &[&str]| pb::X509svidResponse {
+            svids: ids.iter().map(|id| svid(id, &issuer, &bundle)).collect(),
+            ..Default::default()
+        };
+        let serving = |rx: &watch::Receiver<Option<Current>>| {
+            rx.borrow().as_ref().map(|c| c.spiffe_id.to_string())
+        };
+        let (mut svids, rx) = svids();
+        svids.receive(both(&[API]));
+        svids.receive(both(&[WEB, API]));
+        assert_eq!(serving(&rx).as_deref(), Some(API));
+        assert_eq!(rx.borrow().as_ref().unwrap().generation, 2, "renewed");
+        svids.receive(both(&[WEB]));
+        assert_eq!(serving(&rx).as_deref(), Some(WEB));
+
+        let (mut configured, rx) = self::svids();
+        configured.want = Some(SpiffeId::parse(API).unwrap());
+        configured.receive(both(&[WEB]));
+        assert!(rx.borrow().is_none(), "installed an SVID not configured");
+        assert!(configured.resolver.get().is_none());
+        configured.receive(both(&[WEB, API]));
+        assert_eq!(serving(&rx).as_deref(), Some(API));
+        // A certificate whose ID is not the one the response names for it.
+        let mut lying = both(&[WEB]);
+        lying.svids[0].spiffe_id = API.into();
+        let e = install(&lying, &lying.svids[0], &configured.resolver, None)
+            .err()
+            .expect("installed a certificate for another ID");
+        assert!(e.contains(WEB), "{e}");
+    }
+
+    /// A response kept aside for its SVID not valid yet has its bundles
+    /// applied at once: a federated trust domain it adds is trusted while
+    /// the current SVID still serves.
+    #[tokio::test]
+    async fn bundles_of_an_svid_not_valid_yet_apply_at_once() {
+        let (bundle, issuer) = root("example.org");
+        let (other, _) = root("other.org");
+        let (mut svids, rx) = svids();
+        svids.receive(response(&issuer, &bundle));
+        let mut later = response(&issuer, &bundle);
+        let (cert, key) = ward_spec::test_util::future_leaf_and_key(API, &issuer, 30);
+        later.svids[0].x509_svid = cert.to_vec();
+        later.svids[0].x509_svid_key = key.serialize_der();
+        later
+            .federated_bundles
+            .insert("other.org".into(), other.x509_authorities.concat());
+        svids.receive(later);
+        assert!(svids.pending_wait().is_some(), "not kept aside");
+        let current = rx.borrow().clone().unwrap();
+        assert_eq!(current.generation, 1);
+        let federated: Vec<String> = current
+            .roots
+            .federated_trust_domains()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(federated, ["other.org"]);
     }
 
     /// The stream is opened again 200 ms after one that delivered and

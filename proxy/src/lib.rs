@@ -88,7 +88,11 @@ pub async fn run(
             metrics.reload_stats.clone(),
         )
     });
-    let mut identity = Identity::follow(cfg.workload_api_socket.clone(), metrics.clone());
+    let mut identity = Identity::follow(
+        cfg.workload_api_socket.clone(),
+        cfg.spiffe_id.clone(),
+        metrics.clone(),
+    );
     // Open inbound streams are decided again whenever the active set changes.
     let policy_epoch = policy_epoch(authz.clone(), identity.current.clone());
 

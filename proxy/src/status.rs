@@ -43,6 +43,7 @@ impl Status {
         let l = &cfg.limits;
         let config = json!({
             "workload_api_socket": cfg.workload_api_socket,
+            "spiffe_id": cfg.spiffe_id.as_ref().map(ToString::to_string),
             "health_address": cfg.health_address.to_string(),
             "inbound": cfg.inbound.as_ref().map(|i| json!({
                 "listen": i.listen.to_string(),

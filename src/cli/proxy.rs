@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use ward_proxy::config::{ConnectListener, Inbound, Route};
 use ward_proxy::ProxyConfig;
+use ward_spec::SpiffeId;
 
 #[derive(Subcommand)]
 pub enum ProxyCommand {
@@ -30,6 +31,10 @@ pub struct RunArgs {
     /// $SPIFFE_ENDPOINT_SOCKET, else .ward/agent/workload.sock
     #[arg(long = "socket")]
     workload_api_socket: Option<String>,
+    /// The SPIFFE ID to serve as when the Workload API gives this workload
+    /// several SVIDs. Default: the one served as already, else the first
+    #[arg(long)]
+    spiffe_id: Option<SpiffeId>,
     /// Address of /healthz, /readyz, /metrics, /config_dump, /logging and
     /// POST /quitquitquit (drains, as SIGTERM does; from this host only).
     /// Default 127.0.0.1:15020
@@ -160,6 +165,9 @@ impl RunArgs {
         // whose file names another.)
         if let Some(s) = self.workload_api_socket {
             c.workload_api_socket = PathBuf::from(s);
+        }
+        if let Some(id) = self.spiffe_id {
+            c.spiffe_id = Some(id);
         }
         // Either source may say `unix:///path` or `unix:/path`.
         c.workload_api_socket = ward_spec::grpc::socket_path(
