@@ -278,7 +278,6 @@ on_both_backends! {
     }
 }
 
-/// `node`'s change stream, its first notice taken.
 /// The code `stream` ends with, within 15 s of waiting for `what`.
 async fn ending(
     stream: &mut tonic::Streaming<ward_spec::proto::node::v1::ChangeNotice>,
@@ -290,6 +289,7 @@ async fn ending(
     ended.expect_err("the stream ended without an error").code()
 }
 
+/// `node`'s change stream, its first notice taken.
 async fn watching(node: &mut Node) -> tonic::Streaming<ward_spec::proto::node::v1::ChangeNotice> {
     let mut stream = node
         .client
@@ -348,6 +348,35 @@ on_both_backends! {
             .expect("no notice on the stream after the renewal");
         assert!(next.unwrap().is_some());
         assert_eq!(ca.audit_lines("refused"), 0, "{}", ca.log_text());
+    }
+}
+
+/// An agent holds at most 4 change streams: a fifth ends its oldest
+/// (`ResourceExhausted`), and the four newest still hear of changes. One
+/// it closes makes room: the next one ends none.
+#[tokio::test]
+async fn an_agent_holds_at_most_four_change_streams_and_a_new_one_ends_the_oldest() {
+    let ca = CaProcess::start(&[]);
+    let mut node = attest(&ca).await;
+    let mut oldest = watching(&mut node).await;
+    let mut newer = Vec::new();
+    for _ in 0..4 {
+        newer.push(watching(&mut node).await);
+    }
+    assert_eq!(
+        ending(&mut oldest, "four newer streams").await,
+        tonic::Code::ResourceExhausted
+    );
+    drop(newer.remove(1));
+    // (The CA hears of the reset, and ends that stream, on its own time.)
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    newer.push(watching(&mut node).await);
+    ca.create_entry("spiffe://example.org/w", &node.id.to_string());
+    for (i, stream) in newer.iter_mut().enumerate() {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i}: no notice of the new entry"));
+        assert!(next.unwrap().is_some(), "stream {i} ended");
     }
 }
 

@@ -22,6 +22,69 @@ pub struct PeerIdentity(pub Option<SpiffeId>, pub NodeSvid);
 
 pub struct NodeApi {
     pub ca: Arc<Ca>,
+    pub change_streams: ChangeStreams,
+}
+
+/// The most change streams one agent holds open: it needs one, and one
+/// more while it replaces a stream whose connection it gave up on.
+pub const MAX_CHANGE_STREAMS_PER_AGENT: usize = 4;
+
+/// The change streams open at this replica, by agent. A new stream beyond
+/// [`MAX_CHANGE_STREAMS_PER_AGENT`] ends the agent's oldest: an agent whose
+/// old connections died unseen (no FIN reached the CA) is always served
+/// on its newest, and no agent holds more.
+#[derive(Clone, Default)]
+pub struct ChangeStreams(Arc<std::sync::Mutex<ChangeStreamsInner>>);
+
+#[derive(Default)]
+struct ChangeStreamsInner {
+    next: u64,
+    open: std::collections::HashMap<
+        String,
+        std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+    >,
+}
+
+/// One open change stream; notified when a newer one supersedes it.
+struct ChangeStream {
+    streams: ChangeStreams,
+    agent: String,
+    serial: u64,
+    superseded: Arc<tokio::sync::Notify>,
+}
+
+impl ChangeStreams {
+    fn open(&self, agent: &str) -> ChangeStream {
+        let superseded = Arc::new(tokio::sync::Notify::new());
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.next += 1;
+        let serial = inner.next;
+        let open = inner.open.entry(agent.to_owned()).or_default();
+        open.push_back((serial, superseded.clone()));
+        if open.len() > MAX_CHANGE_STREAMS_PER_AGENT {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.notify_one();
+            }
+        }
+        ChangeStream {
+            streams: self.clone(),
+            agent: agent.to_owned(),
+            serial,
+            superseded,
+        }
+    }
+}
+
+impl Drop for ChangeStream {
+    fn drop(&mut self) {
+        let mut inner = self.streams.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = inner.open.get_mut(&self.agent) {
+            open.retain(|(serial, _)| *serial != self.serial);
+            if open.is_empty() {
+                inner.open.remove(&self.agent);
+            }
+        }
+    }
 }
 
 /// How long from now until the end of Unix second `secs`.
@@ -262,6 +325,7 @@ impl Node for NodeApi {
         let mut entries = self.ca.entry_changes();
         let mut agents = self.ca.agent_changes();
         let me = id.to_string();
+        let slot = self.change_streams.open(&me);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let ca = self.ca.clone();
         let expired = tokio::time::sleep(until_unix(presented.not_after));
@@ -296,6 +360,15 @@ impl Node for NodeApi {
                         Err(RecvError::Closed) => return,
                     },
                     _ = tx.closed() => return,
+                    () = slot.superseded.notified() => {
+                        tracing::info!(agent = %me, "a change stream ends: the agent opened {MAX_CHANGE_STREAMS_PER_AGENT} newer ones");
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "this agent opened {MAX_CHANGE_STREAMS_PER_AGENT} newer change streams; the oldest ends"
+                            ))))
+                            .await;
+                        return;
+                    }
                     () = &mut expired => {
                         let _ = tx
                             .send(Err(Status::unauthenticated(

@@ -141,7 +141,10 @@ pub async fn serve(
 
     // Agents and remote admins share the mutual-TLS port.
     let node = tonic::transport::Server::builder()
-        .add_service(NodeServer::new(NodeApi { ca: ca.clone() }))
+        .add_service(NodeServer::new(NodeApi {
+            ca: ca.clone(),
+            change_streams: Default::default(),
+        }))
         .add_service(AdminServer::new(AdminApi {
             ca: ca.clone(),
             remote: true,
