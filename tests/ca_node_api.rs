@@ -367,13 +367,19 @@ async fn an_agent_holds_at_most_four_change_streams_and_a_new_one_ends_the_oldes
         ending(&mut oldest, "four newer streams").await,
         tonic::Code::ResourceExhausted
     );
+    let open = || metric_value(&ca.health_addr, "ward_ca_change_streams");
+    assert_eq!(open(), 4.0);
     drop(newer.remove(1));
     // (The CA hears of the reset, and ends that stream, on its own time.)
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() != 3.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open(), 3.0, "the dropped stream is still open at the CA");
     newer.push(watching(&mut node).await);
     ca.create_entry("spiffe://example.org/w", &node.id.to_string());
     for (i, stream) in newer.iter_mut().enumerate() {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await
             .unwrap_or_else(|_| panic!("stream {i}: no notice of the new entry"));
         assert!(next.unwrap().is_some(), "stream {i} ended");

@@ -262,12 +262,13 @@ fn bytes_arrive_intact_both_ways_and_streams_share_one_connection() {
     assert_eq!(web.config_dump()["outbound"][0]["streams"], 1);
 
     // 8. A workload matching two entries serves as the one `--spiffe-id`
-    //    names, whichever the agent lists first.
+    //    names, whichever the agent lists first. (DB_ADMIN's proxy, ready,
+    //    shows that the agent gives both: one of them is not listed first.)
     const DB_ADMIN: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/db-admin";
     let node = mesh.ca.first_agent();
     mesh.ca
         .register(DB_ADMIN, &node, &format!("unix:uid:{DB_UID}"));
-    for id in [DB, DB_ADMIN] {
+    for id in [DB_ADMIN, DB] {
         let (db, _) = mesh.client_proxy(DB_UID, API, &["--spiffe-id", id]);
         let dump = db.config_dump();
         assert_eq!(dump["identity"]["spiffe_id"], id, "{dump}");

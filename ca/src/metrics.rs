@@ -17,6 +17,8 @@ pub struct Metrics {
     node_connections_closed: Family<Labels, Counter>,
     /// Node API connections open without a client certificate.
     pub unauthenticated_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Agents' change streams open at this replica.
+    pub change_streams: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub bundle_sequence: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub signing_ca_expiry: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub datastore_up: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -32,6 +34,7 @@ impl Default for Metrics {
         let admin_changes = Family::<Labels, Counter>::default();
         let node_connections_closed = Family::<Labels, Counter>::default();
         let unauthenticated_connections = Gauge::default();
+        let change_streams = Gauge::default();
         let bundle_sequence = Gauge::default();
         let signing_ca_expiry = Gauge::default();
         let datastore_up = Gauge::default();
@@ -57,6 +60,11 @@ impl Default for Metrics {
             "node_unauthenticated_connections",
             "Node API connections open without a client certificate",
             unauthenticated_connections.clone(),
+        );
+        registry.register(
+            "change_streams",
+            "Agents' change streams open at this replica",
+            change_streams.clone(),
         );
         registry.register(
             "bundle_sequence",
@@ -86,6 +94,7 @@ impl Default for Metrics {
             admin_changes,
             node_connections_closed,
             unauthenticated_connections,
+            change_streams,
             bundle_sequence,
             signing_ca_expiry,
             datastore_up,

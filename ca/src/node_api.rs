@@ -33,8 +33,12 @@ pub const MAX_CHANGE_STREAMS_PER_AGENT: usize = 4;
 /// [`MAX_CHANGE_STREAMS_PER_AGENT`] ends the agent's oldest: an agent whose
 /// old connections died unseen (no FIN reached the CA) is always served
 /// on its newest, and no agent holds more.
-#[derive(Clone, Default)]
-pub struct ChangeStreams(Arc<std::sync::Mutex<ChangeStreamsInner>>);
+#[derive(Clone)]
+pub struct ChangeStreams {
+    inner: Arc<std::sync::Mutex<ChangeStreamsInner>>,
+    /// How many are open (`ward_ca_change_streams`).
+    gauge: prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+}
 
 #[derive(Default)]
 struct ChangeStreamsInner {
@@ -54,9 +58,20 @@ struct ChangeStream {
 }
 
 impl ChangeStreams {
+    /// None open yet; `gauge` counts those that will be.
+    pub fn new(
+        gauge: prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+    ) -> ChangeStreams {
+        ChangeStreams {
+            inner: Arc::default(),
+            gauge,
+        }
+    }
+
     fn open(&self, agent: &str) -> ChangeStream {
         let superseded = Arc::new(tokio::sync::Notify::new());
-        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.gauge.inc();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.next += 1;
         let serial = inner.next;
         let open = inner.open.entry(agent.to_owned()).or_default();
@@ -77,7 +92,8 @@ impl ChangeStreams {
 
 impl Drop for ChangeStream {
     fn drop(&mut self) {
-        let mut inner = self.streams.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.streams.gauge.dec();
+        let mut inner = self.streams.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(open) = inner.open.get_mut(&self.agent) {
             open.retain(|(serial, _)| *serial != self.serial);
             if open.is_empty() {
@@ -317,10 +333,11 @@ impl Node for NodeApi {
         // A notice at once; then one per change of the bundle or the policy
         // set, and one per entry change under this agent (or when changes
         // may have been missed), never for other agents' entries. The
-        // stream ends when the node SVID it was opened with expires, or
+        // stream ends when the node SVID it was opened with expires, when
         // the agent is evicted (looked at when its record changes, here or
-        // at another replica): the agent opens another with its current
-        // SVID, if it still may.
+        // at another replica), or when the agent opened more than
+        // MAX_CHANGE_STREAMS_PER_AGENT after it: the agent opens another
+        // with its current SVID, if it still may.
         let mut state = self.ca.watch_changes();
         let mut entries = self.ca.entry_changes();
         let mut agents = self.ca.agent_changes();
@@ -339,10 +356,23 @@ impl Node for NodeApi {
                     federation_version: n.federation_version,
                 })
             };
-            let mut sent = *state.borrow_and_update();
-            if tx.send(notice(sent)).await.is_err() {
-                return;
+            // A notice waits for room (the agent reads slowly), but not
+            // past the stream's end: an agent whose connection died unseen
+            // reads nothing, and its stream must still end.
+            macro_rules! send_or_end {
+                ($n:expr) => {
+                    let delivered = tokio::select! {
+                        r = tx.send($n) => r.is_ok(),
+                        () = slot.superseded.notified() => false,
+                        () = &mut expired => false,
+                    };
+                    if !delivered {
+                        return;
+                    }
+                };
             }
+            let mut sent = *state.borrow_and_update();
+            send_or_end!(notice(sent));
             loop {
                 let news = tokio::select! {
                     r = state.changed() => {
@@ -362,19 +392,17 @@ impl Node for NodeApi {
                     _ = tx.closed() => return,
                     () = slot.superseded.notified() => {
                         tracing::info!(agent = %me, "a change stream ends: the agent opened {MAX_CHANGE_STREAMS_PER_AGENT} newer ones");
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "this agent opened {MAX_CHANGE_STREAMS_PER_AGENT} newer change streams; the oldest ends"
-                            ))))
-                            .await;
+                        // (Its last word, if there is room: with none the
+                        // agent is not reading, and the stream just ends.)
+                        let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                            "this agent opened {MAX_CHANGE_STREAMS_PER_AGENT} newer change streams; the oldest ends"
+                        ))));
                         return;
                     }
                     () = &mut expired => {
-                        let _ = tx
-                            .send(Err(Status::unauthenticated(
-                                "the node SVID this stream was opened with has expired",
-                            )))
-                            .await;
+                        let _ = tx.try_send(Err(Status::unauthenticated(
+                            "the node SVID this stream was opened with has expired",
+                        )));
                         return;
                     }
                     r = agents.recv() => {
@@ -387,7 +415,7 @@ impl Node for NodeApi {
                         // eviction: the stream goes on.)
                         if mine && ca.agent_gone(&id).await.unwrap_or(false) {
                             let refused = ca.refuse_agent(&id, true, "watch_changes");
-                            let _ = tx.send(Err(refused.into())).await;
+                            let _ = tx.try_send(Err(refused.into()));
                             return;
                         }
                         false
@@ -395,9 +423,7 @@ impl Node for NodeApi {
                 };
                 if news {
                     sent = *state.borrow();
-                    if tx.send(notice(sent)).await.is_err() {
-                        return;
-                    }
+                    send_or_end!(notice(sent));
                 }
             }
         });

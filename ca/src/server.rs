@@ -143,7 +143,7 @@ pub async fn serve(
     let node = tonic::transport::Server::builder()
         .add_service(NodeServer::new(NodeApi {
             ca: ca.clone(),
-            change_streams: Default::default(),
+            change_streams: crate::node_api::ChangeStreams::new(ca.metrics.change_streams.clone()),
         }))
         .add_service(AdminServer::new(AdminApi {
             ca: ca.clone(),

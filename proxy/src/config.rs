@@ -67,8 +67,8 @@ pub struct ProxyConfig {
     /// The SPIFFE ID this proxy serves as when the Workload API gives the
     /// workload more than one SVID (it matches several registration
     /// entries); until it gives one for this ID the proxy is not ready.
-    /// Default: the ID it serves as already, while the agent still gives
-    /// it, else the first SVID's.
+    /// Default: the ID it first served as, whenever the agent gives it,
+    /// else the first SVID's.
     pub spiffe_id: Option<SpiffeId>,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub health_address: SocketAddr,

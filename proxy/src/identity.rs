@@ -14,8 +14,10 @@
 //! nor does one whose SVID has expired, its bundles included (an agent
 //! serving an expired SVID has lost the CA those come from). One whose SVID
 //! is not valid yet by this host's clock (the CA's is ahead by more than it
-//! backdates) waits until it is, while the current SVID still serves:
-//! peers would refuse it until then.
+//! backdates) waits until it is, while the current SVID still serves (peers
+//! would refuse it until then); its bundles apply at once. Of several SVIDs
+//! (a workload matching more than one entry) the proxy serves as the
+//! configured ID, else as the ID it first served as whenever it is given.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -99,6 +101,7 @@ async fn watch_svids(
     let mut svids = Svids {
         resolver,
         want,
+        preferred: None,
         tx,
         metrics,
         generation: 0,
@@ -220,39 +223,66 @@ struct Svids {
     resolver: SvidResolver,
     /// The SPIFFE ID configured to serve as, if one is.
     want: Option<SpiffeId>,
+    /// Without one configured, the ID first served as: served again
+    /// whenever the agent gives it (see [`Svids::pick`]).
+    preferred: Option<SpiffeId>,
     tx: watch::Sender<Option<Current>>,
     metrics: Arc<Metrics>,
     generation: u64,
-    /// The last response installed, from this stream or an earlier one.
-    installed: Option<pb::X509svidResponse>,
+    /// What was installed last, from this stream or an earlier one.
+    installed: Option<Installed>,
     /// A response whose SVID is valid only from this Unix second, kept
     /// until then while the current SVID serves.
     pending: Option<(i64, pb::X509svidResponse)>,
 }
 
+/// The SVID served and the bundles it came with. A response that differs
+/// only in the workload's other SVIDs (another entry's renewal) or in
+/// their order installs nothing.
+#[derive(PartialEq)]
+struct Installed {
+    svid: pb::X509svid,
+    federated: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl Installed {
+    fn of(svid: &pb::X509svid, resp: &pb::X509svidResponse) -> Installed {
+        Installed {
+            svid: svid.clone(),
+            federated: resp.federated_bundles.clone(),
+        }
+    }
+}
+
 impl Svids {
     fn receive(&mut self, resp: pb::X509svidResponse) {
+        let svid = match self.pick(&resp) {
+            Ok(svid) => svid,
+            Err(e) => {
+                tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID");
+                return;
+            }
+        };
         // What a reopened stream starts with is most often what is
         // installed: a new generation would move every pooled connection's
         // new streams to new connections for nothing.
-        if self.installed.as_ref() == Some(&resp) {
+        if self.installed.as_ref() == Some(&Installed::of(svid, &resp)) {
             tracing::debug!("the Workload API sent the SVID and bundles already installed");
             self.pending = None;
             return;
         }
         // Not inside the `match`: the borrow would live through `tx.send`.
         let previous = self.tx.borrow().clone();
-        if let Some(from) = self.valid_later(&resp) {
+        if let Some(from) = self.valid_later(svid) {
             if self.pending.as_ref().is_none_or(|(_, p)| *p != resp) {
                 tracing::warn!(valid_from = from, now = unix_now(), "the new SVID is not valid yet by this host's clock (is the CA's ahead?); the current one serves until it is");
                 // Its bundles are the agent's newest: peers are verified
-                // against them now, not when the SVID becomes valid.
+                // against them now, not when the SVID becomes valid (once
+                // the response has passed the checks an install makes).
                 if let Some(current) = &previous {
-                    let applied = self
-                        .pick(&resp)
-                        .and_then(|svid| bundles(&resp, svid, Some(current)));
+                    let applied = check(svid).and_then(|_| bundles(&resp, svid, Some(current)));
                     if let Err(e) = applied {
-                        tracing::error!(error = %e, "unusable bundles in the Workload API response; keeping the current ones");
+                        tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID and bundles");
                     }
                 }
             }
@@ -260,12 +290,12 @@ impl Svids {
             return;
         }
         self.pending = None;
-        let installed = self
-            .pick(&resp)
-            .and_then(|svid| install(&resp, svid, &self.resolver, previous.as_ref()));
-        match installed {
+        match install(&resp, svid, &self.resolver, previous.as_ref()) {
             Ok((spiffe_id, not_after, roots)) => {
-                self.installed = Some(resp);
+                self.installed = Some(Installed::of(svid, &resp));
+                if self.want.is_none() && self.preferred.is_none() {
+                    self.preferred = Some(spiffe_id.clone());
+                }
                 self.generation += 1;
                 let generation = self.generation;
                 self.metrics
@@ -290,11 +320,11 @@ impl Svids {
 }
 
 impl Svids {
-    /// When `resp`'s SVID becomes valid, if that is later and the current
-    /// SVID serves until then (with none that serves, it is installed at
-    /// once: no SVID is no better).
-    fn valid_later(&self, resp: &pb::X509svidResponse) -> Option<i64> {
-        let chain = ward_spec::svid::split_der_chain(&self.pick(resp).ok()?.x509_svid).ok()?;
+    /// When `svid` becomes valid, if that is later and the current SVID
+    /// serves until then (with none that serves, it is installed at once:
+    /// no SVID is no better).
+    fn valid_later(&self, svid: &pb::X509svid) -> Option<i64> {
+        let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).ok()?;
         let (not_before, _) = ward_spec::svid::validity(chain.first()?).ok()?;
         let now = unix_now();
         let current = self.tx.borrow().as_ref().map_or(0, |c| c.not_after);
@@ -302,24 +332,28 @@ impl Svids {
     }
 
     /// The SVID of `resp` to serve with: the configured ID's; without one,
-    /// the ID served as already, while the agent gives it (a workload
-    /// matching a new entry, whose ID sorts first, keeps its identity),
-    /// else the first.
+    /// that of the ID first served as, whenever the agent gives it (a
+    /// workload matching a new entry, listed before its own, keeps its
+    /// identity; one whose SVID the agent left out for a while takes it
+    /// back), else the first.
     fn pick<'r>(&self, resp: &'r pb::X509svidResponse) -> Result<&'r pb::X509svid, String> {
-        let current = self.tx.borrow().as_ref().map(|c| c.spiffe_id.to_string());
-        let given = |id: &str| resp.svids.iter().find(|s| s.spiffe_id == id);
-        match (&self.want, current) {
-            (Some(want), _) => given(&want.to_string()).ok_or_else(|| {
+        let given = |id: &SpiffeId| {
+            let id = id.to_string();
+            resp.svids.iter().find(|s| s.spiffe_id == id)
+        };
+        if let Some(want) = &self.want {
+            return given(want).ok_or_else(|| {
                 let ids: Vec<&str> = resp.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
                 format!(
                     "the Workload API gives no SVID for the configured spiffe_id {want} (it gives {ids:?})"
                 )
-            }),
-            (None, current) => current
-                .and_then(|id| given(&id))
-                .or(resp.svids.first())
-                .ok_or_else(|| "the response holds no SVID (is this process registered?)".into()),
+            });
         }
+        self.preferred
+            .as_ref()
+            .and_then(given)
+            .or(resp.svids.first())
+            .ok_or_else(|| "the response holds no SVID (is this process registered?)".into())
     }
 
     /// How long until the response kept aside is looked at again, if one
@@ -333,13 +367,42 @@ impl Svids {
         Some(wait.min(Duration::from_secs(5)))
     }
 
-    /// Takes the response kept aside again: installed if it is valid now
+    /// Looks at the response kept aside again: installed if it is valid now
     /// (or the current SVID no longer serves), else kept.
     fn receive_pending(&mut self) {
+        let later = |(_, resp): &(i64, pb::X509svidResponse)| {
+            self.pick(resp)
+                .ok()
+                .and_then(|svid| self.valid_later(svid))
+                .is_some()
+        };
+        if self.pending.as_ref().is_some_and(later) {
+            return;
+        }
         if let Some((_, resp)) = self.pending.take() {
             self.receive(resp);
         }
     }
+}
+
+/// The checks an SVID passes before it, or its response's bundles, are
+/// used: a chain whose leaf is an SVID for the ID the response names, and
+/// the leaf's key.
+fn check(svid: &pb::X509svid) -> Result<(Vec<Vec<u8>>, ward_spec::svid::LeafInfo), String> {
+    let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
+    let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
+        .map_err(|e| e.to_string())?;
+    if leaf.spiffe_id.to_string() != svid.spiffe_id {
+        return Err(format!(
+            "the SVID's certificate names {}, the response {:?}",
+            leaf.spiffe_id, svid.spiffe_id
+        ));
+    }
+    // Checked before anything is changed: a response whose key is not its
+    // SVID's changes neither the roots nor the SVID.
+    ward_spec::tls::certified_key(&chain, &svid.x509_svid_key)
+        .map_err(|e| format!("SVID key: {e}"))?;
+    Ok((chain, leaf))
 }
 
 /// Installs `svid`, one of `resp`'s, and the response's bundles; returns
@@ -350,15 +413,7 @@ fn install(
     resolver: &SvidResolver,
     previous: Option<&Current>,
 ) -> Result<(SpiffeId, i64, RootStore), String> {
-    let chain = ward_spec::svid::split_der_chain(&svid.x509_svid).map_err(|e| e.to_string())?;
-    let leaf = ward_spec::svid::check_leaf(chain.first().ok_or("empty SVID chain")?)
-        .map_err(|e| e.to_string())?;
-    if leaf.spiffe_id.to_string() != svid.spiffe_id {
-        return Err(format!(
-            "the SVID's certificate names {}, the response {:?}",
-            leaf.spiffe_id, svid.spiffe_id
-        ));
-    }
+    let (chain, leaf) = check(svid)?;
     // An expired SVID would be refused by every peer: the current one, if
     // still valid, serves better (and none is no worse).
     let now = unix_now();
@@ -369,10 +424,6 @@ fn install(
             now - leaf.not_after
         ));
     }
-    // Checked before anything is changed: a response whose key is not its
-    // SVID's changes neither the roots nor the SVID.
-    ward_spec::tls::certified_key(&chain, &svid.x509_svid_key)
-        .map_err(|e| format!("SVID key: {e}"))?;
     let roots = bundles(resp, svid, previous)?;
     resolver
         .set(&chain, &svid.x509_svid_key)
@@ -473,6 +524,7 @@ mod tests {
         let svids = Svids {
             resolver: SvidResolver::default(),
             want: None,
+            preferred: None,
             tx,
             metrics: Arc::new(Metrics::default()),
             generation: 0,
@@ -553,9 +605,10 @@ mod tests {
     }
 
     /// Of several SVIDs (a workload matching more than one entry) the proxy
-    /// keeps the ID it serves as, wherever the agent lists it; it moves
-    /// to the first once that ID is gone. Configured with an ID, it serves
-    /// as that one, and installs nothing until the agent gives it.
+    /// keeps the ID it first served as, wherever the agent lists it; it
+    /// moves to the first while that ID is gone, and back once it returns.
+    /// Another SVID's renewal installs nothing. Configured with an ID, it
+    /// serves as that one, and installs nothing until the agent gives it.
     #[test]
     fn of_several_svids_the_proxy_keeps_its_id_or_takes_the_configured_one() {
         const WEB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/web";
@@ -572,8 +625,14 @@ mod tests {
         svids.receive(both(&[WEB, API]));
         assert_eq!(serving(&rx).as_deref(), Some(API));
         assert_eq!(rx.borrow().as_ref().unwrap().generation, 2, "renewed");
+        let mut web_renewed = both(&[WEB, API]);
+        web_renewed.svids[1] = svids.installed.as_ref().unwrap().svid.clone();
+        svids.receive(web_renewed);
+        assert_eq!(rx.borrow().as_ref().unwrap().generation, 2, "WEB's renewal");
         svids.receive(both(&[WEB]));
         assert_eq!(serving(&rx).as_deref(), Some(WEB));
+        svids.receive(both(&[WEB, API]));
+        assert_eq!(serving(&rx).as_deref(), Some(API));
 
         let (mut configured, rx) = self::svids();
         configured.want = Some(SpiffeId::parse(API).unwrap());
@@ -607,17 +666,27 @@ mod tests {
         later
             .federated_bundles
             .insert("other.org".into(), other.x509_authorities.concat());
+        let federated = |rx: &watch::Receiver<Option<Current>>| -> Vec<String> {
+            let current = rx.borrow().clone().unwrap();
+            assert_eq!(current.generation, 1);
+            let domains = current.roots.federated_trust_domains();
+            domains.iter().map(|t| t.to_string()).collect()
+        };
+        // Not with a key that is not its SVID's: such a response is not used.
+        let mut wrong_key = later.clone();
+        wrong_key.svids[0].x509_svid_key = leaf_and_key(API, &issuer).1.serialize_der();
+        svids.receive(wrong_key);
+        assert!(
+            federated(&rx).is_empty(),
+            "a response failing its checks was used"
+        );
         svids.receive(later);
         assert!(svids.pending_wait().is_some(), "not kept aside");
-        let current = rx.borrow().clone().unwrap();
-        assert_eq!(current.generation, 1);
-        let federated: Vec<String> = current
-            .roots
-            .federated_trust_domains()
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        assert_eq!(federated, ["other.org"]);
+        assert_eq!(federated(&rx), ["other.org"]);
+        // Looked at again before it is valid, it stays aside.
+        svids.receive_pending();
+        assert!(svids.pending_wait().is_some(), "no longer kept aside");
+        assert_eq!(rx.borrow().as_ref().unwrap().generation, 1);
     }
 
     /// The stream is opened again 200 ms after one that delivered and

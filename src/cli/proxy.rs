@@ -32,7 +32,7 @@ pub struct RunArgs {
     #[arg(long = "socket")]
     workload_api_socket: Option<String>,
     /// The SPIFFE ID to serve as when the Workload API gives this workload
-    /// several SVIDs. Default: the one served as already, else the first
+    /// several SVIDs. Default: the one first served as, whenever given, else the first
     #[arg(long)]
     spiffe_id: Option<SpiffeId>,
     /// Address of /healthz, /readyz, /metrics, /config_dump, /logging and
