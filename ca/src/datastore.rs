@@ -133,7 +133,7 @@ pub struct JoinTokenRecord {
 /// What became of an attempt to use a join token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUse {
-    /// The token was valid and is now spent.
+    /// The token is valid (or, redeemed, is now spent) for this agent.
     Accepted(SpiffeId),
     Unknown,
     AlreadyUsed,
@@ -269,8 +269,18 @@ pub fn merge_bundle_parts(td: &TrustDomain, parts: &[Vec<u8>]) -> Result<TrustBu
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()>;
-    /// Spends a token atomically: of two concurrent callers, one wins.
-    async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse>;
+    /// Whether a token may be spent now (`Accepted`: by the agent named),
+    /// spending nothing.
+    async fn join_token_state(&self, token_hash: &str, now: i64) -> Result<TokenUse>;
+    /// Spends a token for `agent` (the agent it names) and stores the
+    /// agent's record, in one transaction: of two concurrent callers one
+    /// wins, and a token is never spent without its agent saved.
+    async fn redeem_join_token(
+        &self,
+        token_hash: &str,
+        now: i64,
+        agent: &AgentRecord,
+    ) -> Result<TokenUse>;
 
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()>;
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;

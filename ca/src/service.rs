@@ -524,35 +524,46 @@ impl Ca {
             self.refuse("attest", None, &e.to_string());
         })?;
         self.live_signer()?;
+        let refused = |other: TokenUse| {
+            let why = match other {
+                TokenUse::AlreadyUsed => "join token was already used",
+                TokenUse::Expired => "join token has expired",
+                _ => "join token is not known",
+            };
+            self.metrics.attestation("refused");
+            self.refuse("attest", None, why);
+            CaError::denied(why)
+        };
+        // The token names the agent the SVID is for; it is spent, and the
+        // agent saved, together once the SVID is made: a database that
+        // fails in between leaves the token as it was.
+        let hash = hash_token(token);
         let agent_id = match self
             .store
-            .use_join_token(&hash_token(token), now().unix_timestamp())
+            .join_token_state(&hash, now().unix_timestamp())
             .await?
         {
             TokenUse::Accepted(id) => id,
-            other => {
-                let why = match other {
-                    TokenUse::AlreadyUsed => "join token was already used",
-                    TokenUse::Expired => "join token has expired",
-                    _ => "join token is not known",
-                };
-                self.metrics.attestation("refused");
-                self.refuse("attest", None, why);
-                return Err(CaError::denied(why));
-            }
+            other => return Err(refused(other)),
         };
         let svid = self.issue(&agent_id, &[], &checked.key, self.ttls.node_svid)?;
-        self.store
-            .upsert_agent(&AgentRecord {
-                spiffe_id: agent_id.clone(),
-                attestation_type: JOIN_TOKEN_ATTESTOR.into(),
-                serial: svid.serial.clone(),
-                new_serial: String::new(),
-                expires_at: svid.expires_at,
-                evicted: false,
-                attested_at: now().unix_timestamp(),
-            })
-            .await?;
+        let agent = AgentRecord {
+            spiffe_id: agent_id.clone(),
+            attestation_type: JOIN_TOKEN_ATTESTOR.into(),
+            serial: svid.serial.clone(),
+            new_serial: String::new(),
+            expires_at: svid.expires_at,
+            evicted: false,
+            attested_at: now().unix_timestamp(),
+        };
+        match self
+            .store
+            .redeem_join_token(&hash, now().unix_timestamp(), &agent)
+            .await?
+        {
+            TokenUse::Accepted(_) => {}
+            other => return Err(refused(other)),
+        }
         self.metrics.attestation("ok");
         tracing::info!(target: "audit", event = "agent_attested", agent_id = %agent_id, serial = %svid.serial, expires_at = svid.expires_at, "attested a node");
         Ok(svid)

@@ -131,8 +131,16 @@ impl Datastore for Breaker {
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()> {
         guarded!(self.create_join_token(token))
     }
-    async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
-        guarded!(self.use_join_token(token_hash, now))
+    async fn join_token_state(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
+        guarded!(self.join_token_state(token_hash, now))
+    }
+    async fn redeem_join_token(
+        &self,
+        token_hash: &str,
+        now: i64,
+        agent: &AgentRecord,
+    ) -> Result<TokenUse> {
+        guarded!(self.redeem_join_token(token_hash, now, agent))
     }
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()> {
         guarded!(self.upsert_agent(agent))

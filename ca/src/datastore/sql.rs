@@ -170,19 +170,53 @@ pub const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, 
 /// commits before it writes).
 macro_rules! sql_store {
     ($store:ident, $row:ty, $conn:ty, $lock:expr, $notify:expr, $snapshot:expr, $begin:expr) => {
-        /// Runs `notify` (a statement taking the payload as `$1`) inside the
-        /// writing transaction, so other processes hear of a change exactly
-        /// when it commits.
         /// An agent's change notice, with its serials as now stored.
         fn agent_notice(a: &AgentRecord) -> String {
             format!("agent:{} {} {}", a.spiffe_id, a.serial, a.new_serial)
         }
 
+        /// Runs `notify` (a statement taking the payload as `$1`) inside the
+        /// writing transaction, so other processes hear of a change exactly
+        /// when it commits.
         async fn announce(tx: &mut $conn, notify: Option<&str>, payload: &str) -> Result<()> {
             if let Some(sql) = notify {
                 sqlx::query(sql).bind(payload).execute(tx).await?;
             }
             Ok(())
+        }
+
+        /// Stores an agent's record (its serials and expiry, if it had one)
+        /// and announces it, in the caller's transaction.
+        async fn write_agent(tx: &mut $conn, a: &AgentRecord) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at, new_serial)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET serial = $3, expires_at = $4, new_serial = $7",
+            )
+            .bind(a.spiffe_id.to_string())
+            .bind(&a.attestation_type)
+            .bind(&a.serial)
+            .bind(a.expires_at)
+            .bind(a.evicted)
+            .bind(a.attested_at)
+            .bind(&a.new_serial)
+            .execute(&mut *tx)
+            .await?;
+            announce(tx, $notify, &agent_notice(a)).await
+        }
+
+        /// Why a token that cannot be spent now cannot: unknown, used, or
+        /// expired (read in the caller's transaction).
+        async fn token_refusal(tx: &mut $conn, token_hash: &str) -> Result<TokenUse> {
+            let row = sqlx::query("SELECT used_at FROM join_tokens WHERE token_hash = $1")
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            Ok(match row {
+                None => TokenUse::Unknown,
+                Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => TokenUse::AlreadyUsed,
+                Some(_) => TokenUse::Expired,
+            })
         }
 
         impl $store {
@@ -463,32 +497,44 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn use_join_token(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
+            async fn join_token_state(&self, token_hash: &str, now: i64) -> Result<TokenUse> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let usable: Option<String> = sqlx::query_scalar(
+                    "SELECT agent_id FROM join_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+                )
+                .bind(token_hash)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let state = match usable {
+                    Some(id) => TokenUse::Accepted(SpiffeId::parse(&id).map_err(corrupt)?),
+                    None => token_refusal(&mut tx, token_hash).await?,
+                };
+                tx.commit().await?;
+                Ok(state)
+            }
+
+            async fn redeem_join_token(
+                &self,
+                token_hash: &str,
+                now: i64,
+                agent: &AgentRecord,
+            ) -> Result<TokenUse> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 let spent: Option<String> = sqlx::query_scalar(
-                    "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING agent_id",
+                    "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 AND agent_id = $3 RETURNING agent_id",
                 )
                 .bind(now)
                 .bind(token_hash)
+                .bind(agent.spiffe_id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?;
                 let outcome = match spent {
-                    Some(id) => TokenUse::Accepted(SpiffeId::parse(&id).map_err(corrupt)?),
-                    None => {
-                        let row = sqlx::query(
-                            "SELECT used_at, expires_at FROM join_tokens WHERE token_hash = $1",
-                        )
-                        .bind(token_hash)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        match row {
-                            None => TokenUse::Unknown,
-                            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
-                                TokenUse::AlreadyUsed
-                            }
-                            Some(_) => TokenUse::Expired,
-                        }
+                    Some(id) => {
+                        write_agent(&mut tx, agent).await?;
+                        TokenUse::Accepted(SpiffeId::parse(&id).map_err(corrupt)?)
                     }
+                    None => token_refusal(&mut tx, token_hash).await?,
                 };
                 tx.commit().await?;
                 Ok(outcome)
@@ -496,21 +542,7 @@ macro_rules! sql_store {
 
             async fn upsert_agent(&self, a: &AgentRecord) -> Result<()> {
                 let mut tx = self.pool.begin_with($begin).await?;
-                sqlx::query(
-                    "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, evicted, attested_at, new_serial)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (spiffe_id) DO UPDATE SET serial = $3, expires_at = $4, new_serial = $7",
-                )
-                .bind(a.spiffe_id.to_string())
-                .bind(&a.attestation_type)
-                .bind(&a.serial)
-                .bind(a.expires_at)
-                .bind(a.evicted)
-                .bind(a.attested_at)
-                .bind(&a.new_serial)
-                .execute(&mut *tx)
-                .await?;
-                announce(&mut tx, $notify, &agent_notice(a)).await?;
+                write_agent(&mut tx, a).await?;
                 tx.commit().await?;
                 Ok(())
             }

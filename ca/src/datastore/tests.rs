@@ -319,29 +319,103 @@ async fn join_token_is_spent_once_and_not_after_expiry() {
 }
 
 async fn join_token_is_spent_once_and_not_after_expiry_on(s: &dyn Datastore) {
-    let agent = id("spiffe://td/ward/agent/join_token/x");
+    let agent = agent_n1();
     for (hash, exp) in [("h1", 100), ("h2", 10)] {
         s.create_join_token(&JoinTokenRecord {
             token_hash: hash.into(),
-            agent_id: agent.clone(),
+            agent_id: agent.spiffe_id.clone(),
             expires_at: exp,
             created_at: 0,
         })
         .await
         .unwrap();
     }
+    let accepted = TokenUse::Accepted(agent.spiffe_id.clone());
+    // Looking spends nothing.
+    assert_eq!(s.join_token_state("h1", 50).await.unwrap(), accepted);
+    assert_eq!(s.join_token_state("h1", 50).await.unwrap(), accepted);
+    assert_eq!(s.get_agent(&agent.spiffe_id).await.unwrap(), None);
+    // Not for another agent than the one it names.
+    let other = AgentRecord {
+        spiffe_id: id("spiffe://td/ward/agent/join_token/n2"),
+        ..agent.clone()
+    };
+    assert_ne!(
+        s.redeem_join_token("h1", 50, &other).await.unwrap(),
+        accepted
+    );
+    assert_eq!(s.get_agent(&other.spiffe_id).await.unwrap(), None);
+    // Spent with its agent saved.
     assert_eq!(
-        s.use_join_token("h1", 50).await.unwrap(),
-        TokenUse::Accepted(agent)
+        s.redeem_join_token("h1", 50, &agent).await.unwrap(),
+        accepted
     );
     assert_eq!(
-        s.use_join_token("h1", 51).await.unwrap(),
+        s.get_agent(&agent.spiffe_id).await.unwrap(),
+        Some(agent.clone())
+    );
+    assert_eq!(
+        s.redeem_join_token("h1", 51, &agent).await.unwrap(),
         TokenUse::AlreadyUsed
     );
-    assert_eq!(s.use_join_token("h2", 50).await.unwrap(), TokenUse::Expired);
     assert_eq!(
-        s.use_join_token("nope", 50).await.unwrap(),
+        s.join_token_state("h1", 51).await.unwrap(),
+        TokenUse::AlreadyUsed
+    );
+    assert_eq!(
+        s.join_token_state("h2", 50).await.unwrap(),
+        TokenUse::Expired
+    );
+    assert_eq!(
+        s.redeem_join_token("h2", 50, &agent).await.unwrap(),
+        TokenUse::Expired
+    );
+    assert_eq!(
+        s.join_token_state("nope", 50).await.unwrap(),
         TokenUse::Unknown
+    );
+}
+
+/// A database that fails to save the agent leaves its join token as it
+/// was: the agent can attest with it again.
+#[tokio::test]
+async fn a_join_token_is_not_spent_when_its_agent_is_not_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    let agent = agent_n1();
+    s.create_join_token(&JoinTokenRecord {
+        token_hash: "h".into(),
+        agent_id: agent.spiffe_id.clone(),
+        expires_at: 100,
+        created_at: 0,
+    })
+    .await
+    .unwrap();
+    let mut admin = {
+        use sqlx::ConnectOptions;
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .connect()
+            .await
+            .unwrap()
+    };
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON agents BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert!(s.redeem_join_token("h", 50, &agent).await.is_err());
+    sqlx::query("DROP TRIGGER refuse")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let accepted = TokenUse::Accepted(agent.spiffe_id.clone());
+    assert_eq!(s.join_token_state("h", 51).await.unwrap(), accepted);
+    assert_eq!(
+        s.redeem_join_token("h", 51, &agent).await.unwrap(),
+        accepted
     );
 }
 
