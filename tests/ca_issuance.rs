@@ -257,6 +257,24 @@ on_both_backends! {
 
         let unknown = attest_with(&ca, "not-a-token").await.err().unwrap();
         assert_eq!(unknown.code(), Code::PermissionDenied);
+
+        // Its agent evicted before it is used (a leaked token), the token is
+        // revoked; an agent that is nowhere cannot be evicted.
+        let created = ca.cli_json(&["token", "create"]);
+        let (leaked, agent) = (
+            created["token"].as_str().unwrap(),
+            created["agent_id"].as_str().unwrap(),
+        );
+        let out = ca.cli(&["agent", "evict", agent]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let revoked = attest_with(&ca, leaked).await.err().expect("a revoked token attested");
+        assert_eq!(revoked.code(), Code::PermissionDenied);
+        assert!(revoked.message().contains("not known"), "{}", revoked.message());
+        assert_eq!(ca.wait_audit_lines("join_token_revoked", 1), 1);
+        let out = ca.cli(&["agent", "evict", agent]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no agent"), "{err}");
         assert_eq!(ca.wait_audit_lines("agent_attested", 1), 1);
     }
 }

@@ -291,6 +291,8 @@ pub trait Datastore: Send + Sync + 'static {
     async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>>;
     /// Marks an agent evicted; false if no such agent.
     async fn evict_agent(&self, id: &SpiffeId) -> Result<bool>;
+    /// Deletes the join tokens for agent `id` not used yet; how many.
+    async fn revoke_join_tokens(&self, id: &SpiffeId) -> Result<u64>;
 
     /// Stores a new entry (its `id`, `revision` and `created_at` are assigned here).
     async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry>;

@@ -1144,8 +1144,21 @@ impl Ca {
 
     pub async fn evict_agent(&self, id: &str) -> CaResult<()> {
         let id = SpiffeId::parse(id).map_err(|e| CaError::invalid(format!("agent id: {e}")))?;
+        // An agent not attested yet is evicted by revoking its join token
+        // (a token leaked before use, say).
+        let revoked = self.store.revoke_join_tokens(&id).await?;
+        if revoked > 0 {
+            tracing::info!(target: "audit", event = "join_token_revoked", agent_id = %id, tokens = revoked, "revoked the join token of an agent not attested yet");
+        }
         if !self.store.evict_agent(&id).await? {
-            return Err(CaError::new(Code::NotFound, format!("no agent {id}")));
+            if revoked > 0 {
+                self.metrics.admin_change("evict_agent");
+                return Ok(());
+            }
+            return Err(CaError::new(
+                Code::NotFound,
+                format!("no agent {id}, nor a join token for it not used yet"),
+            ));
         }
         self.reads.forget_agent(&id.to_string(), None);
         let _ = self.agent_changes.send(id.to_string());

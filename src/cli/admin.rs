@@ -353,7 +353,8 @@ pub enum AgentCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// Evict an agent: it can no longer renew its node SVID or have SVIDs signed.
+    /// Evict an agent: it can no longer renew its node SVID or have SVIDs
+    /// signed. An agent not attested yet: its join token is revoked.
     #[command(
         after_help = "Example:\n  ward agent evict spiffe://example.org/ward/agent/join_token/4f2a..."
     )]

@@ -343,7 +343,6 @@ impl CaProcess {
         self.register(spiffe_id, parent, "unix:uid:1000")
     }
 
-    /// Registers an entry with one selector; returns its ID.
     /// The SPIFFE ID of the first agent attested to this CA.
     pub fn first_agent(&self) -> String {
         self.cli_json(&["agent", "list"])[0]["spiffe_id"]
@@ -352,6 +351,7 @@ impl CaProcess {
             .to_owned()
     }
 
+    /// Registers an entry with one selector; returns its ID.
     pub fn register(&self, spiffe_id: &str, parent: &str, selector: &str) -> String {
         self.cli_json(&[
             "entry",

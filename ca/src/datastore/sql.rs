@@ -602,6 +602,16 @@ macro_rules! sql_store {
                 Ok(r.rows_affected() > 0)
             }
 
+            async fn revoke_join_tokens(&self, id: &SpiffeId) -> Result<u64> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let r = sqlx::query("DELETE FROM join_tokens WHERE agent_id = $1 AND used_at IS NULL")
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(r.rows_affected())
+            }
+
             async fn create_entry(&self, mut e: Entry, now: i64) -> Result<Entry> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 hold_federated_bundles(&mut tx, &e).await?;

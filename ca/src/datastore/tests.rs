@@ -374,6 +374,30 @@ async fn join_token_is_spent_once_and_not_after_expiry_on(s: &dyn Datastore) {
         s.join_token_state("nope", 50).await.unwrap(),
         TokenUse::Unknown
     );
+    // Revoked before use: unknown from then on; a used one is kept.
+    s.create_join_token(&JoinTokenRecord {
+        token_hash: "h3".into(),
+        agent_id: other.spiffe_id.clone(),
+        expires_at: 100,
+        created_at: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.revoke_join_tokens(&other.spiffe_id).await.unwrap(), 1);
+    assert_eq!(
+        s.join_token_state("h3", 50).await.unwrap(),
+        TokenUse::Unknown
+    );
+    // (h2, expired unused, goes; h1, used, stays.)
+    assert_eq!(s.revoke_join_tokens(&agent.spiffe_id).await.unwrap(), 1);
+    assert_eq!(
+        s.join_token_state("h2", 50).await.unwrap(),
+        TokenUse::Unknown
+    );
+    assert_eq!(
+        s.join_token_state("h1", 50).await.unwrap(),
+        TokenUse::AlreadyUsed
+    );
 }
 
 /// A database that fails to save the agent leaves its join token as it
