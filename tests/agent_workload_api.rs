@@ -862,3 +862,63 @@ async fn an_entry_given_another_spiffe_id_gets_jwt_svids_for_the_new_one() {
     );
     assert_ne!(renamed.svid, first.svid);
 }
+
+/// The agent reads and hashes a caller's executable only while an entry
+/// selects by one (`unix:sha256`). A stream opened before the first such
+/// entry ends with `Unavailable` when it comes (clients open another), and
+/// the caller, attested anew, gets the SVID the hash selects.
+#[tokio::test]
+async fn a_stream_opened_before_any_hash_selector_is_attested_anew_when_one_comes() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    let parent = register_self(&ca, "spiffe://example.org/by-uid");
+    first_fetch(&agent).await;
+    let hashed = || metric_value(&agent.health_addr, "ward_agent_executables_hashed_total");
+    let mut client = raw_client(&agent).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        hashed(),
+        0.0,
+        "an executable was hashed with no entry asking"
+    );
+
+    let exe = std::env::current_exe().unwrap();
+    let sum = Command::new("sha256sum").arg(&exe).output().unwrap();
+    let hash = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    const BY_HASH: &str = "spiffe://example.org/by-hash";
+    ca.register(BY_HASH, &parent, &format!("unix:sha256:{hash}"));
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream was not ended when a hash selector came");
+    assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+
+    let ids = eventually("the SVID the hash selects", || async {
+        let mut stream = raw_client(&agent)
+            .await
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        let first = stream.message().await?.unwrap();
+        let ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
+        if ids.iter().any(|id| id == BY_HASH) {
+            Ok(ids)
+        } else {
+            Err(tonic::Status::not_found(format!("{ids:?}")))
+        }
+    })
+    .await;
+    assert!(
+        ids.contains(&"spiffe://example.org/by-uid".to_string()),
+        "{ids:?}"
+    );
+    assert!(hashed() >= 1.0);
+}

@@ -95,6 +95,9 @@ type ExeKey = (u64, u64, u64, (i64, i64), (i64, i64));
 /// (a sparse file of terabytes, say) would hold a hashing slot for minutes.
 const MAX_HASHED_EXE: u64 = 2 << 30;
 
+/// The prefix of the executable-hash selector (`unix:sha256:HEX`).
+pub const EXE_HASH_SELECTOR: &str = "unix:sha256:";
+
 /// Executables read at once, at most: callers of many new executables
 /// cannot take every blocking thread and a megabyte of buffer each.
 const HASH_SLOTS: usize = 2;
@@ -107,8 +110,18 @@ pub struct Attestor {
     /// hash instead of reading it again.
     in_flight: Mutex<HashMap<ExeKey, Arc<Mutex<()>>>>,
     slots: Slots,
-    /// Executables read so far.
-    hashed: std::sync::atomic::AtomicU64,
+    /// Executables read so far (`ward_agent_executables_hashed_total`).
+    hashed: prometheus_client::metrics::counter::Counter,
+}
+
+impl Attestor {
+    /// An attestor counting the executables it reads in `hashed`.
+    pub fn counting(hashed: prometheus_client::metrics::counter::Counter) -> Attestor {
+        Attestor {
+            hashed,
+            ..Attestor::default()
+        }
+    }
 }
 
 /// A counting semaphore for blocking threads.
@@ -144,7 +157,10 @@ impl Attestor {
     /// The caller's selectors, sorted, as `unix:KEY:VALUE`; `proc` is its
     /// `/proc` directory, opened when it connected (without it, only what
     /// `cred` says).
-    pub fn selectors(&self, cred: PeerCred, proc: Option<&ProcDir>) -> Vec<String> {
+    /// The caller's selectors; `unix:sha256` only if `hash` (reading and
+    /// hashing its executable costs the most, so it is done only while an
+    /// entry selects by it).
+    pub fn selectors(&self, cred: PeerCred, proc: Option<&ProcDir>, hash: bool) -> Vec<String> {
         let mut out = vec![
             format!("unix:uid:{}", cred.uid),
             format!("unix:gid:{}", cred.gid),
@@ -166,8 +182,8 @@ impl Attestor {
                 }
             }
             if let Ok(exe) = std::fs::read_link(proc.path("exe")) {
-                if let Some(hash) = self.exe_hash(proc) {
-                    out.push(format!("unix:sha256:{hash}"));
+                if let Some(hash) = hash.then(|| self.exe_hash(proc)).flatten() {
+                    out.push(format!("{EXE_HASH_SELECTOR}{hash}"));
                 }
                 out.push(format!("unix:path:{}", exe.display()));
             }
@@ -225,8 +241,7 @@ impl Attestor {
         key_now: impl Fn() -> Option<ExeKey>,
     ) -> Option<String> {
         let _slot = self.slots.take()?;
-        self.hashed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hashed.inc();
         // Streamed: a large executable is never held in memory whole.
         let mut file = std::fs::File::open(proc_exe).ok()?;
         let mut ctx = digest::Context::new(&digest::SHA256);
@@ -336,6 +351,7 @@ mod tests {
                 gid: meta.gid(),
             },
             Some(&proc),
+            true,
         );
         assert!(proc.alive());
         assert!(s.contains(&format!("unix:uid:{}", meta.uid())));
@@ -351,6 +367,17 @@ mod tests {
             assert!(s.contains(&"unix:user:root".to_string()));
             assert!(s.contains(&"unix:group:root".to_string()));
         }
+        // Not asked for the hash (no entry selects by one): not read.
+        let fresh = Attestor::default();
+        let cred = PeerCred {
+            pid: Some(me),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        let s = fresh.selectors(cred, Some(&proc), false);
+        assert!(s.contains(&format!("unix:path:{}", exe.display())));
+        assert!(!s.iter().any(|s| s.starts_with(EXE_HASH_SELECTOR)), "{s:?}");
+        assert_eq!(fresh.hashed.get(), 0);
     }
 
     /// The caller's own (effective) group is `unix:gid` / `unix:group`; the
@@ -384,6 +411,7 @@ mod tests {
                     gid: 4242,
                 },
                 Some(&proc),
+                false,
             );
             child.kill().unwrap();
             child.wait().unwrap();
@@ -431,7 +459,7 @@ mod tests {
         assert!(proc.alive());
         let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
         assert!(a
-            .selectors(cred, Some(&proc))
+            .selectors(cred, Some(&proc), true)
             .contains(&format!("unix:path:{}", sleep.display())));
         child.kill().unwrap();
         // A zombie is not alive either.
@@ -440,7 +468,7 @@ mod tests {
         child.wait().unwrap();
         assert!(!proc.alive());
         assert_eq!(
-            a.selectors(cred, Some(&proc)),
+            a.selectors(cred, Some(&proc), true),
             ["unix:gid:4242", "unix:uid:4242"]
         );
     }
@@ -514,7 +542,7 @@ mod tests {
         child.wait().unwrap();
         let want = hex::encode(digest::digest(&digest::SHA256, &bytes));
         assert!(hashes.iter().all(|h| *h == want));
-        assert_eq!(a.hashed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(a.hashed.get(), 1);
     }
 
     /// An executable over the limit (here a sparse one of 3 GiB) is not
@@ -541,12 +569,13 @@ mod tests {
                 gid: 0,
             },
             Some(&proc),
+            true,
         );
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(s.contains(&format!("unix:path:{}", exe.display())), "{s:?}");
         assert!(!s.iter().any(|s| s.starts_with("unix:sha256:")), "{s:?}");
-        assert_eq!(a.hashed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(a.hashed.get(), 0);
     }
 
     #[test]

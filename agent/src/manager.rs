@@ -73,6 +73,9 @@ pub struct Snapshot {
     /// Selector → IDs of the entries that require it: a caller's candidate
     /// entries are found from its few selectors, not by scanning every entry.
     pub by_selector: Arc<HashMap<String, Vec<String>>>,
+    /// Whether an entry selects by executable hash (`unix:sha256`): only
+    /// then is a caller's executable read and hashed.
+    pub hashes_executables: bool,
     pub bundle: Arc<TrustBundle>,
     /// The bundles of the trust domains ours federates with.
     pub federated: Arc<Vec<TrustBundle>>,
@@ -136,6 +139,7 @@ pub struct Manager {
     entries: Arc<HashMap<String, Arc<CachedEntry>>>,
     svids: Arc<HashMap<String, Arc<CachedSvid>>>,
     by_selector: Arc<HashMap<String, Vec<String>>>,
+    hashes_executables: bool,
     /// Entries changed since the selector index was built.
     entries_changed: bool,
     bundle: Arc<TrustBundle>,
@@ -202,6 +206,7 @@ impl Manager {
                 entries: Arc::default(),
                 svids: Arc::default(),
                 by_selector: Arc::default(),
+                hashes_executables: false,
                 entries_changed: true,
                 bundle: Arc::new(bundle),
                 federated: Arc::new(federated),
@@ -681,6 +686,9 @@ impl Manager {
                     index.entry(sel.clone()).or_default().push(e.id.clone());
                 }
             }
+            self.hashes_executables = index
+                .keys()
+                .any(|s| s.starts_with(crate::attestor::EXE_HASH_SELECTOR));
             self.by_selector = Arc::new(index);
             self.entries_changed = false;
         }
@@ -689,6 +697,7 @@ impl Manager {
             entries: self.entries.clone(),
             svids: self.svids.clone(),
             by_selector: self.by_selector.clone(),
+            hashes_executables: self.hashes_executables,
             bundle: self.bundle.clone(),
             federated: self.federated.clone(),
         })));

@@ -12,6 +12,7 @@ pub struct Metrics {
     registry: Registry,
     pub cached_svids: Gauge,
     pub rotations: Counter,
+    pub executables_hashed: Counter,
     ca_errors: Family<Labels, Counter>,
     api_calls: Family<Labels, Counter>,
 }
@@ -21,6 +22,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("ward_agent");
         let cached_svids = Gauge::default();
         let rotations = Counter::default();
+        let executables_hashed = Counter::default();
         let ca_errors = Family::<Labels, Counter>::default();
         let api_calls = Family::<Labels, Counter>::default();
         registry.register(
@@ -32,6 +34,11 @@ impl Default for Metrics {
             "svid_rotations",
             "X509-SVIDs replaced by rotation",
             rotations.clone(),
+        );
+        registry.register(
+            "executables_hashed",
+            "Callers' executables read and hashed (for unix:sha256 selectors)",
+            executables_hashed.clone(),
         );
         registry.register(
             "ca_errors",
@@ -47,6 +54,7 @@ impl Default for Metrics {
             registry,
             cached_svids,
             rotations,
+            executables_hashed,
             ca_errors,
             api_calls,
         }

@@ -242,7 +242,7 @@ impl WorkloadApi {
         WorkloadApi {
             snapshots,
             ca,
-            attestor: Arc::default(),
+            attestor: Arc::new(Attestor::counting(metrics.executables_hashed.clone())),
             turns: AttestTurns::default(),
             jwts: Mutex::new(HashMap::new()),
             metrics,
@@ -252,13 +252,22 @@ impl WorkloadApi {
     /// Checks the security header and attests the caller. Reading `/proc`
     /// and hashing the caller's executable (a large one takes a while) is
     /// blocking work: it runs off the threads that serve everyone else.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Attested, Status> {
         let CallerInfo { cred, proc, gone } = Self::peer(req)?;
         let attestor = self.attestor.clone();
+        // (Before the first sync nothing says: hashed, to be safe.)
+        let exe_hashed = self
+            .snapshots
+            .borrow()
+            .as_ref()
+            .is_none_or(|s| s.hashes_executables);
         let turn = self.turns.take(cred.uid).await;
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            let selectors = attestor.selectors(cred, proc.as_deref());
+            let selectors = Attested {
+                selectors: attestor.selectors(cred, proc.as_deref(), exe_hashed),
+                exe_hashed,
+            };
             match proc {
                 _ if gone => {
                     tracing::warn!(pid = ?cred.pid, uid = cred.uid, "refused a Workload API call: the process that opened the connection had exited before it was accepted");
@@ -445,13 +454,26 @@ fn bundles_fingerprint(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> Vec<usi
     fp
 }
 
-/// Runs `build` now and after every snapshot change (and at the next SVID
-/// expiry), sending each result that differs from the last.
-fn follow<T, F>(
-    mut snapshots: watch::Receiver<Snap>,
+/// A caller's selectors, and whether its executable's hash is among them.
+struct Attested {
     selectors: Vec<String>,
-    build: F,
-) -> BoxStream<T>
+    exe_hashed: bool,
+}
+
+impl std::ops::Deref for Attested {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        &self.selectors
+    }
+}
+
+/// Runs `build` now and after every snapshot change (and at the next SVID
+/// expiry), sending each result that differs from the last. A caller
+/// attested without its executable's hash (no entry selected by one) is
+/// told to open the stream again once an entry does: `Unavailable`, which
+/// Workload API clients retry.
+fn follow<T, F>(mut snapshots: watch::Receiver<Snap>, selectors: Attested, build: F) -> BoxStream<T>
 where
     T: Send + 'static,
     F: Fn(&Snapshot, &[String]) -> Result<(T, Vec<usize>), Status> + Send + 'static,
@@ -465,6 +487,12 @@ where
         loop {
             let snap = snapshots.borrow_and_update().clone();
             let Some(snap) = snap else { return };
+            if snap.hashes_executables && !selectors.exe_hashed {
+                let _ = tx.try_send(Err(Status::unavailable(
+                    "an entry now selects by executable hash (unix:sha256): open the stream again to be attested anew",
+                )));
+                return;
+            }
             match build(&snap, &selectors) {
                 Ok((msg, fp)) => {
                     if last.as_ref().map(|(f, _)| f) != Some(&fp) {
