@@ -166,6 +166,38 @@ async fn independent_clients_get_verifiable_svids_and_validate_each_others_jwts(
     assert!(client.validate_jwt_token("other", &py_jwt).await.is_err());
     let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
     assert!(jwt_bundles.get(&td).is_some());
+
+    // `ward svid validate -` takes the token from standard input, where no
+    // other user sees it; `-` with nothing there is refused.
+    let validate = |stdin: &str, audience: &str| {
+        use std::io::Write;
+        let mut child = Command::new(ward_bin())
+            .args(["svid", "validate", "--audience", audience, "-", "--socket"])
+            .arg(agent.endpoint())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = validate(&format!("{py_jwt}\n"), "db");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+    assert!(!validate(&py_jwt, "other").status.success());
+    let out = validate("", "db");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
 }
 
 #[tokio::test]

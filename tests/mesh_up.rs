@@ -390,6 +390,9 @@ fn ward_up_runs_the_demo_and_follows_policy_pushes_and_rollbacks() {
         "the matrix over the CA's active set and the demo workloads has no cross-tenant allow",
     );
     let active = tempfile::tempdir().unwrap();
+    // A file of another set, left there, goes: the directory holds this set.
+    let stale = active.path().join("freeze.cedar");
+    std::fs::write(&stale, "forbid (principal, action, resource);").unwrap();
     let written: serde_json::Value = serde_json::from_str(&up.ward_ok(&[
         "policy",
         "show",
@@ -404,6 +407,18 @@ fn ward_up_runs_the_demo_and_follows_policy_pushes_and_rollbacks() {
     for f in files {
         assert!(active.path().join(f.as_str().unwrap()).is_file(), "{f}");
     }
+    assert!(!stale.exists(), "{written}");
+    assert_eq!(written["removed"], serde_json::json!(["freeze.cedar"]));
+    // It validates as the CA validated it (no schema file: the built-in one).
+    let valid: serde_json::Value = serde_json::from_str(&up.ward_ok(&[
+        "policy",
+        "validate",
+        active.path().to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(valid["schema"], "the built-in schema", "{valid}");
     let workloads = up.dir.path().join("workloads.txt");
     let m: serde_json::Value = serde_json::from_str(&up.ward_ok(&[
         "policy",

@@ -78,6 +78,7 @@ pub enum PolicyCommand {
     Validate {
         /// Policy directory (default: policies).
         dir: Option<PathBuf>,
+        /// Cedar schema. Default: ward.cedarschema in the directory, else the built-in one.
         #[arg(long)]
         schema: Option<PathBuf>,
     },
@@ -291,20 +292,48 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                     if f.name.contains('/') || f.name.starts_with('.') {
                         bail!("the CA sent a policy file named {:?}", f.name);
                     }
-                    ward_spec::files::write_atomic(&dir.join(&f.name), f.text.as_bytes(), false)?;
+                    let path = dir.join(&f.name);
+                    ward_spec::files::write_atomic(&path, f.text.as_bytes(), false)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
                 }
+                // The directory holds that set, no more: a policy file of
+                // another version left beside it would be read with it.
+                let mut removed = Vec::new();
+                let listing = std::fs::read_dir(&dir)
+                    .with_context(|| format!("cannot read {}", dir.display()))?;
+                for e in listing {
+                    let path = e
+                        .with_context(|| format!("cannot read {}", dir.display()))?
+                        .path();
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let Some(name) = name.filter(|n| n.ends_with(".cedar")) else {
+                        continue;
+                    };
+                    if !p.files.iter().any(|f| f.name == name) {
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("cannot remove {}", path.display()))?;
+                        removed.push(name);
+                    }
+                }
+                removed.sort();
                 match out {
                     Output::Json => print_json(&json!({
                         "version": p.version,
                         "written_to": dir.display().to_string(),
                         "files": p.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+                        "removed": removed,
                     })),
-                    Output::Human => println!(
-                        "Wrote policy set version {} ({} files) to {}",
-                        p.version,
-                        p.files.len(),
-                        dir.display()
-                    ),
+                    Output::Human => {
+                        println!(
+                            "Wrote policy set version {} ({} files) to {}",
+                            p.version,
+                            p.files.len(),
+                            dir.display()
+                        );
+                        if !removed.is_empty() {
+                            println!("Removed what it does not hold: {}", removed.join(", "));
+                        }
+                    }
                 }
                 return Ok(());
             }
@@ -323,19 +352,30 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
         }
         PolicyCommand::Validate { dir, schema } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("policies"));
-            let schema_path = schema.unwrap_or_else(|| dir.join("ward.cedarschema"));
-            let schema = read_schema(&schema_path).map_err(|e| report(vec![e]))?;
+            // As the other commands, and the CA a set is pushed to: the
+            // schema given, else the directory's, else the built-in one.
+            let own = dir.join("ward.cedarschema");
+            let (schema, schema_name) = match schema {
+                None if !own.exists() => (
+                    ward_authz::default_schema(),
+                    "the built-in schema".to_owned(),
+                ),
+                path => {
+                    let path = path.unwrap_or(own);
+                    let schema = read_schema(&path).map_err(|e| report(vec![e]))?;
+                    (schema, path.display().to_string())
+                }
+            };
             let files = read_dir(&dir).map_err(|e| report(vec![e]))?;
             let compiled = ward_authz::policy::compile(&files, &schema).map_err(report)?;
             let n = compiled.origins.len();
             match out {
-                Output::Json => {
-                    print_json(&json!({"valid": true, "policies": n, "files": files.len()}))
-                }
+                Output::Json => print_json(
+                    &json!({"valid": true, "policies": n, "files": files.len(), "schema": schema_name}),
+                ),
                 Output::Human => println!(
-                    "OK: {n} policies in {} files validate against {}",
+                    "OK: {n} policies in {} files validate against {schema_name}",
                     files.len(),
-                    schema_path.display()
                 ),
             }
         }

@@ -50,12 +50,14 @@ pub enum SvidCommand {
         spiffe_id: Option<String>,
     },
     /// Validate a JWT-SVID for an audience.
-    #[command(after_help = "Example:\n  ward svid validate --audience db eyJhbGciOiJFUzI1NiIs...")]
+    #[command(after_help = "Example:\n  ward svid validate --audience db - < token")]
     Validate {
         #[command(flatten)]
         target: WorkloadTarget,
         #[arg(long)]
         audience: String,
+        /// The token, or `-` to read it from standard input (a token on the
+        /// command line is seen by every local user, in `ps`).
         token: String,
     },
 }
@@ -134,25 +136,20 @@ pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
                     } else {
                         format!(".{i}")
                     };
-                    std::fs::create_dir_all(dir)?;
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    let write = |name: String, data: &[u8], secret: bool| {
+                        let path = dir.join(name);
+                        ward_spec::files::write_atomic(&path, data, secret)
+                            .with_context(|| format!("cannot write {}", path.display()))
+                    };
                     let pem: String = chain.iter().map(|d| der_to_pem("CERTIFICATE", d)).collect();
-                    ward_spec::files::write_atomic(
-                        &dir.join(format!("svid{suffix}.pem")),
-                        pem.as_bytes(),
-                        false,
-                    )?;
-                    ward_spec::files::write_atomic(
-                        &dir.join(format!("svid{suffix}.key")),
-                        der_to_pem("PRIVATE KEY", &s.x509_svid_key).as_bytes(),
-                        true,
-                    )?;
+                    write(format!("svid{suffix}.pem"), pem.as_bytes(), false)?;
+                    let key = der_to_pem("PRIVATE KEY", &s.x509_svid_key);
+                    write(format!("svid{suffix}.key"), key.as_bytes(), true)?;
                     let roots = ward_spec::svid::split_der_chain(&s.bundle)?;
                     let pem: String = roots.iter().map(|d| der_to_pem("CERTIFICATE", d)).collect();
-                    ward_spec::files::write_atomic(
-                        &dir.join(format!("bundle{suffix}.pem")),
-                        pem.as_bytes(),
-                        false,
-                    )?;
+                    write(format!("bundle{suffix}.pem"), pem.as_bytes(), false)?;
                 }
                 shown.push((s.spiffe_id.clone(), not_after, s.hint.clone()));
             }
@@ -214,6 +211,17 @@ pub async fn run(cmd: SvidCommand, out: Output) -> anyhow::Result<()> {
             audience,
             token,
         } => {
+            let token = if token == "-" {
+                let mut read = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut read)
+                    .context("cannot read the token from standard input")?;
+                read.trim().to_owned()
+            } else {
+                token
+            };
+            if token.is_empty() {
+                bail!("no token given (standard input was empty)");
+            }
             let mut c = client(&target).await?;
             let resp = c
                 .validate_jwtsvid(pb::ValidateJwtsvidRequest {

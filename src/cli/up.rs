@@ -184,7 +184,8 @@ impl Ports {
 
 /// Child processes, stopped in reverse order of start.
 struct Children {
-    list: Vec<(String, Child)>,
+    /// Each part's name, process and log file.
+    list: Vec<(String, Child, PathBuf)>,
     /// Set: stop without waiting for each part to finish.
     hurry: Arc<AtomicBool>,
 }
@@ -229,22 +230,27 @@ impl Children {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        self.list.push((name.to_owned(), child));
+        self.list.push((name.to_owned(), child, log.to_owned()));
         Ok(())
     }
 
-    /// A part that exited by itself, if any.
+    /// A part that exited by itself, if any: what happened, and the end
+    /// of its log.
     fn exited(&mut self) -> Option<String> {
-        for (name, c) in &mut self.list {
+        for (name, c, log) in &mut self.list {
             if let Ok(Some(status)) = c.try_wait() {
-                return Some(format!("{name} exited ({status})"));
+                return Some(format!(
+                    "{name} exited ({status}); its log {} ends with:\n{}",
+                    log.display(),
+                    tail(log)
+                ));
             }
         }
         None
     }
 
     fn stop_all(&mut self) {
-        while let Some((name, mut c)) = self.list.pop() {
+        while let Some((name, mut c, _)) = self.list.pop() {
             if let Ok(None) = c.try_wait() {
                 let pid = rustix::process::Pid::from_child(&c);
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
@@ -375,7 +381,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = signals.recv() => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some(what) = children.exited() {
-                    break Err(anyhow::anyhow!("{what}; see the logs in {}/logs", mesh.dir.display()));
+                    break Err(anyhow::anyhow!("{what}\n(all logs: {}/logs)", mesh.dir.display()));
                 }
             }
         }
@@ -440,7 +446,8 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
     }
     let logs = dir.join("logs");
     for d in ["logs", "bin", "agent"] {
-        std::fs::create_dir_all(dir.join(d))?;
+        let d = dir.join(d);
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     check_ports_free(&ports)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
@@ -516,32 +523,28 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
         .as_ref()
         .and_then(|s| s.load_identity().ok().flatten());
     // One about to expire could expire before the agent reads it, or be
-    // resumed though a token was made for a new one: the agent attests anew.
+    // resumed though a token was made for a new one; one this CA does not
+    // know (its data was removed, the agent's kept; or it was evicted)
+    // would never be served. Either way the agent attests anew, and starts
+    // over: its stored bundle, perhaps another CA's, is forgotten too.
+    let lasts = |id: &ward_agent::state::NodeIdentity| {
+        id.not_after > time::OffsetDateTime::now_utc().unix_timestamp() + 60
+    };
     let stored = match stored {
-        Some(id) if id.not_after > time::OffsetDateTime::now_utc().unix_timestamp() + 60 => {
+        Some(id) if lasts(&id) && agent_known(&mut ca, &id.spiffe_id.to_string()).await? => {
             Some(id)
         }
-        Some(_) => {
-            if let Some(s) = &state {
-                s.forget_identity()?;
-            }
-            None
-        }
-        None => None,
-    };
-    // One this CA does not know (its data was removed, the agent's kept;
-    // or it was evicted) would never be served: the agent starts over,
-    // its stored bundle (perhaps another CA's) forgotten too.
-    let stored = match stored {
-        Some(id) if !agent_known(&mut ca, &id.spiffe_id.to_string()).await? => {
+        Some(id) if lasts(&id) => {
             say!("  (the agent's node identity is not this CA's: attesting anew)");
-            std::fs::remove_dir_all(&agent_data)
-                .with_context(|| format!("cannot remove {}", agent_data.display()))?;
-            ward_spec::files::create_private_dir(&agent_data)?;
             None
         }
-        stored => stored,
+        _ => None,
     };
+    if stored.is_none() && agent_data.exists() {
+        std::fs::remove_dir_all(&agent_data)
+            .with_context(|| format!("cannot remove {}", agent_data.display()))?;
+    }
+    ward_spec::files::create_private_dir(&agent_data)?;
     let bundle = ca
         .get_bundle(pb::GetBundleRequest {})
         .await
@@ -553,7 +556,9 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
         .iter()
         .map(|d| ward_spec::bundle::der_to_pem("CERTIFICATE", d))
         .collect();
-    std::fs::write(dir.join("bundle.pem"), bundle_pem)?;
+    let bundle_path = dir.join("bundle.pem");
+    std::fs::write(&bundle_path, bundle_pem)
+        .with_context(|| format!("cannot write {}", bundle_path.display()))?;
     let socket = dir.join("agent/workload.sock");
     let mut agent_cmd = Command::new(&exe);
     agent_cmd
@@ -766,8 +771,12 @@ fn check_ports_free(ports: &Ports) -> anyhow::Result<()> {
     offsets.extend((0..SERVICES.len() as u16).flat_map(|i| (10 + 10 * i)..(18 + 10 * i)));
     for o in offsets {
         let addr = ports.at(o);
-        if std::net::TcpListener::bind(addr).is_err() {
-            bail!("port {addr} is in use (is another `ward up` running?); pass --base-port to use other ports");
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                bail!("port {addr} is in use (is another `ward up` running?); pass --base-port to use other ports")
+            }
+            Err(e) => bail!("cannot listen on {addr}: {e}; pass --base-port to use other ports"),
         }
     }
     Ok(())
@@ -852,11 +861,7 @@ async fn wait_ready(
             return Ok(());
         }
         if let Some(what) = children.exited() {
-            bail!(
-                "{what}; its log {} ends with:\n{}",
-                log.display(),
-                tail(log)
-            );
+            bail!("{what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -976,7 +981,7 @@ fn write_workloads(dir: &Path, td: &ward_spec::TrustDomain) -> anyhow::Result<Pa
         .iter()
         .map(|s| format!("{}\n", workload_id(td, s)))
         .collect();
-    std::fs::write(&path, text)?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 
