@@ -94,18 +94,18 @@ impl Traffic {
 /// not): `SIOCOUTQ`.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn unacknowledged(fd: RawFd) -> Option<u64> {
+pub(crate) fn unacknowledged(fd: RawFd) -> Option<u64> {
     let mut n: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one int through
-    // the pointer, which points at `n`. The descriptor is the watched
-    // socket's, still open: `unwatch` runs before it closes, under the same
-    // lock as this call.
+    // the pointer, which points at `n`. The descriptor is open: a watched
+    // socket's (`unwatch` runs before it closes, under the same lock as
+    // this call) or one the caller holds.
     let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
     (r == 0).then(|| u64::try_from(n).ok()).flatten()
 }
 
 #[cfg(not(target_os = "linux"))]
-fn unacknowledged(_fd: RawFd) -> Option<u64> {
+pub(crate) fn unacknowledged(_fd: RawFd) -> Option<u64> {
     None
 }
 

@@ -72,12 +72,12 @@ pub struct AppConn {
     /// answer of the proxy's own): closing is an end, not a cut.
     complete: bool,
     /// The application may still be sending what the peer no longer wants
-    /// (see [`pump`]): on close, if it has sent bytes not read yet, what it
-    /// sends is read and dropped for a while
-    /// ([`crate::bufio::close_lingering`]), as a server closes after an
-    /// early answer. Closed with it unread, the connection would be reset,
-    /// and a reset throws away the end of the answer the kernel still holds
-    /// for the application.
+    /// (see [`pump`]): on close, unless it has received the whole answer
+    /// and sent nothing unread, what it sends is read and dropped for a
+    /// while ([`crate::bufio::close_lingering`]), as a server closes after
+    /// an early answer. Closed with bytes arriving unread, the connection
+    /// would be reset, and a reset throws away the end of the answer the
+    /// kernel still holds for the application.
     still_sending: bool,
 }
 
@@ -116,7 +116,12 @@ impl Drop for AppConn {
             if let Err(e) = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)) {
                 tracing::debug!(error = %e, "cannot set SO_LINGER");
             }
-        } else if self.still_sending && unread(&tcp) {
+        } else if self.still_sending && (unread(&tcp) || unacknowledged(&tcp)) {
+            // (Complete: its end of file has been sent.)
+            // Also when it has sent nothing more yet: one that pauses
+            // between bursts would send its next one to a closed socket,
+            // which resets the connection, and what the kernel still held
+            // of the answer for it would be lost.
             crate::bufio::close_lingering(tcp, &crate::bufio::APPLICATION);
         }
     }
@@ -127,6 +132,15 @@ impl Drop for AppConn {
 fn unread(tcp: &TcpStream) -> bool {
     let mut byte = [std::mem::MaybeUninit::uninit()];
     matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(1..))
+}
+
+/// Whether the application has not acknowledged all the bytes the proxy
+/// sent it before its end of file (or the kernel does not say). The end of
+/// file (FIN) counts one in the kernel's figure, and may be acknowledged
+/// later than the bytes before it.
+fn unacknowledged(tcp: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    crate::bufio::unacknowledged(tcp.as_raw_fd()).is_none_or(|n| n > 1)
 }
 
 /// Runs a tunneled stream to its end. `first` is sent before anything read
@@ -1117,6 +1131,44 @@ mod tests {
             .unwrap()
             .expect("a stream whose peer stopped the upload ends cleanly");
         assert_eq!(carried.totals().0, answer.len() as u64);
+    }
+
+    /// The scenario above with an application that sends in bursts: the
+    /// stream may end while it pauses (nothing unread), and its next burst
+    /// comes after, the answer's end perhaps still in the proxy's socket.
+    /// It still reads the whole answer and an end of file, not a reset.
+    #[tokio::test]
+    async fn an_application_sending_in_bursts_after_the_peer_stopped_the_upload_reads_the_answer(
+    ) {
+        for answer in [3, 6 << 10, 10 << 10, 14 << 10, 20 << 10] {
+            bursts_after_a_stopped_upload(answer).await;
+        }
+    }
+
+    async fn bursts_after_a_stopped_upload(answer: usize) {
+        let ((send, recv), (mut peer_send, _peer_recv)) = tunnel().await;
+        let (proxy_side, app) = app_pair_buffered(4096, 4096).await;
+        let (_pumping, _carried) = spawn_pump(proxy_side, send, recv);
+        let (mut app_read, mut app_write) = app.into_split();
+        // A first burst, taken in.
+        app_write.write_all(&[1u8; 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peer_send
+            .send_data(Bytes::from(vec![5u8; answer]), true)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peer_send.send_reset(h2::Reason::NO_ERROR);
+        // A pause (the stream ends meanwhile, if the answer is all in the
+        // sockets), then the next burst.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = app_write.write_all(&[2u8; 64 << 10]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app_read.read_to_end(&mut got))
+            .await
+            .expect("the application never got the answer's end")
+            .unwrap_or_else(|e| panic!("answer of {answer}: {e} after {} bytes", got.len()));
+        assert_eq!(got.len(), answer);
     }
 
     /// An application that stops reading a stream of small messages: what
