@@ -58,6 +58,9 @@ async fn accept_loop<F, Fut>(
         }) else {
             metrics.refused(Direction::Outbound, "over_connection_limit");
             over_limit(source);
+            // Reset, not ended: an application must not take a refused
+            // connection for a stream that was carried and ended.
+            drop(AppConn::new(app));
             continue;
         };
         crate::hbone::app_socket(&app);

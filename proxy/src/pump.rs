@@ -1138,8 +1138,7 @@ mod tests {
     /// comes after, the answer's end perhaps still in the proxy's socket.
     /// It still reads the whole answer and an end of file, not a reset.
     #[tokio::test]
-    async fn an_application_sending_in_bursts_after_the_peer_stopped_the_upload_reads_the_answer(
-    ) {
+    async fn an_application_sending_in_bursts_after_the_peer_stopped_the_upload_reads_the_answer() {
         for answer in [3, 6 << 10, 10 << 10, 14 << 10, 20 << 10] {
             bursts_after_a_stopped_upload(answer).await;
         }
