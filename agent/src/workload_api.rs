@@ -136,8 +136,34 @@ fn superseded(s: &Status) -> bool {
         && s.message().contains(ward_spec::grpc::SUPERSEDED_NODE_SVID)
 }
 
-/// JWT-SVIDs kept for reuse, at most.
+/// JWT-SVIDs kept for reuse, at most, and of one entry (audiences).
 const MAX_CACHED_JWTS: usize = 4096;
+const MAX_CACHED_JWTS_PER_ENTRY: usize = 64;
+
+/// Makes room in `cache` for one more token of `entry`: the oldest of that
+/// entry's goes once it has its share, else the oldest of all once the
+/// cache is full. A workload asking for ever new audiences replaces its own
+/// tokens, not other workloads'.
+fn make_room(cache: &mut HashMap<JwtKey, CachedJwt>, entry: &str) {
+    let oldest = |of_entry: bool| {
+        cache
+            .iter()
+            .filter(|(k, _)| !of_entry || k.0 == entry)
+            .min_by_key(|(_, c)| c.refresh_at)
+            .map(|(k, _)| k.clone())
+    };
+    let own = cache.keys().filter(|k| k.0 == entry).count();
+    let evict = if own >= MAX_CACHED_JWTS_PER_ENTRY {
+        oldest(true)
+    } else if cache.len() >= MAX_CACHED_JWTS {
+        oldest(false)
+    } else {
+        None
+    };
+    if let Some(k) = evict {
+        cache.remove(&k);
+    }
+}
 
 /// Attestations running at once, at most (each on a blocking thread).
 const ATTESTING: usize = 8;
@@ -495,12 +521,15 @@ where
             }
             match build(&snap, &selectors) {
                 Ok((msg, fp)) => {
-                    if last.as_ref().map(|(f, _)| f) != Some(&fp) {
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                        last = Some((fp, snap.clone()));
+                    if last.as_ref().map(|(f, _)| f) != Some(&fp) && tx.send(Ok(msg)).await.is_err()
+                    {
+                        return;
                     }
+                    // The newest snapshot holds what the message was built
+                    // from as well (the same addresses are the same live
+                    // objects): an older one, kept, would keep a copy of
+                    // every map the manager has changed since.
+                    last = Some((fp, snap.clone()));
                 }
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
@@ -757,10 +786,8 @@ impl WorkloadApi {
             Ok(m) => {
                 let token = m.token.clone();
                 cache.retain(|_, c| c.expires_at > now);
-                if cache.len() >= MAX_CACHED_JWTS {
-                    // Callers asking for ever new audiences: start over
-                    // rather than grow (each token is minted again).
-                    cache.clear();
+                if !cache.contains_key(&key) {
+                    make_room(&mut cache, &e.id);
                 }
                 cache.insert(
                     key,
@@ -782,24 +809,32 @@ impl WorkloadApi {
                         // CA) ends what was cached for it, and is passed on.
                         if !away {
                             cache.remove(&key);
-                            return Err(Status::new(
-                                status.code(),
-                                format!("cannot mint a JWT-SVID: {}", status.message()),
-                            ));
+                            return Err(mint_failed(&status));
                         }
                         drop(cache);
                         if status.code() == Code::Unavailable {
                             self.ca.lock().await.failed();
                         }
-                        Err(Status::unavailable(format!(
-                            "cannot mint a JWT-SVID: {}",
-                            status.message()
-                        )))
+                        Err(mint_failed(&status))
                     }
                 }
             }
         }
     }
+}
+
+/// What a workload is told when the CA did not mint its token: `Unavailable`
+/// whatever the CA said, as SPIRE's agent answers. A workload reads
+/// `PermissionDenied` as "no identity here" and `InvalidArgument` as its own
+/// mistake; a refusal at the CA (the entry deleted or renamed there, and
+/// not yet here) is neither, and clears once the agent has synced: the
+/// workload's retry then gets the agent's own answer.
+fn mint_failed(status: &Status) -> Status {
+    Status::unavailable(format!(
+        "cannot mint a JWT-SVID: the CA answered {:?}: {}",
+        status.code(),
+        status.message()
+    ))
 }
 
 /// Whether the CA's answer to a mint is a refusal of this entry's token (it
@@ -842,6 +877,62 @@ mod mint_tests {
         ] {
             assert!(!refused(code), "{code:?}");
         }
+        // Either way the workload is told the agent cannot answer now.
+        let told = mint_failed(&Status::permission_denied("entry e1 does not exist"));
+        assert_eq!(told.code(), Code::Unavailable);
+        assert!(
+            told.message().contains("entry e1 does not exist"),
+            "{told:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod jwt_cache_tests {
+    use super::*;
+
+    /// A workload asking for ever new audiences replaces its own oldest
+    /// tokens once it has its share; the others' stay. A full cache gives
+    /// up its oldest token.
+    #[test]
+    fn one_entrys_flood_of_audiences_replaces_only_its_own_tokens() {
+        let mut cache = HashMap::new();
+        let put = |cache: &mut HashMap<JwtKey, CachedJwt>, entry: &str, n: i64| {
+            make_room(cache, entry);
+            let key = (
+                entry.to_owned(),
+                "spiffe://td/w".to_owned(),
+                vec![n.to_string()],
+            );
+            let jwt = CachedJwt {
+                token: String::new(),
+                expires_at: n + 10,
+                refresh_at: n,
+            };
+            cache.insert(key, jwt);
+        };
+        put(&mut cache, "other", 0);
+        for n in 1..=1000 {
+            put(&mut cache, "flood", n);
+        }
+        let of = |cache: &HashMap<JwtKey, CachedJwt>, entry: &str| {
+            cache.keys().filter(|k| k.0 == entry).count()
+        };
+        assert_eq!(of(&cache, "flood"), MAX_CACHED_JWTS_PER_ENTRY);
+        assert_eq!(of(&cache, "other"), 1, "another entry's token was dropped");
+        // The flood kept its newest.
+        let newest = (
+            "flood".to_owned(),
+            "spiffe://td/w".to_owned(),
+            vec!["1000".to_owned()],
+        );
+        assert!(cache.contains_key(&newest));
+        // Many entries fill the cache: the oldest of all goes.
+        for n in 0..MAX_CACHED_JWTS as i64 {
+            put(&mut cache, &format!("e{n}"), 2000 + n);
+        }
+        assert_eq!(cache.len(), MAX_CACHED_JWTS);
+        assert_eq!(of(&cache, "other"), 0, "the oldest token stayed");
     }
 }
 
@@ -886,5 +977,55 @@ mod turn_tests {
             .expect("the uid's turn was not given back");
         drop((flood, others, third));
         assert_eq!(turns.uids(), 0, "uids without turns are remembered");
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+    use ward_spec::TrustBundle;
+
+    /// A snapshot with no entries or SVIDs, sharing `bundle`.
+    fn snapshot(bundle: &Arc<TrustBundle>) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            entries: Arc::default(),
+            svids: Arc::default(),
+            by_selector: Arc::default(),
+            hashes_executables: false,
+            bundle: bundle.clone(),
+            federated: Arc::default(),
+        })
+    }
+
+    /// A stream whose message is unchanged by a new snapshot sends nothing
+    /// and keeps no older snapshot than the newest alive (which would keep
+    /// a copy of every map changed since).
+    #[tokio::test]
+    async fn a_stream_keeps_only_the_newest_snapshot() {
+        let bundle = Arc::new(TrustBundle::new(
+            ward_spec::TrustDomain::new("example.org").unwrap(),
+        ));
+        let first = snapshot(&bundle);
+        let (tx, rx) = watch::channel(Some(first.clone()));
+        let caller = Attested {
+            selectors: vec![],
+            exe_hashed: true,
+        };
+        let mut stream = follow(rx, caller, |snap, _| {
+            Ok(((), vec![Arc::as_ptr(&snap.bundle) as usize]))
+        });
+        stream.next().await.unwrap().unwrap();
+        tx.send_replace(Some(snapshot(&bundle)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&first) > 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream still holds the first snapshot"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sent = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+        assert!(sent.is_err(), "an unchanged message was sent again");
     }
 }
