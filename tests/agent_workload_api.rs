@@ -954,3 +954,41 @@ async fn a_stream_opened_before_any_hash_selector_is_attested_anew_when_one_come
     );
     assert!(hashed() >= 1.0);
 }
+
+/// One connection has at most 100 streams open at the agent: the 101st
+/// waits until one ends.
+#[tokio::test]
+async fn a_connection_holds_at_most_100_streams() {
+    let ca = CaProcess::start(&[]);
+    let agent = AgentProcess::start(&ca);
+    register_self(&ca, "spiffe://example.org/many");
+    first_fetch(&agent).await;
+    let mut client = raw_client(&agent).await;
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let mut s = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let mut more = client.clone();
+    let next = tokio::spawn(async move {
+        let mut s = more
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        s
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!next.is_finished(), "a 101st stream was served");
+    drop(open.pop());
+    tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the 101st stream was not served once one ended")
+        .unwrap();
+}

@@ -140,6 +140,8 @@ pub async fn run(
         policy: policy_rx,
     };
     let workload = tonic::transport::Server::builder()
+        // A client needs a few: one per watcher, and a call now and then.
+        .max_concurrent_streams(Some(workload_api::MAX_STREAMS_PER_CONNECTION))
         .add_service(SpiffeWorkloadApiServer::from_arc(api))
         .add_service(PolicyServer::new(policy))
         .serve_with_incoming_shutdown(

@@ -136,6 +136,10 @@ fn superseded(s: &Status) -> bool {
         && s.message().contains(ward_spec::grpc::SUPERSEDED_NODE_SVID)
 }
 
+/// Streams (calls) one connection to the Workload API has open at once, at
+/// most; a client's next one waits for one to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// JWT-SVIDs kept for reuse, at most, and of one entry (audiences).
 const MAX_CACHED_JWTS: usize = 4096;
 const MAX_CACHED_JWTS_PER_ENTRY: usize = 64;
