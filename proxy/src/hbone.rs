@@ -116,19 +116,24 @@ impl PeerChain {
     }
 }
 
-/// Sets up a socket to or from an application: no Nagle delay, and no
-/// pacing on loopback.
+/// Sets up a socket to or from an application: no Nagle delay, no pacing
+/// on loopback, and TCP keepalive (a stream has no idle timeout of its own:
+/// an application on another host that went away is found out within
+/// about a minute, and its stream freed).
 pub fn app_socket(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
     unpaced_on_loopback(tcp);
+    keepalive(tcp);
 }
 
 /// Sets up a tunnel's socket (between proxies): as an application's, plus
-/// TCP keepalive and a bound on what the kernel holds unsent.
+/// a user timeout and a bound on what the kernel holds unsent.
 pub fn tunnel_socket(tcp: &tokio::net::TcpStream) {
     app_socket(tcp);
-    keepalive(tcp);
     let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "cannot set the TCP user timeout");
+    }
     if let Err(e) = sock.set_tcp_notsent_lowat(UNSENT_IN_KERNEL) {
         tracing::debug!(error = %e, "cannot bound the unsent bytes");
     }
@@ -172,22 +177,19 @@ fn paces_on_loopback(peer: std::net::IpAddr, congestion: &[u8]) -> bool {
     peer.to_canonical().is_loopback() && congestion.starts_with(b"bbr")
 }
 
-/// TCP keepalive on a tunnel's socket: a peer whose node went away (no
-/// FIN, no RST) is found out within about a minute (30 s idle, then 3
-/// probes 10 s apart), and its streams, sockets and pool slot are freed.
-/// Keepalive probes are sent only while nothing sent is unacknowledged; the
-/// user timeout covers the other case (data sent and never acknowledged:
-/// without it the kernel retransmits for about 15 minutes).
+/// TCP keepalive: a peer whose node went away (no FIN, no RST) is found
+/// out within about a minute (30 s idle, then 3 probes 10 s apart), and its
+/// streams, sockets and pool slot are freed. Keepalive probes are sent only
+/// while nothing sent is unacknowledged; on a tunnel's socket the user
+/// timeout covers the other case (data sent and never acknowledged: without
+/// it the kernel retransmits for about 15 minutes). An application's has
+/// none: one that stops reading for a while is not cut off.
 fn keepalive(tcp: &tokio::net::TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
         .with_retries(3);
-    let sock = socket2::SockRef::from(tcp);
-    if let Err(e) = sock
-        .set_tcp_keepalive(&ka)
-        .and_then(|()| sock.set_tcp_user_timeout(Some(USER_TIMEOUT)))
-    {
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
 }
@@ -535,6 +537,13 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
         assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
         assert!(USER_TIMEOUT <= Duration::from_secs(60));
+        // An application's socket: keepalive, and no user timeout.
+        let (app, _other) = loopback_pair().await;
+        app_socket(&app);
+        let sock = socket2::SockRef::from(&app);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(sock.tcp_user_timeout().unwrap(), None);
     }
 
     #[test]
