@@ -16,6 +16,7 @@
 //! connection whose peer is no longer trusted is closed with its streams
 //! (their access log lines say `untrusted`).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +30,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use ward_authz::{Authorizer, ConnectContext};
+use ward_authz::{Authorizer, ConnectContext, Decision};
 use ward_spec::tls::RootStore;
 use ward_spec::SpiffeId;
 
@@ -70,6 +71,40 @@ pub struct Inbound {
     /// Changes when the active policy set does, or the time reaches an
     /// instant its decisions may change at: open streams are decided again.
     pub policy_epoch: watch::Receiver<PolicyEpoch>,
+    /// Those decisions, shared by the open streams they are the same for.
+    pub redecisions: Redecisions,
+}
+
+/// The decisions taken again for open streams at one policy epoch, by what
+/// a decision depends on (the peer's ID and address, this proxy's ID, the
+/// port): a policy change decides once for all the streams of one peer and
+/// port, not once each, on the thread that moves every stream's bytes.
+#[derive(Default)]
+pub struct Redecisions(std::sync::Mutex<(PolicyEpoch, HashMap<RedecisionKey, Arc<Decision>>)>);
+
+type RedecisionKey = (SpiffeId, SpiffeId, std::net::IpAddr, u16);
+
+impl Redecisions {
+    /// The decision at `epoch` for `key`, taken by `decide` if no stream
+    /// has taken it yet.
+    fn get(
+        &self,
+        epoch: PolicyEpoch,
+        key: RedecisionKey,
+        decide: impl FnOnce() -> Decision,
+    ) -> Arc<Decision> {
+        let mut memo = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if memo.0 != epoch {
+            *memo = (epoch, HashMap::new());
+        }
+        memo.1
+            .entry(key)
+            .or_insert_with(|| Arc::new(decide()))
+            .clone()
+    }
 }
 
 /// What open streams are decided again on (see [`revoked`]).
@@ -804,7 +839,10 @@ fn revoked<'a>(
             else {
                 continue;
             };
-            let decision = decide(inbound, peer_id, &me, peer, port);
+            let key = (peer_id.clone(), me.clone(), peer.ip(), port);
+            let decision = inbound
+                .redecisions
+                .get(now, key, || decide(inbound, peer_id, &me, peer, port));
             if !decision.permitted {
                 inbound.metrics.stream_revoked();
                 tracing::info!(principal = %peer_id, decision_id = %decision.decision_id, policies = ?decision.policies, "closed an open stream the policy set now denies");
@@ -888,6 +926,7 @@ mod tests {
             },
             proxy_protocol: false,
             policy_epoch,
+            redecisions: Redecisions::default(),
         })
     }
 
@@ -963,6 +1002,35 @@ mod tests {
             SpiffeId::parse(API).unwrap(),
             peer,
         )
+    }
+
+    /// At one policy epoch the streams of one peer and port share one
+    /// decision; another peer, port or epoch is decided anew.
+    #[test]
+    fn open_streams_alike_are_decided_again_once_per_epoch() {
+        let memo = Redecisions::default();
+        let (web, api, peer) = web_to_api();
+        let decided = std::cell::Cell::new(0);
+        let decide = |permitted| {
+            decided.set(decided.get() + 1);
+            Decision {
+                allowed: permitted,
+                permitted,
+                policies: vec![],
+                errors: vec![],
+                decision_id: format!("d{}", decided.get()),
+                duration_us: 0.0,
+            }
+        };
+        let key = |port| (web.clone(), api.clone(), peer.ip(), port);
+        let epoch = |version| PolicyEpoch { version, clock: 0 };
+        for _ in 0..1000 {
+            assert!(memo.get(epoch(2), key(9), || decide(true)).permitted);
+        }
+        assert_eq!(decided.get(), 1);
+        assert!(!memo.get(epoch(2), key(10), || decide(false)).permitted);
+        assert!(!memo.get(epoch(3), key(9), || decide(false)).permitted);
+        assert_eq!(decided.get(), 3);
     }
 
     /// A permit that lapses at an instant (a break-glass rule) closes the

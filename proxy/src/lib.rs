@@ -225,6 +225,7 @@ pub async fn run(
             keepalive: cfg.limits.keepalive(),
             proxy_protocol: inb.proxy_protocol,
             policy_epoch: policy_epoch.clone(),
+            redecisions: inbound::Redecisions::default(),
         });
         tracing::info!(listen = %inb.listen, forward = %inb.forward, service_port = state.service_port, "inbound listening");
         tokio::spawn(inbound::serve(
