@@ -104,6 +104,73 @@ fn policy_test_runs_every_case_with_a_line_each() {
     assert!(text(&o).contains("0 passed, 1 failed"), "{}", text(&o));
 }
 
+/// The examples commented in tenant-admins.cedar do what their comments
+/// say once uncommented: the federation one lets acme's admins add the
+/// partner and nothing else (no DNS name with it), the DNS one its own name
+/// and nothing else (no federation with it).
+#[test]
+fn the_commented_tenant_admin_examples_grant_only_what_they_say() {
+    let dir = copy_policies();
+    let path = dir.path().join("tenant-admins.cedar");
+    let text_in = std::fs::read_to_string(&path).unwrap();
+    let mut examples = String::new();
+    let mut inside = false;
+    for line in text_in.lines() {
+        let code = line.strip_prefix("//   ");
+        inside = match code {
+            Some(c) if c.starts_with("@id(\"acme-may-") => true,
+            Some(_) => inside,
+            None => false,
+        };
+        if inside {
+            examples.push_str(code.unwrap());
+            examples.push('\n');
+        }
+    }
+    assert_eq!(examples.matches("@id(").count(), 2, "{examples}");
+    std::fs::write(dir.path().join("examples.cedar"), &examples).unwrap();
+    let case = |name: &str, context: &str, decision: &str| {
+        format!(
+            "[[case]]\nname = \"{name}\"\nprincipal = \"spiffe://example.org/tenant/acme/ns/admin/sa/ops\"\naction = \"create_entry\"\nresource = \"spiffe://example.org/tenant/acme/ns/prod/sa/web\"\ncontext = {{ {context} }}\ndecision = \"{decision}\"\n\n"
+        )
+    };
+    let cases = [
+        case(
+            "the partner",
+            r#"federates_with = ["partner.example"], federation_added = ["partner.example"]"#,
+            "allow",
+        ),
+        case(
+            "the partner and a DNS name",
+            r#"federates_with = ["partner.example"], federation_added = ["partner.example"], dns_names = ["login.bank.example"], dns_names_added = ["login.bank.example"]"#,
+            "deny",
+        ),
+        case(
+            "its own name",
+            r#"dns_names = ["api.acme.example"], dns_names_added = ["api.acme.example"]"#,
+            "allow",
+        ),
+        case(
+            "its own name and another trust domain",
+            r#"dns_names = ["api.acme.example"], dns_names_added = ["api.acme.example"], federates_with = ["evil.example"], federation_added = ["evil.example"]"#,
+            "deny",
+        ),
+    ]
+    .concat();
+    let f = dir.path().join("examples.toml");
+    std::fs::write(&f, cases).unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let o = ward(&[
+        "policy",
+        "test",
+        "--policies",
+        policies,
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}\n{examples}", text(&o));
+    assert!(text(&o).contains("4 passed, 0 failed"), "{}", text(&o));
+}
+
 #[test]
 fn explain_names_the_deciding_policies() {
     let o = ward(&[
