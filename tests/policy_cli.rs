@@ -219,8 +219,11 @@ fn matrix_shows_only_covered_cross_tenant_allows_and_fails_on_an_uncovered_one()
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("acme/prod/web → acme/prod/api"), "{t}");
-    assert!(t.contains("Tenant isolation: 1 cross-tenant allow"), "{t}");
-    assert!(t.contains("exception  spiffe://example.org/tenant/acme/ns/prod/sa/billing → spiffe://example.org/tenant/globex/ns/prod/sa/invoices"), "{t}");
+    // One pair, allowed on both ports (each port is told on its own).
+    assert!(t.contains("Tenant isolation: 2 cross-tenant allows"), "{t}");
+    for port in [8080, 5432] {
+        assert!(t.contains(&format!("exception  spiffe://example.org/tenant/acme/ns/prod/sa/billing → spiffe://example.org/tenant/globex/ns/prod/sa/invoices (port {port})")), "{t}");
+    }
     assert!(!t.contains("VIOLATION"), "{t}");
 
     // Without the guard, a plain permit opens a cross-tenant pair: reported, non-zero exit.

@@ -8,7 +8,7 @@ use ward_spec::SpiffeId;
 use crate::authorizer::{Authorizer, ConnectContext};
 use crate::template::IdTemplate;
 
-/// One allowed pair.
+/// One allowed pair, on one port.
 #[derive(Debug, Clone)]
 pub struct Allowed {
     pub principal: SpiffeId,
@@ -25,6 +25,8 @@ pub struct Matrix {
     pub workloads: Vec<SpiffeId>,
     /// allowed[i][j]: workloads[i] may connect to workloads[j] on some port.
     pub allowed: Vec<Vec<bool>>,
+    /// Every allowed (pair, port): each port is decided on its own, so an
+    /// exception covering one port does not cover another.
     pub pairs: Vec<Allowed>,
 }
 
@@ -86,7 +88,6 @@ pub fn compute(authz: &Authorizer, workloads: &[SpiffeId], ports: &[u16]) -> Mat
                         policies: d.policies,
                         cross_tenant: cross,
                     });
-                    break;
                 }
             }
         }

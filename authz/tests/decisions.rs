@@ -333,6 +333,41 @@ fn the_matrix_flags_a_federated_workloads_allow_as_cross_tenant() {
     assert_eq!(m.violations().count(), 2);
 }
 
+/// Each port is decided on its own: an exception that allows a pair on
+/// one port does not hide an allow on another that no exception covers,
+/// whatever order the ports are given in.
+#[test]
+fn the_matrix_reports_an_uncovered_allow_on_a_port_after_a_covered_one() {
+    let a = authz(Mode::Enforce);
+    a.load(&[file(
+        "loose.cedar",
+        r#"@id("exception-on-443")
+@cross_tenant_exception("billing")
+permit (principal, action == Ward::Action::"connect", resource)
+when { context.destination_port == 443 };
+
+@id("anything-on-8080")
+permit (principal, action == Ward::Action::"connect", resource)
+when { context.destination_port == 8080 };"#,
+    )])
+    .unwrap();
+    let (acme, globex) = (w("acme", "billing"), w("globex", "invoices"));
+    for ports in [[443, 8080], [8080, 443]] {
+        let m = ward_authz::matrix::compute(&a, &[acme.clone(), globex.clone()], &ports);
+        let bad: Vec<u16> = m
+            .violations()
+            .filter(|v| v.principal == acme)
+            .map(|v| v.port)
+            .collect();
+        assert_eq!(bad, [8080], "ports {ports:?}");
+        let covered = m
+            .pairs
+            .iter()
+            .any(|p| p.port == 443 && p.covered_by_exception);
+        assert!(covered, "ports {ports:?}");
+    }
+}
+
 #[test]
 fn no_policy_means_deny() {
     let a = authz(Mode::Enforce);

@@ -509,14 +509,15 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                     );
                     for a in &cross {
                         println!(
-                            "  {} {} → {}",
+                            "  {} {} → {} (port {})",
                             if a.covered_by_exception {
                                 "exception "
                             } else {
                                 "VIOLATION "
                             },
                             a.principal,
-                            a.resource
+                            a.resource,
+                            a.port
                         );
                     }
                 }
