@@ -216,6 +216,33 @@ fn the_worker_threads_flag_wins_over_the_environment() {
     );
 }
 
+/// An upstream root that may sign no CA (path length 0) is refused at
+/// start: the CA's intermediate under it would fail every validation.
+#[test]
+fn an_upstream_root_that_may_sign_no_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = upstream_root_with(dir.path(), "critical,CA:TRUE,pathlen:0");
+    let data = dir.path().join("data");
+    let (code, err) = ward(&[
+        "ca",
+        "serve",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--bind-address",
+        "127.0.0.1:0",
+        "--health-address",
+        "127.0.0.1:0",
+        "--upstream-cert",
+        &cert,
+        "--upstream-key",
+        &key,
+    ]);
+    assert!(err.contains("path length constraint is 0"), "{err}");
+    assert_eq!(code, Some(1), "{err}");
+}
+
 /// An upstream root must be of the CA's own trust domain.
 #[test]
 fn an_upstream_root_of_another_trust_domain_is_refused() {

@@ -43,8 +43,14 @@ impl AdminApi {
             parent_id: None,
             spiffe_id: Some(id.clone()),
         };
-        let entries = self.ca.list_entries(&filter, None, 100).await?;
-        if !entries.iter().any(|e| e.admin) {
+        // Every entry with this ID is looked at (one per node it runs on,
+        // perhaps, only some of them marked admin) until one marked admin.
+        let fetch = |after: Option<String>| {
+            let filter = &filter;
+            async move { self.ca.list_entries(filter, after.as_deref(), 500).await }
+        };
+        let admin = visible_page(fetch, |e| e.admin, None, 500, 1).await?;
+        if admin.is_empty() {
             self.ca
                 .refuse_admin(method, &id, "no entry marked admin has this SPIFFE ID");
             return Err(Status::permission_denied(format!(

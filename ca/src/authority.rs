@@ -498,6 +498,17 @@ fn adopt_upstream(
         }
         _ => {}
     }
+    // Ward signs with an intermediate under it: one that may sign no CA
+    // would make every SVID fail validation (as Go's, go-spiffe's, does).
+    let (_, parsed) = x509_parser::parse_x509_certificate(first)
+        .map_err(|e| bad(format!("unparsable certificate: {e}")))?;
+    if let Ok(Some(bc)) = parsed.basic_constraints() {
+        if bc.value.path_len_constraint == Some(0) {
+            return Err(bad(
+                "its path length constraint is 0: it may sign no CA, and this CA signs with an intermediate under it (use a certificate with pathlen 1 or none)".into(),
+            ));
+        }
+    }
     let (not_before, not_after) =
         ward_spec::svid::validity(first).map_err(|e| bad(e.to_string()))?;
     if now < at(not_before) || at(not_after) <= now {

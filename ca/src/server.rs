@@ -198,9 +198,12 @@ pub async fn serve(
                     _ = tokio::time::sleep(interval) => {}
                     _ = stop.changed() => break,
                 }
+                // A failing step of the schedule (the database refusing a
+                // write, a key file unreadable) is retried at the next
+                // check; the rest goes on meanwhile: other replicas' roots
+                // still reach the node API, and the serving SVID is renewed.
                 if let Err(e) = ca.authority.tick(OffsetDateTime::now_utc()).await {
                     tracing::error!(error = %e, "key schedule failed; retrying");
-                    continue;
                 }
                 let bundle = ca.authority.bundle();
                 if bundle.sequence != seq {

@@ -66,6 +66,11 @@ pub fn fresh_postgres_database() -> String {
 /// A self-signed P-256 root for `spiffe://example.org`, made with openssl, to
 /// load as a CA's upstream authority; (certificate path, key path).
 pub fn upstream_root(dir: &Path) -> (String, String) {
+    upstream_root_with(dir, "critical,CA:TRUE")
+}
+
+/// [`upstream_root`] with these `basicConstraints`.
+pub fn upstream_root_with(dir: &Path, basic_constraints: &str) -> (String, String) {
     let (key, cert) = (dir.join("root.key"), dir.join("root.crt"));
     let out = Command::new("openssl")
         .args([
@@ -83,7 +88,7 @@ pub fn upstream_root(dir: &Path) -> (String, String) {
             "-subj",
             "/O=Upstream/CN=Upstream Root",
         ])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", &format!("basicConstraints={basic_constraints}")])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         .args(["-addext", "subjectAltName=URI:spiffe://example.org"])
         .arg("-keyout")
