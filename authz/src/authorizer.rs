@@ -660,10 +660,16 @@ impl Authorizer {
         ctx: &ConnectContext,
     ) -> Decision {
         self.finish_json(start, allowed, policies, errors, action, || {
+            // The address as policies saw it (an IPv4 peer of a dual-stack
+            // listener arrives as `::ffff:a.b.c.d`).
+            let seen = ConnectContext {
+                source_address: ctx.source_address.to_canonical(),
+                ..ctx.clone()
+            };
             (
                 principal.to_string(),
                 resource.to_string(),
-                serde_json::to_value(ctx).unwrap_or_default(),
+                serde_json::to_value(&seen).unwrap_or_default(),
             )
         })
     }

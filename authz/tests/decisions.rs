@@ -473,6 +473,16 @@ fn a_policy_that_errors_denies_and_the_error_is_logged() {
             "decision log line lacks {key}: {line}"
         );
     }
+    // A dual-stack listener's IPv4 peer is logged as policies saw it.
+    let mapped = ConnectContext {
+        source_address: "::ffff:10.0.0.9".parse().unwrap(),
+        ..ctx(443)
+    };
+    a.decide_connect(&w("acme", "web"), &w("acme", "api"), &mapped);
+    a.flush_log();
+    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["context"]["source_address"], "10.0.0.9", "{line}");
 }
 
 #[test]
