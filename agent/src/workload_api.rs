@@ -127,6 +127,9 @@ struct CachedJwt {
     token: String,
     expires_at: i64,
     refresh_at: i64,
+    /// When it was last handed out (Unix seconds): the cache gives up the
+    /// least recently used first.
+    used_at: i64,
 }
 
 /// Whether the CA refused a call because the node SVID it came with has been
@@ -142,18 +145,18 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// JWT-SVIDs kept for reuse, at most, and of one entry (audiences).
 const MAX_CACHED_JWTS: usize = 4096;
-const MAX_CACHED_JWTS_PER_ENTRY: usize = 64;
+const MAX_CACHED_JWTS_PER_ENTRY: usize = 256;
 
-/// Makes room in `cache` for one more token of `entry`: the oldest of that
-/// entry's goes once it has its share, else the oldest of all once the
-/// cache is full. A workload asking for ever new audiences replaces its own
+/// Makes room in `cache` for one more token of `entry`: the least recently
+/// used of that entry's goes once it has its share, else the least recently
+/// used of all once the cache is full. A workload asking for ever new audiences replaces its own
 /// tokens, not other workloads'.
 fn make_room(cache: &mut HashMap<JwtKey, CachedJwt>, entry: &str) {
     let oldest = |of_entry: bool| {
         cache
             .iter()
             .filter(|(k, _)| !of_entry || k.0 == entry)
-            .min_by_key(|(_, c)| c.refresh_at)
+            .min_by_key(|(_, c)| c.used_at)
             .map(|(k, _)| k.clone())
     };
     let own = cache.keys().filter(|k| k.0 == entry).count();
@@ -756,8 +759,9 @@ impl WorkloadApi {
     async fn jwt_for(&self, e: &CachedEntry, audience: &[String]) -> Result<String, Status> {
         let key = (e.id.clone(), e.spiffe_id.to_string(), audience.to_vec());
         let now = unix_now();
-        if let Some(c) = self.jwts.lock().await.get(&key) {
+        if let Some(c) = self.jwts.lock().await.get_mut(&key) {
             if now < c.refresh_at {
+                c.used_at = now;
                 return Ok(c.token.clone());
             }
         }
@@ -799,6 +803,7 @@ impl WorkloadApi {
                         token: m.token,
                         expires_at: m.expires_at,
                         refresh_at: now + (m.expires_at - now) / 2,
+                        used_at: now,
                     },
                 );
                 Ok(token)
@@ -895,9 +900,9 @@ mod mint_tests {
 mod jwt_cache_tests {
     use super::*;
 
-    /// A workload asking for ever new audiences replaces its own oldest
-    /// tokens once it has its share; the others' stay. A full cache gives
-    /// up its oldest token.
+    /// A workload asking for ever new audiences replaces its own least
+    /// recently used tokens once it has its share; the others' stay. A full
+    /// cache gives up its least recently used token, not one in use.
     #[test]
     fn one_entrys_flood_of_audiences_replaces_only_its_own_tokens() {
         let mut cache = HashMap::new();
@@ -911,7 +916,8 @@ mod jwt_cache_tests {
             let jwt = CachedJwt {
                 token: String::new(),
                 expires_at: n + 10,
-                refresh_at: n,
+                refresh_at: n + 5,
+                used_at: n,
             };
             cache.insert(key, jwt);
         };
@@ -931,12 +937,23 @@ mod jwt_cache_tests {
             vec!["1000".to_owned()],
         );
         assert!(cache.contains_key(&newest));
-        // Many entries fill the cache: the oldest of all goes.
+        // The flood's oldest token, handed out again, is in use.
+        let oldest_kept = (
+            "flood".to_owned(),
+            "spiffe://td/w".to_owned(),
+            vec![(1001 - MAX_CACHED_JWTS_PER_ENTRY).to_string()],
+        );
+        cache.get_mut(&oldest_kept).unwrap().used_at = 1_000_000;
+        // Many entries fill the cache: the least recently used go.
         for n in 0..MAX_CACHED_JWTS as i64 {
             put(&mut cache, &format!("e{n}"), 2000 + n);
         }
         assert_eq!(cache.len(), MAX_CACHED_JWTS);
-        assert_eq!(of(&cache, "other"), 0, "the oldest token stayed");
+        assert_eq!(of(&cache, "other"), 0, "the least recently used stayed");
+        assert!(
+            cache.contains_key(&oldest_kept),
+            "a token in use was given up"
+        );
     }
 }
 

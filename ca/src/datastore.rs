@@ -291,8 +291,9 @@ pub trait Datastore: Send + Sync + 'static {
     async fn list_agents(&self, after: Option<&str>, limit: u32) -> Result<Vec<AgentRecord>>;
     /// Marks an agent evicted; false if no such agent.
     async fn evict_agent(&self, id: &SpiffeId) -> Result<bool>;
-    /// Deletes the join tokens for agent `id` not used yet; how many.
-    async fn revoke_join_tokens(&self, id: &SpiffeId) -> Result<u64>;
+    /// Deletes the join tokens for agent `id` not used yet; how many of
+    /// them were still valid at `now`.
+    async fn revoke_join_tokens(&self, id: &SpiffeId, now: i64) -> Result<u64>;
 
     /// Stores a new entry (its `id`, `revision` and `created_at` are assigned here).
     async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry>;

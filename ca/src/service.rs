@@ -1146,7 +1146,10 @@ impl Ca {
         let id = SpiffeId::parse(id).map_err(|e| CaError::invalid(format!("agent id: {e}")))?;
         // An agent not attested yet is evicted by revoking its join token
         // (a token leaked before use, say).
-        let revoked = self.store.revoke_join_tokens(&id).await?;
+        let revoked = self
+            .store
+            .revoke_join_tokens(&id, now().unix_timestamp())
+            .await?;
         if revoked > 0 {
             tracing::info!(target: "audit", event = "join_token_revoked", agent_id = %id, tokens = revoked, "revoked the join token of an agent not attested yet");
         }

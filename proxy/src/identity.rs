@@ -281,8 +281,13 @@ impl Svids {
                 // the response has passed the checks an install makes).
                 if let Some(current) = &previous {
                     let applied = check(svid).and_then(|_| bundles(&resp, svid, Some(current)));
-                    if let Err(e) = applied {
-                        tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID and bundles");
+                    match applied {
+                        // Open connections are checked against them too: the
+                        // watchers are woken, the generation (the SVID's) kept.
+                        Ok(_) => self.tx.send_modify(|_| {}),
+                        Err(e) => {
+                            tracing::error!(error = %e, "unusable Workload API response; keeping the current SVID and bundles")
+                        }
                     }
                 }
             }
@@ -332,10 +337,10 @@ impl Svids {
     }
 
     /// The SVID of `resp` to serve with: the configured ID's; without one,
-    /// that of the ID first served as, whenever the agent gives it (a
-    /// workload matching a new entry, listed before its own, keeps its
-    /// identity; one whose SVID the agent left out for a while takes it
-    /// back), else the first.
+    /// that of the ID first served as, whenever the agent gives it (one
+    /// whose SVID the agent left out for a while takes it back), else that
+    /// of the ID served now (a workload matching a new entry, listed before
+    /// its own, keeps its identity), else the first.
     fn pick<'r>(&self, resp: &'r pb::X509svidResponse) -> Result<&'r pb::X509svid, String> {
         let given = |id: &SpiffeId| {
             let id = id.to_string();
@@ -349,9 +354,11 @@ impl Svids {
                 )
             });
         }
+        let current = self.tx.borrow().as_ref().map(|c| c.spiffe_id.clone());
         self.preferred
             .as_ref()
             .and_then(given)
+            .or_else(|| current.as_ref().and_then(given))
             .or(resp.svids.first())
             .ok_or_else(|| "the response holds no SVID (is this process registered?)".into())
     }
@@ -582,8 +589,9 @@ mod tests {
         let before = current.resolver.get().unwrap();
         rx.borrow_and_update();
         current.receive(future(2));
-        assert!(
-            !rx.has_changed().unwrap(),
+        assert_eq!(
+            rx.borrow_and_update().as_ref().unwrap().generation,
+            1,
             "a not yet valid SVID was announced"
         );
         assert!(Arc::ptr_eq(&before, &current.resolver.get().unwrap()));
@@ -631,6 +639,11 @@ mod tests {
         assert_eq!(rx.borrow().as_ref().unwrap().generation, 2, "WEB's renewal");
         svids.receive(both(&[WEB]));
         assert_eq!(serving(&rx).as_deref(), Some(WEB));
+        // Moved on (its first ID gone), it keeps the one it serves now when
+        // a new one is listed before it.
+        const DB: &str = "spiffe://example.org/tenant/acme/ns/prod/sa/db";
+        svids.receive(both(&[DB, WEB]));
+        assert_eq!(serving(&rx).as_deref(), Some(WEB));
         svids.receive(both(&[WEB, API]));
         assert_eq!(serving(&rx).as_deref(), Some(API));
 
@@ -657,8 +670,9 @@ mod tests {
     async fn bundles_of_an_svid_not_valid_yet_apply_at_once() {
         let (bundle, issuer) = root("example.org");
         let (other, _) = root("other.org");
-        let (mut svids, rx) = svids();
+        let (mut svids, mut rx) = svids();
         svids.receive(response(&issuer, &bundle));
+        rx.borrow_and_update();
         let mut later = response(&issuer, &bundle);
         let (cert, key) = ward_spec::test_util::future_leaf_and_key(API, &issuer, 30);
         later.svids[0].x509_svid = cert.to_vec();
@@ -680,8 +694,14 @@ mod tests {
             federated(&rx).is_empty(),
             "a response failing its checks was used"
         );
+        assert!(!rx.has_changed().unwrap());
         svids.receive(later);
         assert!(svids.pending_wait().is_some(), "not kept aside");
+        // Open connections' watchers are woken to check their peers again.
+        assert!(
+            rx.has_changed().unwrap(),
+            "the new bundles were not announced"
+        );
         assert_eq!(federated(&rx), ["other.org"]);
         // Looked at again before it is valid, it stays aside.
         svids.receive_pending();

@@ -306,7 +306,8 @@ pub async fn run(cmd: PolicyCommand, out: Output) -> anyhow::Result<()> {
                         .with_context(|| format!("cannot read {}", dir.display()))?
                         .path();
                     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                    let Some(name) = name.filter(|n| n.ends_with(".cedar")) else {
+                    let Some(name) = name.filter(|n| n.ends_with(".cedar") && path.is_file())
+                    else {
                         continue;
                     };
                     if !p.files.iter().any(|f| f.name == name) {

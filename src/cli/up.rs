@@ -540,7 +540,12 @@ async fn start(args: &UpArgs, children: &mut Children) -> anyhow::Result<Mesh> {
         }
         _ => None,
     };
-    if stored.is_none() && agent_data.exists() {
+    let held_some = std::fs::read_dir(&agent_data).is_ok_and(|mut d| d.next().is_some());
+    if stored.is_none() && held_some {
+        say!(
+            "  (the agent's data in {} is started over: it attests anew)",
+            agent_data.display()
+        );
         std::fs::remove_dir_all(&agent_data)
             .with_context(|| format!("cannot remove {}", agent_data.display()))?;
     }

@@ -158,8 +158,8 @@ impl Datastore for Breaker {
     async fn evict_agent(&self, id: &SpiffeId) -> Result<bool> {
         guarded!(self.evict_agent(id))
     }
-    async fn revoke_join_tokens(&self, id: &SpiffeId) -> Result<u64> {
-        guarded!(self.revoke_join_tokens(id))
+    async fn revoke_join_tokens(&self, id: &SpiffeId, now: i64) -> Result<u64> {
+        guarded!(self.revoke_join_tokens(id, now))
     }
     async fn create_entry(&self, entry: Entry, now: i64) -> Result<Entry> {
         guarded!(self.create_entry(entry, now))

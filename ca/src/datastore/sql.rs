@@ -602,14 +602,16 @@ macro_rules! sql_store {
                 Ok(r.rows_affected() > 0)
             }
 
-            async fn revoke_join_tokens(&self, id: &SpiffeId) -> Result<u64> {
+            async fn revoke_join_tokens(&self, id: &SpiffeId, now: i64) -> Result<u64> {
                 let mut tx = self.pool.begin_with($begin).await?;
-                let r = sqlx::query("DELETE FROM join_tokens WHERE agent_id = $1 AND used_at IS NULL")
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
+                let expiries: Vec<i64> = sqlx::query_scalar(
+                    "DELETE FROM join_tokens WHERE agent_id = $1 AND used_at IS NULL RETURNING expires_at",
+                )
+                .bind(id.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
                 tx.commit().await?;
-                Ok(r.rows_affected())
+                Ok(expiries.iter().filter(|&&at| at > now).count() as u64)
             }
 
             async fn create_entry(&self, mut e: Entry, now: i64) -> Result<Entry> {
