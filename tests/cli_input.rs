@@ -216,18 +216,20 @@ fn the_worker_threads_flag_wins_over_the_environment() {
     );
 }
 
-/// An upstream root that may sign no CA (path length 0) is refused at
-/// start: the CA's intermediate under it would fail every validation.
-#[test]
-fn an_upstream_root_that_may_sign_no_ca_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = upstream_root_with(dir.path(), "critical,CA:TRUE,pathlen:0");
-    let data = dir.path().join("data");
-    let (code, err) = ward(&[
+/// `ward ca serve` for `trust_domain` with data in `dir` and the upstream
+/// root `cert` (key `key`): its exit code and standard error.
+fn serve_with_upstream(
+    dir: &std::path::Path,
+    trust_domain: &str,
+    cert: &str,
+    key: &str,
+) -> (Option<i32>, String) {
+    let data = dir.join("data");
+    ward(&[
         "ca",
         "serve",
         "--trust-domain",
-        "example.org",
+        trust_domain,
         "--data-dir",
         data.to_str().unwrap(),
         "--bind-address",
@@ -235,10 +237,19 @@ fn an_upstream_root_that_may_sign_no_ca_is_refused() {
         "--health-address",
         "127.0.0.1:0",
         "--upstream-cert",
-        &cert,
+        cert,
         "--upstream-key",
-        &key,
-    ]);
+        key,
+    ])
+}
+
+/// An upstream root that may sign no CA (path length 0) is refused at
+/// start: the CA's intermediate under it would fail every validation.
+#[test]
+fn an_upstream_root_that_may_sign_no_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = upstream_root_with(dir.path(), "critical,CA:TRUE,pathlen:0");
+    let (code, err) = serve_with_upstream(dir.path(), "example.org", &cert, &key);
     assert!(err.contains("path length constraint is 0"), "{err}");
     assert_eq!(code, Some(1), "{err}");
 }
@@ -248,23 +259,7 @@ fn an_upstream_root_that_may_sign_no_ca_is_refused() {
 fn an_upstream_root_of_another_trust_domain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = upstream_root(dir.path());
-    let data = dir.path().join("data");
-    let (code, err) = ward(&[
-        "ca",
-        "serve",
-        "--trust-domain",
-        "other.org",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--bind-address",
-        "127.0.0.1:0",
-        "--health-address",
-        "127.0.0.1:0",
-        "--upstream-cert",
-        &cert,
-        "--upstream-key",
-        &key,
-    ]);
+    let (code, err) = serve_with_upstream(dir.path(), "other.org", &cert, &key);
     assert!(
         err.contains("for trust domain example.org, not other.org"),
         "{err}"
