@@ -322,12 +322,20 @@ fn handoff(agent: &AgentProcess, listen: &std::path::Path, mode: &str) -> std::p
 async fn first_svid_id(
     mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>,
 ) -> Result<String, tonic::Status> {
+    let (_, first) = x509_stream(&mut client).await?;
+    Ok(first.svids[0].spiffe_id.clone())
+}
+
+/// A `FetchX509SVID` stream opened on `client`, and its first response.
+async fn x509_stream(
+    client: &mut SpiffeWorkloadApiClient<tonic::transport::Channel>,
+) -> Result<(tonic::Streaming<X509svidResponse>, X509svidResponse), tonic::Status> {
     let mut stream = client
         .fetch_x509svid(with_header(X509svidRequest {}))
         .await?
         .into_inner();
     let first = stream.message().await?.expect("a response");
-    Ok(first.svids[0].spiffe_id.clone())
+    Ok((stream, first))
 }
 
 /// An agent the CA evicts says so, once, as a refusal (not as the CA being
@@ -906,13 +914,7 @@ async fn a_stream_opened_before_any_hash_selector_is_attested_anew_when_one_come
     let parent = register_self(&ca, "spiffe://example.org/by-uid");
     first_fetch(&agent).await;
     let hashed = || metric_value(&agent.health_addr, "ward_agent_executables_hashed_total");
-    let mut client = raw_client(&agent).await;
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().unwrap();
+    let (mut stream, _) = x509_stream(&mut raw_client(&agent).await).await.unwrap();
     assert_eq!(
         hashed(),
         0.0,
@@ -934,12 +936,7 @@ async fn a_stream_opened_before_any_hash_selector_is_attested_anew_when_one_come
     assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
 
     let ids = eventually("the SVID the hash selects", || async {
-        let mut stream = raw_client(&agent)
-            .await
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await?
-            .into_inner();
-        let first = stream.message().await?.unwrap();
+        let (_, first) = x509_stream(&mut raw_client(&agent).await).await?;
         let ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
         if ids.iter().any(|id| id == BY_HASH) {
             Ok(ids)
@@ -966,24 +963,10 @@ async fn a_connection_holds_at_most_100_streams() {
     let mut client = raw_client(&agent).await;
     let mut open = Vec::new();
     for _ in 0..100 {
-        let mut s = client
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        s.message().await.unwrap().unwrap();
-        open.push(s);
+        open.push(x509_stream(&mut client).await.unwrap().0);
     }
     let mut more = client.clone();
-    let next = tokio::spawn(async move {
-        let mut s = more
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        s.message().await.unwrap().unwrap();
-        s
-    });
+    let next = tokio::spawn(async move { x509_stream(&mut more).await.unwrap().0 });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!next.is_finished(), "a 101st stream was served");
     drop(open.pop());
